@@ -1,0 +1,171 @@
+"""Every durable file operation of traind goes through here.
+
+Atomic write: temp file in the same folder, flush, fsync, `os.replace`, fsync the
+folder. A reader sees the old bytes or the new ones, never a torn file, and a
+power cut leaves one of the two.
+
+One home for durable operations also gives the fault-injection hook one home:
+with `TRAIND_CRASH_AFTER_OP=n` in the environment, the process dies
+(`os._exit(86)`) right after its n-th durable operation, so tests can crash at
+every point of a sequence and check what survives.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CRASH_EXIT_CODE = 86
+_ops_done = 0
+
+
+def _durable_op_done(what: str) -> None:
+    """Count a durable operation; die here if a test armed this point."""
+    global _ops_done
+    _ops_done += 1
+    armed = os.environ.get("TRAIND_CRASH_AFTER_OP")
+    if armed and _ops_done == int(armed):
+        os.write(2, f"traind: injected crash after durable op {_ops_done} ({what})\n".encode())
+        os._exit(CRASH_EXIT_CODE)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Atomically replace `path` with `data`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    _durable_op_done(f"write {path.name}")
+
+
+def write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+    write_bytes(path, text.encode("utf-8"), mode)
+
+
+def write_json(path: str | os.PathLike, obj: Any, mode: int = 0o644) -> None:
+    """Atomically replace `path` with `obj` as indented JSON."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"), mode)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def move_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move `src` to `dst` durably; refuses to overwrite an existing `dst`.
+
+    Same filesystem: one rename (atomic). Across filesystems: copy to a temp
+    name beside `dst`, fsync, rename, then unlink `src` (a crash in between
+    leaves both copies, never none).
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        _copy_across_devices(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+    _durable_op_done(f"move {src.name} -> {dst.parent.name}/{dst.name}")
+
+
+def _copy_across_devices(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    shutil.copystat(src, tmp)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    os.unlink(src)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` atomically (temp, fsync, rename); refuses to overwrite."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(dst))
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(dst.parent)
+    _durable_op_done(f"copy {src.name} -> {dst.name}")
+
+
+def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+    """Make a fully written folder visible under its final name in one rename.
+
+    Files inside are fsynced first. An existing `final_dir` is moved aside and
+    removed only after the new one is in place, so a crash leaves one of them.
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    for p in tmp_dir.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)
+    fsync_dir(final_dir.parent)
+    _durable_op_done(f"publish {final_dir.name}")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_file(path: str | os.PathLike) -> None:
+    """Unlink durably (missing is fine)."""
+    path = Path(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+    _durable_op_done(f"remove {path.name}")

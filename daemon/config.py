@@ -1,0 +1,284 @@
+"""Typed, frozen config: load `config.json`, validate everything at once.
+
+    from daemon.config import load_config
+    cfg = load_config("config.json")          # raises ConfigError listing every problem
+    cfg.paths.inbox                           # absolute Path, resolved against the config's folder
+
+Relative runtime paths resolve against the folder of the config file, so a copy
+of `config.json` in an empty folder is a complete, separate instance. Every key
+has a help text (`trainctl config explain` prints them; the README table is
+made from them). Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from daemon.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded:tiny-qwen3"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text; lists/dicts get a factory."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    inbox: str = _f("inbox", "Drop JSONL files here; sub-folders high/ and low/ set the priority.")
+    queue: str = _f("queue", "Queue folders pending/{high,normal,low}, processing, done, failed.")
+    status: str = _f("status", "Live status JSON, history database, control files, locks.")
+    adapters: str = _f("adapters", "The adapter trained so far (adapters/current) and archived ones.")
+    checkpoints: str = _f("checkpoints", "Mid-file checkpoints used to resume after a crash or stop.")
+    logs: str = _f("logs", "Daily logs: daemon_YYYYMMDD.log, trainer_YYYYMMDD.log.")
+    models: str = _f("models", "Cache for the embedded base model built on first start.")
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    settle_seconds: float = _f(1.0, "A file is taken once its size and mtime held still this long.")
+    scan_interval_seconds: float = _f(2.0, "The main loop rescans folders at least this often (watchdog only wakes it early).")
+    ignore_suffixes: list = _f([".tmp", ".part", ".partial", ".crdownload", ".swp"], "Names ending so are never taken from inbox/.")
+    max_file_bytes: int = _f(0, "Refuse files larger than this many bytes (0: no limit).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    max_length: int = _f(256, "Tokens per example; longer examples are truncated (locked key).", locked=True)
+    bad_line_policy: Literal["skip", "reject"] = _f("skip", "skip: train the good lines if bad ones stay under the limits; reject: any bad line fails the file.")
+    max_bad_lines: int = _f(10, "With skip: more bad lines than this fails the file.")
+    max_bad_fraction: float = _f(0.1, "With skip: a larger fraction of bad lines fails the file.")
+    max_line_bytes: int = _f(1_048_576, "A line longer than this is a bad line (over-long).")
+    eval_fraction: float = _f(0.05, "Fraction of each file's examples held out for eval loss (0: no eval).")
+    eval_max_examples: int = _f(64, "At most this many eval examples per file.")
+    shuffle_buffer: int = _f(1024, "Examples shuffled within a window of this size (streaming, seeded).")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    quantization: Literal["nf4", "fp4", "none"] = _f("nf4", "4-bit base through bitsandbytes (nf4/fp4), or none (locked key).", locked=True)
+    double_quant: bool = _f(True, "Quantise the quantisation constants too (QLoRA double quantisation).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA, float32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory on large bases.")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(8, "LoRA rank (locked key).", locked=True)
+    alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA (locked key).", locked=True)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    micro_batch_size: int = _f(4, "Examples per forward pass (locked key).", locked=True)
+    grad_accum_steps: int = _f(1, "Micro-batches per optimizer step (locked key).", locked=True)
+    learning_rate: float = _f(2e-4, "Peak AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(5, "Linear warmup steps at the start of each file.")
+    schedule: Literal["cosine", "constant"] = _f("cosine", "Learning-rate schedule after warmup, per file.")
+    min_lr_ratio: float = _f(0.1, "Cosine ends at learning_rate * min_lr_ratio.")
+    epochs_per_file: int = _f(1, "Passes over each file.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0: no clipping).")
+    seed: int = _f(1234, "Seed for LoRA init, data order, eval split and dropout.")
+    checkpoint_every_steps: int = _f(20, "Write a resumable checkpoint every N optimizer steps (and at stop).")
+    keep_checkpoints: int = _f(2, "Checkpoints kept per file in progress.")
+    eval_every_steps: int = _f(0, "Eval loss every N steps (0: once at the end of each file).")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
+    max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
+    restart_backoff_seconds: float = _f(2.0, "Wait before restarting a crashed trainer (doubles per crash, max 60 s).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level of daemon and trainer logs.")
+
+
+@dataclass(frozen=True)
+class Config:
+    base_model: str = _f(EMBEDDED_MODEL, f"A local Hugging Face model folder, or {EMBEDDED_MODEL!r} (built locally, no download) (locked key).", locked=True)
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Runtime folders."})
+    intake: IntakeConfig = field(default_factory=IntakeConfig, metadata={"help": "How files are taken from inbox/."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data validation and tokenisation."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model loading."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
+    service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
+    # Not a key: where the config was loaded from; relative paths resolve against it.
+    root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
+
+    def path(self, name: str) -> Path:
+        """Absolute runtime folder `name` (a field of PathsConfig)."""
+        p = Path(getattr(self.paths, name)).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def base_model_path(self) -> Path | None:
+        """The base model folder, or None for the embedded model."""
+        if self.base_model == EMBEDDED_MODEL:
+            return None
+        p = Path(self.base_model).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        return d
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_model", "root")}
+_SECTION_TYPES = {
+    "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
+    "lora": LoraConfig, "training": TrainingConfig, "service": ServiceConfig,
+}
+
+# Bounds checked after types: (section, key) -> (predicate, what is allowed)
+_BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
+    ("intake", "settle_seconds"): (lambda v: v >= 0, ">= 0"),
+    ("intake", "scan_interval_seconds"): (lambda v: v > 0, "> 0"),
+    ("intake", "max_file_bytes"): (lambda v: v >= 0, ">= 0"),
+    ("data", "max_length"): (lambda v: 8 <= v <= 1_048_576, "between 8 and 1048576"),
+    ("data", "max_bad_lines"): (lambda v: v >= 0, ">= 0"),
+    ("data", "max_bad_fraction"): (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("data", "max_line_bytes"): (lambda v: v >= 64, ">= 64"),
+    ("data", "eval_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data", "eval_max_examples"): (lambda v: v >= 0, ">= 0"),
+    ("data", "shuffle_buffer"): (lambda v: v >= 1, ">= 1"),
+    ("lora", "r"): (lambda v: v >= 1, ">= 1"),
+    ("lora", "alpha"): (lambda v: v > 0, "> 0"),
+    ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora", "target_modules"): (lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v), "a non-empty list of module names"),
+    ("training", "micro_batch_size"): (lambda v: v >= 1, ">= 1"),
+    ("training", "grad_accum_steps"): (lambda v: v >= 1, ">= 1"),
+    ("training", "learning_rate"): (lambda v: 0 < v < 1, "in (0, 1)"),
+    ("training", "weight_decay"): (lambda v: v >= 0, ">= 0"),
+    ("training", "warmup_steps"): (lambda v: v >= 0, ">= 0"),
+    ("training", "min_lr_ratio"): (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("training", "epochs_per_file"): (lambda v: v >= 1, ">= 1"),
+    ("training", "max_grad_norm"): (lambda v: v >= 0, ">= 0"),
+    ("training", "checkpoint_every_steps"): (lambda v: v >= 1, ">= 1"),
+    ("training", "keep_checkpoints"): (lambda v: v >= 1, ">= 1"),
+    ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
+    ("service", "status_interval_seconds"): (lambda v: v > 0, "> 0"),
+    ("service", "max_crashes_per_file"): (lambda v: v >= 1, ">= 1"),
+    ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _check_type(value: Any, hint: Any) -> str | None:
+    """None when `value` fits `hint`, else what was expected."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return None if value in choices else "one of " + ", ".join(repr(c) for c in choices)
+    if hint in ("bool", bool):
+        return None if isinstance(value, bool) else "true or false"
+    if hint in ("int", int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint in ("float", float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint in ("str", str):
+        return None if isinstance(value, str) and value else "a non-empty string"
+    if hint in ("list", list):
+        return None if isinstance(value, list) else "a list"
+    return None
+
+
+def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"`{name}` must be an object, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls, include_extras=False)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(raw) - known):
+        problems.append(f"`{name}.{key}` is not a known key (known: {', '.join(sorted(known))})")
+    values = {}
+    for key in sorted(set(raw) & known):
+        expected = _check_type(raw[key], hints[key])
+        if expected:
+            problems.append(f"`{name}.{key}` = {raw[key]!r} is not valid; use {expected}")
+            continue
+        bound = _BOUNDS.get((name, key))
+        if bound and not bound[0](raw[key]):
+            problems.append(f"`{name}.{key}` = {raw[key]!r} is out of range; must be {bound[1]}")
+            continue
+        values[key] = float(raw[key]) if hints[key] in (float, "float") else raw[key]
+    return cls(**values)
+
+
+def config_from_dict(raw: Any, root: Path, source: str = "config") -> Config:
+    """Build and validate a Config from parsed JSON; raise ConfigError with every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a JSON object, got {type(raw).__name__}"], source)
+    known = {"base_model", *_SECTION_TYPES}
+    for key in sorted(set(raw) - known):
+        if not key.startswith("_"):  # "_comment" style keys are allowed
+            problems.append(f"`{key}` is not a known key (known: {', '.join(sorted(known))})")
+    base_model = raw.get("base_model", EMBEDDED_MODEL)
+    if not isinstance(base_model, str) or not base_model:
+        problems.append(f"`base_model` = {base_model!r} must be a local model folder or {EMBEDDED_MODEL!r}")
+        base_model = EMBEDDED_MODEL
+    sections = {name: _build_section(name, cls, raw.get(name, {}), problems) for name, cls in _SECTION_TYPES.items()}
+    cfg = Config(base_model=base_model, root=root.resolve(), **sections)
+    problems.extend(_cross_checks(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    bmp = cfg.base_model_path
+    if bmp is not None and not (bmp / "config.json").is_file():
+        problems.append(
+            f"`base_model` = {cfg.base_model!r}: {bmp} is not a Hugging Face model folder (no config.json); "
+            f"use a local folder or {EMBEDDED_MODEL!r}"
+        )
+    if cfg.service.status_interval_seconds > 10:
+        problems.append("`service.status_interval_seconds` must be <= 10 so the status never looks stale while training")
+    return problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file."""
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read {path}: {e.strerror}"], str(path)) from e
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"], str(path)) from e
+    return config_from_dict(raw, path.parent, str(path))
+
+
+def locked_values(cfg: Config) -> dict[str, Any]:
+    """The keys that shape the adapter or its data, as dotted names -> values."""
+    out: dict[str, Any] = {"base_model": cfg.base_model}
+    for name in _SECTION_TYPES:
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            if f.metadata.get("locked"):
+                out[f"{name}.{f.name}"] = getattr(section, f.name)
+    return out
+
+
+def explain() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every key, in file order."""
+    rows: list[tuple[str, Any, str]] = [("base_model", EMBEDDED_MODEL, dataclasses.fields(Config)[0].metadata["help"])]
+    for name, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{name}.{f.name}", default, f.metadata["help"]))
+    return rows

@@ -1,0 +1,45 @@
+"""The project's exceptions: one root, a few kinds a caller can tell apart."""
+
+
+class TraindError(Exception):
+    """Root of every error traind raises on purpose."""
+
+
+class ConfigError(TraindError):
+    """The config is invalid; the message lists every problem at once."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} has {len(self.problems)} problem(s):\n{lines}")
+
+
+class LockedKeyError(TraindError):
+    """A key that shapes the adapter changed since the adapter was created."""
+
+    def __init__(self, changes: list[tuple[str, object, object]]) -> None:
+        self.changes = list(changes)
+        lines = "\n".join(f"  - {k}: adapter was trained with {old!r}, config now says {new!r}" for k, old, new in self.changes)
+        super().__init__(
+            "locked keys changed since the adapter was created:\n"
+            f"{lines}\n"
+            "Put the old values back, or approve the change with `trainctl config approve` "
+            "(see README: what an approved change does to the adapter)."
+        )
+
+
+class AlreadyRunningError(TraindError):
+    """Another daemon holds this instance's lock."""
+
+    def __init__(self, pid: int | None, lock_path: str) -> None:
+        self.pid = pid
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(f"traind is already running for this instance ({who}, lock {lock_path})")
+
+
+class DataError(TraindError):
+    """A data file cannot be used; the message names file, line and field."""
+
+
+class QueueError(TraindError):
+    """A queue operation was refused (unknown name, wrong folder, ...)."""

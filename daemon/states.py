@@ -1,0 +1,90 @@
+"""States as `str` Enums, with the transitions allowed between them.
+
+Standard library only: the service, the monitor and the CLI import this
+without pulling in torch. Values serialise as plain strings, so the status
+JSON stays readable and greppable.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ServiceStatus(str, Enum):
+    """What `status/training_status.json` says the daemon is doing."""
+
+    IDLE = "idle"  # no file in training (queue empty, or model loading)
+    TRAINING = "training"
+    PAUSED = "paused"  # model resident, waiting for resume
+    STOPPING = "stopping"  # checkpointing before exit
+    STOPPED = "stopped"  # exited cleanly; the file in progress resumes at next start
+    ERROR = "error"  # the service could not go on (see last_error)
+
+
+SERVICE_TRANSITIONS: dict[ServiceStatus, frozenset[ServiceStatus]] = {
+    ServiceStatus.IDLE: frozenset({ServiceStatus.TRAINING, ServiceStatus.PAUSED, ServiceStatus.STOPPING, ServiceStatus.ERROR}),
+    ServiceStatus.TRAINING: frozenset({ServiceStatus.IDLE, ServiceStatus.PAUSED, ServiceStatus.STOPPING, ServiceStatus.ERROR}),
+    ServiceStatus.PAUSED: frozenset({ServiceStatus.IDLE, ServiceStatus.TRAINING, ServiceStatus.STOPPING, ServiceStatus.ERROR}),
+    ServiceStatus.STOPPING: frozenset({ServiceStatus.STOPPED, ServiceStatus.ERROR}),
+    ServiceStatus.STOPPED: frozenset({ServiceStatus.IDLE}),  # a new start
+    ServiceStatus.ERROR: frozenset({ServiceStatus.IDLE, ServiceStatus.STOPPING, ServiceStatus.STOPPED}),
+}
+
+
+class JobState(str, Enum):
+    """Where a queued file is; each value is also the name of its folder under `queue/`."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.PROCESSING, JobState.FAILED}),  # failed: removed by hand
+    JobState.PROCESSING: frozenset({JobState.DONE, JobState.FAILED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset({JobState.PENDING}),  # `trainctl queue retry`
+}
+
+
+class Priority(str, Enum):
+    """Pending sub-folders, in the order they are served."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+class DesiredState(str, Enum):
+    """Pause/resume are a desired state the service converges to."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+class ControlAction(str, Enum):
+    """One-shot requests, consumed once by the service."""
+
+    SKIP = "skip"
+    STOP = "stop"
+
+
+class FailReason(str, Enum):
+    """Why a file ended in `queue/failed/` (the `reason` of its `.error.json`)."""
+
+    INVALID_DATA = "invalid_data"  # validation refused it; `errors` has line numbers
+    SKIPPED = "skipped"  # a person asked to skip it
+    CRASHED = "crashed"  # the trainer died on it too often
+    TRAINING_ERROR = "training_error"  # an exception while training it
+    REMOVED = "removed"  # taken out of pending by `trainctl queue remove`
+
+
+def check_transition(table: dict, old: Enum, new: Enum) -> None:
+    """Raise ValueError when `old -> new` is not in `table` (a same-state write is allowed)."""
+    if old == new or new in table[old]:
+        return
+    raise ValueError(f"transition {old.value!r} -> {new.value!r} is not allowed")

@@ -1,0 +1,131 @@
+"""Build the embedded default base model locally: no hub, no download.
+
+    python -m daemon.tinymodel /tmp/tiny        # writes a Hugging Face model folder
+
+A real Qwen3-architecture causal LM (about 0.2M parameters) with a real
+byte-level BPE tokenizer trained here on the bundled example data, and a
+ChatML chat template. It is a stand-in so that a fresh machine trains for
+real within a minute; point `base_model` at your own local folder for work.
+
+The build is deterministic (fixed seed, fixed corpus), cached under
+`paths.models`, and published with one rename, so a crash mid-build leaves
+nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from daemon import atomic
+
+log = logging.getLogger(__name__)
+
+# Bump when anything below changes what is built: the cache key includes it.
+BUILD_VERSION = 1
+NAME = f"tiny-qwen3-v{BUILD_VERSION}"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 1024
+SEED = 0
+
+# ChatML, as Qwen models use it. Prefix-consistent: rendering messages[:i] with
+# add_generation_prompt=True is a prefix of rendering messages[:i+1], which is
+# what the assistant-only loss mask relies on.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+EXTRA_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A person leaves a machine training for weeks
+and checks a browser tab now and then. Files arrive, are checked, queued and trained.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 50 100 1000.
+Question and answer, instruction and response, prompt and completion, system, user, assistant.
+"""
+
+
+def corpus_lines() -> list[str]:
+    """Text the tokenizer is trained on: the bundled examples plus a little English."""
+    here = Path(__file__).resolve().parent.parent / "examples"
+    lines = EXTRA_CORPUS.splitlines()
+    for path in sorted(here.glob("*.jsonl")):
+        lines.extend(path.read_text(encoding="utf-8").splitlines())
+    return lines
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with ChatML special tokens, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_lines(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build(dest: str | Path) -> Path:
+    """Write the tiny model folder to `dest` (which must not exist yet)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    dest = Path(dest)
+    tokenizer = build_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic.publish_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def ensure_embedded(models_dir: str | Path) -> Path:
+    """The cached embedded model folder, built on first use."""
+    models_dir = Path(models_dir)
+    dest = models_dir / NAME
+    if (dest / "config.json").is_file():
+        return dest
+    models_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building embedded base model %s in %s", NAME, dest)
+    return build(dest)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(build(sys.argv[1]))
