@@ -1,0 +1,92 @@
+"""Control requests: written by `trainctl` and the monitor, consumed by the service.
+
+    set_desired_state(cfg, DesiredState.PAUSED, by="cli")   # pause/resume: a desired state
+    request(cfg, ControlAction.SKIP, by="monitor")            # skip/stop: one-shot requests
+
+Both are plain files under `status/control/`, so the CLI works when the
+monitor is down and nothing needs the daemon to be up to accept a request.
+`touch .stop` in the instance folder is the emergency stop. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import atomic
+from daemon.config import Config
+from daemon.states import ControlAction, DesiredState
+
+EMERGENCY_STOP_NAME = ".stop"
+
+
+def control_dir(cfg: Config) -> Path:
+    return cfg.path("status") / "control"
+
+
+def requests_dir(cfg: Config) -> Path:
+    return control_dir(cfg) / "requests"
+
+
+def emergency_stop_path(cfg: Config) -> Path:
+    return cfg.root / EMERGENCY_STOP_NAME
+
+
+def set_desired_state(cfg: Config, state: DesiredState, by: str = "cli", now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    atomic.write_json(control_dir(cfg) / "desired_state.json", {"state": state.value, "by": by, "at": now})
+
+
+def read_desired_state(cfg: Config) -> DesiredState:
+    """RUNNING unless a valid file says PAUSED (a damaged file must not freeze training)."""
+    try:
+        raw = atomic.read_json(control_dir(cfg) / "desired_state.json")
+        return DesiredState(raw["state"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return DesiredState.RUNNING
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    path: Path
+    action: ControlAction
+    by: str
+    at: float
+    job_id: str | None
+
+
+def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | None = None, now: float | None = None) -> Path:
+    """Leave a one-shot request for the service; returns its file."""
+    now = time.time() if now is None else now
+    name = f"{now:017.6f}-{uuid.uuid4().hex[:8]}-{action.value}.json"
+    path = requests_dir(cfg) / name
+    atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id})
+    return path
+
+
+def pending_requests(cfg: Config) -> list[ControlRequest]:
+    """Requests in the order they were made; unreadable ones are dropped with the file."""
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(requests_dir(cfg)) if n.endswith(".json") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = requests_dir(cfg) / name
+        try:
+            raw = atomic.read_json(path)
+            out.append(ControlRequest(path, ControlAction(raw["action"]), str(raw.get("by", "?")), float(raw.get("at", 0)), raw.get("job_id")))
+        except (ValueError, KeyError, TypeError, FileNotFoundError):
+            atomic.remove_file(path)
+    return out
+
+
+def consume(req: ControlRequest) -> None:
+    atomic.remove_file(req.path)
+
+
+def emergency_stop_requested(cfg: Config) -> bool:
+    return emergency_stop_path(cfg).exists()
