@@ -56,14 +56,20 @@ class ControlRequest:
     by: str
     at: float
     job_id: str | None
+    priority: str | None
 
 
-def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | None = None, now: float | None = None) -> Path:
-    """Leave a one-shot request for the service; returns its file."""
+def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | None = None,
+            priority: str | None = None, now: float | None = None) -> Path:
+    """Leave a one-shot request for the service; returns its file (gone once the service acted).
+
+    `job_id` names the queue file for retry/remove (and, optionally, guards a
+    skip so it cannot hit a file that started after the request was made).
+    """
     now = time.time() if now is None else now
     name = f"{now:017.6f}-{uuid.uuid4().hex[:8]}-{action.value}.json"
     path = requests_dir(cfg) / name
-    atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id})
+    atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id, "priority": priority})
     return path
 
 
@@ -78,7 +84,8 @@ def pending_requests(cfg: Config) -> list[ControlRequest]:
         path = requests_dir(cfg) / name
         try:
             raw = atomic.read_json(path)
-            out.append(ControlRequest(path, ControlAction(raw["action"]), str(raw.get("by", "?")), float(raw.get("at", 0)), raw.get("job_id")))
+            out.append(ControlRequest(path, ControlAction(raw["action"]), str(raw.get("by", "?")),
+                                      float(raw.get("at", 0)), raw.get("job_id"), raw.get("priority")))
         except (ValueError, KeyError, TypeError, FileNotFoundError):
             atomic.remove_file(path)
     return out

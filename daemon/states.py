@@ -67,10 +67,12 @@ class DesiredState(str, Enum):
 
 
 class ControlAction(str, Enum):
-    """One-shot requests, consumed once by the service."""
+    """One-shot requests, consumed once by the service (the only process that moves queue files)."""
 
-    SKIP = "skip"
-    STOP = "stop"
+    SKIP = "skip"  # the file in training -> failed/ (reason skipped)
+    STOP = "stop"  # checkpoint and exit; the file resumes at the next start
+    RETRY = "retry"  # failed/<job_id> -> pending/<priority>
+    REMOVE = "remove"  # pending/<job_id> -> failed/ (reason removed)
 
 
 class FailReason(str, Enum):
