@@ -1,0 +1,231 @@
+"""The base model and its LoRA adapter: capabilities, loading, LoRA state, adapter folders.
+
+    from daemon.model import capabilities, load_for_training, save_adapter, load_adapter
+    caps = capabilities()                                  # cheap: no CUDA context, no import error
+    lm = load_for_training(cfg, seed=cfg.training.seed)   # base (4-bit or not) + a seeded LoRA
+    lm.model(input_ids=...)                                # a peft.PeftModel, LoRA trainable only
+    save_adapter(lm.model, folder)                         # adapter_model.safetensors + adapter_config.json
+    load_adapter(lm.model, folder)                         # weights of a saved adapter into the live LoRA
+
+torch, transformers, peft and bitsandbytes are imported inside functions, so
+importing this module costs nothing (the service and the CLI never import torch).
+The 4-bit path (bitsandbytes nf4/fp4, double quantisation) is the real QLoRA
+path on CUDA and on the CPU alike (bitsandbytes >= 0.45 has CPU kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.config import Config, LoraConfig, ModelConfig
+from daemon.errors import TraindError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ModelError(TraindError):
+    """The base model or adapter cannot be loaded as configured."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this machine can do; computed without allocating anything on a GPU."""
+
+    cuda: bool
+    bf16: bool  # CUDA device with native bfloat16 (Ampere or newer)
+    bitsandbytes: bool
+    cuda_name: str | None
+
+
+def capabilities() -> Capabilities:
+    """Probe CUDA, bfloat16 support and bitsandbytes (importability only)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return Capabilities(
+        cuda=cuda,
+        bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        cuda_name=torch.cuda.get_device_name(0) if cuda else None,
+    )
+
+
+def choose_device(mc: ModelConfig, caps: Capabilities) -> str:
+    """'cuda' or 'cpu' as `model.device` asks; refuses cuda without a GPU."""
+    if mc.device == "cuda" and not caps.cuda:
+        raise ModelError("`model.device` = 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if mc.device == "auto":
+        return "cuda" if caps.cuda else "cpu"
+    return mc.device
+
+
+def choose_dtype(mc: ModelConfig, device: str, caps: Capabilities) -> "torch.dtype":
+    """Compute dtype: as configured, or auto (bf16 on capable CUDA, fp16 on older CUDA, fp32 on CPU)."""
+    import torch
+
+    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if mc.compute_dtype != "auto":
+        if mc.compute_dtype == "bfloat16" and device == "cuda" and not caps.bf16:
+            raise ModelError("`model.compute_dtype` = 'bfloat16' is not supported by this GPU; use 'float16' or 'auto'")
+        return named[mc.compute_dtype]
+    if device == "cuda":
+        return torch.bfloat16 if caps.bf16 else torch.float16
+    return torch.float32
+
+
+def resolve_base(cfg: Config) -> Path:
+    """The base model folder: the configured one, or the embedded model (built on first use)."""
+    path = cfg.base_model_path
+    if path is not None:
+        return path
+    from daemon.tinymodel import ensure_embedded
+
+    return ensure_embedded(cfg.path("models"))
+
+
+def quantization_config(mc: ModelConfig, dtype: "torch.dtype") -> Any | None:
+    """A BitsAndBytesConfig for 4-bit nf4/fp4 (QLoRA), or None when quantization is 'none'."""
+    if mc.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"`model.quantization` = {mc.quantization!r} needs bitsandbytes; install it or use 'none'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=mc.quantization,
+        bnb_4bit_use_double_quant=mc.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype") -> tuple[Any, Any]:
+    """(model, tokenizer) of the base in `path`, 4-bit or not, on `device`, frozen, ready for a LoRA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # many bases ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    quant = quantization_config(mc, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant is not None:
+        # bitsandbytes quantises while loading onto the target device: device_map places it.
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quant is None:
+        model.to(device)
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model, tokenizer
+
+
+def prepare_for_lora(model: Any, mc: ModelConfig) -> Any:
+    """Freeze the base; k-bit preparation for 4-bit bases; gradient checkpointing per config."""
+    gc_kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if mc.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=mc.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if mc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def attach_lora(model: Any, lc: LoraConfig, seed: int) -> Any:
+    """Wrap `model` in a PeftModel with a fresh LoRA whose init depends only on `seed`."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    # fork_rng: the seed decides the LoRA init without disturbing anyone else's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_cfg)
+
+
+@dataclass
+class LoadedModel:
+    """A base with a LoRA attached, and what the `ready` message reports about it."""
+
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    device: str
+    dtype: "torch.dtype"
+    base_path: Path
+    quantization: str
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; 4-bit weights counted as stored elements."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+
+def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None) -> LoadedModel:
+    """Load the configured base and attach a LoRA initialised from `seed`."""
+    caps = caps or capabilities()
+    device = choose_device(cfg.model, caps)
+    dtype = choose_dtype(cfg.model, device, caps)
+    base_path = resolve_base(cfg)
+    model, tokenizer = load_base(base_path, cfg.model, device, dtype)
+    model = prepare_for_lora(model, cfg.model)
+    model = attach_lora(model, cfg.lora, seed)
+    log.info("loaded %s on %s (%s, quantization %s)", base_path, device, dtype, cfg.model.quantization)
+    return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization)
+
+
+def lora_state(model: Any) -> dict[str, "torch.Tensor"]:
+    """The LoRA weights as detached CPU copies (safe to keep while training goes on)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_lora_state(model: Any, state: dict[str, "torch.Tensor"]) -> None:
+    """Copy `state` (as from lora_state) into the live LoRA; every key must match."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"adapter does not fit this model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+def save_adapter(model: Any, folder: Path) -> None:
+    """Write adapter_model.safetensors + adapter_config.json into `folder` (callers publish it atomically)."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_adapter(model: Any, folder: Path) -> None:
+    """Load a saved adapter's weights into the live LoRA of `model`."""
+    from safetensors.torch import load_file
+
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{folder} has no {ADAPTER_WEIGHTS}; the adapter folder is incomplete")
+    set_lora_state(model, load_file(str(weights)))
+
+
+def lora_max_abs_diff(a: dict[str, "torch.Tensor"], b: dict[str, "torch.Tensor"]) -> float:
+    """Largest absolute difference between two LoRA states with the same keys."""
+    if a.keys() != b.keys():
+        raise ModelError("the two LoRA states have different keys")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a else 0.0
