@@ -101,6 +101,7 @@ class ServiceConfig:
     status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
     max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
     restart_backoff_seconds: float = _f(2.0, "Wait before restarting a crashed trainer (doubles per crash, max 60 s).")
+    stop_timeout_seconds: float = _f(300.0, "A stop waits this long for the trainer's checkpoint before killing it.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level of daemon and trainer logs.")
 
 
@@ -172,6 +173,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("service", "status_interval_seconds"): (lambda v: v > 0, "> 0"),
     ("service", "max_crashes_per_file"): (lambda v: v >= 1, ">= 1"),
     ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),
+    ("service", "stop_timeout_seconds"): (lambda v: v > 0, "> 0"),
 }
 
 

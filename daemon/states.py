@@ -31,6 +31,17 @@ SERVICE_TRANSITIONS: dict[ServiceStatus, frozenset[ServiceStatus]] = {
 }
 
 
+class TrainerState(str, Enum):
+    """The service's view of its trainer child."""
+
+    DOWN = "down"  # not running (before the first start, or after a crash until the restart)
+    STARTING = "starting"  # spawned, loading the model
+    READY = "ready"  # model loaded, no file
+    BUSY = "busy"  # training a file
+    PAUSING = "pausing"  # asked to pause (or paused) mid-file
+    EXITING = "exiting"  # told to stop or shut down
+
+
 class JobState(str, Enum):
     """Where a queued file is; each value is also the name of its folder under `queue/`."""
 

@@ -1,0 +1,47 @@
+"""Run the traind daemon in the foreground.
+
+    python -m daemon --config config.json        # or the console script: traind --config config.json
+
+Logs go to `<paths.logs>/daemon_YYYYMMDD.log` and to stderr. SIGTERM or
+Ctrl-C stops warmly (checkpoint, then exit); a second one stops at once.
+Exit codes: 0 stopped, 1 bad config, 2 locked keys changed, 3 already running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from daemon.config import load_config
+from daemon.errors import AlreadyRunningError, ConfigError
+from daemon.logs import setup_logging
+from daemon.service import EXIT_ALREADY_RUNNING, Service
+
+log = logging.getLogger("daemon")
+
+
+def default_config_path() -> str:
+    return os.environ.get("TRAIND_CONFIG", "config.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="traind", description="Train a LoRA adapter from JSONL files dropped into inbox/.")
+    parser.add_argument("--config", default=default_config_path(), help="config file (default: $TRAIND_CONFIG or ./config.json)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"traind: {e}", file=sys.stderr)
+        return 1
+    setup_logging(cfg.path("logs"), "daemon", cfg.service.log_level)
+    try:
+        return Service(cfg, args.config).run()
+    except AlreadyRunningError as e:
+        log.error("%s", e)
+        return EXIT_ALREADY_RUNNING
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The service's handle on the trainer child process.
+
+    child = TrainerProcess(config_path, logs_dir)
+    child.start()                 # spawns `python -m daemon.trainer --config PATH`
+    child.connection              # None until the child has connected
+    child.send({"type": "train", ...})
+    for msg in child.receive():   # everything waiting, never blocks
+        ...
+    child.exited()                # exit code once it is gone, else None
+
+The child connects back over a unix socket (path and auth key in its
+environment, see docs/internals.md), so it can also be started under
+`torchrun`, where only rank 0 connects. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class TrainerProcess:
+    def __init__(self, config_path: str | Path, logs_dir: str | Path, wake: Any = None) -> None:
+        self.config_path = Path(config_path)
+        self.logs_dir = Path(logs_dir)
+        self.wake = wake  # callable run when the child connects, to wake the service loop
+        self.proc: subprocess.Popen | None = None
+        self.connection: Connection | None = None
+        self._listener: Listener | None = None
+        self._sockdir: str | None = None
+        self._stderr = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        self._sockdir = tempfile.mkdtemp(prefix="traind-")
+        address = os.path.join(self._sockdir, "trainer.sock")
+        authkey = secrets.token_bytes(32)
+        self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        env = dict(os.environ, TRAIND_CONNECT=address, TRAIND_AUTHKEY=authkey.hex(), HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("TRAIND_CRASH_AFTER_OP", None)  # fault injection is armed per process by tests
+        if os.environ.get("TRAIND_TRAINER_CRASH_AFTER_OP"):
+            env["TRAIND_CRASH_AFTER_OP"] = os.environ["TRAIND_TRAINER_CRASH_AFTER_OP"]
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        # The child's own log is logs/trainer_*.log; this file only catches what
+        # bypasses logging (a native crash, a library writing to stderr).
+        self._stderr = open(self.logs_dir / "trainer_stderr.log", "ab")
+        cmd = [sys.executable, "-m", "daemon.trainer", "--config", str(self.config_path)]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                     stderr=self._stderr, start_new_session=True)
+        log.info("trainer child started, pid %d", self.proc.pid)
+        threading.Thread(target=self._accept, name="trainer-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        listener = self._listener
+        try:
+            conn = listener.accept()
+        except Exception as e:  # closed because the child died first, or a bad handshake
+            log.debug("trainer accept ended: %s", e)
+            return
+        self.connection = conn
+        if self.wake:
+            self.wake()
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        """Send a message; False when the child is not connected or gone."""
+        if self.connection is None:
+            return False
+        try:
+            self.connection.send(msg)
+            return True
+        except (OSError, EOFError, ValueError):
+            return False
+
+    def receive(self) -> list[dict[str, Any]]:
+        """Every message waiting, without blocking (empty once the child is gone)."""
+        out = []
+        conn = self.connection
+        if conn is None:
+            return out
+        try:
+            while conn.poll():
+                out.append(conn.recv())
+        except (EOFError, OSError):
+            pass
+        return out
+
+    def exited(self) -> int | None:
+        """The exit code once the process is gone (negative: killed by that signal)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout) if self.proc else None
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Release the socket, listener and log file (after the process is gone)."""
+        if self.connection is None and self._listener is not None:
+            # Wake the accept thread: on Linux, shutting down a listening socket
+            # makes a blocked accept() fail, where close() alone would not.
+            try:
+                self._listener._listener._socket.shutdown(socket.SHUT_RDWR)
+            except (AttributeError, OSError):
+                pass
+        for closer in (self.connection, self._listener, self._stderr):
+            try:
+                if closer is not None:
+                    closer.close()
+            except OSError:
+                pass
+        if self._sockdir:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+        self.connection = self._listener = self._stderr = None

@@ -1,0 +1,59 @@
+"""Single-instance guard: a kernel lock (`flock`) on `status/daemon.lock`.
+
+    fd = acquire(lock_path)        # raises AlreadyRunningError(pid) if another process holds it
+    holder_pid(lock_path)          # the pid holding it, or None when nobody does
+
+The lock dies with the process that holds it, so a stale pid left in the file
+by a crashed daemon never blocks a new start. The pid written inside is only
+for messages.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from daemon.errors import AlreadyRunningError
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def acquire(path: str | Path) -> int:
+    """Take the lock or raise; returns the open fd, which must stay open while running."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunningError(_read_pid(path), str(path)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.fsync(fd)
+    return fd
+
+
+def holder_pid(path: str | Path) -> int | None:
+    """Pid of the live holder, or None when the lock is free (whatever the file says)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(path) or -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
