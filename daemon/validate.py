@@ -1,0 +1,516 @@
+"""Validate a JSONL training file in one streaming pass. Standard library only.
+
+    from daemon.validate import validate_file
+    report = validate_file("inbox/my_data.jsonl", cfg.data, cfg.intake.max_file_bytes)
+    if not report.accepted:
+        print(report.reason, [str(e) for e in report.errors])
+    json.dumps(report.to_dict())          # for queue/failed/<name>.error.json and the job record
+
+The service imports this module, so it must never import torch or transformers.
+The trainer reads the same file again with `iter_records`, which applies exactly
+the same line rules (same line numbers, same normalised records).
+
+Rules: UTF-8 (RFC 8259) with an optional UTF-8 BOM; one JSON object per line;
+blank lines ignored. The file's format is the format of its first valid record
+and every line must match it. Lines are read in chunks, so an over-long line or
+a multi-GB file never needs more than about `max_line_bytes` of memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+
+from daemon.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTED_ERRORS = 50
+_CHUNK = 1 << 18  # read size (256 KiB); also the largest piece of an over-long line held at once
+_ROLES = ("system", "user", "assistant")
+
+
+class DataFormat(str, Enum):
+    """The record shapes traind trains on; a file holds exactly one of them."""
+
+    CHAT = "chat"  # {"messages": [{"role", "content", "weight"?}, ...]} (OpenAI fine-tuning format)
+    PROMPT_COMPLETION = "prompt_completion"  # {"prompt", "completion"}
+    TEXT = "text"  # {"text"}
+    ALPACA = "alpaca"  # {"instruction", "input"?, "output"}
+
+
+# The key whose absence a line of another format is reported under.
+_MAIN_KEY = {
+    DataFormat.CHAT: "messages",
+    DataFormat.PROMPT_COMPLETION: "completion",
+    DataFormat.TEXT: "text",
+    DataFormat.ALPACA: "output",
+}
+
+
+@dataclass(frozen=True)
+class LineError:
+    """One bad line. `line` is 1-based; `field` is "" for whole-line problems, else a path like "messages[2].role"."""
+
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}, field {self.field}" if self.field else f"line {self.line}"
+        return f"{where}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"line": self.line, "field": self.field, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One valid line, normalised (see the module docstring of `daemon.data` for how each is trained).
+
+    chat -> {"messages": [{"role", "content", "weight"}]} (weight 0|1; 1 by default for assistant, 0 for others)
+    prompt_completion -> {"prompt", "completion"}; text -> {"text"}; alpaca -> {"instruction", "input", "output"}
+    """
+
+    line: int
+    format: DataFormat
+    data: dict
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What `validate_file` found. `n_lines` counts every line, blank ones too; `n_valid + n_bad` are the non-blank ones."""
+
+    path: str
+    size: int
+    sha256: str  # of the whole file; "" when it was refused unread (too large)
+    format: DataFormat | None
+    n_lines: int
+    n_valid: int
+    n_bad: int
+    errors: tuple[LineError, ...]  # the first MAX_REPORTED_ERRORS bad lines
+    fatal: str | None  # a whole-file problem; the file is refused whatever the policy
+    accepted: bool
+    reason: str | None  # why not accepted (None when accepted)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "format": self.format.value if self.format else None,
+            "n_lines": self.n_lines,
+            "n_valid": self.n_valid,
+            "n_bad": self.n_bad,
+            "errors": [e.to_dict() for e in self.errors],
+            "fatal": self.fatal,
+            "accepted": self.accepted,
+            "reason": self.reason,
+        }
+
+
+# ---------------------------------------------------------------- reading lines
+
+
+class _RawLine(NamedTuple):  # a tuple, not a dataclass: one is made per line of multi-GB files
+    number: int  # 1-based
+    data: bytes | None  # None when the line is longer than max_line_bytes (never held whole)
+    length: int  # bytes, without the newline
+    newline: bool  # False only for a last line without a trailing newline
+
+
+def _raw_lines(f: BinaryIO, max_line_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> Iterator[_RawLine]:
+    """Split a binary stream into lines, holding at most ~max_line_bytes + one chunk in memory."""
+    buf = bytearray()
+    length, overlong, number = 0, False, 0
+    while chunk := f.read(_CHUNK):
+        if on_chunk is not None:
+            on_chunk(chunk)
+        pieces = chunk.split(b"\n")
+        for i, piece in enumerate(pieces):
+            length += len(piece)
+            if not overlong:
+                buf += piece
+                if length > max_line_bytes:
+                    overlong = True
+                    buf = bytearray()  # drop it: the line is bad whatever it holds
+            if i == len(pieces) - 1:
+                break  # the last piece continues in the next chunk
+            number += 1
+            yield _RawLine(number, None if overlong else _strip_bom(bytes(buf), number), length, True)
+            buf = bytearray()
+            length, overlong = 0, False
+    if length or overlong:
+        number += 1
+        yield _RawLine(number, None if overlong else _strip_bom(bytes(buf), number), length, False)
+
+
+def _strip_bom(data: bytes, number: int) -> bytes:
+    # RFC 8259 section 8.1: parsers may ignore a UTF-8 BOM at the start; anywhere else it is data.
+    return data[len(codecs.BOM_UTF8):] if number == 1 and data.startswith(codecs.BOM_UTF8) else data
+
+
+# ---------------------------------------------------------------- one line
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # RFC 8259 has no NaN/Infinity; Python's json accepts them
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads with options builds one per call
+
+
+def _detect(obj: dict) -> DataFormat | None:
+    """The format a JSON object's keys say it is, or None. Order matters when keys overlap."""
+    if "messages" in obj:
+        return DataFormat.CHAT
+    if "prompt" in obj or "completion" in obj:
+        return DataFormat.PROMPT_COMPLETION
+    if "instruction" in obj or "output" in obj:
+        return DataFormat.ALPACA
+    if "text" in obj:
+        return DataFormat.TEXT
+    return None
+
+
+def _string(obj: dict, key: str, line: int, field: str, non_empty: bool) -> str | LineError:
+    """obj[key] as a string, or the LineError saying why not."""
+    if key not in obj:
+        return LineError(line, field, "missing")
+    value = obj[key]
+    if not isinstance(value, str):
+        return LineError(line, field, f"must be a string, got {_json_type(value)}")
+    if non_empty and not value.strip():
+        return LineError(line, field, "must not be empty")
+    return value
+
+
+def _parse_message(msg: Any, line: int, i: int) -> dict | LineError:
+    field = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        return LineError(line, field, f"must be an object with role and content, got {_json_type(msg)}")
+    role = _string(msg, "role", line, f"{field}.role", non_empty=False)
+    if isinstance(role, LineError):
+        return role
+    if role not in _ROLES:
+        hint = " (tool messages are not supported)" if role == "tool" else ""
+        return LineError(line, f"{field}.role", f"{_show(role)} is not one of {', '.join(_ROLES)}{hint}")
+    content = _string(msg, "content", line, f"{field}.content", non_empty=False)
+    if isinstance(content, LineError):
+        return content
+    weight = 1 if role == "assistant" else 0
+    if "weight" in msg:
+        w = msg["weight"]
+        if role != "assistant":
+            return LineError(line, f"{field}.weight", f"only assistant messages take a weight (this one is {role})")
+        if not isinstance(w, int) or isinstance(w, bool) or w not in (0, 1):
+            return LineError(line, f"{field}.weight", f"must be 0 or 1, got {_show(w)}")
+        weight = w
+    return {"role": role, "content": content, "weight": weight}
+
+
+def _parse_chat(obj: dict, line: int) -> dict | LineError:
+    if "messages" not in obj:
+        return LineError(line, "messages", "missing")
+    messages = obj["messages"]
+    if not isinstance(messages, list):
+        return LineError(line, "messages", f"must be an array of messages, got {_json_type(messages)}")
+    if not messages:
+        return LineError(line, "messages", "must not be empty")
+    out = []
+    for i, msg in enumerate(messages):
+        parsed = _parse_message(msg, line, i)
+        if isinstance(parsed, LineError):
+            return parsed
+        out.append(parsed)
+    if not any(m["role"] == "assistant" and m["weight"] == 1 for m in out):
+        return LineError(line, "messages", "no assistant message with weight 1: nothing to train on")
+    return {"messages": out}
+
+
+def _parse_prompt_completion(obj: dict, line: int) -> dict | LineError:
+    prompt = _string(obj, "prompt", line, "prompt", non_empty=False)
+    if isinstance(prompt, LineError):
+        return prompt
+    completion = _string(obj, "completion", line, "completion", non_empty=True)
+    if isinstance(completion, LineError):
+        return completion
+    return {"prompt": prompt, "completion": completion}
+
+
+def _parse_text(obj: dict, line: int) -> dict | LineError:
+    text = _string(obj, "text", line, "text", non_empty=True)
+    return text if isinstance(text, LineError) else {"text": text}
+
+
+def _parse_alpaca(obj: dict, line: int) -> dict | LineError:
+    instruction = _string(obj, "instruction", line, "instruction", non_empty=True)
+    if isinstance(instruction, LineError):
+        return instruction
+    # "input": null is common in exported datasets and plainly means "no input".
+    inp = "" if obj.get("input") is None else obj["input"]
+    if not isinstance(inp, str):
+        return LineError(line, "input", f"must be a string, got {_json_type(inp)}")
+    output = _string(obj, "output", line, "output", non_empty=True)
+    if isinstance(output, LineError):
+        return output
+    return {"instruction": instruction, "input": inp, "output": output}
+
+
+_PARSERS: dict[DataFormat, Callable[[dict, int], dict | LineError]] = {
+    DataFormat.CHAT: _parse_chat,
+    DataFormat.PROMPT_COMPLETION: _parse_prompt_completion,
+    DataFormat.TEXT: _parse_text,
+    DataFormat.ALPACA: _parse_alpaca,
+}
+
+
+def _decode_error(raw: bytes, line: int, e: UnicodeDecodeError) -> LineError:
+    bad = raw[e.start : e.start + 1].hex().upper()
+    return LineError(
+        line, "",
+        f"not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the line; looks like {_guess_encoding(raw)}); "
+        "save the file as UTF-8",
+    )
+
+
+def _guess_encoding(raw: bytes) -> str:
+    """A hint for people, not a detector: what non-UTF-8 bytes probably are."""
+    try:
+        raw.decode("cp1252")
+        return "Latin-1 / Windows-1252"
+    except UnicodeDecodeError:
+        return "a legacy single- or double-byte encoding"
+
+
+class _Parsed(NamedTuple):
+    result: Record | LineError
+    shape: DataFormat | None  # what the line's keys say it is, when it is a JSON object
+    not_utf8: bool  # an encoding problem, which refuses the whole file
+
+
+def _parse(raw: bytes, line: int, fmt: DataFormat | None, max_line_bytes: int, last_no_newline: bool = False) -> _Parsed:
+    if len(raw) > max_line_bytes:
+        return _Parsed(_overlong(line, len(raw), max_line_bytes), None, False)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _Parsed(_decode_error(raw, line, e), None, True)
+    try:
+        obj = _DECODER.decode(text)
+    except ValueError as e:  # JSONDecodeError is a ValueError, and so is _reject_constant's
+        if last_no_newline:
+            return _Parsed(LineError(line, "", "truncated last line (no newline at end, invalid JSON)"), None, False)
+        where = f" at column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        return _Parsed(LineError(line, "", f"invalid JSON{where}: {getattr(e, 'msg', str(e))}"), None, False)
+    if not isinstance(obj, dict):
+        return _Parsed(LineError(line, "", f"expected a JSON object, got {_json_type(obj)}"), None, False)
+    shape = _detect(obj)
+    if shape is None:
+        keys = ", ".join(sorted(obj)[:8]) or "none"
+        reason = (f"unknown record shape (keys: {keys}); expected messages (chat), prompt+completion, "
+                  "instruction+output (alpaca) or text")
+        return _Parsed(LineError(line, "", reason), None, False)
+    if fmt is not None and shape != fmt:
+        reason = f"missing: the file is {fmt.value} format but this line is {shape.value} format"
+        return _Parsed(LineError(line, _MAIN_KEY[fmt], reason), shape, False)
+    data = _PARSERS[shape](obj, line)
+    return _Parsed(data if isinstance(data, LineError) else Record(line, shape, data), shape, False)
+
+
+def _overlong(line: int, length: int, max_line_bytes: int) -> LineError:
+    return LineError(line, "", f"line is {length} bytes, longer than max_line_bytes ({max_line_bytes})")
+
+
+def parse_line(raw: bytes, line: int, fmt: DataFormat | None, max_line_bytes: int) -> Record | LineError:
+    """Parse one non-blank line (bytes, without the newline) into a Record, or say what is wrong with it.
+
+    With `fmt` None the format is detected from the keys; otherwise the line must be of `fmt`.
+    Callers skip blank lines themselves (they are not errors).
+    """
+    return _parse(raw, line, fmt, max_line_bytes).result
+
+
+# ---------------------------------------------------------------- whole file
+
+
+def _bom_problem(head: bytes) -> str | None:
+    """A fatal reason when the file starts with a byte order mark of a non-UTF-8 encoding."""
+    # UTF-32 first: its LE mark begins with UTF-16 LE's.
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32 LE"), (codecs.BOM_UTF32_BE, "UTF-32 BE"),
+                      (codecs.BOM_UTF16_LE, "UTF-16 LE"), (codecs.BOM_UTF16_BE, "UTF-16 BE")):
+        if head.startswith(bom):
+            return f"not UTF-8: the file starts with a {name} byte order mark; save it as UTF-8"
+    return None
+
+
+def _nul_problem(chunk: bytes, offset: int) -> str:
+    at = chunk.index(b"\x00")
+    head = chunk[:64]
+    if offset == 0 and len(head) >= 4 and head[1::2].count(0) >= len(head) // 4 and head[0::2].count(0) == 0:
+        return "not UTF-8: NUL bytes between characters; looks like UTF-16 LE without a byte order mark; save it as UTF-8"
+    if offset == 0 and len(head) >= 4 and head[0::2].count(0) >= len(head) // 4 and head[1::2].count(0) == 0:
+        return "not UTF-8: NUL bytes between characters; looks like UTF-16 BE without a byte order mark; save it as UTF-8"
+    return f"binary data: NUL byte at byte offset {offset + at}; JSONL is UTF-8 text"
+
+
+class _Tally:
+    """Counts and first errors while a file streams past."""
+
+    def __init__(self, data_cfg: DataConfig) -> None:
+        self.cfg = data_cfg
+        self.fmt: DataFormat | None = None
+        self.n_lines = self.n_valid = self.n_bad = 0
+        self.errors: list[LineError] = []
+        self.fatal: str | None = None
+        self.other_formats: Counter[DataFormat] = Counter()  # bad lines whose keys are another format
+        self.seen_nonblank = False
+
+    def add(self, raw: _RawLine) -> None:
+        self.n_lines = raw.number
+        if raw.data is not None and not raw.data.strip():
+            return
+        if not self.seen_nonblank:
+            self.seen_nonblank = True
+            self.fatal = _layout_problem(raw.data)
+            if self.fatal:
+                return
+        if raw.data is None:
+            parsed = _Parsed(_overlong(raw.number, raw.length, self.cfg.max_line_bytes), None, False)
+        else:
+            parsed = _parse(raw.data, raw.number, self.fmt, self.cfg.max_line_bytes, not raw.newline)
+        if isinstance(parsed.result, Record):
+            self.n_valid += 1
+            self.fmt = parsed.result.format
+            return
+        self.n_bad += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(parsed.result)
+        if parsed.not_utf8:
+            self.fatal = f"not UTF-8: {parsed.result}"
+        elif parsed.shape is not None and self.fmt is not None and parsed.shape != self.fmt:
+            self.other_formats[parsed.shape] += 1
+
+
+def _layout_problem(first: bytes | None) -> str | None:
+    """Whole-file shapes that are JSON but not JSON Lines, seen on the first non-blank line."""
+    if first is None:
+        return None
+    start = first.strip()
+    if start.startswith(b"["):
+        return "the file is a JSON array, not JSON Lines: write one JSON object per line (e.g. jq -c '.[]' in.json > out.jsonl)"
+    if start == b"{":
+        return "the file looks like pretty-printed JSON: JSON Lines needs each object on one line"
+    return None
+
+
+def _mixed(t: _Tally) -> str | None:
+    if not t.other_formats or t.fmt is None:
+        return None
+    others = ", ".join(f"{n} {f.value}" for f, n in sorted(t.other_formats.items(), key=lambda kv: kv[0].value))
+    return f"mixed formats: the file is {t.fmt.value} but has lines of another format ({others})"
+
+
+def _policy(t: _Tally) -> str | None:
+    """Apply the bad-line policy; None when the file is accepted, else why not."""
+    cfg = t.cfg
+    nonblank = t.n_valid + t.n_bad
+    if t.fatal:
+        return t.fatal
+    if t.n_valid == 0:
+        return f"no valid records ({t.n_bad} bad lines)"
+    if cfg.bad_line_policy == "reject" and t.n_bad:
+        return f"{t.n_bad} bad lines (bad_line_policy 'reject' allows none)"
+    if t.n_bad > cfg.max_bad_lines:
+        return f"{t.n_bad} bad lines (limit {cfg.max_bad_lines})"
+    if t.n_bad / nonblank > cfg.max_bad_fraction:
+        return f"{t.n_bad} of {nonblank} lines bad ({t.n_bad / nonblank:.1%}, limit {cfg.max_bad_fraction:.1%})"
+    return None
+
+
+def validate_file(path: str | os.PathLike, data_cfg: DataConfig, max_file_bytes: int = 0) -> ValidationReport:
+    """Check a JSONL file in one streaming pass (sha256 included) and apply `data_cfg.bad_line_policy`.
+
+    Never raises for bad content: everything wrong is in the report. OSError
+    (missing/unreadable file) propagates. `max_file_bytes` 0 means no limit.
+    """
+    size = os.stat(path).st_size
+    if max_file_bytes and size > max_file_bytes:
+        return _refused(path, size, "", f"too large: {size} bytes, limit {max_file_bytes} (intake.max_file_bytes)")
+    if size == 0:
+        return _refused(path, size, hashlib.sha256().hexdigest(), "empty file")
+    digest = hashlib.sha256()
+    tally = _Tally(data_cfg)
+    offset = 0
+
+    def on_chunk(chunk: bytes) -> None:
+        nonlocal offset
+        digest.update(chunk)
+        if tally.fatal is None and offset == 0:
+            tally.fatal = _bom_problem(chunk)
+        if tally.fatal is None and b"\x00" in chunk:
+            tally.fatal = _nul_problem(chunk, offset)
+        offset += len(chunk)
+
+    with open(path, "rb") as f:
+        for raw in _raw_lines(f, data_cfg.max_line_bytes, on_chunk):
+            if tally.fatal is None:
+                tally.add(raw)
+            else:  # after a whole-file problem only the hash and the line count go on
+                tally.n_lines = raw.number
+    if tally.fatal is None and tally.n_valid + tally.n_bad == 0:
+        tally.fatal = "no records: the file has only blank lines"
+    reason = _policy(tally)
+    # Lines of another format are bad lines (a stray one may be skipped); when they
+    # sink the file, the whole-file diagnosis is the useful one.
+    mixed = _mixed(tally) if reason and not tally.fatal else None
+    if mixed:
+        reason = f"{mixed}; {reason}"
+    report = ValidationReport(
+        str(path), size, digest.hexdigest(), tally.fmt, tally.n_lines, tally.n_valid, tally.n_bad,
+        tuple(tally.errors), tally.fatal or mixed, reason is None, reason,
+    )
+    log.debug("validated %s: %s", path, reason or "accepted")
+    return report
+
+
+def _refused(path: str | os.PathLike, size: int, sha256: str, fatal: str) -> ValidationReport:
+    return ValidationReport(str(path), size, sha256, None, 0, 0, 0, (), fatal, False, fatal)
+
+
+def iter_records(path: str | os.PathLike, fmt: DataFormat, max_line_bytes: int) -> Iterator[Record]:
+    """Stream the valid records of a file already validated as `fmt` (bad lines are skipped silently).
+
+    Same line splitting, numbering and rules as `validate_file`, so line numbers agree.
+    """
+    fmt = DataFormat(fmt)
+    with open(path, "rb") as f:
+        for raw in _raw_lines(f, max_line_bytes):
+            if raw.data is None or not raw.data.strip():
+                continue
+            result = _parse(raw.data, raw.number, fmt, max_line_bytes, not raw.newline).result
+            if isinstance(result, Record):
+                yield result
