@@ -124,8 +124,25 @@ def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype") ->
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
+    elif device == "cpu":
+        keep_cpu_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model, tokenizer
+
+
+def keep_cpu_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference (eval) while we train.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight in place into an AVX512-BF16
+    layout on its first no-grad forward in eval mode (our eval loss). That layout
+    needs out_features divisible by 32 (the tiny model's MLP has 176) and would
+    make eval and training run different kernels; the plain 4-bit path serves both.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_for_lora(model: Any, mc: ModelConfig) -> Any:

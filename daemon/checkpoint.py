@@ -1,0 +1,191 @@
+"""Mid-file checkpoints: write atomically, load the newest good one, prune, delete.
+
+    from daemon.checkpoint import Position, save_checkpoint, load_latest, delete_checkpoints
+    folder = cfg.path("checkpoints") / job_id
+    save_checkpoint(folder, pos, lora, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(), keep=2)
+    ck = load_latest(folder, sha256)          # None when nothing usable (or it belongs to other bytes)
+    restore_rng(ck.rng); ...
+
+Layout (docs/internals.md): `<checkpoints>/<job_id>/step_NNNNNN/` holds
+`adapter_model.safetensors` (LoRA), `optimizer.pt` (optimizer, scheduler and
+grad-scaler states), `rng.pt` (python, numpy, torch CPU and CUDA RNG states)
+and `state.json` (Position: step, global step, data position, file sha256),
+written last inside the folder. The folder is written under a temp name and
+published with one rename; `latest.json` then points at it. A folder that is
+incomplete or does not load is ignored and an older one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon import atomic
+
+log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step_(\d{6})$")
+LATEST = "latest.json"
+FILES = ("adapter_model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training of one file stands after an optimizer step."""
+
+    job_id: str
+    sha256: str
+    step: int  # optimizer steps done in this file
+    global_step: int  # optimizer steps done by the adapter over all files
+    total_steps: int
+    epoch: int  # the epoch in progress (0-based)
+    micro_batches: int  # micro-batches of that epoch already consumed
+    last_loss: float | None = None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    position: Position
+    lora: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state a training step can draw from."""
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is optional for us; torch works without it
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what capture_rng took (CUDA states only when a GPU is present)."""
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int
+) -> Path:
+    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / step_dir_name(pos.step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
+    try:
+        save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / "adapter_model.safetensors"))
+        torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, tmp / "optimizer.pt")
+        torch.save(capture_rng(), tmp / "rng.pt")
+        atomic.write_json(tmp / "state.json", dataclasses.asdict(pos))  # last: marks the folder complete
+        atomic.publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.write_json(folder / LATEST, {"step": pos.step, "path": final.name})
+    prune(folder, keep)
+    return final
+
+
+def step_dirs(folder: Path) -> list[Path]:
+    """Published step folders, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` step folders; remove older ones and leftover temp folders."""
+    for old in step_dirs(folder)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in folder.glob(".step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Load one step folder; raises on anything missing or unreadable."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in FILES:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path.name} has no {name}")
+    pos = Position(**atomic.read_json(path / "state.json"))
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    # rng.pt holds numpy's state (an ndarray in a tuple): our own file, so a full unpickle is fine.
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    lora = load_file(str(path / "adapter_model.safetensors"))
+    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng)
+
+
+def _candidates(folder: Path) -> list[Path]:
+    """The folder latest.json names first, then every step folder newest first."""
+    dirs = step_dirs(folder)
+    try:
+        named = folder / atomic.read_json(folder / LATEST)["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return dirs
+    return [named] + [d for d in dirs if d != named]
+
+
+def load_latest(folder: Path, sha256: str) -> Checkpoint | None:
+    """The newest checkpoint that loads and belongs to these file bytes, or None."""
+    for path in _candidates(folder):
+        try:
+            ck = read_checkpoint(path)
+        except Exception as e:  # a torn or corrupt folder: fall back to an older one
+            log.warning("ignoring checkpoint %s: %s", path, e)
+            continue
+        if ck.position.sha256 != sha256:
+            log.warning("ignoring checkpoint %s: it was made from other file bytes", path)
+            continue
+        return ck
+    return None
+
+
+def latest_step(folder: Path) -> int | None:
+    """The step of the newest published step folder (cheap: no loading)."""
+    dirs = step_dirs(folder)
+    return int(STEP_RE.match(dirs[0].name).group(1)) if dirs else None
+
+
+def delete_checkpoints(folder: Path) -> None:
+    """Remove a job's checkpoint folder entirely (after publish, skip or invalid data)."""
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        atomic.fsync_dir(folder.parent)

@@ -1,0 +1,294 @@
+"""The training loop: one file in, LoRA weights updated, one explicit function to read.
+
+    from daemon.loop import Job, train_file
+    outcome = train_file(lm, cfg, Job(job_id, path, "chat", sha256), global_step=120,
+                         ckpt_folder=cfg.path("checkpoints") / job_id,
+                         report=events.append, control=lambda: "continue")
+    outcome.status        # "done" | "stopped" | "skipped"
+
+`train_file` knows nothing of pipes or queue folders. It talks to its caller
+through two callbacks: `report(event)` receives dicts shaped like the child's
+`started`/`step`/`eval`/`checkpoint` messages (docs/internals.md), and
+`control()` is asked between optimizer steps and answers "continue", "stop" or
+"skip" (a pause is the callback blocking until it may answer).
+
+Why a fresh AdamW and schedule per file: every file is its own job with its own
+warmup and decay, and a job's result must depend only on (adapter weights
+before the file, file bytes, seed). Moments carried over from earlier files
+would make a job resumed after a crash, or run after a skipped file, train
+differently from the same job run straight through, and the checkpoint of a
+job would have to hold another job's history.
+
+Resume: the checkpoint holds LoRA, optimizer, scheduler, RNG states and the data
+position (epoch, micro-batches consumed). The data iterator is deterministic
+per (seed, epoch), so it is re-created and the consumed micro-batches skipped;
+the steps after the checkpoint then repeat exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+
+from daemon import checkpoint as ckpt
+from daemon.config import Config, TrainingConfig
+from daemon.data import batches, collate, eval_examples, plan_file, train_examples
+from daemon.errors import DataError
+from daemon.model import LoadedModel, lora_state, set_lora_state
+from daemon.validate import DataFormat
+
+log = logging.getLogger(__name__)
+
+Verdict = Literal["continue", "stop", "skip"]
+ControlFn = Callable[[], Verdict]
+ReportFn = Callable[[dict[str, Any]], None]
+IGNORE = -100  # the label value collate() uses for tokens without loss (PyTorch's ignore_index default)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file to train, as the service describes it in a `train` message."""
+
+    job_id: str
+    path: Path
+    fmt: str  # a DataFormat value
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How train_file ended."""
+
+    status: Literal["done", "stopped", "skipped"]
+    steps: int  # optimizer steps done in this file
+    global_step: int
+    final_loss: float | None
+    eval_loss: float | None
+    checkpoint_step: int | None  # the checkpoint written at stop
+
+
+def job_seed(seed: int, sha256: str) -> int:
+    """The seed of one job: the same file with the same config always trains the same way."""
+    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: fits torch.manual_seed
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy (if present) and torch (all devices)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds only
+    except ImportError:
+        pass
+
+
+def lr_factor(tc: TrainingConfig, total_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor for 0-based step s: linear warmup, then cosine to min_lr_ratio, or constant."""
+
+    def factor(s: int) -> float:
+        if s < tc.warmup_steps:
+            return (s + 1) / (tc.warmup_steps + 1)  # +1: the first step already learns a little
+        if tc.schedule == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - tc.warmup_steps - 1)
+        progress = min(1.0, (s - tc.warmup_steps) / decay_steps)
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: Any, tc: TrainingConfig, total_steps: int) -> tuple[Any, Any]:
+    """A fresh AdamW over the trainable (LoRA) parameters and its per-file schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tc, total_steps))
+    return optimizer, scheduler
+
+
+def make_scaler(lm: LoadedModel) -> Any:
+    """Loss scaling for float16 compute on CUDA (bf16/fp32 need none; disabled it is a no-op)."""
+    return torch.amp.GradScaler("cuda", enabled=lm.device == "cuda" and lm.dtype == torch.float16)
+
+
+def steps_per_epoch(n_train: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch; the last group of an epoch may hold fewer micro-batches."""
+    return math.ceil(math.ceil(n_train / micro_batch_size) / grad_accum)
+
+
+def groups(micro_batches: Iterable[list], grad_accum: int) -> Iterator[list[list]]:
+    """Micro-batches in accumulation groups of grad_accum (the last one may be short)."""
+    it = iter(micro_batches)
+    while group := list(itertools.islice(it, grad_accum)):
+        yield group
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over trainable tokens, their count) for one collated micro-batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]  # labels align with input_ids; position t predicts token t+1
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((targets != IGNORE).sum())
+
+
+def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # mean over the group's trainable tokens
+    grad_norm: float  # before clipping
+    lr: float
+    tokens: int  # input tokens (non-pad) in the step
+
+
+def optimizer_step(lm: LoadedModel, group: list[list], pad_id: int, opt: Any, sched: Any, scaler: Any, max_norm: float) -> StepStats:
+    """Forward/backward every micro-batch of the group, then one clipped optimizer step.
+
+    Each micro-batch's summed loss is divided by the trainable tokens of the WHOLE
+    group, so the gradient is that of the group's token-mean loss whatever the
+    split into micro-batches (dividing per micro-batch would over-weight short ones).
+    """
+    collated = [to_device(collate(mb, pad_id), lm.device) for mb in group]
+    n_targets = max(1, sum(trainable_tokens(b) for b in collated))
+    total = 0.0
+    for b in collated:
+        s, _ = loss_sum(lm.model, b)
+        scaler.scale(s / n_targets).backward()
+        total += float(s.detach())
+    scaler.unscale_(opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    # max_norm 0 disables clipping; inf still measures the norm for the report.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    lr = sched.get_last_lr()[0]
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    tokens = sum(int(b["attention_mask"].sum()) for b in collated)
+    return StepStats(total / n_targets, float(grad_norm), lr, tokens)
+
+
+@torch.no_grad()
+def evaluate(lm: LoadedModel, examples: list, micro_batch_size: int, pad_id: int) -> float | None:
+    """Token-mean loss over the held-out examples (dropout off), or None without any."""
+    if not examples:
+        return None
+    lm.model.eval()
+    total, count = 0.0, 0
+    for mb in batches(examples, micro_batch_size):
+        s, n = loss_sum(lm.model, to_device(collate(mb, pad_id), lm.device))
+        total, count = total + float(s), count + n
+    lm.model.train()
+    return total / count if count else None
+
+
+def restore(lm: LoadedModel, ck: ckpt.Checkpoint, opt: Any, sched: Any, scaler: Any) -> None:
+    """Put a checkpoint's weights, optimizer, schedule, scaler and RNG states back."""
+    set_lora_state(lm.model, ck.lora)
+    opt.load_state_dict(ck.optimizer)
+    sched.load_state_dict(ck.scheduler)
+    if ck.scaler:
+        scaler.load_state_dict(ck.scaler)
+    ckpt.restore_rng(ck.rng)
+
+
+def train_file(
+    lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
+    report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
+) -> Outcome:
+    """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint)."""
+    tc, dc = cfg.training, cfg.data
+    tok, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
+    fmt, seed = DataFormat(job.fmt), job_seed(tc.seed, job.sha256)
+
+    # --- data plan and the step budget of this file
+    plan = plan_file(job.path, fmt, tok, dc, seed)
+    if plan.n_train == 0:
+        raise DataError(f"{job.path.name}: no example has a trainable token after tokenisation")
+    per_epoch = steps_per_epoch(plan.n_train, tc.micro_batch_size, tc.grad_accum_steps)
+    total_steps = per_epoch * tc.epochs_per_file
+    mb_per_epoch = math.ceil(plan.n_train / tc.micro_batch_size)
+    held_out = eval_examples(job.path, fmt, tok, dc, seed)
+
+    # --- fresh optimizer + schedule, seeded RNG; then a checkpoint overrides both if one exists
+    opt, sched = build_optimizer(lm.model, tc, total_steps)
+    scaler = make_scaler(lm)
+    seed_everything(seed)
+    pos = ckpt.Position(job.job_id, job.sha256, 0, global_step, total_steps, 0, 0)
+    ck = ckpt.load_latest(ckpt_folder, job.sha256)
+    if ck is not None:
+        restore(lm, ck, opt, sched, scaler)
+        pos = ck.position
+        log.info("%s: resuming from step %d (%s)", job.job_id, pos.step, ck.path.name)
+    saved_step = pos.step if ck is not None else None
+    report({"type": "started", "job_id": job.job_id, "total_steps": total_steps,
+            "resumed_from_step": pos.step, "n_train": plan.n_train, "n_eval": plan.n_eval,
+            "n_dropped": plan.n_dropped, "epochs": tc.epochs_per_file})
+
+    def save() -> int:
+        path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
+                                    sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints)
+        report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
+        return pos.step
+
+    def run_eval() -> float | None:
+        loss = evaluate(lm, held_out, tc.micro_batch_size, pad_id)
+        if loss is not None:
+            report({"type": "eval", "job_id": job.job_id, "step": pos.step,
+                    "global_step": pos.global_step, "eval_loss": loss})
+        return loss
+
+    # --- the loop: epochs -> accumulation groups of micro-batches -> one optimizer step each
+    lm.model.train()
+    started, eval_loss = clock(), None
+    for epoch in range(pos.epoch, tc.epochs_per_file):
+        skip = pos.micro_batches if epoch == pos.epoch else 0
+        stream = batches(train_examples(job.path, fmt, tok, dc, seed, epoch), tc.micro_batch_size)
+        consumed = skip
+        for group in groups(itertools.islice(stream, skip, None), tc.grad_accum_steps):
+            verdict = control()  # between optimizer steps: pause blocks inside, stop/skip end the file
+            if verdict == "stop":
+                step = saved_step if saved_step == pos.step else save()
+                return Outcome("stopped", pos.step, pos.global_step, pos.last_loss, None, step)
+            if verdict == "skip":
+                return Outcome("skipped", pos.step, pos.global_step, pos.last_loss, None, None)
+
+            t0 = clock()
+            stats = optimizer_step(lm, group, pad_id, opt, sched, scaler, tc.max_grad_norm)
+            consumed += len(group)
+            pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
+                                total_steps, epoch, consumed, stats.loss)
+            dt = max(clock() - t0, 1e-9)
+            report({"type": "step", "job_id": job.job_id, "step": pos.step, "total_steps": total_steps,
+                    "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
+                    "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                    "tokens": stats.tokens, "tokens_per_sec": stats.tokens / dt, "elapsed": clock() - started})
+
+            if tc.eval_every_steps and pos.step % tc.eval_every_steps == 0 and pos.step < total_steps:
+                eval_loss = run_eval()
+            if pos.step % tc.checkpoint_every_steps == 0 and pos.step < total_steps:
+                saved_step = save()
+
+    # --- end of file: final eval; the caller publishes the adapter
+    eval_loss = run_eval()
+    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None)

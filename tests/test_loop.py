@@ -1,0 +1,166 @@
+"""daemon.loop + daemon.checkpoint: a file trains, and an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from daemon import checkpoint as ckpt  # noqa: E402
+from daemon.config import Config, DataConfig, LoraConfig, ModelConfig, PathsConfig, TrainingConfig  # noqa: E402
+from daemon.loop import Job, lr_factor, steps_per_epoch, train_file  # noqa: E402
+from daemon.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
+from daemon.tinymodel import ensure_embedded  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MAX_RESUME_DIFF = 1e-5
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedded tiny model per session (ensure_embedded caches it under the session's base temp)."""
+    models = tmp_path_factory.getbasetemp() / "models"
+    ensure_embedded(models)
+    return models
+
+
+def small_file(tmp_path: Path, name: str = "alpaca.jsonl", n: int = 40) -> Path:
+    lines = (EXAMPLES / name).read_text(encoding="utf-8").splitlines()[:n]
+    out = tmp_path / f"{n}-{name}"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def make_cfg(models: Path, tmp: Path, quantization: str = "none", **training: object) -> Config:
+    tc = dict(micro_batch_size=4, grad_accum_steps=1, learning_rate=1e-2, warmup_steps=2, schedule="constant",
+              epochs_per_file=2, checkpoint_every_steps=1000, keep_checkpoints=2, seed=11)
+    tc.update(training)
+    return Config(
+        paths=PathsConfig(models=str(models), checkpoints=str(tmp / "checkpoints")),
+        data=DataConfig(max_length=64, eval_fraction=0.1, eval_max_examples=8),
+        model=ModelConfig(quantization=quantization, device="cpu"),
+        lora=LoraConfig(r=4, alpha=8, dropout=float(tc.pop("dropout", 0.0))),  # type: ignore[arg-type]
+        training=TrainingConfig(**tc),  # type: ignore[arg-type]
+    )
+
+
+def run(cfg: Config, job: Job, control=lambda: "continue", lm=None):  # noqa: ANN001, ANN201
+    """Train `job` on a freshly loaded model; (outcome, events, lm)."""
+    lm = lm or load_for_training(cfg, seed=cfg.training.seed)
+    events: list[dict] = []
+    out = train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / job.job_id,
+                     report=events.append, control=control)
+    return out, events, lm
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
+
+
+def sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, quantization: str) -> None:
+    cfg = make_cfg(models_dir, tmp_path, quantization, epochs_per_file=3)
+    path = small_file(tmp_path)
+    out, events, lm = run(cfg, Job("j1", path, "alpaca", sha(path)))
+    if quantization == "nf4":
+        import bitsandbytes as bnb
+
+        q = lm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+    started = next(e for e in events if e["type"] == "started")
+    steps = losses(events)
+    assert out.status == "done" and out.steps == started["total_steps"] == len(steps) == out.global_step
+    first, last = sum(list(steps.values())[:3]) / 3, sum(list(steps.values())[-3:]) / 3
+    # A random tiny base with LoRA on attention only: the loss falls from ln(vocab) ~ 6.9 to ~ 6.45.
+    assert last < first - 0.2, steps
+    assert out.eval_loss is not None and out.eval_loss < steps[1] - 0.2
+    assert [e for e in events if e["type"] == "eval"]
+    step = next(e for e in events if e["type"] == "step")
+    assert set(step) >= {"job_id", "step", "total_steps", "global_step", "epoch", "loss", "lr", "grad_norm",
+                         "tokens", "tokens_per_sec", "elapsed"}
+    assert not (cfg.path("checkpoints") / "j1").exists()  # no checkpoint was due
+
+
+class Crash(Exception):
+    """Stands in for a kill: the loop dies between steps, leaving only its checkpoints."""
+
+
+def test_resume_after_crash_is_exact(models_dir: Path, tmp_path: Path) -> None:
+    # dropout > 0 (RNG must be restored) and grad_accum > 1 (position counts micro-batches)
+    cfg = make_cfg(models_dir, tmp_path, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3)
+    path = small_file(tmp_path)
+    job = Job("j2", path, "alpaca", sha(path))
+    full, full_events, full_lm = run(cfg, dataclasses.replace(job, job_id="straight"))
+    total = full.steps
+    assert total >= 8
+
+    calls = {"n": 0}
+
+    def crash_after_5() -> str:
+        calls["n"] += 1
+        if calls["n"] > 5:  # steps 1..5 ran; the newest checkpoint is step 3
+            raise Crash()
+        return "continue"
+
+    with pytest.raises(Crash):
+        run(cfg, job, control=crash_after_5)
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j2") == 3
+    resumed, events, lm = run(cfg, job)  # fresh model objects, RNG elsewhere: all state from the checkpoint
+    started = next(e for e in events if e["type"] == "started")
+    assert started["resumed_from_step"] == 3
+    a, b = losses(full_events), losses(events)
+    assert sorted(b) == list(range(4, total + 1))
+    loss_diff = max(abs(a[s] - b[s]) for s in b)
+    weight_diff = lora_max_abs_diff(lora_state(full_lm.model), lora_state(lm.model))
+    print(f"resume max abs diff: loss {loss_diff:.3g}, lora {weight_diff:.3g}")
+    assert loss_diff <= MAX_RESUME_DIFF and weight_diff <= MAX_RESUME_DIFF
+    assert resumed.eval_loss == pytest.approx(full.eval_loss, abs=MAX_RESUME_DIFF)
+
+
+def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(models_dir, tmp_path)
+    path = small_file(tmp_path)
+    job = Job("j3", path, "alpaca", sha(path))
+    verdicts = iter(["continue", "continue", "stop"])
+    out, events, lm = run(cfg, job, control=lambda: next(verdicts))
+    assert out.status == "stopped" and out.steps == 2 and out.checkpoint_step == 2
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2]
+    out, _, _ = run(cfg, job, control=lambda: "skip", lm=lm)
+    assert out.status == "skipped" and out.steps == 2  # resumed at 2, skipped before step 3
+
+
+def test_checkpoint_fallback_prune_and_identity(models_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
+    path = small_file(tmp_path, n=24)
+    job = Job("j4", path, "alpaca", sha(path))
+    run(cfg, job, control=iter(["continue"] * 6 + ["stop"]).__next__)
+    folder = cfg.path("checkpoints") / "j4"
+    assert [p.name for p in ckpt.step_dirs(folder)] == ["step_000006", "step_000004"]  # step_000002 pruned
+    (folder / "step_000006" / "optimizer.pt").unlink()  # torn newest folder
+    assert ckpt.load_latest(folder, job.sha256).position.step == 4
+    (folder / "step_000004" / "state.json").write_text("{not json")
+    assert ckpt.load_latest(folder, job.sha256) is None
+    shutil.rmtree(folder)
+    run(cfg, job, control=iter(["continue"] * 2 + ["stop"]).__next__)
+    assert ckpt.load_latest(folder, "other-bytes") is None  # a checkpoint of other file bytes is never used
+    ckpt.delete_checkpoints(folder)
+    assert not folder.exists()
+
+
+def test_schedule_and_step_budget() -> None:
+    tc = TrainingConfig(warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    f = lr_factor(tc, total_steps=10)
+    assert f(0) == pytest.approx(1 / 3) and f(2) == pytest.approx(1.0) and f(9) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(2, 9))
+    assert lr_factor(dataclasses.replace(tc, schedule="constant"), 10)(7) == 1.0
+    assert steps_per_epoch(38, 4, 1) == 10 and steps_per_epoch(38, 4, 3) == 4
