@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Start the whole traind stack: environment, daemon, monitor.
+#
+#   bin/start_all.sh [--config PATH] [--no-examples] [--port 8080]
+#
+# On the first start of an instance the bundled example data is dropped into
+# its inbox, so training begins at once on the embedded tiny model (built
+# locally on first use; nothing is downloaded). Stop everything with bin/stop_all.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONFIG=$ROOT/config.json
+EXAMPLES=1
+PORT=${TRAIND_MONITOR_PORT:-8080}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) CONFIG=$(realpath "$2"); shift 2 ;;
+    --no-examples) EXAMPLES=0; shift ;;
+    --port) PORT=$2; shift 2 ;;
+    *) echo "usage: $0 [--config PATH] [--no-examples] [--port N]" >&2; exit 64 ;;
+  esac
+done
+
+bin/setup.sh
+PY=$ROOT/.venv/bin/python
+
+eval "$("$PY" - "$CONFIG" <<'PYEOF'
+import shlex, sys
+from daemon.config import load_config
+cfg = load_config(sys.argv[1])
+for name in ("inbox", "status", "logs"):
+    print(f"{name.upper()}_DIR={shlex.quote(str(cfg.path(name)))}")
+PYEOF
+)"
+mkdir -p "$INBOX_DIR" "$STATUS_DIR" "$LOGS_DIR"
+
+if [ $EXAMPLES = 1 ] && [ ! -e "$STATUS_DIR/.examples_seeded" ]; then
+  cp examples/chat.jsonl "$INBOX_DIR/example_chat.jsonl.part"
+  mv "$INBOX_DIR/example_chat.jsonl.part" "$INBOX_DIR/example_chat.jsonl"
+  touch "$STATUS_DIR/.examples_seeded"
+  echo "start_all: dropped the bundled example data into $INBOX_DIR"
+fi
+
+if ! bin/launch_training_daemon.sh --config "$CONFIG"; then
+  echo "start_all: the daemon did not start (see above); the monitor is started anyway"
+fi
+
+MON_PID_FILE=$STATUS_DIR/monitor.pid
+mon_pid=$(cat "$MON_PID_FILE" 2>/dev/null || true)
+if [ -n "$mon_pid" ] && kill -0 "$mon_pid" 2>/dev/null && grep -q monitor "/proc/$mon_pid/cmdline" 2>/dev/null; then
+  echo "start_all: monitor already running (pid $mon_pid)"
+else
+  nohup "$PY" -m monitor --config "$CONFIG" --port "$PORT" >>"$LOGS_DIR/monitor_stdout.log" 2>&1 </dev/null &
+  echo $! > "$MON_PID_FILE"
+  for _ in $(seq 1 100); do
+    [ -s "$STATUS_DIR/monitor_token" ] && break
+    sleep 0.1
+  done
+fi
+TOKEN=$(cat "$STATUS_DIR/monitor_token" 2>/dev/null || true)
+echo "start_all: dashboard  http://127.0.0.1:$PORT/#token=$TOKEN"
+echo "start_all: status     $ROOT/.venv/bin/trainctl --config $CONFIG status --watch"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Stop the traind stack gracefully: the daemon checkpoints and exits, then the monitor stops.
+#
+#   bin/stop_all.sh [--config PATH]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONFIG=$ROOT/config.json
+[ "${1:-}" = "--config" ] && CONFIG=$(realpath "$2")
+PY=$ROOT/.venv/bin/python
+[ -x "$PY" ] || PY=python3
+
+"$PY" -m daemon.cli --config "$CONFIG" stop || true
+
+STATUS_DIR=$("$PY" -c 'import sys; from daemon.config import load_config; print(load_config(sys.argv[1]).path("status"))' "$CONFIG")
+MON_PID_FILE=$STATUS_DIR/monitor.pid
+mon_pid=$(cat "$MON_PID_FILE" 2>/dev/null || true)
+if [ -n "$mon_pid" ] && kill -0 "$mon_pid" 2>/dev/null && grep -q monitor "/proc/$mon_pid/cmdline" 2>/dev/null; then
+  kill -TERM "$mon_pid"
+  for _ in $(seq 1 100); do kill -0 "$mon_pid" 2>/dev/null || break; sleep 0.1; done
+  echo "stop_all: monitor stopped (pid $mon_pid)"
+fi
+rm -f "$MON_PID_FILE"

@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from daemon import atomic
+
+
+def test_write_json_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "s.json"
+    atomic.write_json(p, {"a": 1})
+    atomic.write_json(p, {"a": 2, "b": [1, 2]})
+    assert atomic.read_json(p) == {"a": 2, "b": [1, 2]}
+    assert sorted(os.listdir(tmp_path)) == ["s.json"]
+
+
+def test_move_refuses_to_overwrite(tmp_path):
+    (tmp_path / "a").write_bytes(b"A")
+    (tmp_path / "b").write_bytes(b"B")
+    with pytest.raises(FileExistsError):
+        atomic.move_file(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a").read_bytes() == b"A" and (tmp_path / "b").read_bytes() == b"B"
+
+
+def test_move_into_new_folder_keeps_bytes(tmp_path):
+    data = os.urandom(100_000)
+    (tmp_path / "a").write_bytes(data)
+    atomic.move_file(tmp_path / "a", tmp_path / "x" / "y" / "a2")
+    assert (tmp_path / "x" / "y" / "a2").read_bytes() == data
+    assert not (tmp_path / "a").exists()
+
+
+def test_publish_dir_replaces_old_version(tmp_path):
+    final = tmp_path / "final"
+    for n in (1, 2):
+        tmp = tmp_path / f"tmp{n}"
+        tmp.mkdir()
+        (tmp / "w").write_text(str(n))
+        atomic.publish_dir(tmp, final)
+    assert (final / "w").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["final"]
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, 3])
+def test_fault_injection_crashes_right_after_nth_durable_op(tmp_path, crash_after):
+    script = textwrap.dedent(f"""
+        from daemon import atomic
+        atomic.write_text({str(tmp_path / 'one')!r}, "1")
+        atomic.write_text({str(tmp_path / 'two')!r}, "2")
+        atomic.move_file({str(tmp_path / 'two')!r}, {str(tmp_path / 'three')!r})
+        atomic.write_text({str(tmp_path / 'four')!r}, "4")
+    """)
+    env = dict(os.environ, TRAIND_CRASH_AFTER_OP=str(crash_after))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode == atomic.CRASH_EXIT_CODE, r.stderr
+    names = sorted(n for n in os.listdir(tmp_path) if not n.startswith("."))
+    expected = {1: ["one"], 2: ["one", "two"], 3: ["one", "three"]}[crash_after]
+    assert names == expected
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no torn temp files

@@ -1,0 +1,63 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.config import EMBEDDED_MODEL, config_from_dict, explain, load_config, locked_values
+from daemon.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_repo_config_is_valid_and_documented():
+    cfg = load_config(REPO / "config.json")
+    assert cfg.base_model == EMBEDDED_MODEL
+    assert cfg.path("inbox") == REPO / "inbox"
+    raw = json.loads((REPO / "config.json").read_text())
+    documented = {k for k, _, _ in explain()}
+    in_file = {"base_model"} | {f"{s}.{k}" for s, sec in raw.items() if isinstance(sec, dict) for k in sec}
+    assert in_file == documented  # every key in the file, every key explained
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"paths": {"inbox": "in", "logs": "/abs/logs"}}))
+    cfg = load_config(tmp_path / "config.json")
+    assert cfg.path("inbox") == tmp_path / "in"
+    assert cfg.path("logs") == Path("/abs/logs")
+    assert cfg.path("queue") == tmp_path / "queue"
+
+
+def test_every_problem_reported_at_once():
+    raw = {"bogus": 1, "data": {"max_length": 2, "nope": 0}, "model": {"quantization": "int3"},
+           "training": {"learning_rate": "fast", "micro_batch_size": 0}, "lora": {"target_modules": []}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, Path("/tmp"))
+    text = str(e.value)
+    assert len(e.value.problems) == 7, e.value.problems
+    for needle in ("`bogus`", "`data.nope`", "`data.max_length` = 2", "'int3'", "'nf4', 'fp4', 'none'",
+                   "`training.learning_rate`", "`training.micro_batch_size` = 0", "`lora.target_modules`"):
+        assert needle in text
+
+
+def test_base_model_folder_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        config_from_dict({"base_model": str(tmp_path / "nothing")}, tmp_path)
+
+
+def test_config_is_frozen_and_typed(tmp_path):
+    cfg = config_from_dict({"intake": {"settle_seconds": 2}}, tmp_path)
+    assert isinstance(cfg.intake.settle_seconds, float)
+    with pytest.raises(AttributeError):
+        cfg.intake.settle_seconds = 0.1  # type: ignore[misc]
+
+
+def test_locked_values_name_the_adapter_shaping_keys(tmp_path):
+    keys = set(locked_values(config_from_dict({}, tmp_path)))
+    assert keys == {"base_model", "data.max_length", "model.quantization", "lora.r", "lora.target_modules",
+                    "training.micro_batch_size", "training.grad_accum_steps"}
+
+
+def test_invalid_json_names_line(tmp_path):
+    (tmp_path / "c.json").write_text('{\n  "data": {,}\n}')
+    with pytest.raises(ConfigError, match="line 2"):
+        load_config(tmp_path / "c.json")

@@ -1,0 +1,58 @@
+import os
+
+from daemon.intake import InboxScanner
+from daemon.states import Priority
+
+
+def scanner(tmp_path, settle=1.0):
+    s = InboxScanner(tmp_path / "inbox", settle, (".tmp", ".part"))
+    s.ensure()
+    return s
+
+
+def test_file_taken_only_after_settling(tmp_path):
+    s = scanner(tmp_path)
+    f = tmp_path / "inbox" / "a.jsonl"
+    f.write_text("x\n")
+    assert s.ready(now=100.0) == []
+    assert s.ready(now=100.5) == []
+    assert s.ready(now=101.0) == [(f, Priority.NORMAL)]
+
+
+def test_growing_file_restarts_the_window(tmp_path):
+    s = scanner(tmp_path)
+    f = tmp_path / "inbox" / "a.jsonl"
+    f.write_text("x\n")
+    s.ready(now=100.0)
+    with open(f, "a") as fh:
+        fh.write("more\n")
+    assert s.ready(now=100.9) == []  # changed: window starts again at 100.9
+    assert s.ready(now=101.5) == []
+    assert s.ready(now=102.0) == [(f, Priority.NORMAL)]
+
+
+def test_touched_mtime_restarts_the_window(tmp_path):
+    s = scanner(tmp_path)
+    f = tmp_path / "inbox" / "a.jsonl"
+    f.write_text("x\n")
+    s.ready(now=100.0)
+    os.utime(f, ns=(1, 1))
+    assert s.ready(now=101.0) == []
+
+
+def test_temp_names_hidden_files_and_folders_ignored(tmp_path):
+    s = scanner(tmp_path, settle=0)
+    inbox = tmp_path / "inbox"
+    for name in ("a.jsonl.tmp", "b.jsonl.PART", ".hidden.jsonl"):
+        (inbox / name).write_text("x\n")
+    (inbox / "sub").mkdir()
+    assert s.ready(now=1.0) == []
+
+
+def test_priority_from_subfolder(tmp_path):
+    s = scanner(tmp_path, settle=0)
+    (tmp_path / "inbox" / "high" / "h.jsonl").write_text("x\n")
+    (tmp_path / "inbox" / "low" / "l.jsonl").write_text("x\n")
+    (tmp_path / "inbox" / "n.jsonl").write_text("x\n")
+    got = {p.name: prio for p, prio in s.ready(now=1.0)}
+    assert got == {"h.jsonl": Priority.HIGH, "l.jsonl": Priority.LOW, "n.jsonl": Priority.NORMAL}
