@@ -1,0 +1,318 @@
+"""Trainer side of the data: tokenise records, split train/eval, stream shuffled batches.
+
+    from daemon.data import plan_file, eval_examples, train_examples, batches, collate
+    plan = plan_file(path, fmt, tokenizer, cfg.data, seed)             # counts for total_steps
+    evals = eval_examples(path, fmt, tokenizer, cfg.data, seed)
+    for epoch in range(epochs):
+        for i, batch in enumerate(batches(train_examples(path, fmt, tokenizer, cfg.data, seed, epoch), mbs)):
+            if i < skip: continue                                       # resuming: same order every time
+            tensors = collate(batch, tokenizer.pad_token_id)
+
+Everything is a deterministic function of (file, tokenizer, data config, seed,
+epoch): a resumed run re-creates the iterator and skips the micro-batches it
+already trained, and sees exactly what an uninterrupted run would have seen.
+
+How each format is trained (labels are -100 where there is no loss):
+- chat: rendered with the tokenizer's chat template; loss on assistant turns
+  with weight 1, up to and including their end-of-turn token.
+- prompt_completion: [bos] prompt completion eos; loss on completion and eos.
+- text: [bos] text eos; loss on every token.
+- alpaca: as a chat (user: instruction [+ "\\n\\n" + input], assistant: output) when the
+  tokenizer has a chat template, else the classic Alpaca prompt with loss on the response.
+Sequences are cut to `max_length` from the right; an example left with no trainable
+token is dropped (None).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from daemon.config import DataConfig
+from daemon.errors import DataError
+from daemon.validate import DataFormat, Record, iter_records
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # the label value torch's cross_entropy ignores (its default ignore_index)
+
+# End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). Loss on an
+# assistant turn stops after the last of these (or eos), so the template's newline after
+# the marker stays context: the model learns to stop at the marker, as it does at inference.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+# The Alpaca prompt (Taori et al. 2023, github.com/tatsu-lab/stanford_alpaca, train.py).
+_ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+_ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised record; `labels[i]` is -100 where position i carries no loss."""
+
+    line: int
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """What one epoch over a file holds. `n_train_tokens` is the sum of len(input_ids) of the train examples."""
+
+    n_train: int
+    n_eval: int
+    n_dropped: int  # valid records with no trainable token left after truncation
+    n_train_tokens: int
+
+
+# ---------------------------------------------------------------- tokenising one record
+
+
+def _name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # Special tokens come from the template or are added explicitly, never implicitly.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _eos(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {_name(tokenizer)!r} has no eos_token; set one in its tokenizer_config.json")
+    return int(tokenizer.eos_token_id)
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+
+
+def _end_ids(tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    unk = tokenizer.unk_token_id
+    for tok in _END_OF_TURN:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if tid is not None and tid != unk:
+            ids.add(int(tid))
+    return ids
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises what the template author wrote; say whose template failed
+        raise DataError(f"the chat template of tokenizer {_name(tokenizer)!r} failed: {e}") from e
+
+
+def _chat_segments(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, trainable) pieces.
+
+    For assistant turn i the trainable text is render(messages[:i+1]) beyond
+    render(messages[:i], add_generation_prompt=True). That needs a prefix-consistent
+    template, which is checked, not assumed.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"tokenizer {_name(tokenizer)!r} has no chat_template; chat data needs one")
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    full = _render(tokenizer, plain, False)
+    segments: list[tuple[str, bool]] = []
+    done = 0  # characters of `full` already in segments
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, plain[:i], True)
+        turn = _render(tokenizer, plain[: i + 1], False)
+        if not (turn.startswith(prompt) and full.startswith(turn) and len(prompt) >= done):
+            raise DataError(
+                f"the chat template of tokenizer {_name(tokenizer)!r} is not prefix-consistent at message {i}: "
+                "rendering the conversation up to an assistant turn does not extend the rendering before it, "
+                "so the assistant tokens cannot be located; use a template without history rewriting"
+            )
+        segments.append((full[done : len(prompt)], False))
+        segments.append((full[len(prompt) : len(turn)], msg["weight"] == 1))
+        done = len(turn)
+    segments.append((full[done:], False))
+    return [(text, trainable) for text, trainable in segments if text]
+
+
+def _tokenize_segments(tokenizer: Any, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels for chat segments; a trainable piece's loss ends at its last end-of-turn token."""
+    end_ids = _end_ids(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trainable in segments:
+        piece = _encode(tokenizer, text)
+        if trainable:
+            ends = [k for k, t in enumerate(piece) if t in end_ids]
+            cut = ends[-1] + 1 if ends else len(piece)
+            labels += piece[:cut] + [IGNORE] * (len(piece) - cut)
+        else:
+            labels += [IGNORE] * len(piece)
+        ids += piece
+    return ids, labels
+
+
+def _prompt_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    head = _bos(tokenizer) + _encode(tokenizer, prompt)
+    tail = _encode(tokenizer, completion) + [_eos(tokenizer)]
+    return head + tail, [IGNORE] * len(head) + tail
+
+
+def _alpaca_messages(data: dict) -> list[dict]:
+    user = data["instruction"] + ("\n\n" + data["input"] if data["input"] else "")
+    return [
+        {"role": "user", "content": user, "weight": 0},
+        {"role": "assistant", "content": data["output"], "weight": 1},
+    ]
+
+
+def _ids_and_labels(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+    data = record.data
+    if record.format == DataFormat.CHAT:
+        return _tokenize_segments(tokenizer, _chat_segments(tokenizer, data["messages"]))
+    if record.format == DataFormat.PROMPT_COMPLETION:
+        return _prompt_completion(tokenizer, data["prompt"], data["completion"])
+    if record.format == DataFormat.TEXT:
+        ids = _bos(tokenizer) + _encode(tokenizer, data["text"]) + [_eos(tokenizer)]
+        return ids, list(ids)
+    if record.format == DataFormat.ALPACA:
+        if getattr(tokenizer, "chat_template", None):
+            return _tokenize_segments(tokenizer, _chat_segments(tokenizer, _alpaca_messages(data)))
+        template = _ALPACA_PROMPT_INPUT if data["input"] else _ALPACA_PROMPT
+        return _prompt_completion(tokenizer, template.format(**data), data["output"])
+    raise DataError(f"line {record.line}: unknown format {record.format!r}")
+
+
+def tokenize_record(record: Record, tokenizer: Any, max_length: int) -> Example | None:
+    """Tokenise one validated record; None when truncation to `max_length` leaves nothing to learn.
+
+    Raises DataError when the tokenizer cannot render the format (no chat template,
+    a template that is not prefix-consistent, no eos token).
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    ids, labels = _ids_and_labels(record, tokenizer)
+    ids, labels = ids[:max_length], labels[:max_length]
+    # Causal LMs predict position k from positions < k, so a label at position 0 teaches nothing.
+    if all(label == IGNORE for label in labels[1:]):
+        return None
+    return Example(record.line, ids, labels)
+
+
+# ---------------------------------------------------------------- split and order
+
+
+def is_eval_line(line: int, seed: int, eval_fraction: float) -> bool:
+    """Whether a line is selected for eval: a seeded hash of the line number (stable across runs and machines)."""
+    if eval_fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{line}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < eval_fraction
+
+
+def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> Iterator[tuple[str, Example | None]]:
+    """("train" | "eval" | "dropped", example) for every valid record, in file order.
+
+    Eval takes the first `eval_max_examples` eval-selected examples, but never one
+    before the first train example: a small file must keep something to train on.
+    """
+    n_eval = n_train = 0
+    for record in iter_records(path, fmt, data_cfg.max_line_bytes):
+        ex = tokenize_record(record, tokenizer, data_cfg.max_length)
+        if ex is None:
+            yield "dropped", None
+        elif n_train and n_eval < data_cfg.eval_max_examples and is_eval_line(ex.line, seed, data_cfg.eval_fraction):
+            n_eval += 1
+            yield "eval", ex
+        else:
+            n_train += 1
+            yield "train", ex
+
+
+def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> FilePlan:
+    """Count train/eval/dropped examples and train tokens in one streaming pass (what the iterators yield)."""
+    counts = {"train": 0, "eval": 0, "dropped": 0}
+    tokens = 0
+    for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
+        counts[kind] += 1
+        if kind == "train" and ex is not None:
+            tokens += len(ex.input_ids)
+    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens)
+
+
+def eval_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[Example]:
+    """The held-out examples of a file, in file order (at most `data_cfg.eval_max_examples`)."""
+    return [ex for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed) if kind == "eval" and ex is not None]
+
+
+def _epoch_rng(seed: int, epoch: int) -> random.Random:
+    # An int from blake2b, so the order never depends on PYTHONHASHSEED or the Python version's str seeding.
+    h = hashlib.blake2b(f"traind-shuffle:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(h, "big"))
+
+
+def train_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int, epoch: int) -> Iterator[Example]:
+    """Stream the train examples of one epoch, shuffled within a window of `data_cfg.shuffle_buffer`.
+
+    The same arguments give the same sequence every time (resume relies on it);
+    another epoch gives another order.
+    """
+    rng = _epoch_rng(seed, epoch)
+    buffer: list[Example] = []
+    for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
+        if kind != "train" or ex is None:
+            continue
+        if len(buffer) < data_cfg.shuffle_buffer:
+            buffer.append(ex)
+            continue
+        j = rng.randrange(len(buffer))
+        buffer[j], ex = ex, buffer[j]
+        yield ex
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---------------------------------------------------------------- batches
+
+
+def batches(examples: Iterable[Example], micro_batch_size: int) -> Iterator[list[Example]]:
+    """Group examples into lists of `micro_batch_size`; the last one may be smaller."""
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    batch: list[Example] = []
+    for ex in examples:
+        batch.append(ex)
+        if len(batch) == micro_batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch to its longest example: long tensors input_ids, attention_mask, labels (-100 on padding)."""
+    import torch  # lazy: importing this module must stay cheap for tools that only count
+
+    if not batch:
+        raise DataError("cannot collate an empty batch")
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,285 @@
+"""daemon.data: loss masks per format, truncation, eval split, deterministic order, plan counts, collation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import DataConfig
+from daemon.data import (
+    IGNORE, Example, FilePlan, batches, collate, eval_examples, is_eval_line, plan_file, tokenize_record,
+    train_examples,
+)
+from daemon.errors import DataError
+from daemon.tinymodel import build_tokenizer
+from daemon.validate import DataFormat, Record, iter_records, parse_line
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+END = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tok(tok: Any) -> Any:
+    """The same tokenizer without a chat template."""
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    t.name_or_path = "my-local-model"
+    return t
+
+
+def rec(obj: dict, line: int = 1) -> Record:
+    r = parse_line(json.dumps(obj).encode(), line, None, 1 << 20)
+    assert isinstance(r, Record), r
+    return r
+
+
+def trained_text(tok: Any, ex: Example) -> str:
+    return tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+
+
+def spans(ex: Example) -> list[tuple[int, int]]:
+    """[start, end) runs of positions with a label."""
+    out, start = [], None
+    for k, lab in enumerate(ex.labels + [IGNORE]):
+        if lab != IGNORE and start is None:
+            start = k
+        elif lab == IGNORE and start is not None:
+            out.append((start, k))
+            start = None
+    return out
+
+
+def write_lines(path: Path, objs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- masks per format
+
+
+def test_chat_loss_only_on_assistant_with_end_token(tok: Any) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "2 plus 2 is 4."}]
+    ex = tokenize_record(rec({"messages": msgs}), tok, 256)
+    assert ex is not None
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
+    assert trained_text(tok, ex) == "2 plus 2 is 4." + END
+    assert len(spans(ex)) == 1
+    assert all(lab in (IGNORE, i) for i, lab in zip(ex.input_ids, ex.labels))
+
+
+def test_chat_weight_zero_turn_is_masked(tok: Any) -> None:
+    msgs = [{"role": "user", "content": "Spell dog backwards."},
+            {"role": "assistant", "content": "god", "weight": 0},
+            {"role": "user", "content": "Are you sure?"},
+            {"role": "assistant", "content": "dog backwards is god."},
+            {"role": "user", "content": "Thanks."},
+            {"role": "assistant", "content": "You are welcome."}]
+    ex = tokenize_record(rec({"messages": msgs}), tok, 256)
+    assert ex is not None
+    assert len(spans(ex)) == 2
+    assert trained_text(tok, ex) == "dog backwards is god." + END + "You are welcome." + END
+    assert "god" + END in tok.decode(ex.input_ids)  # the weight-0 answer is still context
+
+
+def test_prompt_completion_mask(tok: Any) -> None:
+    ex = tokenize_record(rec({"prompt": "Q: capital of Chile?\nA:", "completion": " Santiago."}), tok, 256)
+    assert ex is not None
+    assert tok.decode(ex.input_ids) == "Q: capital of Chile?\nA: Santiago." + END
+    assert trained_text(tok, ex) == " Santiago." + END
+    assert ex.input_ids[-1] == tok.eos_token_id and spans(ex) == [(spans(ex)[0][0], len(ex.input_ids))]
+
+
+def test_text_trains_every_token(tok: Any) -> None:
+    ex = tokenize_record(rec({"text": "The quick brown fox."}), tok, 256)
+    assert ex is not None and ex.labels == ex.input_ids
+    assert tok.decode(ex.input_ids) == "The quick brown fox." + END
+
+
+def test_alpaca_with_chat_template(tok: Any) -> None:
+    ex = tokenize_record(rec({"instruction": "Translate.", "input": "chat", "output": "cat"}), tok, 256)
+    assert ex is not None
+    assert tok.decode(ex.input_ids) == "<|im_start|>user\nTranslate.\n\nchat<|im_end|>\n<|im_start|>assistant\ncat<|im_end|>\n"
+    assert trained_text(tok, ex) == "cat" + END
+
+
+def test_alpaca_without_chat_template(plain_tok: Any) -> None:
+    ex = tokenize_record(rec({"instruction": "Say hi.", "output": "hi"}), plain_tok, 256)
+    assert ex is not None
+    text = plain_tok.decode(ex.input_ids)
+    assert text.startswith("Below is an instruction that describes a task. Write a response")
+    assert text.endswith("### Instruction:\nSay hi.\n\n### Response:\nhi" + END)
+    assert trained_text(plain_tok, ex) == "hi" + END
+    ex = tokenize_record(rec({"instruction": "Add.", "input": "1 2", "output": "3"}), plain_tok, 256)
+    assert ex is not None and "### Input:\n1 2\n\n### Response:\n3" in plain_tok.decode(ex.input_ids)
+
+
+def test_chat_needs_a_chat_template(plain_tok: Any) -> None:
+    with pytest.raises(DataError, match="tokenizer 'my-local-model' has no chat_template"):
+        tokenize_record(rec({"messages": [{"role": "assistant", "content": "x"}]}), plain_tok, 256)
+
+
+def test_template_that_is_not_prefix_consistent(tok: Any) -> None:
+    t = copy.deepcopy(tok)
+    # Rewrites history: the header counts all messages, so a shorter rendering is not a prefix.
+    t.chat_template = ("{{ 'turns=' ~ (messages|length) ~ '\n' }}{% for m in messages %}"
+                       "{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+                       "{% if add_generation_prompt %}assistant: {% endif %}")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(DataError, match="is not prefix-consistent at message 1"):
+        tokenize_record(rec({"messages": msgs}), t, 256)
+
+
+def test_truncation_from_the_right(tok: Any) -> None:
+    full = tokenize_record(rec({"text": "one two three four five six seven eight nine ten " * 5}), tok, 1024)
+    cut = tokenize_record(rec({"text": "one two three four five six seven eight nine ten " * 5}), tok, 16)
+    assert full is not None and cut is not None and len(full.input_ids) > 16
+    assert cut.input_ids == full.input_ids[:16] and cut.labels == full.labels[:16]
+    assert cut.input_ids[-1] != tok.eos_token_id
+
+
+def test_none_when_truncation_leaves_nothing_to_train(tok: Any) -> None:
+    long_user = {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}
+    assert tokenize_record(rec(long_user), tok, 32) is None
+    assert tokenize_record(rec(long_user), tok, 1024) is not None
+    pc = {"prompt": "word " * 50, "completion": " yes"}
+    assert tokenize_record(rec(pc), tok, 16) is None
+
+
+# ---------------------------------------------------------------- split, order, plan
+
+
+def test_is_eval_line_deterministic_and_fraction() -> None:
+    picks = [is_eval_line(i, 7, 0.1) for i in range(1, 20_001)]
+    assert picks == [is_eval_line(i, 7, 0.1) for i in range(1, 20_001)]
+    assert 1800 < sum(picks) < 2200
+    assert picks != [is_eval_line(i, 8, 0.1) for i in range(1, 20_001)]
+    assert not any(is_eval_line(i, 7, 0.0) for i in range(1, 1000))
+    # Known values pin the hash: changing it would silently move every file's eval set.
+    assert [i for i in range(1, 60) if is_eval_line(i, 1234, 0.1)] == EXPECTED_EVAL_LINES
+
+
+EXPECTED_EVAL_LINES = [1, 5, 6, 22, 23, 30, 45, 52, 59]  # blake2b of "1234:<line>", fraction 0.1
+
+
+def _cfg(**kw: Any) -> DataConfig:
+    return replace(DataConfig(max_length=64, eval_fraction=0.2, eval_max_examples=1000, shuffle_buffer=16), **kw)
+
+
+@pytest.fixture(scope="module")
+def chat_file() -> Path:
+    return EXAMPLES / "chat.jsonl"
+
+
+def test_eval_split_cap_and_disjoint(tok: Any, chat_file: Path) -> None:
+    cfg = _cfg(eval_max_examples=5)
+    ev = eval_examples(chat_file, DataFormat.CHAT, tok, cfg, seed=3)
+    selected = [r.line for r in iter_records(chat_file, DataFormat.CHAT, 1 << 20)
+                if r.line > 1 and is_eval_line(r.line, 3, cfg.eval_fraction)]
+    assert [e.line for e in ev] == selected[:5]
+    train = [e.line for e in train_examples(chat_file, DataFormat.CHAT, tok, cfg, 3, 0)]
+    assert set(train).isdisjoint(e.line for e in ev)
+    assert sorted(train + [e.line for e in ev]) == list(range(1, 241))
+    assert set(selected[5:]) <= set(train)  # selected beyond the cap are trained on
+    assert [e.input_ids for e in ev] == [e.input_ids for e in eval_examples(chat_file, DataFormat.CHAT, tok, cfg, 3)]
+
+
+def test_small_file_keeps_a_train_example(tok: Any, tmp_path: Path) -> None:
+    # Line 1 is eval-selected for this seed; it must not leave the file with nothing to train on.
+    seed = next(s for s in range(1000) if is_eval_line(1, s, 0.5))
+    path = write_lines(tmp_path / "one.jsonl", [{"text": "only line"}])
+    cfg = _cfg(eval_fraction=0.5)
+    assert plan_file(path, DataFormat.TEXT, tok, cfg, seed) == FilePlan(1, 0, 0, len(
+        tokenize_record(rec({"text": "only line"}), tok, 64).input_ids))  # type: ignore[union-attr]
+    assert [e.line for e in train_examples(path, DataFormat.TEXT, tok, cfg, seed, 0)] == [1]
+
+
+def test_train_order_deterministic_per_seed_and_epoch(tok: Any, chat_file: Path) -> None:
+    cfg = _cfg()
+
+    def order(seed: int, epoch: int) -> list[int]:
+        return [e.line for e in train_examples(chat_file, DataFormat.CHAT, tok, cfg, seed, epoch)]
+
+    a = order(1, 0)
+    assert a == order(1, 0)
+    assert a != order(1, 1) and sorted(a) == sorted(order(1, 1))
+    assert a != sorted(a)  # shuffled
+    assert order(1, 0) != order(2, 0)
+    in_file_order = [e.line for e in train_examples(chat_file, DataFormat.CHAT, tok, _cfg(shuffle_buffer=1), 1, 0)]
+    assert in_file_order == sorted(a)
+    # A window of 16 is streaming: the k-th example out was among the first k + 16 read.
+    assert all(line in in_file_order[: k + 17] for k, line in enumerate(a))
+
+
+def test_resume_by_skipping_micro_batches_matches(tok: Any, chat_file: Path) -> None:
+    cfg = _cfg()
+    full = list(batches(train_examples(chat_file, DataFormat.CHAT, tok, cfg, 5, 2), 4))
+    resumed = list(batches(train_examples(chat_file, DataFormat.CHAT, tok, cfg, 5, 2), 4))[7:]
+    assert [[e.input_ids for e in b] for b in resumed] == [[e.input_ids for e in b] for b in full[7:]]
+
+
+def test_plan_counts_what_iterators_yield(tok: Any, tmp_path: Path) -> None:
+    # "word " * k is 3k+1 tokens, so k >= 5 leaves no completion token within 16: 111 of 300 dropped.
+    objs = [{"prompt": "word " * (i % 8), "completion": f" answer {i}"} for i in range(300)]
+    path = write_lines(tmp_path / "pc.jsonl", objs)
+    cfg = _cfg(max_length=16, eval_max_examples=10)
+    plan = plan_file(path, DataFormat.PROMPT_COMPLETION, tok, cfg, 9)
+    train = list(train_examples(path, DataFormat.PROMPT_COMPLETION, tok, cfg, 9, 0))
+    ev = eval_examples(path, DataFormat.PROMPT_COMPLETION, tok, cfg, 9)
+    assert (plan.n_dropped, plan.n_eval) == (111, 10)
+    assert (plan.n_train, plan.n_eval, plan.n_train_tokens) == (len(train), len(ev), sum(len(e.input_ids) for e in train))
+    assert plan.n_train + plan.n_eval + plan.n_dropped == 300
+    assert all(len(e.input_ids) <= 16 for e in train + ev)
+
+
+@pytest.mark.parametrize("name,fmt", [("text", DataFormat.TEXT), ("alpaca", DataFormat.ALPACA),
+                                      ("prompt_completion", DataFormat.PROMPT_COMPLETION)])
+def test_plan_on_examples(tok: Any, name: str, fmt: DataFormat) -> None:
+    path = EXAMPLES / f"{name}.jsonl"
+    cfg = _cfg(eval_max_examples=8)
+    plan = plan_file(path, fmt, tok, cfg, 0)
+    assert plan.n_train + plan.n_eval + plan.n_dropped == 160 and plan.n_eval == 8
+    assert plan.n_train == sum(1 for _ in train_examples(path, fmt, tok, cfg, 0, 1))
+
+
+# ---------------------------------------------------------------- batches and collate
+
+
+def test_batches_sizes() -> None:
+    exs = [Example(i, [1], [1]) for i in range(10)]
+    assert [len(b) for b in batches(exs, 4)] == [4, 4, 2]
+    assert [len(b) for b in batches(exs, 5)] == [5, 5]
+    assert list(batches([], 3)) == []
+    with pytest.raises(DataError):
+        list(batches(exs, 0))
+
+
+def test_collate_pads_right() -> None:
+    import torch
+
+    batch = [Example(1, [5, 6, 7], [IGNORE, 6, 7]), Example(2, [8], [8])]
+    out = collate(batch, pad_id=0)
+    assert set(out) == {"input_ids", "attention_mask", "labels"}
+    assert all(t.dtype == torch.long and t.shape == (2, 3) for t in out.values())
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+def test_collate_real_examples(tok: Any) -> None:
+    exs = list(train_examples(EXAMPLES / "text.jsonl", DataFormat.TEXT, tok, _cfg(), 0, 0))[:4]
+    out = collate(exs, tok.pad_token_id)
+    width = max(len(e.input_ids) for e in exs)
+    assert out["input_ids"].shape == (4, width)
+    assert out["attention_mask"].sum().item() == sum(len(e.input_ids) for e in exs)
+    assert (out["labels"][out["attention_mask"] == 0] == IGNORE).all()
