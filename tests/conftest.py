@@ -40,8 +40,13 @@ FAST: dict[str, Any] = {
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache of the embedded model for the whole session."""
-    return tmp_path_factory.mktemp("models")
+    """One cache of the embedded model for the whole session, built up front so that
+    no daemon under test spends its first durable operations building it."""
+    from daemon.tinymodel import ensure_embedded
+
+    folder = tmp_path_factory.mktemp("models")
+    ensure_embedded(folder)
+    return folder
 
 
 def write_instance(folder: Path, models_dir: Path | None = None, **overrides: Any) -> Path:

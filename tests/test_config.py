@@ -61,3 +61,9 @@ def test_invalid_json_names_line(tmp_path):
     (tmp_path / "c.json").write_text('{\n  "data": {,}\n}')
     with pytest.raises(ConfigError, match="line 2"):
         load_config(tmp_path / "c.json")
+
+
+def test_readme_table_lists_every_key_with_its_default():
+    readme = (REPO / "README.md").read_text()
+    for key, default, _ in explain():
+        assert f"| `{key}` | `{json.dumps(default)}` |" in readme, key

@@ -1,0 +1,113 @@
+"""Drive the real daemon as a subprocess on a temporary instance.
+
+    d = Daemon(config_path)
+    d.start()
+    d.wait_for(lambda st: st["status"] == "training", timeout=60)
+    d.ctl("pause")                       # trainctl as a subprocess
+    d.kill9()                            # or d.stop() for a graceful stop
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon.config import load_config
+from daemon.jobqueue import JobQueue
+from daemon.status import HistoryDB, read_status
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Daemon:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = Path(config_path)
+        self.cfg = load_config(config_path)
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.queue = JobQueue(self.cfg.path("queue"))
+
+    # -- process ---------------------------------------------------------------
+    def start(self) -> "Daemon":
+        log = open(self.cfg.root / "daemon_test_stdout.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(self.config_path)],
+                                     cwd=REPO, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return self
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 90) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait_exit(self, timeout: float = 90) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        pid = (self.status() or {}).get("trainer_pid")
+        if pid:  # the child dies with its parent; make sure before the tmp tree goes
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- observation --------------------------------------------------------------
+    def status(self) -> dict[str, Any] | None:
+        return read_status(self.cfg.path("status"))
+
+    def wait_for(self, pred: Callable[[dict], bool], timeout: float = 120, what: str = "") -> dict:
+        deadline = time.time() + timeout
+        st: dict = {}
+        while time.time() < deadline:
+            st = self.status() or {}
+            if st and pred(st):
+                return st
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) while waiting for {what}; log:\n{self.log_tail()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status {json.dumps(st)[:800]}\n{self.log_tail()}")
+
+    def wait_counts(self, timeout: float = 120, **want: int) -> dict:
+        return self.wait_for(lambda st: all(self.queue.counts()[k] == v for k, v in want.items()), timeout, f"queue {want}")
+
+    def history(self) -> HistoryDB:
+        return HistoryDB.open_readonly(self.cfg.path("status") / "history.db")
+
+    def losses(self) -> list[tuple[int, float]]:
+        db = self.history()
+        try:
+            return [(r["global_step"], r["loss"]) for r in db.steps()]
+        finally:
+            db.close()
+
+    def log_tail(self, n: int = 40) -> str:
+        out = []
+        for p in sorted(self.cfg.path("logs").glob("*.log")) + [self.cfg.root / "daemon_test_stdout.log"]:
+            if p.exists():
+                out.append(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
+        return "\n".join(out)
+
+    # -- actions ---------------------------------------------------------------------
+    def drop(self, name: str, text: str | bytes, sub: str = "") -> Path:
+        """Write a file into the inbox the way a careful producer does: temp name, then rename."""
+        folder = self.cfg.path("inbox") / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (name + ".part")
+        tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+        os.replace(tmp, folder / name)
+        return folder / name
+
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(self.config_path), *args],
+                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
