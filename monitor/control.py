@@ -1,0 +1,74 @@
+"""POST /api/control/{pause,resume,skip,stop} and retry/remove of queued files.
+
+Same module as `trainctl` (`daemon.control`): pause/resume set the desired state,
+the rest leave one-shot requests the daemon consumes. Nothing here waits for the
+daemon; the page shows the daemon's real state from /api/status (`requested_state`
+vs `status`, `pending_requests`) rather than guessing that a click worked.
+Job ids are only ever compared with the names the queue lists, never joined
+into a path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, HTTPException
+from pydantic import BaseModel
+
+from daemon import control
+from daemon.states import ControlAction, DesiredState, Priority
+from monitor.deps import StateDep, WriteAuth
+from monitor.models import ControlResult
+
+router = APIRouter(tags=["control"], dependencies=[WriteAuth])
+BY = "monitor"
+
+
+class SkipBody(BaseModel):
+    job_id: str | None = None  # guard: skip only if this file is still the one training
+
+
+class RetryBody(BaseModel):
+    priority: Literal["high", "normal", "low"] = "normal"
+
+
+@router.post("/api/control/pause", response_model=ControlResult, summary="Pause between steps (model stays resident)")
+def pause(state: StateDep) -> ControlResult:
+    control.set_desired_state(state.cfg, DesiredState.PAUSED, by=BY)
+    return ControlResult(action="pause", requested_state="paused")
+
+
+@router.post("/api/control/resume", response_model=ControlResult, summary="Resume training")
+def resume(state: StateDep) -> ControlResult:
+    control.set_desired_state(state.cfg, DesiredState.RUNNING, by=BY)
+    return ControlResult(action="resume", requested_state="running")
+
+
+@router.post("/api/control/skip", response_model=ControlResult, summary="Abandon the file in training (it goes to failed/, reason skipped)")
+def skip(state: StateDep, body: Annotated[SkipBody | None, Body()] = None) -> ControlResult:
+    path = control.request(state.cfg, ControlAction.SKIP, by=BY, job_id=body.job_id if body else None)
+    return ControlResult(action="skip", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)
+
+
+@router.post("/api/control/stop", response_model=ControlResult, summary="Checkpoint and stop the daemon; the file resumes at next start")
+def stop(state: StateDep) -> ControlResult:
+    path = control.request(state.cfg, ControlAction.STOP, by=BY)
+    return ControlResult(action="stop", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name,
+                         note="the daemon exits after checkpointing; start it again with bin/start_all.sh")
+
+
+@router.post("/api/queue/{job_id}/retry", response_model=ControlResult, summary="Put a failed file back in line")
+def retry(state: StateDep, job_id: str, body: Annotated[RetryBody | None, Body()] = None) -> ControlResult:
+    if job_id not in {e.job_id for e in state.queue.failed()}:
+        raise HTTPException(404, f"{job_id!r} is not in failed/")
+    prio = Priority((body or RetryBody()).priority)
+    path = control.request(state.cfg, ControlAction.RETRY, by=BY, job_id=job_id, priority=prio.value)
+    return ControlResult(action="retry", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)
+
+
+@router.post("/api/queue/{job_id}/remove", response_model=ControlResult, summary="Take a pending file out of line (moved to failed/, reason removed)")
+def remove(state: StateDep, job_id: str) -> ControlResult:
+    if job_id not in {e.job_id for e in state.queue.pending()}:
+        raise HTTPException(404, f"{job_id!r} is not pending")
+    path = control.request(state.cfg, ControlAction.REMOVE, by=BY, job_id=job_id)
+    return ControlResult(action="remove", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)

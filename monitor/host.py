@@ -1,0 +1,73 @@
+"""Host RAM/swap/CPU, the daemon's and trainer's processes, and disk free (psutil)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import psutil
+
+from daemon.config import Config
+from monitor.liveness import parse_iso, pid_alive
+from monitor.models import DiskStats, MemoryView, ProcessStats
+
+RUNTIME_FOLDERS = ("inbox", "queue", "status", "adapters", "checkpoints", "logs", "models")
+
+
+class ProcessSampler:
+    """Keeps psutil.Process objects between requests: cpu_percent() is the CPU used
+    since the previous call on the same object, so a fresh object would always say 0."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+        self._lock = threading.Lock()
+        psutil.cpu_percent(interval=None)  # prime the host counter the same way
+
+    def stats(self, role: str, pid: Any, started_at: float | None = None) -> ProcessStats:
+        if not pid_alive(pid, started_at if role == "daemon" else None):
+            return ProcessStats(role=role, pid=pid if isinstance(pid, int) else None, running=False)
+        with self._lock:
+            proc = self._procs.get(pid)
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+                proc.cpu_percent(interval=None)
+            self._procs = {p: v for p, v in self._procs.items() if p == pid or v.is_running()}
+        try:
+            with proc.oneshot():
+                return ProcessStats(role=role, pid=pid, running=True, rss_bytes=proc.memory_info().rss,
+                                    cpu_percent=proc.cpu_percent(interval=None), num_threads=proc.num_threads())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return ProcessStats(role=role, pid=pid, running=False)
+
+
+def disks(cfg: Config) -> list[DiskStats]:
+    """Free space per filesystem holding a runtime folder (folders sharing one are grouped)."""
+    by_dev: dict[int, tuple[list[str], str]] = {}
+    for name in RUNTIME_FOLDERS:
+        path = cfg.path(name)
+        while not path.exists() and path != path.parent:  # not created yet: its parent's filesystem
+            path = path.parent
+        dev = os.stat(path).st_dev
+        by_dev.setdefault(dev, ([], str(path)))[0].append(name)
+    out = []
+    for names, path in by_dev.values():
+        u = psutil.disk_usage(path)
+        out.append(DiskStats(folders=names, free_bytes=u.free, total_bytes=u.total, used_percent=u.percent))
+    return out
+
+
+def memory_view(cfg: Config, status: dict[str, Any] | None, sampler: ProcessSampler) -> MemoryView:
+    vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+    status = status or {}
+    procs = [
+        sampler.stats("daemon", status.get("pid"), parse_iso(status.get("started_at"))),
+        sampler.stats("trainer", status.get("trainer_pid")),
+        sampler.stats("monitor", os.getpid()),
+    ]
+    return MemoryView(
+        ram_total_bytes=vm.total, ram_available_bytes=vm.available, ram_used_percent=vm.percent,
+        swap_total_bytes=sw.total, swap_used_bytes=sw.used, swap_used_percent=sw.percent,
+        cpu_percent=psutil.cpu_percent(interval=None), cpu_count=psutil.cpu_count() or 1,
+        load_average=list(os.getloadavg()), processes=procs, disks=disks(cfg),
+    )

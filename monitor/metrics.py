@@ -1,0 +1,108 @@
+"""GET /metrics: Prometheus text exposition (format 0.0.4) for existing Grafana setups.
+
+Gauges only, read fresh per scrape from the same sources as the JSON API.
+Off loopback the scraper sends the token as a bearer token
+(`authorization: {credentials_file: .../status/monitor_token}` in prometheus.yml).
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from daemon.states import ServiceStatus
+from daemon.status import read_status
+from monitor.deps import ReadAuth, StateDep
+from monitor.host import memory_view
+from monitor.models import GpuView, MemoryView, Status
+from monitor.status import current_status
+
+router = APIRouter(tags=["metrics"], dependencies=[ReadAuth])
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._declared: set[str] = set()
+
+    def gauge(self, name: str, help: str, value: float | int | bool | None, **labels: object) -> None:
+        if name not in self._declared:
+            self._declared.add(name)
+            self.lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
+        if value is None:
+            return  # unknown is absent, not 0: a dashboard must not draw a fake zero loss
+        v = float(value)
+        text = "NaN" if math.isnan(v) else ("+Inf" if v == math.inf else ("-Inf" if v == -math.inf else repr(v)))
+        lab = ",".join(f'{k}="{_escape(str(val))}"' for k, val in labels.items())
+        self.lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _training(x: _Exposition, s: Status) -> None:
+    x.gauge("traind_up", "1 when the daemon is alive and its status is fresh", not s.stale)
+    x.gauge("traind_status_age_seconds", "seconds since the daemon last wrote its status", s.age_seconds)
+    for st in ServiceStatus:
+        x.gauge("traind_state", "1 for the daemon's current state", s.status == st.value, state=st.value)
+    x.gauge("traind_paused_requested", "1 when a pause was requested", s.requested_state == "paused")
+    x.gauge("traind_loss", "training loss of the last step", s.loss)
+    x.gauge("traind_eval_loss", "last eval loss", s.eval_loss)
+    x.gauge("traind_learning_rate", "learning rate of the last step", s.lr)
+    x.gauge("traind_global_step", "optimizer steps over all files", s.global_step)
+    x.gauge("traind_file_step", "step within the current file", s.current_step)
+    x.gauge("traind_file_total_steps", "steps planned for the current file", s.total_steps)
+    x.gauge("traind_epoch", "epoch within the current file", s.epoch)
+    x.gauge("traind_tokens_per_second", "training throughput", s.tokens_per_sec)
+    x.gauge("traind_eta_seconds", "estimated seconds left in the current file", s.eta_seconds)
+    x.gauge("traind_adapter_version", "current adapter version", s.adapter_version)
+
+
+def _queue(x: _Exposition, counts: dict[str, int]) -> None:
+    for key in ("pending_high", "pending_normal", "pending_low", "processing", "done", "failed"):
+        state, _, prio = key.partition("_")
+        labels = {"state": state, "priority": prio} if prio else {"state": state}
+        x.gauge("traind_queue_files", "files in the queue by state (and priority for pending)", counts.get(key, 0), **labels)
+
+
+def _gpu(x: _Exposition, g: GpuView) -> None:
+    x.gauge("traind_gpu_available", "1 when NVML reports at least one GPU", g.available)
+    for gpu in g.gpus:
+        lab = {"gpu": gpu.index, "name": gpu.name}
+        x.gauge("traind_gpu_utilization_percent", "GPU busy percent", gpu.utilization_percent, **lab)
+        x.gauge("traind_gpu_memory_used_bytes", "GPU memory used", gpu.memory_used_bytes, **lab)
+        x.gauge("traind_gpu_memory_total_bytes", "GPU memory total", gpu.memory_total_bytes, **lab)
+        x.gauge("traind_gpu_temperature_celsius", "GPU temperature", gpu.temperature_c, **lab)
+        x.gauge("traind_gpu_power_watts", "GPU power draw", gpu.power_watts, **lab)
+        x.gauge("traind_gpu_power_limit_watts", "GPU enforced power limit", gpu.power_limit_watts, **lab)
+
+
+def _host(x: _Exposition, m: MemoryView) -> None:
+    x.gauge("traind_host_memory_total_bytes", "host RAM", m.ram_total_bytes)
+    x.gauge("traind_host_memory_available_bytes", "host RAM available", m.ram_available_bytes)
+    x.gauge("traind_host_swap_used_bytes", "swap in use", m.swap_used_bytes)
+    x.gauge("traind_host_cpu_percent", "host CPU busy percent since the last sample", m.cpu_percent)
+    for p in m.processes:
+        x.gauge("traind_process_up", "1 when the process is running", p.running, role=p.role)
+        x.gauge("traind_process_rss_bytes", "resident memory", p.rss_bytes, role=p.role)
+        x.gauge("traind_process_cpu_percent", "CPU percent since the last sample (100 = one core)", p.cpu_percent, role=p.role)
+    for d in m.disks:
+        x.gauge("traind_disk_free_bytes", "free bytes on the filesystem of these runtime folders", d.free_bytes, folders=",".join(d.folders))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")
+def metrics(state: StateDep) -> PlainTextResponse:
+    x = _Exposition()
+    s = current_status(state)
+    _training(x, s)
+    _queue(x, state.queue.counts())
+    _gpu(x, state.gpu.read())
+    _host(x, memory_view(state.cfg, read_status(state.cfg.path("status")), state.procs))
+    return PlainTextResponse(x.text(), media_type=CONTENT_TYPE)

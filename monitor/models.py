@@ -1,0 +1,190 @@
+"""Response models: the API's typed contract (and its OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PendingRequest(BaseModel):
+    action: str
+    at: float | None = None
+    job_id: str | None = None
+
+
+class Status(BaseModel):
+    """`training_status.json` as the service wrote it, plus what the monitor concluded."""
+
+    # Fields the service adds later pass through unchanged.
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int | None = None
+    status: str | None = Field(None, description="idle, training, paused, stopping, stopped, error; null when there is no status file")
+    detail: str = ""
+    current_file: str | None = None
+    job_id: str | None = None
+    current_step: int = 0
+    total_steps: int = 0
+    global_step: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_sec: float | None = None
+    eta_seconds: float | None = None
+    eval_loss: float | None = None
+    queue: dict[str, int] = Field(default_factory=dict)
+    device: str | None = None
+    compute_dtype: str | None = None
+    quantization: str | None = None
+    base_model: str | None = None
+    adapter_version: int | None = None
+    desired_state: str | None = Field(None, description="the desired state the daemon has seen")
+    pid: int | None = None
+    trainer_pid: int | None = None
+    started_at: str | None = None
+    updated_at: str | None = None
+    write_interval_seconds: float | None = None
+    last_error: str | None = None
+    # -- the monitor's view --
+    stale: bool = Field(description="true when the daemon is not responding: no status, status too old, or its pid is gone")
+    stale_reason: str | None = None
+    age_seconds: float | None = Field(None, description="seconds since updated_at")
+    daemon_alive: bool = False
+    requested_state: Literal["running", "paused"] = Field(description="desired state last asked for (control file); differs from `desired_state` until the daemon acts")
+    pending_requests: list[PendingRequest] = Field(default_factory=list, description="skip/stop/retry/remove not yet consumed by the daemon")
+    now: float = Field(description="the monitor's clock (Unix seconds)")
+
+
+class Health(BaseModel):
+    ok: bool = Field(description="the monitor is serving")
+    daemon: Literal["running", "not_responding", "absent"]
+    status: str | None
+    stale: bool
+    stale_reason: str | None
+    age_seconds: float | None
+    monitor_uptime_seconds: float
+
+
+class HistoryPoint(BaseModel):
+    global_step: int
+    job_id: str
+    step: int
+    epoch: float | None
+    loss: float | None
+    lr: float | None
+    grad_norm: float | None
+    tokens_per_sec: float | None
+    t: float
+
+
+class EvalPoint(BaseModel):
+    global_step: int
+    job_id: str
+    step: int
+    eval_loss: float | None
+    t: float
+
+
+class History(BaseModel):
+    points: list[HistoryPoint]
+    evals: list[EvalPoint]
+    total_rows: int = Field(description="metric rows in the requested range before downsampling")
+    downsampled: bool
+    bucket_width: int = Field(description="global steps per bucket (1: every row)")
+    first_global_step: int | None
+    last_global_step: int | None
+
+
+class QueueItem(BaseModel):
+    job_id: str
+    original_name: str
+    state: str
+    priority: str | None
+    size: int
+    mtime: float
+    reason: str | None = None
+    message: str | None = None
+    errors: list[dict] | None = None
+    failed_at: str | None = None
+
+
+class QueueView(BaseModel):
+    pending: dict[str, list[QueueItem]] = Field(description="by priority, in run order")
+    processing: list[QueueItem]
+    done: list[QueueItem] = Field(description="most recent first, at most `done_limit`")
+    failed: list[QueueItem] = Field(description="most recent first, with the reason from the .error.json")
+    counts: dict[str, int]
+
+
+class GpuProcess(BaseModel):
+    pid: int
+    name: str | None = None
+    used_memory_bytes: int | None = None
+
+
+class Gpu(BaseModel):
+    index: int
+    name: str
+    uuid: str | None = None
+    utilization_percent: float | None = None
+    memory_utilization_percent: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    temperature_c: float | None = None
+    power_watts: float | None = None
+    power_limit_watts: float | None = None
+    clock_sm_mhz: int | None = None
+    clock_mem_mhz: int | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+
+
+class GpuView(BaseModel):
+    available: bool
+    reason: str | None = Field(None, description="why no GPU data (e.g. no NVIDIA driver)")
+    driver_version: str | None = None
+    gpus: list[Gpu] = Field(default_factory=list)
+
+
+class ProcessStats(BaseModel):
+    role: Literal["daemon", "trainer", "monitor"]
+    pid: int | None
+    running: bool
+    rss_bytes: int | None = None
+    cpu_percent: float | None = None
+    num_threads: int | None = None
+
+
+class DiskStats(BaseModel):
+    folders: list[str] = Field(description="runtime folders (config names) on this filesystem")
+    free_bytes: int
+    total_bytes: int
+    used_percent: float
+
+
+class MemoryView(BaseModel):
+    ram_total_bytes: int
+    ram_available_bytes: int
+    ram_used_percent: float
+    swap_total_bytes: int
+    swap_used_bytes: int
+    swap_used_percent: float
+    cpu_percent: float
+    cpu_count: int
+    load_average: list[float]
+    processes: list[ProcessStats]
+    disks: list[DiskStats]
+
+
+class ControlResult(BaseModel):
+    action: str
+    accepted: bool = True
+    requested_state: Literal["running", "paused"]
+    request_id: str | None = Field(None, description="name of the one-shot request; it disappears once the daemon acted")
+    note: str | None = None
+
+
+class UploadResult(BaseModel):
+    name: str = Field(description="file name written into the inbox")
+    priority: Literal["high", "normal", "low"]
+    size: int

@@ -1,0 +1,499 @@
+"""Monitor API against a real app on a temporary instance tree.
+
+    pytest tests/test_monitor_api.py -q
+
+The test plays the daemon: it writes status and history with the service's own
+writers (`StatusWriter`, `HistoryDB`) and queue files with `JobQueue`, then checks
+what the monitor serves and what it writes (control files, inbox uploads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from daemon import control
+from daemon.states import ControlAction, DesiredState, FailReason, Priority
+from daemon.status import HISTORY_FILE, HistoryDB
+from monitor import auth, events
+from monitor.app import create_app
+from monitor.gpu import GpuProbe
+from monitor.history import downsample
+from monitor.liveness import assess
+from monitor.settings import MonitorSettings
+from tests.monitor_helpers import REPO, FakeDaemon, free_port, make_instance, token_of
+
+JOB = "20261122T020301Z-000001--data.jsonl"
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return make_instance(tmp_path)
+
+
+@pytest.fixture
+def client(cfg):
+    with TestClient(create_app(cfg), base_url="http://127.0.0.1") as c:
+        c.headers_with_token = {auth.HEADER: token_of(cfg)}
+        yield c
+
+
+@pytest.fixture
+def daemon(cfg):
+    d = FakeDaemon(cfg)
+    yield d
+    d.db.close()
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# ---------------------------------------------------------------- token
+
+def test_token_file_is_created_0600_and_reused(cfg):
+    create_app(cfg)
+    path = cfg.path("status") / auth.TOKEN_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = token_of(cfg)
+    assert len(first) >= 32
+    create_app(cfg)
+    assert token_of(cfg) == first
+
+
+def test_monitor_imports_no_torch_and_builds_nothing_at_import():
+    code = "import sys, monitor.app, monitor.__main__ as m; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; assert not hasattr(monitor.app, 'app')"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# ---------------------------------------------------------------- status and staleness
+
+def test_no_status_file_is_stale(client):
+    s = client.get("/api/status").json()
+    assert s["stale"] is True and s["status"] is None and "no status file" in s["stale_reason"]
+    h = client.get("/api/health").json()
+    assert h["ok"] is True and h["daemon"] == "absent"
+
+
+def test_fresh_status_from_live_pid_is_not_stale(client, daemon):
+    daemon.status(current_file="data.jsonl", job_id=JOB, current_step=3, total_steps=10, loss=1.25)
+    s = client.get("/api/status").json()
+    assert (s["status"], s["stale"], s["daemon_alive"], s["loss"], s["current_file"]) == ("training", False, True, 1.25, "data.jsonl")
+    assert client.get("/api/health?strict=true").status_code == 200
+
+
+def test_old_update_is_stale(client, daemon):
+    daemon.status(now=time.time() - 3 * 2.0 - 1)  # write interval 2 s: three missed writes
+    s = client.get("/api/status").json()
+    assert s["stale"] is True and "no status update" in s["stale_reason"] and s["status"] == "training"
+    assert client.get("/api/health?strict=true").status_code == 503
+
+
+def test_gone_pid_is_stale_even_when_fresh(cfg, client):
+    FakeDaemon(cfg, pid=dead_pid()).status()
+    s = client.get("/api/status").json()
+    assert s["stale"] is True and "is gone" in s["stale_reason"] and s["daemon_alive"] is False
+
+
+def test_stale_threshold_follows_write_interval():
+    now = 1_000_000.0
+    alive = lambda pid, started: True  # noqa: E731
+    raw = {"pid": 1, "updated_at": "1970-01-12T13:46:30.000Z", "write_interval_seconds": 5.0}  # now - 10 s
+    assert assess(raw, now, alive).stale is False  # 10 s < 3 x 5 s
+    raw["write_interval_seconds"] = 3.0
+    assert assess(raw, now, alive).stale is True  # 10 s > 3 x 3 s
+
+
+# ---------------------------------------------------------------- history
+
+def test_history_returns_every_row_when_small_and_increments(client, daemon):
+    daemon.steps(50)
+    daemon.eval(0.8)
+    h = client.get("/api/history").json()
+    assert [p["global_step"] for p in h["points"]] == list(range(50))
+    assert h["downsampled"] is False and h["evals"][0]["eval_loss"] == 0.8
+    h2 = client.get("/api/history?since=44").json()
+    assert [p["global_step"] for p in h2["points"]] == [45, 46, 47, 48, 49]
+    assert client.get("/api/history?max_points=5").status_code == 422
+
+
+def _brute_force(rows, lo, width):
+    """Reference: per bucket the first, last, min-loss and max-loss rows (global steps)."""
+    buckets = {}
+    for g, loss in rows:
+        buckets.setdefault((g - lo) // width, []).append((g, loss))
+    keep = set()
+    for b in buckets.values():
+        keep |= {b[0][0], b[-1][0], min(b, key=lambda r: r[1])[0], max(b, key=lambda r: r[1])[0]}
+    return sorted(keep)
+
+
+def test_downsampling_matches_reference_on_irregular_steps(tmp_path):
+    db = HistoryDB(tmp_path / HISTORY_FILE)
+    rng = random.Random(1)
+    steps = sorted(rng.sample(range(50_000), 10_000))  # gaps, as after skipped files
+    rows = [(g, rng.random()) for g in steps]  # distinct losses: one min/max row per bucket
+    with db.conn:
+        db.conn.executemany("INSERT INTO metrics VALUES ('j', ?, ?, 0, ?, 1e-4, 1, 900, 0)", [(g, g, loss) for g, loss in rows])
+    s = downsample(db.conn, "metrics", ("global_step", "loss"), "loss", -1, None, 400)
+    assert s.total == 10_000 and len(s.rows) <= 400
+    assert [r["global_step"] for r in s.rows] == _brute_force(rows, steps[0], s.bucket_width)
+
+
+def test_downsampling_a_million_rows_keeps_min_and_max(tmp_path, cfg):
+    """~1M synthetic rows written through HistoryDB; the extremes must survive (correctness, not timing)."""
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    n, spike, dip = 1_000_000, 777_777, 123_457
+    def rows():
+        for g in range(n):
+            loss = 100.0 if g == spike else (-5.0 if g == dip else 2.0 + math.sin(g / 1000))
+            yield ("job", g, g, g / n, loss, 1e-4, 1.0, 900.0, float(g))
+    with db.conn:
+        db.conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?)", rows())
+        db.conn.executemany("INSERT INTO evals VALUES (?,?,?,?,?)", [("job", g, g, 1.0 + g / n, float(g)) for g in range(0, n, 50_000)])
+    db.close()
+    with TestClient(create_app(cfg), base_url="http://127.0.0.1") as c:
+        h = c.get("/api/history?max_points=2000").json()
+    pts = h["points"]
+    assert h["total_rows"] == n and h["downsampled"] is True and len(pts) <= 2000
+    losses = {p["global_step"]: p["loss"] for p in pts}
+    assert losses[spike] == 100.0 and losses[dip] == -5.0
+    assert pts[0]["global_step"] == 0 and pts[-1]["global_step"] == n - 1
+    assert [p["global_step"] for p in pts] == sorted(losses)
+    assert len(h["evals"]) == 20
+    # a zoomed range comes back at full resolution
+    with TestClient(create_app(cfg), base_url="http://127.0.0.1") as c:
+        z = c.get(f"/api/history?since={spike - 101}&until={spike + 100}&max_points=2000").json()
+    assert [p["global_step"] for p in z["points"]] == list(range(spike - 100, spike + 101))
+
+
+# ---------------------------------------------------------------- queue
+
+def _queue_files(cfg, daemon_queue):
+    now = time.time()
+    for name, prio in (("a.jsonl", Priority.HIGH), ("b.jsonl", Priority.NORMAL), ("c.jsonl", Priority.LOW)):
+        p = cfg.root / name
+        p.write_text('{"text": "hi"}\n')
+        daemon_queue.admit(p, prio, now)
+    bad = cfg.root / "bad.jsonl"
+    bad.write_text("not json\n")
+    daemon_queue.reject(bad, {"reason": FailReason.INVALID_DATA.value, "message": "1 bad line",
+                              "errors": [{"line": 1, "field": None, "reason": "not valid JSON"}]}, now)
+
+
+def test_queue_lists_pending_by_priority_and_failed_reasons(client, cfg):
+    from daemon.jobqueue import JobQueue
+    q = JobQueue(cfg.path("queue"))
+    _queue_files(cfg, q)
+    started = q.start(q.next_pending())
+    v = client.get("/api/queue").json()
+    assert [e["original_name"] for e in v["processing"]] == ["a.jsonl"] and started.job_id == v["processing"][0]["job_id"]
+    assert [e["original_name"] for e in v["pending"]["normal"]] == ["b.jsonl"]
+    assert [e["original_name"] for e in v["pending"]["low"]] == ["c.jsonl"]
+    f = v["failed"][0]
+    assert (f["original_name"], f["reason"], f["errors"][0]["line"]) == ("bad.jsonl", "invalid_data", 1)
+    assert v["counts"] == {"pending_high": 0, "pending_normal": 1, "pending_low": 1, "pending": 2, "processing": 1, "done": 0, "failed": 1}
+
+
+# ---------------------------------------------------------------- control
+
+@pytest.mark.parametrize("action", ["pause", "resume", "skip", "stop"])
+def test_control_needs_the_token(client, action):
+    assert client.post(f"/api/control/{action}").status_code == 401
+    assert client.post(f"/api/control/{action}", headers={auth.HEADER: "wrong" * 8}).status_code == 401
+    assert client.post(f"/api/control/{action}", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_pause_resume_set_the_desired_state(client, cfg):
+    r = client.post("/api/control/pause", headers=client.headers_with_token)
+    assert r.status_code == 200 and r.json()["requested_state"] == "paused"
+    assert control.read_desired_state(cfg) is DesiredState.PAUSED
+    assert client.get("/api/status").json()["requested_state"] == "paused"
+    client.post("/api/control/resume", headers={"Authorization": "Bearer " + token_of(cfg)})
+    assert control.read_desired_state(cfg) is DesiredState.RUNNING
+
+
+def test_skip_and_stop_leave_requests_for_the_daemon(client, cfg):
+    client.post("/api/control/skip", headers=client.headers_with_token, json={"job_id": JOB})
+    client.post("/api/control/stop", headers=client.headers_with_token)
+    reqs = control.pending_requests(cfg)
+    assert [(r.action, r.by, r.job_id) for r in reqs] == [(ControlAction.SKIP, "monitor", JOB), (ControlAction.STOP, "monitor", None)]
+    assert [p["action"] for p in client.get("/api/status").json()["pending_requests"]] == ["skip", "stop"]
+
+
+def test_retry_and_remove_are_requests_and_only_for_listed_jobs(client, cfg):
+    from daemon.jobqueue import JobQueue
+    q = JobQueue(cfg.path("queue"))
+    _queue_files(cfg, q)
+    failed, pending = q.failed()[0].job_id, q.pending()[0].job_id
+    tok = client.headers_with_token
+    assert client.post(f"/api/queue/{failed}/retry", headers=tok, json={"priority": "high"}).status_code == 200
+    assert client.post(f"/api/queue/{pending}/remove", headers=tok).status_code == 200
+    reqs = [(r.action, r.job_id, r.priority) for r in control.pending_requests(cfg)]
+    assert reqs == [(ControlAction.RETRY, failed, "high"), (ControlAction.REMOVE, pending, None)]
+    # the monitor itself moved nothing: the daemon owns queue moves
+    assert q.failed()[0].job_id == failed and q.pending()[0].job_id == pending
+    assert client.post(f"/api/queue/{pending}/retry", headers=tok).status_code == 404  # not failed
+    assert client.post("/api/queue/..%2F..%2Fconfig.json/remove", headers=tok).status_code in (404, 405)  # no route
+    assert client.post("/api/queue/..config.json/remove", headers=tok).status_code == 404
+    assert len(control.pending_requests(cfg)) == 2  # refused ones left nothing behind
+    assert client.post(f"/api/queue/{failed}/retry").status_code == 401
+
+
+# ---------------------------------------------------------------- upload
+
+def test_upload_lands_in_the_inbox_for_its_priority(client, cfg):
+    body = b'{"text": "one"}\n{"text": "two"}\n'
+    r = client.post("/api/queue?name=my%20data.jsonl&priority=high", content=body, headers=client.headers_with_token)
+    assert r.status_code == 201, r.text
+    assert r.json() == {"name": "my_data.jsonl", "priority": "high", "size": len(body)}
+    assert (cfg.path("inbox") / "high" / "my_data.jsonl").read_bytes() == body
+    # same name again: a suffix, never an overwrite
+    r2 = client.post("/api/queue?name=my_data.jsonl&priority=high", content=b'{"text": "3"}\n', headers=client.headers_with_token)
+    assert r2.json()["name"] == "my_data-1.jsonl"
+    assert (cfg.path("inbox") / "high" / "my_data.jsonl").read_bytes() == body
+    r3 = client.post("/api/queue?name=n.jsonl", content=body, headers=client.headers_with_token)
+    assert (cfg.path("inbox") / r3.json()["name"]).is_file()
+    leftovers = [p.name for p in cfg.path("inbox").rglob("*") if p.name.endswith(".part")]
+    assert leftovers == []
+
+
+def test_upload_strips_paths_and_refuses_odd_names(client, cfg):
+    tok = client.headers_with_token
+    r = client.post("/api/queue?name=../../evil.jsonl", content=b"{}\n", headers=tok)
+    assert r.status_code == 201 and r.json()["name"] == "evil.jsonl"
+    assert (cfg.path("inbox") / "evil.jsonl").is_file() and not (cfg.root.parent / "evil.jsonl").exists()
+    for bad in ("data.txt", ".hidden.jsonl", "a%00b.jsonl", "-x.jsonl", "sp%C3%A9cial.jsonl"):
+        assert client.post(f"/api/queue?name={bad}", content=b"{}\n", headers=tok).status_code == 400, bad
+    assert client.post("/api/queue?name=e.jsonl", content=b"", headers=tok).status_code == 400
+    assert client.post("/api/queue?name=x.jsonl&priority=urgent", content=b"{}\n", headers=tok).status_code == 422
+    assert client.post("/api/queue?name=x.jsonl", content=b"{}\n").status_code == 401
+
+
+def test_upload_over_the_limit_is_refused_while_streaming(cfg):
+    app = create_app(cfg, MonitorSettings(max_upload_bytes=1000))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        tok = {auth.HEADER: token_of(cfg)}
+        assert c.post("/api/queue?name=big.jsonl", content=b"x" * 1001, headers=tok).status_code == 413
+        # no Content-Length (chunked): the byte count while streaming must catch it
+        chunks = (b'{"text": "0123456789"}\n' for _ in range(100))
+        assert c.post("/api/queue?name=big.jsonl", content=chunks, headers=tok).status_code == 413
+        assert c.post("/api/queue?name=ok.jsonl", content=b"y" * 1000, headers=tok).status_code == 201
+    names = sorted(p.name for p in cfg.path("inbox").rglob("*") if p.is_file())
+    assert names == ["ok.jsonl"]
+
+
+def test_intake_limit_from_config_applies_to_uploads(tmp_path):
+    cfg = make_instance(tmp_path, intake={"max_file_bytes": 10})
+    with TestClient(create_app(cfg), base_url="http://127.0.0.1") as c:
+        r = c.post("/api/queue?name=a.jsonl", content=b"x" * 11, headers={auth.HEADER: token_of(cfg)})
+    assert r.status_code == 413
+
+
+# ---------------------------------------------------------------- exposure
+
+def test_off_loopback_every_api_endpoint_needs_the_token(cfg):
+    app = create_app(cfg, MonitorSettings(host="0.0.0.0"))
+    with TestClient(app, base_url="http://192.0.2.10") as c:
+        for path in ("/api/status", "/api/history", "/api/queue", "/api/gpu", "/api/memory", "/api/health", "/api/events", "/metrics"):
+            assert c.get(path).status_code == 401, path
+        tok = {auth.HEADER: token_of(cfg)}
+        assert c.get("/api/status", headers=tok).status_code == 200
+        assert c.get("/metrics", headers={"Authorization": "Bearer " + token_of(cfg)}).status_code == 200
+        page = c.get("/")  # the page itself holds no data; its API calls carry the token
+        assert page.status_code == 200 and "traind" in page.text and token_of(cfg) not in page.text
+
+
+def test_loopback_monitor_refuses_foreign_host_names(client):
+    """DNS rebinding: evil.example resolving to 127.0.0.1 must not read the API."""
+    assert client.get("/api/status", headers={"Host": "evil.example"}).status_code == 421
+    assert client.get("/api/status", headers={"Host": "localhost:8080"}).status_code == 200
+    r = client.get("/")
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+def test_docs_and_static_assets_are_local(client):
+    docs = client.get("/docs").text
+    assert "/vendor/swagger-ui/swagger-ui-bundle.js" in docs and "cdn." not in docs
+    assert client.get("/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    page = client.get("/").text
+    assert "vendor/uplot/uPlot.iife.min.js" in page and "http" not in page.split("<body")[0].replace("http-equiv", "")
+    assert client.get("/vendor/uplot/uPlot.iife.min.js").status_code == 200
+    assert client.get("/openapi.json").json()["paths"]["/api/status"]
+
+
+# ---------------------------------------------------------------- resources
+
+def test_gpu_without_driver_says_why(client):
+    g = client.get("/api/gpu").json()
+    if g["available"]:
+        pytest.skip("this machine has an NVIDIA GPU")
+    assert g["gpus"] == [] and g["reason"]
+
+
+class _FakeNvml(SimpleNamespace):
+    """Just enough of pynvml for the probe's device loop."""
+
+
+def _fake_nvml(calls: list[str]):
+    class NVMLError(Exception):
+        pass
+
+    class NotSupported(NVMLError):
+        pass
+
+    def unsupported(*_a):
+        raise NotSupported("Not Supported")
+
+    handle = object()
+    return _FakeNvml(
+        NVMLError=NVMLError, NVML_TEMPERATURE_GPU=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2,
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: handle,
+        nvmlSystemGetDriverVersion=lambda: b"550.54",
+        nvmlDeviceGetName=lambda h: b"NVIDIA GeForce RTX 4090", nvmlDeviceGetUUID=lambda h: "GPU-1",
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=87, memory=40),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=20 * 2**30, total=24 * 2**30, free=4 * 2**30),
+        nvmlDeviceGetTemperature=lambda h, kind: 71, nvmlDeviceGetPowerUsage=lambda h: 350_500,
+        nvmlDeviceGetEnforcedPowerLimit=unsupported,  # consumer cards refuse some queries
+        nvmlDeviceGetClockInfo=lambda h, kind: 2520 if kind == 1 else 10501,
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [SimpleNamespace(pid=os.getpid(), usedGpuMemory=19 * 2**30)],
+        nvmlDeviceGetGraphicsRunningProcesses=lambda h: [],
+    )
+
+
+def test_gpu_device_loop_reads_every_field_and_holds_one_handle():
+    calls: list[str] = []
+    probe = GpuProbe(nvml=_fake_nvml(calls))
+    v1, v2 = probe.read(), probe.read()
+    assert calls == ["init"]  # initialised once, handle held between reads
+    g = v1.gpus[0]
+    assert v1.available and v1.driver_version == "550.54" and v2.gpus[0].name == "NVIDIA GeForce RTX 4090"
+    assert (g.utilization_percent, g.memory_used_bytes, g.temperature_c, g.power_watts) == (87, 20 * 2**30, 71, 350.5)
+    assert g.power_limit_watts is None and (g.clock_sm_mhz, g.clock_mem_mhz) == (2520, 10501)
+    assert g.processes[0].pid == os.getpid() and g.processes[0].used_memory_bytes == 19 * 2**30
+    probe.close()
+    assert calls == ["init", "shutdown"]
+
+
+def test_gpu_library_missing_reports_the_reason():
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        raise NVMLError("NVML Shared Library Not Found")
+
+    v = GpuProbe(nvml=SimpleNamespace(NVMLError=NVMLError, nvmlInit=init)).read()
+    assert v.available is False and "Library Not Found" in v.reason
+
+
+def test_memory_reports_host_and_daemon_process(client, daemon):
+    daemon.status()
+    m = client.get("/api/memory").json()
+    assert m["ram_total_bytes"] > 0 and 0 <= m["ram_used_percent"] <= 100
+    procs = {p["role"]: p for p in m["processes"]}
+    assert procs["daemon"]["running"] and procs["daemon"]["rss_bytes"] > 0
+    assert procs["trainer"]["running"] is False
+    folders = [f for d in m["disks"] for f in d["folders"]]
+    assert {"inbox", "queue", "status"} <= set(folders) and all(d["free_bytes"] > 0 for d in m["disks"])
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_prometheus_metrics(client, daemon, cfg):
+    daemon.status(loss=1.5, tokens_per_sec=900.0, queue={"pending": 2})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = r.text.splitlines()
+    assert "traind_up 1.0" in lines and "traind_loss 1.5" in lines and "traind_tokens_per_second 900.0" in lines
+    assert 'traind_state{state="training"} 1.0' in lines
+    assert 'traind_queue_files{state="pending",priority="high"} 0.0' in lines
+    assert "traind_gpu_available 0.0" in lines or "traind_gpu_available 1.0" in lines
+    assert any(l.startswith('traind_process_rss_bytes{role="daemon"}') for l in lines)
+    assert not any(l.startswith("traind_eval_loss ") for l in lines)  # unknown: absent, not 0
+
+
+# ---------------------------------------------------------------- SSE
+
+@pytest.fixture
+def live_server(cfg, monkeypatch):
+    """The app on a real uvicorn on 127.0.0.1 (SSE needs a real streaming server)."""
+    monkeypatch.setattr(events, "HEARTBEAT_SECONDS", 1.0)
+    app = create_app(cfg)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    app.state.monitor.closing = True
+    server.should_exit = True
+    t.join(10)
+
+
+def _sse_events(lines, want: int, timeout: float):
+    """Parse SSE frames from an iterator of lines until `want` status events or timeout."""
+    got, frame, comments, retry = [], {}, 0, None
+    deadline = time.monotonic() + timeout
+    for line in lines:
+        if line == "":
+            if frame.get("event") == "status":
+                got.append(json.loads(frame["data"]))
+            frame = {}
+            if len(got) >= want or time.monotonic() > deadline:
+                break
+        elif line.startswith(":"):
+            comments += 1
+        else:
+            k, _, v = line.partition(": ")
+            if k == "retry":
+                retry = int(v)
+            frame[k] = v
+    return got, comments, retry
+
+
+def test_sse_pushes_status_changes_with_retry_and_heartbeat(live_server, daemon):
+    url, app = live_server
+    daemon.status(current_step=1, total_steps=10)
+    with httpx.stream("GET", url + "/api/events", timeout=10) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first, _, retry = _sse_events(lines, 1, 5)
+        assert retry == 3000 and first[0]["current_step"] == 1 and first[0]["stale"] is False
+        daemon.status(current_step=2, total_steps=10)
+        second, _, _ = _sse_events(lines, 1, 5)
+        assert second[0]["current_step"] == 2
+        # nothing changes now: within a heartbeat interval a comment keeps the stream alive
+        assert any(line.startswith(":") for line, _ in zip(lines, range(5)))
+    # the disconnected client's generator ended and released its slot
+    deadline = time.monotonic() + 5
+    while app.state.monitor.sse_clients and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert app.state.monitor.sse_clients == 0
+
+
+def test_sse_reports_a_daemon_going_stale_without_any_file_change(live_server, daemon):
+    url, _ = live_server
+    daemon.status(now=time.time() - 5.0)  # fresh for 6 s (3 x 2 s), then stale with no new write
+    with httpx.stream("GET", url + "/api/events", timeout=10) as r:
+        got, _, _ = _sse_events(r.iter_lines(), 2, 6)
+    assert [g["stale"] for g in got] == [False, True]
