@@ -231,6 +231,7 @@ def train_file(
     held_out = eval_examples(job.path, fmt, tok, dc, seed)
 
     # --- fresh optimizer + schedule, seeded RNG; then a checkpoint overrides both if one exists
+    lm.model.zero_grad(set_to_none=True)  # a job that failed mid-backward may have left gradients
     opt, sched = build_optimizer(lm.model, tc, total_steps)
     scaler = make_scaler(lm)
     seed_everything(seed)

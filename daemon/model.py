@@ -246,3 +246,60 @@ def lora_max_abs_diff(a: dict[str, "torch.Tensor"], b: dict[str, "torch.Tensor"]
     if a.keys() != b.keys():
         raise ModelError("the two LoRA states have different keys")
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a else 0.0
+
+
+# ---------------------------------------------------------------- the adapter store: adapters/v000N/ + current.json
+
+CURRENT = "current.json"
+MANIFEST = "manifest.json"
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version:04d}"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """The adapter `adapters/current.json` points at."""
+
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+
+def read_current(adapters: Path) -> AdapterVersion | None:
+    """The current adapter version, or None before the first file has been trained."""
+    from daemon import atomic
+
+    pointer = adapters / CURRENT
+    if not pointer.is_file():
+        return None
+    cur = atomic.read_json(pointer)
+    path = adapters / cur["path"]
+    return AdapterVersion(int(cur["version"]), path, atomic.read_json(path / MANIFEST))
+
+
+def publish_adapter(adapters: Path, model: Any, manifest: dict[str, Any]) -> AdapterVersion:
+    """Write `adapters/v000N/` (weights, config, manifest) in one rename, then point current.json at it.
+
+    `manifest` must hold `version`; current.json is replaced last, so it is the
+    commit point: a crash before it leaves the previous version current.
+    """
+    import shutil
+    import tempfile
+
+    from daemon import atomic
+
+    adapters.mkdir(parents=True, exist_ok=True)
+    name = version_dir_name(manifest["version"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=adapters))
+    try:
+        save_adapter(model, tmp)
+        atomic.write_json(tmp / MANIFEST, manifest)
+        tmp.chmod(0o755)  # mkdtemp makes 0700; readers (monitor) run as other tools
+        atomic.publish_dir(tmp, adapters / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name})
+    return AdapterVersion(manifest["version"], adapters / name, manifest)

@@ -20,6 +20,15 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MAX_RESUME_DIFF = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201
+    """One intra-op thread: on 2 shared cores, 2 OpenMP threads spin-wait on each other (10-50x slower steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedded tiny model per session (ensure_embedded caches it under the session's base temp)."""

@@ -21,6 +21,15 @@ AMPERE = Capabilities(cuda=True, bf16=True, bitsandbytes=True, cuda_name="fake")
 TURING = Capabilities(cuda=True, bf16=False, bitsandbytes=True, cuda_name="fake")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201
+    """One intra-op thread: on 2 shared cores, 2 OpenMP threads spin-wait on each other (10-50x slower steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedded tiny model per session (ensure_embedded caches it under the session's base temp)."""
