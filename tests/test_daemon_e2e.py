@@ -1,0 +1,174 @@
+"""The real daemon as a process, on the embedded tiny model, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import REPO, lines_of, write_instance
+from tests.daemon_harness import Daemon
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, models_dir):
+    made: list[Daemon] = []
+
+    def make(name: str = "inst", env: dict | None = None, **overrides) -> Daemon:
+        d = Daemon(write_instance(tmp_path / name, models_dir, **overrides), env=env)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def test_file_in_to_done_with_adapter_and_falling_loss(daemon_factory):
+    d = daemon_factory(training={"epochs_per_file": 2}).start()
+    d.drop("chat.jsonl", lines_of("chat.jsonl", 120))
+    d.wait_counts(done=1, timeout=180)
+    st = d.wait_for(lambda s: s["status"] == "idle" and s["adapter_version"] == 1, what="idle after the file")
+    assert st["device"] == "cpu" and st["queue"]["done"] == 1 and st["last_error"] is None
+    done = d.queue.done()[0]
+    assert done.original_name == "chat.jsonl"
+    assert done.path.read_text() == lines_of("chat.jsonl", 120)  # bytes untouched
+    losses = [loss for _, loss in d.losses()]
+    assert len(losses) == st["global_step"] >= 50
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first * 0.8, (first, last)
+    current = json.loads((d.cfg.path("adapters") / "current.json").read_text())
+    manifest = json.loads((d.cfg.path("adapters") / current["path"] / "manifest.json").read_text())
+    assert manifest["trained_jobs"] == [done.job_id]
+    assert (d.cfg.path("adapters") / current["path"] / "adapter_model.safetensors").stat().st_size > 0
+    db = d.history()
+    job = db.job(done.job_id)
+    assert job["state"] == "done" and job["format"] == "chat" and job["eval_loss"] is not None
+    assert list(d.cfg.path("logs").glob("daemon_*.log")) and list(d.cfg.path("logs").glob("trainer_*.log"))
+    assert d.stop() == 0
+    assert d.status()["status"] == "stopped"
+
+
+def test_bad_files_fail_with_reasons_while_training_goes_on(daemon_factory):
+    d = daemon_factory().start()
+    d.drop("good.jsonl", lines_of("alpaca.jsonl", 60))
+    d.drop("utf16.jsonl", '{"text": "hello"}\n'.encode("utf-16"))
+    d.drop("array.jsonl", json.dumps([{"text": "a"}, {"text": "b"}]))
+    d.drop("empty.jsonl", b"")
+    d.drop("badroles.jsonl", "".join(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n" for _ in range(20)))
+    d.wait_counts(done=1, failed=4, timeout=180)
+    reasons = {e.original_name: d.queue.read_error(e.job_id) for e in d.queue.failed()}
+    assert set(reasons) == {"utf16.jsonl", "array.jsonl", "empty.jsonl", "badroles.jsonl"}
+    assert all(r["reason"] == "invalid_data" for r in reasons.values())
+    assert "UTF-16" in reasons["utf16.jsonl"]["message"]
+    first = reasons["badroles.jsonl"]["errors"][0]
+    assert first["line"] == 1 and "role" in first["field"]
+    raw = {e.original_name: e.path.read_bytes() for e in d.queue.failed()}
+    assert raw["utf16.jsonl"] == '{"text": "hello"}\n'.encode("utf-16")  # original bytes kept
+    assert d.proc.poll() is None
+
+
+def test_priorities_are_served_in_order(daemon_factory):
+    d = daemon_factory()
+    # Queue everything before the daemon starts, so the order is decided by priority alone.
+    d.drop("low.jsonl", lines_of("text.jsonl", 12), sub="low")
+    d.drop("normal.jsonl", lines_of("text.jsonl", 12))
+    d.drop("high.jsonl", lines_of("text.jsonl", 12), sub="high")
+    d.start()
+    d.wait_counts(done=3, timeout=180)
+    db = d.history()
+    order = [j["original_name"] for j in sorted(db.jobs(), key=lambda j: j["started_at"])]
+    assert order == ["high.jsonl", "normal.jsonl", "low.jsonl"]
+
+
+def test_pause_resume_skip_stop_through_trainctl(daemon_factory):
+    d = daemon_factory(training={"epochs_per_file": 30}).start()
+    d.drop("long.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 2, what="training")
+    r = d.ctl("pause")
+    assert r.returncode == 0 and "paused" in r.stdout, r.stdout + r.stderr
+    step = d.status()["current_step"]
+    time.sleep(1.5)
+    assert d.status()["status"] == "paused" and d.status()["current_step"] == step  # really holds
+    r = d.ctl("resume")
+    assert r.returncode == 0, r.stdout
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] > step, what="training again")
+    r = d.ctl("status")
+    assert "training" in r.stdout and "long.jsonl" in r.stdout and "ETA" in r.stdout
+    js = json.loads(d.ctl("status", "--json").stdout)
+    assert js["status"] == "training"
+    r = d.ctl("skip")
+    assert r.returncode == 0 and "skipped" in r.stdout, r.stdout
+    failed = d.queue.failed()
+    assert len(failed) == 1 and d.queue.read_error(failed[0].job_id)["reason"] == "skipped"
+    assert not (d.cfg.path("adapters") / "current.json").exists()  # nothing kept from the skipped file
+    d.drop("next.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 3, what="second file")
+    r = d.ctl("stop")
+    assert r.returncode == 0, r.stdout
+    assert d.wait_exit() == 0
+    st = d.status()
+    assert st["status"] == "stopped"
+    assert [e.original_name for e in d.queue.processing()] == ["next.jsonl"]  # resumes at next start
+    assert list((d.cfg.path("checkpoints")).glob("*/step_*"))
+
+
+def test_emergency_stop_file(daemon_factory):
+    d = daemon_factory(training={"epochs_per_file": 30}).start()
+    d.drop("long.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 1, what="training")
+    (d.cfg.root / ".stop").touch()
+    assert d.wait_exit() == 0
+    assert not (d.cfg.root / ".stop").exists()
+    assert d.status()["status"] == "stopped"
+
+
+def test_launch_script_refuses_second_instance(daemon_factory):
+    d = daemon_factory()
+    env = dict(os.environ, TRAIND_PYTHON=__import__("sys").executable)
+    (d.cfg.path("status")).mkdir(parents=True, exist_ok=True)
+    (d.cfg.path("status") / "daemon.lock").write_text("999999\n")  # stale pid of a dead process
+    first = subprocess.run([str(REPO / "bin/launch_training_daemon.sh"), "--config", str(d.config_path)],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert first.returncode == 0, first.stderr
+    pid = int(first.stdout.split("pid ")[1].split(",")[0])
+    try:
+        second = subprocess.run([str(REPO / "bin/launch_training_daemon.sh"), "--config", str(d.config_path)],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert second.returncode != 0
+        assert f"pid {pid}" in second.stderr and "already running" in second.stderr
+        direct = subprocess.run([__import__("sys").executable, "-m", "daemon", "--config", str(d.config_path)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert direct.returncode == 3 and f"pid {pid}" in direct.stderr
+    finally:
+        os.kill(pid, 15)
+        for _ in range(300):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+
+
+def test_locked_key_change_refused_until_approved(daemon_factory):
+    d = daemon_factory().start()
+    d.drop("a.jsonl", lines_of("text.jsonl", 12))
+    d.wait_counts(done=1)
+    assert d.stop() == 0
+    d2 = daemon_factory(lora={"r": 8})  # same folder, rank changed
+    d2.start()
+    assert d2.wait_exit() == 2
+    st = d2.status()
+    assert st["status"] == "error" and "lora.r" in st["last_error"] and "4" in st["last_error"] and "8" in st["last_error"]
+    r = d2.ctl("config", "validate")
+    assert r.returncode == 1 and "lora.r" in r.stdout
+    r = d2.ctl("config", "approve")
+    assert r.returncode == 0 and "archived" in r.stdout, r.stdout
+    d2.start()
+    d2.wait_for(lambda s: s["status"] == "idle" and s["detail"] == "waiting for files", what="started after approval")
+    assert d2.stop() == 0
