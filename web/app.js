@@ -10,6 +10,7 @@
   const RESOURCE_EVERY_MS = 5000;   // resources are gauges: sampled, not pushed
   const SSE_SILENCE_MS = 45000;     // 3 missed heartbeats (15 s each): the stream is dead
   const SMOOTH_WEIGHT = 0.9;        // EMA weight, as TensorBoard's smoothing slider
+  const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7];  // steps are whole
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -106,7 +107,8 @@
     badge.className = 'badge state-' + badge.dataset.state;
     $('detail').textContent = s.detail || '';
     $('stale-banner').hidden = !s.stale;
-    $('stale-reason').textContent = (s.stale_reason || '') + (s.age_seconds != null ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
+    const said = s.stale_reason || '';
+    $('stale-reason').textContent = said + (s.age_seconds != null && !said.startsWith('no status update') ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
     document.body.classList.toggle('is-stale', !!s.stale);
 
     $('current-file').textContent = s.current_file || (s.status === 'idle' ? 'waiting for files' : '—');
@@ -116,7 +118,7 @@
     $('step').textContent = s.total_steps ? `${fmt.int(s.current_step)} / ${fmt.int(s.total_steps)}` : '—';
     $('epoch').textContent = fmt.num(s.epoch, 2);
     $('eta').textContent = s.status === 'training' && !s.stale ? fmt.dur(s.eta_seconds) : '—';
-    $('tps').textContent = fmt.int(s.tokens_per_sec);
+    $('tps').textContent = s.status === 'training' && !s.stale ? fmt.int(s.tokens_per_sec) : '—';
     $('loss').textContent = fmt.loss(s.loss);
     $('eval-loss').textContent = fmt.loss(s.eval_loss);
     $('lr').textContent = fmt.sci(s.lr);
@@ -127,6 +129,8 @@
     const le = $('last-error');
     le.hidden = !s.last_error; le.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
     renderControls();
+    // A daemon that died or came back changes the process table now, not at the next sample.
+    if (!prev || prev.stale !== s.stale || prev.pid !== s.pid || prev.trainer_pid !== s.trainer_pid) loadResources();
 
     // What changed decides what to fetch: no polling of history or queue.
     if (s.global_step < state.lastStep || (prev && prev.job_id !== s.job_id && s.global_step <= state.lastStep)) {
@@ -312,7 +316,7 @@
       scales: { x: { time: false } },
       legend: { live: true },
       axes: [
-        { label: 'global step', stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' } },
+        { label: 'global step', incrs: STEP_INCRS, stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' } },
         { stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' }, size: 64, values: (u, vals) => vals.map(yFmt) },
       ],
       series: [{ label: 'step' }].concat(series),

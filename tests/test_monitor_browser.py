@@ -1,0 +1,263 @@
+"""The dashboard in Debian's headless chromium (Playwright), against a real monitor process.
+
+    apt-get install -y chromium && pytest tests/test_monitor_browser.py -q
+
+First over a fabricated status tree (the test plays the daemon and moves it
+through states), then against the real daemon training the embedded tiny model.
+Screenshots go to test-artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from daemon import control
+from daemon.jobqueue import JobQueue
+from daemon.states import ControlAction, DesiredState, FailReason, Priority
+from tests.conftest import EXAMPLES, lines_of, write_instance
+from tests.daemon_harness import Daemon
+from tests.monitor_helpers import REPO, FakeDaemon, make_instance, monitor_process, token_of
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+JOB = "20261122T020301Z-000001--customer_chats.jsonl"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; bin/test.sh does it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A dashboard tab that records console errors and every URL it asked for."""
+
+    def __init__(self, browser: Any, base: str) -> None:
+        self.base = base
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1250})
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("request", lambda r: self.requests.append(r.url))
+
+    # Waits poll from Python: the page's CSP forbids eval, which wait_for_function(str) needs.
+    def open(self, token: str) -> None:
+        self.page.goto(f"{self.base}/#token={token}")
+        wait_until(lambda: self.page.text_content("#conn") == "live", 15, "SSE connection live")
+
+    def points(self) -> int:
+        return int(self.page.get_attribute("#chart-loss", "data-points") or 0)
+
+    def wait_points_above(self, n: int, timeout: float = 30) -> int:
+        wait_until(lambda: self.points() > n, timeout, f"loss chart with more than {n} points")
+        return self.points()
+
+    def wait_badge(self, state: str, timeout: float = 30) -> None:
+        self.page.wait_for_selector(f"#state-badge[data-state='{state}']", timeout=timeout * 1000)
+
+    def wait_button(self, name: str, label: str, enabled: bool, timeout: float = 30) -> None:
+        b = self.page.locator(f"#btn-{name}")
+        wait_until(lambda: b.text_content() == label and b.is_enabled() == enabled, timeout,
+                   f"button {name} showing {label!r} ({'enabled' if enabled else 'disabled'}), now {b.text_content()!r}")
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.evaluate("() => window.scrollTo(0, 0)")  # else the sticky header lands mid-page in a full-page shot
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def assert_clean(self) -> None:
+        assert not self.errors, self.errors
+        foreign = [u for u in self.requests if not u.startswith(self.base) and not u.startswith("data:")]
+        assert not foreign, f"the page fetched from elsewhere: {foreign}"
+
+
+def wait_until(pred, timeout: float = 15, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.1)
+
+
+class Heartbeat:
+    """Plays the service's status writer: rewrites the status every 0.5 s until stopped."""
+
+    def __init__(self, daemon: FakeDaemon, **fields: Any) -> None:
+        self.daemon, self.fields = daemon, dict(fields)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def set(self, **fields: Any) -> None:
+        with self._lock:
+            self.fields.update(fields)
+            self.daemon.status(**self.fields)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                self.daemon.status(**self.fields)
+
+    def __enter__(self) -> "Heartbeat":
+        self.set()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _fabricated_queue(cfg) -> JobQueue:
+    q = JobQueue(cfg.path("queue"))
+    now = time.time()
+    for name, prio in (("support_tickets.jsonl", Priority.HIGH), ("wiki_dump.jsonl", Priority.NORMAL), ("old_logs.jsonl", Priority.LOW)):
+        src = cfg.root / name
+        src.write_text(lines_of("chat.jsonl", 20))
+        q.admit(src, prio, now)
+    bad = cfg.root / "broken.jsonl"
+    bad.write_text('{"messages": []}\nnot json\n')
+    q.reject(bad, {"reason": FailReason.INVALID_DATA.value, "message": "2 of 2 lines are bad",
+                   "errors": [{"line": 1, "field": "messages", "reason": "empty conversation"},
+                              {"line": 2, "field": None, "reason": "not valid JSON"}]}, now)
+    return q
+
+
+def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    fake.steps(1500)
+    fake.eval(0.62)
+    q = _fabricated_queue(cfg)
+    training = dict(status="training", detail="training", current_file="customer_chats.jsonl", job_id=JOB,
+                    current_step=1500, total_steps=4000, epoch=0.37, loss=0.55, lr=1.9e-4, tokens_per_sec=905.0,
+                    eta_seconds=2760.0, eval_loss=0.62, queue=q.counts(), device="cpu", compute_dtype="float32",
+                    quantization="none", adapter_version=4, trainer_pid=os.getpid())
+    with monitor_process(cfg) as url:
+        with Heartbeat(fake, **training) as beat:
+            tab = Page(browser, url)
+            tab.open(token_of(cfg))
+            tab.wait_badge("training")
+            tab.page.wait_for_selector("text=broken.jsonl")
+            tab.page.wait_for_selector("#gpu-cards >> text=No GPU")
+            first = tab.wait_points_above(0)
+
+            # training goes on: new steps reach the chart without a reload
+            for _ in range(3):
+                fake.steps(40)
+                beat.set(current_step=training["current_step"] + fake.global_step - 1500, loss=0.5)
+                time.sleep(0.6)
+            tab.wait_points_above(first)
+            tab.shot("monitor_fabricated_training.png")
+
+            # pause: the button waits for the daemon, then the state comes from the status
+            tab.page.click("#btn-pause")
+            wait_until(lambda: control.read_desired_state(cfg) is DesiredState.PAUSED, what="desired_state paused")
+            tab.wait_button("pause", "Pausing…", enabled=False)
+            assert tab.page.text_content("#state-badge") == "training"  # no optimistic guess
+            beat.set(status="paused", desired_state="paused", detail="paused")
+            tab.wait_badge("paused")
+            tab.wait_button("resume", "Resume", enabled=True)
+            tab.page.click("#btn-resume")
+            wait_until(lambda: control.read_desired_state(cfg) is DesiredState.RUNNING, what="desired_state running")
+            tab.wait_button("resume", "Resuming…", enabled=False)
+            beat.set(status="training", desired_state="running", detail="training")
+            tab.wait_badge("training")
+            tab.wait_button("pause", "Pause", enabled=True)
+
+            # skip asks first; cancelling leaves nothing behind, confirming leaves a request for this job
+            tab.page.click("#btn-skip")
+            tab.page.click("#confirm-cancel")
+            time.sleep(0.3)
+            assert control.pending_requests(cfg) == []
+            tab.page.click("#btn-skip")
+            tab.page.click("#confirm-ok")
+            wait_until(lambda: [(r.action, r.job_id) for r in control.pending_requests(cfg)] == [(ControlAction.SKIP, JOB)], what="skip request")
+            tab.wait_button("skip", "Skipping…", enabled=False)
+            for r in control.pending_requests(cfg):  # the daemon consumes it
+                control.consume(r)
+            tab.wait_button("skip", "Skip file", enabled=True)
+
+            # retry from the failed row goes through the same control requests
+            tab.page.click("tr.row-failed >> text=Retry")
+            wait_until(lambda: [r.action for r in control.pending_requests(cfg)] == [ControlAction.RETRY], what="retry request")
+            tab.page.wait_for_selector("tr.row-failed >> text=retry requested…")
+
+            # upload through the page lands in the inbox under its priority
+            data = tmp_path / "fresh_batch.jsonl"
+            data.write_text(lines_of("chat.jsonl", 5))
+            tab.page.set_input_files("#upload-file", str(data))
+            tab.page.select_option("#upload-priority", "high")
+            tab.page.click("#upload-btn")
+            tab.page.wait_for_selector("#upload-result >> text=Queued as fresh_batch.jsonl")
+            assert (cfg.path("inbox") / "high" / "fresh_batch.jsonl").read_text() == data.read_text()
+
+        # the heartbeat stopped (a hung daemon): three missed writes later the open page says so
+        tab.page.wait_for_selector("#stale-banner", state="visible", timeout=15_000)
+        tab.wait_badge("stale")
+        assert "no status update" in tab.page.text_content("#stale-reason")
+        tab.shot("monitor_fabricated_stale.png")
+        tab.assert_clean()
+
+
+def test_dashboard_drives_the_real_daemon(browser, tmp_path, models_dir):
+    """Real daemon + real monitor on loopback: upload from the page, chart fills, pause/resume, kill -> banner."""
+    config_path = write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 30})
+    d = Daemon(config_path)
+    try:
+        d.start()
+        d.wait_for(lambda st: st.get("status") in ("idle", "training"), timeout=120, what="daemon up")
+        with monitor_process(d.cfg, log_path=tmp_path / "monitor.log") as url:
+            tab = Page(browser, url)
+            tab.open(token_of(d.cfg))
+            data = tmp_path / "long_chat.jsonl"
+            data.write_text(lines_of("chat.jsonl", 40))
+            tab.page.set_input_files("#upload-file", str(data))
+            tab.page.click("#upload-btn")
+            tab.page.wait_for_selector("#upload-result >> text=Queued as long_chat.jsonl")
+
+            d.wait_for(lambda st: st.get("status") == "training" and st.get("global_step", 0) >= 2, timeout=180, what="training")
+            tab.wait_badge("training")
+            first = tab.wait_points_above(0, timeout=60)
+            tab.wait_points_above(first, timeout=60)  # the chart grows as the daemon trains
+            tab.shot("monitor_real_training.png")
+
+            tab.page.click("#btn-pause")
+            st = d.wait_for(lambda st: st.get("status") == "paused", timeout=120, what="paused")
+            tab.wait_badge("paused")
+            tab.wait_button("resume", "Resume", enabled=True)
+            time.sleep(1.5)
+            assert d.status()["global_step"] == st["global_step"]  # really holds
+            tab.shot("monitor_real_paused.png")
+            tab.page.click("#btn-resume")
+            d.wait_for(lambda s: s.get("status") == "training" and s.get("global_step", 0) > st["global_step"], timeout=120, what="resumed")
+            tab.wait_badge("training")
+
+            d.kill9()  # a dead daemon must never look like training
+            tab.page.wait_for_selector("#stale-banner", state="visible", timeout=15_000)
+            tab.wait_badge("stale")
+            assert "is gone" in tab.page.text_content("#stale-reason")
+            tab.page.wait_for_selector("#host-cards tr:has(td:text-is('daemon')) >> text=not running", timeout=10_000)
+            tab.shot("monitor_real_daemon_killed.png")
+            tab.assert_clean()
+    finally:
+        d.close()
