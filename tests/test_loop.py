@@ -1,4 +1,7 @@
-"""daemon.loop + daemon.checkpoint: a file trains, and an interrupted run resumes exactly."""
+"""daemon.loop + daemon.checkpoint: a file trains, and an interrupted run resumes exactly.
+
+`models_dir` (conftest) builds the embedded tiny model once per session.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from daemon import checkpoint as ckpt  # noqa: E402
 from daemon.config import Config, DataConfig, LoraConfig, ModelConfig, PathsConfig, TrainingConfig  # noqa: E402
 from daemon.loop import Job, lr_factor, steps_per_epoch, train_file  # noqa: E402
 from daemon.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
-from daemon.tinymodel import ensure_embedded  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MAX_RESUME_DIFF = 1e-5
@@ -28,13 +30,6 @@ def one_thread():  # noqa: ANN201
     yield
     torch.set_num_threads(before)
 
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One embedded tiny model per session (ensure_embedded caches it under the session's base temp)."""
-    models = tmp_path_factory.getbasetemp() / "models"
-    ensure_embedded(models)
-    return models
 
 
 def small_file(tmp_path: Path, name: str = "alpaca.jsonl", n: int = 40) -> Path:

@@ -1,4 +1,7 @@
-"""daemon.model: capabilities, dtype choice, 4-bit and plain loading, seeded LoRA, adapter folders."""
+"""daemon.model: capabilities, dtype choice, 4-bit and plain loading, seeded LoRA, adapter folders.
+
+`models_dir` (conftest) builds the embedded tiny model once per session.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from daemon.model import (  # noqa: E402
     Capabilities, ModelError, capabilities, choose_device, choose_dtype, load_adapter,
     load_for_training, lora_max_abs_diff, lora_state, save_adapter, set_lora_state,
 )
-from daemon.tinymodel import ensure_embedded  # noqa: E402
 
 CPU = Capabilities(cuda=False, bf16=False, bitsandbytes=True, cuda_name=None)
 AMPERE = Capabilities(cuda=True, bf16=True, bitsandbytes=True, cuda_name="fake")
@@ -29,13 +31,6 @@ def one_thread():  # noqa: ANN201
     yield
     torch.set_num_threads(before)
 
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One embedded tiny model per session (ensure_embedded caches it under the session's base temp)."""
-    models = tmp_path_factory.getbasetemp() / "models"
-    ensure_embedded(models)
-    return models
 
 
 def make_cfg(models: Path, quantization: str = "none", dropout: float = 0.0) -> Config:

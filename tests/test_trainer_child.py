@@ -3,6 +3,8 @@
 Two children share one session: the first runs the life of an adapter (two files,
 an already-trained file, pause/resume/skip, failures, stop); the second is
 SIGKILLed after a checkpoint and a fresh one resumes the file exactly.
+
+`models_dir` (conftest) builds the embedded tiny model once per session.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from daemon.config import load_config  # noqa: E402
 from daemon.errors import TraindError  # noqa: E402
 from daemon.loop import Job, train_file  # noqa: E402
 from daemon.model import load_adapter, load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
-from daemon.tinymodel import ensure_embedded  # noqa: E402
 from daemon.trainer import acquire_lock  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,13 +46,6 @@ def one_thread():  # noqa: ANN201
     yield
     torch.set_num_threads(before)
 
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One embedded tiny model per session (ensure_embedded caches it under the session's base temp)."""
-    models = tmp_path_factory.getbasetemp() / "models"
-    ensure_embedded(models)
-    return models
 
 
 def write_config(root: Path, models: Path, **training: Any) -> Path:
