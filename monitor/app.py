@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
+import threading
 from typing import AsyncIterator
 
 from fastapi import FastAPI
@@ -20,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from daemon.config import Config
 from daemon.jobqueue import JobQueue
+from daemon.status import HISTORY_FILE, HistoryDB
 from monitor import auth, control, events, history, metrics, queue_view, resources, status, upload
 from monitor.deps import MonitorState
 from monitor.gpu import GpuProbe
@@ -38,6 +41,8 @@ def create_app(config: Config, settings: MonitorSettings | None = None) -> FastA
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Build the history summary now, not on the first page load (about a second per million steps).
+        threading.Thread(target=_warm_history, args=(state,), name="history-warmup", daemon=True).start()
         yield
         state.closing = True
         state.gpu.close()
@@ -55,6 +60,19 @@ def create_app(config: Config, settings: MonitorSettings | None = None) -> FastA
     # Last: API routes above win over files of the same name.
     app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
     return app
+
+
+def _warm_history(state: MonitorState) -> None:
+    path = state.cfg.path("status") / HISTORY_FILE
+    if not path.exists():
+        return
+    db = HistoryDB.open_readonly(path)
+    try:
+        state.history.refresh(db.conn)
+    except sqlite3.Error as e:  # the first request tries again and reports it
+        log.warning("history summary not built at start: %s", e)
+    finally:
+        db.close()
 
 
 def _add_docs(app: FastAPI) -> None:

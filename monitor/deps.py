@@ -13,6 +13,7 @@ from daemon.config import Config
 from daemon.jobqueue import JobQueue
 from monitor import auth
 from monitor.gpu import GpuProbe
+from monitor.history_index import HistoryIndex
 from monitor.host import ProcessSampler
 from monitor.settings import MonitorSettings
 
@@ -25,6 +26,7 @@ class MonitorState:
     queue: JobQueue
     gpu: GpuProbe
     procs: ProcessSampler
+    history: HistoryIndex = field(default_factory=HistoryIndex)
     started_at: float = field(default_factory=time.time)
     sse_clients: int = 0
     closing: bool = False  # set on shutdown so live streams end instead of holding it up

@@ -1,13 +1,17 @@
-"""GET /api/history: step metrics and eval losses from `history.db`, downsampled in SQLite.
+"""GET /api/history: step metrics and eval losses from `history.db`, downsampled on the server.
 
 A month of training is millions of rows; the page needs a few thousand points.
 Rows are cut into equal global-step buckets and each bucket keeps four real
 rows: its first, its last, and the ones with the lowest and highest value (loss
 for metrics, eval_loss for evals). So spikes and dips survive however far the
 chart is zoomed out, and every point drawn is a step that really happened.
-Each kind of representative is one GROUP BY query using SQLite's documented
-"bare column" rule (with a single min() or max() aggregate the other columns
-come from the row that holds it), so no row ever reaches Python unless kept.
+
+Ranges of up to SQL_MAX_ROWS rows are bucketed in SQLite (one GROUP BY per
+kind of representative, using SQLite's documented "bare column" rule: with a
+single min() or max() aggregate, the other columns come from the row that holds
+it). Larger ranges are answered from the monitor's in-memory summary
+(history_index.py), so the whole history of a month loads in milliseconds.
+Either way only the kept rows are fetched in full.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import math
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterable
 
 from fastapi import APIRouter, Query
 
 from daemon.status import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
+from monitor.history_index import FINE, HistoryIndex
 from monitor.models import EvalPoint, History, HistoryPoint
 
 router = APIRouter(tags=["history"], dependencies=[ReadAuth])
@@ -29,6 +34,8 @@ router = APIRouter(tags=["history"], dependencies=[ReadAuth])
 METRIC_COLS = ("global_step", "job_id", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_sec", "t")
 EVAL_COLS = ("global_step", "job_id", "step", "eval_loss", "t")
 KEEP_PER_BUCKET = 4  # first, min, max, last
+SQL_MAX_ROWS = 20_000  # ~40 ms in SQLite; beyond this the in-memory summary answers
+_IN_CHUNK = 900  # stays under SQLite's default limit of host parameters
 
 
 @dataclass(frozen=True)
@@ -40,40 +47,77 @@ class Series:
     last: int | None
 
 
+def _where(since: int, until: int | None) -> tuple[str, list[int]]:
+    if until is None:
+        return "global_step > ?", [since]
+    return "global_step > ? AND global_step <= ?", [since, until]
+
+
+def _fetch(conn: sqlite3.Connection, table: str, cols: tuple[str, ...], steps: Iterable[int]) -> list[dict[str, Any]]:
+    """Full rows for these global steps, in order (one row per step)."""
+    steps = sorted(set(steps))
+    by_step: dict[int, dict[str, Any]] = {}
+    for i in range(0, len(steps), _IN_CHUNK):
+        chunk = steps[i:i + _IN_CHUNK]
+        sql = f"SELECT {', '.join(cols)} FROM {table} WHERE global_step IN ({','.join('?' * len(chunk))})"
+        for r in conn.execute(sql, chunk):
+            by_step.setdefault(r[0], dict(zip(cols, r)))
+    return [by_step[g] for g in steps if g in by_step]
+
+
 def downsample(conn: sqlite3.Connection, table: str, cols: tuple[str, ...], value: str,
                since: int, until: int | None, max_points: int) -> Series:
-    """Rows of `table` with since < global_step <= until, at most `max_points` of them, ordered by global_step."""
-    where, args = "global_step > ?", [since]
-    if until is not None:
-        where += " AND global_step <= ?"
-        args.append(until)
+    """Rows of `table` with since < global_step <= until, at most `max_points`, bucketed in SQLite."""
+    where, args = _where(since, until)
     total, lo, hi = conn.execute(f"SELECT COUNT(*), MIN(global_step), MAX(global_step) FROM {table} WHERE {where}", args).fetchone()
-    select = ", ".join(cols)
     if total <= max_points:
-        rows = conn.execute(f"SELECT {select} FROM {table} WHERE {where} ORDER BY global_step", args).fetchall()
+        rows = conn.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE {where} ORDER BY global_step", args).fetchall()
         return Series([dict(zip(cols, r)) for r in rows], total, 1, lo, hi)
-    buckets = max(1, max_points // KEEP_PER_BUCKET)
-    width = max(1, math.ceil((hi - lo + 1) / buckets))
-    others = ", ".join(c for c in cols if c != "global_step")
-    kept: dict[int, tuple] = {}
-    for agg in (f"MIN(global_step)", f"MAX(global_step)", f"MIN({value})", f"MAX({value})"):
-        # global_step is always selected bare: for MIN/MAX(global_step) it is the aggregate's own row anyway.
-        sql = (f"SELECT {agg}, global_step, {others} FROM {table} WHERE {where} "
-               f"GROUP BY (global_step - ?) / ?")
-        for r in conn.execute(sql, [*args, lo, width]):
-            if r[1] is not None:
-                kept[r[1]] = r[1:]
-    rows = [dict(zip(cols, kept[g])) for g in sorted(kept)]
-    return Series(rows, total, width, lo, hi)
+    width = max(1, math.ceil((hi - lo + 1) / max(1, max_points // KEEP_PER_BUCKET)))
+    group = f"FROM {table} WHERE {where} GROUP BY (global_step - ?) / ?"
+    keep: set[int] = set()
+    for sql in (f"SELECT MIN(global_step) {group}", f"SELECT MAX(global_step) {group}",
+                f"SELECT global_step, MIN({value}) {group}", f"SELECT global_step, MAX({value}) {group}"):
+        keep.update(r[0] for r in conn.execute(sql, [*args, lo, width]) if r[0] is not None)
+    return Series(_fetch(conn, table, cols, keep), total, width, lo, hi)
 
 
-def read_history(db_path: Path, since: int, until: int | None, max_points: int) -> History:
+def _edge(conn: sqlite3.Connection, a: int, b: int) -> tuple[int, set[int]]:
+    """Row count and the four representatives of a partial bucket [a, b] at a range's edge."""
+    if a > b:
+        return 0, set()
+    rows = conn.execute("SELECT global_step, loss FROM metrics WHERE global_step BETWEEN ? AND ?", (a, b)).fetchall()
+    if not rows:
+        return 0, set()
+    keep = {min(g for g, _ in rows), max(g for g, _ in rows)}
+    losses = [(loss, g) for g, loss in rows if loss is not None]
+    if losses:
+        keep |= {min(losses)[1], max(losses)[1]}
+    return len(rows), keep
+
+
+def metrics_series(conn: sqlite3.Connection, index: HistoryIndex, since: int, until: int | None, max_points: int) -> Series:
+    index.refresh(conn)
+    lo, hi = since + 1, index.max_g if until is None else min(until, index.max_g)
+    first_b, last_b = math.ceil(lo / FINE), (hi + 1) // FINE - 1  # summary buckets wholly inside [lo, hi]
+    whole = index.count(first_b, last_b) if first_b <= last_b else 0
+    if whole <= SQL_MAX_ROWS:
+        return downsample(conn, "metrics", METRIC_COLS, "loss", since, until, max_points)
+    n_head, head = _edge(conn, lo, first_b * FINE - 1)
+    n_tail, tail = _edge(conn, (last_b + 1) * FINE, hi)
+    budget = max(1, (max_points - 2 * KEEP_PER_BUCKET) // KEEP_PER_BUCKET)
+    per = math.ceil((last_b - first_b + 1) / budget)
+    rows = _fetch(conn, "metrics", METRIC_COLS, index.keep(first_b, last_b, per) | head | tail)
+    return Series(rows, whole + n_head + n_tail, per * FINE, rows[0]["global_step"], rows[-1]["global_step"])
+
+
+def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | None, max_points: int) -> History:
     if not db_path.exists():
         return History(points=[], evals=[], total_rows=0, downsampled=False, bucket_width=1,
                        first_global_step=None, last_global_step=None)
     db = HistoryDB.open_readonly(db_path)
     try:
-        m = downsample(db.conn, "metrics", METRIC_COLS, "loss", since, until, max_points)
+        m = metrics_series(db.conn, index, since, until, max_points)
         e = downsample(db.conn, "evals", EVAL_COLS, "eval_loss", since, until, max_points)
     finally:
         db.close()
@@ -92,4 +136,4 @@ def get_history(
     until: Annotated[int | None, Query(description="only global steps up to this one (zoomed views)")] = None,
     max_points: Annotated[int, Query(ge=16, le=20000, description="upper bound on points returned")] = 2000,
 ) -> History:
-    return read_history(state.cfg.path("status") / HISTORY_FILE, since, until, max_points)
+    return read_history(state.cfg.path("status") / HISTORY_FILE, state.history, since, until, max_points)

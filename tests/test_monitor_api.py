@@ -183,6 +183,53 @@ def test_downsampling_a_million_rows_keeps_min_and_max(tmp_path, cfg):
     assert [p["global_step"] for p in z["points"]] == list(range(spike - 100, spike + 101))
 
 
+def test_summary_path_keeps_each_buckets_extremes(tmp_path, monkeypatch):
+    from monitor import history
+    from monitor.history_index import FINE, HistoryIndex
+
+    monkeypatch.setattr(history, "SQL_MAX_ROWS", 0)  # force the in-memory summary on a small table
+    db = HistoryDB(tmp_path / HISTORY_FILE)
+    rng = random.Random(2)
+    steps = sorted(rng.sample(range(100_000), 20_000))
+    rows = [(g, rng.random()) for g in steps]
+    with db.conn:
+        db.conn.executemany("INSERT INTO metrics VALUES ('j', ?, ?, 0, ?, 1e-4, 1, 900, 1.0)", [(g, g, l) for g, l in rows])
+    idx = HistoryIndex()
+    s = history.metrics_series(db.conn, idx, 99, 90_000, 400)
+    got = [r["global_step"] for r in s.rows]
+    inside = [(g, l) for g, l in rows if 99 < g <= 90_000]
+    assert len(got) <= 400 and s.total == len(inside) and s.bucket_width % FINE == 0
+    assert set(got) <= {g for g, _ in inside}
+    first_b = math.ceil(100 / FINE)
+    interior = [(g, l) for g, l in inside if first_b * FINE <= g < (90_001 // FINE) * FINE]
+    assert set(_brute_force(interior, first_b * FINE, s.bucket_width)) <= set(got)
+    assert min(inside, key=lambda r: r[1])[0] in got and max(inside, key=lambda r: r[1])[0] in got
+
+
+def test_summary_follows_new_and_replayed_steps(tmp_path, monkeypatch):
+    """After a resume the service deletes rows past the checkpoint and writes them again."""
+    from monitor import history
+    from monitor.history_index import HistoryIndex
+
+    monkeypatch.setattr(history, "SQL_MAX_ROWS", 0)
+    db = HistoryDB(tmp_path / HISTORY_FILE)
+    for g in range(1000):
+        db.record_step("j", g, g, 0, 99.0 if g == 900 else 1.0, 1e-4, 1, 900, t=100.0)
+    idx = HistoryIndex()
+    keep = lambda: {r["global_step"]: r["loss"] for r in history.metrics_series(db.conn, idx, -1, None, 64).rows}  # noqa: E731
+    assert keep()[900] == 99.0
+    db.forget_steps_after("j", 500)  # resumed from the checkpoint at step 500 ...
+    assert max(keep()) == 500
+    for g in range(501, 700):  # ... and trained again, differently
+        db.record_step("j", g, g, 0, 50.0 if g == 600 else 0.5, 1e-4, 1, 900, t=200.0)
+    k = keep()
+    assert k[600] == 50.0 and max(k) == 699 and 900 not in k
+    for g in range(700, 1200):
+        db.record_step("j", g, g, 0, -3.0 if g == 1100 else 0.4, 1e-4, 1, 900, t=300.0)
+    k = keep()
+    assert k[1100] == -3.0 and k[600] == 50.0 and max(k) == 1199 and len(k) <= 64
+
+
 # ---------------------------------------------------------------- queue
 
 def _queue_files(cfg, daemon_queue):
