@@ -12,28 +12,30 @@ the same line rules (same line numbers, same normalised records).
 
 Rules: UTF-8 (RFC 8259) with an optional UTF-8 BOM; one JSON object per line;
 blank lines ignored. The file's format is the format of its first valid record
-and every line must match it. Lines are read in chunks, so an over-long line or
-a multi-GB file never needs more than about `max_line_bytes` of memory.
+and every line must match it. Line splitting in bounded memory, encoding
+sniffing and strict JSON decoding are in `daemon.jsonl`; this module decides
+what a line means.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
+from daemon import jsonl
 from daemon.config import DataConfig
+from daemon.jsonl import RawLine, decode, guess_encoding, json_type, layout_problem
 
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 50
-_CHUNK = 1 << 18  # read size (256 KiB); also the largest piece of an over-long line held at once
+_CHUNK = jsonl.CHUNK  # read size, looked up at each read so a test can shrink it
 _ROLES = ("system", "user", "assistant")
 
 
@@ -101,86 +103,16 @@ class ValidationReport:
     reason: str | None  # why not accepted (None when accepted)
 
     def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "size": self.size,
-            "sha256": self.sha256,
-            "format": self.format.value if self.format else None,
-            "n_lines": self.n_lines,
-            "n_valid": self.n_valid,
-            "n_bad": self.n_bad,
-            "errors": [e.to_dict() for e in self.errors],
-            "fatal": self.fatal,
-            "accepted": self.accepted,
-            "reason": self.reason,
-        }
-
-
-# ---------------------------------------------------------------- reading lines
-
-
-class _RawLine(NamedTuple):  # a tuple, not a dataclass: one is made per line of multi-GB files
-    number: int  # 1-based
-    data: bytes | None  # None when the line is longer than max_line_bytes (never held whole)
-    length: int  # bytes, without the newline
-    newline: bool  # False only for a last line without a trailing newline
-
-
-def _raw_lines(f: BinaryIO, max_line_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> Iterator[_RawLine]:
-    """Split a binary stream into lines, holding at most ~max_line_bytes + one chunk in memory."""
-    buf = bytearray()
-    length, overlong, number = 0, False, 0
-    while chunk := f.read(_CHUNK):
-        if on_chunk is not None:
-            on_chunk(chunk)
-        pieces = chunk.split(b"\n")
-        for i, piece in enumerate(pieces):
-            length += len(piece)
-            if not overlong:
-                buf += piece
-                if length > max_line_bytes:
-                    overlong = True
-                    buf = bytearray()  # drop it: the line is bad whatever it holds
-            if i == len(pieces) - 1:
-                break  # the last piece continues in the next chunk
-            number += 1
-            yield _RawLine(number, None if overlong else _strip_bom(bytes(buf), number), length, True)
-            buf = bytearray()
-            length, overlong = 0, False
-    if length or overlong:
-        number += 1
-        yield _RawLine(number, None if overlong else _strip_bom(bytes(buf), number), length, False)
-
-
-def _strip_bom(data: bytes, number: int) -> bytes:
-    # RFC 8259 section 8.1: parsers may ignore a UTF-8 BOM at the start; anywhere else it is data.
-    return data[len(codecs.BOM_UTF8):] if number == 1 and data.startswith(codecs.BOM_UTF8) else data
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # in field order
+        return d | {"format": self.format.value if self.format else None, "errors": [e.to_dict() for e in self.errors]}
 
 
 # ---------------------------------------------------------------- one line
 
 
-def _json_type(value: Any) -> str:
-    """JSON's name for a parsed value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
-
-
 def _show(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")  # RFC 8259 has no NaN/Infinity; Python's json accepts them
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads with options builds one per call
 
 
 def _detect(obj: dict) -> DataFormat | None:
@@ -202,7 +134,7 @@ def _string(obj: dict, key: str, line: int, field: str, non_empty: bool) -> str 
         return LineError(line, field, "missing")
     value = obj[key]
     if not isinstance(value, str):
-        return LineError(line, field, f"must be a string, got {_json_type(value)}")
+        return LineError(line, field, f"must be a string, got {json_type(value)}")
     if non_empty and not value.strip():
         return LineError(line, field, "must not be empty")
     return value
@@ -211,7 +143,7 @@ def _string(obj: dict, key: str, line: int, field: str, non_empty: bool) -> str 
 def _parse_message(msg: Any, line: int, i: int) -> dict | LineError:
     field = f"messages[{i}]"
     if not isinstance(msg, dict):
-        return LineError(line, field, f"must be an object with role and content, got {_json_type(msg)}")
+        return LineError(line, field, f"must be an object with role and content, got {json_type(msg)}")
     role = _string(msg, "role", line, f"{field}.role", non_empty=False)
     if isinstance(role, LineError):
         return role
@@ -237,7 +169,7 @@ def _parse_chat(obj: dict, line: int) -> dict | LineError:
         return LineError(line, "messages", "missing")
     messages = obj["messages"]
     if not isinstance(messages, list):
-        return LineError(line, "messages", f"must be an array of messages, got {_json_type(messages)}")
+        return LineError(line, "messages", f"must be an array of messages, got {json_type(messages)}")
     if not messages:
         return LineError(line, "messages", "must not be empty")
     out = []
@@ -273,7 +205,7 @@ def _parse_alpaca(obj: dict, line: int) -> dict | LineError:
     # "input": null is common in exported datasets and plainly means "no input".
     inp = "" if obj.get("input") is None else obj["input"]
     if not isinstance(inp, str):
-        return LineError(line, "input", f"must be a string, got {_json_type(inp)}")
+        return LineError(line, "input", f"must be a string, got {json_type(inp)}")
     output = _string(obj, "output", line, "output", non_empty=True)
     if isinstance(output, LineError):
         return output
@@ -290,20 +222,8 @@ _PARSERS: dict[DataFormat, Callable[[dict, int], dict | LineError]] = {
 
 def _decode_error(raw: bytes, line: int, e: UnicodeDecodeError) -> LineError:
     bad = raw[e.start : e.start + 1].hex().upper()
-    return LineError(
-        line, "",
-        f"not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the line; looks like {_guess_encoding(raw)}); "
-        "save the file as UTF-8",
-    )
-
-
-def _guess_encoding(raw: bytes) -> str:
-    """A hint for people, not a detector: what non-UTF-8 bytes probably are."""
-    try:
-        raw.decode("cp1252")
-        return "Latin-1 / Windows-1252"
-    except UnicodeDecodeError:
-        return "a legacy single- or double-byte encoding"
+    return LineError(line, "", f"not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the line; "
+                               f"looks like {guess_encoding(raw)}); save the file as UTF-8")
 
 
 class _Parsed(NamedTuple):
@@ -320,14 +240,14 @@ def _parse(raw: bytes, line: int, fmt: DataFormat | None, max_line_bytes: int, l
     except UnicodeDecodeError as e:
         return _Parsed(_decode_error(raw, line, e), None, True)
     try:
-        obj = _DECODER.decode(text)
-    except ValueError as e:  # JSONDecodeError is a ValueError, and so is _reject_constant's
+        obj = decode(text)
+    except ValueError as e:  # JSONDecodeError is a ValueError, and so is decode's NaN refusal
         if last_no_newline:
             return _Parsed(LineError(line, "", "truncated last line (no newline at end, invalid JSON)"), None, False)
         where = f" at column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         return _Parsed(LineError(line, "", f"invalid JSON{where}: {getattr(e, 'msg', str(e))}"), None, False)
     if not isinstance(obj, dict):
-        return _Parsed(LineError(line, "", f"expected a JSON object, got {_json_type(obj)}"), None, False)
+        return _Parsed(LineError(line, "", f"expected a JSON object, got {json_type(obj)}"), None, False)
     shape = _detect(obj)
     if shape is None:
         keys = ", ".join(sorted(obj)[:8]) or "none"
@@ -357,26 +277,6 @@ def parse_line(raw: bytes, line: int, fmt: DataFormat | None, max_line_bytes: in
 # ---------------------------------------------------------------- whole file
 
 
-def _bom_problem(head: bytes) -> str | None:
-    """A fatal reason when the file starts with a byte order mark of a non-UTF-8 encoding."""
-    # UTF-32 first: its LE mark begins with UTF-16 LE's.
-    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32 LE"), (codecs.BOM_UTF32_BE, "UTF-32 BE"),
-                      (codecs.BOM_UTF16_LE, "UTF-16 LE"), (codecs.BOM_UTF16_BE, "UTF-16 BE")):
-        if head.startswith(bom):
-            return f"not UTF-8: the file starts with a {name} byte order mark; save it as UTF-8"
-    return None
-
-
-def _nul_problem(chunk: bytes, offset: int) -> str:
-    at = chunk.index(b"\x00")
-    head = chunk[:64]
-    if offset == 0 and len(head) >= 4 and head[1::2].count(0) >= len(head) // 4 and head[0::2].count(0) == 0:
-        return "not UTF-8: NUL bytes between characters; looks like UTF-16 LE without a byte order mark; save it as UTF-8"
-    if offset == 0 and len(head) >= 4 and head[0::2].count(0) >= len(head) // 4 and head[1::2].count(0) == 0:
-        return "not UTF-8: NUL bytes between characters; looks like UTF-16 BE without a byte order mark; save it as UTF-8"
-    return f"binary data: NUL byte at byte offset {offset + at}; JSONL is UTF-8 text"
-
-
 class _Tally:
     """Counts and first errors while a file streams past."""
 
@@ -389,13 +289,13 @@ class _Tally:
         self.other_formats: Counter[DataFormat] = Counter()  # bad lines whose keys are another format
         self.seen_nonblank = False
 
-    def add(self, raw: _RawLine) -> None:
+    def add(self, raw: RawLine) -> None:
         self.n_lines = raw.number
         if raw.data is not None and not raw.data.strip():
             return
         if not self.seen_nonblank:
             self.seen_nonblank = True
-            self.fatal = _layout_problem(raw.data)
+            self.fatal = layout_problem(raw.data)
             if self.fatal:
                 return
         if raw.data is None:
@@ -413,18 +313,6 @@ class _Tally:
             self.fatal = f"not UTF-8: {parsed.result}"
         elif parsed.shape is not None and self.fmt is not None and parsed.shape != self.fmt:
             self.other_formats[parsed.shape] += 1
-
-
-def _layout_problem(first: bytes | None) -> str | None:
-    """Whole-file shapes that are JSON but not JSON Lines, seen on the first non-blank line."""
-    if first is None:
-        return None
-    start = first.strip()
-    if start.startswith(b"["):
-        return "the file is a JSON array, not JSON Lines: write one JSON object per line (e.g. jq -c '.[]' in.json > out.jsonl)"
-    if start == b"{":
-        return "the file looks like pretty-printed JSON: JSON Lines needs each object on one line"
-    return None
 
 
 def _mixed(t: _Tally) -> str | None:
@@ -462,25 +350,16 @@ def validate_file(path: str | os.PathLike, data_cfg: DataConfig, max_file_bytes:
         return _refused(path, size, "", f"too large: {size} bytes, limit {max_file_bytes} (intake.max_file_bytes)")
     if size == 0:
         return _refused(path, size, hashlib.sha256().hexdigest(), "empty file")
-    digest = hashlib.sha256()
+    scan = jsonl.ChunkScan()
     tally = _Tally(data_cfg)
-    offset = 0
-
-    def on_chunk(chunk: bytes) -> None:
-        nonlocal offset
-        digest.update(chunk)
-        if tally.fatal is None and offset == 0:
-            tally.fatal = _bom_problem(chunk)
-        if tally.fatal is None and b"\x00" in chunk:
-            tally.fatal = _nul_problem(chunk, offset)
-        offset += len(chunk)
-
     with open(path, "rb") as f:
-        for raw in _raw_lines(f, data_cfg.max_line_bytes, on_chunk):
+        for raw in jsonl.raw_lines(f, data_cfg.max_line_bytes, scan.add, _CHUNK):
+            tally.fatal = tally.fatal or scan.problem
             if tally.fatal is None:
                 tally.add(raw)
             else:  # after a whole-file problem only the hash and the line count go on
                 tally.n_lines = raw.number
+    tally.fatal = tally.fatal or scan.problem
     if tally.fatal is None and tally.n_valid + tally.n_bad == 0:
         tally.fatal = "no records: the file has only blank lines"
     reason = _policy(tally)
@@ -490,7 +369,7 @@ def validate_file(path: str | os.PathLike, data_cfg: DataConfig, max_file_bytes:
     if mixed:
         reason = f"{mixed}; {reason}"
     report = ValidationReport(
-        str(path), size, digest.hexdigest(), tally.fmt, tally.n_lines, tally.n_valid, tally.n_bad,
+        str(path), size, scan.sha256, tally.fmt, tally.n_lines, tally.n_valid, tally.n_bad,
         tuple(tally.errors), tally.fatal or mixed, reason is None, reason,
     )
     log.debug("validated %s: %s", path, reason or "accepted")
@@ -508,7 +387,7 @@ def iter_records(path: str | os.PathLike, fmt: DataFormat, max_line_bytes: int) 
     """
     fmt = DataFormat(fmt)
     with open(path, "rb") as f:
-        for raw in _raw_lines(f, max_line_bytes):
+        for raw in jsonl.raw_lines(f, max_line_bytes, chunk_size=_CHUNK):
             if raw.data is None or not raw.data.strip():
                 continue
             result = _parse(raw.data, raw.number, fmt, max_line_bytes, not raw.newline).result
