@@ -1,4 +1,4 @@
-"""Decide which inbox files are complete and may be taken.
+"""Intake: decide which inbox files are complete, validate them, queue or refuse them.
 
     scanner = InboxScanner(cfg.path("inbox"), settle_seconds=1.0, ignore_suffixes=(".tmp", ".part"))
     for path, priority in scanner.ready(now=time.time()):
@@ -9,6 +9,8 @@ mtime have held still for `settle_seconds` across scans. Names ending in an
 ignored suffix (a writer's temp name) and hidden files are never taken.
 `inbox/high/` and `inbox/low/` set the priority; anything else is normal.
 Time is a parameter, so tests never sleep.
+
+    take_file(path, priority, now, cfg, queue, db)   # validate; pending/ or failed/ with reasons
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.states import Priority
+import logging
+from typing import Any
+
+from daemon.config import Config
+from daemon.jobqueue import JobQueue, QueueEntry
+from daemon.states import FailReason, JobState, Priority
+from daemon.status import HistoryDB
+from daemon.validate import ValidationReport, validate_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,3 +90,33 @@ class InboxScanner:
     def waiting(self) -> int:
         """Files seen but not yet settled (for the status detail)."""
         return len(self._seen)
+
+
+def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB) -> QueueEntry:
+    """Validate one complete inbox file, then queue it or refuse it with its reasons."""
+    report = validate_file(path, cfg.data, cfg.intake.max_file_bytes)
+    if not report.accepted:
+        error = {"reason": FailReason.INVALID_DATA.value, "message": report.reason,
+                 "errors": [e.to_dict() for e in report.errors], "validation": report.to_dict()}
+        entry = queue.reject(path, error, now)
+        record_job(db, entry, prio, report, now, JobState.FAILED, reason=f"invalid_data: {report.reason}")
+        db.event("job_rejected", f"{path.name}: {report.reason}", entry.job_id, t=now)
+        log.warning("%s refused: %s", path.name, report.reason)
+        return entry
+    entry = queue.admit(path, prio, now)
+    record_job(db, entry, prio, report, now, JobState.PENDING)
+    bad = f", {report.n_bad} bad line(s) skipped" if report.n_bad else ""
+    db.event("job_queued", f"{path.name} queued ({prio.value}, {report.n_valid} records{bad})", entry.job_id, t=now)
+    log.info("%s queued as %s (%s, %s, %d records%s)", path.name, entry.job_id, prio.value,
+             report.format.value if report.format else "?", report.n_valid, bad)
+    return entry
+
+
+def record_job(db: HistoryDB, entry: QueueEntry, prio: Priority, report: ValidationReport, now: float,
+               state: JobState, reason: str | None = None) -> None:
+    """The job's record in the history: identity, format, counts and the first bad lines."""
+    fields: dict[str, Any] = dict(
+        original_name=entry.original_name, priority=prio.value, state=state.value, sha256=report.sha256,
+        size=report.size, format=report.format.value if report.format else None, n_records=report.n_valid,
+        n_bad=report.n_bad, bad_lines=[e.to_dict() for e in report.errors], queued_at=now, reason=reason)
+    db.upsert_job(entry.job_id, **fields)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -25,10 +24,11 @@ from daemon import control, lockedkeys
 from daemon.child import TrainerProcess
 from daemon.config import Config
 from daemon.errors import LockedKeyError, QueueError
-from daemon.intake import InboxScanner
-from daemon.jobqueue import JobQueue, QueueEntry, original_name
+from daemon.intake import InboxScanner, record_job, take_file
+from daemon.jobqueue import JobQueue, original_name
 from daemon.lock import acquire
 from daemon.states import ControlAction, DesiredState, FailReason, JobState, Priority, ServiceStatus, TrainerState
+from daemon.wakeup import Wakeup
 from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter, TrainingStatus
 from daemon.validate import validate_file
 
@@ -60,9 +60,7 @@ class Service:
         self.exit_now = False
         self.signals = 0
         self.last_status_write = 0.0
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
-        self._observer = None
+        self.wakeup = Wakeup()
         self._lock_fd: int | None = None
         self._rate: tuple[float, int] | None = None  # (time, step) of the first step seen this run
         self._dirty = True  # the status changed since it was last written
@@ -100,13 +98,12 @@ class Service:
         for entry in self.queue.processing():
             log.info("recovered %s from processing/: it resumes from its last checkpoint", entry.job_id)
         self._install_signals()
-        self._start_watchdog()
+        self.wakeup.watch(self.cfg.path("inbox"))
         self._start_child(now)
         self._write_status(force=True)
 
     def _shutdown(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
+        self.wakeup.close()
         if self.child is not None:
             if self.child.exited() is None:
                 self.child.send({"type": "shutdown"})
@@ -124,15 +121,8 @@ class Service:
             os.close(self._lock_fd)
 
     # -- waiting ------------------------------------------------------------------
-    def wake(self) -> None:
-        """Safe from any thread and from signal handlers."""
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already full of wake-ups: the loop is awake anyway
-
     def _wait(self) -> None:
-        waitables: list[Any] = [self._wake_r]
+        waitables: list[Any] = [self.wakeup]
         if self.child is not None and self.child.connection is not None:
             waitables.append(self.child.connection)
         timeout = min(self.cfg.intake.scan_interval_seconds, self.cfg.service.status_interval_seconds / 2)
@@ -140,38 +130,15 @@ class Service:
             timeout = min(timeout, max(self.cfg.intake.settle_seconds / 2, 0.05))
         if self.trainer_state is TrainerState.STARTING:
             timeout = min(timeout, 0.5)  # the child may die before it connects
-        for ready in wait(waitables, timeout):
-            if ready is self._wake_r:
-                try:
-                    while self._wake_r.recv(4096, socket.MSG_DONTWAIT):
-                        pass
-                except BlockingIOError:
-                    pass
+        if self.wakeup in wait(waitables, timeout):
+            self.wakeup.drain()
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, frame: Any) -> None:  # only sets flags (huey, rq)
             self.signals += 1
-            self.wake()
+            self.wakeup.wake()
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-
-    def _start_watchdog(self) -> None:
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-        except ImportError:  # the rescan alone is enough, only slower to react
-            log.warning("watchdog not installed: relying on the periodic rescan")
-            return
-        service = self
-
-        class Wake(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                service.wake()
-
-        self._observer = Observer()
-        self._observer.schedule(Wake(), str(self.cfg.path("inbox")), recursive=True)
-        self._observer.daemon = True
-        self._observer.start()
 
     # -- the loop -------------------------------------------------------------------
     def tick(self) -> None:
@@ -201,7 +168,7 @@ class Service:
 
     # -- the child ------------------------------------------------------------------
     def _start_child(self, now: float) -> None:
-        self.child = TrainerProcess(self.config_path, self.cfg.path("logs"), wake=self.wake)
+        self.child = TrainerProcess(self.config_path, self.cfg.path("logs"), wake=self.wakeup.wake)
         self.child.start()
         self.trainer_state = TrainerState.STARTING
         self.status.trainer_pid = self.child.pid
@@ -447,33 +414,10 @@ class Service:
         for path, prio in self.scanner.ready(now):
             self.scanner.forget(path)
             try:
-                self._take(path, prio, now)
+                take_file(path, prio, now, self.cfg, self.queue, self.db)
             except Exception:  # a job boundary: record, keep the file, keep running
                 log.error("could not take %s from the inbox:\n%s", path, traceback.format_exc())
                 self.status.last_error = f"intake of {path.name} failed; see the daemon log"
-
-    def _take(self, path: Path, prio: Priority, now: float) -> None:
-        report = validate_file(path, self.cfg.data, self.cfg.intake.max_file_bytes)
-        if not report.accepted:
-            entry = self.queue.reject(path, {"reason": FailReason.INVALID_DATA.value, "message": report.reason,
-                                             "errors": [e.to_dict() for e in report.errors],
-                                             "validation": report.to_dict()}, now)
-            self._record_job(entry, prio, report, now, state=JobState.FAILED, reason=f"invalid_data: {report.reason}")
-            self.db.event("job_rejected", f"{path.name}: {report.reason}", entry.job_id, t=now)
-            log.warning("%s refused: %s", path.name, report.reason)
-            return
-        entry = self.queue.admit(path, prio, now)
-        self._record_job(entry, prio, report, now, state=JobState.PENDING)
-        bad = f", {report.n_bad} bad line(s) skipped" if report.n_bad else ""
-        self.db.event("job_queued", f"{path.name} queued ({prio.value}, {report.n_valid} records{bad})", entry.job_id, t=now)
-        log.info("%s queued as %s (%s, %s, %d records%s)", path.name, entry.job_id, prio.value,
-                 report.format.value if report.format else "?", report.n_valid, bad)
-
-    def _record_job(self, entry: QueueEntry, prio: Priority, report: Any, now: float, state: JobState, reason: str | None = None) -> None:
-        self.db.upsert_job(entry.job_id, original_name=entry.original_name, priority=prio.value, state=state.value,
-                           sha256=report.sha256, size=report.size, format=report.format.value if report.format else None,
-                           n_records=report.n_valid, n_bad=report.n_bad, bad_lines=[e.to_dict() for e in report.errors],
-                           queued_at=now, reason=reason)
 
     def _dispatch(self, now: float) -> None:
         if self.job or self.stop_requested or self.trainer_state is not TrainerState.READY:
@@ -490,7 +434,7 @@ class Service:
         record = self.db.job(entry.job_id) or {}
         if not record.get("format") or not record.get("sha256"):  # a crash between admit and its record
             report = validate_file(entry.path, self.cfg.data, 0)
-            self._record_job(entry, Priority.NORMAL, report, now, JobState.PROCESSING)
+            record_job(self.db, entry, Priority.NORMAL, report, now, JobState.PROCESSING)
             record = self.db.job(entry.job_id)
         self.job = {"type": "train", "job_id": entry.job_id, "path": str(entry.path), "original_name": entry.original_name,
                     "sha256": record["sha256"], "format": record["format"], "n_records": record["n_records"]}
