@@ -22,9 +22,12 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 extras=""
-[ $want_test = 1 ] && extras="[test]"
-stamp="$VENV/.traind-installed$( [ $want_test = 1 ] && echo -test )"
-fingerprint=$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp="$VENV/.traind-installed"
+if [ $want_test = 1 ]; then
+  extras="[test]"
+  stamp="$stamp-test"
+fi
+fingerprint=$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$fingerprint" ]; then
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
