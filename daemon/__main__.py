@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"traind: {e}", file=sys.stderr)
         return 1
-    setup_logging(cfg.path("logs"), "daemon", cfg.service.log_level)
+    # On a terminal the log goes to stderr too; in the background (launch script)
+    # stderr is redirected to a file and would only duplicate the daily log.
+    setup_logging(cfg.path("logs"), "daemon", cfg.service.log_level, also_stderr=sys.stderr.isatty())
     try:
         return Service(cfg, args.config).run()
     except AlreadyRunningError as e:
         log.error("%s", e)
+        print(f"traind: {e}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
 
 

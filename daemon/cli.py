@@ -202,7 +202,9 @@ def cmd_stop(cfg: Config, args: argparse.Namespace) -> int:
     deadline = time.time() + cfg.service.stop_timeout_seconds + 30
     while time.time() < deadline:
         if daemon_pid(cfg) is None:
-            out("stop: daemon stopped (the file in progress resumes from its checkpoint at the next start)")
+            left = JobQueue(cfg.path("queue")).processing()
+            note = f"; {left[0].original_name} resumes from its checkpoint at the next start" if left else ""
+            out(f"stop: daemon stopped{note}")
             return 0
         time.sleep(0.2)
     out("stop: requested, but the daemon is still running")

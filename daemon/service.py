@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -75,6 +76,7 @@ class Service:
                 self._set(ServiceStatus.ERROR, last_error=str(err), detail="refused to start: locked keys changed")
                 self._write_status(force=True)
                 log.error("%s", err)
+                print(f"traind: {err}", file=sys.stderr)
                 return EXIT_LOCKED_KEYS
             self._startup()
             while not self.exit_now:
@@ -112,7 +114,9 @@ class Service:
             self.child.close()
         if self.db is not None:
             if self.status.status not in (ServiceStatus.ERROR,):
-                self._set(ServiceStatus.STOPPED, detail="stopped; the file in progress resumes at the next start")
+                left = self.queue.processing()
+                note = f"; {left[0].original_name} resumes from its checkpoint at the next start" if left else ""
+                self._set(ServiceStatus.STOPPED, detail="stopped" + note)
             self.status.trainer_pid = None
             self._write_status(force=True)
             self.db.event("stop", "daemon stopped")
