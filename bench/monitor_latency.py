@@ -205,6 +205,7 @@ def main() -> None:
     p.add_argument("--history-rows", type=int, default=1_000_000, help="self-contained: earlier metric rows put in history.db first")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the figures
     if args.self_contained:
         self_contained(args)
         return

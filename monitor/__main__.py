@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import uvicorn
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; anything else needs the token for every call)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20, help="largest upload accepted (MiB)")
+    p.add_argument("--nice", type=int, default=10, help="CPU niceness increment (default 10): on a busy machine the trainer comes first")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    if args.nice:
+        os.nice(args.nice)  # training must never wait on the monitor, CPU included
     settings = MonitorSettings(host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
     app = create_app(cfg, settings)
     state = app.state.monitor
