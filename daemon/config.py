@@ -94,6 +94,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = _f(20, "Write a resumable checkpoint every N optimizer steps (and at stop).")
     keep_checkpoints: int = _f(2, "Checkpoints kept per file in progress.")
     eval_every_steps: int = _f(0, "Eval loss every N steps (0: once at the end of each file).")
+    cpu_threads: int = _f(0, "Torch CPU threads in the trainer (0: torch's default, one per core); fewer helps when the cores are shared.")
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "checkpoint_every_steps"): (lambda v: v >= 1, ">= 1"),
     ("training", "keep_checkpoints"): (lambda v: v >= 1, ">= 1"),
     ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
+    ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
     ("service", "status_interval_seconds"): (lambda v: v > 0, "> 0"),
     ("service", "max_crashes_per_file"): (lambda v: v >= 1, ">= 1"),
     ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),

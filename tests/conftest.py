@@ -33,7 +33,7 @@ FAST: dict[str, Any] = {
     "data": {"max_length": 64, "eval_fraction": 0.1, "eval_max_examples": 8},
     "model": {"quantization": "none"},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "training": {"micro_batch_size": 4, "learning_rate": 0.02, "warmup_steps": 2, "checkpoint_every_steps": 5},
+    "training": {"micro_batch_size": 4, "learning_rate": 0.02, "warmup_steps": 2, "checkpoint_every_steps": 5, "cpu_threads": 1},
     "service": {"status_interval_seconds": 0.5, "restart_backoff_seconds": 0.2, "stop_timeout_seconds": 60.0},
 }
 

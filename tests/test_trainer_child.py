@@ -49,8 +49,9 @@ def one_thread():  # noqa: ANN201
 
 
 def write_config(root: Path, models: Path, **training: Any) -> Path:
+    # cpu_threads 1, as one_thread: steady on shared cores, same numbers as this process
     tc = {"micro_batch_size": 4, "learning_rate": 0.01, "warmup_steps": 2, "epochs_per_file": 1,
-          "checkpoint_every_steps": 1000, "seed": 5, **training}
+          "checkpoint_every_steps": 1000, "seed": 5, "cpu_threads": 1, **training}
     dropout = tc.pop("dropout", 0.0)
     raw = {"base_model": "embedded:tiny-qwen3", "paths": {"models": str(models)},
            "data": {"max_length": 64, "eval_fraction": 0.1, "eval_max_examples": 8},
@@ -76,8 +77,7 @@ class Child:
         key = secrets.token_bytes(16)
         name = f"traind-test-{os.getpid()}-{secrets.token_hex(4)}"
         self.listener = Listener("\0" + name, family="AF_UNIX", authkey=key)
-        env = dict(os.environ, TRAIND_CONNECT="@" + name, TRAIND_AUTHKEY=key.hex(), HF_HUB_OFFLINE="1",
-                   OMP_NUM_THREADS="1")  # as one_thread: steady on shared cores, same numbers as this process
+        env = dict(os.environ, TRAIND_CONNECT="@" + name, TRAIND_AUTHKEY=key.hex(), HF_HUB_OFFLINE="1")
         self.stderr = open(config.parent / "child_stderr.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.trainer", "--config", str(config)],
                                      cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
@@ -204,7 +204,8 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
         assert latest["step"] == stopped["checkpoint_step"]
     finally:
         child.close()
-    assert list((root / "logs").glob("trainer_*.log"))
+    logs = list((root / "logs").glob("trainer_*.log"))
+    assert logs and "torch CPU threads: 1 (training.cpu_threads)" in logs[0].read_text()
 
     # v3 = v2 + file a, trained in a process that had skipped j-long: the skip restored v2 exactly,
     # and a job started after other jobs trains as one started in a fresh model.
