@@ -53,6 +53,7 @@ class Service:
         self.db: HistoryDB | None = None
         self.child: TrainerProcess | None = None
         self.trainer_state = TrainerState.DOWN
+        self.child_paused = False  # the child was told to pause and not yet to resume
         self.job: dict[str, Any] | None = None  # the file the child is working on
         self.crash_streak = 0
         self.restart_at = 0.0
@@ -175,6 +176,7 @@ class Service:
         self.child = TrainerProcess(self.config_path, self.cfg.path("logs"), wake=self.wakeup.wake)
         self.child.start()
         self.trainer_state = TrainerState.STARTING
+        self.child_paused = False  # a new child starts running
         self.status.trainer_pid = self.child.pid
         self._set(self.status.status if self.job else ServiceStatus.IDLE, detail="loading model")
 
@@ -352,19 +354,26 @@ class Service:
             control.consume(req)
 
     def _converge_pause(self, desired: DesiredState) -> None:
-        st = self.status.status
-        if desired is DesiredState.PAUSED:
-            if self.job and self.trainer_state is TrainerState.BUSY:
+        """Bring the child and the status in line with the desired state.
+
+        The child's own pause outlives a file (a skip while paused leaves it
+        paused), so whether it is paused is tracked apart from the job.
+        """
+        connected = self.child is not None and self.child.connection is not None
+        want_paused = desired is DesiredState.PAUSED
+        if connected and self.trainer_state is not TrainerState.EXITING:
+            if want_paused and self.job and not self.child_paused:
                 self.child.send({"type": "pause"})
-                self.trainer_state = TrainerState.PAUSING
-            elif not self.job and st is ServiceStatus.IDLE and not self.stop_requested:
-                self._set(ServiceStatus.PAUSED, detail="paused; no file is started")
-        else:
-            if self.trainer_state in (TrainerState.PAUSING,) or (self.job and st is ServiceStatus.PAUSED):
+                self.child_paused = True
+            elif not want_paused and self.child_paused:
                 self.child.send({"type": "resume"})
-                self.trainer_state = TrainerState.BUSY
-            elif not self.job and st is ServiceStatus.PAUSED:
-                self._set(ServiceStatus.IDLE, detail="waiting for files")
+                self.child_paused = False
+        if self.job or self.stop_requested:
+            return
+        if want_paused and self.status.status is ServiceStatus.IDLE:
+            self._set(ServiceStatus.PAUSED, detail="paused; no file is started")
+        elif not want_paused and self.status.status is ServiceStatus.PAUSED:
+            self._set(ServiceStatus.IDLE, detail="waiting for files")
 
     def _act(self, req: control.ControlRequest, now: float) -> None:
         log.info("control request %s from %s", req.action.value, req.by)

@@ -37,8 +37,7 @@ class TrainerState(str, Enum):
     DOWN = "down"  # not running (before the first start, or after a crash until the restart)
     STARTING = "starting"  # spawned, loading the model
     READY = "ready"  # model loaded, no file
-    BUSY = "busy"  # training a file
-    PAUSING = "pausing"  # asked to pause (or paused) mid-file
+    BUSY = "busy"  # training a file (paused or not: see Service.child_paused)
     EXITING = "exiting"  # told to stop or shut down
 
 

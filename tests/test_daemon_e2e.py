@@ -172,3 +172,24 @@ def test_locked_key_change_refused_until_approved(daemon_factory):
     d2.start()
     d2.wait_for(lambda s: s["status"] == "idle" and s["detail"] == "waiting for files", what="started after approval")
     assert d2.stop() == 0
+
+
+def test_skip_and_stop_act_while_paused(daemon_factory):
+    d = daemon_factory(training={"epochs_per_file": 30}).start()
+    d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 2, what="training")
+    assert d.ctl("pause").returncode == 0
+    r = d.ctl("skip")
+    assert r.returncode == 0 and "skipped" in r.stdout, r.stdout
+    st = d.wait_for(lambda s: s["status"] == "paused" and s["current_file"] is None, what="paused, no file")
+    d.drop("b.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_counts(pending=1)
+    time.sleep(1.0)
+    assert d.queue.counts()["pending"] == 1 and d.status()["status"] == "paused"  # paused: nothing starts
+    assert d.ctl("resume").returncode == 0
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 2, what="b training")
+    assert d.ctl("pause").returncode == 0
+    r = d.ctl("stop")
+    assert r.returncode == 0 and "b.jsonl resumes" in r.stdout, r.stdout
+    assert d.wait_exit() == 0 and d.status()["status"] == "stopped"
+    assert [e.original_name for e in d.queue.processing()] == ["b.jsonl"]
