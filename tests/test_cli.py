@@ -1,0 +1,305 @@
+"""trainctl (daemon/cli.py) as people run it: `python -m daemon.cli --config PATH ...` against temporary instances.
+
+No daemon and no model: the queue is populated with `JobQueue`, the status with
+`StatusWriter`, and a running daemon is played by a process holding the daemon lock.
+Every test checks the exit code, what was printed and the files left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from daemon.config import Config, explain, load_config
+from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry
+from daemon.lock import holder_pid
+from daemon.states import FailReason, JobState, Priority, ServiceStatus
+from daemon.status import TrainingStatus, StatusWriter
+from tests.conftest import EXAMPLES, REPO, write_instance
+
+TEXT = '{"text": "hello"}\n'
+SIZE = len(TEXT) * 3  # bytes of each queued file
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return load_config(write_instance(tmp_path / "inst"))
+
+
+def trainctl(cfg: Config | Path, *args: str) -> subprocess.CompletedProcess:
+    config = cfg if isinstance(cfg, Path) else cfg.root / "config.json"
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_validate_valid(cfg: Config) -> None:
+    r = trainctl(cfg, "config", "validate")
+    assert (r.returncode, r.stdout) == (0, f"{cfg.root / 'config.json'}: valid\n")
+    assert not (cfg.root / "queue").exists()  # checking a config creates nothing
+
+
+def test_config_validate_lists_every_problem(tmp_path: Path) -> None:
+    path = write_instance(tmp_path / "inst", data={"bad_line_policy": "maybe"}, lora={"r": 0},
+                          training={"schedule": "zigzag", "warp": 9})
+    r = trainctl(path, "config", "validate")
+    assert r.returncode == 1
+    assert "4 problem(s)" in r.stdout
+    for key in ("`data.bad_line_policy` = 'maybe'", "`lora.r` = 0", "`training.schedule` = 'zigzag'",
+                "`training.warp` is not a known key"):
+        assert key in r.stdout, (key, r.stdout)
+
+
+def test_config_explain_lists_every_key(cfg: Config) -> None:
+    r = trainctl(cfg, "config", "explain")
+    assert r.returncode == 0
+    shown = [line.split(" = ")[0] for line in r.stdout.splitlines() if not line.startswith(" ")]
+    assert shown == [key for key, _, _ in explain()] and len(shown) > 40
+    assert 'training.schedule = "cosine"' in r.stdout
+
+
+# ---------------------------------------------------------------- queue add
+
+
+def test_queue_add_valid_file_never_overwrites(cfg: Config) -> None:
+    src = EXAMPLES / "chat.jsonl"
+    first = trainctl(cfg, "queue", "add", str(src))
+    second = trainctl(cfg, "queue", "add", str(src))
+    high = trainctl(cfg, "queue", "add", str(src), "--priority", "high")
+    assert [first.returncode, second.returncode, high.returncode] == [0, 0, 0]
+    assert "240 records, format chat" in first.stdout and "(normal" in first.stdout
+    assert "daemon is not running" in first.stdout and "(high" in high.stdout
+    inbox = cfg.path("inbox")
+    assert files_under(inbox) == ["chat-2.jsonl", "chat.jsonl", "high/chat.jsonl"]  # no .part left behind
+    assert all((inbox / n).read_bytes() == src.read_bytes() for n in files_under(inbox))
+
+
+def test_queue_add_invalid_file_writes_nothing(cfg: Config, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(TEXT + '{"text": 5}\n' + TEXT + '{"text": oops}\n', encoding="utf-8")
+    r = trainctl(cfg, "queue", "add", str(bad))
+    assert r.returncode == 1
+    assert f"{bad} refused: 2 of 4 lines bad" in r.stdout
+    assert "  line 2, field text: must be a string, got number" in r.stdout
+    assert "  line 4: invalid JSON at column 10" in r.stdout
+    assert files_under(cfg.path("inbox")) == []
+
+
+def test_queue_add_missing_file(cfg: Config, tmp_path: Path) -> None:
+    r = trainctl(cfg, "queue", "add", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 1 and "is not a file" in r.stdout
+    assert files_under(cfg.path("inbox")) == []
+
+
+# ---------------------------------------------------------------- queue list / status / retry / remove
+
+
+def populate(cfg: Config, tmp_path: Path) -> dict[str, QueueEntry]:
+    """One file pending in each priority, one processing, one done, one failed (with its .error.json)."""
+    q = JobQueue(cfg.path("queue"))
+    q.ensure()
+    now = time.time()
+
+    def admit(name: str, prio: Priority = Priority.NORMAL) -> QueueEntry:
+        src = tmp_path / name
+        src.write_text(TEXT * 3, encoding="utf-8")
+        return q.admit(src, prio, now)
+
+    e = {"high": admit("h.jsonl", Priority.HIGH), "normal": admit("n.jsonl"), "low": admit("l.jsonl", Priority.LOW)}
+    e["processing"] = q.start(admit("p.jsonl"))
+    e["done"] = q.finish(q.start(admit("d.jsonl")).job_id)
+    e["failed"] = q.fail(q.start(admit("f.jsonl")).job_id, FailReason.TRAINING_ERROR, "CUDA out of memory", now)
+    return e
+
+
+def test_queue_status_and_list(cfg: Config, tmp_path: Path) -> None:
+    e = populate(cfg, tmp_path)
+    r = trainctl(cfg, "queue", "status")
+    assert (r.returncode, r.stdout) == (
+        0, "pending_high 1  pending_normal 1  pending_low 1  pending 3  processing 1  done 1  failed 1\n")
+    r = trainctl(cfg, "queue", "list")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert [ln for ln in lines if not ln.startswith(" ")] == ["pending (3)", "processing (1)", "done (1)", "failed (1)"]
+    assert lines[1:4] == [f"  [{p}] {e[p].job_id}  {SIZE} B" for p in ("high", "normal", "low")]
+    assert f"  {e['failed'].job_id}  {SIZE} B  <- training_error: CUDA out of memory" in lines
+
+
+def test_queue_list_json(cfg: Config, tmp_path: Path) -> None:
+    e = populate(cfg, tmp_path)
+    r = trainctl(cfg, "queue", "list", "--json")
+    assert r.returncode == 0
+    body = json.loads(r.stdout)
+    assert [x["job_id"] for x in body["pending"]] == [e[p].job_id for p in ("high", "normal", "low")]
+    assert [x["priority"] for x in body["pending"]] == ["high", "normal", "low"]
+    assert [x["job_id"] for x in body["processing"]] == [e["processing"].job_id]
+    assert [x["original_name"] for x in body["done"]] == ["d.jsonl"]
+    (failed,) = body["failed"]
+    assert failed["error"]["reason"] == "training_error" and failed["error"]["message"] == "CUDA out of memory"
+    assert body["pending"][0]["error"] is None
+
+
+def test_queue_retry_without_daemon(cfg: Config, tmp_path: Path) -> None:
+    e = populate(cfg, tmp_path)
+    job = e["failed"].job_id
+    r = trainctl(cfg, "queue", "retry", "f.jsonl", "--priority", "high")  # by original name
+    assert (r.returncode, r.stdout) == (0, f"queue retry: {job} is now pending\n")
+    q = JobQueue(cfg.path("queue"))
+    assert (q.folder(JobState.PENDING, Priority.HIGH) / job).is_file()
+    failed = cfg.path("queue") / "failed"
+    assert not (failed / job).exists() and not (failed / (job + ERROR_SUFFIX)).exists()
+    assert json.loads((failed / (job + ERROR_SUFFIX + ".prev")).read_text())["reason"] == "training_error"
+    assert holder_pid(cfg.path("status") / "daemon.lock") is None  # the lock was let go
+
+
+def test_queue_remove_without_daemon(cfg: Config, tmp_path: Path) -> None:
+    e = populate(cfg, tmp_path)
+    job = e["normal"].job_id
+    r = trainctl(cfg, "queue", "remove", job)
+    assert (r.returncode, r.stdout) == (0, f"queue remove: {job} is now failed\n")
+    failed = cfg.path("queue") / "failed"
+    assert (failed / job).is_file() and not e["normal"].path.exists()
+    assert json.loads((failed / (job + ERROR_SUFFIX)).read_text())["reason"] == "removed"
+
+
+@pytest.mark.parametrize("which", ["processing", "done", "failed"])
+def test_queue_remove_refuses_a_file_that_is_not_pending(cfg: Config, tmp_path: Path, which: str) -> None:
+    e = populate(cfg, tmp_path)
+    before = files_under(cfg.path("queue"))
+    r = trainctl(cfg, "queue", "remove", e[which].job_id)
+    assert r.returncode == 1
+    assert f"{e[which].job_id} is {which}; only pending files can be removed" in r.stdout
+    assert files_under(cfg.path("queue")) == before
+
+
+def test_queue_retry_of_unknown_name(cfg: Config, tmp_path: Path) -> None:
+    populate(cfg, tmp_path)
+    before = files_under(cfg.path("queue"))
+    r = trainctl(cfg, "queue", "retry", "nothing.jsonl")
+    assert r.returncode == 1 and "no queued file named 'nothing.jsonl'" in r.stdout
+    assert files_under(cfg.path("queue")) == before
+
+
+# ---------------------------------------------------------------- status
+
+
+@pytest.fixture
+def lock_holder(cfg: Config) -> Iterator[int]:
+    """A process that holds the daemon lock, as a running (or hung) daemon does; yields its pid."""
+    code = ("import sys, time; from daemon.lock import acquire; acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg.path("status") / "daemon.lock")],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def write_status(cfg: Config, age: float = 0.0) -> None:
+    st = TrainingStatus(
+        status=ServiceStatus.TRAINING, detail="training", current_file="chat.jsonl",
+        job_id="20261122T020301Z-000001--chat.jsonl", current_step=25, total_steps=100, epoch=0.25,
+        loss=1.23456, lr=2e-4, tokens_per_sec=1234.4, eta_seconds=125, eval_loss=None,
+        queue={"pending_high": 1, "pending_normal": 2, "pending_low": 0, "pending": 3, "processing": 1, "done": 4, "failed": 0},
+        device="cpu", base_model="embedded:tiny-qwen3", adapter_version=2, write_interval_seconds=0.5,
+    )
+    StatusWriter(cfg.path("status")).write(st, now=time.time() - age)
+
+
+def test_status_without_status_file(cfg: Config) -> None:
+    r = trainctl(cfg, "status")
+    assert (r.returncode, r.stdout) == (0, "traind: no status yet (the daemon has never run for this config)\n")
+
+
+def test_status_fresh(cfg: Config, lock_holder: int) -> None:
+    write_status(cfg)
+    r = trainctl(cfg, "status")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"traind  training   pid {lock_holder}"
+    assert "  file     chat.jsonl   (20261122T020301Z-000001--chat.jsonl)" in lines
+    assert ("  progress [#######-----------------------]  25.0%  step 25/100  epoch 0.25  ETA 2m 05s") in lines
+    assert "  loss     1.2346   eval -   lr 2.00e-04   1,234 tok/s" in lines
+    assert "  queue    pending 3 (high 1, normal 2, low 0)  processing 1  done 4  failed 0" in lines
+    assert "not responding" not in r.stdout and len(lines) <= 24  # one screen
+
+
+def test_status_stale_while_lock_is_held(cfg: Config, lock_holder: int) -> None:
+    write_status(cfg, age=90)
+    r = trainctl(cfg, "status")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0].startswith("traind  training  !! no status update for 1m 3")
+    assert "daemon not responding" in r.stdout and f"pid {lock_holder}" in r.stdout
+
+
+def test_status_without_lock_holder(cfg: Config) -> None:
+    write_status(cfg)
+    r = trainctl(cfg, "status")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0] == "traind  not running (last said: training)"
+    assert "not responding" not in r.stdout
+
+
+def test_status_json(cfg: Config) -> None:
+    write_status(cfg)
+    r = trainctl(cfg, "status", "--json")
+    assert r.returncode == 0
+    body = json.loads(r.stdout)
+    assert body == json.loads((cfg.path("status") / "training_status.json").read_text())
+    assert (body["status"], body["current_step"], body["schema_version"]) == ("training", 25, 1)
+
+
+def test_status_json_without_status_file(cfg: Config) -> None:
+    r = trainctl(cfg, "status", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) is None
+
+
+# ---------------------------------------------------------------- control without a daemon
+
+
+def test_pause_and_resume_without_daemon_record_the_desired_state(cfg: Config) -> None:
+    desired = cfg.path("status") / "control" / "desired_state.json"
+    r = trainctl(cfg, "pause")
+    assert (r.returncode, r.stdout) == (0, "pause: recorded; the daemon is not running and will start paused\n")
+    assert json.loads(desired.read_text())["state"] == "paused"
+    r = trainctl(cfg, "resume")
+    assert (r.returncode, r.stdout) == (0, "resume: recorded; the daemon is not running and will start running\n")
+    body = json.loads(desired.read_text())
+    assert (body["state"], body["by"]) == ("running", "cli")
+
+
+def test_skip_without_daemon_fails(cfg: Config) -> None:
+    write_status(cfg)  # even with a file named in a leftover status
+    r = trainctl(cfg, "skip")
+    assert (r.returncode, r.stdout) == (1, "skip: the daemon is not running; nothing is training\n")
+    assert files_under(cfg.path("status") / "control") == []
+
+
+def test_stop_without_daemon(cfg: Config) -> None:
+    r = trainctl(cfg, "stop")
+    assert (r.returncode, r.stdout) == (0, "stop: the daemon is not running\n")
+    assert files_under(cfg.path("status") / "control") == []
+    assert not (cfg.root / ".stop").exists()
+
+
+def test_config_from_environment(cfg: Config) -> None:
+    env = dict(os.environ, TRAIND_CONFIG=str(cfg.root / "config.json"))
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "queue", "status"], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("pending_high 0")
