@@ -42,10 +42,17 @@ FAST: dict[str, Any] = {
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache of the embedded model for the whole session, built up front so that
     no daemon under test spends its first durable operations building it."""
+    import torch
+
     from daemon.tinymodel import ensure_embedded
 
     folder = tmp_path_factory.mktemp("models")
-    ensure_embedded(folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on 2 busy shared cores run several times slower
+    try:
+        ensure_embedded(folder)
+    finally:
+        torch.set_num_threads(threads)
     return folder
 
 
