@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -193,3 +194,17 @@ def test_skip_and_stop_act_while_paused(daemon_factory):
     assert r.returncode == 0 and "b.jsonl resumes" in r.stdout, r.stdout
     assert d.wait_exit() == 0 and d.status()["status"] == "stopped"
     assert [e.original_name for e in d.queue.processing()] == ["b.jsonl"]
+
+
+def test_second_sigterm_stops_at_once(daemon_factory):
+    d = daemon_factory(training={"epochs_per_file": 30}).start()
+    d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+    st = d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 2, what="training")
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait_exit(30) == 0
+    with pytest.raises(ProcessLookupError):  # the child was killed, not left behind
+        for _ in range(50):
+            os.kill(st["trainer_pid"], 0)
+            time.sleep(0.1)
+    assert [e.original_name for e in d.queue.processing()] == ["a.jsonl"]  # resumes at the next start
