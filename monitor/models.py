@@ -107,6 +107,19 @@ class QueueItem(BaseModel):
     message: str | None = None
     errors: list[dict] | None = None
     failed_at: str | None = None
+    # from the daemon's job record in history.db (absent for files it has not recorded yet)
+    format: str | None = Field(None, description="chat, prompt_completion, text or alpaca")
+    n_records: int | None = Field(None, description="records trained (good lines)")
+    n_bad: int | None = Field(None, description="bad lines; on a done file, the ones skipped under bad_line_policy=skip")
+    bad_lines: list[dict] | None = Field(None, description="the first bad lines: line, field, reason")
+    steps: int | None = None
+    total_steps: int | None = None
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    crashes: int | None = None
+    adapter_version: int | None = Field(None, description="adapter version published when the file was done")
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class QueueView(BaseModel):

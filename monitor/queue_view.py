@@ -3,46 +3,101 @@
 Read only: the daemon is the one process that moves queue files
 (`daemon/jobqueue.py`); retry/remove are control requests (see control.py).
 Named queue_view, not queue, so it can never shadow the standard library.
+
+Each listed file is completed from the daemon's job record in history.db:
+its priority once it has left pending/ (the folder no longer says), and the bad
+lines a done file was trained without under bad_line_policy=skip, which its
+folder says nothing about either.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Annotated, Any, Iterable
 
 from fastapi import APIRouter, Query
 
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.states import PRIORITY_ORDER
+from daemon.status import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.models import QueueItem, QueueView
 
 router = APIRouter(tags=["queue"], dependencies=[ReadAuth])
+log = logging.getLogger(__name__)
+
+MAX_LINES = 20  # the first bad lines tell the story
+_JOB_FIELDS = ("format", "n_records", "n_bad", "steps", "total_steps", "final_loss", "eval_loss",
+               "crashes", "adapter_version", "started_at", "finished_at")
+_IN_CHUNK = 900  # under SQLite's default limit of host parameters
 
 
-def _item(e: QueueEntry) -> QueueItem:
-    return QueueItem(**e.to_dict())
+def job_records(db_path: Path, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The daemon's job records for these ids; {} when there is no database or it cannot be read now."""
+    ids = list(dict.fromkeys(job_ids))
+    if not ids or not db_path.exists():
+        return {}
+    try:
+        db = HistoryDB.open_readonly(db_path)
+    except sqlite3.Error as e:
+        log.warning("job records unavailable: %s", e)
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for i in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[i:i + _IN_CHUNK]
+            for r in db.conn.execute(f"SELECT * FROM jobs WHERE job_id IN ({','.join('?' * len(chunk))})", chunk):
+                out[r["job_id"]] = dict(r)
+    except sqlite3.Error as e:  # an older database without the table, or locked past the timeout
+        log.warning("job records unavailable: %s", e)
+    finally:
+        db.close()
+    return out
 
 
-def _failed_item(q: JobQueue, e: QueueEntry) -> QueueItem:
+def _bad_lines(raw: Any) -> list[dict] | None:
+    try:
+        lines = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return None
+    return lines[:MAX_LINES] if isinstance(lines, list) and lines else None
+
+
+def _item(e: QueueEntry, job: dict[str, Any] | None = None, **extra: Any) -> QueueItem:
+    d = e.to_dict()
+    if job:
+        d.update({k: job.get(k) for k in _JOB_FIELDS})
+        d["bad_lines"] = _bad_lines(job.get("bad_lines"))
+        if d.get("priority") is None:
+            d["priority"] = job.get("priority")  # the folder says it only while pending
+    return QueueItem(**d, **extra)
+
+
+def _failed_item(q: JobQueue, e: QueueEntry, job: dict[str, Any] | None) -> QueueItem:
     err = q.read_error(e.job_id) or {}
     errors = err.get("errors")
-    return QueueItem(**e.to_dict(), reason=err.get("reason"), message=err.get("message"),
-                     errors=errors[:20] if isinstance(errors, list) else None,  # the first lines tell the story
-                     failed_at=err.get("failed_at"))
+    return _item(e, job, reason=err.get("reason"), message=err.get("message"),
+                 errors=errors[:MAX_LINES] if isinstance(errors, list) else None,
+                 failed_at=err.get("failed_at"))
 
 
-def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100) -> QueueView:
-    pending = q.pending()
-    by_prio = {p.value: [_item(e) for e in pending if e.priority is p] for p in PRIORITY_ORDER}
+def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100, db_path: Path | None = None) -> QueueView:
+    pending, processing = q.pending(), q.processing()
     done, failed = q.done(), q.failed()
-    counts = {f"pending_{k}": len(v) for k, v in by_prio.items()}
-    counts.update(pending=len(pending), processing=len(q.processing()), done=len(done), failed=len(failed))
     # job ids start with a UTC stamp, so reverse name order is most recent first
+    done_shown, failed_shown = list(reversed(done[-done_limit:])), list(reversed(failed[-failed_limit:]))
+    jobs = job_records(db_path, (e.job_id for e in (*pending, *processing, *done_shown, *failed_shown))) if db_path else {}
+    by_prio = {p.value: [_item(e, jobs.get(e.job_id)) for e in pending if e.priority is p] for p in PRIORITY_ORDER}
+    counts = {f"pending_{k}": len(v) for k, v in by_prio.items()}
+    counts.update(pending=len(pending), processing=len(processing), done=len(done), failed=len(failed))
     return QueueView(
         pending=by_prio,
-        processing=[_item(e) for e in q.processing()],
-        done=[_item(e) for e in reversed(done[-done_limit:])],
-        failed=[_failed_item(q, e) for e in reversed(failed[-failed_limit:])],
+        processing=[_item(e, jobs.get(e.job_id)) for e in processing],
+        done=[_item(e, jobs.get(e.job_id)) for e in done_shown],
+        failed=[_failed_item(q, e, jobs.get(e.job_id)) for e in failed_shown],
         counts=counts,
     )
 
@@ -51,4 +106,4 @@ def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100) -> Qu
 def get_queue(state: StateDep,
               done_limit: Annotated[int, Query(ge=0, le=1000)] = 50,
               failed_limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> QueueView:
-    return queue_view(state.queue, done_limit, failed_limit)
+    return queue_view(state.queue, done_limit, failed_limit, state.cfg.path("status") / HISTORY_FILE)

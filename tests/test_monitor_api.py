@@ -258,6 +258,38 @@ def test_queue_lists_pending_by_priority_and_failed_reasons(client, cfg):
     assert v["counts"] == {"pending_high": 0, "pending_normal": 1, "pending_low": 1, "pending": 2, "processing": 1, "done": 0, "failed": 1}
 
 
+def test_queue_items_carry_priority_and_skipped_bad_lines_from_the_job_records(client, cfg):
+    """A done file trained without its bad lines (policy skip) says so; a failed one keeps its priority."""
+    from daemon.jobqueue import JobQueue
+    q = JobQueue(cfg.path("queue"))
+    _queue_files(cfg, q)
+    started = q.start(q.next_pending())  # a.jsonl, high
+    q.finish(started.job_id)
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    bad = [{"line": n, "field": "messages[0].role", "reason": "'human' is not one of system, user, assistant"} for n in range(1, 31)]
+    db.upsert_job(started.job_id, original_name="a.jsonl", priority="high", state="done", format="chat",
+                  n_records=200, n_bad=30, bad_lines=json.dumps(bad), finished_at=1700000000.0, adapter_version=3)
+    failed = q.failed()[0]
+    db.upsert_job(failed.job_id, original_name="bad.jsonl", priority="low", state="failed", n_bad=1)
+    db.close()
+    v = client.get("/api/queue").json()
+    item = v["done"][0]
+    assert (item["priority"], item["n_bad"], item["n_records"], item["format"], item["adapter_version"]) == ("high", 30, 200, "chat", 3)
+    assert len(item["bad_lines"]) == 20 and item["bad_lines"][0]["line"] == 1  # the first ones, bounded
+    f = v["failed"][0]
+    assert (f["priority"], f["reason"], f["n_bad"]) == ("low", "invalid_data", 1)
+    # files the daemon has no record of (yet) are listed all the same
+    assert [e["priority"] for e in v["pending"]["normal"]] == ["normal"] and v["pending"]["normal"][0]["n_bad"] is None
+
+
+def test_queue_without_a_history_database(client, cfg):
+    from daemon.jobqueue import JobQueue
+    _queue_files(cfg, JobQueue(cfg.path("queue")))
+    assert not (cfg.path("status") / HISTORY_FILE).exists()
+    v = client.get("/api/queue").json()
+    assert v["failed"][0]["priority"] is None and v["counts"]["pending"] == 3
+
+
 # ---------------------------------------------------------------- control
 
 @pytest.mark.parametrize("action", ["pause", "resume", "skip", "stop"])

@@ -440,17 +440,27 @@
     if (requested) action = el('span', { class: 'muted small', text: requested + ' requested…' });
     else if (kind === 'pending') action = el('button', { class: 'small-btn', onclick: () => queueAction(it, 'remove') , text: 'Remove' });
     else if (kind === 'failed') {
+      const was = ['high', 'normal', 'low'].includes(it.priority) ? it.priority : 'normal';  // retry keeps the priority it had
       const sel = el('select', { class: 'small-sel', 'aria-label': 'priority' },
-        el('option', { value: 'high', text: 'high' }), el('option', { value: 'normal', text: 'normal', selected: '' }), el('option', { value: 'low', text: 'low' }));
+        ...['high', 'normal', 'low'].map((p) => el('option', p === was ? { value: p, text: p, selected: '' } : { value: p, text: p })));
       action = el('span', { class: 'nowrap' }, sel, ' ', el('button', { class: 'small-btn', onclick: () => queueAction(it, 'retry', sel.value), text: 'Retry' }));
     }
     let reason = '';
     if (kind === 'failed') {
-      const lines = (it.errors || []).slice(0, 5).map((e) => `line ${e.line}${e.field ? ' (' + e.field + ')' : ''}: ${e.reason}`);
+      // a line error the message already quotes word for word is not repeated under it
+      const errs = (it.errors || []).filter((e) => !(it.message && it.message.includes(e.reason)));
+      const lines = badLines(errs, Math.max(it.n_bad || 0, errs.length));
       reason = el('div', {}, el('strong', { text: it.reason || 'unknown' }), it.message ? el('div', { class: 'small', text: it.message }) : null,
-        lines.length ? el('div', { class: 'small muted', text: lines.join(' · ') }) : null);
+        lines ? el('div', { class: 'small muted', text: lines }) : null);
+    } else if (it.n_bad) {
+      // trained without its bad lines (data.bad_line_policy = skip): say which, or nobody will know
+      const lines = badLines(it.bad_lines || [], it.n_bad);
+      reason = el('div', {}, el('span', { class: 'warn-text', text: `${fmt.int(it.n_bad)} bad line${it.n_bad === 1 ? '' : 's'} skipped` }),
+        it.n_records != null ? el('span', { class: 'small muted', text: ` · ${fmt.int(it.n_records)} records trained` }) : null,
+        lines ? el('div', { class: 'small muted', text: lines }) : null);
     }
-    const when = kind === 'failed' && it.failed_at ? new Date(it.failed_at).toLocaleString() : fmt.when(it.mtime);
+    const when = kind === 'failed' && it.failed_at ? new Date(it.failed_at).toLocaleString()
+      : kind === 'done' && it.finished_at ? fmt.when(it.finished_at) : fmt.when(it.mtime);
     return el('tr', { class: 'row-' + kind, 'data-job': it.job_id },
       el('td', {}, el('span', { class: 'pill pill-' + kind, text: kind })),
       el('td', { text: it.priority || '' }),
@@ -459,6 +469,13 @@
       el('td', { class: 'small', text: when }),
       el('td', {}, reason),
       el('td', {}, action));
+  }
+
+  function badLines(errs, total) {
+    const shown = errs.slice(0, 5).map((e) => `line ${e.line}${e.field ? ' (' + e.field + ')' : ''}: ${e.reason}`);
+    if (!shown.length) return '';
+    const more = total - shown.length;
+    return shown.join(' · ') + (more > 0 ? ` · and ${fmt.int(more)} more` : '');
   }
 
   async function queueAction(it, what, priority) {
