@@ -219,6 +219,42 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
         tab.assert_clean()
 
 
+def test_clean_stop_is_not_an_alarm_and_skipped_bad_lines_show(browser, tmp_path):
+    """A daemon that wrote "stopped" and exited reads as stopped, not "not responding"; a done
+    file trained without some bad lines says which, and a failed one retries at its old priority."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = make_instance(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    fake = FakeDaemon(cfg, pid=gone.pid)
+    fake.steps(50)
+    q = _fabricated_queue(cfg)
+    done = q.finish(q.start(q.next_pending()).job_id)  # support_tickets.jsonl, high
+    failed = q.failed()[0]
+    bad = [{"line": n, "field": "messages[0].role", "reason": "'human' is not one of system, user, assistant"} for n in (3, 9)]
+    fake.db.upsert_job(done.job_id, original_name=done.original_name, priority="high", state="done",
+                       n_records=18, n_bad=2, bad_lines=json.dumps(bad), finished_at=time.time())
+    fake.db.upsert_job(failed.job_id, original_name=failed.original_name, priority="low", state="failed")
+    fake.status(status="stopped", detail="stopped", queue=q.counts())
+    with monitor_process(cfg) as url:
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.page.wait_for_selector("#stale-banner", state="visible", timeout=15_000)
+        tab.wait_badge("stopped")
+        assert tab.page.text_content("#state-badge") == "stopped"
+        assert tab.page.text_content("#stale-title") == "Daemon stopped."
+        assert "banner-info" in tab.page.get_attribute("#stale-banner", "class")
+        row = tab.page.locator(f"tr[data-job='{done.job_id}']")
+        row.locator("text=2 bad lines skipped").wait_for()
+        assert "line 3 (messages[0].role)" in row.text_content() and "high" in row.text_content()
+        assert tab.page.locator(f"tr[data-job='{failed.job_id}'] select").input_value() == "low"
+        tab.shot("monitor_fabricated_stopped.png")
+        tab.assert_clean()
+
+
 def test_dashboard_drives_the_real_daemon(browser, tmp_path, models_dir):
     """Real daemon + real monitor on loopback: upload from the page, chart fills, pause/resume, kill -> banner."""
     config_path = write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 30})

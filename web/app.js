@@ -100,15 +100,20 @@
   function renderStatus(s) {
     const prev = state.status;
     state.status = s;
-    const label = s.status == null ? 'no daemon' : (s.stale ? s.status + ' (stale)' : s.status);
+    // A daemon that said "stopped" and then exited did what it was asked: that is
+    // not the alarm of one that died or hangs (kill -9, a crash, a stuck loop).
+    const stoppedClean = !!s.stale && s.status === 'stopped';
     const badge = $('state-badge');
-    badge.textContent = s.stale ? 'not responding' : label;
-    badge.dataset.state = s.stale ? 'stale' : (s.status || 'unknown');
+    badge.textContent = s.status == null ? 'no daemon' : (stoppedClean ? 'stopped' : (s.stale ? 'not responding' : s.status));
+    badge.dataset.state = stoppedClean ? 'stopped' : (s.stale ? 'stale' : (s.status || 'unknown'));
     badge.className = 'badge state-' + badge.dataset.state;
     $('detail').textContent = s.detail || '';
     $('stale-banner').hidden = !s.stale;
-    const said = s.stale_reason || '';
-    $('stale-reason').textContent = said + (s.age_seconds != null && !said.startsWith('no status update') ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
+    $('stale-banner').classList.toggle('banner-info', stoppedClean);
+    $('stale-title').textContent = stoppedClean ? 'Daemon stopped.' : 'Daemon not responding.';
+    const said = stoppedClean ? `It checkpointed and exited${s.updated_at ? ' at ' + new Date(s.updated_at).toLocaleTimeString() : ''}; start it again with bin/start_all.sh`
+      : (s.stale_reason || '');
+    $('stale-reason').textContent = said + (!stoppedClean && s.age_seconds != null && !said.startsWith('no status update') ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
     document.body.classList.toggle('is-stale', !!s.stale);
 
     $('current-file').textContent = s.current_file || (s.status === 'idle' ? 'waiting for files' : '—');
