@@ -48,14 +48,34 @@ fi
 MON_PID_FILE=$STATUS_DIR/monitor.pid
 mon_pid=$(cat "$MON_PID_FILE" 2>/dev/null || true)
 if [ -n "$mon_pid" ] && kill -0 "$mon_pid" 2>/dev/null && grep -q monitor "/proc/$mon_pid/cmdline" 2>/dev/null; then
-  echo "start_all: monitor already running (pid $mon_pid)"
+  # The URL must name the port it really listens on, not the one asked for this time.
+  running_port=$(tr '\0' '\n' <"/proc/$mon_pid/cmdline" | sed -n '/^--port$/{n;p;q}')
+  running_port=${running_port:-8080}
+  if [ "$running_port" != "$PORT" ]; then
+    echo "start_all: monitor already running (pid $mon_pid) on port $running_port, not $PORT; stop it with bin/stop_all.sh to change the port"
+  else
+    echo "start_all: monitor already running (pid $mon_pid)"
+  fi
+  PORT=$running_port
 else
   nohup "$PY" -m monitor --config "$CONFIG" --port "$PORT" >>"$LOGS_DIR/monitor_stdout.log" 2>&1 </dev/null &
-  echo $! > "$MON_PID_FILE"
-  for _ in $(seq 1 100); do
-    [ -s "$STATUS_DIR/monitor_token" ] && break
-    sleep 0.1
+  mon_pid=$!
+  echo $mon_pid > "$MON_PID_FILE"
+  # Print the URL only once the monitor answers on it (a token left by an earlier run proves nothing).
+  up=0
+  for _ in $(seq 1 150); do
+    if ! kill -0 "$mon_pid" 2>/dev/null; then
+      rm -f "$MON_PID_FILE"
+      echo "start_all: the monitor exited at start; last lines of $LOGS_DIR/monitor_stdout.log:" >&2
+      tail -n 5 "$LOGS_DIR/monitor_stdout.log" >&2
+      exit 1
+    fi
+    if "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/health", timeout=1)' "$PORT" 2>/dev/null; then
+      up=1; break
+    fi
+    sleep 0.2
   done
+  [ $up = 1 ] || echo "start_all: the monitor (pid $mon_pid) is not answering on port $PORT yet; see $LOGS_DIR/monitor_stdout.log" >&2
 fi
 TOKEN=$(cat "$STATUS_DIR/monitor_token" 2>/dev/null || true)
 echo "start_all: dashboard  http://127.0.0.1:$PORT/#token=$TOKEN"
