@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20, help="largest upload accepted (MiB)")
     p.add_argument("--nice", type=int, default=10, help="CPU niceness increment (default 10): on a busy machine the trainer comes first")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true",
+                   help="log every HTTP request (off by default: an open dashboard polls every few seconds)")
     return p.parse_args(argv)
 
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("monitor for %s at http://%s:%d/ (token in %s)", cfg.root, args.host, args.port,
              cfg.path("status") / auth.TOKEN_FILE)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                    timeout_graceful_shutdown=3, log_config=None),
+                                    timeout_graceful_shutdown=3, log_config=None,
+                                    access_log=args.access_log),
                      on_exit=[lambda: setattr(state, "closing", True)])
     server.run()
     return 0
