@@ -3,7 +3,7 @@
 #
 #   bin/launch_training_daemon.sh [--config PATH]
 #
-# Refuses (exit 1, naming the running pid) when a daemon already holds the
+# Refuses (exit 3, naming the running pid) when a daemon already holds the
 # instance's kernel lock (`flock` on <status>/daemon.lock). A pid file left by a
 # dead process never blocks: the lock dies with its holder.
 set -euo pipefail
@@ -40,7 +40,7 @@ running_pid() { cat "$LOCK" 2>/dev/null | tr -d '[:space:]'; }
 
 if ! flock -n "$LOCK" true; then
   echo "traind is already running for $CONFIG (pid $(running_pid)); refusing to start a second daemon" >&2
-  exit 1
+  exit 3
 fi
 
 OUT=$LOGS_DIR/daemon_stdout.log
@@ -52,6 +52,7 @@ for _ in $(seq 1 300); do
     wait "$pid" && code=0 || code=$?
     if [ "$code" = 3 ]; then
       echo "traind is already running for $CONFIG (pid $(running_pid)); refusing to start a second daemon" >&2
+      exit 3
     else
       echo "traind exited at start (code $code); last lines of $OUT:" >&2
       tail -n 20 "$OUT" >&2

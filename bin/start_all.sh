@@ -41,8 +41,13 @@ if [ $EXAMPLES = 1 ] && [ ! -e "$STATUS_DIR/.examples_seeded" ]; then
   echo "start_all: dropped the bundled example data into $INBOX_DIR"
 fi
 
-if ! bin/launch_training_daemon.sh --config "$CONFIG"; then
-  echo "start_all: the daemon did not start (see above); the monitor is started anyway"
+launch=0
+launch_out=$(bin/launch_training_daemon.sh --config "$CONFIG" 2>&1) || launch=$?
+if [ $launch = 3 ]; then
+  echo "start_all: the daemon is already running (pid $(tr -d '[:space:]' < "$STATUS_DIR/daemon.lock"))"
+else
+  echo "$launch_out"
+  [ $launch = 0 ] || echo "start_all: the daemon did not start (see above); the monitor is started anyway"
 fi
 
 MON_PID_FILE=$STATUS_DIR/monitor.pid

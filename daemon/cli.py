@@ -31,7 +31,7 @@ from daemon.errors import ConfigError, QueueError, TraindError
 from daemon.jobqueue import JobQueue
 from daemon.lock import acquire, holder_pid
 from daemon.states import ControlAction, DesiredState, JobState, Priority
-from daemon.status import read_status
+from daemon.status import HistoryDB, read_status
 from daemon.validate import validate_file
 
 WAIT_SECONDS = 60.0
@@ -220,8 +220,7 @@ def cmd_queue_add(cfg: Config, args: argparse.Namespace) -> int:
     report = validate_file(src, cfg.data, cfg.intake.max_file_bytes)
     if not report.accepted:
         out(f"queue add: {src} refused: {report.reason}")
-        for e in report.errors[:10]:
-            out(f"  line {e.line}" + (f", field {e.field}" if e.field else "") + f": {e.reason}")
+        _print_line_errors([e.to_dict() for e in report.errors], report.n_bad, already_said=report.reason or "")
         return 1
     prio = Priority(args.priority)
     folder = cfg.path("inbox") if prio is Priority.NORMAL else cfg.path("inbox") / prio.value
@@ -233,7 +232,20 @@ def cmd_queue_add(cfg: Config, args: argparse.Namespace) -> int:
     os.replace(part, dst)
     note = "" if daemon_pid(cfg) else " (the daemon is not running; it is taken at the next start)"
     out(f"queue add: {src.name} -> {dst} ({prio.value}, {report.n_valid} records, format {report.format.value}){note}")
+    if report.n_bad:
+        out(f"queue add: {report.n_bad} bad line(s) will be skipped (data.bad_line_policy = skip):")
+        _print_line_errors([e.to_dict() for e in report.errors], report.n_bad)
     return 0
+
+
+def _print_line_errors(errors: list[dict], n_bad: int, already_said: str = "", limit: int = 10) -> None:
+    """The first bad lines, then how many more; a line the reason already quotes is not repeated."""
+    fresh = [e for e in errors if _line_error(e) not in already_said]
+    for e in fresh[:limit]:
+        out(f"  {_line_error(e)}")
+    told = (len(errors) - len(fresh)) + min(len(fresh), limit)
+    if n_bad > told:
+        out(f"  ... and {n_bad - told} more")
 
 
 def _free_name(folder: Path, name: str) -> Path:
@@ -267,34 +279,78 @@ def cmd_queue_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_queue_status(cfg: Config, args: argparse.Namespace) -> int:
-    c = JobQueue(cfg.path("queue")).counts()
-    out("  ".join(f"{k} {v}" for k, v in c.items()))
+    q = JobQueue(cfg.path("queue"))
+    if not args.name:
+        out("  ".join(f"{k} {v}" for k, v in q.counts().items()))
+        return 0
+    entry = q.find(args.name)
+    out(f"{entry.job_id}\n  state     {entry.state.value}" + (f" ({entry.priority.value})" if entry.priority else ""))
+    out(f"  size      {entry.size:,} B")
+    err = q.read_error(entry.job_id) if entry.state is JobState.FAILED else None
+    if err:
+        out(f"  failed    {err.get('reason')}: {err.get('message')}")
+    record = _job_record(cfg, entry.job_id)
+    if record:
+        for key in ("format", "n_records", "n_bad", "steps", "total_steps", "final_loss", "eval_loss",
+                    "adapter_version", "crashes"):
+            if record.get(key) is not None:
+                out(f"  {key:<9} {record[key]}")
+        bad = json.loads(record.get("bad_lines") or "[]")
+        for e in bad[:10]:
+            out(f"  bad line  {_line_error(e)}")
+        if len(bad) > 10:
+            out(f"  ... and {len(bad) - 10} more")
     return 0
+
+
+def _job_record(cfg: Config, job_id: str) -> dict | None:
+    path = cfg.path("status") / "history.db"
+    if not path.exists():
+        return None
+    db = HistoryDB.open_readonly(path)
+    try:
+        return db.job(job_id)
+    finally:
+        db.close()
+
+
+def _line_error(e: dict) -> str:
+    return f"line {e.get('line')}" + (f", field {e['field']}" if e.get("field") else "") + f": {e.get('reason')}"
+
+
+def _check_change(entry, action: ControlAction) -> None:
+    """The same rule the daemon applies, said before anything is asked of it."""
+    need = JobState.FAILED if action is ControlAction.RETRY else JobState.PENDING
+    if entry.state is not need:
+        verb = "retried" if action is ControlAction.RETRY else "removed"
+        raise QueueError(f"{entry.job_id} is {entry.state.value}; only {need.value} files can be {verb}")
 
 
 def _queue_change(cfg: Config, action: ControlAction, name: str, priority: str | None) -> int:
     """Retry/remove: done by the daemon when it runs (it alone moves queue files), else here under its lock."""
     q = JobQueue(cfg.path("queue"))
     entry = q.find(name)
+    _check_change(entry, action)
     if daemon_pid(cfg) is not None:
         req = control.request(cfg, action, by="cli", job_id=entry.job_id, priority=priority)
         if not _wait_consumed(req, WAIT_SECONDS):
             out(f"queue {action.value}: requested, but the daemon has not acted yet")
             return 2
-        now_in = q.find(entry.job_id).state
+        now = q.find(entry.job_id)
     else:
         fd = acquire(cfg.path("status") / "daemon.lock")  # keeps a daemon from starting mid-move
         try:
             if action is ControlAction.RETRY:
-                now_in = q.retry(entry.job_id, Priority(priority or "normal"), time.time()).state
+                now = q.retry(entry.job_id, Priority(priority or "normal"), time.time())
             else:
-                if entry.state is not JobState.PENDING:
-                    raise QueueError(f"{entry.job_id} is {entry.state.value}; only pending files can be removed")
-                now_in = q.remove(entry.job_id, time.time()).state
+                now = q.remove(entry.job_id, time.time())
         finally:
             os.close(fd)
-    ok = (now_in is JobState.PENDING) if action is ControlAction.RETRY else (now_in is JobState.FAILED)
-    out(f"queue {action.value}: {entry.job_id} is now {now_in.value}")
+    if action is ControlAction.RETRY:  # the daemon may have started (or even finished) it already
+        ok = now.state is not JobState.FAILED
+    else:
+        ok = now.state is JobState.FAILED and (q.read_error(entry.job_id) or {}).get("reason") == "removed"
+    out(f"queue {action.value}: {entry.job_id} is now {now.state.value}")
     return 0 if ok else 1
 
 
@@ -364,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--priority", choices=[p.value for p in Priority], default="normal")
     ql = qs.add_parser("list", parents=[common], help="every queued file, by folder")
     ql.add_argument("--json", action="store_true")
-    qs.add_parser("status", parents=[common], help="counts per folder")
+    qst = qs.add_parser("status", parents=[common], help="counts per folder, or one file's record")
+    qst.add_argument("name", nargs="?", help="a job id or original name: show its state, format, bad lines, losses")
     r = qs.add_parser("retry", parents=[common], help="failed/NAME -> pending")
     r.add_argument("name")
     r.add_argument("--priority", choices=[p.value for p in Priority], default="normal")

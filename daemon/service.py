@@ -21,7 +21,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import control, lockedkeys
+from daemon import atomic, control, lockedkeys
 from daemon.child import TrainerProcess
 from daemon.config import Config
 from daemon.errors import LockedKeyError, QueueError
@@ -95,6 +95,7 @@ class Service:
         if lockedkeys.recorded(self.cfg) is None or not lockedkeys.training_started(self.cfg):
             lockedkeys.record(self.cfg)
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
+        self.status.adapter_version = self._published_adapter_version()
         now = self.clock()
         self.status.started_at = now
         self.db.event("start", f"daemon started (pid {os.getpid()})", t=now)
@@ -320,11 +321,8 @@ class Service:
     def _job_over(self) -> None:
         self.job = None
         self.trainer_state = TrainerState.READY
-        st = self.status
-        st.current_file = st.job_id = None
-        st.current_step = st.total_steps = 0
-        st.eta_seconds = None
-        st.eval_loss = None
+        self._clear_progress()
+        self.status.current_file = self.status.job_id = None
         if not self.stop_requested:
             self._set(ServiceStatus.IDLE, detail="waiting for files")
 
@@ -453,12 +451,27 @@ class Service:
                     "sha256": record["sha256"], "format": record["format"], "n_records": record["n_records"]}
         self.child.send(self.job)
         self.trainer_state = TrainerState.BUSY
+        self._clear_progress()
         self.status.current_file, self.status.job_id = entry.original_name, entry.job_id
-        self.status.eval_loss = None
         self._set(ServiceStatus.TRAINING, detail="preparing data")
         log.info("training %s", entry.job_id)
 
     # -- status ------------------------------------------------------------------------
+    def _clear_progress(self) -> None:
+        """Forget the figures of the previous file, so none is shown as the next one's."""
+        st = self.status
+        st.current_step = st.total_steps = 0
+        st.epoch = 0.0
+        st.loss = st.lr = st.tokens_per_sec = st.eta_seconds = st.eval_loss = None
+        self._rate = None
+
+    def _published_adapter_version(self) -> int | None:
+        """The adapter version the trainer published last (read-only; the trainer owns adapters/)."""
+        try:
+            return int(atomic.read_json(self.cfg.path("adapters") / "current.json")["version"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
     def _set(self, status: ServiceStatus, detail: str | None = None, last_error: str | None = None) -> None:
         if status is not self.status.status:
             log.info("status %s -> %s", self.status.status.value, status.value)

@@ -141,7 +141,7 @@ def test_launch_script_refuses_second_instance(daemon_factory):
     try:
         second = subprocess.run([str(REPO / "bin/launch_training_daemon.sh"), "--config", str(d.config_path)],
                                 capture_output=True, text=True, env=env, timeout=60)
-        assert second.returncode != 0
+        assert second.returncode == 3
         assert f"pid {pid}" in second.stderr and "already running" in second.stderr
         direct = subprocess.run([__import__("sys").executable, "-m", "daemon", "--config", str(d.config_path)],
                                 capture_output=True, text=True, timeout=60, cwd=REPO)
