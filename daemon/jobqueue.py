@@ -79,6 +79,19 @@ class JobQueue:
             self.folder(JobState.PENDING, p).mkdir(parents=True, exist_ok=True)
         for s in (JobState.PROCESSING, JobState.DONE, JobState.FAILED):
             self.folder(s).mkdir(parents=True, exist_ok=True)
+        self._drop_orphan_errors()
+
+    def _drop_orphan_errors(self) -> None:
+        """Remove `.error.json` files with no file beside them (called at start-up).
+
+        reject/fail write the reason first, then move the file; a crash in between
+        leaves a reason for a failure that never happened (the file is still in the
+        inbox or processing/ and gets a fresh outcome), which would otherwise stay.
+        """
+        failed = self.folder(JobState.FAILED)
+        for err in sorted(failed.glob("*" + ERROR_SUFFIX)):
+            if not (failed / err.name[: -len(ERROR_SUFFIX)]).is_file():
+                atomic.remove_file(err)
 
     def _entries(self, state: JobState, priority: Priority | None = None) -> list[QueueEntry]:
         folder = self.folder(state, priority)

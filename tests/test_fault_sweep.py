@@ -1,0 +1,224 @@
+"""Crash-point sweep: kill the real daemon (or its trainer child) right after its n-th
+durable operation, restart, and check the product promise: no file lost, none trained
+twice, no debris in the queue, the adapter and the history agree.
+
+    TRAIND_CRASH_AFTER_OP=n           the service dies (exit 86) after its n-th durable op
+    TRAIND_TRAINER_CRASH_AFTER_OP=n   every trainer child dies after its n-th durable op
+
+The service's numbering depends on timing (status writes), so the points are a
+sample; `pytest -m slow` sweeps many more. Each run prints where it crashed
+(`-s` to see it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.jobqueue import ERROR_SUFFIX
+from daemon.model import read_current
+from tests.conftest import lines_of, write_instance
+from tests.daemon_harness import Daemon
+
+pytestmark = pytest.mark.e2e
+
+GOOD = {"a_text.jsonl": lines_of("text.jsonl", 24), "b_alpaca.jsonl": lines_of("alpaca.jsonl", 30)}
+BAD = {"c_bad.jsonl": json.dumps([{"text": "a"}, {"text": "b"}])}  # a JSON array, not JSONL
+# Checkpoints every 2 steps (the files have 6 and 7 steps), so a child does 3 durable
+# ops per checkpoint and 3 per adapter publication. A file whose child keeps dying on
+# the same op fails with reason `crashed` after 6 crashes: explicit, never lost.
+SETTINGS = dict(training={"checkpoint_every_steps": 2},
+                service={"max_crashes_per_file": 6, "restart_backoff_seconds": 0.1})
+CRASH_RE = re.compile(r"injected crash after durable op (\d+) \((.*)\)")
+CRASH_EXIT = 86
+
+SERVICE_POINTS = [1, 2, 3, 5, 8, 13]
+TRAINER_POINTS = [4, 8, 9]  # together: every kind of durable op the child does (see the module doc)
+
+
+@pytest.fixture
+def make_daemon(tmp_path, models_dir):
+    made: list[Daemon] = []
+
+    def make(env: dict | None = None) -> Daemon:
+        d = Daemon(write_instance(tmp_path / "inst", models_dir, **SETTINGS), env=env)
+        for name, text in {**GOOD, **BAD}.items():
+            d.drop(name, text)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+# ---------------------------------------------------------------- running
+
+
+def settled(d: Daemon) -> bool:
+    """Every file has reached done/ or failed/ and the service says idle."""
+    c = d.queue.counts()
+    inbox = [p for p in d.cfg.path("inbox").rglob("*") if p.is_file()]
+    st = d.status() or {}
+    return (not inbox and c["pending"] == 0 and c["processing"] == 0 and c["done"] + c["failed"] >= 3
+            and st.get("status") == "idle")
+
+
+def run_until_crash_or_settled(d: Daemon, timeout: float = 240) -> int:
+    """The exit code: 86 when the armed op came, else 0 after a stop once all is settled
+    (the stop's own status writes may still reach the armed op: 86 again)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        code = d.proc.poll()
+        if code is not None:
+            return code
+        if settled(d):
+            return d.stop()
+        time.sleep(0.1)
+    raise AssertionError(f"neither crashed nor settled in {timeout:.0f} s\n{d.log_tail()}")
+
+
+def run_to_the_end(d: Daemon, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not settled(d):
+        if d.proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({d.proc.returncode}) before settling\n{d.log_tail()}")
+        if time.time() > deadline:
+            raise AssertionError(f"not settled in {timeout:.0f} s; queue {d.queue.counts()}\n{d.log_tail()}")
+        time.sleep(0.1)
+    assert d.stop() == 0, d.log_tail()
+
+
+def crashes_in(path: Path) -> list[str]:
+    """`op n (what)` for every injected crash written to this log."""
+    if not path.exists():
+        return []
+    return [f"op {m.group(1)} ({m.group(2)})" for m in CRASH_RE.finditer(path.read_text(errors="replace"))]
+
+
+# ---------------------------------------------------------------- the promise
+
+
+def check_invariants(d: Daemon, crashed_ok: bool) -> dict:
+    """Every input exactly once under queue/ in the right place; no debris; the adapter
+    holds each done job once; the history holds each kept step once. Returns a summary."""
+    queue, inputs = d.cfg.path("queue"), {**GOOD, **BAD}
+    inbox_left = [p for p in d.cfg.path("inbox").rglob("*") if p.is_file()]
+    assert not inbox_left, f"left in the inbox: {inbox_left}"
+    assert not d.queue.processing() and not d.queue.pending(), d.queue.counts()
+    debris = [p for p in queue.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    assert not debris, f"debris in queue/: {debris}"
+
+    files = [p for p in queue.rglob("*") if p.is_file()]
+    data = [p for p in files if not p.name.endswith((ERROR_SUFFIX, ERROR_SUFFIX + ".prev"))]
+    for name, text in inputs.items():
+        homes = [p.relative_to(queue) for p in data if p.read_bytes() == text.encode()]
+        assert len(homes) == 1, f"{name} is in {len(homes)} places under queue/: {homes}"
+    assert len(data) == len(inputs), f"unexpected files under queue/: {[p.relative_to(queue) for p in data]}"
+
+    done = {e.original_name: e.job_id for e in d.queue.done()}
+    failed = {e.original_name: e.job_id for e in d.queue.failed()}
+    reasons = {name: (d.queue.read_error(job_id) or {}).get("reason") for name, job_id in failed.items()}
+    for name in BAD:
+        assert reasons.get(name) == "invalid_data", f"{name}: done={name in done}, reason {reasons.get(name)}"
+    for name in GOOD:
+        ok = name in done or (crashed_ok and reasons.get(name) == "crashed")
+        assert ok, f"{name}: done={name in done}, failed reason {reasons.get(name)}"
+    errors = sorted(p.name for p in (queue / "failed").glob("*" + ERROR_SUFFIX))
+    assert errors == sorted(j + ERROR_SUFFIX for j in failed.values()), f"error files without their file: {errors}"
+
+    current = read_current(d.cfg.path("adapters"))
+    trained = list(current.manifest["trained_jobs"]) if current else []
+    assert sorted(trained) == sorted(done.values()), f"adapter trained_jobs {trained} != done {sorted(done.values())}"
+    assert len(trained) == len(set(trained)), f"a job twice in the adapter: {trained}"
+
+    # The kept jobs' steps, in training order: each step once, global steps contiguous.
+    db = d.history()
+    try:
+        global_step = 0
+        for job_id in trained:
+            total = db.job(job_id)["total_steps"]
+            rows = db.steps(job_id)
+            assert total and [r["step"] for r in rows] == list(range(1, total + 1)), \
+                f"{job_id}: steps {[r['step'] for r in rows]} of {total}"
+            assert [r["global_step"] for r in rows] == list(range(global_step + 1, global_step + total + 1)), \
+                f"{job_id}: global steps {[r['global_step'] for r in rows]} after {global_step}"
+            global_step += total
+        stale = {j: db.job(j)["state"] for j in done.values() if db.job(j)["state"] != "done"}
+        crashes = {name: db.job(j)["crashes"] for name, j in {**done, **failed}.items()}
+    finally:
+        db.close()
+    if current:
+        assert current.manifest["global_step"] == global_step
+    return {"done": sorted(done), "failed": {n: reasons[n] for n in sorted(failed)},
+            "adapter_version": current.version if current else None, "global_step": global_step,
+            "crashes": crashes, "history_state_not_done": stale}
+
+
+def other_debris(d: Daemon) -> list[str]:
+    """Temp and moved-aside folders outside queue/ (adapters/, checkpoints/): reported, not failed."""
+    out = []
+    for name in ("adapters", "checkpoints"):
+        root = d.cfg.path(name)
+        out += [str(p.relative_to(d.cfg.root)) for p in root.rglob(".*") if p.name.endswith(".tmp") or ".old-" in p.name]
+    return out
+
+
+# ---------------------------------------------------------------- the sweeps
+
+
+def service_point(make_daemon, n: int) -> None:
+    t0 = time.time()
+    d = make_daemon(env={"TRAIND_CRASH_AFTER_OP": str(n)}).start()
+    code = run_until_crash_or_settled(d)
+    assert code in (0, CRASH_EXIT), f"first run exited {code}\n{d.log_tail()}"
+    where = crashes_in(d.cfg.root / "daemon_test_stdout.log")
+    assert (code == CRASH_EXIT) == bool(where), (code, where)
+    d.close()  # the child dies with the service; make sure before the restart
+
+    del d.env["TRAIND_CRASH_AFTER_OP"]
+    run_to_the_end(d.start())  # restart without injection
+    summary = check_invariants(d, crashed_ok=False)
+    print(f"\nSERVICE n={n}: {'crashed after ' + where[0] if where else 'beyond its ops (finished)'}; "
+          f"{summary}; other debris {other_debris(d)}; {time.time() - t0:.1f} s")
+
+
+def trainer_point(make_daemon, n: int) -> None:
+    t0 = time.time()
+    d = make_daemon(env={"TRAIND_TRAINER_CRASH_AFTER_OP": str(n)}).start()
+    run_to_the_end(d)  # the service lives through every child crash
+    where = crashes_in(d.cfg.path("logs") / "trainer_stderr.log")
+    first = check_invariants(d, crashed_ok=True)
+
+    del d.env["TRAIND_TRAINER_CRASH_AFTER_OP"]
+    run_to_the_end(d.start())  # a clean restart over what the crashes left
+    summary = check_invariants(d, crashed_ok=True)
+    assert summary == first, "a restart changed the outcome"
+    print(f"\nTRAINER n={n}: {len(where)} child crash(es) {sorted(set(where))}; {summary}; "
+          f"other debris {other_debris(d)}; {time.time() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("n", SERVICE_POINTS)
+def test_service_crash_after_op(make_daemon, n):
+    service_point(make_daemon, n)
+
+
+@pytest.mark.parametrize("n", TRAINER_POINTS)
+def test_trainer_crash_after_op(make_daemon, n):
+    trainer_point(make_daemon, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", range(1, 41))
+def test_service_crash_sweep(make_daemon, n):
+    service_point(make_daemon, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", range(1, 16))
+def test_trainer_crash_sweep(make_daemon, n):
+    trainer_point(make_daemon, n)
