@@ -291,6 +291,10 @@ def publish_adapter(adapters: Path, model: Any, manifest: dict[str, Any]) -> Ada
     from daemon import atomic
 
     adapters.mkdir(parents=True, exist_ok=True)
+    # A crash mid-publication leaves its temp (or moved-aside) folder, a full adapter each;
+    # sweep them here (one trainer holds the lock) so they never pile up.
+    for left in [*adapters.glob(".v*.tmp"), *adapters.glob(".v*.old-*")]:
+        shutil.rmtree(left, ignore_errors=True)
     name = version_dir_name(manifest["version"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=adapters))
     try:
