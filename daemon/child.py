@@ -98,7 +98,10 @@ class TrainerProcess:
             while conn.poll():
                 out.append(conn.recv())
         except (EOFError, OSError):
-            pass
+            # The child closed its end (it is exiting or dead). A closed socket stays
+            # "readable" for ever, so drop it, or the service loop would spin on it.
+            conn.close()
+            self.connection = None
         return out
 
     def exited(self) -> int | None:

@@ -168,23 +168,30 @@ def cmd_skip(cfg: Config, args: argparse.Namespace) -> int:
     if daemon_pid(cfg) is None:
         out("skip: the daemon is not running; nothing is training")
         return 1
-    if not st.get("job_id"):
-        out("skip: no file is training")
-        return 1
+    q = JobQueue(cfg.path("queue"))
+    if not st.get("job_id"):  # between files, or its trainer is restarting after a crash
+        left = q.processing()
+        if not left:
+            out("skip: no file is training")
+            return 1
+        st = dict(st, job_id=left[0].job_id, current_file=left[0].original_name)
     req = control.request(cfg, ControlAction.SKIP, by="cli", job_id=st["job_id"])
     if args.no_wait:
         out(f"skip: requested for {st['current_file']}")
         return 0
-    q = JobQueue(cfg.path("queue"))
     deadline = time.time() + WAIT_SECONDS
     while time.time() < deadline:
         err = q.read_error(st["job_id"])
         if err is not None:
             out(f"skip: {st['current_file']} -> queue/failed/ ({err.get('reason')})")
-            return 0
+            return 0 if err.get("reason") == "skipped" else 1
         if not req.exists() and (read_status(cfg.path("status")) or {}).get("job_id") != st["job_id"]:
-            out(f"skip: {st['current_file']} is no longer training")
-            return 0
+            try:
+                where = q.find(st["job_id"]).state.value
+            except QueueError:
+                where = "gone"
+            out(f"skip: {st['current_file']} was not skipped: it is {where} (it ended before the skip took effect)")
+            return 1
         time.sleep(0.2)
     out("skip: requested, but the daemon has not acted yet")
     return 2

@@ -267,6 +267,15 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(raw, path.parent, str(path))
 
 
+def resolved_dict(cfg: Config) -> dict[str, Any]:
+    """The config as JSON with every path absolute: loads the same from any folder."""
+    d = cfg.to_dict()
+    d["paths"] = {name: str(cfg.path(name)) for name in d["paths"]}
+    if cfg.base_model_path is not None:
+        d["base_model"] = str(cfg.base_model_path)
+    return d
+
+
 def locked_values(cfg: Config) -> dict[str, Any]:
     """The keys that shape the adapter or its data, as dotted names -> values."""
     out: dict[str, Any] = {"base_model": cfg.base_model}

@@ -10,6 +10,7 @@ monitor is down and nothing needs the daemon to be up to accept a request.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -18,9 +19,11 @@ from pathlib import Path
 
 from daemon import atomic
 from daemon.config import Config
-from daemon.states import ControlAction, DesiredState
+from daemon.states import ControlAction, DesiredState, Priority
 
 EMERGENCY_STOP_NAME = ".stop"
+
+log = logging.getLogger(__name__)
 
 
 def control_dir(cfg: Config) -> Path:
@@ -83,12 +86,24 @@ def pending_requests(cfg: Config) -> list[ControlRequest]:
     for name in names:
         path = requests_dir(cfg) / name
         try:
-            raw = atomic.read_json(path)
-            out.append(ControlRequest(path, ControlAction(raw["action"]), str(raw.get("by", "?")),
-                                      float(raw.get("at", 0)), raw.get("job_id"), raw.get("priority")))
-        except (ValueError, KeyError, TypeError, FileNotFoundError):
+            out.append(_parse_request(path, atomic.read_json(path)))
+        except (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError) as e:
+            log.warning("dropping unusable control request %s: %s", name, e)
             atomic.remove_file(path)
     return out
+
+
+def _parse_request(path: Path, raw: dict) -> ControlRequest:
+    """A request whose every field is usable, or ValueError/KeyError/TypeError."""
+    action = ControlAction(raw["action"])
+    job_id, priority = raw.get("job_id"), raw.get("priority")
+    if job_id is not None and not isinstance(job_id, str):
+        raise TypeError(f"job_id must be a string, got {job_id!r}")
+    if priority is not None:
+        Priority(priority)
+    if action in (ControlAction.RETRY, ControlAction.REMOVE) and not job_id:
+        raise ValueError(f"{action.value} needs a job_id")
+    return ControlRequest(path, action, str(raw.get("by", "?")), float(raw.get("at", 0)), job_id, priority)
 
 
 def consume(req: ControlRequest) -> None:

@@ -101,7 +101,8 @@ class JobQueue:
         except FileNotFoundError:
             return []
         for p in names:
-            if p.name.startswith(".") or p.name.endswith(ERROR_SUFFIX) or not p.is_file():
+            # `.error.json` and the `.error.json.prev` a retry keeps are reasons, not queued files
+            if p.name.startswith(".") or ERROR_SUFFIX in p.name or not p.is_file():
                 continue
             st = p.stat()
             out.append(QueueEntry(p.name, state, priority, p, st.st_size, st.st_mtime))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from daemon.errors import AlreadyRunningError
@@ -25,16 +26,25 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def acquire(path: str | Path) -> int:
-    """Take the lock or raise; returns the open fd, which must stay open while running."""
+def acquire(path: str | Path, wait: float = 2.0) -> int:
+    """Take the lock or raise; returns the open fd, which must stay open while running.
+
+    Retries for `wait` seconds: a status check (`holder_pid`, the launch script's
+    `flock -n`) holds the lock for a moment and must not make a start fail.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunningError(_read_pid(path), str(path)) from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AlreadyRunningError(_read_pid(path), str(path)) from None
+            time.sleep(0.05)  # flock has no timeout of its own
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     os.fsync(fd)

@@ -22,9 +22,10 @@ class ServiceStatus(str, Enum):
 
 
 SERVICE_TRANSITIONS: dict[ServiceStatus, frozenset[ServiceStatus]] = {
-    ServiceStatus.IDLE: frozenset({ServiceStatus.TRAINING, ServiceStatus.PAUSED, ServiceStatus.STOPPING, ServiceStatus.ERROR}),
-    ServiceStatus.TRAINING: frozenset({ServiceStatus.IDLE, ServiceStatus.PAUSED, ServiceStatus.STOPPING, ServiceStatus.ERROR}),
-    ServiceStatus.PAUSED: frozenset({ServiceStatus.IDLE, ServiceStatus.TRAINING, ServiceStatus.STOPPING, ServiceStatus.ERROR}),
+    # STOPPED from anywhere: a second signal stops at once, without passing through STOPPING.
+    ServiceStatus.IDLE: frozenset({ServiceStatus.TRAINING, ServiceStatus.PAUSED, ServiceStatus.STOPPING, ServiceStatus.STOPPED, ServiceStatus.ERROR}),
+    ServiceStatus.TRAINING: frozenset({ServiceStatus.IDLE, ServiceStatus.PAUSED, ServiceStatus.STOPPING, ServiceStatus.STOPPED, ServiceStatus.ERROR}),
+    ServiceStatus.PAUSED: frozenset({ServiceStatus.IDLE, ServiceStatus.TRAINING, ServiceStatus.STOPPING, ServiceStatus.STOPPED, ServiceStatus.ERROR}),
     ServiceStatus.STOPPING: frozenset({ServiceStatus.STOPPED, ServiceStatus.ERROR}),
     ServiceStatus.STOPPED: frozenset({ServiceStatus.IDLE}),  # a new start
     ServiceStatus.ERROR: frozenset({ServiceStatus.IDLE, ServiceStatus.STOPPING, ServiceStatus.STOPPED}),

@@ -303,3 +303,41 @@ def test_config_from_environment(cfg: Config) -> None:
     r = subprocess.run([sys.executable, "-m", "daemon.cli", "queue", "status"], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("pending_high 0")
+
+
+def test_queue_retry_refuses_a_file_that_is_not_failed(cfg: Config, tmp_path: Path, lock_holder: int) -> None:
+    e = populate(cfg, tmp_path)
+    r = trainctl(cfg, "queue", "retry", e["done"].job_id)  # refused before any request is left for the daemon
+    assert r.returncode == 1 and f"{e['done'].job_id} is done; only failed files can be retried" in r.stdout
+    assert files_under(cfg.path("status") / "control") == []
+
+
+def test_retry_leaves_no_reason_file_listed_as_a_job(cfg: Config, tmp_path: Path) -> None:
+    e = populate(cfg, tmp_path)
+    assert trainctl(cfg, "queue", "retry", e["failed"].job_id).returncode == 0
+    r = trainctl(cfg, "queue", "status")
+    assert "failed 0" in r.stdout  # the kept `.error.json.prev` is not a queued file
+
+
+def test_queue_status_of_one_file_shows_its_record(cfg: Config, tmp_path: Path) -> None:
+    from daemon.status import HistoryDB
+    e = populate(cfg, tmp_path)
+    db = HistoryDB(cfg.path("status") / "history.db")
+    db.upsert_job(e["done"].job_id, format="chat", n_records=40, n_bad=12, final_loss=1.25, adapter_version=3,
+                  bad_lines=[{"line": n, "field": "text", "reason": "must be a string"} for n in range(1, 13)])
+    db.close()
+    r = trainctl(cfg, "queue", "status", "d.jsonl")
+    assert r.returncode == 0
+    assert "state     done" in r.stdout and "final_loss 1.25" in r.stdout and "adapter_version 3" in r.stdout
+    assert "bad line  line 1, field text: must be a string" in r.stdout and "... and 2 more" in r.stdout
+    r = trainctl(cfg, "queue", "status", e["failed"].job_id)
+    assert "failed    training_error: CUDA out of memory" in r.stdout
+
+
+def test_queue_add_warns_about_lines_it_will_skip(cfg: Config, tmp_path: Path) -> None:
+    src = tmp_path / "some_bad.jsonl"
+    src.write_text(TEXT * 30 + '{"text": 5}\n', encoding="utf-8")
+    r = trainctl(cfg, "queue", "add", str(src))
+    assert r.returncode == 0
+    assert "1 bad line(s) will be skipped" in r.stdout and "line 31, field text" in r.stdout
+    assert files_under(cfg.path("inbox")) == ["some_bad.jsonl"]

@@ -1,0 +1,152 @@
+"""Supervision of the trainer child: start, restart with backoff, exits, talk.
+
+    sup = Supervisor(config_path, logs_dir, wake, backoff_seconds=2.0)
+    sup.start(now)
+    messages, exit_code = sup.poll(now)     # never blocks; exit_code once the child is gone
+    if sup.due(now): sup.start(now)         # after a crash, once the backoff has passed
+
+The service decides what a message or an exit means for the queue; this
+module only knows the process: whether it is starting, ready, busy or
+exiting, whether it was told to pause, and how often it failed in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon.child import TrainerProcess
+from daemon.states import TrainerState
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 60.0
+START_FAILURES_FOR_ERROR = 3  # crashes in a row before a "ready": the trainer cannot start
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, logs_dir: Path, wake: Callable[[], None], backoff_seconds: float) -> None:
+        self.config_path = config_path
+        self.logs_dir = logs_dir
+        self.wake = wake
+        self.backoff_seconds = backoff_seconds
+        self.child: TrainerProcess | None = None
+        self.state = TrainerState.DOWN
+        self.paused = False  # told to pause and not yet to resume (a pause outlives a file)
+        self.crashes_in_a_row = 0  # reset by a step: a trainer that trains again is healthy
+        self.start_failures = 0  # crashes before "ready" in a row: reset by "ready"
+        self.restart_at = 0.0
+
+    # -- process ---------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child else None
+
+    @property
+    def connected(self) -> bool:
+        return self.child is not None and self.child.connection is not None
+
+    def start(self, now: float) -> None:
+        self.child = TrainerProcess(self.config_path, self.logs_dir, wake=self.wake)
+        self.child.start()
+        self.state = TrainerState.STARTING
+        self.paused = False
+
+    def due(self, now: float) -> bool:
+        return self.state is TrainerState.DOWN and now >= self.restart_at
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        return self.child is not None and self.child.send(msg)
+
+    def waitable(self) -> Any:
+        return self.child.connection if self.connected else None
+
+    def wait_timeout(self) -> float | None:
+        """A short wait while the child may exit without a word (before it connects, after EOF)."""
+        if self.child is not None and not self.connected:
+            return 0.2
+        return None
+
+    def poll(self, now: float) -> tuple[list[dict[str, Any]], int | None]:
+        """Messages waiting, and the exit code if the child is gone (its last words included)."""
+        if self.child is None:
+            return [], None
+        messages = self.child.receive()
+        code = self.child.exited()
+        if code is not None:
+            messages += self.child.receive()
+            self.child.close()
+            self.child = None
+        return messages, code
+
+    # -- states ----------------------------------------------------------------------
+    def on_ready(self) -> None:
+        if self.state is not TrainerState.EXITING:
+            self.state = TrainerState.READY
+        self.start_failures = 0
+
+    def on_step(self) -> None:
+        self.crashes_in_a_row = 0
+
+    def crashed(self, now: float, before_ready: bool) -> float:
+        """Count an unexpected exit; returns the backoff before the restart."""
+        self.state = TrainerState.DOWN
+        self.crashes_in_a_row += 1
+        if before_ready:
+            self.start_failures += 1
+        backoff = min(self.backoff_seconds * 2 ** (self.crashes_in_a_row - 1), MAX_BACKOFF_SECONDS)
+        self.restart_at = now + backoff
+        return backoff
+
+    @property
+    def cannot_start(self) -> bool:
+        return self.start_failures >= START_FAILURES_FOR_ERROR
+
+    def pause(self) -> None:
+        if not self.paused and self.send({"type": "pause"}):
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused and self.send({"type": "resume"}):
+            self.paused = False
+
+    def exit(self) -> None:
+        """Ask an idle child to leave (or kill one still loading: it has nothing to save)."""
+        if self.child is None:
+            return
+        if not self.connected:
+            self.child.kill()
+        else:
+            self.send({"type": "shutdown"})
+        self.state = TrainerState.EXITING
+
+    def kill(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """At service exit: shut the child down, killing it if it does not go in time."""
+        if self.child is None:
+            return
+        if self.child.exited() is None:
+            self.send({"type": "shutdown"})
+            if self.child.wait(timeout) is None:
+                self.child.kill()
+        self.child.close()
+        self.child = None
+
+    # -- diagnosis --------------------------------------------------------------------
+    def last_error_hint(self) -> str:
+        """The trainer's last logged error (or the last line it wrote to stderr), for the status."""
+        logs = sorted(self.logs_dir.glob("trainer_2*.log"))
+        for path in reversed(logs[-1:] + [self.logs_dir / "trainer_stderr.log"]):
+            try:
+                lines = path.read_text(errors="replace").splitlines()[-200:]
+            except OSError:
+                continue
+            for line in reversed(lines):
+                if re.search(r"\b(ERROR|CRITICAL)\b|Error:|Exception:", line):
+                    return line.strip()[-300:]
+        return "see logs/trainer_*.log"

@@ -1,0 +1,174 @@
+"""What happens to the file in training: its progress, its outcome, its records.
+
+    tracker = JobTracker(cfg, queue, db, status)
+    tracker.begin(job)                   # the service handed `job` to the child
+    tracker.on_message(msg, now)         # started / step / eval / checkpoint / done / failed / skipped
+    tracker.crashed(how, now)            # the child died while training it
+
+The one place that turns the trainer's reports into queue moves (done/ or
+failed/), job records and events in the history, and the live figures of the
+status. Messages about another file than the current one are late answers
+(a skip that crossed the file's end) and are ignored: the folders already say
+what happened to that file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from daemon import atomic
+from daemon.config import Config
+from daemon.errors import QueueError
+from daemon.jobqueue import JobQueue, original_name
+from daemon.states import FailReason, JobState
+from daemon.status import HistoryDB, TrainingStatus
+
+log = logging.getLogger(__name__)
+
+SKIPPED_MESSAGE = "skipped by request; the adapter was restored to its state before this file"
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    """The file handed to the child: the `train` message of docs/internals.md."""
+
+    job_id: str
+    path: str
+    original_name: str
+    sha256: str
+    format: str
+    n_records: int
+
+    def message(self) -> dict[str, Any]:
+        return {"type": "train", **asdict(self)}
+
+
+class JobTracker:
+    def __init__(self, cfg: Config, queue: JobQueue, db: HistoryDB, status: TrainingStatus) -> None:
+        self.cfg, self.queue, self.db, self.status = cfg, queue, db, status
+        self.job: ActiveJob | None = None
+        self._rate: tuple[float, int] | None = None  # (time, step) of the first step seen this run
+
+    # -- life of the current file ------------------------------------------------------
+    def begin(self, job: ActiveJob) -> None:
+        self.job = job
+        self.clear_fields()
+        self.status.current_file, self.status.job_id = job.original_name, job.job_id
+
+    def end(self) -> None:
+        self.job = None
+        self.clear_fields()
+
+    def on_message(self, msg: dict[str, Any], now: float) -> bool:
+        """Apply a job message; True when it ended the file (done, failed, skipped)."""
+        if self.job is None or msg.get("job_id") != self.job.job_id:
+            log.info("ignoring %s about %s: not the file in training", msg.get("type"), msg.get("job_id"))
+            return False
+        getattr(self, f"_on_{msg['type']}")(msg, now)
+        if msg["type"] in ("done", "failed", "skipped"):
+            self.end()
+            return True
+        return False
+
+    def _on_started(self, msg: dict, now: float) -> None:
+        job_id, resumed = msg["job_id"], msg.get("resumed_from_step") or 0
+        self.status.total_steps = msg.get("total_steps") or 0
+        self.status.current_step = resumed
+        self._rate = None
+        self.db.forget_steps_after(job_id, resumed)  # they are trained again; keep what the adapter keeps
+        self.db.upsert_job(job_id, total_steps=self.status.total_steps, started_at=now, state=JobState.PROCESSING.value)
+        note = f" (resumed from step {resumed})" if resumed else ""
+        self.db.event("job_started", f"training {self.job.original_name}{note}", job_id, t=now)
+
+    def _on_step(self, msg: dict, now: float) -> None:
+        st = self.status
+        st.current_step, st.total_steps = msg["step"], msg.get("total_steps") or st.total_steps
+        st.global_step, st.epoch = msg.get("global_step", st.global_step), msg.get("epoch", st.epoch)
+        st.loss, st.lr, st.tokens_per_sec = msg.get("loss"), msg.get("lr"), msg.get("tokens_per_sec")
+        if self._rate is None:
+            self._rate = (now, st.current_step)
+        t0, s0 = self._rate
+        if st.current_step > s0 and now > t0:
+            st.eta_seconds = (st.total_steps - st.current_step) * (now - t0) / (st.current_step - s0)
+        self.db.record_step(msg["job_id"], msg["step"], st.global_step, st.epoch, st.loss, st.lr,
+                            msg.get("grad_norm"), st.tokens_per_sec, now)
+
+    def _on_eval(self, msg: dict, now: float) -> None:
+        self.status.eval_loss = msg["eval_loss"]
+        self.db.record_eval(msg["job_id"], msg["step"], msg.get("global_step", self.status.global_step),
+                            msg["eval_loss"], now)
+
+    def _on_checkpoint(self, msg: dict, now: float) -> None:
+        log.debug("checkpoint of %s at step %s", msg["job_id"], msg["step"])
+
+    def _on_done(self, msg: dict, now: float) -> None:
+        self.finish(msg["job_id"], now, msg)
+
+    def _on_failed(self, msg: dict, now: float) -> None:
+        reason = FailReason.INVALID_DATA if msg.get("reason") == "invalid_data" else FailReason.TRAINING_ERROR
+        self.status.last_error = msg.get("message")
+        self.fail(msg["job_id"], reason, msg.get("message") or "training failed", now,
+                  errors=msg.get("errors") or [], traceback=msg.get("traceback"))
+
+    def _on_skipped(self, msg: dict, now: float) -> None:
+        self.fail(msg["job_id"], FailReason.SKIPPED, SKIPPED_MESSAGE, now, steps_discarded=msg.get("steps_discarded"))
+
+    def crashed(self, how: str, now: float) -> None:
+        """The child died while training the current file: count it, maybe give up on the file."""
+        job_id = self.job.job_id
+        self.end()
+        published = self.published()
+        if job_id in published["trained_jobs"]:  # it died after publishing: the file is learnt
+            self.finish(job_id, now, {"already_trained": True, "adapter_version": published["version"]})
+            return
+        crashes = self.db.add_crash(job_id)
+        if crashes >= self.cfg.service.max_crashes_per_file:
+            self.fail(job_id, FailReason.CRASHED, f"the trainer died {crashes} times on this file (last: {how})", now)
+        else:
+            log.info("%s stays in processing/ and resumes from its last checkpoint (crash %d of %d)",
+                     job_id, crashes, self.cfg.service.max_crashes_per_file)
+
+    # -- outcomes ------------------------------------------------------------------------
+    def finish(self, job_id: str, now: float, msg: dict) -> None:
+        try:
+            self.queue.finish(job_id)
+        except QueueError as e:
+            log.error("finished %s but cannot move it to done/: %s", job_id, e)
+        self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, steps=msg.get("steps"),
+                           final_loss=msg.get("final_loss"), eval_loss=msg.get("eval_loss"),
+                           adapter_version=msg.get("adapter_version"))
+        again = " (already trained before a restart; not trained again)" if msg.get("already_trained") else ""
+        self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
+        if msg.get("adapter_version") is not None:
+            self.status.adapter_version = msg["adapter_version"]
+
+    def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> None:
+        try:
+            self.queue.fail(job_id, reason, message, now, **details)
+        except QueueError as e:
+            log.error("cannot move %s to failed/: %s", job_id, e)
+        self.db.upsert_job(job_id, state=JobState.FAILED.value, finished_at=now, reason=f"{reason.value}: {message}")
+        self.db.event("job_failed", f"{reason.value}: {message}", job_id, t=now)
+        log.warning("%s -> failed/ (%s: %s)", job_id, reason.value, message)
+
+    # -- status ----------------------------------------------------------------------------
+    def clear_fields(self) -> None:
+        """Forget the previous file's figures, so none is shown as the next one's (or as a dead one's)."""
+        st = self.status
+        st.current_file = st.job_id = None
+        st.current_step = st.total_steps = 0
+        st.epoch = 0.0
+        st.loss = st.lr = st.tokens_per_sec = st.eta_seconds = st.eval_loss = None
+        self._rate = None
+
+    def published(self) -> dict[str, Any]:
+        """Version and trained jobs of the adapter the trainer published last (read-only: it owns adapters/)."""
+        adapters = self.cfg.path("adapters")
+        try:
+            current = atomic.read_json(adapters / "current.json")
+            manifest = atomic.read_json(adapters / current["path"] / "manifest.json")
+            return {"version": int(current["version"]), "trained_jobs": list(manifest.get("trained_jobs", []))}
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return {"version": None, "trained_jobs": []}
