@@ -57,8 +57,10 @@ class GpuProbe:
             self._reason = f"pynvml is not installed ({e}); pip install nvidia-ml-py"
             return False
         except self._error as e:  # NVMLError_LibraryNotFound, _DriverNotLoaded, _NoPermission, ...
-            self._reason = f"no NVIDIA driver or GPU: {type(e).__name__}: {e}"
-            log.info("GPU stats unavailable: %s", self._reason)
+            reason = f"no NVIDIA driver or GPU: {type(e).__name__}: {e}"
+            if reason != self._reason:  # once, not at every retry
+                log.info("GPU stats unavailable: %s", reason)
+            self._reason = reason
             return False
         self._ready, self._reason = True, None
         return True
