@@ -37,7 +37,11 @@ CRASH_RE = re.compile(r"injected crash after durable op (\d+) \((.*)\)")
 CRASH_EXIT = 86
 
 SERVICE_POINTS = [1, 2, 3, 5, 8, 13]
-TRAINER_POINTS = [4, 8, 9]  # together: every kind of durable op the child does (see the module doc)
+# The child's op numbering is deterministic (9 ops for the first file, 12 for the second):
+# 4 hits a checkpoint's state.json and an adapter's manifest.json, 8 the publication of a
+# step folder and of an adapter folder, 9 latest.json and current.json (the commit point,
+# after which the restarted child answers "already trained"): every kind of child op.
+TRAINER_POINTS = [4, 8, 9]
 
 
 @pytest.fixture
@@ -60,12 +64,13 @@ def make_daemon(tmp_path, models_dir):
 
 
 def settled(d: Daemon) -> bool:
-    """Every file has reached done/ or failed/ and the service says idle."""
+    """Every file has reached done/ or failed/ and this process (not the one before a
+    restart: its last status may say idle too) says idle, its signal handlers in place."""
     c = d.queue.counts()
     inbox = [p for p in d.cfg.path("inbox").rglob("*") if p.is_file()]
     st = d.status() or {}
     return (not inbox and c["pending"] == 0 and c["processing"] == 0 and c["done"] + c["failed"] >= 3
-            and st.get("status") == "idle")
+            and st.get("status") == "idle" and st.get("pid") == d.proc.pid)
 
 
 def run_until_crash_or_settled(d: Daemon, timeout: float = 240) -> int:
@@ -136,9 +141,15 @@ def check_invariants(d: Daemon, crashed_ok: bool) -> dict:
     assert sorted(trained) == sorted(done.values()), f"adapter trained_jobs {trained} != done {sorted(done.values())}"
     assert len(trained) == len(set(trained)), f"a job twice in the adapter: {trained}"
 
-    # The kept jobs' steps, in training order: each step once, global steps contiguous.
     db = d.history()
     try:
+        # The history knows every file the folders hold, in the same state.
+        records = {name: db.job(j) for name, j in {**done, **failed}.items()}
+        missing = sorted(name for name, r in records.items() if r is None)
+        assert not missing, f"no history record for {missing}, though their files are in done/ or failed/"
+        wrong = {name: r["state"] for name, r in records.items() if r["state"] != ("done" if name in done else "failed")}
+        assert not wrong, f"history job state disagrees with the folder: {wrong}"
+        # The kept jobs' steps, in training order: each step once, global steps contiguous.
         global_step = 0
         for job_id in trained:
             total = db.job(job_id)["total_steps"]
@@ -148,15 +159,14 @@ def check_invariants(d: Daemon, crashed_ok: bool) -> dict:
             assert [r["global_step"] for r in rows] == list(range(global_step + 1, global_step + total + 1)), \
                 f"{job_id}: global steps {[r['global_step'] for r in rows]} after {global_step}"
             global_step += total
-        stale = {j: db.job(j)["state"] for j in done.values() if db.job(j)["state"] != "done"}
-        crashes = {name: db.job(j)["crashes"] for name, j in {**done, **failed}.items()}
+        crashes = {name: r["crashes"] for name, r in records.items()}
     finally:
         db.close()
     if current:
         assert current.manifest["global_step"] == global_step
     return {"done": sorted(done), "failed": {n: reasons[n] for n in sorted(failed)},
             "adapter_version": current.version if current else None, "global_step": global_step,
-            "crashes": crashes, "history_state_not_done": stale}
+            "crashes": crashes}
 
 
 def debris_outside_queue(d: Daemon) -> dict[str, list[str]]:
@@ -181,13 +191,17 @@ def check_adapter_debris(d: Daemon) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- the sweeps
 
 
-def service_point(make_daemon, n: int) -> None:
+def service_point(make_daemon, n: int, expect: str | None = None) -> None:
+    """Crash the service after op n, restart it clean, check. `expect`: the op this test
+    is about (skipped when timing put another op at n)."""
     t0 = time.time()
     d = make_daemon(env={"TRAIND_CRASH_AFTER_OP": str(n)}).start()
     code = run_until_crash_or_settled(d)
     assert code in (0, CRASH_EXIT), f"first run exited {code}\n{d.log_tail()}"
     where = crashes_in(d.cfg.root / "daemon_test_stdout.log")
     assert (code == CRASH_EXIT) == bool(where), (code, where)
+    if expect and not (where and expect in where[0]):
+        pytest.skip(f"op {n} was {where[:1]} this time, not {expect!r}")
     d.close()  # the child dies with the service; make sure before the restart
 
     del d.env["TRAIND_CRASH_AFTER_OP"]
@@ -222,6 +236,13 @@ def test_service_crash_after_op(make_daemon, n):
 @pytest.mark.parametrize("n", TRAINER_POINTS)
 def test_trainer_crash_after_op(make_daemon, n):
     trainer_point(make_daemon, n)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug, fix in daemon/service.py: a crash between the move of a refused "
+                   "file to failed/ and its record_job leaves it without a history record, and nothing repairs that at start-up")
+def test_service_crash_after_moving_a_refused_file(make_daemon):
+    # Ops: locked_keys.json, status, move a, move b, c's .error.json, then (6) c's move to failed/.
+    service_point(make_daemon, 6, expect="move c_bad.jsonl -> failed/")
 
 
 @pytest.mark.slow
