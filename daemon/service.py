@@ -102,6 +102,7 @@ class Service:
         atomic.write_json(self.cfg.path("status") / RUNNING_CONFIG, resolved_dict(self.cfg))
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
+        self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
         now = self.clock()
         self.status.started_at = now

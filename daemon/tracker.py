@@ -21,9 +21,11 @@ from typing import Any
 from daemon import atomic
 from daemon.config import Config
 from daemon.errors import QueueError
-from daemon.jobqueue import JobQueue, original_name
-from daemon.states import FailReason, JobState
+from daemon.intake import record_job
+from daemon.jobqueue import JobQueue, QueueEntry, original_name
+from daemon.states import FailReason, JobState, Priority
 from daemon.status import HistoryDB, TrainingStatus
+from daemon.validate import validate_file
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,35 @@ class JobTracker:
         self.db.upsert_job(job_id, state=JobState.FAILED.value, finished_at=now, reason=f"{reason.value}: {message}")
         self.db.event("job_failed", f"{reason.value}: {message}", job_id, t=now)
         log.warning("%s -> failed/ (%s: %s)", job_id, reason.value, message)
+
+    def reconcile(self, now: float) -> int:
+        """Make the history agree with the folders after a crash; returns how many records were mended.
+
+        The folders are the truth: a crash between a move to done/ or failed/ and
+        the history update leaves a record saying `processing` (or none at all).
+        """
+        mended = 0
+        for state, entries in ((JobState.DONE, self.queue.done()), (JobState.FAILED, self.queue.failed())):
+            for entry in entries:
+                record = self.db.job(entry.job_id)
+                if record is not None and record.get("state") == state.value and record.get("sha256"):
+                    continue
+                self._mend(entry, state, record, now)
+                mended += 1
+        if mended:
+            log.info("history mended for %d file(s) whose last move outran their record", mended)
+        return mended
+
+    def _mend(self, entry: QueueEntry, state: JobState, record: dict | None, now: float) -> None:
+        if record is None or not record.get("sha256"):
+            record_job(self.db, entry, Priority.NORMAL, validate_file(entry.path, self.cfg.data, 0), now, state)
+        fields: dict[str, Any] = {"state": state.value}
+        if state is JobState.FAILED:
+            err = self.queue.read_error(entry.job_id) or {}
+            fields["reason"] = f"{err.get('reason', 'unknown')}: {err.get('message', '')}"
+        elif entry.job_id in self.published()["trained_jobs"]:
+            fields["adapter_version"] = self.published()["version"]
+        self.db.upsert_job(entry.job_id, finished_at=(record or {}).get("finished_at") or entry.mtime, **fields)
 
     # -- status ----------------------------------------------------------------------------
     def clear_fields(self) -> None:

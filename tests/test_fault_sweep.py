@@ -238,11 +238,10 @@ def test_trainer_crash_after_op(make_daemon, n):
     trainer_point(make_daemon, n)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, fix in daemon/service.py: a crash between the move of a refused "
-                   "file to failed/ and its record_job leaves it without a history record, and nothing repairs that at start-up")
 def test_service_crash_after_moving_a_refused_file(make_daemon):
-    # Ops: locked_keys.json, status, move a, move b, c's .error.json, then (6) c's move to failed/.
-    service_point(make_daemon, 6, expect="move c_bad.jsonl -> failed/")
+    # Ops: locked_keys.json, running_config.json, status, move a, move b, c's .error.json,
+    # then (7) c's move to failed/; the restart must give it its history record.
+    service_point(make_daemon, 7, expect="move c_bad.jsonl -> failed/")
 
 
 @pytest.mark.slow
