@@ -137,6 +137,20 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sweep_temp(root: Path) -> int:
+    """Remove temp folders a killed trainer left in any job's checkpoint folder.
+
+    Only safe under the trainer lock (no other trainer is writing); a job that
+    failed as `crashed` keeps its published checkpoints for a retry, but its temp
+    folders would otherwise stay forever. Returns how many were removed.
+    """
+    removed = 0
+    for tmp in root.glob("*/.step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Load one step folder; raises on anything missing or unreadable."""
     import torch

@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     limit_cpu_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
     quiet_hugging_face()
     lock_fd = acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
+    from daemon.checkpoint import sweep_temp
+
+    if swept := sweep_temp(cfg.path("checkpoints")):
+        log.info("removed %d unfinished checkpoint folder(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
     conn = connect()
     try:

@@ -179,12 +179,13 @@ def debris_outside_queue(d: Daemon) -> dict[str, list[str]]:
     return out
 
 
-def check_adapter_debris(d: Daemon) -> dict[str, list[str]]:
+def check_debris(d: Daemon) -> dict[str, list[str]]:
     """A crashed publication may leave its own temp folder, but the next one sweeps it:
-    leftovers never pile up (each is a full adapter). Checkpoint temp folders are
-    pruned by the job's next checkpoint; a job failed as `crashed` keeps them for a retry."""
+    leftovers never pile up (each is a full adapter). Checkpoint temp folders are swept
+    by the next trainer at its start, so at most the last killed one's remains."""
     debris = debris_outside_queue(d)
     assert len(debris["adapters"]) <= 1, f"adapter leftovers pile up: {debris['adapters']}"
+    assert len(debris["checkpoints"]) <= 1, f"checkpoint leftovers pile up: {debris['checkpoints']}"
     return debris
 
 
@@ -207,7 +208,7 @@ def service_point(make_daemon, n: int, expect: str | None = None) -> None:
     del d.env["TRAIND_CRASH_AFTER_OP"]
     run_to_the_end(d.start())  # restart without injection
     summary = check_invariants(d, crashed_ok=False)
-    debris = check_adapter_debris(d)
+    debris = check_debris(d)
     print(f"\nSERVICE n={n}: {'crashed after ' + where[0] if where else 'beyond its ops (finished)'}; "
           f"{summary}; debris outside queue/ {debris}; {time.time() - t0:.1f} s")
 
@@ -223,7 +224,7 @@ def trainer_point(make_daemon, n: int) -> None:
     run_to_the_end(d.start())  # a clean restart over what the crashes left
     summary = check_invariants(d, crashed_ok=True)
     assert summary == first, "a restart changed the outcome"
-    debris = check_adapter_debris(d)
+    debris = check_debris(d)
     print(f"\nTRAINER n={n}: {len(where)} child crash(es) {sorted(set(where))}; {summary}; "
           f"debris outside queue/ {debris}; {time.time() - t0:.1f} s")
 

@@ -161,6 +161,19 @@ def test_checkpoint_fallback_prune_and_identity(models_dir: Path, tmp_path: Path
     assert not folder.exists()
 
 
+def test_sweep_removes_only_unfinished_checkpoint_folders(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    kept = [root / "job-a" / "step_000004", root / "job-b" / "step_000002", root / "job-b" / "latest.json"]
+    temps = [root / "job-a" / ".step_000006.x1.tmp", root / "job-b" / ".step_000004.y2.tmp"]
+    for p in kept[:2] + temps:
+        p.mkdir(parents=True)
+        (p / "state.json").write_text("{}")
+    kept[2].write_text("{}")
+    assert ckpt.sweep_temp(root) == 2
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in temps)
+    assert ckpt.sweep_temp(root) == 0
+
+
 def test_schedule_and_step_budget() -> None:
     tc = TrainingConfig(warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
     f = lr_factor(tc, total_steps=10)
