@@ -143,7 +143,8 @@ def self_contained(args: argparse.Namespace) -> None:
     from daemon.status import read_status
 
     root = Path(tempfile.mkdtemp(prefix="traind-bench-"))
-    (root / "config.json").write_text(json.dumps(FAST))
+    conf = {**FAST, "training": {**FAST["training"], "cpu_threads": args.cpu_threads}}
+    (root / "config.json").write_text(json.dumps(conf))
     cfg = load_config(root / "config.json")
     if args.history_rows:
         prefill_history(cfg.path("status") / "history.db", args.history_rows)
@@ -202,6 +203,8 @@ def main() -> None:
     p.add_argument("--self-contained", action="store_true", help="start a temporary daemon (training) and monitor")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the temporary instance")
+    p.add_argument("--cpu-threads", type=int, default=0,
+                   help="self-contained: the trainer's training.cpu_threads (0: auto, one per core but one)")
     p.add_argument("--history-rows", type=int, default=1_000_000, help="self-contained: earlier metric rows put in history.db first")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

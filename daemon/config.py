@@ -94,7 +94,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = _f(20, "Write a resumable checkpoint every N optimizer steps (and at stop).")
     keep_checkpoints: int = _f(2, "Checkpoints kept per file in progress.")
     eval_every_steps: int = _f(0, "Eval loss every N steps (0: once at the end of each file).")
-    cpu_threads: int = _f(0, "Torch CPU threads in the trainer (0: torch's default, one per core); fewer helps when the cores are shared.")
+    cpu_threads: int = _f(0, "Torch CPU threads in the trainer; 0: one per core but one, left for the service and monitor.")
 
 
 @dataclass(frozen=True)
