@@ -80,7 +80,7 @@ def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, qu
         import bitsandbytes as bnb
 
         q = lm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4" and q.compute_dtype == torch.float32
     started = next(e for e in events if e["type"] == "started")
     steps = losses(events)
     assert out.status == "done" and out.steps == started["total_steps"] == len(steps) == out.global_step
@@ -93,6 +93,21 @@ def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, qu
     assert set(step) >= {"job_id", "step", "total_steps", "global_step", "epoch", "loss", "lr", "grad_norm",
                          "tokens", "tokens_per_sec", "elapsed"}
     assert not (cfg.path("checkpoints") / "j1").exists()  # no checkpoint was due
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+def test_nf4_trains_on_cuda_in_its_compute_dtype(models_dir: Path, tmp_path: Path) -> None:
+    """The CUDA path: nf4 weights on the GPU, bf16 compute where supported (fp16 otherwise)."""
+    cfg = make_cfg(models_dir, tmp_path, "nf4", epochs_per_file=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cuda"))
+    path = small_file(tmp_path)
+    out, events, lm = run(cfg, Job("g1", path, "alpaca", sha(path)))
+    q = lm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert q.weight.device.type == "cuda" and q.weight.quant_type == "nf4"
+    assert q.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    steps = list(losses(events).values())
+    assert out.status == "done" and sum(steps[-3:]) / 3 < sum(steps[:3]) / 3 - 0.2, steps
 
 
 class Crash(Exception):
