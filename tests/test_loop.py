@@ -85,7 +85,7 @@ def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, qu
     steps = losses(events)
     assert out.status == "done" and out.steps == started["total_steps"] == len(steps) == out.global_step
     first, last = sum(list(steps.values())[:3]) / 3, sum(list(steps.values())[-3:]) / 3
-    # A random tiny base with LoRA on attention only: the loss falls from ln(vocab) ~ 6.9 to ~ 6.45.
+    # Three epochs of 40 records with a high learning rate: the mean of the last steps is clearly lower.
     assert last < first - 0.2, steps
     assert out.eval_loss is not None and out.eval_loss < steps[1] - 0.2
     assert [e for e in events if e["type"] == "eval"]
