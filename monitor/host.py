@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import psutil
 
@@ -15,14 +17,36 @@ from monitor.models import DiskStats, MemoryView, ProcessStats
 RUNTIME_FOLDERS = ("inbox", "queue", "status", "adapters", "checkpoints", "logs", "models")
 
 
+MIN_CPU_WINDOW_SECONDS = 1.0
+
+
 class ProcessSampler:
     """Keeps psutil.Process objects between requests: cpu_percent() is the CPU used
-    since the previous call on the same object, so a fresh object would always say 0."""
+    since the previous call on the same object, so a fresh object would always say 0.
+
+    A CPU figure is re-measured at most once per MIN_CPU_WINDOW_SECONDS and shared
+    meanwhile, so a dashboard and a Prometheus scrape polling at their own rates
+    do not shrink each other's windows into noise.
+    """
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        self._cpu: dict[int | str, tuple[float, float]] = {}  # key -> (measured at, percent)
         self._lock = threading.Lock()
         psutil.cpu_percent(interval=None)  # prime the host counter the same way
+        self._cpu["host"] = (time.monotonic(), 0.0)
+
+    def _cpu_percent(self, key: int | str, measure: Callable[[], float]) -> float:
+        with self._lock:
+            at, value = self._cpu.get(key, (-math.inf, 0.0))
+            now = time.monotonic()
+            if now - at >= MIN_CPU_WINDOW_SECONDS:
+                value = measure()
+                self._cpu[key] = (now, value)
+            return value
+
+    def host_cpu_percent(self) -> float:
+        return self._cpu_percent("host", lambda: psutil.cpu_percent(interval=None))
 
     def stats(self, role: str, pid: Any, started_at: float | None = None) -> ProcessStats:
         if not pid_alive(pid, started_at if role == "daemon" else None):
@@ -32,11 +56,14 @@ class ProcessSampler:
             if proc is None:
                 proc = self._procs[pid] = psutil.Process(pid)
                 proc.cpu_percent(interval=None)
+                self._cpu[pid] = (time.monotonic(), 0.0)
             self._procs = {p: v for p, v in self._procs.items() if p == pid or v.is_running()}
+            self._cpu = {k: v for k, v in self._cpu.items() if k == "host" or k in self._procs}
         try:
             with proc.oneshot():
+                cpu = self._cpu_percent(pid, lambda: proc.cpu_percent(interval=None))
                 return ProcessStats(role=role, pid=pid, running=True, rss_bytes=proc.memory_info().rss,
-                                    cpu_percent=proc.cpu_percent(interval=None), num_threads=proc.num_threads())
+                                    cpu_percent=cpu, num_threads=proc.num_threads())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return ProcessStats(role=role, pid=pid, running=False)
 
@@ -68,6 +95,6 @@ def memory_view(cfg: Config, status: dict[str, Any] | None, sampler: ProcessSamp
     return MemoryView(
         ram_total_bytes=vm.total, ram_available_bytes=vm.available, ram_used_percent=vm.percent,
         swap_total_bytes=sw.total, swap_used_bytes=sw.used, swap_used_percent=sw.percent,
-        cpu_percent=psutil.cpu_percent(interval=None), cpu_count=psutil.cpu_count() or 1,
+        cpu_percent=sampler.host_cpu_percent(), cpu_count=psutil.cpu_count() or 1,
         load_average=list(os.getloadavg()), processes=procs, disks=disks(cfg),
     )

@@ -24,34 +24,41 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Exposition:
+    """Gauges grouped per metric name: the format wants all samples of one metric
+    together, after its HELP/TYPE lines, whatever order they were added in."""
+
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._declared: set[str] = set()
+        self.groups: dict[str, list[str]] = {}
 
     def gauge(self, name: str, help: str, value: float | int | bool | None, **labels: object) -> None:
-        if name not in self._declared:
-            self._declared.add(name)
-            self.lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
+        if name not in self.groups:
+            self.groups[name] = [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
         if value is None:
             return  # unknown is absent, not 0: a dashboard must not draw a fake zero loss
         v = float(value)
         text = "NaN" if math.isnan(v) else ("+Inf" if v == math.inf else ("-Inf" if v == -math.inf else repr(v)))
         lab = ",".join(f'{k}="{_escape(str(val))}"' for k, val in labels.items())
-        self.lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
+        self.groups[name].append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
 
     def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+        return "\n".join(line for lines in self.groups.values() for line in lines) + "\n"
 
 
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+NOT_RESPONDING = "not_responding"
+
+
 def _training(x: _Exposition, s: Status) -> None:
+    """A stale status is last known, not live: its state reads `not_responding` and
+    the rates (tokens/s, ETA) are left out rather than shown as current."""
     x.gauge("traind_up", "1 when the daemon is alive and its status is fresh", not s.stale)
     x.gauge("traind_status_age_seconds", "seconds since the daemon last wrote its status", s.age_seconds)
-    for st in ServiceStatus:
-        x.gauge("traind_state", "1 for the daemon's current state", s.status == st.value, state=st.value)
+    for st in [*(v.value for v in ServiceStatus), NOT_RESPONDING]:
+        now = NOT_RESPONDING if s.stale else s.status
+        x.gauge("traind_state", "1 for the daemon's current state (not_responding: stale status)", now == st, state=st)
     x.gauge("traind_paused_requested", "1 when a pause was requested", s.requested_state == "paused")
     x.gauge("traind_loss", "training loss of the last step", s.loss)
     x.gauge("traind_eval_loss", "last eval loss", s.eval_loss)
@@ -60,8 +67,8 @@ def _training(x: _Exposition, s: Status) -> None:
     x.gauge("traind_file_step", "step within the current file", s.current_step)
     x.gauge("traind_file_total_steps", "steps planned for the current file", s.total_steps)
     x.gauge("traind_epoch", "epoch within the current file", s.epoch)
-    x.gauge("traind_tokens_per_second", "training throughput", s.tokens_per_sec)
-    x.gauge("traind_eta_seconds", "estimated seconds left in the current file", s.eta_seconds)
+    x.gauge("traind_tokens_per_second", "training throughput", None if s.stale else s.tokens_per_sec)
+    x.gauge("traind_eta_seconds", "estimated seconds left in the current file", None if s.stale else s.eta_seconds)
     x.gauge("traind_adapter_version", "current adapter version", s.adapter_version)
 
 

@@ -508,6 +508,46 @@ def test_prometheus_metrics(client, daemon, cfg):
     assert not any(l.startswith("traind_eval_loss ") for l in lines)  # unknown: absent, not 0
 
 
+def test_metrics_keep_each_metric_in_one_group(client, daemon):
+    """Prometheus/OpenMetrics parsers reject a metric whose samples are split up."""
+    daemon.status()
+    lines = client.get("/metrics").text.splitlines()
+    names = [l.split("{")[0].split(" ")[0] for l in lines if not l.startswith("#")]
+    seen, last = set(), None
+    for n in names:
+        assert n == last or n not in seen, f"{n} appears in two groups"
+        seen.add(n)
+        last = n
+    assert sum(l.startswith("traind_process_up{") for l in lines) == 3  # daemon, trainer, monitor
+    for i, line in enumerate(lines):
+        if line.startswith("# TYPE "):
+            assert lines[i - 1].startswith("# HELP " + line.split()[2] + " ")
+
+
+def test_stale_metrics_say_not_responding_and_drop_rates(cfg, client):
+    FakeDaemon(cfg, pid=dead_pid()).status(tokens_per_sec=10_000.0, eta_seconds=60.0, loss=1.5)
+    lines = client.get("/metrics").text.splitlines()
+    assert "traind_up 0.0" in lines and 'traind_state{state="not_responding"} 1.0' in lines
+    assert 'traind_state{state="training"} 0.0' in lines
+    assert not any(l.startswith(("traind_tokens_per_second ", "traind_eta_seconds ")) for l in lines)
+    assert "traind_loss 1.5" in lines  # the last known loss is still a fact
+
+
+def test_cpu_percent_windows_are_shared_between_pollers(monkeypatch):
+    """Two pollers within the window get the same figure, not two short-window ones."""
+    from monitor import host
+
+    sampler = host.ProcessSampler()
+    calls = []
+    monkeypatch.setattr(host.psutil, "cpu_percent", lambda interval=None: calls.append(1) or 42.0)
+    monkeypatch.setattr(host, "MIN_CPU_WINDOW_SECONDS", 0.3)
+    time.sleep(0.35)
+    assert sampler.host_cpu_percent() == 42.0 and sampler.host_cpu_percent() == 42.0 and len(calls) == 1
+    time.sleep(0.35)
+    sampler.host_cpu_percent()
+    assert len(calls) == 2
+
+
 # ---------------------------------------------------------------- SSE
 
 @pytest.fixture
