@@ -3,7 +3,7 @@
     from daemon.checkpoint import Position, save_checkpoint, load_latest, delete_checkpoints
     folder = cfg.path("checkpoints") / job_id
     save_checkpoint(folder, pos, lora, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(), keep=2)
-    ck = load_latest(folder, sha256)          # None when nothing usable (or it belongs to other bytes)
+    ck = load_latest(folder, sha256, start)   # None when nothing usable (other bytes, other adapter state)
     restore_rng(ck.rng); ...
 
 Layout (docs/internals.md): `<checkpoints>/<job_id>/step_NNNNNN/` holds
@@ -177,8 +177,15 @@ def _candidates(folder: Path) -> list[Path]:
     return [named] + [d for d in dirs if d != named]
 
 
-def load_latest(folder: Path, sha256: str) -> Checkpoint | None:
-    """The newest checkpoint that loads and belongs to these file bytes, or None."""
+def load_latest(folder: Path, sha256: str, start_global_step: int | None = None) -> Checkpoint | None:
+    """The newest checkpoint that loads, belongs to these file bytes and continues
+    from the adapter state training starts from now, or None.
+
+    `start_global_step` is the adapter's global step before this file. A file
+    that failed as `crashed` keeps its checkpoints for a retry; if other files
+    trained meanwhile, those checkpoints hold LoRA weights from before them, and
+    resuming would silently drop what the adapter learnt since.
+    """
     for path in _candidates(folder):
         try:
             ck = read_checkpoint(path)
@@ -187,6 +194,11 @@ def load_latest(folder: Path, sha256: str) -> Checkpoint | None:
             continue
         if ck.position.sha256 != sha256:
             log.warning("ignoring checkpoint %s: it was made from other file bytes", path)
+            continue
+        began = ck.position.global_step - ck.position.step
+        if start_global_step is not None and began != start_global_step:
+            log.warning("ignoring checkpoint %s: it continues the adapter at global step %d, which is now at %d "
+                        "(other files trained since)", path, began, start_global_step)
             continue
         return ck
     return None

@@ -236,7 +236,11 @@ def train_file(
     scaler = make_scaler(lm)
     seed_everything(seed)
     pos = ckpt.Position(job.job_id, job.sha256, 0, global_step, total_steps, 0, 0)
-    ck = ckpt.load_latest(ckpt_folder, job.sha256)
+    ck = ckpt.load_latest(ckpt_folder, job.sha256, start_global_step=global_step)
+    if ck is None and ckpt.step_dirs(ckpt_folder):
+        # unusable ones would otherwise outrank (by step number) and prune the new ones
+        log.warning("%s: no usable checkpoint; training the file from its start", job.job_id)
+        ckpt.delete_checkpoints(ckpt_folder)
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
         pos = ck.position

@@ -67,11 +67,13 @@ class Service:
         self.signals = 0
         self.last_status_write = 0.0
         self._lock_fd: int | None = None
+        self._locked_at = 0.0  # when run() took the instance lock
         self._dirty = True  # the status changed since it was last written
         self._intake_failures: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) that failed
 
     # -- life cycle -------------------------------------------------------------
     def run(self) -> int:
+        self._locked_at = time.time()  # wall clock, as control requests are stamped
         self._lock_fd = acquire(self.cfg.path("status") / "daemon.lock", wait=2.0)
         try:
             changes = lockedkeys.check(self.cfg)
@@ -287,6 +289,7 @@ class Service:
             self.status.desired_state = desired
             self.db.event("control", f"desired state {desired.value}", t=now)
         self._converge_pause(desired)
+        self._drop_old_stops_and_skips(now)
         for req in control.pending_requests(self.cfg):
             control.consume(req)  # first: a request that cannot be carried out must not come back
             try:
@@ -294,6 +297,17 @@ class Service:
             except QueueError as e:
                 log.warning("request %s refused: %s", req.action.value, e)
                 self.db.event("control_refused", f"{req.action.value} {req.job_id or ''}: {e}", req.job_id, t=now)
+
+    def _drop_old_stops_and_skips(self, now: float) -> None:
+        """A stop or skip made while no daemon ran (trainctl and the monitor refuse them
+        then, but one can race a crash) must not stop or skip this run as it starts."""
+        for req in control.pending_requests(self.cfg):
+            if req.action in (ControlAction.STOP, ControlAction.SKIP) and req.at < self._locked_at:
+                control.consume(req)
+                log.warning("dropped a %s request from %s made while the daemon was not running",
+                            req.action.value, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(req.at)))
+                self.db.event("control_refused", f"{req.action.value} by {req.by}: made while the daemon was not running",
+                              req.job_id, t=now)
 
     def _converge_pause(self, desired: DesiredState) -> None:
         """Bring the child and the status in line with the desired state.

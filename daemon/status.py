@@ -162,6 +162,18 @@ class HistoryDB:
             self.conn.execute("DELETE FROM metrics WHERE job_id=? AND step>?", (job_id, step))
             self.conn.execute("DELETE FROM evals WHERE job_id=? AND step>?", (job_id, step))
 
+    def discard_steps(self, job_id: str) -> tuple[int, float | None]:
+        """A failed or skipped file's steps are not in the adapter, and the next file
+        trains the same global steps again: drop its rows so the step history stays
+        the adapter's own. Returns (steps dropped, loss of its last step)."""
+        with self.conn:
+            n, last = self.conn.execute(
+                "SELECT COUNT(*), (SELECT loss FROM metrics WHERE job_id=? ORDER BY step DESC LIMIT 1) "
+                "FROM metrics WHERE job_id=?", (job_id, job_id)).fetchone()
+            self.conn.execute("DELETE FROM metrics WHERE job_id=?", (job_id,))
+            self.conn.execute("DELETE FROM evals WHERE job_id=?", (job_id,))
+        return n, last
+
     def record_eval(self, job_id: str, step: int, global_step: int, eval_loss: float, t: float) -> None:
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?)", (job_id, step, global_step, eval_loss, t))

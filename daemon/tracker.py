@@ -151,8 +151,11 @@ class JobTracker:
             self.queue.fail(job_id, reason, message, now, **details)
         except QueueError as e:
             log.error("cannot move %s to failed/: %s", job_id, e)
-        self.db.upsert_job(job_id, state=JobState.FAILED.value, finished_at=now, reason=f"{reason.value}: {message}")
-        self.db.event("job_failed", f"{reason.value}: {message}", job_id, t=now)
+        dropped, last_loss = self.db.discard_steps(job_id)
+        trained = f" ({dropped} steps dropped from the step history, last loss {last_loss:.4g})" if dropped and last_loss is not None else ""
+        self.db.upsert_job(job_id, state=JobState.FAILED.value, finished_at=now, reason=f"{reason.value}: {message}",
+                           **({"steps": dropped, "final_loss": last_loss} if dropped else {}))
+        self.db.event("job_failed", f"{reason.value}: {message}{trained}", job_id, t=now)
         log.warning("%s -> failed/ (%s: %s)", job_id, reason.value, message)
 
     def reconcile(self, now: float) -> int:

@@ -17,14 +17,14 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from daemon.config import Config
 from daemon.jobqueue import JobQueue
 from daemon.status import HISTORY_FILE, HistoryDB
 from monitor import auth, control, events, history, metrics, queue_view, resources, status, upload
-from monitor.deps import MonitorState
+from monitor.deps import MonitorState, ReadAuth
 from monitor.gpu import GpuProbe
 from monitor.host import ProcessSampler
 from monitor.security import SecurityHeaders
@@ -48,7 +48,7 @@ def create_app(config: Config, settings: MonitorSettings | None = None) -> FastA
         state.gpu.close()
 
     app = FastAPI(
-        title="traind monitor", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="traind monitor", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
         description="Live status, history, queue, resources and controls of a traind daemon. "
                     f"State-changing endpoints need the token from status/{auth.TOKEN_FILE} in the {auth.HEADER} header.",
     )
@@ -76,9 +76,15 @@ def _warm_history(state: MonitorState) -> None:
 
 
 def _add_docs(app: FastAPI) -> None:
-    """Swagger UI from web/vendor/swagger-ui instead of FastAPI's default CDN: nothing is fetched at run time."""
+    """Swagger UI from web/vendor/swagger-ui instead of FastAPI's default CDN: nothing is
+    fetched at run time. Off loopback both need the token, like every API endpoint
+    (the schema says what the server can do); the dashboard page itself holds no data."""
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[ReadAuth])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[ReadAuth])
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url="/openapi.json", title="traind monitor API",

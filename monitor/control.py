@@ -16,8 +16,9 @@ from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel
 
 from daemon import control
+from daemon.lock import holder_pid
 from daemon.states import ControlAction, DesiredState, Priority
-from monitor.deps import StateDep, WriteAuth
+from monitor.deps import MonitorState, StateDep, WriteAuth
 from monitor.models import ControlResult
 
 router = APIRouter(tags=["control"], dependencies=[WriteAuth])
@@ -44,14 +45,25 @@ def resume(state: StateDep) -> ControlResult:
     return ControlResult(action="resume", requested_state="running")
 
 
-@router.post("/api/control/skip", response_model=ControlResult, summary="Abandon the file in training (it goes to failed/, reason skipped)")
+def _need_running_daemon(state: MonitorState, action: str) -> None:
+    """Like trainctl: a stop or skip with no daemon to act on it would otherwise wait
+    in status/control/ and hit the next start (the daemon drops such leftovers too)."""
+    if holder_pid(state.cfg.path("status") / "daemon.lock") is None:
+        raise HTTPException(409, f"{action}: the daemon is not running")
+
+
+@router.post("/api/control/skip", response_model=ControlResult, summary="Abandon the file in training (it goes to failed/, reason skipped)",
+             responses={409: {"description": "the daemon is not running"}})
 def skip(state: StateDep, body: Annotated[SkipBody | None, Body()] = None) -> ControlResult:
+    _need_running_daemon(state, "skip")
     path = control.request(state.cfg, ControlAction.SKIP, by=BY, job_id=body.job_id if body else None)
     return ControlResult(action="skip", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)
 
 
-@router.post("/api/control/stop", response_model=ControlResult, summary="Checkpoint and stop the daemon; the file resumes at next start")
+@router.post("/api/control/stop", response_model=ControlResult, summary="Checkpoint and stop the daemon; the file resumes at next start",
+             responses={409: {"description": "the daemon is not running"}})
 def stop(state: StateDep) -> ControlResult:
+    _need_running_daemon(state, "stop")
     path = control.request(state.cfg, ControlAction.STOP, by=BY)
     return ControlResult(action="stop", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name,
                          note="the daemon exits after checkpointing; start it again with bin/start_all.sh")

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import re
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Annotated, BinaryIO, Literal
@@ -29,7 +30,11 @@ from monitor.models import UploadResult
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["queue"], dependencies=[WriteAuth])
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}\.jsonl$", re.IGNORECASE)
+# Letters and digits of any script (\w, after NFC), '.', '_', '-': a name stays recognisable
+# in its own language, while format characters (bidi overrides, zero-width) and
+# punctuation a shell or a path would read stay out.
+_NAME = re.compile(r"^[^\W_][\w.-]*\.jsonl$", re.IGNORECASE)
+MAX_NAME_BYTES = 180  # the queue adds a ~26-byte prefix; file names stop at 255 bytes
 WRITE_BATCH = 1 << 20  # bytes gathered before one write in a worker thread
 MAX_SUFFIX = 1000
 
@@ -37,11 +42,12 @@ MAX_SUFFIX = 1000
 def clean_name(raw: str) -> str:
     """A plain file name from whatever the client sent: basename only, no odd characters."""
     base = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
-    base = re.sub(r"\s+", "_", base)
+    base = re.sub(r"\s+", "_", unicodedata.normalize("NFC", base))
     if not base.lower().endswith(".jsonl"):
         raise HTTPException(400, "only .jsonl files can be queued")
-    if not _NAME.match(base):
-        raise HTTPException(400, "file name must be letters, digits, '.', '_' or '-' (max 120), not starting with '.' or '-', ending .jsonl")
+    if not _NAME.match(base) or len(base.encode("utf-8")) > MAX_NAME_BYTES:
+        raise HTTPException(400, f"file name must be letters, digits, '.', '_' or '-' (at most {MAX_NAME_BYTES} bytes in UTF-8), "
+                                 "not starting with '.' or '-', ending .jsonl")
     return base
 
 

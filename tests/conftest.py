@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -78,3 +80,18 @@ def lines_of(name: str, n: int | None = None) -> str:
     text = (EXAMPLES / name).read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
     return "".join(lines[:n] if n else lines)
+
+
+@pytest.fixture
+def lock_holder(cfg) -> Iterator[int]:  # noqa: ANN001 (each module has its own `cfg`)
+    """A process that holds the daemon lock, as a running (or hung) daemon does; yields its pid."""
+    code = ("import sys, time; from daemon.lock import acquire; acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg.path("status") / "daemon.lock")],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

@@ -196,21 +196,6 @@ def test_queue_retry_of_unknown_name(cfg: Config, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- status
 
 
-@pytest.fixture
-def lock_holder(cfg: Config) -> Iterator[int]:
-    """A process that holds the daemon lock, as a running (or hung) daemon does; yields its pid."""
-    code = ("import sys, time; from daemon.lock import acquire; acquire(sys.argv[1]); "
-            "print('locked', flush=True); time.sleep(120)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg.path("status") / "daemon.lock")],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def write_status(cfg: Config, age: float = 0.0) -> None:
     st = TrainingStatus(
         status=ServiceStatus.TRAINING, detail="training", current_file="chat.jsonl",

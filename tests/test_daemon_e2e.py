@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from daemon import control
+from daemon.states import ControlAction
 from tests.conftest import REPO, lines_of, write_instance
 from tests.daemon_harness import Daemon
 
@@ -80,11 +82,17 @@ def test_priorities_are_served_in_order(daemon_factory):
     d.drop("low.jsonl", lines_of("text.jsonl", 12), sub="low")
     d.drop("normal.jsonl", lines_of("text.jsonl", 12))
     d.drop("high.jsonl", lines_of("text.jsonl", 12), sub="high")
+    # Left while no daemon ran (a race with its crash): they must not stop or skip this run.
+    control.request(d.cfg, ControlAction.STOP, by="test")
+    control.request(d.cfg, ControlAction.SKIP, by="test")
     d.start()
     d.wait_counts(done=3, timeout=180)
     db = d.history()
     order = [j["original_name"] for j in sorted(db.jobs(), key=lambda j: j["started_at"])]
     assert order == ["high.jsonl", "normal.jsonl", "low.jsonl"]
+    refused = [e["message"] for e in db.events(limit=100) if e["kind"] == "control_refused"]
+    assert sorted(refused) == ["skip by test: made while the daemon was not running",
+                               "stop by test: made while the daemon was not running"]
 
 
 def test_pause_resume_skip_stop_through_trainctl(daemon_factory):
@@ -108,6 +116,8 @@ def test_pause_resume_skip_stop_through_trainctl(daemon_factory):
     failed = d.queue.failed()
     assert len(failed) == 1 and d.queue.read_error(failed[0].job_id)["reason"] == "skipped"
     assert not (d.cfg.path("adapters") / "current.json").exists()  # nothing kept from the skipped file
+    assert d.history().steps(failed[0].job_id) == []  # nor in the step history, where the next file goes
+    assert d.history().job(failed[0].job_id)["steps"] >= 2
     d.drop("next.jsonl", lines_of("chat.jsonl", 40))
     d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 3, what="second file")
     r = d.ctl("stop")

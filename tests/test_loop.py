@@ -52,11 +52,11 @@ def make_cfg(models: Path, tmp: Path, quantization: str = "none", **training: ob
     )
 
 
-def run(cfg: Config, job: Job, control=lambda: "continue", lm=None):  # noqa: ANN001, ANN201
+def run(cfg: Config, job: Job, control=lambda: "continue", lm=None, global_step: int = 0):  # noqa: ANN001, ANN201
     """Train `job` on a freshly loaded model; (outcome, events, lm)."""
     lm = lm or load_for_training(cfg, seed=cfg.training.seed)
     events: list[dict] = []
-    out = train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / job.job_id,
+    out = train_file(lm, cfg, job, global_step=global_step, ckpt_folder=cfg.path("checkpoints") / job.job_id,
                      report=events.append, control=control)
     return out, events, lm
 
@@ -144,6 +144,33 @@ def test_resume_after_crash_is_exact(models_dir: Path, tmp_path: Path) -> None:
     print(f"resume max abs diff: loss {loss_diff:.3g}, lora {weight_diff:.3g}")
     assert loss_diff <= MAX_RESUME_DIFF and weight_diff <= MAX_RESUME_DIFF
     assert resumed.eval_loss == pytest.approx(full.eval_loss, abs=MAX_RESUME_DIFF)
+
+
+def test_checkpoint_of_an_older_adapter_state_is_not_resumed(models_dir: Path, tmp_path: Path) -> None:
+    """A file failed as `crashed` keeps its checkpoints; if other files trained before
+    its retry, resuming them would throw away what the adapter learnt meanwhile."""
+    cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
+    path = small_file(tmp_path, n=24)
+    job = Job("j5", path, "alpaca", sha(path))
+    calls = {"n": 0}
+
+    def crash_after_4() -> str:
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise Crash()
+        return "continue"
+
+    with pytest.raises(Crash):
+        run(cfg, job, control=crash_after_4)
+    folder = cfg.path("checkpoints") / "j5"
+    assert ckpt.load_latest(folder, job.sha256, start_global_step=0).position.step == 3
+    assert ckpt.load_latest(folder, job.sha256, start_global_step=40) is None  # the adapter moved on
+
+    out, events, _ = run(cfg, job, global_step=40)
+    started = next(e for e in events if e["type"] == "started")
+    steps = [e for e in events if e["type"] == "step"]
+    assert started["resumed_from_step"] == 0 and steps[0]["step"] == 1 and steps[0]["global_step"] == 41
+    assert out.status == "done" and out.global_step == 40 + out.steps
 
 
 def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> None:

@@ -308,9 +308,17 @@ def test_pause_resume_set_the_desired_state(client, cfg):
     assert control.read_desired_state(cfg) is DesiredState.RUNNING
 
 
-def test_skip_and_stop_leave_requests_for_the_daemon(client, cfg):
-    client.post("/api/control/skip", headers=client.headers_with_token, json={"job_id": JOB})
-    client.post("/api/control/stop", headers=client.headers_with_token)
+def test_skip_and_stop_are_refused_with_no_daemon_running(client, cfg):
+    """Else they would wait in status/control/ and stop or skip the next start."""
+    for action in ("skip", "stop"):
+        r = client.post(f"/api/control/{action}", headers=client.headers_with_token)
+        assert r.status_code == 409 and r.json()["detail"] == f"{action}: the daemon is not running"
+    assert control.pending_requests(cfg) == []
+
+
+def test_skip_and_stop_leave_requests_for_the_daemon(client, cfg, lock_holder):
+    assert client.post("/api/control/skip", headers=client.headers_with_token, json={"job_id": JOB}).status_code == 200
+    assert client.post("/api/control/stop", headers=client.headers_with_token).status_code == 200
     reqs = control.pending_requests(cfg)
     assert [(r.action, r.by, r.job_id) for r in reqs] == [(ControlAction.SKIP, "monitor", JOB), (ControlAction.STOP, "monitor", None)]
     assert [p["action"] for p in client.get("/api/status").json()["pending_requests"]] == ["skip", "stop"]
@@ -358,8 +366,14 @@ def test_upload_strips_paths_and_refuses_odd_names(client, cfg):
     r = client.post("/api/queue?name=../../evil.jsonl", content=b"{}\n", headers=tok)
     assert r.status_code == 201 and r.json()["name"] == "evil.jsonl"
     assert (cfg.path("inbox") / "evil.jsonl").is_file() and not (cfg.root.parent / "evil.jsonl").exists()
-    for bad in ("data.txt", ".hidden.jsonl", "a%00b.jsonl", "-x.jsonl", "sp%C3%A9cial.jsonl"):
+    for bad in ("data.txt", ".hidden.jsonl", "a%00b.jsonl", "-x.jsonl", "%E2%80%AEevil.jsonl", "a%E2%80%8Bb.jsonl",
+                "it%27s.jsonl", "a" * 200 + ".jsonl", "%C3%A9" * 95 + ".jsonl"):
         assert client.post(f"/api/queue?name={bad}", content=b"{}\n", headers=tok).status_code == 400, bad
+    # names in other scripts stay recognisable; a decomposed é is stored composed (NFC)
+    for raw, stored in (("donn%C3%A9es_%C3%A9t%C3%A9.jsonl", "données_été.jsonl"), ("e%CC%81t%C3%A9.jsonl", "été.jsonl"),
+                        ("%E6%95%B0%E6%8D%AE.jsonl", "数据.jsonl")):
+        r = client.post(f"/api/queue?name={raw}", content=b"{}\n", headers=tok)
+        assert r.status_code == 201 and r.json()["name"] == stored and (cfg.path("inbox") / stored).is_file()
     assert client.post("/api/queue?name=e.jsonl", content=b"", headers=tok).status_code == 400
     assert client.post("/api/queue?name=x.jsonl&priority=urgent", content=b"{}\n", headers=tok).status_code == 422
     assert client.post("/api/queue?name=x.jsonl", content=b"{}\n").status_code == 401
@@ -390,9 +404,11 @@ def test_intake_limit_from_config_applies_to_uploads(tmp_path):
 def test_off_loopback_every_api_endpoint_needs_the_token(cfg):
     app = create_app(cfg, MonitorSettings(host="0.0.0.0"))
     with TestClient(app, base_url="http://192.0.2.10") as c:
-        for path in ("/api/status", "/api/history", "/api/queue", "/api/gpu", "/api/memory", "/api/health", "/api/events", "/metrics"):
+        for path in ("/api/status", "/api/history", "/api/queue", "/api/gpu", "/api/memory", "/api/health", "/api/events", "/metrics",
+                     "/openapi.json", "/docs"):
             assert c.get(path).status_code == 401, path
         tok = {auth.HEADER: token_of(cfg)}
+        assert c.get("/openapi.json", headers=tok).json()["paths"]["/api/status"]
         assert c.get("/api/status", headers=tok).status_code == 200
         assert c.get("/metrics", headers={"Authorization": "Bearer " + token_of(cfg)}).status_code == 200
         page = c.get("/")  # the page itself holds no data; its API calls carry the token

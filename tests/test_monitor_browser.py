@@ -19,6 +19,7 @@ import pytest
 
 from daemon import control
 from daemon.jobqueue import JobQueue
+from daemon.lock import acquire
 from daemon.states import ControlAction, DesiredState, FailReason, Priority
 from tests.conftest import EXAMPLES, lines_of, write_instance
 from tests.daemon_harness import Daemon
@@ -152,6 +153,7 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
                     current_step=1500, total_steps=4000, epoch=0.37, loss=0.55, lr=1.9e-4, tokens_per_sec=905.0,
                     eta_seconds=2760.0, eval_loss=0.62, queue=q.counts(), device="cpu", compute_dtype="float32",
                     quantization="none", adapter_version=4, trainer_pid=os.getpid())
+    lock_fd = acquire(cfg.path("status") / "daemon.lock")  # a running daemon holds it; skip and stop need one
     with monitor_process(cfg) as url:
         with Heartbeat(fake, **training) as beat:
             tab = Page(browser, url)
@@ -217,6 +219,15 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
         assert "no status update" in tab.page.text_content("#stale-reason")
         tab.shot("monitor_fabricated_stale.png")
         tab.assert_clean()
+        # a hung daemon still holds its lock: a stop waits for it
+        tab.wait_button("stop", "Stop daemon", enabled=True)
+        os.close(lock_fd)
+    # the monitor went away: the page must not go on looking live
+    tab.page.wait_for_selector("#stale-title >> text=Monitor unreachable.", timeout=20_000)
+    assert tab.page.text_content("#state-badge") == "unknown"
+    for name in ("pause", "resume", "skip", "stop"):
+        assert tab.page.is_disabled(f"#btn-{name}"), name
+    tab.shot("monitor_unreachable.png")
 
 
 def test_clean_stop_is_not_an_alarm_and_skipped_bad_lines_show(browser, tmp_path):
@@ -292,6 +303,8 @@ def test_dashboard_drives_the_real_daemon(browser, tmp_path, models_dir):
             tab.page.wait_for_selector("#stale-banner", state="visible", timeout=15_000)
             tab.wait_badge("stale")
             assert "is gone" in tab.page.text_content("#stale-reason")
+            tab.wait_button("stop", "Stop daemon", enabled=False)  # nobody would act on it but the next start
+            assert tab.page.is_disabled("#btn-skip") and "not running" in tab.page.text_content("#control-hint")
             tab.page.wait_for_selector("#host-cards tr:has(td:text-is('daemon')) >> text=not running", timeout=10_000)
             tab.shot("monitor_real_daemon_killed.png")
             tab.assert_clean()

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from daemon.config import load_config
 from daemon.jobqueue import JobQueue
 from daemon.states import FailReason, JobState, Priority
@@ -52,3 +54,21 @@ def test_late_messages_about_another_file_are_ignored(tmp_path):
     assert tracker.on_message({"type": "done", "job_id": entry.job_id, "steps": 2, "adapter_version": 1}, NOW) is True
     assert q.done()[0].job_id == entry.job_id and tracker.job is None
     assert db.job(entry.job_id)["state"] == JobState.DONE.value
+
+
+def test_a_skipped_file_leaves_no_steps_in_the_history(tmp_path):
+    """The adapter drops a skipped file's steps and the next file trains those global
+    steps again: the history must not hold two rows per global step."""
+    cfg, q, db, tracker = setup(tmp_path)
+    a = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
+    tracker.begin(ActiveJob(a.job_id, str(a.path), "a.jsonl", "s" * 64, "text", 5))
+    tracker.on_message({"type": "started", "job_id": a.job_id, "total_steps": 10}, NOW)
+    for step in (1, 2, 3):
+        tracker.on_message({"type": "step", "job_id": a.job_id, "step": step, "global_step": 20 + step,
+                            "loss": 2.0 - step / 10}, NOW)
+    tracker.on_message({"type": "eval", "job_id": a.job_id, "step": 3, "eval_loss": 1.9}, NOW)
+    assert tracker.on_message({"type": "skipped", "job_id": a.job_id, "steps_discarded": 3}, NOW) is True
+    assert db.steps() == [] and db.evals() == []
+    record = db.job(a.job_id)
+    assert record["state"] == "failed" and record["steps"] == 3 and record["final_loss"] == pytest.approx(1.7)
+    assert "3 steps dropped from the step history, last loss 1.7" in db.events()[0]["message"]

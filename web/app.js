@@ -170,7 +170,18 @@
     if (pend.has('skip')) { v.skip = { label: 'Skipping…', on: false }; v.hint = 'Skip requested; waiting for the daemon.'; }
     if (pend.has('stop') || st === 'stopping') { v.stop = { label: 'Stopping…', on: false }; v.hint = 'Stop requested; the daemon checkpoints and exits.'; }
     if (st === 'stopped') { v.stop = { label: 'Stopped', on: false }; v.pause.on = false; v.resume.on = false; v.skip.on = false; }
-    if (s && s.stale && st !== 'stopped') v.hint = 'Daemon not responding: requests wait in status/control/ until it is back.';
+    if (s && s.stale && st !== 'stopped') {
+      if (s.daemon_alive) {
+        v.hint = 'Daemon not responding: requests wait in status/control/ until it is back.';
+      } else {  // nobody would act on a skip or stop; the next start must not inherit one
+        v.skip.on = false; v.stop.on = false;
+        v.hint = 'The daemon is not running: start it with bin/start_all.sh. Pause and resume are kept for its next start.';
+      }
+    }
+    if (state.conn === 'down') {
+      for (const a of ['pause', 'resume', 'skip', 'stop']) v[a].on = false;
+      v.hint = 'The monitor is unreachable; controls are back when it is.';
+    }
     return v;
   }
 
@@ -215,10 +226,26 @@
 
   // ---------------------------------------------------------------- events (SSE over fetch)
   function setConn(c, text) {
+    const was = state.conn;
     state.conn = c;
     const e = $('conn');
     e.className = 'conn conn-' + c;
     e.textContent = text || c;
+    if (c === 'down') {
+      // What the page shows is as old as the monitor's last word: never let it look live.
+      const seen = state.status && state.status.updated_at ? new Date(state.status.updated_at).toLocaleTimeString() : null;
+      $('stale-banner').hidden = false;
+      $('stale-banner').classList.remove('banner-info');
+      $('stale-title').textContent = 'Monitor unreachable.';
+      $('stale-reason').textContent = 'This page cannot reach the traind monitor' + (seen ? `; its last status is from ${seen}` : '') + '. Retrying…';
+      const badge = $('state-badge');
+      badge.textContent = 'unknown'; badge.dataset.state = 'stale'; badge.className = 'badge state-stale';
+      $('eta').textContent = '—'; $('tps').textContent = '—';
+      document.body.classList.add('is-stale');
+      renderControls();
+    } else if (was === 'down' && c === 'live') {
+      renderControls();  // the stream's first status redraws the rest
+    }
   }
 
   async function streamEvents() {
@@ -313,6 +340,17 @@
     };
   }
 
+  // Axis labels with as many digits as it takes for neighbouring ticks to differ
+  // (zoomed in, "1.9e-3" on every tick says nothing).
+  function distinctLabels(vals, fmtAt, from) {
+    const shown = vals.filter((v) => v != null);
+    for (let d = from; d < from + 6; d++) {
+      const labels = vals.map((v) => (v == null ? '' : fmtAt(v, d)));
+      if (new Set(labels.filter(Boolean)).size === shown.length) return labels;
+    }
+    return vals.map((v) => (v == null ? '' : fmtAt(v, from + 6)));
+  }
+
   function makeChart(id, series, yFmt) {
     const host = $(id);
     const opts = {
@@ -322,7 +360,7 @@
       legend: { live: true },
       axes: [
         { label: 'global step', incrs: STEP_INCRS, stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' } },
-        { stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' }, size: 64, values: (u, vals) => vals.map(yFmt) },
+        { stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' }, size: 64, values: (u, vals) => yFmt(vals) },
       ],
       series: [{ label: 'step' }].concat(series),
       hooks: { setScale: [(u, key) => { if (key === 'x') onZoom(u); }] },
@@ -339,11 +377,11 @@
       { label: 'loss', stroke: 'rgba(100,160,230,0.45)', width: 1, spanGaps: true, value: (u, v) => fmt.loss(v) },
       { label: 'smoothed', stroke: '#4ea1ff', width: 2, spanGaps: true, value: (u, v) => fmt.loss(v) },
       { label: 'eval', stroke: '#ffa94d', width: 0, paths: () => null, points: { show: true, size: 8, fill: '#ffa94d' }, value: (u, v) => fmt.loss(v) },
-    ], (v) => (v == null ? '' : v.toFixed(2)));
+    ], (vals) => distinctLabels(vals, (v, d) => v.toFixed(d), 2));
     lrChart = makeChart('chart-lr', [{ label: 'lr', stroke: '#b197fc', width: 1.5, spanGaps: true, value: (u, v) => fmt.sci(v) }],
-      (v) => (v == null ? '' : v.toExponential(1)));
+      (vals) => distinctLabels(vals, (v, d) => v.toExponential(d), 1));
     tpsChart = makeChart('chart-tps', [{ label: 'tokens/s', stroke: '#63e6be', width: 1.5, spanGaps: true, value: (u, v) => fmt.int(v) }],
-      (v) => (v == null ? '' : fmt.int(v)));
+      (vals) => vals.map((v) => (v == null ? '' : fmt.int(v))));
     window.addEventListener('resize', () => {
       for (const c of state.charts) c.setSize({ width: Math.max(300, c.root.parentElement.clientWidth), height: c.height });
     });
