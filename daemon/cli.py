@@ -28,10 +28,11 @@ from typing import Any
 from daemon import control, lockedkeys
 from daemon.config import Config, explain, load_config
 from daemon.errors import ConfigError, QueueError, TraindError
-from daemon.jobqueue import JobQueue
+from daemon.intake import retry_file
+from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire, holder_pid
 from daemon.states import ControlAction, DesiredState, JobState, Priority
-from daemon.status import HistoryDB, read_status
+from daemon.status import HISTORY_FILE, HistoryDB, read_status
 from daemon.validate import validate_file
 
 WAIT_SECONDS = 60.0
@@ -333,6 +334,20 @@ def _check_change(entry, action: ControlAction) -> None:
         raise QueueError(f"{entry.job_id} is {entry.state.value}; only {need.value} files can be {verb}")
 
 
+def _change_without_daemon(cfg: Config, q: JobQueue, entry: QueueEntry, action: ControlAction,
+                           priority: str | None) -> QueueEntry:
+    """What the daemon does for a retry/remove request, done here while it is down (under its lock)."""
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    try:
+        if action is ControlAction.RETRY:
+            return retry_file(entry, Priority(priority or "normal"), time.time(), cfg, q, db)
+        moved = q.remove(entry.job_id, time.time())
+        db.upsert_job(entry.job_id, state=JobState.FAILED.value, reason="removed")
+        return moved
+    finally:
+        db.close()
+
+
 def _queue_change(cfg: Config, action: ControlAction, name: str, priority: str | None) -> int:
     """Retry/remove: done by the daemon when it runs (it alone moves queue files), else here under its lock."""
     q = JobQueue(cfg.path("queue"))
@@ -347,14 +362,19 @@ def _queue_change(cfg: Config, action: ControlAction, name: str, priority: str |
     else:
         fd = acquire(cfg.path("status") / "daemon.lock")  # keeps a daemon from starting mid-move
         try:
-            if action is ControlAction.RETRY:
-                now = q.retry(entry.job_id, Priority(priority or "normal"), time.time())
-            else:
-                now = q.remove(entry.job_id, time.time())
+            now = _change_without_daemon(cfg, q, entry, action, priority)
+        except QueueError as e:
+            out(f"queue {action.value}: refused: {e}")
+            return 1
         finally:
             os.close(fd)
     if action is ControlAction.RETRY:  # the daemon may have started (or even finished) it already
         ok = now.state is not JobState.FAILED
+        if not ok:
+            err = q.read_error(entry.job_id) or {}
+            out(f"queue retry: refused: {entry.original_name} still fails validation: {err.get('message')}")
+            _print_line_errors(err.get("errors") or [], len(err.get("errors") or []), already_said=err.get("message") or "")
+            return 1
     else:
         ok = now.state is JobState.FAILED and (q.read_error(entry.job_id) or {}).get("reason") == "removed"
     out(f"queue {action.value}: {entry.job_id} is now {now.state.value}")

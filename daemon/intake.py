@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from daemon.config import Config
+from daemon.errors import QueueError
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.states import FailReason, JobState, Priority
 from daemon.status import HistoryDB
@@ -110,6 +111,24 @@ def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQue
     log.info("%s queued as %s (%s, %s, %d records%s)", path.name, entry.job_id, prio.value,
              report.format.value if report.format else "?", report.n_valid, bad)
     return entry
+
+
+def retry_file(entry: QueueEntry, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB) -> QueueEntry:
+    """failed -> pending, but only if the file passes validation under the current config,
+    as at intake: a file refused then (bad encoding, too many bad lines) must not train
+    now without its checks. Refused: it stays failed with the fresh reason (QueueError)."""
+    report = validate_file(entry.path, cfg.data, cfg.intake.max_file_bytes)
+    if not report.accepted:
+        error = {"reason": FailReason.INVALID_DATA.value, "message": report.reason,
+                 "errors": [e.to_dict() for e in report.errors], "validation": report.to_dict()}
+        queue.refail(entry.job_id, error, now)
+        record_job(db, entry, prio, report, now, JobState.FAILED, reason=f"invalid_data: {report.reason}")
+        raise QueueError(f"{entry.original_name} still fails validation: {report.reason}")
+    moved = queue.retry(entry.job_id, prio, now)
+    record_job(db, moved, prio, report, now, JobState.PENDING)
+    db.upsert_job(moved.job_id, crashes=0)
+    db.event("job_queued", f"{entry.original_name} queued again ({prio.value}, {report.n_valid} records)", moved.job_id, t=now)
+    return moved
 
 
 def record_job(db: HistoryDB, entry: QueueEntry, prio: Priority, report: ValidationReport, now: float,

@@ -194,10 +194,11 @@ class JobQueue:
         return self._entry(dst, JobState.PROCESSING, None)
 
     def finish(self, job_id: str) -> QueueEntry:
-        """processing -> done."""
+        """processing -> done (a reason kept from before a retry goes: it no longer applies)."""
         src = self._require(JobState.PROCESSING, job_id)
         dst = self.folder(JobState.DONE) / job_id
         atomic.move_file(src, dst)
+        atomic.remove_file(self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX + ".prev"))
         return self._entry(dst, JobState.DONE, None)
 
     def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> QueueEntry:
@@ -219,6 +220,12 @@ class JobQueue:
             atomic.remove_file(prev)
             atomic.move_file(err, prev)
         return self._entry(dst, JobState.PENDING, priority)
+
+    def refail(self, job_id: str, error: dict, now: float) -> QueueEntry:
+        """A failed file stays failed with a new reason (a retry that fails validation again)."""
+        path = self._require(JobState.FAILED, job_id)
+        self._write_error(job_id, error, now)
+        return self._entry(path, JobState.FAILED, None)
 
     def remove(self, job_id: str, now: float) -> QueueEntry:
         """Take a pending file out of line; it goes to failed/ with reason `removed` (nothing is deleted)."""

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from daemon import atomic, control, lockedkeys
 from daemon.config import Config, resolved_dict
 from daemon.errors import LockedKeyError, QueueError
-from daemon.intake import InboxScanner, record_job, take_file
+from daemon.intake import InboxScanner, record_job, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
@@ -337,8 +337,7 @@ class Service:
             self._skip(req.job_id, now)
         elif req.action is ControlAction.RETRY:
             prio = Priority(req.priority or Priority.NORMAL.value)
-            entry = self.queue.retry(self.queue.find(req.job_id).job_id, prio, now)
-            self.db.upsert_job(entry.job_id, state=JobState.PENDING.value, reason=None, priority=prio.value, crashes=0)
+            retry_file(self.queue.find(req.job_id), prio, now, self.cfg, self.queue, self.db)
         elif req.action is ControlAction.REMOVE:
             entry = self.queue.find(req.job_id)
             if entry.state is not JobState.PENDING:

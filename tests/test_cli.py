@@ -21,7 +21,7 @@ from daemon.config import Config, explain, load_config
 from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry
 from daemon.lock import holder_pid
 from daemon.states import FailReason, JobState, Priority, ServiceStatus
-from daemon.status import TrainingStatus, StatusWriter
+from daemon.status import HistoryDB, StatusWriter, TrainingStatus
 from tests.conftest import EXAMPLES, REPO, write_instance
 
 TEXT = '{"text": "hello"}\n'
@@ -123,6 +123,29 @@ def populate(cfg: Config, tmp_path: Path) -> dict[str, QueueEntry]:
     e["done"] = q.finish(q.start(admit("d.jsonl")).job_id)
     e["failed"] = q.fail(q.start(admit("f.jsonl")).job_id, FailReason.TRAINING_ERROR, "CUDA out of memory", now)
     return e
+
+
+def test_retry_validates_the_file_again(cfg: Config, tmp_path: Path) -> None:
+    """A file refused at intake is not trained on retry without its checks: still bad,
+    it stays failed with the fresh reason; good now, it is queued with its format known."""
+    q = JobQueue(cfg.path("queue"))
+    q.ensure()
+    bad = tmp_path / "latin.jsonl"
+    bad.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    refused = q.reject(bad, {"reason": "invalid_data", "message": "not UTF-8"}, time.time())
+    r = trainctl(cfg, "queue", "retry", "latin.jsonl")
+    assert r.returncode == 1 and "refused: latin.jsonl still fails validation: " in r.stdout and "UTF-8" in r.stdout, r.stdout
+    assert q.find(refused.job_id).state is JobState.FAILED
+    assert q.read_error(refused.job_id)["reason"] == "invalid_data" and "line 1" in r.stdout
+
+    fixed = q.folder(JobState.FAILED) / refused.job_id  # the user repairs it in place
+    fixed.write_text('{"text": "café"}\n', encoding="utf-8")
+    r = trainctl(cfg, "queue", "retry", "latin.jsonl")
+    assert (r.returncode, r.stdout) == (0, f"queue retry: {refused.job_id} is now pending\n")
+    db = HistoryDB(cfg.path("status") / "history.db")
+    record = db.job(refused.job_id)
+    db.close()
+    assert (record["state"], record["format"], record["n_records"]) == ("pending", "text", 1)
 
 
 def test_queue_status_and_list(cfg: Config, tmp_path: Path) -> None:

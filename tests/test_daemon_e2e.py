@@ -73,6 +73,11 @@ def test_bad_files_fail_with_reasons_while_training_goes_on(daemon_factory):
     assert first["line"] == 1 and "role" in first["field"]
     raw = {e.original_name: e.path.read_bytes() for e in d.queue.failed()}
     assert raw["utf16.jsonl"] == '{"text": "hello"}\n'.encode("utf-16")  # original bytes kept
+    # a retry re-validates: the daemon refuses it with the reason, the file stays failed, untouched
+    r = d.ctl("queue", "retry", "utf16.jsonl")
+    assert r.returncode == 1 and "still fails validation" in r.stdout and "UTF-16" in r.stdout, r.stdout
+    again = {e.original_name: e for e in d.queue.failed()}["utf16.jsonl"]
+    assert again.path.read_bytes() == raw["utf16.jsonl"] and d.queue.read_error(again.job_id)["reason"] == "invalid_data"
     assert d.proc.poll() is None
 
 
