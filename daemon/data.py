@@ -30,7 +30,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from daemon.config import DataConfig
 from daemon.errors import DataError
@@ -240,20 +240,32 @@ def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_c
             yield "train", ex
 
 
-def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> FilePlan:
-    """Count train/eval/dropped examples and train tokens in one streaming pass (what the iterators yield)."""
+def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,
+              tick: Callable[[], None] = lambda: None) -> FilePlan:
+    """Count train/eval/dropped examples and train tokens in one streaming pass (what the iterators yield).
+
+    `tick()` is called once per record: a large file takes a while to read, and the
+    caller answers pause/stop/skip from there (it raises to stop the pass).
+    """
     counts = {"train": 0, "eval": 0, "dropped": 0}
     tokens = 0
     for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
+        tick()
         counts[kind] += 1
         if kind == "train" and ex is not None:
             tokens += len(ex.input_ids)
     return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens)
 
 
-def eval_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[Example]:
+def eval_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,
+                  tick: Callable[[], None] = lambda: None) -> list[Example]:
     """The held-out examples of a file, in file order (at most `data_cfg.eval_max_examples`)."""
-    return [ex for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed) if kind == "eval" and ex is not None]
+    out = []
+    for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
+        tick()
+        if kind == "eval" and ex is not None:
+            out.append(ex)
+    return out
 
 
 def _epoch_rng(seed: int, epoch: int) -> random.Random:

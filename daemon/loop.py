@@ -55,6 +55,34 @@ ReportFn = Callable[[dict[str, Any]], None]
 IGNORE = -100  # the label value collate() uses for tokens without loss (PyTorch's ignore_index default)
 
 
+PREP_POLL_SECONDS = 0.2  # how often control is asked while a file is read before (or skipped to) its steps
+
+
+class _Interrupted(Exception):
+    """Stop or skip answered while the file was being read, before any step of this run."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict)
+        self.verdict = verdict
+
+
+def polling(control: ControlFn, clock: Callable[[], float]) -> Callable[[], None]:
+    """A tick for long passes over the data: asks `control()` every PREP_POLL_SECONDS
+    (a pause blocks in there) and raises _Interrupted on stop or skip. Only used where
+    no RNG or gradient state is in flight, so a stop there changes nothing a resume sees."""
+    last = clock()
+
+    def tick() -> None:
+        nonlocal last
+        if clock() - last >= PREP_POLL_SECONDS:
+            last = clock()
+            verdict = control()
+            if verdict != "continue":
+                raise _Interrupted(verdict)
+
+    return tick
+
+
 @dataclass(frozen=True)
 class Job:
     """One file to train, as the service describes it in a `train` message."""
@@ -217,18 +245,35 @@ def train_file(
     report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
 ) -> Outcome:
     """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint)."""
+    try:
+        return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
+                           report=report, control=control, clock=clock)
+    except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
+        log.info("%s: %s while its data was being read", job.job_id, e.verdict)
+        status: Literal["stopped", "skipped"] = "stopped" if e.verdict == "stop" else "skipped"
+        kept = ckpt.latest_step(ckpt_folder) if status == "stopped" else None
+        return Outcome(status, kept or 0, global_step + (kept or 0), None, None, kept)
+
+
+def _train_file(
+    lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
+    report: ReportFn, control: ControlFn, clock: Callable[[], float],
+) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
     fmt, seed = DataFormat(job.fmt), job_seed(tc.seed, job.sha256)
+    tick = polling(control, clock)
 
-    # --- data plan and the step budget of this file
-    plan = plan_file(job.path, fmt, tok, dc, seed)
+    # --- data plan and the step budget of this file (a big file takes a while: control is asked meanwhile)
+    plan = plan_file(job.path, fmt, tok, dc, seed, tick)
     if plan.n_train == 0:
-        raise DataError(f"{job.path.name}: no example has a trainable token after tokenisation")
+        raise DataError(f"{job.path.name}: none of its {plan.n_dropped} examples keeps a token to learn from within "
+                        f"data.max_length = {dc.max_length} tokens (assistant/completion text cut off, or none at all); "
+                        "raise data.max_length or shorten the prompts")
     per_epoch = steps_per_epoch(plan.n_train, tc.micro_batch_size, tc.grad_accum_steps)
     total_steps = per_epoch * tc.epochs_per_file
     mb_per_epoch = math.ceil(plan.n_train / tc.micro_batch_size)
-    held_out = eval_examples(job.path, fmt, tok, dc, seed)
+    held_out = eval_examples(job.path, fmt, tok, dc, seed, tick)
 
     # --- fresh optimizer + schedule, seeded RNG; then a checkpoint overrides both if one exists
     lm.model.zero_grad(set_to_none=True)  # a job that failed mid-backward may have left gradients
@@ -269,8 +314,11 @@ def train_file(
     for epoch in range(pos.epoch, tc.epochs_per_file):
         skip = pos.micro_batches if epoch == pos.epoch else 0
         stream = batches(train_examples(job.path, fmt, tok, dc, seed, epoch), tc.micro_batch_size)
+        for _ in range(skip):  # a resume reads up to where its checkpoint was; control is asked meanwhile
+            next(stream)
+            tick()
         consumed = skip
-        for group in groups(itertools.islice(stream, skip, None), tc.grad_accum_steps):
+        for group in groups(stream, tc.grad_accum_steps):
             verdict = control()  # between optimizer steps: pause blocks inside, stop/skip end the file
             if verdict == "stop":
                 step = saved_step if saved_step == pos.step else save()

@@ -173,6 +173,44 @@ def test_checkpoint_of_an_older_adapter_state_is_not_resumed(models_dir: Path, t
     assert out.status == "done" and out.global_step == 40 + out.steps
 
 
+@pytest.mark.parametrize("verdict", ["stop", "skip"])
+def test_control_acts_while_a_file_is_read(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           verdict: str) -> None:
+    """Reading a big file before step 1 takes long: stop and skip must not wait for it."""
+    import daemon.loop as loop
+
+    monkeypatch.setattr(loop, "PREP_POLL_SECONDS", 0.0)
+    cfg = make_cfg(models_dir, tmp_path)
+    path = small_file(tmp_path)
+    asked: list[int] = []
+    out, events, _ = run(cfg, Job("j6", path, "alpaca", sha(path)), control=lambda: asked.append(1) or verdict)
+    assert out.status == ("stopped" if verdict == "stop" else "skipped") and out.steps == 0
+    assert asked and not [e for e in events if e["type"] in ("started", "step")]
+    assert not (cfg.path("checkpoints") / "j6").exists()
+
+
+def test_stop_while_a_resume_reads_up_to_its_checkpoint_keeps_it(models_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.loop as loop
+
+    cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
+    path = small_file(tmp_path)
+    job = Job("j7", path, "alpaca", sha(path))
+    run(cfg, job, control=iter(["continue"] * 4 + ["stop"]).__next__)
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j7") == 4  # the stop saved step 4
+    monkeypatch.setattr(loop, "PREP_POLL_SECONDS", 0.0)
+    events: list[dict] = []
+    # through the plan and eval passes; once `started` is out, the resume reads ahead to step 4: stop there
+    control = lambda: "stop" if any(e["type"] == "started" for e in events) else "continue"  # noqa: E731
+    lm = load_for_training(cfg, seed=cfg.training.seed)
+    out = train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / "j7",
+                     report=events.append, control=control)
+    assert out.status == "stopped" and out.checkpoint_step == 4 and out.steps == 4
+    assert [e["resumed_from_step"] for e in events if e["type"] == "started"] == [4]
+    assert not [e for e in events if e["type"] == "step"]
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j7") == 4
+
+
 def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> None:
     cfg = make_cfg(models_dir, tmp_path)
     path = small_file(tmp_path)
