@@ -31,7 +31,7 @@ from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, Fai
                            ServiceStatus, TrainerState, check_transition)
 from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter, TrainingStatus
 from daemon.supervisor import Supervisor
-from daemon.tracker import ActiveJob, JobTracker
+from daemon.tracker import ActiveJob, JobTracker, published_adapter
 from daemon.validate import validate_file
 from daemon.wakeup import Wakeup
 
@@ -79,6 +79,9 @@ class Service:
             changes = lockedkeys.check(self.cfg)
             if changes:
                 err = LockedKeyError(changes)
+                # Still a true picture of the instance: what is queued and which adapter exists.
+                self.status.queue = self.queue.counts()
+                self.status.adapter_version = published_adapter(self.cfg)["version"]
                 self._set(ServiceStatus.ERROR, last_error=str(err), detail="refused to start: locked keys changed")
                 self._write_status(force=True)
                 log.error("%s", err)

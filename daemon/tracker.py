@@ -145,6 +145,8 @@ class JobTracker:
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
         if msg.get("adapter_version") is not None:
             self.status.adapter_version = msg["adapter_version"]
+        # A file trained through since: an old error no longer describes the daemon (the events keep it).
+        self.status.last_error = None
 
     def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> None:
         try:
@@ -198,11 +200,15 @@ class JobTracker:
         self._rate = None
 
     def published(self) -> dict[str, Any]:
-        """Version and trained jobs of the adapter the trainer published last (read-only: it owns adapters/)."""
-        adapters = self.cfg.path("adapters")
-        try:
-            current = atomic.read_json(adapters / "current.json")
-            manifest = atomic.read_json(adapters / current["path"] / "manifest.json")
-            return {"version": int(current["version"]), "trained_jobs": list(manifest.get("trained_jobs", []))}
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return {"version": None, "trained_jobs": []}
+        return published_adapter(self.cfg)
+
+
+def published_adapter(cfg: Config) -> dict[str, Any]:
+    """Version and trained jobs of the adapter the trainer published last (read-only: it owns adapters/)."""
+    adapters = cfg.path("adapters")
+    try:
+        current = atomic.read_json(adapters / "current.json")
+        manifest = atomic.read_json(adapters / current["path"] / "manifest.json")
+        return {"version": int(current["version"]), "trained_jobs": list(manifest.get("trained_jobs", []))}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return {"version": None, "trained_jobs": []}

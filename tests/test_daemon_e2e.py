@@ -181,6 +181,7 @@ def test_locked_key_change_refused_until_approved(daemon_factory):
     assert d2.wait_exit() == 2
     st = d2.status()
     assert st["status"] == "error" and "lora.r" in st["last_error"] and "4" in st["last_error"] and "8" in st["last_error"]
+    assert st["queue"]["done"] == 1 and st["adapter_version"] == 1  # the refusal still shows the instance as it is
     r = d2.ctl("config", "validate")
     assert r.returncode == 1 and "lora.r" in r.stdout
     r = d2.ctl("config", "approve")

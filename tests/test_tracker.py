@@ -72,3 +72,16 @@ def test_a_skipped_file_leaves_no_steps_in_the_history(tmp_path):
     record = db.job(a.job_id)
     assert record["state"] == "failed" and record["steps"] == 3 and record["final_loss"] == pytest.approx(1.7)
     assert "3 steps dropped from the step history, last loss 1.7" in db.events()[0]["message"]
+
+
+def test_a_file_done_clears_the_last_error(tmp_path):
+    cfg, q, db, tracker = setup(tmp_path)
+    a = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
+    tracker.begin(ActiveJob(a.job_id, str(a.path), "a.jsonl", "s" * 64, "text", 5))
+    tracker.on_message({"type": "failed", "job_id": a.job_id, "reason": "training_error", "message": "CUDA out of memory"}, NOW)
+    assert tracker.status.last_error == "CUDA out of memory"
+    b = q.start(admit(q, tmp_path, "b.jsonl", lines_of("text.jsonl", 5)))
+    tracker.begin(ActiveJob(b.job_id, str(b.path), "b.jsonl", "s" * 64, "text", 5))
+    tracker.on_message({"type": "done", "job_id": b.job_id, "steps": 2, "adapter_version": 1}, NOW)
+    assert tracker.status.last_error is None
+    assert any("CUDA out of memory" in e["message"] for e in db.events())  # the history keeps it
