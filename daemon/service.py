@@ -418,18 +418,33 @@ class Service:
                 return
             entry = self.queue.start(nxt)
         job = self._active_job(entry, now)
+        if job is None:  # refused on the spot; the next tick takes the next file
+            self.wakeup.wake()
+            return
         self.tracker.begin(job)
         self.sup.send(job.message())
         self.sup.state = TrainerState.BUSY
         self._set(ServiceStatus.TRAINING, detail="preparing data")
         log.info("training %s", entry.job_id)
 
-    def _active_job(self, entry: QueueEntry, now: float) -> ActiveJob:
+    def _active_job(self, entry: QueueEntry, now: float) -> ActiveJob | None:
+        """The job to send, or None when the file cannot be trained as it was queued
+        (then it is failed here, with its reason, before the trainer sees it)."""
         record = self.db.job(entry.job_id) or {}
         if not record.get("format") or not record.get("sha256"):  # a crash between admit and its record
             report = validate_file(entry.path, self.cfg.data, 0)
+            if not report.accepted:
+                self.tracker.fail(entry.job_id, FailReason.INVALID_DATA, report.reason or "invalid data", now,
+                                  errors=[e.to_dict() for e in report.errors])
+                return None
             record_job(self.db, entry, Priority.NORMAL, report, now, JobState.PROCESSING)
             record = self.db.job(entry.job_id)
+        elif record.get("size") is not None and entry.size != record["size"]:
+            # Written to after the settle window let it in: what would train is not what was checked.
+            self.tracker.fail(entry.job_id, FailReason.INVALID_DATA,
+                              f"the file changed after it was queued ({record['size']} -> {entry.size} bytes); write "
+                              "it under a .part or .tmp name and rename it when complete, then `trainctl queue retry`", now)
+            return None
         return ActiveJob(entry.job_id, str(entry.path), entry.original_name, record["sha256"], record["format"],
                          record["n_records"])
 

@@ -135,9 +135,11 @@ class JobTracker:
     # -- outcomes ------------------------------------------------------------------------
     def finish(self, job_id: str, now: float, msg: dict) -> None:
         try:
-            self.queue.finish(job_id)
+            entry = self.queue.finish(job_id)
         except QueueError as e:
             log.error("finished %s but cannot move it to done/: %s", job_id, e)
+        else:
+            self._warn_if_changed(entry, now)
         self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, steps=msg.get("steps"),
                            final_loss=msg.get("final_loss"), eval_loss=msg.get("eval_loss"),
                            adapter_version=msg.get("adapter_version"))
@@ -147,6 +149,17 @@ class JobTracker:
             self.status.adapter_version = msg["adapter_version"]
         # A file trained through since: an old error no longer describes the daemon (the events keep it).
         self.status.last_error = None
+
+    def _warn_if_changed(self, entry: QueueEntry, now: float) -> None:
+        """A writer that kept the file open past the settle window appends to it in the
+        queue: say so, since the training read the file while it grew."""
+        queued = (self.db.job(entry.job_id) or {}).get("size")
+        if queued is not None and entry.size != queued:
+            message = (f"{entry.original_name} changed while it trained ({queued} -> {entry.size} bytes): the "
+                       "adapter learnt from it as it was being written; write files under a .part or .tmp name "
+                       "and rename them when complete")
+            log.warning("%s", message)
+            self.db.event("job_changed", message, entry.job_id, t=now)
 
     def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> None:
         try:

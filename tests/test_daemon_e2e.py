@@ -224,3 +224,18 @@ def test_second_sigterm_stops_at_once(daemon_factory):
             os.kill(st["trainer_pid"], 0)
             time.sleep(0.1)
     assert [e.original_name for e in d.queue.processing()] == ["a.jsonl"]  # resumes at the next start
+
+
+def test_a_file_changed_after_it_was_queued_is_not_trained(daemon_factory):
+    d = daemon_factory().start()
+    assert d.ctl("pause").returncode == 0
+    d.drop("grows.jsonl", lines_of("text.jsonl", 12))
+    d.wait_for(lambda s: s["queue"].get("pending") == 1, what="queued while paused")
+    entry = d.queue.pending()[0]
+    with open(entry.path, "a", encoding="utf-8") as f:  # a writer that kept it open past the settle window
+        f.write(lines_of("text.jsonl", 3))
+    assert d.ctl("resume").returncode == 0
+    d.wait_counts(failed=1)
+    err = d.queue.read_error(entry.job_id)
+    assert err["reason"] == "invalid_data" and "changed after it was queued" in err["message"], err
+    assert d.proc.poll() is None

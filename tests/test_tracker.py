@@ -85,3 +85,15 @@ def test_a_file_done_clears_the_last_error(tmp_path):
     tracker.on_message({"type": "done", "job_id": b.job_id, "steps": 2, "adapter_version": 1}, NOW)
     assert tracker.status.last_error is None
     assert any("CUDA out of memory" in e["message"] for e in db.events())  # the history keeps it
+
+
+def test_a_file_that_grew_while_training_is_flagged(tmp_path):
+    cfg, q, db, tracker = setup(tmp_path)
+    a = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
+    db.upsert_job(a.job_id, size=a.size, state="processing")
+    with open(a.path, "a") as f:  # the writer still had it open
+        f.write(lines_of("text.jsonl", 2))
+    tracker.begin(ActiveJob(a.job_id, str(a.path), "a.jsonl", "s" * 64, "text", 5))
+    tracker.on_message({"type": "done", "job_id": a.job_id, "steps": 2, "adapter_version": 1}, NOW)
+    changed = [e["message"] for e in db.events() if e["kind"] == "job_changed"]
+    assert len(changed) == 1 and f"({a.size} -> " in changed[0]
