@@ -12,7 +12,7 @@ ROOT=$PWD
 CONFIG=$ROOT/config.json
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) CONFIG=$(realpath "$2"); shift 2 ;;
+    --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(realpath "$2"); shift 2 ;;
     *) echo "usage: $0 [--config PATH]" >&2; exit 64 ;;
   esac
 done

@@ -14,9 +14,9 @@ EXAMPLES=1
 PORT=${TRAIND_MONITOR_PORT:-8080}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) CONFIG=$(realpath "$2"); shift 2 ;;
+    --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(realpath "$2"); shift 2 ;;
     --no-examples) EXAMPLES=0; shift ;;
-    --port) PORT=$2; shift 2 ;;
+    --port) [ $# -ge 2 ] || { echo "$0: --port needs a number" >&2; exit 64; }; PORT=$2; shift 2 ;;
     *) echo "usage: $0 [--config PATH] [--no-examples] [--port N]" >&2; exit 64 ;;
   esac
 done

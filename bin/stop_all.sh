@@ -6,7 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CONFIG=$ROOT/config.json
-[ "${1:-}" = "--config" ] && CONFIG=$(realpath "$2")
+usage() { echo "usage: $0 [--config PATH]" >&2; exit 64; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) [ $# -ge 2 ] || usage; CONFIG=$(realpath "$2"); shift 2 ;;
+    *) usage ;;
+  esac
+done
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || PY=python3
 

@@ -28,7 +28,7 @@ from typing import Any
 from daemon import control, lockedkeys
 from daemon.config import Config, explain, load_config
 from daemon.errors import ConfigError, QueueError, TraindError
-from daemon.intake import retry_file
+from daemon.intake import plural, retry_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire, holder_pid
 from daemon.states import ControlAction, DesiredState, JobState, Priority
@@ -112,8 +112,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         if args.json:
             out(json.dumps(st, indent=2))
         else:
-            if args.watch:
-                sys.stdout.write("\x1b[2J\x1b[H")
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
+            elif args.watch:
+                out(f"--- {time.strftime('%H:%M:%S')}")
             out(render_status(st, daemon_pid(cfg)))
         if not args.watch:
             return 0
@@ -239,7 +241,7 @@ def cmd_queue_add(cfg: Config, args: argparse.Namespace) -> int:
         os.fsync(f.fileno())
     os.replace(part, dst)
     note = "" if daemon_pid(cfg) else " (the daemon is not running; it is taken at the next start)"
-    out(f"queue add: {src.name} -> {dst} ({prio.value}, {report.n_valid} records, format {report.format.value}){note}")
+    out(f"queue add: {src.name} -> {dst} ({prio.value}, {plural(report.n_valid, 'record')}, format {report.format.value}){note}")
     if report.n_bad:
         out(f"queue add: {report.n_bad} bad line(s) will be skipped (data.bad_line_policy = skip):")
         _print_line_errors([e.to_dict() for e in report.errors], report.n_bad)

@@ -93,6 +93,11 @@ class InboxScanner:
         return len(self._seen)
 
 
+def plural(n: int, word: str) -> str:
+    """'1 record', '3 records'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB) -> QueueEntry:
     """Validate one complete inbox file, then queue it or refuse it with its reasons."""
     report = validate_file(path, cfg.data, cfg.intake.max_file_bytes)
@@ -107,9 +112,9 @@ def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQue
     entry = queue.admit(path, prio, now)
     record_job(db, entry, prio, report, now, JobState.PENDING)
     bad = f", {report.n_bad} bad line(s) skipped" if report.n_bad else ""
-    db.event("job_queued", f"{path.name} queued ({prio.value}, {report.n_valid} records{bad})", entry.job_id, t=now)
-    log.info("%s queued as %s (%s, %s, %d records%s)", path.name, entry.job_id, prio.value,
-             report.format.value if report.format else "?", report.n_valid, bad)
+    db.event("job_queued", f"{path.name} queued ({prio.value}, {plural(report.n_valid, 'record')}{bad})", entry.job_id, t=now)
+    log.info("%s queued as %s (%s, %s, %s%s)", path.name, entry.job_id, prio.value,
+             report.format.value if report.format else "?", plural(report.n_valid, "record"), bad)
     return entry
 
 
@@ -127,7 +132,7 @@ def retry_file(entry: QueueEntry, prio: Priority, now: float, cfg: Config, queue
     moved = queue.retry(entry.job_id, prio, now)
     record_job(db, moved, prio, report, now, JobState.PENDING)
     db.upsert_job(moved.job_id, crashes=0)
-    db.event("job_queued", f"{entry.original_name} queued again ({prio.value}, {report.n_valid} records)", moved.job_id, t=now)
+    db.event("job_queued", f"{entry.original_name} queued again ({prio.value}, {plural(report.n_valid, 'record')})", moved.job_id, t=now)
     return moved
 
 

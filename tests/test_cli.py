@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -349,3 +350,14 @@ def test_queue_add_warns_about_lines_it_will_skip(cfg: Config, tmp_path: Path) -
     assert r.returncode == 0
     assert "1 bad line(s) will be skipped" in r.stdout and "line 31, field text" in r.stdout
     assert files_under(cfg.path("inbox")) == ["some_bad.jsonl"]
+
+
+def test_status_watch_piped_writes_no_screen_codes(cfg: Config) -> None:
+    write_status(cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(cfg.root / "config.json"),
+                             "status", "--watch", "0.2"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "\x1b[" not in text
+    assert text.count("--- ") >= 2 and text.count("traind") >= 2  # one screen after another
