@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing.connection import Client, Connection
@@ -66,6 +67,12 @@ def quiet_hugging_face() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()
     logging.captureWarnings(True)
+    # bitsandbytes offers CPU kernels fetched from the hub by the `kernels` package: that is a
+    # download at run time, which traind never does, so its warning at every start is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "kernels" not in r.getMessage())
+    # peft reads a transformers 5 alias that warns (not traind's call to change).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def cpu_thread_count(configured: int) -> int:
