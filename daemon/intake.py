@@ -44,6 +44,7 @@ class InboxScanner:
         self.settle_seconds = settle_seconds
         self.ignore_suffixes = tuple(s.lower() for s in ignore_suffixes)
         self._seen: dict[Path, _Seen] = {}
+        self._told: set[Path] = set()  # stray folders already reported once
 
     def ensure(self) -> None:
         for sub in ("", Priority.HIGH.value, Priority.LOW.value):
@@ -59,7 +60,18 @@ class InboxScanner:
             except FileNotFoundError:
                 continue
             out.extend((p, prio) for p in entries if self._wanted(p))
+            if folder == self.inbox:
+                self._report_stray_folders(entries)
         return out
+
+    def _report_stray_folders(self, entries: list[Path]) -> None:
+        """A folder such as inbox/urgent/ looks like a priority but is never read: say so once."""
+        names = {p.value for p in Priority}
+        for p in entries:
+            if p.name not in names and not p.name.startswith(".") and p not in self._told and p.is_dir():
+                self._told.add(p)
+                log.warning("%s/ is not read: files go in inbox/ or in inbox/%s/", p,
+                            "/, inbox/".join(sorted(names)))
 
     def _wanted(self, p: Path) -> bool:
         name = p.name.lower()

@@ -56,3 +56,14 @@ def test_priority_from_subfolder(tmp_path):
     (tmp_path / "inbox" / "n.jsonl").write_text("x\n")
     got = {p.name: prio for p, prio in s.ready(now=1.0)}
     assert got == {"h.jsonl": Priority.HIGH, "l.jsonl": Priority.LOW, "n.jsonl": Priority.NORMAL}
+
+
+def test_a_stray_folder_is_reported_once(tmp_path, caplog):
+    s = InboxScanner(tmp_path / "inbox", settle_seconds=0, ignore_suffixes=[".tmp"])
+    s.ensure()
+    (tmp_path / "inbox" / "urgent").mkdir()
+    (tmp_path / "inbox" / "urgent" / "a.jsonl").write_text('{"text": "x"}\n')
+    with caplog.at_level("WARNING", logger="daemon.intake"):
+        assert s.ready(0.0) == [] and s.ready(1.0) == []
+    told = [r.getMessage() for r in caplog.records if "urgent" in r.getMessage()]
+    assert len(told) == 1 and "is not read" in told[0] and "inbox/high/" in told[0]
