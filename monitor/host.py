@@ -33,7 +33,9 @@ class ProcessSampler:
         self._procs: dict[int, psutil.Process] = {}
         self._cpu: dict[int | str, tuple[float, float]] = {}  # key -> (measured at, percent)
         self._lock = threading.Lock()
-        psutil.cpu_percent(interval=None)  # prime the host counter the same way
+        # psutil.cpu_percent(interval=None) keeps its last sample per thread (psutil 7), and
+        # requests run on a pool of threads: it would say 0.0 on each thread's first call.
+        self._host_times = _busy_total(psutil.cpu_times())
         self._cpu["host"] = (time.monotonic(), 0.0)
 
     def _cpu_percent(self, key: int | str, measure: Callable[[], float]) -> float:
@@ -46,7 +48,13 @@ class ProcessSampler:
             return value
 
     def host_cpu_percent(self) -> float:
-        return self._cpu_percent("host", lambda: psutil.cpu_percent(interval=None))
+        """Host CPU busy percent (of all cores) since the last measurement."""
+        return self._cpu_percent("host", self._measure_host)
+
+    def _measure_host(self) -> float:  # called under self._lock
+        (busy0, total0), (busy1, total1) = self._host_times, _busy_total(psutil.cpu_times())
+        self._host_times = (busy1, total1)
+        return 100.0 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
 
     def stats(self, role: str, pid: Any, started_at: float | None = None) -> ProcessStats:
         if not pid_alive(pid, started_at if role == "daemon" else None):
@@ -66,6 +74,12 @@ class ProcessSampler:
                                     cpu_percent=cpu, num_threads=proc.num_threads())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return ProcessStats(role=role, pid=pid, running=False)
+
+
+def _busy_total(t: Any) -> tuple[float, float]:
+    """(busy, total) CPU seconds over all cores; waiting on I/O counts as idle, as in top."""
+    total = sum(t)
+    return total - t.idle - getattr(t, "iowait", 0.0), total
 
 
 def disks(cfg: Config) -> list[DiskStats]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -553,15 +554,39 @@ def test_cpu_percent_windows_are_shared_between_pollers(monkeypatch):
     """Two pollers within the window get the same figure, not two short-window ones."""
     from monitor import host
 
+    monkeypatch.setattr(host, "MIN_CPU_WINDOW_SECONDS", 0.3)
     sampler = host.ProcessSampler()
     calls = []
-    monkeypatch.setattr(host.psutil, "cpu_percent", lambda interval=None: calls.append(1) or 42.0)
-    monkeypatch.setattr(host, "MIN_CPU_WINDOW_SECONDS", 0.3)
+    real = sampler._measure_host
+    monkeypatch.setattr(sampler, "_measure_host", lambda: calls.append(1) or real())
     time.sleep(0.35)
-    assert sampler.host_cpu_percent() == 42.0 and sampler.host_cpu_percent() == 42.0 and len(calls) == 1
+    first = sampler.host_cpu_percent()
+    assert sampler.host_cpu_percent() == first and len(calls) == 1
     time.sleep(0.35)
     sampler.host_cpu_percent()
     assert len(calls) == 2
+
+
+def test_host_cpu_is_right_from_any_request_thread():
+    """Requests run on a thread pool; psutil's own cpu_percent() keeps one sample per
+    thread and said 0 % on each thread's first call while a core was busy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monitor import host
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        sampler = host.ProcessSampler()
+        with ThreadPoolExecutor(8) as pool:
+            seen = []
+            for _ in range(3):
+                time.sleep(host.MIN_CPU_WINDOW_SECONDS + 0.1)
+                seen.append(pool.submit(sampler.host_cpu_percent).result())
+    finally:
+        burner.kill()
+        burner.wait()
+    cores = psutil.cpu_count() or 1
+    assert all(v >= 0.5 * 100 / cores for v in seen), seen  # one busy core, whichever thread asks
 
 
 # ---------------------------------------------------------------- SSE
