@@ -107,22 +107,22 @@ def render_status(st: dict | None, running_pid: int | None) -> str:
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    while True:
-        st = read_status(cfg.path("status"))
-        if args.json:
-            out(json.dumps(st, indent=2))
-        else:
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
-            elif args.watch:
-                out(f"--- {time.strftime('%H:%M:%S')}")
-            out(render_status(st, daemon_pid(cfg)))
-        if not args.watch:
-            return 0
-        try:
+    try:
+        while True:
+            st = read_status(cfg.path("status"))
+            if args.json:
+                out(json.dumps(st, indent=2))
+            else:
+                if args.watch and sys.stdout.isatty():
+                    sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
+                elif args.watch:
+                    out(f"--- {time.strftime('%H:%M:%S')}")
+                out(render_status(st, daemon_pid(cfg)))
+            if not args.watch:
+                return 0
             time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:  # Ctrl-C ends --watch, wherever in the loop it lands
+        return 0
 
 
 # -- control ---------------------------------------------------------------------------

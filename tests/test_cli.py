@@ -355,9 +355,14 @@ def test_queue_add_warns_about_lines_it_will_skip(cfg: Config, tmp_path: Path) -
 def test_status_watch_piped_writes_no_screen_codes(cfg: Config) -> None:
     write_status(cfg)
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(cfg.root / "config.json"),
-                             "status", "--watch", "0.2"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+                             "status", "--watch", "0.2"], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            # a shell's background job (CI, nohup ... &) hands SIGINT down ignored: undo that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
-    text, _ = proc.communicate(timeout=10)
+    try:
+        text, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
     assert proc.returncode == 0 and "\x1b[" not in text
     assert text.count("--- ") >= 2 and text.count("traind") >= 2  # one screen after another
