@@ -7,7 +7,9 @@ power cut leaves one of the two.
 One home for durable operations also gives the fault-injection hook one home:
 with `TRAIND_CRASH_AFTER_OP=n` in the environment, the process dies
 (`os._exit(86)`) right after its n-th durable operation, so tests can crash at
-every point of a sequence and check what survives.
+every point of a sequence and check what survives; `TRAIND_CRASH_AFTER_OP=match:TEXT`
+dies after the first operation whose description contains TEXT (a point whose
+number depends on timing).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def _durable_op_done(what: str) -> None:
     global _ops_done
     _ops_done += 1
     armed = os.environ.get("TRAIND_CRASH_AFTER_OP")
-    if armed and _ops_done == int(armed):
+    if not armed:
+        return
+    hit = armed[len("match:"):] in what if armed.startswith("match:") else _ops_done == int(armed)
+    if hit:
         os.write(2, f"traind: injected crash after durable op {_ops_done} ({what})\n".encode())
         os._exit(CRASH_EXIT_CODE)
 

@@ -43,7 +43,7 @@ def test_publish_dir_replaces_old_version(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["final"]
 
 
-@pytest.mark.parametrize("crash_after", [1, 2, 3])
+@pytest.mark.parametrize("crash_after", [1, 2, 3, "match:move two"])
 def test_fault_injection_crashes_right_after_nth_durable_op(tmp_path, crash_after):
     script = textwrap.dedent(f"""
         from daemon import atomic
@@ -56,6 +56,6 @@ def test_fault_injection_crashes_right_after_nth_durable_op(tmp_path, crash_afte
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert r.returncode == atomic.CRASH_EXIT_CODE, r.stderr
     names = sorted(n for n in os.listdir(tmp_path) if not n.startswith("."))
-    expected = {1: ["one"], 2: ["one", "two"], 3: ["one", "three"]}[crash_after]
+    expected = {1: ["one"], 2: ["one", "two"], 3: ["one", "three"], "match:move two": ["one", "three"]}[crash_after]
     assert names == expected
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no torn temp files
