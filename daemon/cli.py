@@ -28,7 +28,7 @@ from typing import Any
 from daemon import control, lockedkeys
 from daemon.config import Config, explain, load_config
 from daemon.errors import ConfigError, QueueError, TraindError
-from daemon.intake import plural, retry_file
+from daemon.intake import plural, remove_file, retry_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire, holder_pid
 from daemon.states import ControlAction, DesiredState, JobState, Priority
@@ -343,9 +343,7 @@ def _change_without_daemon(cfg: Config, q: JobQueue, entry: QueueEntry, action: 
     try:
         if action is ControlAction.RETRY:
             return retry_file(entry, Priority(priority or "normal"), time.time(), cfg, q, db)
-        moved = q.remove(entry.job_id, time.time())
-        db.upsert_job(entry.job_id, state=JobState.FAILED.value, reason="removed")
-        return moved
+        return remove_file(entry, time.time(), q, db)
     finally:
         db.close()
 

@@ -148,6 +148,15 @@ def retry_file(entry: QueueEntry, prio: Priority, now: float, cfg: Config, queue
     return moved
 
 
+def remove_file(entry: QueueEntry, now: float, queue: JobQueue, db: HistoryDB) -> QueueEntry:
+    """pending -> failed (reason `removed`), with its record; nothing is deleted."""
+    if entry.state is not JobState.PENDING:
+        raise QueueError(f"{entry.job_id} is {entry.state.value}; only pending files can be removed")
+    moved = queue.remove(entry.job_id, now)
+    db.upsert_job(entry.job_id, state=JobState.FAILED.value, reason="removed")
+    return moved
+
+
 def record_job(db: HistoryDB, entry: QueueEntry, prio: Priority, report: ValidationReport, now: float,
                state: JobState, reason: str | None = None) -> None:
     """The job's record in the history: identity, format, counts and the first bad lines."""

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from daemon import atomic, control, lockedkeys
 from daemon.config import Config, resolved_dict
 from daemon.errors import LockedKeyError, QueueError
-from daemon.intake import InboxScanner, record_job, retry_file, take_file
+from daemon.intake import InboxScanner, record_job, remove_file, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
@@ -342,11 +342,7 @@ class Service:
             prio = Priority(req.priority or Priority.NORMAL.value)
             retry_file(self.queue.find(req.job_id), prio, now, self.cfg, self.queue, self.db)
         elif req.action is ControlAction.REMOVE:
-            entry = self.queue.find(req.job_id)
-            if entry.state is not JobState.PENDING:
-                raise QueueError(f"{entry.job_id} is {entry.state.value}; only pending files can be removed")
-            self.queue.remove(entry.job_id, now)
-            self.db.upsert_job(entry.job_id, state=JobState.FAILED.value, reason="removed")
+            remove_file(self.queue.find(req.job_id), now, self.queue, self.db)
 
     def _skip(self, job_id: str | None, now: float) -> None:
         job = self.tracker.job

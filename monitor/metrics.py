@@ -56,8 +56,8 @@ def _training(x: _Exposition, s: Status) -> None:
     the rates (tokens/s, ETA) are left out rather than shown as current."""
     x.gauge("traind_up", "1 when the daemon is alive and its status is fresh", not s.stale)
     x.gauge("traind_status_age_seconds", "seconds since the daemon last wrote its status", s.age_seconds)
+    now = NOT_RESPONDING if s.stale else s.status
     for st in [*(v.value for v in ServiceStatus), NOT_RESPONDING]:
-        now = NOT_RESPONDING if s.stale else s.status
         x.gauge("traind_state", "1 for the daemon's current state (not_responding: stale status)", now == st, state=st)
     x.gauge("traind_paused_requested", "1 when a pause was requested", s.requested_state == "paused")
     x.gauge("traind_loss", "training loss of the last step", s.loss)

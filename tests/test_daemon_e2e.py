@@ -239,3 +239,17 @@ def test_a_file_changed_after_it_was_queued_is_not_trained(daemon_factory):
     err = d.queue.read_error(entry.job_id)
     assert err["reason"] == "invalid_data" and "changed after it was queued" in err["message"], err
     assert d.proc.poll() is None
+
+
+def test_queue_remove_through_the_running_daemon(daemon_factory):
+    d = daemon_factory().start()
+    assert d.ctl("pause").returncode == 0
+    d.drop("unwanted.jsonl", lines_of("text.jsonl", 12))
+    d.wait_for(lambda s: s["queue"].get("pending") == 1, what="queued while paused")
+    r = d.ctl("queue", "remove", "unwanted.jsonl")
+    assert r.returncode == 0 and "is now failed" in r.stdout, r.stdout
+    entry = d.queue.failed()[0]
+    assert d.queue.read_error(entry.job_id)["reason"] == "removed"
+    assert d.history().job(entry.job_id)["reason"] == "removed"
+    r = d.ctl("queue", "remove", "unwanted.jsonl")  # not pending any more
+    assert r.returncode != 0 and "only pending files can be removed" in r.stdout + r.stderr, r.stdout
