@@ -5,10 +5,10 @@
     python bench/throughput.py --base /models/Qwen3-0.6B --steps 20 --max-length 256
 
 All three runs share one process, one base, one LoRA config, the same tokenised
-examples (examples/chat.jsonl through daemon.data, loss on assistant turns) and
+examples (examples/chat.jsonl through daemon.train.data, loss on assistant turns) and
 the same micro-batch size, so the traind/Trainer ratio is quoted from one run:
 
-  traind none   daemon.loop.train_file on the full-precision base (fp32 on CPU)
+  traind none   daemon.train.loop.train_file on the full-precision base (fp32 on CPU)
   traind nf4    the same on a bitsandbytes nf4 base (fp32 compute)
   Trainer       transformers.Trainer on a get_peft_model() of the full-precision base
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -78,9 +77,9 @@ def make_config(args: argparse.Namespace, root: Path, quantization: str) -> Any:
 
 
 def run_traind(args: argparse.Namespace, root: Path, quantization: str) -> Result:
-    """daemon.loop.train_file as the trainer child runs it; skipped once enough steps are done."""
-    from daemon.loop import Job, train_file
-    from daemon.model import load_for_training
+    """daemon.train.loop.train_file as the trainer child runs it; skipped once enough steps are done."""
+    from daemon.train.loop import Job, train_file
+    from daemon.train.model import load_for_training
 
     cfg = make_config(args, root, quantization)
     lm = load_for_training(cfg, seed=cfg.training.seed)
@@ -105,9 +104,9 @@ def run_trainer(args: argparse.Namespace, root: Path) -> Result:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from daemon.data import collate, train_examples
-    from daemon.loop import job_seed
-    from daemon.model import resolve_base
+    from daemon.train.data import collate, train_examples
+    from daemon.train.loop import job_seed
+    from daemon.train.model import resolve_base
     from daemon.validate import DataFormat
 
     cfg = make_config(args, root, "none")
@@ -186,7 +185,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="traind-bench-") as tmp:
         root = Path(tmp)
         if args.base is None:
-            from daemon.tinymodel import ensure_embedded
+            from daemon.train.tinymodel import ensure_embedded
 
             ensure_embedded(root / "models")  # built before any timing
         results = [run_traind(args, root, "none"), run_traind(args, root, "nf4"), run_trainer(args, root)]

@@ -1,7 +1,7 @@
 """The service's handle on the trainer child process.
 
     child = TrainerProcess(config_path, logs_dir)
-    child.start()                 # spawns `python -m daemon.trainer --config PATH`
+    child.start()                 # spawns `python -m daemon.train --config PATH`
     child.connection              # None until the child has connected
     child.send({"type": "train", ...})
     for msg in child.receive():   # everything waiting, never blocks
@@ -61,7 +61,7 @@ class TrainerProcess:
         # The child's own log is logs/trainer_*.log; this file only catches what
         # bypasses logging (a native crash, a library writing to stderr).
         self._stderr = open(self.logs_dir / "trainer_stderr.log", "ab")
-        cmd = [sys.executable, "-m", "daemon.trainer", "--config", str(self.config_path)]
+        cmd = [sys.executable, "-m", "daemon.train", "--config", str(self.config_path)]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._stderr,
                                      stderr=self._stderr, start_new_session=True)
         log.info("trainer child started, pid %d", self.proc.pid)

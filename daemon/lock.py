@@ -1,6 +1,7 @@
 """Single-instance guard: a kernel lock (`flock`) on `status/daemon.lock`.
 
     fd = acquire(lock_path)        # raises AlreadyRunningError(pid) if another process holds it
+    fd = take(path, wait=60)       # any exclusive lock within `wait` seconds: the fd, or None
     holder_pid(lock_path)          # the pid holding it, or None when nobody does
 
 The lock dies with the process that holds it, so a stale pid left in the file
@@ -26,12 +27,8 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def acquire(path: str | Path, wait: float = 2.0) -> int:
-    """Take the lock or raise; returns the open fd, which must stay open while running.
-
-    Retries for `wait` seconds: a status check (`holder_pid`, the launch script's
-    `flock -n`) holds the lock for a moment and must not make a start fail.
-    """
+def take(path: str | Path, wait: float, poll: float = 0.05) -> int | None:
+    """Open `path` and take an exclusive kernel lock on it within `wait` seconds: the fd, or None."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -39,12 +36,23 @@ def acquire(path: str | Path, wait: float = 2.0) -> int:
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            return fd
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise AlreadyRunningError(_read_pid(path), str(path)) from None
-            time.sleep(0.05)  # flock has no timeout of its own
+                return None
+            time.sleep(poll)  # flock has no timeout of its own
+
+
+def acquire(path: str | Path, wait: float = 2.0) -> int:
+    """Take the lock or raise; returns the open fd, which must stay open while running.
+
+    Retries for `wait` seconds: a status check (`holder_pid`, the launch script's
+    `flock -n`) holds the lock for a moment and must not make a start fail.
+    """
+    fd = take(path, wait)
+    if fd is None:
+        raise AlreadyRunningError(_read_pid(Path(path)), str(path))
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     os.fsync(fd)

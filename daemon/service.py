@@ -27,9 +27,10 @@ from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, record_job, remove_file, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire
+from daemon.schema import TrainingStatus
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
                            ServiceStatus, TrainerState, check_transition)
-from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter, TrainingStatus
+from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
 from daemon.supervisor import Supervisor
 from daemon.tracker import ActiveJob, JobTracker, published_adapter
 from daemon.validate import validate_file

@@ -8,72 +8,26 @@
     db.record_step(job_id, step=3, global_step=40, epoch=0.3, loss=2.1, lr=1e-4, grad_norm=0.5, tokens_per_sec=900, t=now)
     HistoryDB.open_readonly(path)                                      # monitor and CLI
 
-The status file is the snapshot a person or script reads at a glance; the
-database holds what grows (per-step metrics, eval losses, job records, events)
-so months of training stay cheap to query. Schema: docs/internals.md.
+The status file is the snapshot a person or script reads at a glance (its
+fields: daemon.schema.TrainingStatus); the database holds what grows (per-step
+metrics, eval losses, job records, events) so months of training stay cheap to
+query. Schema: docs/internals.md.
 Standard library only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daemon import atomic
-from daemon.states import DesiredState, ServiceStatus
+from daemon.schema import TrainingStatus
 
-SCHEMA_VERSION = 1
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.db"
-
-
-def iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
-
-
-@dataclass
-class TrainingStatus:
-    status: ServiceStatus = ServiceStatus.IDLE
-    detail: str = ""
-    current_file: str | None = None
-    job_id: str | None = None
-    current_step: int = 0
-    total_steps: int = 0
-    global_step: int = 0
-    epoch: float = 0.0
-    loss: float | None = None
-    lr: float | None = None
-    tokens_per_sec: float | None = None
-    eta_seconds: float | None = None
-    eval_loss: float | None = None
-    queue: dict[str, int] = field(default_factory=dict)
-    device: str | None = None
-    compute_dtype: str | None = None
-    quantization: str | None = None
-    base_model: str | None = None
-    adapter_version: int | None = None
-    desired_state: DesiredState = DesiredState.RUNNING
-    pid: int | None = None
-    trainer_pid: int | None = None
-    started_at: float | None = None
-    updated_at: float | None = None
-    write_interval_seconds: float = 2.0
-    last_error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["status"] = self.status.value
-        d["desired_state"] = self.desired_state.value
-        d["started_at"] = iso(self.started_at)
-        d["updated_at"] = iso(self.updated_at)
-        return {"schema_version": SCHEMA_VERSION, **d}
 
 
 class StatusWriter:

@@ -18,13 +18,14 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from daemon import atomic
+from daemon import adapters
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.intake import record_job
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
+from daemon.schema import TrainingStatus
 from daemon.states import FailReason, JobState, Priority
-from daemon.status import HistoryDB, TrainingStatus
+from daemon.status import HistoryDB
 from daemon.validate import validate_file
 
 log = logging.getLogger(__name__)
@@ -218,10 +219,7 @@ class JobTracker:
 
 def published_adapter(cfg: Config) -> dict[str, Any]:
     """Version and trained jobs of the adapter the trainer published last (read-only: it owns adapters/)."""
-    adapters = cfg.path("adapters")
-    try:
-        current = atomic.read_json(adapters / "current.json")
-        manifest = atomic.read_json(adapters / current["path"] / "manifest.json")
-        return {"version": int(current["version"]), "trained_jobs": list(manifest.get("trained_jobs", []))}
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    current = adapters.peek_current(cfg.path("adapters"))
+    if current is None:
         return {"version": None, "trained_jobs": []}
+    return {"version": current.version, "trained_jobs": current.trained_jobs}

@@ -1,10 +1,20 @@
-"""Response models: the API's typed contract (and its OpenAPI schema at /docs)."""
+"""Response models: the API's typed contract (and its OpenAPI schema at /docs).
+
+The status fields are not written here: `StatusFile` is built from the one
+definition in daemon/schema.py, so the service's writer, these readers and the
+OpenAPI schema cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import typing
+from enum import Enum
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from daemon.schema import TrainingStatus
 
 
 class PendingRequest(BaseModel):
@@ -13,39 +23,41 @@ class PendingRequest(BaseModel):
     job_id: str | None = None
 
 
-class Status(BaseModel):
-    """`training_status.json` as the service wrote it, plus what the monitor concluded."""
+def _reader_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    """One field of the status file as the monitor reads it: (type, pydantic Field).
 
-    # Fields the service adds later pass through unchanged.
-    model_config = ConfigDict(extra="allow")
+    Every field may be null or missing (an older or newer daemon's file, or none at
+    all); enums are read as plain strings, so a state this monitor does not know
+    still passes. With no status file a field reads as its empty default (0, "",
+    {}, null); one whose default would claim something (a state, an interval, the
+    schema version) reads as null.
+    """
+    help_text = f.metadata.get("help")
+    if f.metadata.get("unix_time"):
+        return str | None, Field(None, description=f"{help_text} (ISO 8601 UTC)")
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        values = ", ".join(m.value for m in hint)
+        return str | None, Field(None, description=f"{help_text}: one of {values}")
+    if f.default_factory is not dataclasses.MISSING:
+        return hint | None, Field(default_factory=f.default_factory, description=help_text)
+    empty = f.default if f.default in (None, 0, "") and not isinstance(f.default, bool) else None
+    return hint | None, Field(empty, description=help_text)
 
-    schema_version: int | None = None
-    status: str | None = Field(None, description="idle, training, paused, stopping, stopped, error; null when there is no status file")
-    detail: str = ""
-    current_file: str | None = None
-    job_id: str | None = None
-    current_step: int = 0
-    total_steps: int = 0
-    global_step: int = 0
-    epoch: float = 0.0
-    loss: float | None = None
-    lr: float | None = None
-    tokens_per_sec: float | None = None
-    eta_seconds: float | None = None
-    eval_loss: float | None = None
-    queue: dict[str, int] = Field(default_factory=dict)
-    device: str | None = None
-    compute_dtype: str | None = None
-    quantization: str | None = None
-    base_model: str | None = None
-    adapter_version: int | None = None
-    desired_state: str | None = Field(None, description="the desired state the daemon has seen")
-    pid: int | None = None
-    trainer_pid: int | None = None
-    started_at: str | None = None
-    updated_at: str | None = None
-    write_interval_seconds: float | None = None
-    last_error: str | None = None
+
+def status_file_model(schema: type = TrainingStatus) -> type[BaseModel]:
+    """The pydantic model of the status file, from its dataclass (daemon.schema)."""
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: _reader_field(f, hints[f.name]) for f in dataclasses.fields(schema)}
+    # Fields a newer service adds pass through unchanged.
+    return create_model("StatusFile", __config__=ConfigDict(extra="allow"), __doc__=schema.__doc__, **fields)
+
+
+StatusFile = status_file_model()
+
+
+class Status(StatusFile):  # type: ignore[misc,valid-type]  # a model built at import, from daemon.schema
+    """`training_status.json` as the service wrote it (daemon.schema.TrainingStatus), plus what the monitor concluded."""
+
     # -- the monitor's view --
     stale: bool = Field(description="true when the daemon is not responding: no status, status too old, or its pid is gone")
     stale_reason: str | None = None

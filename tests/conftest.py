@@ -46,7 +46,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     no daemon under test spends its first durable operations building it."""
     import torch
 
-    from daemon.tinymodel import ensure_embedded
+    from daemon.train.tinymodel import ensure_embedded
 
     folder = tmp_path_factory.mktemp("models")
     threads = torch.get_num_threads()

@@ -20,8 +20,9 @@ import psutil
 
 from daemon.config import Config, load_config
 from daemon.jobqueue import JobQueue
+from daemon.schema import TrainingStatus
 from daemon.states import DesiredState, ServiceStatus
-from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter, TrainingStatus
+from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
 
 REPO = Path(__file__).resolve().parent.parent
 

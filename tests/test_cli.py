@@ -1,4 +1,4 @@
-"""trainctl (daemon/cli.py) as people run it: `python -m daemon.cli --config PATH ...` against temporary instances.
+"""trainctl (daemon/cli/) as people run it: `python -m daemon.cli --config PATH ...` against temporary instances.
 
 No daemon and no model: the queue is populated with `JobQueue`, the status with
 `StatusWriter`, and a running daemon is played by a process holding the daemon lock.
@@ -22,7 +22,8 @@ from daemon.config import Config, explain, load_config
 from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry
 from daemon.lock import holder_pid
 from daemon.states import FailReason, JobState, Priority, ServiceStatus
-from daemon.status import HistoryDB, StatusWriter, TrainingStatus
+from daemon.schema import TrainingStatus
+from daemon.status import HistoryDB, StatusWriter
 from tests.conftest import EXAMPLES, REPO, write_instance
 
 TEXT = '{"text": "hello"}\n'

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -10,8 +9,9 @@ from daemon import control, lockedkeys
 from daemon.config import load_config
 from daemon.errors import AlreadyRunningError
 from daemon.lock import acquire, holder_pid
+from daemon.schema import TrainingStatus
 from daemon.states import ControlAction, DesiredState, ServiceStatus
-from daemon.status import HistoryDB, StatusWriter, TrainingStatus, read_status
+from daemon.status import HistoryDB, StatusWriter, read_status
 from tests.conftest import write_instance
 
 

@@ -1,4 +1,4 @@
-"""daemon.data: loss masks per format, truncation, eval split, deterministic order, plan counts, collation."""
+"""daemon.train.data: loss masks per format, truncation, eval split, deterministic order, plan counts, collation."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from daemon.config import DataConfig
-from daemon.data import (
+from daemon.errors import DataError
+from daemon.train.data import (
     IGNORE, Example, FilePlan, batches, collate, eval_examples, is_eval_line, plan_file, tokenize_record,
     train_examples,
 )
-from daemon.errors import DataError
-from daemon.tinymodel import build_tokenizer
+from daemon.train.tinymodel import build_tokenizer
 from daemon.validate import DataFormat, Record, iter_records, parse_line
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

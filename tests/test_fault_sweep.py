@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.adapters import read_current
 from daemon.jobqueue import ERROR_SUFFIX
-from daemon.model import read_current
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 

@@ -1,4 +1,4 @@
-"""daemon.loop + daemon.checkpoint: a file trains, and an interrupted run resumes exactly.
+"""daemon.train.loop + daemon.train.checkpoint: a file trains, and an interrupted run resumes exactly.
 
 `models_dir` (conftest) builds the embedded tiny model once per session.
 """
@@ -13,10 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from daemon import checkpoint as ckpt  # noqa: E402
 from daemon.config import Config, DataConfig, LoraConfig, ModelConfig, PathsConfig, TrainingConfig  # noqa: E402
-from daemon.loop import Job, lr_factor, steps_per_epoch, train_file  # noqa: E402
-from daemon.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
+from daemon.train import checkpoint as ckpt  # noqa: E402
+from daemon.train.loop import Job, lr_factor, steps_per_epoch, train_file  # noqa: E402
+from daemon.train.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MAX_RESUME_DIFF = 1e-5
@@ -177,7 +177,7 @@ def test_checkpoint_of_an_older_adapter_state_is_not_resumed(models_dir: Path, t
 def test_control_acts_while_a_file_is_read(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            verdict: str) -> None:
     """Reading a big file before step 1 takes long: stop and skip must not wait for it."""
-    import daemon.loop as loop
+    import daemon.train.loop as loop
 
     monkeypatch.setattr(loop, "PREP_POLL_SECONDS", 0.0)
     cfg = make_cfg(models_dir, tmp_path)
@@ -191,7 +191,7 @@ def test_control_acts_while_a_file_is_read(models_dir: Path, tmp_path: Path, mon
 
 def test_stop_while_a_resume_reads_up_to_its_checkpoint_keeps_it(models_dir: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import daemon.loop as loop
+    import daemon.train.loop as loop
 
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
     path = small_file(tmp_path)

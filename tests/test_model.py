@@ -1,4 +1,4 @@
-"""daemon.model: capabilities, dtype choice, 4-bit and plain loading, seeded LoRA, adapter folders.
+"""daemon.train.model: capabilities, dtype choice, 4-bit and plain loading, seeded LoRA, adapter folders.
 
 `models_dir` (conftest) builds the embedded tiny model once per session.
 """
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from daemon.config import Config, LoraConfig, ModelConfig, PathsConfig  # noqa: E402
-from daemon.model import (  # noqa: E402
+from daemon.train.model import (  # noqa: E402
     Capabilities, ModelError, capabilities, choose_device, choose_dtype, load_adapter,
     load_for_training, lora_max_abs_diff, lora_state, save_adapter, set_lora_state,
 )

@@ -58,7 +58,8 @@ def test_daemon_trains_a_file_on_a_4bit_base(trained, quant):
 def test_nf4_adapter_loads_onto_4bit_and_full_base(trained):
     from safetensors.torch import load_file
 
-    from daemon.model import load_adapter, load_for_training, lora_max_abs_diff, lora_state, read_current
+    from daemon.adapters import read_current
+    from daemon.train.model import load_adapter, load_for_training, lora_max_abs_diff, lora_state
 
     d = trained["nf4"]
     current = read_current(d.cfg.path("adapters"))

@@ -4,8 +4,9 @@ import pytest
 
 from daemon.config import load_config
 from daemon.jobqueue import JobQueue
+from daemon.schema import TrainingStatus
 from daemon.states import FailReason, JobState, Priority
-from daemon.status import HistoryDB, TrainingStatus
+from daemon.status import HistoryDB
 from daemon.tracker import ActiveJob, JobTracker
 from tests.conftest import lines_of, write_instance
 

@@ -28,9 +28,9 @@ torch = pytest.importorskip("torch")
 
 from daemon.config import load_config  # noqa: E402
 from daemon.errors import TraindError  # noqa: E402
-from daemon.loop import Job, train_file  # noqa: E402
-from daemon.model import load_adapter, load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
-from daemon.trainer import acquire_lock  # noqa: E402
+from daemon.train.loop import Job, train_file  # noqa: E402
+from daemon.train.model import load_adapter, load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
+from daemon.train.process import acquire_lock  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -71,7 +71,7 @@ def data_file(root: Path, name: str, n: int, src: str = "alpaca.jsonl") -> tuple
 
 
 class Child:
-    """A real `python -m daemon.trainer` with the service's end of the connection."""
+    """A real `python -m daemon.train` with the service's end of the connection."""
 
     def __init__(self, config: Path) -> None:
         key = secrets.token_bytes(16)
@@ -79,7 +79,7 @@ class Child:
         self.listener = Listener("\0" + name, family="AF_UNIX", authkey=key)
         env = dict(os.environ, TRAIND_CONNECT="@" + name, TRAIND_AUTHKEY=key.hex(), HF_HUB_OFFLINE="1")
         self.stderr = open(config.parent / "child_stderr.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.trainer", "--config", str(config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.train", "--config", str(config)],
                                      cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
         self.conn = self._accept()
         self.seen: list[dict] = []
@@ -272,7 +272,7 @@ def test_trainer_lock_waits_then_refuses(tmp_path: Path) -> None:
 
 
 def test_cpu_threads_auto_leaves_a_core_for_the_service() -> None:
-    from daemon.trainer import cpu_thread_count
+    from daemon.train.process import cpu_thread_count
 
     cores = len(os.sched_getaffinity(0))
     assert cpu_thread_count(3) == 3

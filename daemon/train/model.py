@@ -1,6 +1,6 @@
 """The base model and its LoRA adapter: capabilities, loading, LoRA state, adapter folders.
 
-    from daemon.model import capabilities, load_for_training, save_adapter, load_adapter
+    from daemon.train.model import capabilities, load_for_training, save_adapter, load_adapter
     caps = capabilities()                                  # cheap: no CUDA context, no import error
     lm = load_for_training(cfg, seed=cfg.training.seed)   # base (4-bit or not) + a seeded LoRA
     lm.model(input_ids=...)                                # a peft.PeftModel, LoRA trainable only
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon import adapters
 from daemon.config import Config, LoraConfig, ModelConfig
 from daemon.errors import TraindError
 
@@ -88,7 +89,7 @@ def resolve_base(cfg: Config) -> Path:
     path = cfg.base_model_path
     if path is not None:
         return path
-    from daemon.tinymodel import ensure_embedded
+    from daemon.train.tinymodel import ensure_embedded
 
     return ensure_embedded(cfg.path("models"))
 
@@ -248,62 +249,6 @@ def lora_max_abs_diff(a: dict[str, "torch.Tensor"], b: dict[str, "torch.Tensor"]
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a else 0.0
 
 
-# ---------------------------------------------------------------- the adapter store: adapters/v000N/ + current.json
-
-CURRENT = "current.json"
-MANIFEST = "manifest.json"
-
-
-def version_dir_name(version: int) -> str:
-    return f"v{version:04d}"
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """The adapter `adapters/current.json` points at."""
-
-    version: int
-    path: Path
-    manifest: dict[str, Any]
-
-
-def read_current(adapters: Path) -> AdapterVersion | None:
-    """The current adapter version, or None before the first file has been trained."""
-    from daemon import atomic
-
-    pointer = adapters / CURRENT
-    if not pointer.is_file():
-        return None
-    cur = atomic.read_json(pointer)
-    path = adapters / cur["path"]
-    return AdapterVersion(int(cur["version"]), path, atomic.read_json(path / MANIFEST))
-
-
-def publish_adapter(adapters: Path, model: Any, manifest: dict[str, Any]) -> AdapterVersion:
-    """Write `adapters/v000N/` (weights, config, manifest) in one rename, then point current.json at it.
-
-    `manifest` must hold `version`; current.json is replaced last, so it is the
-    commit point: a crash before it leaves the previous version current.
-    """
-    import shutil
-    import tempfile
-
-    from daemon import atomic
-
-    adapters.mkdir(parents=True, exist_ok=True)
-    # A crash mid-publication leaves its temp (or moved-aside) folder, a full adapter each;
-    # sweep them here (one trainer holds the lock) so they never pile up.
-    for left in [*adapters.glob(".v*.tmp"), *adapters.glob(".v*.old-*")]:
-        shutil.rmtree(left, ignore_errors=True)
-    name = version_dir_name(manifest["version"])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=adapters))
-    try:
-        save_adapter(model, tmp)
-        atomic.write_json(tmp / MANIFEST, manifest)
-        tmp.chmod(0o755)  # mkdtemp makes 0700; readers (monitor) run as other tools
-        atomic.publish_dir(tmp, adapters / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name})
-    return AdapterVersion(manifest["version"], adapters / name, manifest)
+def publish_adapter(adapters_dir: Path, model: Any, manifest: dict[str, Any]) -> adapters.AdapterVersion:
+    """Publish the live LoRA of `model` as the next adapter version (daemon.adapters.publish)."""
+    return adapters.publish(adapters_dir, manifest, lambda folder: save_adapter(model, folder))

@@ -1,6 +1,6 @@
 """Mid-file checkpoints: write atomically, load the newest good one, prune, delete.
 
-    from daemon.checkpoint import Position, save_checkpoint, load_latest, delete_checkpoints
+    from daemon.train.checkpoint import Position, save_checkpoint, load_latest, delete_checkpoints
     folder = cfg.path("checkpoints") / job_id
     save_checkpoint(folder, pos, lora, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(), keep=2)
     ck = load_latest(folder, sha256, start)   # None when nothing usable (other bytes, other adapter state)

@@ -1,137 +1,43 @@
 """The trainer child: loads the model once, trains the files the service sends, keeps the adapter.
 
     TRAIND_CONNECT=/tmp/traind-x/trainer.sock TRAIND_AUTHKEY=<hex> \\
-        python -m daemon.trainer --config config.json
+        python -m daemon.train --config status/running_config.json
 
 The service (daemon/child.py) starts it so; the messages both ways are the
 contract in docs/internals.md. TRAIND_CONNECT is a unix socket path, or an
 abstract address written with a leading "@" (an environment variable cannot
 hold the NUL byte that starts an abstract address).
 
-Here: process set-up (dies with its parent, offline, logging, the checkpoint
-lock, the connection), the adapter versions (load current, publish the next)
-and the message handling. The training itself is `daemon.loop.train_file`,
-which only sees a `report` and a `control` callback.
+Here: the session kept between files (model, adapter version, pause state),
+the adapter versions (load current, publish the next) and the message
+handling. Process set-up is daemon.train.process; the training itself is
+`daemon.train.loop.train_file`, which only sees a `report` and a `control` callback.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
-import fcntl
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from daemon import adapters
 from daemon.config import Config, load_config
-from daemon.errors import DataError, TraindError
+from daemon.errors import DataError
+from daemon.logs import setup_logging
+from daemon.train import checkpoint as ckpt
+from daemon.train import process
+from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
 
-log = logging.getLogger("daemon.trainer")
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-LOCK_WAIT_SECONDS = 60.0  # a crashed predecessor may still be dying (SIGKILL of a big CUDA process takes seconds)
-
-
-# ---------------------------------------------------------------- process set-up
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the parent dies (the service treats that as a crash)."""
-    parent = os.getppid()
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def quiet_hugging_face() -> None:
-    """No hub access and no progress bars (they would land in the stderr log)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()
-    logging.captureWarnings(True)
-    # bitsandbytes offers CPU kernels fetched from the hub by the `kernels` package: that is a
-    # download at run time, which traind never does, so its warning at every start is noise.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda r: "kernels" not in r.getMessage())
-    # peft reads a transformers 5 alias that warns (not traind's call to change).
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def cpu_thread_count(configured: int) -> int:
-    """The trainer's torch CPU threads: `configured`, or for 0 one per usable core but one.
-
-    The core left over is for the service, the monitor and whatever else the box
-    runs: on shared cores OpenMP threads spin-wait on each other, and with 2
-    threads on 2 cores a monitor under load slowed our steps about 20x
-    (bench/monitor_latency.py: 82 -> 3.8 steps/s; with 1 thread 96 -> 93).
-    """
-    if configured > 0:
-        return configured
-    try:
-        cores = len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-def limit_cpu_threads(configured: int) -> None:
-    """Set the torch CPU threads (`training.cpu_threads`, see cpu_thread_count).
-
-    The environment variables are set too, before torch is first imported (call
-    this first), so every OpenMP/MKL runtime and every thread starts with the
-    same count, not only torch's own pool.
-    """
-    n = cpu_thread_count(configured)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
-    how = "training.cpu_threads" if configured > 0 else "auto: one per core but one"
-    log.info("torch CPU threads: %d (%s)", torch.get_num_threads(), how)
-
-
-def acquire_lock(path: Path, wait: float = LOCK_WAIT_SECONDS) -> int:
-    """Hold a kernel lock on `path` so two trainers never write the same checkpoints; returns the fd."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise TraindError(f"another trainer holds {path} for more than {wait:.0f} s; is a second daemon running?")
-            time.sleep(0.2)  # flock has no timeout; polling a kernel lock is the portable way
-
-
-def connect() -> Connection:
-    """Connect to the service as docs/internals.md says (address and key from the environment)."""
-    address = os.environ["TRAIND_CONNECT"]
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    return Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ["TRAIND_AUTHKEY"]))
-
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the session
 
@@ -142,7 +48,7 @@ class Session:
 
     cfg: Config
     conn: Connection
-    lm: Any  # daemon.model.LoadedModel
+    lm: Any  # daemon.train.model.LoadedModel
     version: int | None  # current adapter version (None: nothing published yet)
     manifest: dict[str, Any]
     paused: bool = False
@@ -165,11 +71,9 @@ class Session:
 
 def load_session(cfg: Config, conn: Connection) -> Session:
     """Load base + current adapter (or a fresh LoRA seeded from training.seed) and say `ready`."""
-    from daemon.model import load_adapter, load_for_training, read_current
-
     t0 = time.monotonic()
     lm = load_for_training(cfg, seed=cfg.training.seed)
-    current = read_current(cfg.path("adapters"))
+    current = adapters.read_current(cfg.path("adapters"))
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
@@ -184,7 +88,7 @@ def load_session(cfg: Config, conn: Connection) -> Session:
 # ---------------------------------------------------------------- control between steps
 
 
-def control_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.loop.ControlFn
+def control_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.train.loop.ControlFn
     """The loop's control callback: drain messages; block while paused; answer continue/stop/skip."""
 
     def control() -> str:
@@ -229,9 +133,7 @@ def set_paused(sess: Session, paused: bool, job_id: str | None) -> None:
 
 def handle_train(sess: Session, msg: dict[str, Any]) -> None:
     """Train one file and answer done / skipped / failed / stopped."""
-    from daemon import checkpoint as ckpt
-    from daemon.loop import Job, train_file
-    from daemon.model import lora_state, set_lora_state
+    from daemon.train.loop import Job, train_file  # imports torch: only after process.limit_cpu_threads
 
     job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"])
     if job.job_id in sess.trained_jobs:
@@ -259,9 +161,6 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
 
 def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any) -> None:
     """Publish the next adapter version, drop the job's checkpoints, answer done."""
-    from daemon import checkpoint as ckpt
-    from daemon.model import publish_adapter
-
     version = (sess.version or 0) + 1
     manifest = {
         "version": version, "parent_version": sess.version, "base_model": sess.cfg.base_model,
@@ -281,23 +180,18 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any) -> None:
 
 def answer_already_trained(sess: Session, job_id: str) -> None:
     """The current adapter learnt this job (crash after publish): answer done without training."""
-    from daemon import checkpoint as ckpt
-    from daemon.model import version_dir_name
-
     ckpt.delete_checkpoints(sess.checkpoints(job_id))
     own = sess.manifest.get("job_id") == job_id  # the numbers are known only for the newest job
     log.info("%s is already in adapter v%s; not training it again", job_id, sess.version)
     sess.send({"type": "done", "job_id": job_id, "steps": sess.manifest.get("steps") if own else None,
                "final_loss": sess.manifest.get("final_loss") if own else None,
                "eval_loss": sess.manifest.get("eval_loss") if own else None, "adapter_version": sess.version,
-               "adapter_path": str(sess.cfg.path("adapters") / version_dir_name(sess.version)),
+               "adapter_path": str(sess.cfg.path("adapters") / adapters.version_dir_name(sess.version)),
                "already_trained": True})
 
 
 def fail(sess: Session, job_id: str, e: Exception) -> None:
     """Answer `failed`. Bad data drops the job's checkpoints; a training error keeps them for a retry."""
-    from daemon import checkpoint as ckpt
-
     invalid = isinstance(e, DataError)
     if invalid:
         ckpt.delete_checkpoints(sess.checkpoints(job_id))
@@ -312,8 +206,6 @@ def fail(sess: Session, job_id: str, e: Exception) -> None:
 
 def handle_idle_skip(sess: Session, msg: dict[str, Any]) -> None:
     """A skip for a job not in training (e.g. after a crash): drop its checkpoints."""
-    from daemon import checkpoint as ckpt
-
     job_id = msg["job_id"]
     discarded = ckpt.latest_step(sess.checkpoints(job_id)) or 0
     ckpt.delete_checkpoints(sess.checkpoints(job_id))
@@ -346,23 +238,19 @@ def serve(sess: Session) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.trainer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m daemon.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the daemon's config.json")
     args = parser.parse_args(argv)
-    die_with_parent()
+    process.die_with_parent()
     cfg = load_config(args.config)
-    from daemon.logs import setup_logging
-
     setup_logging(cfg.path("logs"), "trainer", cfg.service.log_level, also_stderr=False)
-    limit_cpu_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
-    quiet_hugging_face()
-    lock_fd = acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
-    from daemon.checkpoint import sweep_temp
-
-    if swept := sweep_temp(cfg.path("checkpoints")):
+    process.limit_cpu_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
+    process.quiet_hugging_face()
+    lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
+    if swept := ckpt.sweep_temp(cfg.path("checkpoints")):
         log.info("removed %d unfinished checkpoint folder(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
-    conn = connect()
+    conn = process.connect()
     try:
         code = serve(load_session(cfg, conn))
     except BaseException:

@@ -1,6 +1,6 @@
 """Build the embedded default base model locally: no hub, no download.
 
-    python -m daemon.tinymodel /tmp/tiny        # writes a Hugging Face model folder
+    python -m daemon.train.tinymodel /tmp/tiny        # writes a Hugging Face model folder
 
 A real Qwen3-architecture causal LM (about 0.2M parameters) with a real
 byte-level BPE tokenizer trained here on the bundled example data, and a
@@ -27,6 +27,8 @@ from pathlib import Path
 from daemon import atomic
 
 log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the repository's bundled example data
 
 # Bump when anything below changes what is built: the cache key includes it.
 BUILD_VERSION = 2
@@ -58,9 +60,8 @@ Question and answer, instruction and response, prompt and completion, system, us
 
 def corpus_lines() -> list[str]:
     """Text the tokenizer is trained on: the bundled examples plus a little English."""
-    here = Path(__file__).resolve().parent.parent / "examples"
     lines = EXTRA_CORPUS.splitlines()
-    for path in sorted(here.glob("*.jsonl")):
+    for path in sorted(EXAMPLES.glob("*.jsonl")):
         lines.extend(path.read_text(encoding="utf-8").splitlines())
     return lines
 
@@ -91,11 +92,10 @@ def pretraining_texts() -> list[str]:
     """The example facts as plain text, without any chat formatting."""
     import json
 
-    here = Path(__file__).resolve().parent.parent / "examples"
     texts = []
-    for line in (here / "text.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (EXAMPLES / "text.jsonl").read_text(encoding="utf-8").splitlines():
         texts.append(json.loads(line)["text"])
-    for line in (here / "prompt_completion.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (EXAMPLES / "prompt_completion.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         texts.append(rec["prompt"] + rec["completion"])
     return texts

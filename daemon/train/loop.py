@@ -1,6 +1,6 @@
 """The training loop: one file in, LoRA weights updated, one explicit function to read.
 
-    from daemon.loop import Job, train_file
+    from daemon.train.loop import Job, train_file
     outcome = train_file(lm, cfg, Job(job_id, path, "chat", sha256), global_step=120,
                          ckpt_folder=cfg.path("checkpoints") / job_id,
                          report=events.append, control=lambda: "continue")
@@ -40,11 +40,11 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 
-from daemon import checkpoint as ckpt
 from daemon.config import Config, TrainingConfig
-from daemon.data import batches, collate, eval_examples, plan_file, train_examples
 from daemon.errors import DataError
-from daemon.model import LoadedModel, lora_state, set_lora_state
+from daemon.train import checkpoint as ckpt
+from daemon.train.data import batches, collate, eval_examples, plan_file, train_examples
+from daemon.train.model import LoadedModel, lora_state, set_lora_state
 from daemon.validate import DataFormat
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Trainer side of the data: tokenise records, split train/eval, stream shuffled batches.
 
-    from daemon.data import plan_file, eval_examples, train_examples, batches, collate
+    from daemon.train.data import plan_file, eval_examples, train_examples, batches, collate
     plan = plan_file(path, fmt, tokenizer, cfg.data, seed)             # counts for total_steps
     evals = eval_examples(path, fmt, tokenizer, cfg.data, seed)
     for epoch in range(epochs):

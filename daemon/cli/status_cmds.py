@@ -1,0 +1,94 @@
+"""trainctl status: the one-screen summary, `--watch` and `--json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config
+from daemon.config import Config
+from daemon.states import DesiredState
+from daemon.status import read_status
+
+if TYPE_CHECKING:
+    from daemon.cli.shared import Subparsers
+
+
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    s = subparsers.add_parser("status", parents=[common], help="one-screen summary")
+    s.add_argument("--json", action="store_true", help="print the raw status JSON")
+    s.add_argument("--watch", nargs="?", const=2.0, type=float, default=None, metavar="SECONDS", help="refresh until Ctrl-C")
+    s.set_defaults(handler=with_config(cmd_status))
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        while True:
+            st = read_status(cfg.path("status"))
+            if args.json:
+                out(json.dumps(st, indent=2))
+            else:
+                if args.watch and sys.stdout.isatty():
+                    sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
+                elif args.watch:
+                    out(f"--- {time.strftime('%H:%M:%S')}")
+                out(render_status(st, daemon_pid(cfg)))
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch, wherever in the loop it lands
+        return 0
+
+
+def render_status(st: dict | None, running_pid: int | None) -> str:
+    """The one-screen summary a person reads at a glance."""
+    if st is None:
+        return "traind: no status yet (the daemon has never run for this config)"
+    age = _age(st.get("updated_at"))
+    lines = [_headline(st, running_pid, age), f"  detail   {st.get('detail') or '-'}"]
+    dev = " / ".join(str(x) for x in (st.get("device"), st.get("compute_dtype"), st.get("quantization")) if x)
+    lines.append(f"  model    {st.get('base_model')}   {dev}   adapter v{st.get('adapter_version') or 0}")
+    if st.get("current_file"):
+        lines += _training_lines(st)
+    lines.append(_queue_line(st.get("queue") or {}))
+    if st.get("desired_state") == DesiredState.PAUSED.value and st["status"] != "paused":
+        lines.append("  note     pause requested; it takes effect at the next step")
+    if st.get("last_error"):
+        lines.append(f"  error    {st['last_error']}")
+    lines.append(f"  updated  {duration(age)} ago" if age is not None else "  updated  never")
+    return "\n".join(lines)
+
+
+def _age(updated_at: str | None) -> float | None:
+    if not updated_at:
+        return None
+    t = datetime.strptime(updated_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return time.time() - t.timestamp()
+
+
+def _headline(st: dict, running_pid: int | None, age: float | None) -> str:
+    """The state, and whether the daemon runs and still writes its status."""
+    alive = running_pid is not None
+    state = st["status"] if alive else f"not running (last said: {st['status']})"
+    if alive and age is not None and age > 3 * st.get("write_interval_seconds", 2.0):
+        state += f"  !! no status update for {duration(age)}: daemon not responding"
+    return f"traind  {state}" + (f"   pid {running_pid}" if alive else "")
+
+
+def _training_lines(st: dict) -> list[str]:
+    total, step = st.get("total_steps") or 0, st.get("current_step") or 0
+    return [
+        f"  file     {st['current_file']}   ({st.get('job_id')})",
+        f"  progress {progress_bar(step, total)}  step {step}/{total}  epoch {st.get('epoch', 0):.2f}  ETA {duration(st.get('eta_seconds'))}",
+        f"  loss     {number(st.get('loss'), '.4f')}   eval {number(st.get('eval_loss'), '.4f')}   "
+        f"lr {number(st.get('lr'), '.2e')}   {number(st.get('tokens_per_sec'), ',.0f')} tok/s",
+    ]
+
+
+def _queue_line(q: dict) -> str:
+    return (f"  queue    pending {q.get('pending', 0)} (high {q.get('pending_high', 0)}, normal {q.get('pending_normal', 0)}, "
+            f"low {q.get('pending_low', 0)})  processing {q.get('processing', 0)}  done {q.get('done', 0)}  failed {q.get('failed', 0)}")

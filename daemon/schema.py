@@ -1,0 +1,83 @@
+"""The status schema, defined once: what `status/training_status.json` holds.
+
+    from daemon.schema import TrainingStatus
+    st = TrainingStatus(status=ServiceStatus.TRAINING, current_step=3)
+    st.to_dict()                      # the JSON body: enums as strings, times as ISO 8601 UTC
+
+The service fills and writes it (daemon.status.StatusWriter), the CLI reads
+the JSON, and the monitor builds its response model and OpenAPI schema from
+these fields (monitor/models.py), so a field added here reaches the writer,
+every reader and the API docs at once. Each field carries its help text; a
+field marked `unix_time` is Unix seconds here and an ISO 8601 UTC string in
+the JSON. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from daemon.states import DesiredState, ServiceStatus
+
+SCHEMA_VERSION = 1
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its help text (`metadata["help"]`); dicts get a factory."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def iso(t: float | None) -> str | None:
+    """Unix seconds as the status' ISO 8601 UTC string ("2026-11-22T02:03:01.123Z")."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+@dataclass
+class TrainingStatus:
+    """The live snapshot of one traind instance, rewritten atomically by the service."""
+
+    schema_version: int = _f(SCHEMA_VERSION, "version of this layout; bumped when a field changes meaning")
+    status: ServiceStatus = _f(ServiceStatus.IDLE, "what the daemon is doing")
+    detail: str = _f("", "free text: 'loading model', 'waiting for files', ...")
+    current_file: str | None = _f(None, "original name of the file in training")
+    job_id: str | None = _f(None, "queue name of the file in training")
+    current_step: int = _f(0, "optimizer steps done in the current file")
+    total_steps: int = _f(0, "optimizer steps the current file takes")
+    global_step: int = _f(0, "optimizer steps the adapter has taken over all files")
+    epoch: float = _f(0.0, "epochs of the current file done, as a fraction")
+    loss: float | None = _f(None, "mean loss of the last optimizer step over its trainable tokens")
+    lr: float | None = _f(None, "learning rate of the last step")
+    tokens_per_sec: float | None = _f(None, "input tokens per second, recent average")
+    eta_seconds: float | None = _f(None, "estimated seconds until the current file is done")
+    eval_loss: float | None = _f(None, "last held-out loss of the current file")
+    queue: dict[str, int] = _f({}, "files per queue folder: pending_high, pending_normal, pending_low, pending, "
+                                   "processing, done, failed")
+    device: str | None = _f(None, "cpu or cuda")
+    compute_dtype: str | None = _f(None, "float32, bfloat16 or float16")
+    quantization: str | None = _f(None, "nf4, fp4 or none")
+    base_model: str | None = _f(None, "the configured base model")
+    adapter_version: int | None = _f(None, "the adapter version published last (adapters/current.json)")
+    desired_state: DesiredState = _f(DesiredState.RUNNING, "the desired state the daemon has seen")
+    pid: int | None = _f(None, "the service's process id")
+    trainer_pid: int | None = _f(None, "the trainer child's process id")
+    started_at: float | None = _f(None, "when the service started", unix_time=True)
+    updated_at: float | None = _f(None, "when this snapshot was written", unix_time=True)
+    write_interval_seconds: float = _f(2.0, "the service rewrites this file at least this often")
+    last_error: str | None = _f(None, "the latest error, until a file next trains through")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body: enums as their values, `unix_time` fields as ISO 8601 UTC strings."""
+        out = dataclasses.asdict(self)  # a deep copy: the caller may go on changing this status
+        for f in dataclasses.fields(self):
+            if f.metadata.get("unix_time"):
+                out[f.name] = iso(out[f.name])
+            elif isinstance(out[f.name], Enum):
+                out[f.name] = out[f.name].value
+        return out

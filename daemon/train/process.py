@@ -1,0 +1,113 @@
+"""Process set-up of the trainer child: dies with its parent, offline, CPU threads, lock, connection.
+
+    from daemon.train import process
+    process.die_with_parent()
+    process.limit_cpu_threads(cfg.training.cpu_threads)   # before torch is first imported
+    process.quiet_hugging_face()
+    fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
+    conn = process.connect()                              # TRAIND_CONNECT / TRAIND_AUTHKEY from the service
+
+Nothing here knows about training; daemon.train.worker uses it at start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import warnings
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+
+from daemon import lock
+from daemon.errors import TraindError
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+LOCK_WAIT_SECONDS = 60.0  # a crashed predecessor may still be dying (SIGKILL of a big CUDA process takes seconds)
+
+
+# ---------------------------------------------------------------- process set-up
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the parent dies (the service treats that as a crash)."""
+    parent = os.getppid()
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def quiet_hugging_face() -> None:
+    """No hub access and no progress bars (they would land in the stderr log)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    logging.captureWarnings(True)
+    # bitsandbytes offers CPU kernels fetched from the hub by the `kernels` package: that is a
+    # download at run time, which traind never does, so its warning at every start is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "kernels" not in r.getMessage())
+    # peft reads a transformers 5 alias that warns (not traind's call to change).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def cpu_thread_count(configured: int) -> int:
+    """The trainer's torch CPU threads: `configured`, or for 0 one per usable core but one.
+
+    The core left over is for the service, the monitor and whatever else the box
+    runs: on shared cores OpenMP threads spin-wait on each other, and with 2
+    threads on 2 cores a monitor under load slowed our steps about 20x
+    (bench/monitor_latency.py: 82 -> 3.8 steps/s; with 1 thread 96 -> 93).
+    """
+    if configured > 0:
+        return configured
+    try:
+        cores = len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def limit_cpu_threads(configured: int) -> None:
+    """Set the torch CPU threads (`training.cpu_threads`, see cpu_thread_count).
+
+    The environment variables are set too, before torch is first imported (call
+    this first), so every OpenMP/MKL runtime and every thread starts with the
+    same count, not only torch's own pool.
+    """
+    n = cpu_thread_count(configured)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    how = "training.cpu_threads" if configured > 0 else "auto: one per core but one"
+    log.info("torch CPU threads: %d (%s)", torch.get_num_threads(), how)
+
+
+def acquire_lock(path: Path, wait: float = LOCK_WAIT_SECONDS) -> int:
+    """Hold a kernel lock on `path` so two trainers never write the same checkpoints; returns the fd."""
+    fd = lock.take(path, wait, poll=0.2)
+    if fd is None:
+        raise TraindError(f"another trainer holds {path} for more than {wait:.0f} s; is a second daemon running?")
+    return fd
+
+
+def connect() -> Connection:
+    """Connect to the service as docs/internals.md says (address and key from the environment)."""
+    address = os.environ["TRAIND_CONNECT"]
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    return Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ["TRAIND_AUTHKEY"]))

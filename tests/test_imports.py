@@ -1,0 +1,62 @@
+"""The layering rule, checked: the service, the CLI and the monitor never import the torch stack.
+
+Every module of `daemon/` outside `daemon/train/`, and every module of
+`monitor/`, is found on disk (so a new module is covered without editing this
+test), imported in one fresh interpreter, and the heavy libraries must then be
+absent from `sys.modules`. The trainer side is the one place they belong.
+"""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "daemon.train")
+
+
+def light_modules() -> list[str]:
+    """Every module of the service, the CLI and the monitor, found on disk."""
+    names = []
+    for pkg in ("daemon", "monitor"):
+        names.append(pkg)
+        for mod in pkgutil.walk_packages([str(REPO / pkg)], prefix=f"{pkg}."):
+            if mod.name == "daemon.train" or mod.name.startswith("daemon.train."):
+                continue
+            names.append(mod.name)
+    return sorted(names)
+
+
+def imported_after(modules: list[str]) -> dict[str, list[str]]:
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"print(json.dumps({{h: sorted(m for m in sys.modules if m == h or m.startswith(h + '.')) for h in {HEAVY!r}}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_walk_finds_the_service_cli_and_monitor() -> None:
+    names = light_modules()
+    for expected in ("daemon.service", "daemon.__main__", "daemon.cli", "daemon.schema", "monitor.app",
+                     "monitor.__main__", "monitor.models"):
+        assert expected in names
+    assert not any(n.startswith("daemon.train") for n in names)
+    assert len(names) > 40, names
+
+
+def test_service_cli_and_monitor_import_no_torch_stack() -> None:
+    found = imported_after(light_modules())
+    assert found == {h: [] for h in HEAVY}, {h: m[:5] for h, m in found.items() if m}
+
+
+def test_the_check_sees_a_heavy_import() -> None:
+    """The same probe flags the trainer side, which does import torch: the check can fail."""
+    found = imported_after(["daemon.train.loop"])
+    assert found["torch"] and found["daemon.train"]

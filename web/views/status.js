@@ -1,0 +1,61 @@
+// The status panel, the state badge, the stale banner and the connection pill.
+import { state } from '../state.js';
+import { $ } from '../dom.js';
+import { fmt } from '../format.js';
+
+const CONN_TEXT = { live: 'live', reconnecting: 'reconnecting…', down: 'monitor unreachable — retrying' };
+
+export function init() {}  // the panel is static HTML: nothing to build or bind
+
+export function update(s) {
+  // A daemon that said "stopped" and then exited did what it was asked: that is
+  // not the alarm of one that died or hangs (kill -9, a crash, a stuck loop).
+  const stoppedClean = !!s.stale && s.status === 'stopped';
+  const badge = $('state-badge');
+  badge.textContent = s.status == null ? 'no daemon' : (stoppedClean ? 'stopped' : (s.stale ? 'not responding' : s.status));
+  badge.dataset.state = stoppedClean ? 'stopped' : (s.stale ? 'stale' : (s.status || 'unknown'));
+  badge.className = 'badge state-' + badge.dataset.state;
+  $('detail').textContent = s.detail || '';
+  $('stale-banner').hidden = !s.stale;
+  $('stale-banner').classList.toggle('banner-info', stoppedClean);
+  $('stale-title').textContent = stoppedClean ? 'Daemon stopped.' : 'Daemon not responding.';
+  const said = stoppedClean ? `It checkpointed and exited${s.updated_at ? ' at ' + new Date(s.updated_at).toLocaleTimeString() : ''}; start it again with bin/start_all.sh`
+    : (s.stale_reason || '');
+  $('stale-reason').textContent = said + (!stoppedClean && s.age_seconds != null && !said.startsWith('no status update') ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
+  document.body.classList.toggle('is-stale', !!s.stale);
+
+  $('current-file').textContent = s.current_file || (s.status === 'idle' ? 'waiting for files' : '—');
+  $('job-id').textContent = s.job_id || '';
+  const pct = s.total_steps ? Math.min(100, 100 * s.current_step / s.total_steps) : 0;
+  $('progress-bar').style.width = pct.toFixed(1) + '%';
+  $('step').textContent = s.total_steps ? `${fmt.int(s.current_step)} / ${fmt.int(s.total_steps)}` : '—';
+  $('epoch').textContent = fmt.num(s.epoch, 2);
+  $('eta').textContent = s.status === 'training' && !s.stale ? fmt.dur(s.eta_seconds) : '—';
+  $('tps').textContent = s.status === 'training' && !s.stale ? fmt.int(s.tokens_per_sec) : '—';
+  $('loss').textContent = fmt.loss(s.loss);
+  $('eval-loss').textContent = fmt.loss(s.eval_loss);
+  $('lr').textContent = fmt.sci(s.lr);
+  $('global-step').textContent = fmt.int(s.global_step);
+  $('adapter').textContent = s.adapter_version == null ? '—' : 'v' + s.adapter_version;
+  $('device').textContent = [s.device, s.compute_dtype, s.quantization].filter(Boolean).join(' · ') || '—';
+  $('updated').textContent = s.updated_at ? new Date(s.updated_at).toLocaleTimeString() : '—';
+  const le = $('last-error');
+  le.hidden = !s.last_error; le.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
+}
+
+export function connection(c) {
+  const e = $('conn');
+  e.className = 'conn conn-' + c;
+  e.textContent = CONN_TEXT[c] || c;
+  if (c !== 'down') return;  // on 'live' the stream's first status redraws the rest
+  // What the page shows is as old as the monitor's last word: never let it look live.
+  const seen = state.status && state.status.updated_at ? new Date(state.status.updated_at).toLocaleTimeString() : null;
+  $('stale-banner').hidden = false;
+  $('stale-banner').classList.remove('banner-info');
+  $('stale-title').textContent = 'Monitor unreachable.';
+  $('stale-reason').textContent = 'This page cannot reach the traind monitor' + (seen ? `; its last status is from ${seen}` : '') + '. Retrying…';
+  const badge = $('state-badge');
+  badge.textContent = 'unknown'; badge.dataset.state = 'stale'; badge.className = 'badge state-stale';
+  $('eta').textContent = '—'; $('tps').textContent = '—';
+  document.body.classList.add('is-stale');
+}
