@@ -98,6 +98,12 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class ActivityConfig:
+    every_steps: int = _f(50, "Sample per-layer LoRA activity every N optimizer steps, and always at the end of each file (0: only there).")
+    min_interval_seconds: float = _f(10.0, "...but not more often than this, so fast steps on a small model do not fill the history.")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
     max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
@@ -115,6 +121,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model loading."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
+    activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
@@ -141,7 +148,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_model", "root")}
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
-    "lora": LoraConfig, "training": TrainingConfig, "service": ServiceConfig,
+    "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "service": ServiceConfig,
 }
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
@@ -172,6 +179,8 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "keep_checkpoints"): (lambda v: v >= 1, ">= 1"),
     ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
     ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
+    ("activity", "every_steps"): (lambda v: v >= 0, ">= 0"),
+    ("activity", "min_interval_seconds"): (lambda v: v >= 0, ">= 0"),
     ("service", "status_interval_seconds"): (lambda v: v > 0, "> 0"),
     ("service", "max_crashes_per_file"): (lambda v: v >= 1, ">= 1"),
     ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),

@@ -26,9 +26,9 @@ SCHEMA_VERSION = 1
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A field with its help text (`metadata["help"]`); dicts get a factory."""
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"help": help, **kw})
+    """A field with its help text (`metadata["help"]`); lists and dicts get a factory."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=type(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -37,6 +37,36 @@ def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+@dataclass
+class Mover:
+    """One LoRA module among the most active ones."""
+
+    layer: int = _f(0, "layer index (-1: outside the numbered layers)")
+    kind: str = _f("", "module kind (q_proj, down_proj, ...)")
+    measure: str = _f("", "what `value` is: relative_change (recent change / ‖W₀‖), or relative at a first sample")
+    value: float | None = _f(None, "its value")
+
+
+@dataclass
+class LayerActivitySummary:
+    """Per-layer LoRA activity at the latest sample, compact: totals per layer and per kind, top movers.
+
+    Its size grows with the number of layers only (5 numbers per layer, 4
+    significant digits); the full per-module grid is in history.db.
+    """
+
+    job_id: str | None = _f(None, "the file in training when it was sampled")
+    step: int = _f(0, "the file's optimizer step it was sampled at")
+    global_step: int = _f(0, "the adapter's global step it was sampled at")
+    sampled_at: str | None = _f(None, "when it was sampled (ISO 8601 UTC)")
+    layers: list[int] = _f([], "layer indices, in the order of the per-layer lists (-1: outside the numbered layers)")
+    kinds: list[str] = _f([], "module kinds, in the order of the per-kind lists")
+    per_layer: dict[str, list[float | None]] = _f({}, "per measure (update, relative, change, grad_a, grad_b) one "
+                                                      "total per layer: sqrt of the sum of squares over its modules")
+    per_kind: dict[str, list[float | None]] = _f({}, "per measure one total per module kind")
+    top_movers: list[Mover] = _f([], "the modules that changed most since the previous sample, relative to ‖W₀‖")
 
 
 @dataclass
@@ -71,6 +101,8 @@ class TrainingStatus:
     updated_at: float | None = _f(None, "when this snapshot was written", unix_time=True)
     write_interval_seconds: float = _f(2.0, "the service rewrites this file at least this often")
     last_error: str | None = _f(None, "the latest error, until a file next trains through")
+    layer_activity_summary: LayerActivitySummary | None = _f(None, "per-layer LoRA activity at the latest sample "
+                                                                   "(every activity.every_steps steps and at each file's end)")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body: enums as their values, `unix_time` fields as ISO 8601 UTC strings."""

@@ -42,7 +42,7 @@ EXIT_OK = 0
 EXIT_LOCKED_KEYS = 2
 EXIT_ALREADY_RUNNING = 3
 RUNNING_CONFIG = "running_config.json"  # the validated config the trainer child is started with
-JOB_MESSAGES = {"started", "step", "eval", "checkpoint", "done", "failed", "skipped"}
+JOB_MESSAGES = {"started", "step", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
 
 
 
@@ -110,6 +110,7 @@ class Service:
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
+        self.status.layer_activity_summary = self.tracker.last_activity()
         now = self.clock()
         self.status.started_at = now
         self.db.event("start", f"daemon started (pid {os.getpid()})", t=now)

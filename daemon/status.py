@@ -38,7 +38,17 @@ class StatusWriter:
 
     def write(self, status: TrainingStatus, now: float | None = None) -> None:
         status.updated_at = time.time() if now is None else now
-        atomic.write_json(self.path, status.to_dict())
+        atomic.write_bytes(self.path, (readable_json(status.to_dict()) + "\n").encode("utf-8"))
+
+
+def readable_json(obj: Any, depth: int = 0, open_depth: int = 3) -> str:
+    """JSON with objects opened one key a line down to `open_depth`, and everything deeper
+    (every list) on one line: an 80-layer activity block stays a screenful, not 500 lines."""
+    if isinstance(obj, dict) and obj and depth < open_depth:
+        pad = "  " * (depth + 1)
+        body = ",\n".join(f"{pad}{json.dumps(k)}: {readable_json(v, depth + 1, open_depth)}" for k, v in obj.items())
+        return "{\n" + body + "\n" + "  " * depth + "}"
+    return json.dumps(obj, default=str)
 
 
 def read_status(status_dir: str | Path) -> dict[str, Any] | None:
@@ -67,12 +77,28 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_sha ON jobs (sha256);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL, kind TEXT NOT NULL, job_id TEXT, message TEXT);
+CREATE TABLE IF NOT EXISTS activity (
+    job_id TEXT NOT NULL, step INTEGER NOT NULL, global_step INTEGER NOT NULL, t REAL NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0, layers TEXT NOT NULL, kinds TEXT NOT NULL, per_layer TEXT NOT NULL,
+    grid TEXT, PRIMARY KEY (job_id, step));
+CREATE INDEX IF NOT EXISTS activity_global ON activity (global_step);
 """
+
+# Columns added after a history.db may already exist: (table, column, type), added at open.
+_ADDED_COLUMNS = (("jobs", "activity", "TEXT"),)
+
+# The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
+# other one of the older half goes (per-layer totals, like a downsampled chart), and only the
+# newest ACTIVITY_MAX_GRIDS samples keep their full per-module grid; a file's last sample
+# keeps both. Bounds the table at about 20k x (5 numbers per layer) + 2k full grids.
+ACTIVITY_MAX_ROWS = 20_000
+ACTIVITY_MAX_GRIDS = 2_000
+ACTIVITY_THIN_EVERY = 100  # inserts between two thinning checks
 
 JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
-    "eval_loss", "crashes", "reason", "adapter_version",
+    "eval_loss", "crashes", "reason", "adapter_version", "activity",
 )
 
 
@@ -91,8 +117,17 @@ class HistoryDB:
             # the last few metric rows, which the resumed run writes again.
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(_SCHEMA)
+            self._add_columns()
             self.conn.commit()
         self.conn.row_factory = sqlite3.Row
+        self._activity_inserts = 0
+
+    def _add_columns(self) -> None:
+        """Bring a history.db written by an older traind up to date (new columns start NULL)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> "HistoryDB":
@@ -113,8 +148,8 @@ class HistoryDB:
     def forget_steps_after(self, job_id: str, step: int) -> None:
         """A resume from a checkpoint at `step` replays later steps; drop their old rows."""
         with self.conn:
-            self.conn.execute("DELETE FROM metrics WHERE job_id=? AND step>?", (job_id, step))
-            self.conn.execute("DELETE FROM evals WHERE job_id=? AND step>?", (job_id, step))
+            for table in ("metrics", "evals", "activity"):
+                self.conn.execute(f"DELETE FROM {table} WHERE job_id=? AND step>?", (job_id, step))
 
     def discard_steps(self, job_id: str) -> tuple[int, float | None]:
         """A failed or skipped file's steps are not in the adapter, and the next file
@@ -124,20 +159,48 @@ class HistoryDB:
             n, last = self.conn.execute(
                 "SELECT COUNT(*), (SELECT loss FROM metrics WHERE job_id=? ORDER BY step DESC LIMIT 1) "
                 "FROM metrics WHERE job_id=?", (job_id, job_id)).fetchone()
-            self.conn.execute("DELETE FROM metrics WHERE job_id=?", (job_id,))
-            self.conn.execute("DELETE FROM evals WHERE job_id=?", (job_id,))
+            for table in ("metrics", "evals", "activity"):
+                self.conn.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
         return n, last
 
     def record_eval(self, job_id: str, step: int, global_step: int, eval_loss: float, t: float) -> None:
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?)", (job_id, step, global_step, eval_loss, t))
 
+    def record_activity(self, job_id: str, step: int, global_step: int, t: float, final: bool,
+                        layers: list[int], kinds: list[str], per_layer: dict, grid: dict) -> None:
+        """One activity sample: per-layer totals and the full per-module grid ({measure: [[...]]})."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO activity VALUES (?,?,?,?,?,?,?,?,?)",
+                              (job_id, step, global_step, t, int(final), json.dumps(layers), json.dumps(kinds),
+                               json.dumps(per_layer), json.dumps(grid)))
+        self._activity_inserts += 1
+        if self._activity_inserts % ACTIVITY_THIN_EVERY == 0:
+            self.thin_activity()
+
+    def thin_activity(self, max_rows: int = ACTIVITY_MAX_ROWS, max_grids: int = ACTIVITY_MAX_GRIDS) -> tuple[int, int]:
+        """Keep the activity table bounded; returns (rows dropped, grids dropped)."""
+        with self.conn:
+            n = self.conn.execute("SELECT COUNT(*) FROM activity").fetchone()[0]
+            dropped = 0
+            if n > max_rows:
+                older = [r[0] for r in self.conn.execute(
+                    "SELECT rowid FROM activity WHERE final=0 ORDER BY global_step, t LIMIT ?", (n // 2,))]
+                self.conn.executemany("DELETE FROM activity WHERE rowid=?", [(r,) for r in older[::2]])
+                dropped = len(older[::2])
+            grids = self.conn.execute("SELECT COUNT(*) FROM activity WHERE grid IS NOT NULL").fetchone()[0]
+            cut = self.conn.execute(
+                "UPDATE activity SET grid=NULL WHERE rowid IN (SELECT rowid FROM activity WHERE grid IS NOT NULL "
+                "AND final=0 ORDER BY global_step, t LIMIT ?)", (max(0, grids - max_grids),)).rowcount
+        return dropped, cut
+
     def upsert_job(self, job_id: str, **fields: Any) -> None:
         unknown = set(fields) - set(JOB_COLUMNS)
         if unknown:
             raise ValueError(f"unknown job columns: {sorted(unknown)}")
-        if "bad_lines" in fields and not isinstance(fields["bad_lines"], (str, type(None))):
-            fields["bad_lines"] = json.dumps(fields["bad_lines"])
+        for key in ("bad_lines", "activity"):
+            if key in fields and not isinstance(fields[key], (str, type(None))):
+                fields[key] = json.dumps(fields[key])
         cols = ["job_id", *fields]
         sets = ", ".join(f"{c}=excluded.{c}" for c in fields) or "job_id=excluded.job_id"
         with self.conn:
@@ -184,3 +247,31 @@ class HistoryDB:
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [dict(r) for r in rows]
+
+    def latest_activity(self, job_id: str | None = None) -> dict[str, Any] | None:
+        """The newest activity sample that still has its full grid (of one job, or of any)."""
+        where, args = ("WHERE grid IS NOT NULL AND job_id=?", (job_id,)) if job_id else ("WHERE grid IS NOT NULL", ())
+        row = self.conn.execute(f"SELECT * FROM activity {where} ORDER BY global_step DESC, t DESC LIMIT 1", args).fetchone()
+        return _activity_row(row) if row else None
+
+    def activity_series(self, since: int = -1, until: int | None = None, max_points: int = 500) -> tuple[list[dict[str, Any]], int]:
+        """Per-layer totals over global steps in (since, until], every k-th row so that at most
+        `max_points` come back (the last one always); returns (rows, rows in the range)."""
+        until = 2**62 if until is None else until
+        n = self.conn.execute("SELECT COUNT(*) FROM activity WHERE global_step>? AND global_step<=?",
+                              (since, until)).fetchone()[0]
+        k = max(1, -(-n // max(1, max_points)))
+        rows = self.conn.execute(
+            "SELECT job_id, step, global_step, t, final, layers, kinds, per_layer FROM (SELECT *, ROW_NUMBER() OVER "
+            "(ORDER BY global_step, t) AS rn FROM activity WHERE global_step>? AND global_step<=?) "
+            "WHERE (rn - 1) % ? = 0 OR rn = ? ORDER BY global_step, t", (since, until, k, n))
+        return [_activity_row(r) for r in rows], n
+
+
+def _activity_row(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for key in ("layers", "kinds", "per_layer", "grid"):
+        if d.get(key) is not None:
+            d[key] = json.loads(d[key])
+    d["final"] = bool(d.get("final"))
+    return d

@@ -18,12 +18,12 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from daemon import adapters
+from daemon import activity, adapters
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.intake import record_job
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
-from daemon.schema import TrainingStatus
+from daemon.schema import LayerActivitySummary, TrainingStatus
 from daemon.states import FailReason, JobState, Priority
 from daemon.status import HistoryDB
 from daemon.validate import validate_file
@@ -103,6 +103,13 @@ class JobTracker:
         self.db.record_eval(msg["job_id"], msg["step"], msg.get("global_step", self.status.global_step),
                             msg["eval_loss"], now)
 
+    def _on_activity(self, msg: dict, now: float) -> None:
+        block = activity.summary(msg, now)
+        self.status.layer_activity_summary = block
+        self.db.record_activity(msg["job_id"], msg["step"], msg.get("global_step", self.status.global_step), now,
+                                bool(msg.get("final")), msg["layers"], msg["kinds"],
+                                activity.per_layer(msg, activity.HISTORY_MEASURES), msg["values"])
+
     def _on_checkpoint(self, msg: dict, now: float) -> None:
         log.debug("checkpoint of %s at step %s", msg["job_id"], msg["step"])
 
@@ -141,9 +148,11 @@ class JobTracker:
             log.error("finished %s but cannot move it to done/: %s", job_id, e)
         else:
             self._warn_if_changed(entry, now)
+        moved = msg.get("activity_moved") or self._moved_from_manifest(job_id)
         self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, steps=msg.get("steps"),
                            final_loss=msg.get("final_loss"), eval_loss=msg.get("eval_loss"),
-                           adapter_version=msg.get("adapter_version"))
+                           adapter_version=msg.get("adapter_version"),
+                           **({"activity": activity.file_moved(moved)} if moved else {}))
         again = " (already trained before a restart; not trained again)" if msg.get("already_trained") else ""
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
         if msg.get("adapter_version") is not None:
@@ -215,6 +224,18 @@ class JobTracker:
 
     def published(self) -> dict[str, Any]:
         return published_adapter(self.cfg)
+
+    def last_activity(self) -> LayerActivitySummary | None:
+        """The status block of the newest activity sample in the history (shown again after a restart)."""
+        row = self.db.latest_activity()
+        return activity.summary({**row, "values": row["grid"]}, row["t"]) if row else None
+
+    def _moved_from_manifest(self, job_id: str) -> dict | None:
+        """What a file moved, from the adapter it published (the child died before saying `done`)."""
+        current = adapters.peek_current(self.cfg.path("adapters"))
+        if current is None or current.manifest.get("job_id") != job_id:
+            return None
+        return current.manifest.get("activity_moved")
 
 
 def published_adapter(cfg: Config) -> dict[str, Any]:

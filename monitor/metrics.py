@@ -72,6 +72,24 @@ def _training(x: _Exposition, s: Status) -> None:
     x.gauge("traind_adapter_version", "current adapter version", s.adapter_version)
 
 
+def _activity(x: _Exposition, s: Status) -> None:
+    """Per-layer LoRA activity as gauges per module kind (a handful), never per layer or module."""
+    block = s.layer_activity_summary
+    if block is None:
+        return
+    x.gauge("traind_lora_activity_global_step", "global step of the latest layer-activity sample", block.global_step)
+    relative = [v for v in block.per_layer.get("relative", []) if v is not None]
+    x.gauge("traind_lora_relative_update_max", "largest per-layer relative update ‖ΔW‖/‖W₀‖", max(relative, default=None))
+    for j, kind in enumerate(block.kinds):
+        for measure, name, help_text in (
+                ("relative", "traind_lora_relative_update", "relative update ‖ΔW‖/‖W₀‖ of all layers' modules of a kind"),
+                ("change", "traind_lora_recent_change", "‖ΔW − ΔW at the previous sample‖ over a kind's modules"),
+                ("grad_a", "traind_lora_grad_norm_a", "gradient norm of the LoRA A factors of a kind"),
+                ("grad_b", "traind_lora_grad_norm_b", "gradient norm of the LoRA B factors of a kind")):
+            values = block.per_kind.get(measure) or []
+            x.gauge(name, help_text, values[j] if j < len(values) else None, kind=kind)
+
+
 def _queue(x: _Exposition, counts: dict[str, int]) -> None:
     for key in ("pending_high", "pending_normal", "pending_low", "processing", "done", "failed"):
         state, _, prio = key.partition("_")
@@ -109,6 +127,7 @@ def metrics(state: StateDep) -> PlainTextResponse:
     x = _Exposition()
     s = current_status(state)
     _training(x, s)
+    _activity(x, s)
     _queue(x, state.queue.counts())
     _gpu(x, state.gpu.read())
     _host(x, memory_view(state.cfg, read_status(state.cfg.path("status")), state.procs))

@@ -130,6 +130,7 @@ class QueueItem(BaseModel):
     eval_loss: float | None = None
     crashes: int | None = None
     adapter_version: int | None = Field(None, description="adapter version published when the file was done")
+    has_activity: bool = Field(False, description="a record of what the file moved is kept (GET /api/activity/jobs/{job_id})")
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -213,3 +214,58 @@ class UploadResult(BaseModel):
     name: str = Field(description="file name written into the inbox")
     priority: Literal["high", "normal", "low"]
     size: int
+
+
+Grid = dict[str, list[list[float | None]]]  # measure -> one list per layer, one value per kind (null: no LoRA there)
+Totals = dict[str, list[float | None]]  # measure -> one value per layer (or per kind)
+
+
+class MoverModel(BaseModel):
+    layer: int = Field(description="layer index (-1: outside the numbered layers)")
+    kind: str
+    measure: str = Field(description="what `value` is")
+    value: float | None
+
+
+class ActivitySample(BaseModel):
+    job_id: str
+    step: int
+    global_step: int
+    t: float
+    final: bool = Field(description="the sample at a file's last step")
+    layers: list[int]
+    kinds: list[str]
+    values: Grid = Field(description="update (‖ΔW‖_F), relative (/‖W₀‖_F), change (since the previous sample), "
+                                     "relative_change, grad_a, grad_b per module")
+    per_layer: Totals = Field(description="sqrt of the sum of squares over each layer's modules (relative: of the update over ‖W₀‖)")
+    per_kind: Totals
+    top_movers: list[MoverModel]
+
+
+class ActivitySeries(BaseModel):
+    layers: list[int] = Field(description="the layers the series holds (all, or the top ones at the latest sample)")
+    measure: str
+    global_steps: list[int]
+    t: list[float]
+    job_ids: list[str]
+    values: list[list[float | None]] = Field(description="per sample, the per-layer total of `measure` for each of `layers`")
+
+
+class ActivityView(BaseModel):
+    latest: ActivitySample | None = Field(description="the newest sample with its full grid; null before the first")
+    series: ActivitySeries
+    total_rows: int = Field(description="samples in the requested range before downsampling")
+    downsampled: bool
+
+
+class FileActivity(BaseModel):
+    job_id: str
+    original_name: str | None
+    steps: int | None
+    adapter_version: int | None
+    layers: list[int]
+    kinds: list[str]
+    values: Grid = Field(description="moved (‖ΔW after − ΔW before‖_F), moved_relative (/‖W₀‖_F), base (‖W₀‖_F) per module")
+    per_layer: Totals
+    per_kind: Totals
+    top: list[MoverModel] = Field(description="the modules the file moved most, relative to ‖W₀‖")

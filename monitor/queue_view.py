@@ -71,6 +71,7 @@ def _item(e: QueueEntry, job: dict[str, Any] | None = None, **extra: Any) -> Que
     if job:
         d.update({k: job.get(k) for k in _JOB_FIELDS})
         d["bad_lines"] = _bad_lines(job.get("bad_lines"))
+        d["has_activity"] = bool(job.get("activity"))
         if d.get("priority") is None:
             d["priority"] = job.get("priority")  # the folder says it only while pending
     return QueueItem(**d, **extra)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import httpx
 import psutil
 
+from daemon import activity
 from daemon.config import Config, load_config
 from daemon.jobqueue import JobQueue
 from daemon.schema import TrainingStatus
@@ -25,6 +26,8 @@ from daemon.states import DesiredState, ServiceStatus
 from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
 
 REPO = Path(__file__).resolve().parent.parent
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_instance(root: Path, **sections: Any) -> Config:
@@ -71,6 +74,34 @@ class FakeDaemon:
 
     def eval(self, eval_loss: float, job_id: str = "20261122T020301Z-000001--data.jsonl") -> None:
         self.db.record_eval(job_id, self.global_step - 1, self.global_step - 1, eval_loss, time.time())
+
+    def activity(self, step: int, n_layers: int = 2, kinds: tuple[str, ...] = ATTENTION, final: bool = False,
+                 job_id: str = "20261122T020301Z-000001--data.jsonl", t: float | None = None) -> Any:
+        """Record one activity sample as the service does (history row); returns the status block for status()."""
+        msg = synthetic_activity(step, self.global_step, n_layers, kinds, self.rng, job_id, final)
+        now = time.time() if t is None else t
+        self.db.record_activity(job_id, step, self.global_step, now, final, msg["layers"], msg["kinds"],
+                                activity.per_layer(msg, activity.HISTORY_MEASURES), msg["values"])
+        return activity.summary(msg, now)
+
+
+
+def synthetic_activity(step: int, global_step: int, n_layers: int, kinds: tuple[str, ...], rng: random.Random,
+                       job_id: str = "job", final: bool = False) -> dict[str, Any]:
+    """An `activity` message as the trainer sends it, with plausible numbers: updates grow with the
+    square root of the step, later layers and v/o/down move more, a little noise."""
+    def cell(i: int, j: int) -> dict[str, float]:
+        base = 8.0 * (1.5 if kinds[j] in ("gate_proj", "up_proj", "down_proj") else 1.0)
+        profile = (0.4 + i / max(1, n_layers - 1)) * (1.6 if kinds[j] in ("v_proj", "o_proj", "down_proj") else 1.0)
+        update = base * 2e-3 * math.sqrt(step + 1) * profile * (1 + 0.1 * rng.random())
+        change = update * 0.05 * (0.5 + rng.random())
+        return {"update": update, "relative": update / base, "change": change, "grad_a": 0.01 * profile * rng.random(),
+                "grad_b": 0.02 * profile * rng.random(), "base": base}
+    cells = [[cell(i, j) for j in range(len(kinds))] for i in range(n_layers)]
+    measures = ("update", "relative", "change", "grad_a", "grad_b", "base")
+    return {"type": "activity", "job_id": job_id, "step": step, "global_step": global_step, "final": final,
+            "layers": list(range(n_layers)), "kinds": list(kinds),
+            "values": {m: [[c[m] for c in row] for row in cells] for m in measures}}
 
 
 def free_port() -> int:

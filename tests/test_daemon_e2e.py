@@ -52,6 +52,18 @@ def test_file_in_to_done_with_adapter_and_falling_loss(daemon_factory):
     db = d.history()
     job = db.job(done.job_id)
     assert job["state"] == "done" and job["format"] == "chat" and job["eval_loss"] is not None
+    # per-layer LoRA activity: sampled every 10 steps and at the last, summarised in the status
+    block = st["layer_activity_summary"]
+    assert (block["job_id"], block["step"], block["global_step"]) == (done.job_id, job["steps"], st["global_step"])
+    assert block["layers"] == [0, 1] and block["kinds"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert all(v > 0 for v in block["per_layer"]["relative"] + block["per_kind"]["update"] + block["per_layer"]["grad_b"])
+    assert len(block["top_movers"]) == 5 and block["top_movers"][0]["measure"] == "relative_change"
+    rows, n = db.activity_series()
+    assert [r["step"] for r in rows] == list(range(10, job["steps"], 10)) + [job["steps"]] and rows[-1]["final"]
+    assert db.latest_activity()["grid"]["change"][0][0] > 0
+    # what the file moved: kept with its job record and in the adapter's manifest
+    moved = json.loads(job["activity"])
+    assert moved["values"] == manifest["activity_moved"]["values"] and all(v > 0 for v in moved["per_layer"]["moved"])
     assert list(d.cfg.path("logs").glob("daemon_*.log")) and list(d.cfg.path("logs").glob("trainer_*.log"))
     assert d.stop() == 0
     assert d.status()["status"] == "stopped"

@@ -269,7 +269,8 @@ def test_queue_items_carry_priority_and_skipped_bad_lines_from_the_job_records(c
     db = HistoryDB(cfg.path("status") / HISTORY_FILE)
     bad = [{"line": n, "field": "messages[0].role", "reason": "'human' is not one of system, user, assistant"} for n in range(1, 31)]
     db.upsert_job(started.job_id, original_name="a.jsonl", priority="high", state="done", format="chat",
-                  n_records=200, n_bad=30, bad_lines=json.dumps(bad), finished_at=1700000000.0, adapter_version=3)
+                  n_records=200, n_bad=30, bad_lines=json.dumps(bad), finished_at=1700000000.0, adapter_version=3,
+                  activity={"layers": [0], "kinds": ["q_proj"], "values": {}})
     failed = q.failed()[0]
     db.upsert_job(failed.job_id, original_name="bad.jsonl", priority="low", state="failed", n_bad=1)
     db.close()
@@ -277,8 +278,9 @@ def test_queue_items_carry_priority_and_skipped_bad_lines_from_the_job_records(c
     item = v["done"][0]
     assert (item["priority"], item["n_bad"], item["n_records"], item["format"], item["adapter_version"]) == ("high", 30, 200, "chat", 3)
     assert len(item["bad_lines"]) == 20 and item["bad_lines"][0]["line"] == 1  # the first ones, bounded
+    assert item["has_activity"] is True  # what it moved can be asked for
     f = v["failed"][0]
-    assert (f["priority"], f["reason"], f["n_bad"]) == ("low", "invalid_data", 1)
+    assert (f["priority"], f["reason"], f["n_bad"], f["has_activity"]) == ("low", "invalid_data", 1, False)
     # files the daemon has no record of (yet) are listed all the same
     assert [e["priority"] for e in v["pending"]["normal"]] == ["normal"] and v["pending"]["normal"][0]["n_bad"] is None
 
@@ -659,3 +661,53 @@ def test_sse_reports_a_daemon_going_stale_without_any_file_change(live_server, d
     with httpx.stream("GET", url + "/api/events", timeout=10) as r:
         got, _, _ = _sse_events(r.iter_lines(), 2, 6)
     assert [g["stale"] for g in got] == [False, True]
+
+
+# ---------------------------------------------------------------- layer activity
+
+def test_activity_is_empty_before_the_first_sample(client):
+    body = client.get("/api/activity").json()
+    assert body["latest"] is None and body["series"]["values"] == [] and body["total_rows"] == 0
+    assert client.get(f"/api/activity/jobs/{JOB}").status_code == 404
+
+
+def test_activity_serves_the_latest_grid_and_per_layer_series(client, daemon):
+    from tests.monitor_helpers import ALL_LINEAR
+
+    for k in range(1, 61):
+        daemon.steps(10)
+        block = daemon.activity(10 * k, n_layers=80, kinds=ALL_LINEAR, final=k == 60)
+    daemon.status(layer_activity_summary=block)
+    body = client.get("/api/activity?max_points=20&top=5&measure=change").json()
+    latest = body["latest"]
+    assert (latest["step"], latest["final"], len(latest["layers"]), latest["kinds"]) == (600, True, 80, list(ALL_LINEAR))
+    cell = {m: latest["values"][m][79][2] for m in ("change", "relative_change", "update", "relative")}
+    assert math.isclose(cell["relative_change"], cell["change"] / (cell["update"] / cell["relative"]), rel_tol=2e-3)
+    series = body["series"]
+    assert body["total_rows"] == 60 and body["downsampled"] and len(series["global_steps"]) == 21
+    assert series["global_steps"][-1] == daemon.global_step and series["measure"] == "change"
+    now = latest["per_layer"]["change"]
+    assert series["layers"] == sorted(sorted(range(80), key=lambda i: -now[i])[:5])  # the five top layers now
+    assert all(len(v) == 5 for v in series["values"])
+    status = client.get("/api/status").json()["layer_activity_summary"]
+    assert status["global_step"] == latest["global_step"] and len(status["per_layer"]["relative"]) == 80
+
+
+def test_activity_of_a_finished_file_and_bounded_metrics(client, daemon, cfg):
+    from daemon import activity
+
+    moved = {"layers": [0, 1], "kinds": ["q_proj", "v_proj"],
+             "values": {"moved": [[0.3, 0.4], [0.1, 0.2]], "moved_relative": [[0.03, 0.04], [0.01, 0.04]],
+                        "base": [[10.0, 10.0], [10.0, 5.0]]}}
+    daemon.db.upsert_job(JOB, original_name="data.jsonl", state="done", steps=40, activity=activity.file_moved(moved))
+    body = client.get(f"/api/activity/jobs/{JOB}").json()
+    assert body["per_layer"]["moved"] == pytest.approx([0.5, math.sqrt(0.05)]) and body["top"][0]["value"] == 0.04
+    assert body["original_name"] == "data.jsonl" and body["values"]["moved"] == moved["values"]["moved"]
+    daemon.db.upsert_job("other.jsonl", state="failed")
+    assert "no activity record" in client.get("/api/activity/jobs/other.jsonl").json()["detail"]
+    block = daemon.activity(10, n_layers=80)
+    daemon.status(layer_activity_summary=block)
+    lines = client.get("/metrics").text.splitlines()
+    per_kind = [line for line in lines if line.startswith("traind_lora_relative_update{")]
+    assert len(per_kind) == 4 and 'kind="v_proj"' in per_kind[2]  # one series per module kind, never per layer
+    assert any(line.startswith("traind_lora_relative_update_max ") for line in lines)

@@ -10,20 +10,23 @@ Screenshots go to test-artifacts/ (gitignored).
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 
-from daemon import control
+from daemon import activity, control
 from daemon.jobqueue import JobQueue
 from daemon.lock import acquire
 from daemon.states import ControlAction, DesiredState, FailReason, Priority
 from tests.conftest import EXAMPLES, lines_of, write_instance
 from tests.daemon_harness import Daemon
-from tests.monitor_helpers import REPO, FakeDaemon, make_instance, monitor_process, token_of
+from tests.monitor_helpers import (ALL_LINEAR, ATTENTION, REPO, FakeDaemon, make_instance, monitor_process,
+                                   synthetic_activity, token_of)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
@@ -85,6 +88,27 @@ class Page:
         self.page.evaluate("() => window.scrollTo(0, 0)")  # else the sticky header lands mid-page in a full-page shot
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+    def shot_of(self, selector: str, name: str) -> Path:
+        """A screenshot of one element (a panel), at its full size."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.locator(selector).screenshot(path=str(path))
+        return path
+
+    def heatmap(self) -> dict[str, str]:
+        """The layer activity heatmap's data- attributes (cells drawn, layers, kinds, max, where cells are)."""
+        canvas = self.page.locator("#activity-heatmap")
+        return {k: canvas.get_attribute("data-" + k) for k in ("cells", "layers", "kinds", "measure", "min", "max", "x0", "y0", "cell-w", "cell-h")}
+
+    def point_at_cell(self, i: int, j: int) -> str:
+        """Move the mouse over heatmap cell (layer index i, kind index j); returns the hover text."""
+        canvas = self.page.locator("#activity-heatmap")
+        canvas.scroll_into_view_if_needed()
+        h, box = self.heatmap(), canvas.bounding_box()
+        self.page.mouse.move(box["x"] + float(h["x0"]) + (i + 0.5) * float(h["cell-w"]),
+                             box["y"] + float(h["y0"]) + (j + 0.5) * float(h["cell-h"]))
+        return self.page.text_content("#activity-hover")
 
     def assert_clean(self) -> None:
         assert not self.errors, self.errors
@@ -266,6 +290,134 @@ def test_clean_stop_is_not_an_alarm_and_skipped_bad_lines_show(browser, tmp_path
         tab.assert_clean()
 
 
+def _done_file_with_moved(cfg, fake: FakeDaemon, name: str, n_layers: int, kinds: tuple[str, ...]) -> dict:
+    """A file in queue/done whose job record says what it moved (as the service writes it at `done`); returns the record."""
+    q = JobQueue(cfg.path("queue"))
+    src = cfg.root / name
+    src.write_text(lines_of("chat.jsonl", 20))
+    q.admit(src, Priority.NORMAL, time.time())
+    done = q.finish(q.start(q.next_pending()).job_id)
+    v = synthetic_activity(3000, 3000, n_layers, kinds, random.Random(3))["values"]
+    grid = {"layers": list(range(n_layers)), "kinds": list(kinds),
+            "values": {"moved": v["update"], "moved_relative": v["relative"], "base": v["base"]}}
+    record = activity.file_moved(grid)
+    fake.db.upsert_job(done.job_id, original_name=name, state="done", steps=3000, adapter_version=3,
+                       finished_at=time.time(), activity=record)
+    return record
+
+
+def test_layer_activity_of_an_80_layer_model(browser, tmp_path):
+    """80 layers x 7 kinds: every cell drawn, the colour switch, hover values, top layers over time, a file's record."""
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    for k in range(300):
+        fake.steps(10)
+        block = fake.activity(10 * (k + 1), n_layers=80, kinds=ALL_LINEAR)
+    moved = _done_file_with_moved(cfg, fake, "support_tickets.jsonl", 80, ALL_LINEAR)
+    q = JobQueue(cfg.path("queue"))
+    with monitor_process(cfg) as url, Heartbeat(fake, status="training", detail="training", job_id=JOB,
+                                                current_file="customer_chats.jsonl", current_step=3000, total_steps=4000,
+                                                queue=q.counts(), layer_activity_summary=block):
+        token = token_of(cfg)
+        top5 = httpx.get(url + "/api/activity?top=5", headers={"X-Traind-Token": token}).json()
+        latest = top5["latest"]
+        tab = Page(browser, url)
+        tab.open(token)
+        tab.page.wait_for_selector("#activity-heatmap[data-cells='560']")
+        h = tab.heatmap()
+        assert (h["layers"], h["kinds"], h["measure"]) == ("80", "7", "relative")
+        assert float(h["max"]) == max(v for row in latest["values"]["relative"] for v in row)
+        assert tab.page.is_hidden("#activity-empty")
+
+        # the switch recolours by the recent change: another scale
+        tab.page.check("#activity-measure-relative_change")
+        wait_until(lambda: tab.heatmap()["measure"] == "relative_change", what="heatmap recoloured")
+        h = tab.heatmap()
+        assert h["cells"] == "560"
+        changed_most = max(v for row in latest["values"]["relative_change"] for v in row)
+        assert float(h["max"]) == changed_most != max(v for row in latest["values"]["relative"] for v in row)
+        chart = tab.page.locator("#activity-chart")  # the chart follows: per-layer recent change over time
+        wait_until(lambda: chart.get_attribute("data-measure") == "relative_change", what="chart of the recent change")
+
+        # hover: the cell under the mouse, named and valued
+        text = tab.point_at_cell(37, 2)
+        assert text.startswith("layer 37 · v_proj · recent change"), text
+        hover = tab.page.locator("#activity-hover")
+        assert float(hover.get_attribute("data-value")) == latest["values"]["relative_change"][37][2]
+        assert tab.page.is_visible("#activity-tip")
+        tab.page.check("#activity-measure-relative")
+        wait_until(lambda: tab.heatmap()["measure"] == "relative", what="back to the relative update")
+        text = tab.point_at_cell(79, 6)
+        assert text.startswith("layer 79 · down_proj · relative update"), text
+        assert float(hover.get_attribute("data-value")) == latest["values"]["relative"][79][6]
+
+        # the top 5 layers over time, one line each, a point per sample
+        chart = tab.page.locator("#activity-chart")
+        wait_until(lambda: chart.get_attribute("data-measure") == "relative" and chart.get_attribute("data-series") == "5"
+                   and int(chart.get_attribute("data-points")) == 300, what="top-layers chart with 5 series of 300 points")
+        labels = [chart.locator(".u-legend .u-series").nth(k + 1).locator(".u-label").text_content() for k in range(5)]
+        assert labels == [f"layer {n}" for n in top5["series"]["layers"]]
+
+        # what the finished file moved: its name, per-layer bars, its top modules
+        tab.page.wait_for_selector("#moved-info >> text=support_tickets.jsonl")
+        assert "adapter v3" in tab.page.text_content("#moved-info")
+        assert tab.page.get_attribute("#moved-bars", "data-layers") == "80"
+        first = moved["top"][0]
+        assert f"layer {first['layer']} {first['kind']}" in tab.page.text_content("#moved-top")
+        tab.page.locator(".activity-panel").scroll_into_view_if_needed()  # else the shot scrolls the tooltip away
+        tab.point_at_cell(60, 4)
+        tab.shot_of(".activity-panel", "monitor_activity_80_layers.png")
+        tab.assert_clean()
+
+
+def _sample_with_head(fake: FakeDaemon, step: int) -> Any:
+    """A 2-layer sample plus LoRA on lm_head (layer -1, 'other'): no q/k/v/o there, no lm_head in the layers."""
+    msg = synthetic_activity(step, fake.global_step, 2, ATTENTION, fake.rng, JOB)
+    msg["layers"] = [-1, *msg["layers"]]
+    msg["kinds"] = [*msg["kinds"], "lm_head"]
+    for m, rows in msg["values"].items():
+        head = {"update": 0.01, "relative": 0.0005, "change": 0.001, "grad_a": 0.002, "grad_b": 0.003, "base": 20.0}[m]
+        msg["values"][m] = [[None] * len(ATTENTION) + [head * (step + 1) ** 0.5]] + [row + [None] for row in rows]
+    now = time.time()
+    fake.db.record_activity(JOB, step, fake.global_step, now, False, msg["layers"], msg["kinds"],
+                            activity.per_layer(msg), msg["values"])
+    return activity.summary(msg, now)
+
+
+def test_layer_activity_of_a_small_model(browser, tmp_path):
+    """No activity yet says so; the first samples arrive by the live status; a 2-layer grid reads at a glance,
+    a module without LoRA is not a zero."""
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    fake.steps(20)
+    q = JobQueue(cfg.path("queue"))
+    with monitor_process(cfg) as url, Heartbeat(fake, status="training", detail="training", job_id=JOB,
+                                                current_file="customer_chats.jsonl", queue=q.counts()) as beat:
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.page.wait_for_selector("#activity-empty >> text=No layer activity yet")
+        tab.page.wait_for_selector("#moved-info >> text=No file has finished yet")
+        for k in range(12):
+            fake.steps(10)
+            block = _sample_with_head(fake, 10 * (k + 1))
+        beat.set(layer_activity_summary=block)
+        tab.page.wait_for_selector("#activity-heatmap[data-cells='9']", timeout=15_000)  # 2 x 4 + lm_head
+        h = tab.heatmap()
+        assert (h["layers"], h["kinds"]) == ("3", "5")
+        assert int(h["cell-w"]) >= 60, h  # big cells for a small model
+        assert tab.point_at_cell(0, 0) == "layer other · q_proj · no LoRA"
+        assert tab.point_at_cell(0, 4).startswith("layer other · lm_head · relative update")
+        assert tab.point_at_cell(2, 3).startswith("layer 1 · o_proj · relative update")
+        assert tab.page.get_attribute("#activity-chart", "data-series") == "3"
+        _done_file_with_moved(cfg, fake, "support_tickets.jsonl", 2, ATTENTION)
+        beat.set(queue=q.counts())
+        tab.page.wait_for_selector("#moved-info >> text=support_tickets.jsonl")
+        tab.page.locator(".activity-panel").scroll_into_view_if_needed()
+        tab.point_at_cell(2, 2)
+        tab.shot_of(".activity-panel", "monitor_activity_2_layers.png")
+        tab.assert_clean()
+
+
 def test_dashboard_drives_the_real_daemon(browser, tmp_path, models_dir):
     """Real daemon + real monitor on loopback: upload from the page, chart fills, pause/resume, kill -> banner."""
     config_path = write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 30})
@@ -287,6 +439,14 @@ def test_dashboard_drives_the_real_daemon(browser, tmp_path, models_dir):
             first = tab.wait_points_above(0, timeout=60)
             tab.wait_points_above(first, timeout=60)  # the chart grows as the daemon trains
             tab.shot("monitor_real_training.png")
+
+            # the layer activity of the embedded model (2 layers x 4 attention modules), with real numbers
+            wait_until(lambda: tab.heatmap()["cells"] == "8", 120, "layer activity heatmap of the real model")
+            h = tab.heatmap()
+            assert (h["layers"], h["kinds"]) == ("2", "4") and float(h["max"]) > 0, h
+            tab.page.locator(".activity-panel").scroll_into_view_if_needed()
+            assert tab.point_at_cell(1, 2).startswith("layer 1 · "), tab.page.text_content("#activity-hover")
+            tab.shot_of(".activity-panel", "monitor_activity_real.png")
 
             tab.page.click("#btn-pause")
             st = d.wait_for(lambda st: st.get("status") == "paused", timeout=120, what="paused")

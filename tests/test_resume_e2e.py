@@ -10,6 +10,7 @@ import signal
 import pytest
 
 from daemon.states import JobState
+from daemon.status import HISTORY_FILE, HistoryDB
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 
@@ -47,6 +48,12 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def moved(d: Daemon) -> list[float]:
+    """What the file moved, per module (its job record), flattened."""
+    record = json.loads(d.history().jobs()[0]["activity"])
+    return [v for row in record["values"]["moved"] for v in row if v is not None]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, models_dir):
     """One uninterrupted run of the file: losses per step and the final adapter."""
@@ -56,19 +63,25 @@ def reference(tmp_path_factory, models_dir):
         d.drop("data.jsonl", DATA)
         d.wait_counts(done=1, timeout=300)
         d.wait_for(lambda s: s["status"] == "idle", what="idle")
-        yield dict(d.losses()), adapter_tensors(d)
+        yield dict(d.losses()), adapter_tensors(d), moved(d)
     finally:
         d.close()
 
 
 def compare(d: Daemon, reference) -> tuple[float, float]:
-    ref_losses, ref_adapter = reference
+    ref_losses, ref_adapter, ref_moved = reference
     got = dict(d.losses())
     assert sorted(got) == sorted(ref_losses), "every step once, no gaps, no extras"
     loss_diff = max(abs(got[s] - ref_losses[s]) for s in ref_losses)
     adapter_diff = max_diff(adapter_tensors(d), ref_adapter)
     print(f"resume equivalence: {len(got)} steps, max |loss diff| {loss_diff:.3e}, max |adapter diff| {adapter_diff:.3e}")
     assert loss_diff <= TOL and adapter_diff <= TOL
+    # What the file moved is measured from the adapter before the file, not from the resumed checkpoint:
+    # nothing counted twice, nothing lost.
+    got_moved = moved(d)
+    moved_diff = max(abs(a - b) / b for a, b in zip(got_moved, ref_moved))
+    print(f"what the file moved: {len(got_moved)} modules, max relative diff {moved_diff:.3e}")
+    assert len(got_moved) == len(ref_moved) and moved_diff <= TOL
     return loss_diff, adapter_diff
 
 
@@ -122,11 +135,15 @@ def test_file_finished_before_a_crash_is_not_trained_again(factory):
     # The state a crash leaves between the adapter's publication and the move to done/:
     entry = d.queue.done()[0]
     os.rename(entry.path, d.queue.folder(JobState.PROCESSING) / entry.job_id)
+    db = HistoryDB(d.cfg.path("status") / HISTORY_FILE)  # ...whose `done` record never came
+    db.upsert_job(entry.job_id, state="processing", activity=None)
+    db.close()
     d.start()
     d.wait_counts(done=1, processing=0)
     d.wait_for(lambda s: s["status"] == "idle", what="idle")
     assert d.losses() == steps_before  # no step trained again
     assert json.loads((d.cfg.path("adapters") / "current.json").read_text())["version"] == 1
+    assert all(v > 0 for v in moved(d))  # what it moved, taken from the adapter's manifest
     assert any("not trained again" in e["message"] for e in d.history().events())
 
 

@@ -3,6 +3,7 @@
 export const fmt = {
   num(v, d) { return v == null || !isFinite(v) ? '—' : Number(v).toFixed(d == null ? 2 : d); },
   loss(v) { return v == null ? '—' : Number(v).toFixed(4); },
+  sig(v, d) { return v == null || !isFinite(v) ? '—' : String(Number(Number(v).toPrecision(d || 3))); },  // 0.0123, 1.23e-7
   sci(v) { return v == null ? '—' : Number(v).toExponential(2); },
   int(v) { return v == null ? '—' : Math.round(v).toLocaleString('en-US'); },
   bytes(v) {

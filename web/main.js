@@ -16,10 +16,11 @@ import { start as startLive } from './live.js';
 import * as status from './views/status.js';
 import * as controls from './views/controls.js';
 import * as charts from './views/charts.js';
+import * as activity from './views/activity.js';
 import * as resources from './views/resources.js';
 import * as queue from './views/queue.js';
 
-const views = [status, controls, charts, resources, queue];  // the order they hear each event in
+const views = [status, controls, charts, activity, resources, queue];  // the order they hear each event in
 
 window.traind = state;  // for people poking at the console, and for the browser test
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import control
-from daemon.cli.shared import (WAIT_SECONDS, daemon_pid, line_error, lock_path, out, print_line_errors, wait_consumed,
-                               with_config)
+from daemon.cli.shared import (WAIT_SECONDS, daemon_pid, from_history, line_error, lock_path, out, print_line_errors,
+                               wait_consumed, with_config)
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.intake import plural, remove_file, retry_file
@@ -144,14 +144,7 @@ def _print_record(record: dict) -> None:
 
 
 def _job_record(cfg: Config, job_id: str) -> dict | None:
-    path = cfg.path("status") / HISTORY_FILE
-    if not path.exists():
-        return None
-    db = HistoryDB.open_readonly(path)
-    try:
-        return db.job(job_id)
-    finally:
-        db.close()
+    return from_history(cfg, lambda db: db.job(job_id))
 
 
 # -- retry, remove ---------------------------------------------------------------------

@@ -1,22 +1,24 @@
-"""What more than one trainctl command group uses: output, formatting, the daemon's pid, waiting."""
+"""What more than one trainctl command group uses: output, formatting, the daemon's pid, waiting, the history."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemon.config import Config, load_config
 from daemon.lock import holder_pid
-from daemon.status import read_status
+from daemon.status import HISTORY_FILE, HistoryDB, read_status
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
 WAIT_SECONDS = 60.0
 
 
@@ -100,3 +102,28 @@ def wait_consumed(path: Path, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+# -- history and charts ------------------------------------------------------------------
+def from_history(cfg: Config, read: Callable[[HistoryDB], T]) -> T | None:
+    """`read` applied to history.db opened read-only; None where the daemon has not made one yet."""
+    path = cfg.path("status") / HISTORY_FILE
+    if not path.exists():
+        return None
+    db = HistoryDB.open_readonly(path)
+    try:
+        return read(db)
+    finally:
+        db.close()
+
+
+def scaled_chars(values: list[float | None], top: float | None, chars: str) -> list[str]:
+    """One of `chars` per value by its share of `top` (the last from 1 - 1/len(chars) up);
+    a space where there is no value, "?" where it is not finite."""
+    def one(v: float | None) -> str:
+        if v is None:
+            return " "
+        if not math.isfinite(v):
+            return "?"
+        return chars[min(len(chars) - 1, max(0, int(v / top * len(chars))))] if top else chars[0]
+    return [one(v) for v in values]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from daemon.config import Config, TrainingConfig
 from daemon.errors import DataError
 from daemon.train import checkpoint as ckpt
+from daemon.train.activity import ActivityProbe
 from daemon.train.data import batches, collate, eval_examples, plan_file, train_examples
 from daemon.train.model import LoadedModel, lora_state, set_lora_state
 from daemon.validate import DataFormat
@@ -187,14 +188,17 @@ class StepStats:
     grad_norm: float  # before clipping
     lr: float
     tokens: int  # input tokens (non-pad) in the step
+    lora_grads: Any = None  # per-module gradient norms of A and B, when the activity probe asked for them
 
 
-def optimizer_step(lm: LoadedModel, group: list[list], pad_id: int, opt: Any, sched: Any, scaler: Any, max_norm: float) -> StepStats:
+def optimizer_step(lm: LoadedModel, group: list[list], pad_id: int, opt: Any, sched: Any, scaler: Any, max_norm: float,
+                   probe: ActivityProbe | None = None) -> StepStats:
     """Forward/backward every micro-batch of the group, then one clipped optimizer step.
 
     Each micro-batch's summed loss is divided by the trainable tokens of the WHOLE
     group, so the gradient is that of the group's token-mean loss whatever the
     split into micro-batches (dividing per micro-batch would over-weight short ones).
+    With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
     """
     collated = [to_device(collate(mb, pad_id), lm.device) for mb in group]
     n_targets = max(1, sum(trainable_tokens(b) for b in collated))
@@ -204,6 +208,7 @@ def optimizer_step(lm: LoadedModel, group: list[list], pad_id: int, opt: Any, sc
         scaler.scale(s / n_targets).backward()
         total += float(s.detach())
     scaler.unscale_(opt)
+    lora_grads = probe.grad_norms() if probe is not None else None
     params = [p for g in opt.param_groups for p in g["params"]]
     # max_norm 0 disables clipping; inf still measures the norm for the report.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -213,7 +218,7 @@ def optimizer_step(lm: LoadedModel, group: list[list], pad_id: int, opt: Any, sc
     opt.zero_grad(set_to_none=True)
     sched.step()
     tokens = sum(int(b["attention_mask"].sum()) for b in collated)
-    return StepStats(total / n_targets, float(grad_norm), lr, tokens)
+    return StepStats(total / n_targets, float(grad_norm), lr, tokens, lora_grads)
 
 
 @torch.no_grad()
@@ -243,11 +248,16 @@ def restore(lm: LoadedModel, ck: ckpt.Checkpoint, opt: Any, sched: Any, scaler: 
 def train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
+    activity: ActivityProbe | None = None,
 ) -> Outcome:
-    """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint)."""
+    """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint).
+
+    With an `activity` probe, per-layer LoRA activity is reported (`activity`
+    messages) every `activity.every_steps` steps and at the file's last step.
+    """
     try:
         return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
-                           report=report, control=control, clock=clock)
+                           report=report, control=control, clock=clock, probe=activity)
     except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
         log.info("%s: %s while its data was being read", job.job_id, e.verdict)
         status: Literal["stopped", "skipped"] = "stopped" if e.verdict == "stop" else "skipped"
@@ -257,7 +267,7 @@ def train_file(
 
 def _train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
-    report: ReportFn, control: ControlFn, clock: Callable[[], float],
+    report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
@@ -301,6 +311,23 @@ def _train_file(
         report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
         return pos.step
 
+    last_sample = -math.inf
+
+    def activity_due(step: int) -> bool:
+        """The file's last step always; else every `every_steps`, at most once per `min_interval_seconds`."""
+        if probe is None:
+            return False
+        ac = cfg.activity
+        return step == total_steps or (ac.every_steps > 0 and step % ac.every_steps == 0
+                                       and clock() - last_sample >= ac.min_interval_seconds)
+
+    def report_activity(grads: Any) -> None:
+        nonlocal last_sample
+        last_sample = clock()
+        grid = probe.sample(grads)
+        report({"type": "activity", "job_id": job.job_id, "step": pos.step, "global_step": pos.global_step,
+                "final": pos.step == total_steps, **grid.to_dict()})
+
     def run_eval() -> float | None:
         loss = evaluate(lm, held_out, tc.micro_batch_size, pad_id)
         if loss is not None:
@@ -327,7 +354,8 @@ def _train_file(
                 return Outcome("skipped", pos.step, pos.global_step, pos.last_loss, None, None)
 
             t0 = clock()
-            stats = optimizer_step(lm, group, pad_id, opt, sched, scaler, tc.max_grad_norm)
+            sample = activity_due(pos.step + 1)
+            stats = optimizer_step(lm, group, pad_id, opt, sched, scaler, tc.max_grad_norm, probe if sample else None)
             consumed += len(group)
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
                                 total_steps, epoch, consumed, stats.loss)
@@ -336,6 +364,8 @@ def _train_file(
                     "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
                     "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                     "tokens": stats.tokens, "tokens_per_sec": stats.tokens / dt, "elapsed": clock() - started})
+            if sample:
+                report_activity(stats.lora_grads)
 
             if tc.eval_every_steps and pos.step % tc.eval_every_steps == 0 and pos.step < total_steps:
                 eval_loss = run_eval()

@@ -35,6 +35,7 @@ from daemon.errors import DataError
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
 from daemon.train import process
+from daemon.train.activity import ActivityProbe, Grid
 from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Session:
     lm: Any  # daemon.train.model.LoadedModel
     version: int | None  # current adapter version (None: nothing published yet)
     manifest: dict[str, Any]
+    probe: ActivityProbe  # per-layer LoRA activity of lm (keeps ‖W₀‖ across files)
     paused: bool = False
     exit_code: int | None = None  # set once the child must leave
     backlog: collections.deque = field(default_factory=collections.deque)
@@ -77,7 +79,8 @@ def load_session(cfg: Config, conn: Connection) -> Session:
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
-    sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {})
+    sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
+                   ActivityProbe(lm.model))
     trainable, total = lm.param_counts()
     sess.send({"type": "ready", "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
                "quantization": lm.quantization, "base_model": cfg.base_model, "adapter_version": sess.version,
@@ -143,15 +146,15 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
     try:
         outcome = train_file(sess.lm, sess.cfg, job, global_step=int(sess.manifest.get("global_step", 0)),
                              ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
-                             control=control_for(sess, job.job_id))
+                             control=control_for(sess, job.job_id), activity=sess.probe)
     except Exception as e:  # a job boundary: record it with the job, stay alive for the next one
-        set_lora_state(sess.lm.model, before)
+        restore(sess, before)
         fail(sess, job.job_id, e)
         return
     if outcome.status == "done":
-        publish(sess, job, msg, outcome)
+        publish(sess, job, msg, outcome, moved=sess.probe.moved_since(before))
     elif outcome.status == "skipped":
-        set_lora_state(sess.lm.model, before)
+        restore(sess, before)
         ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
         sess.send({"type": "skipped", "job_id": job.job_id, "steps_discarded": outcome.steps})
     else:
@@ -159,15 +162,26 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         sess.exit_code = 0
 
 
-def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any) -> None:
-    """Publish the next adapter version, drop the job's checkpoints, answer done."""
+def restore(sess: Session, before: dict[str, Any]) -> None:
+    """Put the LoRA weights back to their state before the file (skip, failure)."""
+    set_lora_state(sess.lm.model, before)
+    sess.probe.forget_previous()  # the last sample's weights are gone: no `change` against them
+
+
+def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: Grid) -> None:
+    """Publish the next adapter version, drop the job's checkpoints, answer done.
+
+    What the file moved (per module ‖ΔW after − ΔW before‖, from the weights before
+    the file, so a resume in between counts nothing twice) goes into the manifest,
+    which survives a crash between publication and the `done` answer.
+    """
     version = (sess.version or 0) + 1
     manifest = {
         "version": version, "parent_version": sess.version, "base_model": sess.cfg.base_model,
         "job_id": job.job_id, "original_name": msg.get("original_name"), "sha256": job.sha256,
         "steps": outcome.steps, "global_step": outcome.global_step, "final_loss": outcome.final_loss,
         "eval_loss": outcome.eval_loss, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trained_jobs": sess.trained_jobs + [job.job_id],
+        "trained_jobs": sess.trained_jobs + [job.job_id], "activity_moved": moved.to_dict(),
     }
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest)
     sess.version, sess.manifest = version, manifest
@@ -175,7 +189,7 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any) -> None:
     log.info("%s done in %d steps: adapter v%d", job.job_id, outcome.steps, version)
     sess.send({"type": "done", "job_id": job.job_id, "steps": outcome.steps, "final_loss": outcome.final_loss,
                "eval_loss": outcome.eval_loss, "adapter_version": version, "adapter_path": str(published.path),
-               "already_trained": False})
+               "already_trained": False, "activity_moved": manifest["activity_moved"]})
 
 
 def answer_already_trained(sess: Session, job_id: str) -> None:
@@ -187,7 +201,7 @@ def answer_already_trained(sess: Session, job_id: str) -> None:
                "final_loss": sess.manifest.get("final_loss") if own else None,
                "eval_loss": sess.manifest.get("eval_loss") if own else None, "adapter_version": sess.version,
                "adapter_path": str(sess.cfg.path("adapters") / adapters.version_dir_name(sess.version)),
-               "already_trained": True})
+               "already_trained": True, "activity_moved": sess.manifest.get("activity_moved") if own else None})
 
 
 def fail(sess: Session, job_id: str, e: Exception) -> None:

@@ -9,7 +9,11 @@ import { fmt } from '../format.js';
 const { uPlot } = window;
 const MAX_POINTS = 2000;          // what /api/history may return per request
 const SMOOTH_WEIGHT = 0.9;        // EMA weight, as TensorBoard's smoothing slider
-const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7];  // steps are whole
+export const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7];  // steps are whole
+
+// An axis with the dashboard's look (fresh objects each time: uPlot keeps what it is given).
+// Shared with the other step chart, views/activity.js.
+export const axis = (opts) => ({ stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' }, ...opts });
 
 let lossChart, lrChart, tpsChart;
 
@@ -72,8 +76,8 @@ function makeChart(id, series, yFmt) {
     scales: { x: { time: false } },
     legend: { live: true },
     axes: [
-      { label: 'global step', incrs: STEP_INCRS, stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' } },
-      { stroke: '#9aa5b1', grid: { stroke: '#2a3440' }, ticks: { stroke: '#2a3440' }, size: 64, values: (u, vals) => yFmt(vals) },
+      axis({ label: 'global step', incrs: STEP_INCRS }),
+      axis({ size: 64, values: (u, vals) => yFmt(vals) }),
     ],
     series: [{ label: 'step' }].concat(series),
     hooks: { setScale: [(u, key) => { if (key === 'x') onZoom(u); }] },
