@@ -11,12 +11,14 @@ the same LoRA weights and trains the same steps with daemon.train.loop.train_fil
   every-50   every 50 steps without the time floor (the default's worst case on fast steps)
   every-1    every step (how much one sample costs, made visible)
 
-Runs are interleaved (off, default, every-50, every-1, off, ...) and each
-figure is the median over the pairs of (run time / the pair's `off` time) - 1.
-Alongside, the cost of one sample measured on its own (median of 30
-probe.sample() + grad_norms() calls) over the median step time: the overhead
-an interval of N steps implies is that ratio / N, which is steadier than the
-difference of two noisy run times. Figures are for reading, never asserted.
+Runs are interleaved (off, default, every-50, every-1, off, ...). Three figures:
+  in-run     the seconds spent inside the probe (grad norms + sample) during a run,
+             over that run's time: the feature's own cost, exact and noise-free
+  A/B        the median over the pairs of (run time / the pair's `off` time) - 1;
+             on shared cores its noise is a few percent, so it only resolves `every-1`
+  implied    one sample's cost measured on its own (median of 30) over the median
+             step time, / 50: what the default interval costs on long files
+Figures are for reading, never asserted.
 """
 
 from __future__ import annotations
@@ -76,6 +78,27 @@ def data_file(root: Path, steps: int) -> Path:
     return out
 
 
+class Timed:
+    """Counts the seconds spent in the probe's two entry points during a run."""
+
+    def __init__(self, probe: Any) -> None:
+        self.probe, self.seconds = probe, 0.0
+        for name in ("sample", "grad_norms"):
+            setattr(self, name, self._timed(getattr(probe, name)))
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the probe's own
+        return getattr(self.probe, name)
+
+    def _timed(self, fn: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return call
+
+
 def one_run(lm: Any, cfg: Any, path: Path, start: dict, probe: Any, root: Path) -> tuple[float, list[float]]:
     """Train the file once from `start`; (seconds, step times)."""
     from daemon.train.loop import Job, train_file
@@ -114,18 +137,22 @@ def bench_model(name: str, base: str, root: Path, args: argparse.Namespace) -> d
     start, path = lora_state(lm.model), data_file(root, args.steps)
     one_run(lm, cfgs["off"], path, start, None, root)  # warm-up, not counted
     ratios: dict[str, list[float]] = {m: [] for m in MODES if m != "off"}
+    inside: dict[str, list[float]] = {m: [] for m in ratios}
     step_times: list[float] = []
     for _ in range(args.pairs):
         off, st = one_run(lm, cfgs["off"], path, start, None, root)
         step_times += st
         for mode in ratios:
-            t, _ = one_run(lm, cfgs[mode], path, start, probe, root)
+            timed = Timed(probe)
+            t, _ = one_run(lm, cfgs[mode], path, start, timed, root)
             ratios[mode].append(t / off - 1)
+            inside[mode].append(timed.seconds / t)
     # a 4-bit weight stores two values per byte: count the values, not the bytes
     params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in lm.model.get_base_model().parameters())
     cost, step = sample_cost(probe), statistics.median(step_times)
     return {"model": name, "parameters": params, "lora_modules": len(probe.sites), "steps_per_run": args.steps,
             "median_step_ms": step * 1e3, "sample_ms": cost * 1e3, "implied_overhead_every_50": cost / (50 * step),
+            "in_run": {m: statistics.median(v) for m, v in inside.items()},
             "overhead": {m: statistics.median(v) for m, v in ratios.items()},
             "overhead_runs": ratios}
 
@@ -158,11 +185,13 @@ def main() -> None:
             results.append(bench_model(name, base, root, args))
     print(f"\nper-layer LoRA activity overhead: {args.quantization} base, LoRA r=8 on all linear layers, "
           f"{args.threads} thread(s), {args.pairs} interleaved pairs, load {os.getloadavg()[0]:.2f}")
+    modes = list(results[0]["overhead"])
     print(f"{'model':<10}{'params':>12}{'modules':>9}{'step ms':>9}{'sample ms':>11}{'implied/50':>12}"
-          + "".join(f"{m:>11}" for m in results[0]["overhead"]))
+          + "".join(f"{'in-run ' + m:>18}" for m in modes) + "".join(f"{'A/B ' + m:>15}" for m in modes))
     for r in results:
         print(f"{r['model']:<10}{r['parameters']:>12,}{r['lora_modules']:>9}{r['median_step_ms']:>9.1f}{r['sample_ms']:>11.2f}"
-              f"{r['implied_overhead_every_50']:>11.3%} " + "".join(f"{v:>10.2%} " for v in r["overhead"].values()))
+              f"{r['implied_overhead_every_50']:>11.3%} " + "".join(f"{r['in_run'][m]:>17.3%} " for m in modes)
+              + "".join(f"{r['overhead'][m]:>14.2%} " for m in modes))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
 
