@@ -60,6 +60,8 @@ class DataConfig:
     eval_fraction: float = _f(0.05, "Fraction of each file's examples held out for eval loss (0: no eval).")
     eval_max_examples: int = _f(64, "At most this many eval examples per file.")
     shuffle_buffer: int = _f(1024, "Examples shuffled within a window of this size (streaming, seeded).")
+    group_by_length: bool = _f(True, "Within each shuffle window, put examples of similar length in the same micro-batch (almost no padding); the order is seeded and kept in checkpoints.")
+    packing: bool = _f(True, "Pack a micro-batch's examples into rows as wide as its longest, with no attention across examples (same loss as padding, less compute).")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class ModelConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA, float32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory on large bases.")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "auto: flash_attention_2 on CUDA where the flash-attn package is installed (packed rows run as variable-length attention), else the model's default (sdpa where it has it).")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ class TrainingConfig:
     checkpoint_every_steps: int = _f(20, "Write a resumable checkpoint every N optimizer steps (and at stop).")
     keep_checkpoints: int = _f(2, "Checkpoints kept per file in progress.")
     eval_every_steps: int = _f(0, "Eval loss every N steps (0: once at the end of each file).")
-    cpu_threads: int = _f(0, "Torch CPU threads in the trainer; 0: one per core but one, left for the service and monitor.")
+    cpu_threads: int = _f(0, "Torch CPU threads in the trainer; 0: every core, one fewer while other processes want CPU.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "AdamW; or bitsandbytes' 8-bit AdamW (CUDA), paged to host memory under pressure (large bases) (locked key).", locked=True)
+    compile: bool = _f(False, "Compile the model's decoder with torch.compile once per loaded model (minutes of compiling; see docs/PERFORMANCE.md for when it pays).")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,10 @@ def check(cfg: Config) -> list[tuple[str, Any, Any]]:
     if old is None or not training_started(cfg):
         return []
     new = locked_values(cfg)
-    return [(k, old.get(k), v) for k, v in new.items() if old.get(k) != v]
+    # A key locked by a later traind is missing from an older record: that traind trained with what is now
+    # the key's default (there was no other choice), so only a value other than the default is a change.
+    implicit = locked_values(Config())
+    return [(k, old.get(k, implicit[k]), v) for k, v in new.items() if old.get(k, implicit[k]) != v]
 
 
 def record(cfg: Config, now: float | None = None, history: list | None = None) -> None:

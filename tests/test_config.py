@@ -54,7 +54,7 @@ def test_config_is_frozen_and_typed(tmp_path):
 def test_locked_values_name_the_adapter_shaping_keys(tmp_path):
     keys = set(locked_values(config_from_dict({}, tmp_path)))
     assert keys == {"base_model", "data.max_length", "model.quantization", "lora.r", "lora.target_modules",
-                    "training.micro_batch_size", "training.grad_accum_steps"}
+                    "training.micro_batch_size", "training.grad_accum_steps", "training.optimizer"}
 
 
 def test_invalid_json_names_line(tmp_path):

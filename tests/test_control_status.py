@@ -99,3 +99,18 @@ def test_locked_keys_refuse_then_approve_archives(tmp_path, models_dir):
     assert lockedkeys.check(cfg2) == []
     assert len(moved) == 1 and (tmp_path / "i" / "archive").is_dir()
     assert json.loads((cfg.path("status") / "locked_keys.json").read_text())["history"][0]["changes"] == [["lora.r", 4, 16]]
+
+
+def test_a_key_locked_by_a_later_version_is_taken_at_its_default(tmp_path, models_dir):
+    """An instance recorded before `training.optimizer` was locked: the default is what it trained with."""
+    cfg = load_config(write_instance(tmp_path / "i", models_dir))
+    lockedkeys.record(cfg)
+    (cfg.path("adapters")).mkdir(parents=True)
+    (cfg.path("adapters") / "current.json").write_text('{"version": 1}')
+    path = cfg.path("status") / "locked_keys.json"
+    old = json.loads(path.read_text())
+    del old["values"]["training.optimizer"]  # as an older traind wrote it
+    path.write_text(json.dumps(old))
+    assert lockedkeys.check(cfg) == []  # starts as before the upgrade
+    other = load_config(write_instance(tmp_path / "i", models_dir, training={"optimizer": "adamw_8bit"}))
+    assert lockedkeys.check(other) == [("training.optimizer", "adamw", "adamw_8bit")]

@@ -15,9 +15,9 @@ import pytest
 
 from daemon.config import DataConfig
 from daemon.errors import DataError
+from daemon.train.batching import batches, collate
 from daemon.train.data import (
-    IGNORE, Example, FilePlan, batches, collate, eval_examples, is_eval_line, plan_file, tokenize_record,
-    train_examples,
+    IGNORE, Example, FilePlan, eval_examples, is_eval_line, plan_file, tokenize_record, train_examples,
 )
 from daemon.train.tinymodel import build_tokenizer
 from daemon.validate import DataFormat, Record, iter_records, parse_line

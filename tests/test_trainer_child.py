@@ -271,9 +271,8 @@ def test_trainer_lock_waits_then_refuses(tmp_path: Path) -> None:
     os.close(acquire_lock(tmp_path / ".trainer.lock", wait=0.5))  # free again once released
 
 
-def test_cpu_threads_auto_leaves_a_core_for_the_service() -> None:
-    from daemon.train.process import cpu_thread_count
+def test_cpu_threads_auto_takes_every_core() -> None:
+    from daemon.train.threads import cpu_thread_count
 
-    cores = len(os.sched_getaffinity(0))
     assert cpu_thread_count(3) == 3
-    assert cpu_thread_count(0) == max(1, cores - 1)
+    assert cpu_thread_count(0) == len(os.sched_getaffinity(0))

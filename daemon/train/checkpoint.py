@@ -48,6 +48,7 @@ class Position:
     epoch: int  # the epoch in progress (0-based)
     micro_batches: int  # micro-batches of that epoch already consumed
     last_loss: float | None = None
+    order: str = "shuffled"  # how the file's micro-batches are made (daemon.train.batching); older checkpoints: shuffled
 
 
 @dataclass

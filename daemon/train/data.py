@@ -1,12 +1,11 @@
-"""Trainer side of the data: tokenise records, split train/eval, stream shuffled batches.
+"""Trainer side of the data: tokenise records, split train/eval, stream shuffled examples.
 
-    from daemon.train.data import plan_file, eval_examples, train_examples, batches, collate
+    from daemon.train.data import plan_file, eval_examples, train_examples
     plan = plan_file(path, fmt, tokenizer, cfg.data, seed)             # counts for total_steps
     evals = eval_examples(path, fmt, tokenizer, cfg.data, seed)
     for epoch in range(epochs):
-        for i, batch in enumerate(batches(train_examples(path, fmt, tokenizer, cfg.data, seed, epoch), mbs)):
-            if i < skip: continue                                       # resuming: same order every time
-            tensors = collate(batch, tokenizer.pad_token_id)
+        for ex in train_examples(path, fmt, tokenizer, cfg.data, seed, epoch):   # same order every time
+            ...                                                         # daemon.train.batching makes micro-batches
 
 Everything is a deterministic function of (file, tokenizer, data config, seed,
 epoch): a resumed run re-creates the iterator and skips the micro-batches it
@@ -30,7 +29,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from daemon.config import DataConfig
 from daemon.errors import DataError
@@ -293,38 +292,3 @@ def train_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, dat
         yield ex
     rng.shuffle(buffer)
     yield from buffer
-
-
-# ---------------------------------------------------------------- batches
-
-
-def batches(examples: Iterable[Example], micro_batch_size: int) -> Iterator[list[Example]]:
-    """Group examples into lists of `micro_batch_size`; the last one may be smaller."""
-    if micro_batch_size < 1:
-        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    batch: list[Example] = []
-    for ex in examples:
-        batch.append(ex)
-        if len(batch) == micro_batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch to its longest example: long tensors input_ids, attention_mask, labels (-100 on padding)."""
-    import torch  # lazy: importing this module must stay cheap for tools that only count
-
-    if not batch:
-        raise DataError("cannot collate an empty batch")
-    width = max(len(ex.input_ids) for ex in batch)
-    input_ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -38,14 +38,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 
 from daemon.config import Config, TrainingConfig
 from daemon.errors import DataError
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity import ActivityProbe
-from daemon.train.data import batches, collate, eval_examples, plan_file, train_examples
-from daemon.train.model import LoadedModel, lora_state, set_lora_state
+from daemon.train.batching import micro_batches
+from daemon.train.data import eval_examples, plan_file, train_examples
+from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
+from daemon.train.step import evaluate, fast_paths, optimizer_step
 from daemon.validate import DataFormat
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 Verdict = Literal["continue", "stop", "skip"]
 ControlFn = Callable[[], Verdict]
 ReportFn = Callable[[dict[str, Any]], None]
-IGNORE = -100  # the label value collate() uses for tokens without loss (PyTorch's ignore_index default)
 
 
 PREP_POLL_SECONDS = 0.2  # how often control is asked while a file is read before (or skipped to) its steps
@@ -139,10 +139,19 @@ def lr_factor(tc: TrainingConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_optimizer(model: Any, tc: TrainingConfig, total_steps: int) -> tuple[Any, Any]:
-    """A fresh AdamW over the trainable (LoRA) parameters and its per-file schedule."""
+def build_optimizer(model: Any, tc: TrainingConfig, total_steps: int, device: str = "cpu") -> tuple[Any, Any]:
+    """A fresh AdamW (`training.optimizer`) over the trainable (LoRA) parameters and its per-file schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    else:
+        if device != "cuda":
+            raise ModelError(f"`training.optimizer` = {tc.optimizer!r} runs on CUDA only (bitsandbytes' 8-bit states); "
+                             "use 'adamw' on the CPU")
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        optimizer = cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tc, total_steps))
     return optimizer, scheduler
 
@@ -162,77 +171,6 @@ def groups(micro_batches: Iterable[list], grad_accum: int) -> Iterator[list[list
     it = iter(micro_batches)
     while group := list(itertools.islice(it, grad_accum)):
         yield group
-
-
-def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses over trainable tokens, their count) for one collated micro-batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]  # labels align with input_ids; position t predicts token t+1
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
-
-
-def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-@dataclass(frozen=True)
-class StepStats:
-    loss: float  # mean over the group's trainable tokens
-    grad_norm: float  # before clipping
-    lr: float
-    tokens: int  # input tokens (non-pad) in the step
-    lora_grads: Any = None  # per-module gradient norms of A and B, when the activity probe asked for them
-
-
-def optimizer_step(lm: LoadedModel, group: list[list], pad_id: int, opt: Any, sched: Any, scaler: Any, max_norm: float,
-                   probe: ActivityProbe | None = None) -> StepStats:
-    """Forward/backward every micro-batch of the group, then one clipped optimizer step.
-
-    Each micro-batch's summed loss is divided by the trainable tokens of the WHOLE
-    group, so the gradient is that of the group's token-mean loss whatever the
-    split into micro-batches (dividing per micro-batch would over-weight short ones).
-    With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
-    """
-    collated = [to_device(collate(mb, pad_id), lm.device) for mb in group]
-    n_targets = max(1, sum(trainable_tokens(b) for b in collated))
-    total = 0.0
-    for b in collated:
-        s, _ = loss_sum(lm.model, b)
-        scaler.scale(s / n_targets).backward()
-        total += float(s.detach())
-    scaler.unscale_(opt)
-    lora_grads = probe.grad_norms() if probe is not None else None
-    params = [p for g in opt.param_groups for p in g["params"]]
-    # max_norm 0 disables clipping; inf still measures the norm for the report.
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    lr = sched.get_last_lr()[0]
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
-    tokens = sum(int(b["attention_mask"].sum()) for b in collated)
-    return StepStats(total / n_targets, float(grad_norm), lr, tokens, lora_grads)
-
-
-@torch.no_grad()
-def evaluate(lm: LoadedModel, examples: list, micro_batch_size: int, pad_id: int) -> float | None:
-    """Token-mean loss over the held-out examples (dropout off), or None without any."""
-    if not examples:
-        return None
-    lm.model.eval()
-    total, count = 0.0, 0
-    for mb in batches(examples, micro_batch_size):
-        s, n = loss_sum(lm.model, to_device(collate(mb, pad_id), lm.device))
-        total, count = total + float(s), count + n
-    lm.model.train()
-    return total / count if count else None
 
 
 def restore(lm: LoadedModel, ck: ckpt.Checkpoint, opt: Any, sched: Any, scaler: Any) -> None:
@@ -270,9 +208,11 @@ def _train_file(
     report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
-    tok, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
+    tok = lm.tokenizer
     fmt, seed = DataFormat(job.fmt), job_seed(tc.seed, job.sha256)
     tick = polling(control, clock)
+    if lm.fast is None:  # once per loaded model: which exact shortcuts hold for it
+        lm.fast = fast_paths(lm)
 
     # --- data plan and the step budget of this file (a big file takes a while: control is asked meanwhile)
     plan = plan_file(job.path, fmt, tok, dc, seed, tick)
@@ -287,10 +227,11 @@ def _train_file(
 
     # --- fresh optimizer + schedule, seeded RNG; then a checkpoint overrides both if one exists
     lm.model.zero_grad(set_to_none=True)  # a job that failed mid-backward may have left gradients
-    opt, sched = build_optimizer(lm.model, tc, total_steps)
+    opt, sched = build_optimizer(lm.model, tc, total_steps, lm.device)
     scaler = make_scaler(lm)
     seed_everything(seed)
-    pos = ckpt.Position(job.job_id, job.sha256, 0, global_step, total_steps, 0, 0)
+    order = "grouped" if dc.group_by_length else "shuffled"
+    pos = ckpt.Position(job.job_id, job.sha256, 0, global_step, total_steps, 0, 0, order=order)
     ck = ckpt.load_latest(ckpt_folder, job.sha256, start_global_step=global_step)
     if ck is None and ckpt.step_dirs(ckpt_folder):
         # unusable ones would otherwise outrank (by step number) and prune the new ones
@@ -298,7 +239,7 @@ def _train_file(
         ckpt.delete_checkpoints(ckpt_folder)
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
-        pos = ck.position
+        pos = ck.position  # with the order its file began with, whatever data.group_by_length says now
         log.info("%s: resuming from step %d (%s)", job.job_id, pos.step, ck.path.name)
     saved_step = pos.step if ck is not None else None
     report({"type": "started", "job_id": job.job_id, "total_steps": total_steps,
@@ -329,7 +270,7 @@ def _train_file(
                 "final": pos.step == total_steps, **grid.to_dict()})
 
     def run_eval() -> float | None:
-        loss = evaluate(lm, held_out, tc.micro_batch_size, pad_id)
+        loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing)
         if loss is not None:
             report({"type": "eval", "job_id": job.job_id, "step": pos.step,
                     "global_step": pos.global_step, "eval_loss": loss})
@@ -340,7 +281,8 @@ def _train_file(
     started, eval_loss = clock(), None
     for epoch in range(pos.epoch, tc.epochs_per_file):
         skip = pos.micro_batches if epoch == pos.epoch else 0
-        stream = batches(train_examples(job.path, fmt, tok, dc, seed, epoch), tc.micro_batch_size)
+        stream = micro_batches(train_examples(job.path, fmt, tok, dc, seed, epoch), tc.micro_batch_size,
+                               pos.order, dc.shuffle_buffer, seed, epoch)
         for _ in range(skip):  # a resume reads up to where its checkpoint was; control is asked meanwhile
             next(stream)
             tick()
@@ -355,15 +297,17 @@ def _train_file(
 
             t0 = clock()
             sample = activity_due(pos.step + 1)
-            stats = optimizer_step(lm, group, pad_id, opt, sched, scaler, tc.max_grad_norm, probe if sample else None)
+            stats = optimizer_step(lm, group, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
+                                   probe if sample else None)
             consumed += len(group)
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
-                                total_steps, epoch, consumed, stats.loss)
+                                total_steps, epoch, consumed, stats.loss, pos.order)
             dt = max(clock() - t0, 1e-9)
             report({"type": "step", "job_id": job.job_id, "step": pos.step, "total_steps": total_steps,
                     "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
                     "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                    "tokens": stats.tokens, "tokens_per_sec": stats.tokens / dt, "elapsed": clock() - started})
+                    "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
+                    "elapsed": clock() - started})
             if sample:
                 report_activity(stats.lora_grads)
 

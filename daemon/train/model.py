@@ -110,6 +110,18 @@ def quantization_config(mc: ModelConfig, dtype: "torch.dtype") -> Any | None:
     )
 
 
+def choose_attention(mc: ModelConfig, device: str) -> str | None:
+    """`model.attention`, with auto resolved: flash-attn's varlen kernels on CUDA where installed, else
+    transformers' own default for the architecture (SDPA where it has it, eager otherwise): None."""
+    if mc.attention == "flash_attention_2" and device != "cuda":
+        raise ModelError("`model.attention` = 'flash_attention_2' needs a CUDA GPU; use 'auto' or 'sdpa'")
+    if mc.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("`model.attention` = 'flash_attention_2' needs the flash-attn package; install it or use 'auto'")
+    if mc.attention != "auto":
+        return mc.attention
+    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else None
+
+
 def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype") -> tuple[Any, Any]:
     """(model, tokenizer) of the base in `path`, 4-bit or not, on `device`, frozen, ready for a LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +131,8 @@ def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype") ->
         tokenizer.pad_token = tokenizer.eos_token
     quant = quantization_config(mc, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if (attention := choose_attention(mc, device)) is not None:
+        kwargs["attn_implementation"] = attention
     if quant is not None:
         # bitsandbytes quantises while loading onto the target device: device_map places it.
         kwargs.update(quantization_config=quant, device_map={"": device})
@@ -189,6 +203,7 @@ class LoadedModel:
     dtype: "torch.dtype"
     base_path: Path
     quantization: str
+    fast: Any = None  # daemon.train.step.FastPaths, checked on first use
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; 4-bit weights counted as stored elements."""
@@ -206,7 +221,12 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None) 
     model, tokenizer = load_base(base_path, cfg.model, device, dtype)
     model = prepare_for_lora(model, cfg.model)
     model = attach_lora(model, cfg.lora, seed)
-    log.info("loaded %s on %s (%s, quantization %s)", base_path, device, dtype, cfg.model.quantization)
+    if cfg.training.compile:
+        # In place, so every path (the model's own forward, the decoder alone for label-only logits) runs compiled;
+        # dynamic: lengths change from batch to batch, and a recompile per length would never pay.
+        model.get_base_model().get_decoder().compile(dynamic=True)
+    log.info("loaded %s on %s (%s, quantization %s, attention %s%s)", base_path, device, dtype, cfg.model.quantization,
+             model.get_base_model().config._attn_implementation, ", compiled" if cfg.training.compile else "")
     return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization)
 
 

@@ -2,7 +2,6 @@
 
     from daemon.train import process
     process.die_with_parent()
-    process.limit_cpu_threads(cfg.training.cpu_threads)   # before torch is first imported
     process.quiet_hugging_face()
     fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
     conn = process.connect()                              # TRAIND_CONNECT / TRAIND_AUTHKEY from the service
@@ -61,40 +60,6 @@ def quiet_hugging_face() -> None:
         lambda r: "kernels" not in r.getMessage())
     # peft reads a transformers 5 alias that warns (not traind's call to change).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def cpu_thread_count(configured: int) -> int:
-    """The trainer's torch CPU threads: `configured`, or for 0 one per usable core but one.
-
-    The core left over is for the service, the monitor and whatever else the box
-    runs: on shared cores OpenMP threads spin-wait on each other, and with 2
-    threads on 2 cores a monitor under load slowed our steps about 20x
-    (bench/monitor_latency.py: 82 -> 3.8 steps/s; with 1 thread 96 -> 93).
-    """
-    if configured > 0:
-        return configured
-    try:
-        cores = len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-def limit_cpu_threads(configured: int) -> None:
-    """Set the torch CPU threads (`training.cpu_threads`, see cpu_thread_count).
-
-    The environment variables are set too, before torch is first imported (call
-    this first), so every OpenMP/MKL runtime and every thread starts with the
-    same count, not only torch's own pool.
-    """
-    n = cpu_thread_count(configured)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
-    how = "training.cpu_threads" if configured > 0 else "auto: one per core but one"
-    log.info("torch CPU threads: %d (%s)", torch.get_num_threads(), how)
 
 
 def acquire_lock(path: Path, wait: float = LOCK_WAIT_SECONDS) -> int:

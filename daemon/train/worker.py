@@ -37,6 +37,7 @@ from daemon.train import checkpoint as ckpt
 from daemon.train import process
 from daemon.train.activity import ActivityProbe, Grid
 from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
+from daemon.train.threads import ThreadGovernor, start_threads
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Session:
     version: int | None  # current adapter version (None: nothing published yet)
     manifest: dict[str, Any]
     probe: ActivityProbe  # per-layer LoRA activity of lm (keeps ‖W₀‖ across files)
+    governor: ThreadGovernor | None = None  # trims the CPU threads while other processes want the cores (auto)
     paused: bool = False
     exit_code: int | None = None  # set once the child must leave
     backlog: collections.deque = field(default_factory=collections.deque)
@@ -71,7 +73,7 @@ class Session:
         return self.cfg.path("checkpoints") / job_id
 
 
-def load_session(cfg: Config, conn: Connection) -> Session:
+def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
     """Load base + current adapter (or a fresh LoRA seeded from training.seed) and say `ready`."""
     t0 = time.monotonic()
     lm = load_for_training(cfg, seed=cfg.training.seed)
@@ -80,7 +82,7 @@ def load_session(cfg: Config, conn: Connection) -> Session:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
-                   ActivityProbe(lm.model))
+                   ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
     trainable, total = lm.param_counts()
     sess.send({"type": "ready", "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
                "quantization": lm.quantization, "base_model": cfg.base_model, "adapter_version": sess.version,
@@ -95,6 +97,8 @@ def control_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.tr
     """The loop's control callback: drain messages; block while paused; answer continue/stop/skip."""
 
     def control() -> str:
+        if sess.governor is not None:
+            sess.governor.tick()
         while sess.paused or sess.conn.poll():
             try:
                 msg = sess.conn.recv()
@@ -136,7 +140,7 @@ def set_paused(sess: Session, paused: bool, job_id: str | None) -> None:
 
 def handle_train(sess: Session, msg: dict[str, Any]) -> None:
     """Train one file and answer done / skipped / failed / stopped."""
-    from daemon.train.loop import Job, train_file  # imports torch: only after process.limit_cpu_threads
+    from daemon.train.loop import Job, train_file  # imports torch: only after threads.start_threads
 
     job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"])
     if job.job_id in sess.trained_jobs:
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     process.die_with_parent()
     cfg = load_config(args.config)
     setup_logging(cfg.path("logs"), "trainer", cfg.service.log_level, also_stderr=False)
-    process.limit_cpu_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
+    threads = start_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
     process.quiet_hugging_face()
     lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
     if swept := ckpt.sweep_temp(cfg.path("checkpoints")):
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
     conn = process.connect()
     try:
-        code = serve(load_session(cfg, conn))
+        code = serve(load_session(cfg, conn, threads))
     except BaseException:
         log.exception("trainer failed outside a job; the service restarts it")
         raise

@@ -1,0 +1,245 @@
+"""The performance suite: traind against the standard stack, and the daemon around its loop, in one run.
+
+    .venv/bin/python bench/perf.py                         # the default plan: about an hour on 2 CPU cores
+    .venv/bin/python bench/perf.py --quick                 # a tiny budget, every section once (the test suite runs it)
+    .venv/bin/python bench/perf.py --sections compare --models 25m --data realistic --pairs 3
+
+Writes bench/results/perf-<stamp>.json and .md (or --out DIR); docs/PERFORMANCE.md quotes a run of it.
+Needs the bench extra: `.venv/bin/pip install -e '.[bench]'` (TRL for the SFTTrainer baseline).
+
+Sections (--sections, comma-separated):
+  compare   tokens/s of real tokens, one epoch each, runs interleaved A B C ... per pair, for every
+            model x data x quantisation asked: traind, Trainer + PEFT, Trainer with group_by_length,
+            TRL SFTTrainer (bench/perf_runs.py; each run its own process); each ratio is the median over
+            the pairs of traind's rate / the other's in the same pair, with padding waste and the
+            held-out loss after the epoch (loss parity) beside it
+  levers    the same on the first model and data, fp32: traind with every lever off (plain), only
+            grouping, only packing, grouping + packing with full logits, and all of them
+  daemon    the real daemon end to end on the same file vs the bare loop; with the dashboard open
+            (1 Hz polls + an event stream) and at 10 Hz; API p50/p99 while it trains; inbox -> first step
+            (warm: the model loaded; cold: from the daemon's start) (bench/perf_daemon.py)
+  flops     model FLOP/s of traind's step (4N per token for a frozen base with LoRA, plus attention and the
+            LoRA factors) over the matmul peak measured in the same run
+The scale figures (a 1 GB file's peak RSS, 10,000 queued files, history over 1M rows) come from
+bench/perf_scale.py, run separately: they take long and measure the daemon, not the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RUNNERS = ("traind", "trainer", "trainer-glen", "sft")
+LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind")
+DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96}  # one epoch each: 20, 15 and 12 steps of 8
+QUICK = dict(models="5m", data="realistic", quant="none", pairs=1, runners="traind,trainer", examples=48)
+
+
+def prepare(work: Path, models: list[str], kinds: list[str], examples: int | None) -> dict[str, Any]:
+    """Models and data files (cached in `work`): base folders, an epoch's file and a held-out file per kind."""
+    from bench.workloads import build_model, write_dataset
+    from daemon.train.tinymodel import ensure_embedded
+
+    emb = ensure_embedded(work / "models")
+    bases = {m: build_model(m, work / f"model-{m}", emb) for m in models}
+    data: dict[str, dict[str, Path]] = {}
+    for kind in kinds:
+        full = work / f"{kind}.jsonl"
+        if not full.exists():
+            write_dataset(full, kind, 2000, seed=0)
+        lines = full.read_text(encoding="utf-8").splitlines()
+        data[kind] = {m: _subset(work, kind, lines, examples or DEFAULT_EXAMPLES[m]) for m in models}
+        data[kind]["heldout"] = work / f"{kind}-heldout.jsonl"
+        if not data[kind]["heldout"].exists():
+            write_dataset(data[kind]["heldout"], kind, 32, seed=99)
+    return {"bases": bases, "data": data}
+
+
+def _subset(work: Path, kind: str, lines: list[str], n: int) -> Path:
+    path = work / f"{kind}-{n}.jsonl"
+    if not path.exists():
+        path.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    return path
+
+
+def one_run(runner: str, base: Path, data: Path, heldout: Path, quant: str, threads: int, out: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "perf_runs.py"), runner, "--base", str(base), "--data", str(data),
+           "--heldout", str(heldout), "--quant", quant, "--threads", str(threads), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0 or not out.exists():
+        return {"runner": runner, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(out.read_text())
+
+
+def compare(args: argparse.Namespace, prep: dict, work: Path) -> list[dict]:
+    """Every asked point: runs interleaved per pair; ratios of traind over each other runner, pair by pair."""
+    rows = []
+    runners = args.runners.split(",")
+    for model in args.models.split(","):
+        for kind in args.data.split(","):
+            for quant in args.quant.split(","):
+                runs: dict[str, list[dict]] = {r: [] for r in runners}
+                for pair in range(args.pairs):
+                    for r in runners:
+                        out = work / "runs" / f"{model}-{kind}-{quant}-{r}-{pair}-{time.time_ns()}.json"
+                        out.parent.mkdir(exist_ok=True)
+                        res = one_run(r, prep["bases"][model], prep["data"][kind][model], prep["data"][kind]["heldout"],
+                                      quant, args.threads, out)
+                        runs[r].append(res)
+                        print(f"  {model} {kind} {quant} pair {pair + 1}: {r:<13} "
+                              + (f"{res['tokens_per_sec']:8.0f} tok/s, waste {res['padding_waste']:.1%}, "
+                                 f"held-out loss {res['heldout_loss']:.4f}" if "error" not in res else "FAILED"), flush=True)
+                rows.append(summarise(model, kind, quant, runs))
+    return rows
+
+
+def summarise(model: str, kind: str, quant: str, runs: dict[str, list[dict]]) -> dict:
+    ok = {r: [x for x in v if "error" not in x] for r, v in runs.items()}
+    row: dict[str, Any] = {"model": model, "data": kind, "quant": quant, "runners": {}}
+    for r, xs in ok.items():
+        if not xs:
+            row["runners"][r] = {"error": runs[r][0].get("error")}
+            continue
+        row["runners"][r] = {
+            "tokens_per_sec": statistics.median(x["tokens_per_sec"] for x in xs),
+            "padding_waste": statistics.median(x["padding_waste"] for x in xs),
+            "heldout_loss": statistics.median(x["heldout_loss"] for x in xs),
+            "runs": [x["tokens_per_sec"] for x in xs],
+        }
+        if "defaults" in xs[0]:
+            row["runners"][r]["defaults"] = xs[0]["defaults"]
+    base = runs.get("traind", [])
+    for r in ok:
+        pairs = [a["tokens_per_sec"] / b["tokens_per_sec"] for a, b in zip(base, runs[r])
+                 if "error" not in a and "error" not in b]
+        if r != "traind" and pairs:
+            row["runners"][r]["traind_over_this"] = statistics.median(pairs)
+            row["runners"][r]["pair_ratios"] = pairs
+    return row
+
+
+def flops(args: argparse.Namespace, prep: dict, rows: list[dict]) -> list[dict]:
+    """Model FLOP/s of traind's measured rate over this machine's fp32 matmul peak, per compared point."""
+    from bench.perf_daemon import matmul_peak, model_flops_per_token
+
+    peak = matmul_peak(args.threads)
+    out = []
+    for row in rows:
+        t = row["runners"].get("traind", {})
+        if "tokens_per_sec" not in t:
+            continue
+        per_token = model_flops_per_token(prep["bases"][row["model"]], prep["data"][row["data"]][row["model"]])
+        achieved = t["tokens_per_sec"] * per_token
+        out.append({"model": row["model"], "data": row["data"], "quant": row["quant"], "flops_per_token": per_token,
+                    "model_flops_per_sec": achieved, "matmul_peak": peak, "efficiency": achieved / peak})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# traind performance run {result['stamp']}", "", f"`{result['command']}`", "",
+             f"Machine: {result['machine']}", ""]
+    if result.get("compare"):
+        lines += ["## traind vs the standard stack (tokens/s of real tokens, one epoch per run)", "",
+                  "| model | data | base | runner | tokens/s | traind / this | padding waste | held-out loss |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in result["compare"]:
+            for r, v in row["runners"].items():
+                if "error" in v:
+                    lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {r} | failed | | | |")
+                    continue
+                ratio = f"{v['traind_over_this']:.2f}x" if "traind_over_this" in v else ""
+                lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {r} | {v['tokens_per_sec']:.0f} | {ratio} "
+                             f"| {v['padding_waste']:.1%} | {v['heldout_loss']:.4f} |")
+        lines.append("")
+    if result.get("levers"):
+        lines += ["## What each lever contributes (traind variants, fp32; ratio: all levers / this)", "",
+                  "| model | data | variant | tokens/s | all / this | padding waste | held-out loss |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in result["levers"]:
+            for r, v in row["runners"].items():
+                ratio = f"{v['traind_over_this']:.2f}x" if "traind_over_this" in v else ""
+                lines.append(f"| {row['model']} | {row['data']} | {r} | {v.get('tokens_per_sec', 0):.0f} | {ratio} | "
+                             f"{v.get('padding_waste', 0):.1%} | {v.get('heldout_loss', 0):.4f} |")
+        lines.append("")
+    if result.get("flops"):
+        lines += ["## Hardware efficiency", "", "| model | data | base | model GFLOP/s | matmul peak GFLOP/s | efficiency |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for f in result["flops"]:
+            lines.append(f"| {f['model']} | {f['data']} | {f['quant']} | {f['model_flops_per_sec'] / 1e9:.1f} | "
+                         f"{f['matmul_peak'] / 1e9:.1f} | {f['efficiency']:.0%} |")
+        lines.append("")
+    if result.get("daemon"):
+        from bench.perf_daemon import markdown_lines
+
+        lines += markdown_lines(result["daemon"])
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--sections", default="compare,levers,flops,daemon")
+    p.add_argument("--models", default="5m,25m")
+    p.add_argument("--data", default="realistic,fixed")
+    p.add_argument("--quant", default="none,nf4")
+    p.add_argument("--runners", default=",".join(RUNNERS))
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--examples", type=int, default=None, help="records per epoch (default per model: 5m 160, 25m 96)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every run (the same for all)")
+    p.add_argument("--quick", action="store_true", help="one tiny point of each section (minutes)")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "traind-perf", help="models and data, kept")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = p.parse_args()
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    args.work.mkdir(parents=True, exist_ok=True)
+    sections = args.sections.split(",")
+    prep = prepare(args.work, args.models.split(","), args.data.split(","), args.examples)
+    result: dict[str, Any] = {"stamp": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "command": " ".join(sys.argv),
+                              "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    if "compare" in sections:
+        result["compare"] = compare(args, prep, args.work)
+    if "levers" in sections:
+        first = argparse.Namespace(**{**vars(args), "models": args.models.split(",")[0], "data": args.data.split(",")[0],
+                                      "quant": "none", "runners": ",".join(LEVERS)})
+        result["levers"] = compare(first, prep, args.work)
+    if "flops" in sections and result.get("compare"):
+        result["flops"] = flops(args, prep, result["compare"])
+    if "daemon" in sections:
+        from bench.perf_daemon import daemon_section
+
+        result["daemon"] = daemon_section(args, prep)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"perf-{result['stamp']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"written: {stem}.json, {stem}.md")
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+    import transformers
+
+    return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, {torch.backends.cpu.get_cpu_capability()}; "
+            f"load {os.getloadavg()[0]:.2f} at the start")
+
+
+if __name__ == "__main__":
+    main()

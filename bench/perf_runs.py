@@ -1,0 +1,270 @@
+"""One training run of one trainer, measured: what bench/perf.py starts in a subprocess per run.
+
+    python bench/perf_runs.py RUNNER --base DIR --data FILE --heldout FILE --out FILE.json
+
+RUNNER is one of:
+  traind        daemon.train.loop.train_file, as the trainer child runs it (its batching as configured)
+  traind-plain  the same with neither length grouping nor packing, full logits (the loop before them)
+  traind-grouped, traind-packed, traind-full-logits: one lever off at a time (what each contributes)
+  trainer       transformers.Trainer + PEFT, its defaults: random batches, each padded to its longest
+  trainer-glen  the same with group_by_length=True
+  sft           TRL SFTTrainer with its defaults (it tokenises the prompt/completion file itself)
+
+All train the same base with LoRA r=8 (alpha 16, no dropout) on every linear
+layer of the blocks, AdamW at lr 2e-4 constant, micro-batch --batch, the same
+thread count, fp32 compute on the CPU (nf4 weights with --quant nf4), for one
+epoch over the same file. Each process first warms up (two forward/backward
+passes on a random batch, not timed), then times the whole epoch: every runner
+pays for every batch it makes, whatever order it puts them in. Tokens are the
+real tokens of the examples (padding excluded), slots the positions computed.
+After training, each run's held-out loss on the same examples (the plain
+full-logits loss, one example at a time) is its loss-parity figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 2e-4
+
+
+def traind_config(args: argparse.Namespace, root: Path, grouped: bool, packed: bool) -> Any:
+    from daemon.config import config_from_dict
+
+    return config_from_dict({
+        "base_model": str(args.base), "paths": {"models": str(root / "models"), "checkpoints": str(root / "ck")},
+        "data": {"max_length": args.max_length, "eval_fraction": 0.0, "group_by_length": grouped, "packing": packed},
+        "model": {"quantization": args.quant, "device": "cpu", "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
+        "training": {"micro_batch_size": args.batch, "learning_rate": LR, "warmup_steps": 0, "schedule": "constant",
+                     "epochs_per_file": 1, "checkpoint_every_steps": 1_000_000, "cpu_threads": args.threads},
+        "activity": {"every_steps": 0},
+    }, root)
+
+
+def examples(path: Path, tokenizer: Any, data_cfg: Any) -> list:
+    from daemon.train.data import train_examples
+    from daemon.validate import DataFormat
+
+    return list(train_examples(path, DataFormat.PROMPT_COMPLETION, tokenizer, data_cfg, 0, 0))
+
+
+def heldout_loss(model: Any, tokenizer: Any, path: Path, data_cfg: Any) -> float:
+    """Token-mean loss on the held-out file: one example at a time, full logits, no shortcut."""
+    import torch
+
+    from daemon.train.batching import collate
+    from daemon.train.step import loss_sum
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for ex in examples(path, tokenizer, data_cfg):
+            s, n = loss_sum(model, collate([ex], tokenizer.pad_token_id))
+            total, count = total + float(s), count + n
+    return total / count
+
+
+def warm_up(model: Any, vocab: int) -> None:
+    """Two forward/backward passes on a random batch: kernels and allocator warm, nothing learnt (grads dropped)."""
+    import torch
+
+    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, label_only: bool = True) -> dict[str, Any]:
+    import dataclasses
+
+    from daemon.train.loop import Job, train_file
+    from daemon.train.model import load_for_training
+    from daemon.train.step import fast_paths
+
+    cfg = traind_config(args, root, grouped, packed)
+    lm = load_for_training(cfg, seed=1)
+    lm.fast = fast_paths(lm)  # once per loaded model in the daemon too: not part of a file's training
+    if not label_only:
+        lm.fast = dataclasses.replace(lm.fast, label_only=False)
+    warm_up(lm.model, len(lm.tokenizer))
+    marks: list[tuple[float, int, int]] = []
+
+    def report(e: dict) -> None:
+        if e["type"] == "started":
+            marks.append((time.perf_counter(), 0, 0))
+        elif e["type"] == "step":
+            marks.append((time.perf_counter(), e["tokens"], e["slots"]))
+
+    sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
+    train_file(lm, cfg, Job("perf", args.data, "prompt_completion", sha), global_step=0, ckpt_folder=root / "ck",
+               report=report, control=lambda: "continue")
+    result = measured(marks)
+    result["fast_paths"] = vars(lm.fast) if lm.fast else None
+    result["heldout_loss"] = heldout_loss(lm.model, lm.tokenizer, args.heldout, cfg.data)
+    return result
+
+
+def measured(marks: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """Rate over the epoch, from (time at the start, 0, 0) and (time at each step's end, real tokens, slots) marks."""
+    timed = marks[1:]
+    seconds = timed[-1][0] - marks[0][0]
+    tokens, slots = sum(m[1] for m in timed), sum(m[2] for m in timed)
+    return {"steps": len(timed), "seconds": seconds, "tokens": tokens, "slots": slots,
+            "tokens_per_sec": tokens / seconds, "padding_waste": 1 - tokens / slots}
+
+
+def peft_model(args: argparse.Namespace) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw: dict[str, Any] = {"dtype": torch.float32}
+    if args.quant == "nf4":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        kw["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(args.base, **kw)
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                            bias="none", task_type="CAUSAL_LM"))
+
+
+class Marks:
+    """A TrainerCallback that notes the time of every step's end, with the tokens and slots of its batch."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        self.marks: list[tuple[float, int, int]] = []
+        self.batches: list[tuple[int, int]] = []
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, *_: Any, **__: Any) -> None:
+                outer.marks.append((time.perf_counter(), 0, 0))
+
+            def on_step_end(self, *_: Any, **__: Any) -> None:
+                tokens, slots = outer.batches[len(outer.marks) - 1]
+                outer.marks.append((time.perf_counter(), tokens, slots))
+
+        self.callback = Callback()
+
+    def collated(self, batch: dict) -> dict:
+        mask = batch["attention_mask"]
+        self.batches.append((int(mask.sum()), int(mask.numel())))
+        return batch
+
+
+def trainer_args(args: argparse.Namespace, root: Path, **over: Any) -> dict[str, Any]:
+    return dict(output_dir=str(root / "out"), per_device_train_batch_size=args.batch, num_train_epochs=1,
+                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, use_cpu=True,
+                save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+                dataloader_num_workers=0, seed=1, **over)
+
+
+def run_trainer(args: argparse.Namespace, root: Path, group_by_length: bool) -> dict[str, Any]:
+    """Trainer + PEFT on traind's own tokenised examples (the same tokens), padded by its collator."""
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    cfg = traind_config(args, root, False, False)
+    tok = AutoTokenizer.from_pretrained(args.base)
+    data = [{"input_ids": ex.input_ids, "labels": ex.labels, "attention_mask": [1] * len(ex.input_ids)}
+            for ex in examples(args.data, tok, cfg.data)]
+    marks, pad = Marks(), DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    model = peft_model(args)
+    strategy = "group_by_length" if group_by_length else "random"  # transformers 5's name for group_by_length=True
+    targs = TrainingArguments(**trainer_args(args, root, train_sampling_strategy=strategy, optim="adamw_torch",
+                                             remove_unused_columns=False))
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=lambda b: marks.collated(pad(b)),
+                      processing_class=tok, callbacks=[marks.callback])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    result = measured(marks.marks)
+    result["heldout_loss"] = heldout_loss(model, tok, args.heldout, cfg.data)
+    return result
+
+
+def run_sft(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """TRL SFTTrainer with its defaults on the prompt/completion file (and the same LoRA through peft_config)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = traind_config(args, root, False, False)
+    tok = AutoTokenizer.from_pretrained(args.base)
+    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines()]
+    marks = Marks()
+    sft_cfg = SFTConfig(**trainer_args(args, root), max_length=args.max_length)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(args.base), args=sft_cfg,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[marks.callback],
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                task_type="CAUSAL_LM"))
+    collator = trainer.data_collator
+    trainer.data_collator = lambda b: marks.collated(collator(b))
+    trainer.remove_callback(PrinterCallback)
+    warm_up(trainer.model, len(tok))
+    trainer.train()
+    result = measured(marks.marks)
+    result["defaults"] = {"bf16": sft_cfg.bf16, "gradient_checkpointing": sft_cfg.gradient_checkpointing,
+                          "packing": sft_cfg.packing, "optim": str(sft_cfg.optim)}
+    result["heldout_loss"] = heldout_loss(trainer.model, tok, args.heldout, cfg.data)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runner", choices=["traind", "traind-plain", "traind-grouped", "traind-packed", "traind-full-logits",
+                                      "trainer", "trainer-glen", "sft"])
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--heldout", type=Path, required=True)
+    p.add_argument("--quant", choices=["none", "nf4"], default="none")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
+                      TOKENIZERS_PARALLELISM="false")
+    logging.basicConfig(level=logging.ERROR)
+    import warnings
+
+    import torch
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    root = args.out.parent / f".{args.out.stem}"
+    root.mkdir(parents=True, exist_ok=True)
+    runs = {"traind": lambda: run_traind(args, root, True, True),
+            "traind-plain": lambda: run_traind(args, root, False, False, label_only=False),
+            "traind-grouped": lambda: run_traind(args, root, True, False, label_only=False),
+            "traind-packed": lambda: run_traind(args, root, False, True, label_only=False),
+            "traind-full-logits": lambda: run_traind(args, root, True, True, label_only=False),
+            "trainer": lambda: run_trainer(args, root, False), "trainer-glen": lambda: run_trainer(args, root, True),
+            "sft": lambda: run_sft(args, root)}
+    result = runs[args.runner]()
+    result.update(runner=args.runner, threads=torch.get_num_threads())
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""From a stream of tokenised examples to micro-batches, and from a micro-batch to tensors.
+
+    from daemon.train.batching import micro_batches, collate
+    for mb in micro_batches(examples, size=8, order="grouped", window=1024, seed=seed, epoch=0):
+        tensors = collate(mb, pad_id, pack=True)    # input_ids, labels, position_ids (+ attention_mask when padded)
+
+The loop only calls these two, so the way batches are made can change without
+touching it. Both are deterministic functions of their arguments: a resumed
+run re-creates the stream and skips the micro-batches it already trained.
+
+Order (`data.group_by_length`, recorded in each checkpoint so a resume keeps
+the order its file began with):
+- `shuffled`: micro-batches of consecutive examples of the shuffled stream.
+- `grouped`: within each window of the shuffled stream (`data.shuffle_buffer`
+  examples), examples are sorted by length and cut into micro-batches, whose
+  order is then shuffled (seeded). Examples of similar length share a batch,
+  so almost nothing is padding; every example still comes once per epoch, and
+  the number of micro-batches is the same as `shuffled`'s (ceil(n / size)):
+  a window's remainder joins the next window.
+
+Tensors (`data.packing`):
+- padded: one example per row, right-padded to the longest, with an attention mask.
+- packed: the examples are packed first-fit-decreasing into rows as wide as
+  the longest of them, position ids restarting at 0 for each example and no
+  attention mask. transformers then builds a block-diagonal causal mask from
+  the position ids (or, with flash attention on CUDA, runs varlen attention):
+  no token attends across examples, and each example's loss is what it is
+  alone. A row is never wider than padding's, so attention never costs more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Iterable, Iterator, Literal
+
+from daemon.errors import DataError
+from daemon.train.data import IGNORE, Example
+
+Order = Literal["shuffled", "grouped"]
+
+
+def batches(examples: Iterable[Example], micro_batch_size: int) -> Iterator[list[Example]]:
+    """Group examples into lists of `micro_batch_size`; the last one may be smaller."""
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    batch: list[Example] = []
+    for ex in examples:
+        batch.append(ex)
+        if len(batch) == micro_batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _window_rng(seed: int, epoch: int, window: int) -> random.Random:
+    h = hashlib.blake2b(f"traind-groups:{seed}:{epoch}:{window}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(h, "big"))
+
+
+def grouped_batches(examples: Iterable[Example], size: int, window: int, seed: int, epoch: int) -> Iterator[list[Example]]:
+    """Micro-batches of similar-length examples, window by window (see the module docstring)."""
+    if size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {size}")
+    window = max(window, size)
+    pool: list[Example] = []
+    w = 0
+    for ex in examples:
+        pool.append(ex)
+        if len(pool) >= window:
+            keep = len(pool) % size  # the remainder joins the next window, so only the last batch is short
+            yield from _shuffled_groups(pool[:len(pool) - keep], size, _window_rng(seed, epoch, w))
+            pool, w = pool[len(pool) - keep:], w + 1
+    if pool:
+        yield from _shuffled_groups(pool, size, _window_rng(seed, epoch, w))
+
+
+def _shuffled_groups(pool: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
+    # Sort by length (then by line, so equal lengths order the same way everywhere), cut, shuffle the cuts;
+    # a short last cut stays last, so every epoch ends with it, as `shuffled` does.
+    ordered = sorted(pool, key=lambda ex: (len(ex.input_ids), ex.line))
+    groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    full = [g for g in groups if len(g) == size]
+    rng.shuffle(full)
+    return full + [g for g in groups if len(g) < size]
+
+
+def micro_batches(examples: Iterable[Example], size: int, order: Order, window: int, seed: int,
+                  epoch: int) -> Iterator[list[Example]]:
+    """The epoch's micro-batches in `order`."""
+    if order == "grouped":
+        return grouped_batches(examples, size, window, seed, epoch)
+    return batches(examples, size)
+
+
+def collate(batch: list[Example], pad_id: int, pack: bool = False) -> dict[str, Any]:
+    """Tensors of one micro-batch: packed rows (see the module docstring) or one padded row per example."""
+    if not batch:
+        raise DataError("cannot collate an empty batch")
+    return _packed(batch, pad_id) if pack else _padded(batch, pad_id)
+
+
+def _padded(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
+    import torch  # lazy: importing this module must stay cheap for tools that only count
+
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` per row, no row over `width` (ties by index: deterministic)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def _packed(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    """Examples packed into rows; padding at a row's end is a segment of its own, with labels -100."""
+    import torch
+
+    width = max(len(ex.input_ids) for ex in batch)
+    rows = pack_rows([len(ex.input_ids) for ex in batch], width)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            ex, n = batch[i], len(batch[i].input_ids)
+            input_ids[r, at:at + n] = torch.tensor(ex.input_ids, dtype=torch.long)
+            labels[r, at:at + n] = torch.tensor(ex.labels, dtype=torch.long)
+            # An example's first label is never a target of its own (position t predicts t+1); packed, it
+            # would be the target of the previous example's last token: no loss across examples either.
+            labels[r, at] = IGNORE
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # the padding tail: its own segment, no loss
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -1,0 +1,196 @@
+"""One optimizer step, and the held-out loss: forward, loss where the labels are, backward, clip, update.
+
+    fast = fast_paths(lm)                          # once per loaded model: which exact shortcuts hold for it
+    stats = optimizer_step(lm, group, fast, pack, opt, sched, scaler, max_norm)
+    loss = evaluate(lm, examples, micro_batch_size, fast, pack)
+
+Two shortcuts, each checked on the loaded model before it is used (a model
+whose forward does something they do not reproduce gets the plain path, with
+a warning in the trainer log):
+- packed rows (daemon.train.batching): no compute on padding, no attention
+  across examples; checked by comparing a packed probe batch's loss with its
+  examples' losses one by one;
+- logits only where labels are: the decoder's hidden states at the trainable
+  positions go through the LM head, not every position (a prompt-heavy batch
+  spends much of its time on logits nobody uses, and with a large vocabulary
+  the head is a large part of the model); checked against the model's own
+  forward, which also catches a final softcap or logit scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from daemon.train.activity import ActivityProbe
+from daemon.train.batching import batches, collate
+from daemon.train.data import IGNORE, Example
+from daemon.train.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+PROBE_LENGTHS = (9, 5, 13)  # a probe batch of three examples: two pack into one row beside the longest
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative, on summed losses
+# Config attributes of architectures that change the logits after the LM head (Gemma 2's softcap, Cohere's
+# scale, Granite's divisor). A probe with a freshly initialised model has logits too small to show a softcap,
+# so these are refused by name as well as by the numeric check.
+AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which exact shortcuts hold for a loaded model (see the module docstring)."""
+
+    pack: bool
+    label_only: bool
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # mean over the group's trainable tokens
+    grad_norm: float  # before clipping
+    lr: float
+    tokens: int  # input tokens of the examples in the step (no padding)
+    slots: int  # token positions computed (tokens + padding)
+    lora_grads: Any = None  # per-module gradient norms of A and B, when the activity probe asked for them
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets: input ids, and the attention mask (padded) or position ids (packed)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_only: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over trainable tokens, their count) for one collated micro-batch."""
+    targets = batch["labels"][:, 1:]  # labels align with input_ids; position t predicts token t+1
+    if label_only:
+        base = model.get_base_model()
+        hidden = base.get_decoder()(**_inputs(batch)).last_hidden_state
+        keep = targets != IGNORE
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+    logits = model(**_inputs(batch)).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths, pack: bool, opt: Any, sched: Any,
+                   scaler: Any, max_norm: float, probe: ActivityProbe | None = None) -> StepStats:
+    """Forward/backward every micro-batch of the group, then one clipped optimizer step.
+
+    Each micro-batch's summed loss is divided by the trainable tokens of the WHOLE
+    group, so the gradient is that of the group's token-mean loss whatever the
+    split into micro-batches (dividing per micro-batch would over-weight short ones).
+    With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
+    """
+    pad_id = lm.tokenizer.pad_token_id
+    collated = [to_device(collate(mb, pad_id, pack and fast.pack), lm.device) for mb in group]
+    n_targets = max(1, sum(trainable_tokens(b) for b in collated))
+    total = 0.0
+    for b in collated:
+        s, _ = loss_sum(lm.model, b, fast.label_only)
+        scaler.scale(s / n_targets).backward()
+        total += float(s.detach())
+    scaler.unscale_(opt)
+    lora_grads = probe.grad_norms() if probe is not None else None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    # max_norm 0 disables clipping; inf still measures the norm for the report.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    lr = sched.get_last_lr()[0]
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    tokens = sum(len(ex.input_ids) for mb in group for ex in mb)
+    slots = sum(b["input_ids"].numel() for b in collated)
+    return StepStats(total / n_targets, float(grad_norm), lr, tokens, slots, lora_grads)
+
+
+@torch.no_grad()
+def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fast: FastPaths, pack: bool) -> float | None:
+    """Token-mean loss over the held-out examples (dropout off), or None without any."""
+    if not examples:
+        return None
+    lm.model.eval()
+    total, count = 0.0, 0
+    for mb in batches(examples, micro_batch_size):
+        b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack), lm.device)
+        s, n = loss_sum(lm.model, b, fast.label_only)
+        total, count = total + float(s), count + n
+    lm.model.train()
+    return total / count if count else None
+
+
+# ---------------------------------------------------------------- checking the shortcuts on the loaded model
+
+
+def _probe_examples(vocab: int, pad_id: int) -> list[Example]:
+    """Three examples of different lengths, a fixed pseudo-random content, loss on their second half."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for k, n in enumerate(PROBE_LENGTHS):
+        ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        ids = [t if t != pad_id else (t + 1) % vocab for t in ids]
+        out.append(Example(k, ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+@torch.no_grad()
+def _losses(lm: LoadedModel, examples: list[Example], pack: bool, label_only: bool) -> float:
+    b = to_device(collate(examples, lm.tokenizer.pad_token_id, pack), lm.device)
+    return float(loss_sum(lm.model, b, label_only)[0])
+
+
+def _agree(a: float, b: float, dtype: Any) -> bool:
+    return abs(a - b) <= PROBE_TOLERANCE.get(dtype, 1e-2) * max(abs(a), abs(b), 1e-6)
+
+
+def _after_head(lm: LoadedModel) -> str | None:
+    config = lm.model.get_base_model().config
+    return next((a for a in AFTER_HEAD if getattr(config, a, None) not in (None, 1, 1.0)), None)
+
+
+def fast_paths(lm: LoadedModel) -> FastPaths:
+    """Which shortcuts give this model's exact losses: a probe batch through each, against the plain path."""
+    examples = _probe_examples(len(lm.tokenizer), lm.tokenizer.pad_token_id)
+    was_training = lm.model.training
+    lm.model.eval()  # dropout off: the paths must agree exactly, not in distribution
+    try:
+        alone = sum(_losses(lm, [ex], False, False) for ex in examples)
+        if (after := _after_head(lm)) is not None:
+            log.warning("logits only where labels are: not used for %s (its config sets %s)", lm.base_path.name, after)
+            label_only = False
+        else:
+            label_only = _try(lambda: _losses(lm, examples, False, True), _losses(lm, examples, False, False), lm,
+                              "logits only where labels are")
+        pack = _try(lambda: _losses(lm, examples, True, label_only), alone, lm, "packed rows")
+    finally:
+        lm.model.train(was_training)
+    log.info("fast paths on %s: packed rows %s, logits only where labels are %s",
+             lm.base_path.name, "yes" if pack else "no", "yes" if label_only else "no")
+    return FastPaths(pack=pack, label_only=label_only)
+
+
+def _try(fn: Any, reference: float, lm: LoadedModel, what: str) -> bool:
+    try:
+        got = fn()
+    except Exception as e:  # an architecture without the parts the shortcut needs
+        log.warning("%s: not used for %s (%s: %s)", what, lm.base_path.name, type(e).__name__, e)
+        return False
+    if not _agree(got, reference, lm.dtype):
+        log.warning("%s: not used for %s: its loss %.6g differs from the plain path's %.6g", what, lm.base_path.name,
+                    got, reference)
+        return False
+    return True

@@ -1,0 +1,238 @@
+"""daemon.train.batching and the exact shortcuts of daemon.train.step.
+
+Packed rows must give every example exactly the loss it has alone (no token
+attends across examples, no example's last token predicts the next one's
+first); length grouping must keep every example once per epoch in a seeded,
+resumable order; a resumed file keeps the order its checkpoint was made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+from daemon.config import DataConfig  # noqa: E402
+from daemon.train.batching import batches, collate, grouped_batches, micro_batches, pack_rows  # noqa: E402
+from daemon.train.data import IGNORE, Example, train_examples  # noqa: E402
+from daemon.train.loop import Job, train_file  # noqa: E402
+from daemon.train.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
+from daemon.train.step import fast_paths, loss_sum  # noqa: E402
+from daemon.validate import DataFormat  # noqa: E402
+from tests.test_loop import Crash, make_cfg, one_thread, sha, small_file  # noqa: E402, F401 - one_thread: autouse
+
+REL_TOL = 1e-5
+
+
+def examples_of(lengths: list[int], seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for line, n in enumerate(lengths, 1):
+        ids = [rng.randrange(5, 900) for _ in range(n)]
+        out.append(Example(line, ids, [IGNORE] * (n // 3) + ids[n // 3:]))
+    return out
+
+
+def per_example_losses_packed(model, batch: list[Example], pad_id: int) -> list[float]:
+    """Each example's summed loss, read out of one forward over the packed rows."""
+    t = collate(batch, pad_id, pack=True)
+    logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"]).logits
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), t["labels"][:, 1:], ignore_index=IGNORE,
+                                reduction="none")
+    out = [0.0] * len(batch)
+    for r, members in enumerate(pack_rows([len(ex.input_ids) for ex in batch], max(len(ex.input_ids) for ex in batch))):
+        at = 0
+        for i in members:
+            n = len(batch[i].input_ids)
+            out[i] = float(per_token[r, at:at + n - 1].sum())  # its positions predict its own next tokens only
+            at += n
+    return out
+
+
+def alone(model, ex: Example) -> float:
+    ids = torch.tensor([ex.input_ids])
+    logits = model(input_ids=ids).logits
+    return float(F.cross_entropy(logits[0, :-1].float(), torch.tensor(ex.labels[1:]), ignore_index=IGNORE, reduction="sum"))
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_packed_rows_give_each_example_its_own_loss(models_dir: Path, tmp_path: Path, quantization: str) -> None:
+    cfg = make_cfg(models_dir, tmp_path, quantization)
+    lm = load_for_training(cfg, seed=5)
+    with torch.no_grad():
+        for p in lm.model.parameters():  # a LoRA that does something, so its path is in the comparison
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    lm.model.eval()
+    tok = lm.tokenizer
+    real = list(train_examples(small_file(tmp_path, "chat.jsonl", 16), DataFormat.CHAT, tok, cfg.data, 3, 0))[:8]
+    # the `text` format has a label on an example's first token: packed, that one must not become a target
+    batch = real + examples_of([3, 17, 2, 40], seed=1)
+    rows = pack_rows([len(ex.input_ids) for ex in batch], max(len(ex.input_ids) for ex in batch))
+    assert len(rows) < len(batch)  # the test is only worth something if rows really hold several examples
+    with torch.no_grad():
+        packed = per_example_losses_packed(lm.model, batch, tok.pad_token_id)
+        single = [alone(lm.model, ex) for ex in batch]
+        total_fast = float(loss_sum(lm.model, collate(batch, tok.pad_token_id, pack=True), label_only=True)[0])
+    worst = max(abs(a - b) / abs(b) for a, b in zip(packed, single))
+    assert worst <= REL_TOL, (worst, packed, single)
+    assert math.isclose(total_fast, sum(single), rel_tol=REL_TOL)  # and the label-only loss of the whole packed batch
+
+
+def test_packing_wastes_little_and_is_never_wider_than_padding() -> None:
+    batch = examples_of([100, 30, 40, 20, 90, 10, 60, 5])
+    padded, packed = collate(batch, 0, pack=False), collate(batch, 0, pack=True)
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1] == 100
+    assert packed["input_ids"].numel() == 400 < padded["input_ids"].numel() == 800  # 355 tokens in 4 rows, not 8
+    assert "attention_mask" not in packed and set(padded) == {"input_ids", "attention_mask", "labels"}
+    for r, members in enumerate(pack_rows([len(e.input_ids) for e in batch], 100)):
+        starts = [sum(len(batch[j].input_ids) for j in members[:k]) for k in range(len(members))]
+        assert [int(packed["position_ids"][r, s]) for s in starts] == [0] * len(members)
+        assert all(int(packed["labels"][r, s]) == IGNORE for s in starts)  # no example's first token is a target
+
+
+def lognormal(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [max(4, min(1000, int(rng.lognormvariate(math.log(200), 0.8)))) for _ in range(n)]
+
+
+def waste(micro: list[list[Example]], pack: bool) -> float:
+    real = sum(len(ex.input_ids) for mb in micro for ex in mb)
+    slots = sum(collate(mb, 0, pack)["input_ids"].numel() for mb in micro)
+    return 1 - real / slots
+
+
+def test_grouping_keeps_every_example_once_and_cuts_padding() -> None:
+    exs = examples_of(lognormal(2000))
+    window = DataConfig().shuffle_buffer
+    grouped = list(grouped_batches(exs, 8, window=window, seed=4, epoch=0))
+    assert sorted(ex.line for mb in grouped for ex in mb) == list(range(1, 2001))
+    assert len(grouped) == math.ceil(2000 / 8) and all(len(mb) == 8 for mb in grouped)
+    assert list(grouped_batches(exs, 8, window, 4, 0)) == grouped != list(grouped_batches(exs, 8, window, 4, 1))
+    odd = list(grouped_batches(exs[:203], 8, window=50, seed=4, epoch=0))  # windows not a multiple of 8
+    assert [len(mb) for mb in odd] == [8] * 25 + [3]
+    shuffled = list(batches(exs, 8))
+    print(f"padding waste, lognormal lengths, micro-batch 8: shuffled {waste(shuffled, False):.1%}, "
+          f"shuffled+packed {waste(shuffled, True):.1%}, grouped {waste(grouped, False):.1%}, "
+          f"grouped+packed {waste(grouped, True):.1%}")
+    assert waste(shuffled, False) > 0.3 and waste(grouped, True) < 0.03 and waste(shuffled, True) < waste(shuffled, False)
+
+
+def test_fast_paths_hold_on_the_embedded_model_and_fail_safe_where_they_would_change_the_loss(
+        models_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config
+
+    cfg = make_cfg(models_dir, tmp_path)
+    lm = load_for_training(cfg, seed=1)
+    fast = fast_paths(lm)
+    assert (fast.pack, fast.label_only) == (True, True)
+    # Gemma 2 caps its logits after the LM head: computing only the head is not its loss, so it is not used.
+    embedded = lm.base_path
+    tok = AutoTokenizer.from_pretrained(embedded)
+    gemma = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    folder = tmp_path / "gemma2"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(gemma).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    capped = load_for_training(dataclasses.replace(cfg, base_model=str(folder)), seed=1)
+    assert fast_paths(capped).label_only is False
+
+
+def test_a_resumed_file_keeps_the_order_of_its_checkpoint(models_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint made with shuffled batches resumes shuffled even after data.group_by_length is turned on."""
+    shuffled = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
+    shuffled = dataclasses.replace(shuffled, data=dataclasses.replace(shuffled.data, group_by_length=False))
+    grouped = dataclasses.replace(shuffled, data=dataclasses.replace(shuffled.data, group_by_length=True))
+    path = small_file(tmp_path, "chat.jsonl", 40)
+    job = Job("o", path, "chat", sha(path))
+
+    def run(cfg, folder: str, control=lambda: "continue"):  # noqa: ANN001, ANN202
+        lm = load_for_training(cfg, seed=cfg.training.seed)
+        events: list[dict] = []
+        try:
+            train_file(lm, cfg, job, global_step=0, ckpt_folder=tmp_path / folder, report=events.append, control=control)
+        except Crash:
+            pass
+        return lm, {e["step"]: e["loss"] for e in events if e["type"] == "step"}
+
+    ref_lm, ref = run(shuffled, "ref")
+    _, other = run(grouped, "other")
+    assert other != ref  # the two orders really differ
+    calls = iter(range(1000))
+
+    def crash_after_7() -> str:
+        if next(calls) == 7:
+            raise Crash()
+        return "continue"
+
+    run(shuffled, "crash", crash_after_7)
+    lm, resumed = run(grouped, "crash")  # the config now says grouped; the checkpoint says shuffled
+    assert min(resumed) == 7 and all(abs(resumed[s] - ref[s]) <= 1e-5 for s in resumed)
+    assert lora_max_abs_diff(lora_state(lm.model), lora_state(ref_lm.model)) <= 1e-5
+
+
+def test_micro_batches_follow_the_order_asked_for() -> None:
+    exs = examples_of(lognormal(40))
+    assert list(micro_batches(exs, 8, "shuffled", 16, 1, 0)) == list(batches(exs, 8))
+    assert list(micro_batches(exs, 8, "grouped", 16, 1, 0)) == list(grouped_batches(exs, 8, 16, 1, 0))
+    assert DataConfig().group_by_length and DataConfig().packing  # the defaults
+
+
+def test_choices_that_need_cuda_are_refused_with_the_reason_on_the_cpu(models_dir: Path, tmp_path: Path) -> None:
+    from daemon.config import ModelConfig, TrainingConfig
+    from daemon.train.loop import build_optimizer
+    from daemon.train.model import ModelError, choose_attention
+
+    assert choose_attention(ModelConfig(), "cpu") is None  # the architecture's own default (SDPA where it has it)
+    with pytest.raises(ModelError, match="needs a CUDA GPU"):
+        choose_attention(ModelConfig(attention="flash_attention_2"), "cpu")
+    lm = load_for_training(make_cfg(models_dir, tmp_path), seed=1)
+    with pytest.raises(ModelError, match="CUDA only"):
+        build_optimizer(lm.model, TrainingConfig(optimizer="paged_adamw_8bit"), 10, "cpu")
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
+def test_cuda_packed_label_only_training_in_bf16_and_8bit_adamw(models_dir: Path, tmp_path: Path, optimizer: str) -> None:
+    """The CUDA path: nf4 base, bf16 (or fp16) compute, packed rows and label-only logits checked on the GPU."""
+    cfg = make_cfg(models_dir, tmp_path, "nf4", epochs_per_file=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cuda"),
+                              training=dataclasses.replace(cfg.training, optimizer=optimizer))
+    lm = load_for_training(cfg, seed=1)
+    fast = fast_paths(lm)
+    assert fast.pack and fast.label_only
+    path = small_file(tmp_path)
+    events: list[dict] = []
+    out = train_file(lm, cfg, Job("g", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
+                     report=events.append, control=lambda: "continue")
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert out.status == "done" and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+
+
+@pytest.mark.slow
+def test_a_compiled_decoder_trains_to_the_same_losses(models_dir: Path, tmp_path: Path) -> None:
+    """training.compile: the same steps, the same losses within float tolerance (compiling takes minutes on a CPU)."""
+    cfg = make_cfg(models_dir, tmp_path, epochs_per_file=1)
+    compiled = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, compile=True))
+    path = small_file(tmp_path, n=24)
+    runs = []
+    for c in (cfg, compiled):
+        lm = load_for_training(c, seed=c.training.seed)
+        events: list[dict] = []
+        train_file(lm, c, Job("c", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / f"ck{len(runs)}",
+                   report=events.append, control=lambda: "continue")
+        runs.append([e["loss"] for e in events if e["type"] == "step"])
+    assert len(runs[0]) == len(runs[1]) and max(abs(a - b) for a, b in zip(*runs)) < 1e-4

@@ -1,0 +1,40 @@
+"""The benchmark suite runs: bench/perf.py on a tiny budget (figures are never asserted, only that they exist)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def perf(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "perf.py"), "--quick", "--work", str(tmp_path / "work"),
+                           "--out", str(out), *extra], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result] = [json.loads(p.read_text()) for p in out.glob("perf-*.json")]
+    assert (out / f"perf-{result['stamp']}.md").read_text().startswith("# traind performance run")
+    return result
+
+
+def test_the_suite_compares_traind_with_trainer_on_a_tiny_budget(tmp_path: Path) -> None:
+    result = perf(tmp_path, "--sections", "compare,flops")
+    [row] = result["compare"]
+    traind, trainer = row["runners"]["traind"], row["runners"]["trainer"]
+    assert traind["tokens_per_sec"] > 0 and trainer["tokens_per_sec"] > 0 and trainer["traind_over_this"] > 0
+    assert 0 <= traind["padding_waste"] < trainer["padding_waste"] < 1  # grouped + packed against random padded batches
+    assert abs(traind["heldout_loss"] - trainer["heldout_loss"]) < 0.5  # the same training, give or take the order
+    [f] = result["flops"]
+    assert 0 < f["efficiency"] < 1.5 and f["matmul_peak"] > 1e9
+
+
+@pytest.mark.slow
+def test_the_daemon_section_runs(tmp_path: Path) -> None:
+    d = perf(tmp_path, "--sections", "daemon")["daemon"]
+    assert d["daemon_over_bare"] > 0 and d["warm_inbox_to_first_step"] > 0 and d["cold_inbox_to_first_step"] > 0
+    assert d["api_daemon + 10 Hz"]["/api/status"]["p99"] > 0
