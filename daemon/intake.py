@@ -88,10 +88,10 @@ class InboxScanner:
             alive.add(path)
             seen = self._seen.get(path)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
-                if self.settle_seconds > 0:
-                    continue
-                seen = self._seen[path]
+                # At first sight a file has held still since its mtime (a file moved or renamed in whole,
+                # one waiting when the daemon starts): no need to watch it for another window.
+                since = min(now, st.st_mtime_ns / 1e9) if seen is None else now
+                seen = self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, since)
             if now - seen.stable_since >= self.settle_seconds:
                 ready.append((path, prio))
         self._seen = {p: s for p, s in self._seen.items() if p in alive}

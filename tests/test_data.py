@@ -239,6 +239,7 @@ def test_plan_counts_what_iterators_yield(tok: Any, tmp_path: Path) -> None:
     plan = plan_file(path, DataFormat.PROMPT_COMPLETION, tok, cfg, 9)
     train = list(train_examples(path, DataFormat.PROMPT_COMPLETION, tok, cfg, 9, 0))
     ev = eval_examples(path, DataFormat.PROMPT_COMPLETION, tok, cfg, 9)
+    assert list(plan.held_out) == ev  # the plan's pass keeps them, so training needs no second pass
     assert (plan.n_dropped, plan.n_eval) == (111, 10)
     assert (plan.n_train, plan.n_eval, plan.n_train_tokens) == (len(train), len(ev), sum(len(e.input_ids) for e in train))
     assert plan.n_train + plan.n_eval + plan.n_dropped == 300

@@ -67,3 +67,15 @@ def test_a_stray_folder_is_reported_once(tmp_path, caplog):
         assert s.ready(0.0) == [] and s.ready(1.0) == []
     told = [r.getMessage() for r in caplog.records if "urgent" in r.getMessage()]
     assert len(told) == 1 and "is not read" in told[0] and "inbox/high/" in told[0]
+
+
+def test_a_file_unchanged_for_the_window_already_is_taken_at_first_sight(tmp_path):
+    """Moved or renamed in whole, or waiting when the daemon starts: its mtime says it has held still."""
+    s = scanner(tmp_path)
+    old, fresh = tmp_path / "inbox" / "old.jsonl", tmp_path / "inbox" / "fresh.jsonl"
+    old.write_text("x\n")
+    fresh.write_text("y\n")
+    now = fresh.stat().st_mtime
+    os.utime(old, (now - 5, now - 5))
+    assert s.ready(now=now + 0.1) == [(old, Priority.NORMAL)]  # the fresh one still gets its window
+    assert s.ready(now=now + 1.01) == [(fresh, Priority.NORMAL), (old, Priority.NORMAL)]

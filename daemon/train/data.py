@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from daemon.config import DataConfig
@@ -73,6 +73,7 @@ class FilePlan:
     n_eval: int
     n_dropped: int  # valid records with no trainable token left after truncation
     n_train_tokens: int
+    held_out: tuple[Example, ...] = field(default=(), compare=False)  # the eval examples, met on the same pass
 
 
 # ---------------------------------------------------------------- tokenising one record
@@ -241,19 +242,23 @@ def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_c
 
 def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,
               tick: Callable[[], None] = lambda: None) -> FilePlan:
-    """Count train/eval/dropped examples and train tokens in one streaming pass (what the iterators yield).
+    """Count train/eval/dropped examples and train tokens in one streaming pass (what the iterators yield),
+    keeping the held-out examples met on the way (as eval_examples gives them): one pass before the first step.
 
     `tick()` is called once per record: a large file takes a while to read, and the
     caller answers pause/stop/skip from there (it raises to stop the pass).
     """
     counts = {"train": 0, "eval": 0, "dropped": 0}
     tokens = 0
+    held_out: list[Example] = []
     for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
         tick()
         counts[kind] += 1
         if kind == "train" and ex is not None:
             tokens += len(ex.input_ids)
-    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens)
+        elif kind == "eval" and ex is not None:
+            held_out.append(ex)
+    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out))
 
 
 def eval_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,

@@ -44,7 +44,7 @@ from daemon.errors import DataError
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity import ActivityProbe
 from daemon.train.batching import micro_batches
-from daemon.train.data import eval_examples, plan_file, train_examples
+from daemon.train.data import plan_file, train_examples
 from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
 from daemon.train.step import evaluate, fast_paths, optimizer_step
 from daemon.validate import DataFormat
@@ -223,7 +223,7 @@ def _train_file(
     per_epoch = steps_per_epoch(plan.n_train, tc.micro_batch_size, tc.grad_accum_steps)
     total_steps = per_epoch * tc.epochs_per_file
     mb_per_epoch = math.ceil(plan.n_train / tc.micro_batch_size)
-    held_out = eval_examples(job.path, fmt, tok, dc, seed, tick)
+    held_out = list(plan.held_out)
 
     # --- fresh optimizer + schedule, seeded RNG; then a checkpoint overrides both if one exists
     lm.model.zero_grad(set_to_none=True)  # a job that failed mid-backward may have left gradients
