@@ -73,9 +73,10 @@ def _subset(work: Path, kind: str, lines: list[str], n: int) -> Path:
     return path
 
 
-def one_run(runner: str, base: Path, data: Path, heldout: Path, quant: str, threads: int, out: Path) -> dict:
+def one_run(runner: str, base: Path, data: Path, heldout: Path, quant: str, threads: int, out: Path,
+            device: str = "cpu") -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "perf_runs.py"), runner, "--base", str(base), "--data", str(data),
-           "--heldout", str(heldout), "--quant", quant, "--threads", str(threads), "--out", str(out)]
+           "--heldout", str(heldout), "--quant", quant, "--threads", str(threads), "--out", str(out), "--device", device]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0 or not out.exists():
         return {"runner": runner, "error": (proc.stderr or proc.stdout)[-2000:]}
@@ -95,7 +96,7 @@ def compare(args: argparse.Namespace, prep: dict, work: Path) -> list[dict]:
                         out = work / "runs" / f"{model}-{kind}-{quant}-{r}-{pair}-{time.time_ns()}.json"
                         out.parent.mkdir(exist_ok=True)
                         res = one_run(r, prep["bases"][model], prep["data"][kind][model], prep["data"][kind]["heldout"],
-                                      quant, args.threads, out)
+                                      quant, args.threads, out, args.device)
                         runs[r].append(res)
                         print(f"  {model} {kind} {quant} pair {pair + 1}: {r:<13} "
                               + (f"{res['tokens_per_sec']:8.0f} tok/s, waste {res['padding_waste']:.1%}, "
@@ -197,6 +198,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--examples", type=int, default=None, help="records per epoch (default per model: 5m 160, 25m 96)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every run (the same for all)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 (fp16 on older GPUs) everywhere")
     p.add_argument("--quick", action="store_true", help="one tiny point of each section (minutes)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "traind-perf", help="models and data, kept")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")

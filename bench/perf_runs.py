@@ -45,7 +45,7 @@ def traind_config(args: argparse.Namespace, root: Path, grouped: bool, packed: b
     return config_from_dict({
         "base_model": str(args.base), "paths": {"models": str(root / "models"), "checkpoints": str(root / "ck")},
         "data": {"max_length": args.max_length, "eval_fraction": 0.0, "group_by_length": grouped, "packing": packed},
-        "model": {"quantization": args.quant, "device": "cpu", "compute_dtype": "float32"},
+        "model": {"quantization": args.quant, "device": args.device, "compute_dtype": "float32" if args.device == "cpu" else "auto"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         "training": {"micro_batch_size": args.batch, "learning_rate": LR, "warmup_steps": 0, "schedule": "constant",
                      "epochs_per_file": 1, "checkpoint_every_steps": 1_000_000, "cpu_threads": args.threads},
@@ -80,7 +80,7 @@ def warm_up(model: Any, vocab: int) -> None:
     """Two forward/backward passes on a random batch: kernels and allocator warm, nothing learnt (grads dropped)."""
     import torch
 
-    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0)).to(model.device)
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
     model.zero_grad(set_to_none=True)
@@ -125,16 +125,22 @@ def measured(marks: list[tuple[float, int, int]]) -> dict[str, Any]:
             "tokens_per_sec": tokens / seconds, "padding_waste": 1 - tokens / slots}
 
 
-def peft_model(args: argparse.Namespace) -> Any:
+def compute_dtype(args: argparse.Namespace) -> Any:
     import torch
+
+    if args.device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def peft_model(args: argparse.Namespace) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw: dict[str, Any] = {"dtype": torch.float32}
+    kw: dict[str, Any] = {"dtype": compute_dtype(args), "device_map": {"": args.device}}
     if args.quant == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-        kw["device_map"] = {"": "cpu"}
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(args))
     model = AutoModelForCausalLM.from_pretrained(args.base, **kw)
     model.config.use_cache = False
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
@@ -169,7 +175,7 @@ class Marks:
 
 def trainer_args(args: argparse.Namespace, root: Path, **over: Any) -> dict[str, Any]:
     return dict(output_dir=str(root / "out"), per_device_train_batch_size=args.batch, num_train_epochs=1,
-                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, use_cpu=True,
+                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, use_cpu=args.device == "cpu",
                 save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
                 dataloader_num_workers=0, seed=1, **over)
 
@@ -237,6 +243,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
