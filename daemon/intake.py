@@ -45,6 +45,7 @@ class InboxScanner:
         self.ignore_suffixes = tuple(s.lower() for s in ignore_suffixes)
         self._seen: dict[Path, _Seen] = {}
         self._told: set[Path] = set()  # stray folders already reported once
+        self._first_scan = True  # files already waiting at start: their mtime tells how long they have held still
 
     def ensure(self) -> None:
         for sub in ("", Priority.HIGH.value, Priority.LOW.value):
@@ -88,13 +89,15 @@ class InboxScanner:
             alive.add(path)
             seen = self._seen.get(path)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                # At first sight a file has held still since its mtime (a file moved or renamed in whole,
-                # one waiting when the daemon starts): no need to watch it for another window.
-                since = min(now, st.st_mtime_ns / 1e9) if seen is None else now
+                # A file already waiting when the daemon starts has held still since its mtime: no need to
+                # watch it for another window. Later arrivals are watched: on a network file system the
+                # writer's clock, which sets the mtime, may run behind ours.
+                since = min(now, st.st_mtime_ns / 1e9) if seen is None and self._first_scan else now
                 seen = self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, since)
             if now - seen.stable_since >= self.settle_seconds:
                 ready.append((path, prio))
         self._seen = {p: s for p, s in self._seen.items() if p in alive}
+        self._first_scan = False
         return ready
 
     def forget(self, path: Path) -> None:

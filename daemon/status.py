@@ -89,8 +89,8 @@ _ADDED_COLUMNS = (("jobs", "activity", "TEXT"),)
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
-# newest ACTIVITY_MAX_GRIDS samples keep their full per-module grid; a file's last sample
-# keeps both. Bounds the table at about 20k x (5 numbers per layer) + 2k full grids.
+# newest ACTIVITY_MAX_GRIDS samples keep their full per-module grid; a file's last sample is
+# the last to go. Bounds the table at about 20k x (6 numbers per layer) + 2k full grids.
 ACTIVITY_MAX_ROWS = 20_000
 ACTIVITY_MAX_GRIDS = 2_000
 ACTIVITY_THIN_EVERY = 100  # inserts between two thinning checks
@@ -179,19 +179,24 @@ class HistoryDB:
             self.thin_activity()
 
     def thin_activity(self, max_rows: int = ACTIVITY_MAX_ROWS, max_grids: int = ACTIVITY_MAX_GRIDS) -> tuple[int, int]:
-        """Keep the activity table bounded; returns (rows dropped, grids dropped)."""
+        """Keep the activity table bounded; returns (rows dropped, grids dropped).
+
+        Over `max_rows`, every other sample of the older half goes; a file's last sample only where the
+        older half holds nothing else (each file's record keeps what it moved anyway). Over `max_grids`,
+        the oldest samples lose their grids, files' last samples last.
+        """
         with self.conn:
-            n = self.conn.execute("SELECT COUNT(*) FROM activity").fetchone()[0]
             dropped = 0
+            n = self.conn.execute("SELECT COUNT(*) FROM activity").fetchone()[0]
             if n > max_rows:
-                older = [r[0] for r in self.conn.execute(
-                    "SELECT rowid FROM activity WHERE final=0 ORDER BY global_step, t LIMIT ?", (n // 2,))]
-                self.conn.executemany("DELETE FROM activity WHERE rowid=?", [(r,) for r in older[::2]])
-                dropped = len(older[::2])
+                older = self.conn.execute("SELECT rowid, final FROM activity ORDER BY t LIMIT ?", (n // 2,)).fetchall()
+                pick = [r for r, final in older if not final] or [r for r, _ in older]
+                self.conn.executemany("DELETE FROM activity WHERE rowid=?", [(r,) for r in pick[::2]])
+                dropped = len(pick[::2])
             grids = self.conn.execute("SELECT COUNT(*) FROM activity WHERE grid IS NOT NULL").fetchone()[0]
             cut = self.conn.execute(
                 "UPDATE activity SET grid=NULL WHERE rowid IN (SELECT rowid FROM activity WHERE grid IS NOT NULL "
-                "AND final=0 ORDER BY global_step, t LIMIT ?)", (max(0, grids - max_grids),)).rowcount
+                "ORDER BY final, t LIMIT ?)", (max(0, grids - max_grids),)).rowcount
         return dropped, cut
 
     def upsert_job(self, job_id: str, **fields: Any) -> None:
@@ -251,20 +256,22 @@ class HistoryDB:
     def latest_activity(self, job_id: str | None = None) -> dict[str, Any] | None:
         """The newest activity sample that still has its full grid (of one job, or of any)."""
         where, args = ("WHERE grid IS NOT NULL AND job_id=?", (job_id,)) if job_id else ("WHERE grid IS NOT NULL", ())
-        row = self.conn.execute(f"SELECT * FROM activity {where} ORDER BY global_step DESC, t DESC LIMIT 1", args).fetchone()
+        # by time, not global step: an approved base or LoRA change starts a new adapter at global step 0
+        row = self.conn.execute(f"SELECT * FROM activity {where} ORDER BY t DESC LIMIT 1", args).fetchone()
         return _activity_row(row) if row else None
 
     def activity_series(self, since: int = -1, until: int | None = None, max_points: int = 500) -> tuple[list[dict[str, Any]], int]:
         """Per-layer totals over global steps in (since, until], every k-th row so that at most
         `max_points` come back (the last one always); returns (rows, rows in the range)."""
         until = 2**62 if until is None else until
-        n = self.conn.execute("SELECT COUNT(*) FROM activity WHERE global_step>? AND global_step<=?",
-                              (since, until)).fetchone()[0]
-        k = max(1, -(-n // max(1, max_points)))
-        rows = self.conn.execute(
-            "SELECT job_id, step, global_step, t, final, layers, kinds, per_layer FROM (SELECT *, ROW_NUMBER() OVER "
-            "(ORDER BY global_step, t) AS rn FROM activity WHERE global_step>? AND global_step<=?) "
-            "WHERE (rn - 1) % ? = 0 OR rn = ? ORDER BY global_step, t", (since, until, k, n))
+        with self.conn:  # one read transaction: the count and the rows agree even while the service inserts
+            n = self.conn.execute("SELECT COUNT(*) FROM activity WHERE global_step>? AND global_step<=?",
+                                  (since, until)).fetchone()[0]
+            k = max(1, -(-n // max(1, max_points)))
+            rows = self.conn.execute(
+                "SELECT job_id, step, global_step, t, final, layers, kinds, per_layer FROM (SELECT *, ROW_NUMBER() OVER "
+                "(ORDER BY global_step, t) AS rn FROM activity WHERE global_step>? AND global_step<=?) "
+                "WHERE (rn - 1) % ? = 0 OR rn = ? ORDER BY global_step, t", (since, until, k, n)).fetchall()
         return [_activity_row(r) for r in rows], n
 
 

@@ -177,6 +177,7 @@ class JobTracker:
         except QueueError as e:
             log.error("cannot move %s to failed/: %s", job_id, e)
         dropped, last_loss = self.db.discard_steps(job_id)
+        self.status.layer_activity_summary = self.last_activity()  # its samples went with its steps
         trained = f" ({dropped} steps dropped from the step history, last loss {last_loss:.4g})" if dropped and last_loss is not None else ""
         self.db.upsert_job(job_id, state=JobState.FAILED.value, finished_at=now, reason=f"{reason.value}: {message}",
                            **({"steps": dropped, "final_loss": last_loss} if dropped else {}))

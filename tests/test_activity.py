@@ -161,6 +161,8 @@ def test_layer_and_kind_come_from_the_module_path() -> None:
     assert [(s.layer, s.kind) for s in sites] == [(0, "q_proj"), (11, "down_proj"), (-1, "lm_head")]
     clash = locate(["m.layers.0.self_attn.q_proj", "m.layers.0.cross_attn.q_proj"])
     assert [s.kind for s in clash] == ["self_attn.q_proj", "cross_attn.q_proj"]  # short names would collide
+    towers = locate(["base_model.model.vision.blocks.3.attn.q_proj", "base_model.model.model.layers.3.attn.q_proj"])
+    assert [(s.layer, s.kind) for s in towers] == [(3, "vision.blocks.attn.q_proj"), (3, "model.layers.attn.q_proj")]
 
 
 def test_status_block_stays_small_for_an_80_layer_model(tmp_path: Path) -> None:

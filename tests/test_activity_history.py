@@ -71,13 +71,24 @@ def test_table_thins_itself_and_keeps_each_files_last_sample(tmp_path) -> None:
         record(db, f"job{(g - 1) // 100}", g, g, final=g % 100 == 0)
     dropped, cut = db.thin_activity(max_rows=200, max_grids=50)
     rows = db.conn.execute("SELECT global_step, final, grid IS NOT NULL FROM activity ORDER BY global_step").fetchall()
-    assert dropped == 100 and len(rows) == 300  # every other one of the older half
+    assert dropped == 99 and len(rows) == 301  # every other sample of the older half, the files' last ones kept
     assert {g for g, final, _ in rows if final} == {100, 200, 300, 400}  # file ends are never thinned
     with_grid = [g for g, final, has in rows if has]
     # at most 50 full grids: the older file ends, then the newest samples
     assert len(with_grid) == 50 and with_grid[:3] == [100, 200, 300] and with_grid[3:] == [g for g, _, _ in rows][-47:]
-    assert cut == 300 - 50
+    assert cut == 301 - 50
     assert db.latest_activity()["global_step"] == 400
+
+
+def test_many_small_files_thin_their_last_samples_too(tmp_path) -> None:
+    """A generator feeding a file a minute: nearly every sample is a file's last; the table stays bounded."""
+    db = HistoryDB(tmp_path / "h.db")
+    for g in range(1, 301):
+        record(db, f"job{g}", 1, g, final=True)
+    dropped, cut = db.thin_activity(max_rows=200, max_grids=20)
+    assert dropped == 75 and db.conn.execute("SELECT COUNT(*) FROM activity").fetchone()[0] == 225
+    assert db.conn.execute("SELECT COUNT(*) FROM activity WHERE grid IS NOT NULL").fetchone()[0] == 20
+    assert db.latest_activity()["global_step"] == 300  # the newest keep theirs
 
 
 def test_resume_and_failure_drop_the_samples_the_adapter_does_not_keep(tmp_path) -> None:

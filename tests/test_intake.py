@@ -69,8 +69,9 @@ def test_a_stray_folder_is_reported_once(tmp_path, caplog):
     assert len(told) == 1 and "is not read" in told[0] and "inbox/high/" in told[0]
 
 
-def test_a_file_unchanged_for_the_window_already_is_taken_at_first_sight(tmp_path):
-    """Moved or renamed in whole, or waiting when the daemon starts: its mtime says it has held still."""
+def test_a_file_waiting_at_start_and_unchanged_for_the_window_is_taken_at_once(tmp_path):
+    """Waiting when the daemon starts: its mtime says it has held still. A later arrival is watched all the
+    same (a network file system's writer may set an mtime from a clock that runs behind)."""
     s = scanner(tmp_path)
     old, fresh = tmp_path / "inbox" / "old.jsonl", tmp_path / "inbox" / "fresh.jsonl"
     old.write_text("x\n")
@@ -79,3 +80,7 @@ def test_a_file_unchanged_for_the_window_already_is_taken_at_first_sight(tmp_pat
     os.utime(old, (now - 5, now - 5))
     assert s.ready(now=now + 0.1) == [(old, Priority.NORMAL)]  # the fresh one still gets its window
     assert s.ready(now=now + 1.01) == [(fresh, Priority.NORMAL), (old, Priority.NORMAL)]
+    later = tmp_path / "inbox" / "later.jsonl"
+    later.write_text("z\n")
+    os.utime(later, (now - 5, now - 5))
+    assert (later, Priority.NORMAL) not in s.ready(now=now + 1.1)  # not the first scan: it gets its window

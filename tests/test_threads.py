@@ -118,8 +118,10 @@ def test_the_readings_see_a_neighbour_at_normal_priority_more_than_a_niced_one()
         proc.wait()
         return ((b1 - b0) - (o1 - o0)) / (t1 - t0)
 
-    assert others_over([]) > 0.6  # a process spinning a whole core
-    assert others_over(["nice", "-n", "10"]) < 0.3  # the same, niced like the monitor: it yields to the trainer
+    # A process spinning a whole core counts; the same niced, like the monitor, does not (it yields to the
+    # trainer). Compared with each other, so that whatever else the machine runs cancels out.
+    normal, niced = others_over([]), others_over(["nice", "-n", "10"])
+    assert normal - niced > 0.6, (normal, niced)
 
 
 @pytest.mark.skipif(threads.waited_seconds() is None, reason="no /proc/self/task/*/schedstat on this kernel")

@@ -61,17 +61,27 @@ class Grid:
 
 
 def locate(names: list[str]) -> list[Site]:
-    """Layer index and kind of each module path (kinds shortened to the last name where that is unambiguous)."""
+    """Layer index and kind of each module path: the kind is the module's path within its block, shortened
+    to its last name where that stays unambiguous; where two modules would share a cell (two towers with
+    the same block layout), the kind keeps the path outside the block too."""
     parsed = []
     for name in names:
         m = _LAYER_INDEX.search(name + ".")
         if m is None:
-            parsed.append((name, -1, name.rsplit(".", 1)[-1], name))
+            parsed.append((name, -1, name, name))
         else:
             within = name[m.end():] if m.end() <= len(name) else name.rsplit(".", 1)[-1]
-            parsed.append((name, int(m.group(1)), within.rsplit(".", 1)[-1], within))
-    short_ok = len({p[2] for p in parsed}) == len({p[3] for p in parsed})
-    return [Site(name, layer, short if short_ok else full) for name, layer, short, full in parsed]
+            parsed.append((name, int(m.group(1)), within, f"{name[:m.start()]}.{within}"))
+    short_ok = len({p[2].rsplit(".", 1)[-1] for p in parsed}) == len({p[2] for p in parsed})
+    kinds = [p[2].rsplit(".", 1)[-1] if short_ok else p[2] for p in parsed]
+    if len({(p[1], k) for p, k in zip(parsed, kinds)}) < len(parsed):  # cells shared: qualify by the tower
+        kinds = [_strip_peft(p[3]) for p in parsed]
+    return [Site(p[0], p[1], k) for p, k in zip(parsed, kinds)]
+
+
+def _strip_peft(path: str) -> str:
+    """A module path without peft's wrapper prefix (base_model.model.)."""
+    return path.removeprefix("base_model.model.")
 
 
 class ActivityProbe:
@@ -131,7 +141,7 @@ class ActivityProbe:
                 diff = (sq + psq - 2 * _gram_trace(b, pb, a, pa)).clamp_min(0)
                 for k, i in enumerate(idx):
                     change[i] = float(self.scaling[i] * diff[k].sqrt())
-            self._prev[g] = (a.float(), b.float(), sq)
+            self._prev[g] = (a.float().cpu(), b.float().cpu(), sq.cpu())  # host memory: a GPU's is dearer
             for k, i in enumerate(idx):
                 update[i] = float(self.scaling[i] * sq[k].sqrt())
         base = self.base_norms()
@@ -211,3 +221,36 @@ def _kind_order(kind: str) -> tuple[int, str]:
     """Attention before MLP, in the order the blocks run; unknown kinds after, by name."""
     short = kind.rsplit(".", 1)[-1]
     return (_KIND_ORDER.index(short) if short in _KIND_ORDER else len(_KIND_ORDER), kind)
+
+
+class Sampler:
+    """When the loop samples a file's activity, and the sampling itself, which never fails the file.
+
+    Due at the file's last step always; else every `activity.every_steps` steps, at most once per
+    `activity.min_interval_seconds`. Activity is a diagnostic: an error measuring it is logged once
+    per file and the step goes on without a sample.
+    """
+
+    def __init__(self, probe: ActivityProbe | None, every_steps: int, min_interval: float, clock: Any,
+                 report: Any, job_id: str) -> None:
+        self.probe, self.every, self.min_interval = probe, every_steps, min_interval
+        self.clock, self.report, self.job_id = clock, report, job_id
+        self.last = -math.inf
+        self.failed = False
+
+    def due(self, step: int, total_steps: int) -> bool:
+        if self.probe is None or self.failed:
+            return False
+        return step == total_steps or (self.every > 0 and step % self.every == 0
+                                       and self.clock() - self.last >= self.min_interval)
+
+    def sample(self, step: int, global_step: int, total_steps: int, grads: Any) -> None:
+        self.last = self.clock()
+        try:
+            grid = self.probe.sample(grads)
+        except Exception:  # a diagnostic must never cost the file its training
+            log.warning("%s: layer activity not sampled (no more samples for this file)", self.job_id, exc_info=True)
+            self.failed = True
+            return
+        self.report({"type": "activity", "job_id": self.job_id, "step": step, "global_step": global_step,
+                     "final": step == total_steps, **grid.to_dict()})

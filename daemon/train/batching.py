@@ -23,9 +23,11 @@ Tensors (`data.packing`):
 - packed: the examples are packed first-fit-decreasing into rows as wide as
   the longest of them, position ids restarting at 0 for each example and no
   attention mask. transformers then builds a block-diagonal causal mask from
-  the position ids (or, with flash attention on CUDA, runs varlen attention):
-  no token attends across examples, and each example's loss is what it is
-  alone. A row is never wider than padding's, so attention never costs more.
+  the position ids: no token attends across examples, and each example's loss
+  is what it is alone. A row is never wider than padding's, so attention
+  never costs more. With flash attention (CUDA) the whole micro-batch goes in
+  one row instead: transformers runs variable-length attention only for a
+  batch of one row, and its cost is then that of the examples alone.
 """
 
 from __future__ import annotations
@@ -94,11 +96,17 @@ def micro_batches(examples: Iterable[Example], size: int, order: Order, window: 
     return batches(examples, size)
 
 
-def collate(batch: list[Example], pad_id: int, pack: bool = False) -> dict[str, Any]:
-    """Tensors of one micro-batch: packed rows (see the module docstring) or one padded row per example."""
+def collate(batch: list[Example], pad_id: int, pack: bool = False, one_row: bool = False) -> dict[str, Any]:
+    """Tensors of one micro-batch: packed rows (see the module docstring) or one padded row per example.
+
+    `one_row` packs the whole micro-batch into a single row, for flash attention: transformers runs its
+    variable-length kernel only for a batch of one row, and there a row costs nothing beyond its examples.
+    """
     if not batch:
         raise DataError("cannot collate an empty batch")
-    return _packed(batch, pad_id) if pack else _padded(batch, pad_id)
+    if not pack:
+        return _padded(batch, pad_id)
+    return _packed(batch, pad_id, sum(len(ex.input_ids) for ex in batch) if one_row else None)
 
 
 def _padded(batch: list[Example], pad_id: int) -> dict[str, Any]:
@@ -133,11 +141,12 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def _packed(batch: list[Example], pad_id: int) -> dict[str, Any]:
-    """Examples packed into rows; padding at a row's end is a segment of its own, with labels -100."""
+def _packed(batch: list[Example], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Examples packed into rows (as wide as the longest, or `width`); padding at a row's end is a segment
+    of its own, with labels -100."""
     import torch
 
-    width = max(len(ex.input_ids) for ex in batch)
+    width = width or max(len(ex.input_ids) for ex in batch)
     rows = pack_rows([len(ex.input_ids) for ex in batch], width)
     input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

@@ -42,7 +42,7 @@ import torch
 from daemon.config import Config, TrainingConfig
 from daemon.errors import DataError
 from daemon.train import checkpoint as ckpt
-from daemon.train.activity import ActivityProbe
+from daemon.train.activity import ActivityProbe, Sampler
 from daemon.train.batching import micro_batches
 from daemon.train.data import plan_file, train_examples
 from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
@@ -252,22 +252,7 @@ def _train_file(
         report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
         return pos.step
 
-    last_sample = -math.inf
-
-    def activity_due(step: int) -> bool:
-        """The file's last step always; else every `every_steps`, at most once per `min_interval_seconds`."""
-        if probe is None:
-            return False
-        ac = cfg.activity
-        return step == total_steps or (ac.every_steps > 0 and step % ac.every_steps == 0
-                                       and clock() - last_sample >= ac.min_interval_seconds)
-
-    def report_activity(grads: Any) -> None:
-        nonlocal last_sample
-        last_sample = clock()
-        grid = probe.sample(grads)
-        report({"type": "activity", "job_id": job.job_id, "step": pos.step, "global_step": pos.global_step,
-                "final": pos.step == total_steps, **grid.to_dict()})
+    sampler = Sampler(probe, cfg.activity.every_steps, cfg.activity.min_interval_seconds, clock, report, job.job_id)
 
     def run_eval() -> float | None:
         loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing)
@@ -296,7 +281,7 @@ def _train_file(
                 return Outcome("skipped", pos.step, pos.global_step, pos.last_loss, None, None)
 
             t0 = clock()
-            sample = activity_due(pos.step + 1)
+            sample = sampler.due(pos.step + 1, total_steps)
             stats = optimizer_step(lm, group, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
                                    probe if sample else None)
             consumed += len(group)
@@ -309,7 +294,7 @@ def _train_file(
                     "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
                     "elapsed": clock() - started})
             if sample:
-                report_activity(stats.lora_grads)
+                sampler.sample(pos.step, pos.global_step, total_steps, stats.lora_grads)
 
             if tc.eval_every_steps and pos.step % tc.eval_every_steps == 0 and pos.step < total_steps:
                 eval_loss = run_eval()

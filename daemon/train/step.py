@@ -33,7 +33,7 @@ from daemon.train.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-PROBE_LENGTHS = (9, 5, 13)  # a probe batch of three examples: two pack into one row beside the longest
+PROBE_LENGTHS = (13, 9, 4)  # packed: a row of the longest alone, and a row of the other two (one attends past the other)
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative, on summed losses
 # Config attributes of architectures that change the logits after the LM head (Gemma 2's softcap, Cohere's
 # scale, Granite's divisor). A probe with a freshly initialised model has logits too small to show a softcap,
@@ -47,6 +47,7 @@ class FastPaths:
 
     pack: bool
     label_only: bool
+    one_row: bool = False  # flash attention: the packed micro-batch as one row (varlen attention)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
     """
     pad_id = lm.tokenizer.pad_token_id
-    collated = [to_device(collate(mb, pad_id, pack and fast.pack), lm.device) for mb in group]
+    collated = [to_device(collate(mb, pad_id, pack and fast.pack, fast.one_row), lm.device) for mb in group]
     n_targets = max(1, sum(trainable_tokens(b) for b in collated))
     total = 0.0
     for b in collated:
@@ -104,7 +105,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
         scaler.scale(s / n_targets).backward()
         total += float(s.detach())
     scaler.unscale_(opt)
-    lora_grads = probe.grad_norms() if probe is not None else None
+    lora_grads = _lora_grads(probe) if probe is not None else None
     params = [p for g in opt.param_groups for p in g["params"]]
     # max_norm 0 disables clipping; inf still measures the norm for the report.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -118,6 +119,15 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     return StepStats(total / n_targets, float(grad_norm), lr, tokens, slots, lora_grads)
 
 
+def _lora_grads(probe: ActivityProbe) -> Any:
+    """The probe's gradient norms, or None when it cannot take them (a diagnostic never fails a step)."""
+    try:
+        return probe.grad_norms()
+    except Exception:
+        log.warning("layer activity: gradient norms not read", exc_info=True)
+        return None
+
+
 @torch.no_grad()
 def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fast: FastPaths, pack: bool) -> float | None:
     """Token-mean loss over the held-out examples (dropout off), or None without any."""
@@ -126,7 +136,7 @@ def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fa
     lm.model.eval()
     total, count = 0.0, 0
     for mb in batches(examples, micro_batch_size):
-        b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack), lm.device)
+        b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack, fast.one_row), lm.device)
         s, n = loss_sum(lm.model, b, fast.label_only)
         total, count = total + float(s), count + n
     lm.model.train()
@@ -148,8 +158,8 @@ def _probe_examples(vocab: int, pad_id: int) -> list[Example]:
 
 
 @torch.no_grad()
-def _losses(lm: LoadedModel, examples: list[Example], pack: bool, label_only: bool) -> float:
-    b = to_device(collate(examples, lm.tokenizer.pad_token_id, pack), lm.device)
+def _losses(lm: LoadedModel, examples: list[Example], pack: bool, label_only: bool, one_row: bool = False) -> float:
+    b = to_device(collate(examples, lm.tokenizer.pad_token_id, pack, one_row), lm.device)
     return float(loss_sum(lm.model, b, label_only)[0])
 
 
@@ -175,12 +185,13 @@ def fast_paths(lm: LoadedModel) -> FastPaths:
         else:
             label_only = _try(lambda: _losses(lm, examples, False, True), _losses(lm, examples, False, False), lm,
                               "logits only where labels are")
-        pack = _try(lambda: _losses(lm, examples, True, label_only), alone, lm, "packed rows")
+        one_row = lm.model.get_base_model().config._attn_implementation == "flash_attention_2"
+        pack = _try(lambda: _losses(lm, examples, True, label_only, one_row), alone, lm, "packed rows")
     finally:
         lm.model.train(was_training)
     log.info("fast paths on %s: packed rows %s, logits only where labels are %s",
              lm.base_path.name, "yes" if pack else "no", "yes" if label_only else "no")
-    return FastPaths(pack=pack, label_only=label_only)
+    return FastPaths(pack=pack, label_only=label_only, one_row=one_row)
 
 
 def _try(fn: Any, reference: float, lm: LoadedModel, what: str) -> bool:

@@ -27,9 +27,9 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 1.0  # how often the machine is looked at
-# Measured on 2 cores (bench/threads.py): our 2 threads waited 0.15 s/s for a CPU on an idle machine,
-# 0.29 beside a niced or a 25 % neighbour (both still faster than 1 thread), 0.78 beside a busy one (3x slower).
-STALLED_WAIT = 0.5  # seconds our threads waited for a CPU per second: the team is stalling, give a core back
+# Measured on 2 cores (bench/threads.py): each of our 2 threads waited 0.08 s/s for a CPU on an idle machine,
+# 0.15 beside a niced or a 25 % neighbour (both still faster than 1 thread), 0.39 beside a busy one (3x slower).
+STALLED_WAIT = 0.25  # seconds per second each of our threads waited for a CPU: the team stalls, give a core back
 BUSY_CORES = 0.3  # without schedstat: others using this much (in cores) over a window compete for ours
 QUIET_CORES = 0.3  # others below this for QUIET_WINDOWS windows in a row: take the core back
 QUIET_WINDOWS = 3  # doubled each time the core had to be given back soon after (up to MAX_QUIET_WINDOWS)
@@ -64,17 +64,24 @@ def start_threads(configured: int) -> int:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds used on every core by work at normal priority, from /proc/stat; 0 where it cannot be read.
-
-    Niced processes (the monitor at nice 10) are left out: they yield to the trainer and do not stall it.
-    """
+    """CPU seconds used by work at normal priority on the cores this process may run on (/proc/stat's
+    per-CPU lines); 0 where they cannot be read. Niced processes (the monitor at nice 10) are left out:
+    they yield to the trainer and do not stall it; so are cores outside our affinity (containers, taskset)."""
+    try:
+        ours = {f"cpu{k}" for k in os.sched_getaffinity(0)}
+    except AttributeError:  # not on Linux
+        return 0.0
+    busy = 0
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()[1:]
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in ours:
+                    user, _nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+                    busy += user + system + irq + softirq + steal
     except OSError:
         return 0.0
-    user, _nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def own_seconds() -> float:
@@ -119,7 +126,7 @@ class ThreadGovernor:
             return None
         now, b, o, w = self._mark = self._read()
         others = max(0.0, (b - b0) - (o - o0)) / (now - t0)
-        stall = (w - w0) / (now - t0) if w is not None and w0 is not None else None
+        stall = (w - w0) / (now - t0) / self.threads if w is not None and w0 is not None else None
         return self._decide(others, stall)
 
     def _decide(self, others: float, stall: float | None) -> int | None:
@@ -128,7 +135,7 @@ class ThreadGovernor:
             self._quiet = 0
             if self._up_at is not None and self.clock() - self._up_at < SOON:
                 self._needed = min(2 * self._needed, MAX_QUIET_WINDOWS)
-            return self._set(self.cores - 1, f"its threads waited {stall:.2f} s/s for a CPU" if stall is not None
+            return self._set(self.cores - 1, f"each of its threads waited {stall:.2f} s/s for a CPU" if stall is not None
                              else f"other processes used {others:.2f} cores")
         self._quiet = self._quiet + 1 if others < QUIET_CORES else 0
         if self.threads < self.cores and self._quiet >= self._needed:

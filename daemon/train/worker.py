@@ -156,7 +156,7 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         fail(sess, job.job_id, e)
         return
     if outcome.status == "done":
-        publish(sess, job, msg, outcome, moved=sess.probe.moved_since(before))
+        publish(sess, job, msg, outcome, moved=moved_by_file(sess, before))
     elif outcome.status == "skipped":
         restore(sess, before)
         ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
@@ -166,13 +166,22 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         sess.exit_code = 0
 
 
+def moved_by_file(sess: Session, before: dict[str, Any]) -> Grid | None:
+    """What the file moved; None when it cannot be measured (a diagnostic never keeps a file from done/)."""
+    try:
+        return sess.probe.moved_since(before)
+    except Exception:
+        log.warning("what the file moved was not measured", exc_info=True)
+        return None
+
+
 def restore(sess: Session, before: dict[str, Any]) -> None:
     """Put the LoRA weights back to their state before the file (skip, failure)."""
     set_lora_state(sess.lm.model, before)
     sess.probe.forget_previous()  # the last sample's weights are gone: no `change` against them
 
 
-def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: Grid) -> None:
+def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: Grid | None) -> None:
     """Publish the next adapter version, drop the job's checkpoints, answer done.
 
     What the file moved (per module ‖ΔW after − ΔW before‖, from the weights before
@@ -185,7 +194,8 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         "job_id": job.job_id, "original_name": msg.get("original_name"), "sha256": job.sha256,
         "steps": outcome.steps, "global_step": outcome.global_step, "final_loss": outcome.final_loss,
         "eval_loss": outcome.eval_loss, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trained_jobs": sess.trained_jobs + [job.job_id], "activity_moved": moved.to_dict(),
+        "trained_jobs": sess.trained_jobs + [job.job_id],
+        "activity_moved": moved.to_dict() if moved is not None else None,
     }
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest)
     sess.version, sess.manifest = version, manifest
