@@ -10,11 +10,13 @@ Needs the bench extra: `.venv/bin/pip install -e '.[bench]'` (TRL for the SFTTra
 Sections (--sections, comma-separated):
   compare   tokens/s of real tokens, one epoch each, runs interleaved A B C ... per pair, for every
             model x data x quantisation asked: traind, Trainer + PEFT, Trainer with group_by_length,
+            Trainer + PEFT on a base loaded in traind's compute dtype (bf16 on a CPU with native bf16),
             TRL SFTTrainer (bench/perf_runs.py; each run its own process); each ratio is the median over
             the pairs of traind's rate / the other's in the same pair, with padding waste and the
             held-out loss after the epoch (loss parity) beside it
-  levers    the same on the first model and data, fp32: traind with every lever off (plain), only
-            grouping, only packing, grouping + packing with full logits, and all of them
+  levers    the same on the first model and data: traind in fp32 with every lever off (plain), only
+            grouping, only packing, grouping + packing with full logits, all batching levers (fp32), and
+            traind's defaults (bf16 compute where the CPU has it)
   daemon    the real daemon end to end on the same file vs the bare loop; with the dashboard open
             (1 Hz polls + an event stream) and at 10 Hz; API p50/p99 while it trains; inbox -> first step
             (warm: the model loaded; cold: from the daemon's start) (bench/perf_daemon.py)
@@ -40,9 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RUNNERS = ("traind", "trainer", "trainer-glen", "sft")
-LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind")
-DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96}  # one epoch each: 20, 15 and 12 steps of 8
+RUNNERS = ("traind", "trainer", "trainer-glen", "trainer-bf16", "sft")
+LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind-fp32", "traind")
+DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96, "5m-v152k": 64}  # one epoch each: 20, 15, 12 and 8 steps of 8
 QUICK = dict(models="5m", data="realistic", quant="none", pairs=1, runners="traind,trainer", examples=48)
 
 
@@ -117,6 +119,7 @@ def summarise(model: str, kind: str, quant: str, runs: dict[str, list[dict]]) ->
             "padding_waste": statistics.median(x["padding_waste"] for x in xs),
             "heldout_loss": statistics.median(x["heldout_loss"] for x in xs),
             "runs": [x["tokens_per_sec"] for x in xs],
+            "compute_dtype": xs[0].get("compute_dtype"),
         }
         if "defaults" in xs[0]:
             row["runners"][r]["defaults"] = xs[0]["defaults"]
@@ -160,17 +163,19 @@ def markdown(result: dict) -> str:
                     lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {r} | failed | | | |")
                     continue
                 ratio = f"{v['traind_over_this']:.2f}x" if "traind_over_this" in v else ""
-                lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {r} | {v['tokens_per_sec']:.0f} | {ratio} "
+                name = f"{r} ({v['compute_dtype']})" if v.get("compute_dtype") else r
+                lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {name} | {v['tokens_per_sec']:.0f} | {ratio} "
                              f"| {v['padding_waste']:.1%} | {v['heldout_loss']:.4f} |")
         lines.append("")
     if result.get("levers"):
-        lines += ["## What each lever contributes (traind variants, fp32; ratio: all levers / this)", "",
+        lines += ["## What each lever contributes (traind variants; ratio: all levers / this)", "",
                   "| model | data | variant | tokens/s | all / this | padding waste | held-out loss |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in result["levers"]:
             for r, v in row["runners"].items():
                 ratio = f"{v['traind_over_this']:.2f}x" if "traind_over_this" in v else ""
-                lines.append(f"| {row['model']} | {row['data']} | {r} | {v.get('tokens_per_sec', 0):.0f} | {ratio} | "
+                name = f"{r} ({v['compute_dtype']})" if v.get("compute_dtype") else r
+                lines.append(f"| {row['model']} | {row['data']} | {name} | {v.get('tokens_per_sec', 0):.0f} | {ratio} | "
                              f"{v.get('padding_waste', 0):.1%} | {v.get('heldout_loss', 0):.4f} |")
         lines.append("")
     if result.get("flops"):

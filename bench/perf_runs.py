@@ -3,16 +3,20 @@
     python bench/perf_runs.py RUNNER --base DIR --data FILE --heldout FILE --out FILE.json
 
 RUNNER is one of:
-  traind        daemon.train.loop.train_file, as the trainer child runs it (its batching as configured)
-  traind-plain  the same with neither length grouping nor packing, full logits (the loop before them)
-  traind-grouped, traind-packed, traind-full-logits: one lever off at a time (what each contributes)
-  trainer       transformers.Trainer + PEFT, its defaults: random batches, each padded to its longest
+  traind        daemon.train.loop.train_file, as the trainer child runs it, with traind's defaults (its batching,
+                and compute_dtype auto: bf16 on a CPU with native bf16, else fp32)
+  traind-plain  fp32, neither length grouping nor packing, full logits (the loop before any lever)
+  traind-grouped, traind-packed: fp32 and only that lever; traind-full-logits: fp32, grouping and packing;
+  traind-fp32   every batching lever, fp32 compute (all but the compute dtype)
+  trainer       transformers.Trainer + PEFT, its defaults: random batches, each padded to its longest, fp32
   trainer-glen  the same with group_by_length=True
+  trainer-bf16  Trainer + PEFT defaults with the base loaded in the compute dtype traind chose (bf16 where
+                the CPU has it): the same numerics as traind, so the ratio is what traind's loop adds
   sft           TRL SFTTrainer with its defaults (it tokenises the prompt/completion file itself)
 
 All train the same base with LoRA r=8 (alpha 16, no dropout) on every linear
 layer of the blocks, AdamW at lr 2e-4 constant, micro-batch --batch, the same
-thread count, fp32 compute on the CPU (nf4 weights with --quant nf4), for one
+thread count (nf4 weights with --quant nf4; the LoRA weights and AdamW in fp32), for one
 epoch over the same file. Each process first warms up (two forward/backward
 passes on a random batch, not timed), then times the whole epoch: every runner
 pays for every batch it makes, whatever order it puts them in. Tokens are the
@@ -39,13 +43,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LR = 2e-4
 
 
-def traind_config(args: argparse.Namespace, root: Path, grouped: bool, packed: bool) -> Any:
+def traind_config(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, dtype: str = "auto") -> Any:
     from daemon.config import config_from_dict
 
     return config_from_dict({
         "base_model": str(args.base), "paths": {"models": str(root / "models"), "checkpoints": str(root / "ck")},
         "data": {"max_length": args.max_length, "eval_fraction": 0.0, "group_by_length": grouped, "packing": packed},
-        "model": {"quantization": args.quant, "device": args.device, "compute_dtype": "float32" if args.device == "cpu" else "auto"},
+        "model": {"quantization": args.quant, "device": args.device, "compute_dtype": dtype},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         "training": {"micro_batch_size": args.batch, "learning_rate": LR, "warmup_steps": 0, "schedule": "constant",
                      "epochs_per_file": 1, "checkpoint_every_steps": 1_000_000, "cpu_threads": args.threads},
@@ -86,14 +90,15 @@ def warm_up(model: Any, vocab: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, label_only: bool = True) -> dict[str, Any]:
+def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, label_only: bool = True,
+               dtype: str = "auto") -> dict[str, Any]:
     import dataclasses
 
     from daemon.train.loop import Job, train_file
     from daemon.train.model import load_for_training
     from daemon.train.step import fast_paths
 
-    cfg = traind_config(args, root, grouped, packed)
+    cfg = traind_config(args, root, grouped, packed, dtype)
     lm = load_for_training(cfg, seed=1)
     lm.fast = fast_paths(lm)  # once per loaded model in the daemon too: not part of a file's training
     if not label_only:
@@ -112,6 +117,7 @@ def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool
                report=report, control=lambda: "continue")
     result = measured(marks)
     result["fast_paths"] = vars(lm.fast) if lm.fast else None
+    result["compute_dtype"] = str(lm.dtype).removeprefix("torch.")
     result["heldout_loss"] = heldout_loss(lm.model, lm.tokenizer, args.heldout, cfg.data)
     return result
 
@@ -125,22 +131,29 @@ def measured(marks: list[tuple[float, int, int]]) -> dict[str, Any]:
             "tokens_per_sec": tokens / seconds, "padding_waste": 1 - tokens / slots}
 
 
-def compute_dtype(args: argparse.Namespace) -> Any:
+def compute_dtype(args: argparse.Namespace, as_traind: bool = False) -> Any:
+    """Trainer's default: fp32 on the CPU; bf16 (fp16 on older GPUs) on CUDA. `as_traind`: traind's auto choice."""
     import torch
 
+    if as_traind:
+        from daemon.config import ModelConfig
+        from daemon.train.model import capabilities, choose_dtype
+
+        return choose_dtype(ModelConfig(), args.device, capabilities())
     if args.device == "cpu":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def peft_model(args: argparse.Namespace) -> Any:
+def peft_model(args: argparse.Namespace, as_traind: bool = False) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw: dict[str, Any] = {"dtype": compute_dtype(args), "device_map": {"": args.device}}
+    dtype = compute_dtype(args, as_traind)
+    kw: dict[str, Any] = {"dtype": dtype, "device_map": {"": args.device}}
     if args.quant == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(args))
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(args.base, **kw)
     model.config.use_cache = False
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
@@ -180,7 +193,7 @@ def trainer_args(args: argparse.Namespace, root: Path, **over: Any) -> dict[str,
                 dataloader_num_workers=0, seed=1, **over)
 
 
-def run_trainer(args: argparse.Namespace, root: Path, group_by_length: bool) -> dict[str, Any]:
+def run_trainer(args: argparse.Namespace, root: Path, group_by_length: bool, as_traind: bool = False) -> dict[str, Any]:
     """Trainer + PEFT on traind's own tokenised examples (the same tokens), padded by its collator."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -190,7 +203,7 @@ def run_trainer(args: argparse.Namespace, root: Path, group_by_length: bool) -> 
     data = [{"input_ids": ex.input_ids, "labels": ex.labels, "attention_mask": [1] * len(ex.input_ids)}
             for ex in examples(args.data, tok, cfg.data)]
     marks, pad = Marks(), DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    model = peft_model(args)
+    model = peft_model(args, as_traind)
     strategy = "group_by_length" if group_by_length else "random"  # transformers 5's name for group_by_length=True
     targs = TrainingArguments(**trainer_args(args, root, train_sampling_strategy=strategy, optim="adamw_torch",
                                              remove_unused_columns=False))
@@ -199,6 +212,7 @@ def run_trainer(args: argparse.Namespace, root: Path, group_by_length: bool) -> 
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     result = measured(marks.marks)
+    result["compute_dtype"] = str(compute_dtype(args, as_traind)).removeprefix("torch.")
     result["heldout_loss"] = heldout_loss(model, tok, args.heldout, cfg.data)
     return result
 
@@ -235,7 +249,7 @@ def run_sft(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runner", choices=["traind", "traind-plain", "traind-grouped", "traind-packed", "traind-full-logits",
-                                      "trainer", "trainer-glen", "sft"])
+                                      "traind-fp32", "trainer", "trainer-glen", "trainer-bf16", "sft"])
     p.add_argument("--base", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--heldout", type=Path, required=True)
@@ -262,11 +276,13 @@ def main() -> None:
     root = args.out.parent / f".{args.out.stem}"
     root.mkdir(parents=True, exist_ok=True)
     runs = {"traind": lambda: run_traind(args, root, True, True),
-            "traind-plain": lambda: run_traind(args, root, False, False, label_only=False),
-            "traind-grouped": lambda: run_traind(args, root, True, False, label_only=False),
-            "traind-packed": lambda: run_traind(args, root, False, True, label_only=False),
-            "traind-full-logits": lambda: run_traind(args, root, True, True, label_only=False),
+            "traind-plain": lambda: run_traind(args, root, False, False, label_only=False, dtype="float32"),
+            "traind-grouped": lambda: run_traind(args, root, True, False, label_only=False, dtype="float32"),
+            "traind-packed": lambda: run_traind(args, root, False, True, label_only=False, dtype="float32"),
+            "traind-full-logits": lambda: run_traind(args, root, True, True, label_only=False, dtype="float32"),
+            "traind-fp32": lambda: run_traind(args, root, True, True, dtype="float32"),
             "trainer": lambda: run_trainer(args, root, False), "trainer-glen": lambda: run_trainer(args, root, True),
+            "trainer-bf16": lambda: run_trainer(args, root, False, as_traind=True),
             "sft": lambda: run_sft(args, root)}
     result = runs[args.runner]()
     result.update(runner=args.runner, threads=torch.get_num_threads())

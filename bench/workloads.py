@@ -6,7 +6,10 @@
 
 Models are Qwen3-architecture causal LMs with random weights and the embedded
 model's tokenizer (1,024 tokens): speed does not depend on what the weights
-know. Data sets are prompt/completion JSONL:
+know. `5m-v152k` is the 5m body with Qwen's 151,936-entry vocabulary (embedding
+and LM head sized as in a real Qwen base; the text still uses the first 1,024
+ids): there the LM head, not the body, is most of the compute, as in the
+small real models users fine-tune. Data sets are prompt/completion JSONL:
   realistic  prompt and completion lengths each lognormal (median 80 words), kept within 16-500 words
   fixed      every example 100 words (50 of prompt, 50 of completion): padding plays no part
 Words come from the bundled examples' vocabulary, so the tokenizer sees text it knows.
@@ -22,11 +25,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# hidden, layers, intermediate, heads, kv heads: about 5M, 18M and 25M parameters with a 1,024-token vocabulary
+# hidden, layers, intermediate, heads, kv heads[, vocabulary]: about 5M, 18M and 25M parameters with the
+# tokenizer's 1,024-token vocabulary; 5m-v152k: the 5m body with a Qwen-sized vocabulary (78M in embedding + head)
 SIZES = {
     "5m": (256, 6, 768, 4, 2),
     "18m": (384, 10, 1152, 6, 2),
     "25m": (512, 8, 1536, 8, 4),
+    "5m-v152k": (256, 6, 768, 4, 2, 151_936),
 }
 WORDS_MEDIAN, WORDS_SIGMA, WORDS_MIN, WORDS_MAX = 80, 0.9, 16, 500
 
@@ -38,9 +43,9 @@ def build_model(size: str, dest: Path, tokenizer_from: Path) -> Path:
 
     if (dest / "config.json").is_file():
         return dest
-    hidden, layers, inter, heads, kv = SIZES[size]
+    hidden, layers, inter, heads, kv, *vocab = SIZES[size]
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    config = Qwen3Config(vocab_size=vocab[0] if vocab else len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
                          max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, bos_token_id=None)

@@ -68,7 +68,7 @@ class DataConfig:
 class ModelConfig:
     quantization: Literal["nf4", "fp4", "none"] = _f("nf4", "4-bit base through bitsandbytes (nf4/fp4), or none (locked key).", locked=True)
     double_quant: bool = _f(True, "Quantise the quantisation constants too (QLoRA double quantisation).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA, float32 on CPU.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA; on the CPU bfloat16 where it has native bf16 (AVX512-BF16, AMX), else float32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory on large bases.")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "auto: flash_attention_2 on CUDA where the flash-attn package is installed (packed rows run as variable-length attention), else the model's default (sdpa where it has it).")

@@ -238,12 +238,18 @@ def test_a_compiled_decoder_trains_to_the_same_losses(models_dir: Path, tmp_path
     assert len(runs[0]) == len(runs[1]) and max(abs(a - b) for a, b in zip(*runs)) < 1e-4
 
 
-def test_the_packing_check_would_catch_attention_across_examples(models_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_the_packing_check_would_catch_attention_across_examples(models_dir: Path, tmp_path: Path,
+                                                                compute_dtype: str) -> None:
     """fast_paths' probe really packs two examples in a row, and a layout that lets one attend to the
-    other (position ids that do not restart, as a kernel that ignores them would see it) fails it."""
+    other (position ids that do not restart, as a kernel that ignores them would see it) fails it, at the
+    tolerance of the compute dtype."""
     from daemon.train.step import PROBE_LENGTHS, _agree, _losses, _probe_examples
 
-    lm = load_for_training(make_cfg(models_dir, tmp_path), seed=1)
+    cfg = make_cfg(models_dir, tmp_path)
+    lm = load_for_training(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=compute_dtype)), seed=1)
+    dtype = getattr(torch, compute_dtype)
+    assert lm.dtype == dtype and fast_paths(lm).pack
     lm.model.eval()
     examples = _probe_examples(len(lm.tokenizer), lm.tokenizer.pad_token_id)
     assert any(len(r) > 1 for r in pack_rows(list(PROBE_LENGTHS), max(PROBE_LENGTHS)))
@@ -252,5 +258,5 @@ def test_the_packing_check_would_catch_attention_across_examples(models_dir: Pat
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     with torch.no_grad():
         leaked = float(loss_sum(lm.model, leaky)[0])
-    assert _agree(_losses(lm, examples, True, False), alone, torch.float32)
-    assert not _agree(leaked, alone, torch.float32), (leaked, alone)
+    assert _agree(_losses(lm, examples, True, False), alone, dtype)
+    assert not _agree(leaked, alone, dtype), (leaked, alone)

@@ -38,3 +38,16 @@ def test_the_daemon_section_runs(tmp_path: Path) -> None:
     d = perf(tmp_path, "--sections", "daemon")["daemon"]
     assert d["daemon_over_bare"] > 0 and d["warm_inbox_to_first_step"] > 0 and d["cold_inbox_to_first_step"] > 0
     assert d["api_daemon + 10 Hz"]["/api/status"]["p99"] > 0
+
+
+def test_padding_waste_by_policy(tmp_path: Path) -> None:
+    out = tmp_path / "padding.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "padding.py"), "--data", "realistic", "--sizes", "64",
+                           "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads(out.read_text())["rows"]
+    w = row["waste"]
+    assert row["examples"] == 64 and set(w) == {"traind", "traind-grouped", "traind-plain", "trainer", "trainer-glen"}
+    assert all(0 <= v < 1 for v in w.values())
+    # packing never adds a slot to grouping's, and grouping within the window beats Trainer's random batches
+    assert w["traind"] <= w["traind-grouped"] < w["trainer"]

@@ -8,6 +8,7 @@ Every test checks the exit code, what was printed and the files left behind.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -367,3 +368,19 @@ def test_status_watch_piped_writes_no_screen_codes(cfg: Config) -> None:
         proc.kill()
     assert proc.returncode == 0 and "\x1b[" not in text
     assert text.count("--- ") >= 2 and text.count("traind") >= 2  # one screen after another
+
+
+@pytest.mark.parametrize("interval", ["-1", "0", "soon"])
+def test_status_watch_refuses_a_bad_interval_with_a_usage_message(cfg: Config, interval: str) -> None:
+    r = trainctl(cfg, "status", "--watch", interval)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--watch" in r.stderr and interval in r.stderr
+
+
+def test_status_reads_any_iso_time_and_survives_a_garbled_one() -> None:
+    from daemon.cli.status_cmds import render_status
+    base = {"status": "idle", "queue": {}}
+    now = time.time()
+    offset = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 30))
+    assert re.search(r"updated  3[0-2]s ago", render_status({**base, "updated_at": offset}, None))
+    assert "updated  never" in render_status({**base, "updated_at": "yesterday-ish"}, None)

@@ -46,7 +46,9 @@ def make_cfg(models: Path, tmp: Path, quantization: str = "none", **training: ob
     return Config(
         paths=PathsConfig(models=str(models), checkpoints=str(tmp / "checkpoints")),
         data=DataConfig(max_length=64, eval_fraction=0.1, eval_max_examples=8),
-        model=ModelConfig(quantization=quantization, device="cpu"),
+        # fp32: the exactness checks here (1e-5) are fp32's; bf16 (auto on CPUs with native bf16) has its own
+        # cases, and the daemon tests run whatever auto picks on the machine
+        model=ModelConfig(quantization=quantization, device="cpu", compute_dtype="float32"),
         lora=LoraConfig(r=4, alpha=8, dropout=float(tc.pop("dropout", 0.0))),  # type: ignore[arg-type]
         training=TrainingConfig(**tc),  # type: ignore[arg-type]
     )
@@ -72,15 +74,21 @@ def sha(path: Path) -> str:
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, quantization: str) -> None:
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])  # auto picks bf16 on a CPU with native bf16
+def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, quantization: str, compute_dtype: str) -> None:
     cfg = make_cfg(models_dir, tmp_path, quantization, epochs_per_file=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=compute_dtype))
     path = small_file(tmp_path)
     out, events, lm = run(cfg, Job("j1", path, "alpaca", sha(path)))
+    dtype = getattr(torch, compute_dtype)
+    assert lm.dtype == dtype
+    # the LoRA weights (and so AdamW's state) stay fp32 whatever the compute dtype
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters() if p.requires_grad)
     if quantization == "nf4":
         import bitsandbytes as bnb
 
         q = lm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4" and q.compute_dtype == torch.float32
+        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4" and q.compute_dtype == dtype
     started = next(e for e in events if e["type"] == "started")
     steps = losses(events)
     assert out.status == "done" and out.steps == started["total_steps"] == len(steps) == out.global_step

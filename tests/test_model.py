@@ -44,11 +44,27 @@ def make_cfg(models: Path, quantization: str = "none", dropout: float = 0.0) -> 
 def test_dtype_choice_per_device() -> None:
     auto = ModelConfig()
     assert choose_dtype(auto, "cpu", CPU) == torch.float32
+    assert choose_dtype(auto, "cpu", dataclasses.replace(CPU, cpu_bf16=True)) == torch.bfloat16
+    assert choose_dtype(dataclasses.replace(auto, compute_dtype="float32"), "cpu",
+                        dataclasses.replace(CPU, cpu_bf16=True)) == torch.float32
     assert choose_dtype(auto, "cuda", AMPERE) == torch.bfloat16
     assert choose_dtype(auto, "cuda", TURING) == torch.float16
     assert choose_dtype(dataclasses.replace(auto, compute_dtype="float16"), "cuda", AMPERE) == torch.float16
     with pytest.raises(ModelError, match="bfloat16"):
         choose_dtype(dataclasses.replace(auto, compute_dtype="bfloat16"), "cuda", TURING)
+
+
+def test_native_cpu_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from daemon.train.model import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(info))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
 def test_device_choice() -> None:

@@ -21,8 +21,19 @@ if TYPE_CHECKING:
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     s = subparsers.add_parser("status", parents=[common], help="one-screen summary")
     s.add_argument("--json", action="store_true", help="print the raw status JSON")
-    s.add_argument("--watch", nargs="?", const=2.0, type=float, default=None, metavar="SECONDS", help="refresh until Ctrl-C")
+    s.add_argument("--watch", nargs="?", const=2.0, type=_seconds, default=None, metavar="SECONDS", help="refresh until Ctrl-C")
     s.set_defaults(handler=with_config(cmd_status))
+
+
+def _seconds(text: str) -> float:
+    """A refresh interval: a positive number of seconds (argparse turns the error into a usage message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 86400 seconds, got {text}")
+    return value
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
@@ -66,7 +77,12 @@ def render_status(st: dict | None, running_pid: int | None) -> str:
 def _age(updated_at: str | None) -> float | None:
     if not updated_at:
         return None
-    t = datetime.strptime(updated_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    try:  # the writer's format; any ISO 8601 time (a hand-edited or foreign status) is read too
+        t = datetime.fromisoformat(updated_at.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
     return time.time() - t.timestamp()
 
 

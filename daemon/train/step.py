@@ -34,7 +34,7 @@ from daemon.train.model import LoadedModel
 log = logging.getLogger(__name__)
 
 PROBE_LENGTHS = (13, 9, 4)  # packed: a row of the longest alone, and a row of the other two (one attends past the other)
-PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative, on summed losses
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-3, torch.float16: 5e-3}  # relative, on summed losses (a leak: ~4e-2)
 # Config attributes of architectures that change the logits after the LM head (Gemma 2's softcap, Cohere's
 # scale, Granite's divisor). A probe with a freshly initialised model has logits too small to show a softcap,
 # so these are refused by name as well as by the numeric check.
