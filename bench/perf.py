@@ -134,19 +134,24 @@ def summarise(model: str, kind: str, quant: str, runs: dict[str, list[dict]]) ->
 
 
 def flops(args: argparse.Namespace, prep: dict, rows: list[dict]) -> list[dict]:
-    """Model FLOP/s of traind's measured rate over this machine's fp32 matmul peak, per compared point."""
+    """Model FLOP/s of traind's measured rate over this machine's matmul peak in the dtype traind computed in
+    (bf16 has about twice fp32's peak where the CPU has native bf16), per compared point; fp32's peak beside it."""
     from bench.perf_daemon import matmul_peak, model_flops_per_token
 
-    peak = matmul_peak(args.threads)
+    peaks: dict[str, float] = {}
     out = []
     for row in rows:
         t = row["runners"].get("traind", {})
         if "tokens_per_sec" not in t:
             continue
+        dtype = t.get("compute_dtype") or "float32"
+        for d in {dtype, "float32"} - set(peaks):
+            peaks[d] = matmul_peak(args.threads, dtype=d)
         per_token = model_flops_per_token(prep["bases"][row["model"]], prep["data"][row["data"]][row["model"]])
         achieved = t["tokens_per_sec"] * per_token
         out.append({"model": row["model"], "data": row["data"], "quant": row["quant"], "flops_per_token": per_token,
-                    "model_flops_per_sec": achieved, "matmul_peak": peak, "efficiency": achieved / peak})
+                    "model_flops_per_sec": achieved, "compute_dtype": dtype, "matmul_peak": peaks[dtype],
+                    "matmul_peak_fp32": peaks["float32"], "efficiency": achieved / peaks[dtype]})
     return out
 
 
@@ -179,11 +184,14 @@ def markdown(result: dict) -> str:
                              f"{v.get('padding_waste', 0):.1%} | {v.get('heldout_loss', 0):.4f} |")
         lines.append("")
     if result.get("flops"):
-        lines += ["## Hardware efficiency", "", "| model | data | base | model GFLOP/s | matmul peak GFLOP/s | efficiency |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Hardware efficiency (model FLOP/s over the matmul peak in traind's compute dtype)", "",
+                  "| model | data | base | compute | model GFLOP/s | matmul peak GFLOP/s | efficiency | fp32 peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for f in result["flops"]:
-            lines.append(f"| {f['model']} | {f['data']} | {f['quant']} | {f['model_flops_per_sec'] / 1e9:.1f} | "
-                         f"{f['matmul_peak'] / 1e9:.1f} | {f['efficiency']:.0%} |")
+            fp32 = f.get("matmul_peak_fp32", f["matmul_peak"])
+            lines.append(f"| {f['model']} | {f['data']} | {f['quant']} | {f.get('compute_dtype', 'float32')} | "
+                         f"{f['model_flops_per_sec'] / 1e9:.1f} | {f['matmul_peak'] / 1e9:.1f} | {f['efficiency']:.0%} | "
+                         f"{fp32 / 1e9:.1f} |")
         lines.append("")
     if result.get("daemon"):
         from bench.perf_daemon import markdown_lines

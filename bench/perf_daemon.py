@@ -31,13 +31,13 @@ sys.path.insert(0, str(REPO))
 # ---------------------------------------------------------------- FLOPs
 
 
-def matmul_peak(threads: int, n: int = 1536, reps: int = 6) -> float:
-    """fp32 FLOP/s of a square matmul on `threads` threads: the best of `reps` (this machine's practical peak)."""
+def matmul_peak(threads: int, n: int = 1536, reps: int = 6, dtype: str = "float32") -> float:
+    """FLOP/s of a square `dtype` matmul on `threads` threads: the best of `reps` (this machine's practical peak)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
     torch.set_num_threads(before)
