@@ -138,10 +138,11 @@ class HistoryDB:
 
     # -- writes (service) -------------------------------------------------------
     def record_step(self, job_id: str, step: int, global_step: int, epoch: float, loss: float | None,
-                    lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float) -> None:
+                    lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float,
+                    keep_existing: bool = False) -> None:
         with self.conn:
             self.conn.execute(
-                "INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR {'IGNORE' if keep_existing else 'REPLACE'} INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
                 (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t),
             )
 

@@ -98,6 +98,13 @@ class JobTracker:
         self.db.record_step(msg["job_id"], msg["step"], st.global_step, st.epoch, st.loss, st.lr,
                             msg.get("grad_norm"), st.tokens_per_sec, now)
 
+    def _on_steps_again(self, msg: dict, now: float) -> None:
+        """The step reports a resumed checkpoint kept (since the one before it): recorded again, as they were
+        (only the missing ones), in case this service or an earlier one died before recording them."""
+        for m in msg["steps"]:
+            self.db.record_step(m["job_id"], m["step"], m.get("global_step"), m.get("epoch"), m.get("loss"),
+                                m.get("lr"), m.get("grad_norm"), m.get("tokens_per_sec"), now, keep_existing=True)
+
     def _on_eval(self, msg: dict, now: float) -> None:
         self.status.eval_loss = msg["eval_loss"]
         self.db.record_eval(msg["job_id"], msg["step"], msg.get("global_step", self.status.global_step),

@@ -62,6 +62,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
     rng: dict[str, Any]
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step reports since the previous checkpoint
 
 
 def step_dir_name(step: int) -> str:
@@ -99,9 +100,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int
+    folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int,
+    steps: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`."""
+    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`.
+
+    `steps`: the step reports since the previous checkpoint. A resume reports them again, so the service's
+    step history has every step even when it died before recording the last ones it was sent."""
     import torch
     from safetensors.torch import save_file
 
@@ -112,6 +117,7 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / "adapter_model.safetensors"))
         torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, tmp / "optimizer.pt")
         torch.save(capture_rng(), tmp / "rng.pt")
+        atomic.write_json(tmp / "steps.json", steps or [])
         atomic.write_json(tmp / "state.json", dataclasses.asdict(pos))  # last: marks the folder complete
         atomic.publish_dir(tmp, final)
     except BaseException:
@@ -165,7 +171,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     # rng.pt holds numpy's state (an ndarray in a tuple): our own file, so a full unpickle is fine.
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     lora = load_file(str(path / "adapter_model.safetensors"))
-    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng)
+    steps = atomic.read_json(path / "steps.json") if (path / "steps.json").is_file() else []  # older: none
+    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, steps)
 
 
 def _candidates(folder: Path) -> list[Path]:

@@ -245,10 +245,14 @@ def _train_file(
     report({"type": "started", "job_id": job.job_id, "total_steps": total_steps,
             "resumed_from_step": pos.step, "n_train": plan.n_train, "n_eval": plan.n_eval,
             "n_dropped": plan.n_dropped, "epochs": tc.epochs_per_file})
+    if ck is not None and ck.steps:  # a service killed after the checkpoint, before recording them, gets them again
+        report({"type": "steps_again", "job_id": job.job_id, "steps": ck.steps})
+    unsaved: list[dict[str, Any]] = []  # step reports since the last checkpoint: the next one keeps them
 
     def save() -> int:
         path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
-                                    sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints)
+                                    sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints, unsaved)
+        unsaved.clear()
         report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
         return pos.step
 
@@ -288,11 +292,13 @@ def _train_file(
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
                                 total_steps, epoch, consumed, stats.loss, pos.order)
             dt = max(clock() - t0, 1e-9)
-            report({"type": "step", "job_id": job.job_id, "step": pos.step, "total_steps": total_steps,
-                    "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
-                    "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                    "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
-                    "elapsed": clock() - started})
+            step_msg = {"type": "step", "job_id": job.job_id, "step": pos.step, "total_steps": total_steps,
+                        "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
+                        "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                        "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
+                        "elapsed": clock() - started}
+            unsaved.append(step_msg)
+            report(step_msg)
             if sample:
                 sampler.sample(pos.step, pos.global_step, total_steps, stats.lora_grads)
 
