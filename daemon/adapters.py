@@ -14,6 +14,7 @@ fields: docs/internals.md.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from daemon import atomic
 
 CURRENT = "current.json"
 MANIFEST = "manifest.json"
+STEP_LOG = "steps.jsonl"  # the step reports of the file a version learnt (its training log), one JSON each
 
 
 def version_dir_name(version: int) -> str:
@@ -85,3 +87,20 @@ def publish(adapters: Path, manifest: dict[str, Any], write_weights: Callable[[P
         raise
     atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name})
     return AdapterVersion(manifest["version"], adapters / name, manifest)
+
+
+def read_step_log(path: Path) -> list[dict[str, Any]]:
+    """The step reports in a step log (`path` is the log or the folder holding it); a line torn by a crash
+    (only the last one can be: nothing after it was synced) and what follows it are left out."""
+    path = path / STEP_LOG if path.is_dir() else path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out

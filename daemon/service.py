@@ -444,7 +444,7 @@ class Service:
                               "it under a .part or .tmp name and rename it when complete, then `trainctl queue retry`", now)
             return None
         return ActiveJob(entry.job_id, str(entry.path), entry.original_name, record["sha256"], record["format"],
-                         record["n_records"])
+                         record["n_records"], self.db.steps_recorded_through(entry.job_id))
 
     # -- status ------------------------------------------------------------------------
     def _set(self, status: ServiceStatus, detail: str | None = None, last_error: str | None = None) -> None:

@@ -138,13 +138,31 @@ class HistoryDB:
 
     # -- writes (service) -------------------------------------------------------
     def record_step(self, job_id: str, step: int, global_step: int, epoch: float, loss: float | None,
-                    lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float,
-                    keep_existing: bool = False) -> None:
+                    lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float) -> None:
         with self.conn:
             self.conn.execute(
-                f"INSERT OR {'IGNORE' if keep_existing else 'REPLACE'} INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
                 (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t),
             )
+
+    def record_missed_steps(self, job_id: str, steps: list[dict[str, Any]], t: float) -> int:
+        """Step reports sent again (a resume, a version's step log): insert those not recorded, in one
+        transaction; the rows already there stay as they are. Returns how many were new."""
+        rows = [(job_id, m["step"], m.get("global_step"), m.get("epoch"), m.get("loss"), m.get("lr"),
+                 m.get("grad_norm"), m.get("tokens_per_sec"), t) for m in steps]
+        with self.conn:
+            before = self.conn.total_changes
+            self.conn.executemany("INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            return self.conn.total_changes - before
+
+    def steps_recorded_through(self, job_id: str) -> int:
+        """The last step n of the file such that steps 1..n are all recorded (0 when step 1 is not)."""
+        n = 0
+        for (step,) in self.conn.execute("SELECT step FROM metrics WHERE job_id=? ORDER BY step", (job_id,)):
+            if step != n + 1:
+                break
+            n = step
+        return n
 
     def forget_steps_after(self, job_id: str, step: int) -> None:
         """A resume from a checkpoint at `step` replays later steps; drop their old rows."""

@@ -43,6 +43,7 @@ class ActiveJob:
     sha256: str
     format: str
     n_records: int
+    recorded_through: int = 0  # steps 1..this of the file are in the history (a resume sends what is missing)
 
     def message(self) -> dict[str, Any]:
         return {"type": "train", **asdict(self)}
@@ -101,9 +102,7 @@ class JobTracker:
     def _on_steps_again(self, msg: dict, now: float) -> None:
         """The step reports a resumed checkpoint kept (since the one before it): recorded again, as they were
         (only the missing ones), in case this service or an earlier one died before recording them."""
-        for m in msg["steps"]:
-            self.db.record_step(m["job_id"], m["step"], m.get("global_step"), m.get("epoch"), m.get("loss"),
-                                m.get("lr"), m.get("grad_norm"), m.get("tokens_per_sec"), now, keep_existing=True)
+        self.db.record_missed_steps(msg["job_id"], msg["steps"], now)
 
     def _on_eval(self, msg: dict, now: float) -> None:
         self.status.eval_loss = msg["eval_loss"]
@@ -155,6 +154,7 @@ class JobTracker:
             log.error("finished %s but cannot move it to done/: %s", job_id, e)
         else:
             self._warn_if_changed(entry, now)
+        self._record_missed_steps(job_id, now)
         moved = msg.get("activity_moved") or self._moved_from_manifest(job_id)
         self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, steps=msg.get("steps"),
                            final_loss=msg.get("final_loss"), eval_loss=msg.get("eval_loss"),
@@ -237,6 +237,20 @@ class JobTracker:
         """The status block of the newest activity sample in the history (shown again after a restart)."""
         row = self.db.latest_activity()
         return activity.summary({**row, "values": row["grid"]}, row["t"]) if row else None
+
+    def _record_missed_steps(self, job_id: str, now: float) -> None:
+        """Steps of a file this service (or one before it) never recorded, taken from the step log of the
+        version the file published: a service that died while behind the trainer loses no step history."""
+        current = adapters.peek_current(self.cfg.path("adapters"))
+        if current is None or current.manifest.get("job_id") != job_id:
+            return
+        have = self.db.steps_recorded_through(job_id)
+        if have >= (current.manifest.get("steps") or 0):
+            return
+        added = self.db.record_missed_steps(job_id, [m for m in adapters.read_step_log(current.path)
+                                                     if m.get("step", 0) > have], now)
+        if added:
+            log.info("%s: %d step(s) recorded from adapter v%s's step log", job_id, added, current.version)
 
     def _moved_from_manifest(self, job_id: str) -> dict | None:
         """What a file moved, from the adapter it published (the child died before saying `done`)."""

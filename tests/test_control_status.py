@@ -61,6 +61,18 @@ def test_history_db_is_wal_and_replaces_replayed_steps(tmp_path):
         ro.conn.execute("DELETE FROM metrics")
 
 
+def test_missed_steps_fill_the_gaps_and_keep_what_is_recorded(tmp_path):
+    db = HistoryDB(tmp_path / "h.db")
+    assert db.steps_recorded_through("j") == 0
+    for step in (1, 2, 5):  # a service that died behind, then recorded a resumed run's step 5
+        db.record_step("j", step, step, 0.0, 1.0, 1e-3, 0.5, 100.0, 1.0)
+    assert db.steps_recorded_through("j") == 2
+    sent = [{"step": s, "global_step": s, "loss": 2.0} for s in range(3, 6)]
+    assert db.record_missed_steps("j", sent, 2.0) == 2  # 3 and 4; 5 is kept as recorded
+    assert [(r["step"], r["loss"]) for r in db.steps("j")] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 1.0)]
+    assert db.steps_recorded_through("j") == 5
+
+
 def sqlite_readonly_error():
     import sqlite3
     return sqlite3.OperationalError

@@ -100,7 +100,7 @@ def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, qu
     step = next(e for e in events if e["type"] == "step")
     assert set(step) >= {"job_id", "step", "total_steps", "global_step", "epoch", "loss", "lr", "grad_norm",
                          "tokens", "tokens_per_sec", "elapsed"}
-    assert not (cfg.path("checkpoints") / "j1").exists()  # no checkpoint was due
+    assert ckpt.step_dirs(cfg.path("checkpoints") / "j1") == []  # no checkpoint was due
 
 
 @pytest.mark.gpu
@@ -217,6 +217,44 @@ def test_stop_while_a_resume_reads_up_to_its_checkpoint_keeps_it(models_dir: Pat
     assert [e["resumed_from_step"] for e in events if e["type"] == "started"] == [4]
     assert not [e for e in events if e["type"] == "step"]
     assert ckpt.latest_step(cfg.path("checkpoints") / "j7") == 4
+
+
+@pytest.mark.parametrize("recorded_through", [1, 6])
+def test_a_resume_sends_again_the_steps_the_service_never_recorded(models_dir: Path, tmp_path: Path,
+                                                                   recorded_through: int) -> None:
+    # Checkpoints every 2 steps; the trainer dies after step 7, and the service (killed too) had recorded only
+    # steps 1..recorded_through: a resume from step 6 sends what it misses up to 6, as first reported.
+    cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
+    path = small_file(tmp_path, n=24)
+    job = Job("j9", path, "alpaca", sha(path))
+    calls = iter(range(100))
+
+    def control() -> str:
+        if next(calls) == 7:
+            raise Crash
+        return "continue"
+
+    with pytest.raises(Crash):
+        run(cfg, job, control=control)
+    folder = cfg.path("checkpoints") / "j9"
+    assert ckpt.latest_step(folder) == 6
+    first = [e for e in events_of(folder) if e["step"] <= 6]
+    assert [e["step"] for e in first] == [1, 2, 3, 4, 5, 6]
+    resumed = dataclasses.replace(job, recorded_through=recorded_through)
+    out, events, _ = run(cfg, resumed)
+    assert out.status == "done"
+    again = [e for e in events if e["type"] == "steps_again"]
+    if recorded_through >= 6:
+        assert again == []
+    else:
+        assert [m["step"] for m in again[0]["steps"]] == list(range(recorded_through + 1, 7))
+        assert again[0]["steps"] == first[recorded_through:]
+    # the log of the file now holds each step once: the resumed ones after the kept ones, none twice
+    assert [e["step"] for e in events_of(folder)] == list(range(1, out.steps + 1))
+
+
+def events_of(folder: Path) -> list[dict]:
+    return ckpt.read_step_log(folder / ckpt.StepLog.NAME)
 
 
 def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> None:

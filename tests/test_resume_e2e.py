@@ -9,8 +9,10 @@ import signal
 
 import pytest
 
+from daemon.adapters import STEP_LOG
 from daemon.states import JobState
 from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.train.checkpoint import read_step_log
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 
@@ -106,6 +108,9 @@ def test_kill9_of_daemon_mid_file_resumes_exactly(factory, reference):
     d.wait_for(lambda s: s["status"] == "idle", what="idle")
     assert len(d.queue.done()) == 1 and not d.queue.failed()
     compare(d, reference)
+    # the published version keeps the file's step log: every step once, as the history has it
+    logged = read_step_log(d.cfg.path("adapters") / "v0001" / STEP_LOG)
+    assert [(m["global_step"], m["loss"]) for m in logged] == d.losses()
     job = d.history().jobs()[0]
     assert job["crashes"] == 0  # a daemon kill is not the file's fault
 
@@ -137,6 +142,8 @@ def test_file_finished_before_a_crash_is_not_trained_again(factory):
     os.rename(entry.path, d.queue.folder(JobState.PROCESSING) / entry.job_id)
     db = HistoryDB(d.cfg.path("status") / HISTORY_FILE)  # ...whose `done` record never came
     db.upsert_job(entry.job_id, state="processing", activity=None)
+    with db.conn:  # ...nor the last steps' records (the service was behind when it died)
+        db.conn.execute("DELETE FROM metrics WHERE job_id=? AND step>2", (entry.job_id,))
     db.close()
     d.start()
     d.wait_counts(done=1, processing=0)

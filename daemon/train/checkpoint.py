@@ -13,12 +13,19 @@ and `state.json` (Position: step, global step, data position, file sha256),
 written last inside the folder. The folder is written under a temp name and
 published with one rename; `latest.json` then points at it. A folder that is
 incomplete or does not load is ignored and an older one is used.
+
+`<checkpoints>/<job_id>/steps.jsonl` (StepLog) is the file's step reports, one
+line each, appended as they are sent and made durable before each checkpoint.
+A resume truncates it to the checkpoint's step and sends the service the ones
+it has not recorded, however far behind the service was when it died.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon import atomic
+from daemon import adapters, atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,6 @@ class Checkpoint:
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
     rng: dict[str, Any]
-    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step reports since the previous checkpoint
 
 
 def step_dir_name(step: int) -> str:
@@ -101,12 +107,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int,
-    steps: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`.
-
-    `steps`: the step reports since the previous checkpoint. A resume reports them again, so the service's
-    step history has every step even when it died before recording the last ones it was sent."""
+    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`."""
     import torch
     from safetensors.torch import save_file
 
@@ -117,7 +119,6 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / "adapter_model.safetensors"))
         torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, tmp / "optimizer.pt")
         torch.save(capture_rng(), tmp / "rng.pt")
-        atomic.write_json(tmp / "steps.json", steps or [])
         atomic.write_json(tmp / "state.json", dataclasses.asdict(pos))  # last: marks the folder complete
         atomic.publish_dir(tmp, final)
     except BaseException:
@@ -171,8 +172,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     # rng.pt holds numpy's state (an ndarray in a tuple): our own file, so a full unpickle is fine.
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     lora = load_file(str(path / "adapter_model.safetensors"))
-    steps = atomic.read_json(path / "steps.json") if (path / "steps.json").is_file() else []  # older: none
-    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, steps)
+    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng)
 
 
 def _candidates(folder: Path) -> list[Path]:
@@ -223,3 +223,50 @@ def delete_checkpoints(folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder, ignore_errors=True)
         atomic.fsync_dir(folder.parent)
+
+
+class StepLog:
+    """The step reports of one file in training (`steps.jsonl` in its checkpoint folder); the trainer alone writes it.
+
+    Appends are buffered; `sync()` makes them durable and is called before every checkpoint is
+    written, so the log always reaches at least the newest checkpoint's step.
+    """
+
+    NAME = adapters.STEP_LOG  # the same name in a checkpoint folder and in the version it becomes
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / self.NAME
+        self._fh: Any = None
+
+    def reset(self) -> None:
+        """A file trained from its start: no earlier reports count."""
+        self.close()
+        if self.path.exists():
+            atomic.remove_file(self.path)
+
+    def resume(self, step: int) -> list[dict[str, Any]]:
+        """Keep the reports up to `step` (a resumed checkpoint's; later ones are trained again); return them."""
+        self.close()
+        kept = [m for m in read_step_log(self.path) if m.get("step", 0) <= step]
+        if self.path.exists():
+            atomic.write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+        return kept
+
+    def append(self, msg: dict[str, Any]) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open across steps, closed by close()
+        self._fh.write(json.dumps(msg) + "\n")
+
+    def sync(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+read_step_log = adapters.read_step_log

@@ -92,6 +92,7 @@ class Job:
     path: Path
     fmt: str  # a DataFormat value
     sha256: str
+    recorded_through: int = 0  # the service has steps 1..this of the file in its history
 
 
 @dataclass(frozen=True)
@@ -193,19 +194,23 @@ def train_file(
     With an `activity` probe, per-layer LoRA activity is reported (`activity`
     messages) every `activity.every_steps` steps and at the file's last step.
     """
+    steplog = ckpt.StepLog(ckpt_folder)
     try:
         return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
-                           report=report, control=control, clock=clock, probe=activity)
+                           report=report, control=control, clock=clock, probe=activity, steplog=steplog)
     except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
         log.info("%s: %s while its data was being read", job.job_id, e.verdict)
         status: Literal["stopped", "skipped"] = "stopped" if e.verdict == "stop" else "skipped"
         kept = ckpt.latest_step(ckpt_folder) if status == "stopped" else None
         return Outcome(status, kept or 0, global_step + (kept or 0), None, None, kept)
+    finally:
+        steplog.close()
 
 
 def _train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
+    steplog: ckpt.StepLog,
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok = lm.tokenizer
@@ -242,17 +247,20 @@ def _train_file(
         pos = ck.position  # with the order its file began with, whatever data.group_by_length says now
         log.info("%s: resuming from step %d (%s)", job.job_id, pos.step, ck.path.name)
     saved_step = pos.step if ck is not None else None
+    # Reports of steps the checkpoint keeps that the service never recorded (it died while behind): sent again.
+    missed = [m for m in steplog.resume(pos.step) if m["step"] > job.recorded_through] if ck is not None else []
+    if ck is None:
+        steplog.reset()
     report({"type": "started", "job_id": job.job_id, "total_steps": total_steps,
             "resumed_from_step": pos.step, "n_train": plan.n_train, "n_eval": plan.n_eval,
             "n_dropped": plan.n_dropped, "epochs": tc.epochs_per_file})
-    if ck is not None and ck.steps:  # a service killed after the checkpoint, before recording them, gets them again
-        report({"type": "steps_again", "job_id": job.job_id, "steps": ck.steps})
-    unsaved: list[dict[str, Any]] = []  # step reports since the last checkpoint: the next one keeps them
+    if missed:
+        report({"type": "steps_again", "job_id": job.job_id, "steps": missed})
 
     def save() -> int:
+        steplog.sync()  # durable before the checkpoint: the log always reaches its step
         path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
-                                    sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints, unsaved)
-        unsaved.clear()
+                                    sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints)
         report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
         return pos.step
 
@@ -297,7 +305,7 @@ def _train_file(
                         "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                         "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
                         "elapsed": clock() - started}
-            unsaved.append(step_msg)
+            steplog.append(step_msg)
             report(step_msg)
             if sample:
                 sampler.sample(pos.step, pos.global_step, total_steps, stats.lora_grads)

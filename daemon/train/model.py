@@ -16,12 +16,13 @@ path on CUDA and on the CPU alike (bitsandbytes >= 0.45 has CPU kernels).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon import adapters
+from daemon import adapters, atomic
 from daemon.config import Config, LoraConfig, ModelConfig
 from daemon.errors import TraindError
 
@@ -290,6 +291,12 @@ def lora_max_abs_diff(a: dict[str, "torch.Tensor"], b: dict[str, "torch.Tensor"]
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a else 0.0
 
 
-def publish_adapter(adapters_dir: Path, model: Any, manifest: dict[str, Any]) -> adapters.AdapterVersion:
-    """Publish the live LoRA of `model` as the next adapter version (daemon.adapters.publish)."""
-    return adapters.publish(adapters_dir, manifest, lambda folder: save_adapter(model, folder))
+def publish_adapter(adapters_dir: Path, model: Any, manifest: dict[str, Any],
+                    steps: list[dict[str, Any]] | None = None) -> adapters.AdapterVersion:
+    """Publish the live LoRA of `model` as the next adapter version (daemon.adapters.publish),
+    with the file's step reports (`steps.jsonl`, its training log) beside the weights."""
+    def write(folder: Path) -> None:
+        save_adapter(model, folder)
+        if steps:
+            atomic.write_text(folder / adapters.STEP_LOG, "".join(json.dumps(m) + "\n" for m in steps))
+    return adapters.publish(adapters_dir, manifest, write)

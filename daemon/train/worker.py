@@ -142,7 +142,7 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
     """Train one file and answer done / skipped / failed / stopped."""
     from daemon.train.loop import Job, train_file  # imports torch: only after threads.start_threads
 
-    job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"])
+    job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"], int(msg.get("recorded_through") or 0))
     if job.job_id in sess.trained_jobs:
         answer_already_trained(sess, job.job_id)
         return
@@ -197,7 +197,8 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         "trained_jobs": sess.trained_jobs + [job.job_id],
         "activity_moved": moved.to_dict() if moved is not None else None,
     }
-    published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest)
+    steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
+    published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
     sess.version, sess.manifest = version, manifest
     ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
     log.info("%s done in %d steps: adapter v%d", job.job_id, outcome.steps, version)
