@@ -21,9 +21,11 @@ from pathlib import Path
 import logging
 from typing import Any
 
+from daemon import atomic
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.jobqueue import JobQueue, QueueEntry
+from daemon.ledger import Ledger, duplicate_message
 from daemon.states import FailReason, JobState, Priority
 from daemon.status import HistoryDB
 from daemon.validate import ValidationReport, validate_file
@@ -113,8 +115,16 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB) -> QueueEntry:
-    """Validate one complete inbox file, then queue it or refuse it with its reasons."""
+def force_marker(path: Path) -> Path:
+    """`inbox/.NAME.force`, written by `trainctl queue add --force` before NAME appears: train NAME even if
+    its content was learnt before. A dot name, so the intake never takes it as data."""
+    return path.with_name(f".{path.name}.force")
+
+
+def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB,
+              ledger: Ledger | None = None) -> QueueEntry:
+    """Validate one complete inbox file, then queue it or refuse it with its reasons; a file whose content
+    the adapter has learnt already goes to done/ as a duplicate (unless forced)."""
     report = validate_file(path, cfg.data, cfg.intake.max_file_bytes)
     if not report.accepted:
         error = {"reason": FailReason.INVALID_DATA.value, "message": report.reason,
@@ -124,13 +134,31 @@ def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQue
         db.event("job_rejected", f"{path.name}: {report.reason}", entry.job_id, t=now)
         log.warning("%s refused: %s", path.name, report.reason)
         return entry
+    marker = force_marker(path)
+    forced = marker.exists()
     entry = queue.admit(path, prio, now)
     record_job(db, entry, prio, report, now, JobState.PENDING)
+    if forced:
+        db.upsert_job(entry.job_id, forced=1)
+        atomic.remove_file(marker)
+    earlier = ledger.earlier(report.sha256) if ledger is not None and not forced else None
+    if earlier is not None:
+        return finish_duplicate(entry, earlier, now, queue, db)
     bad = f", {report.n_bad} bad line(s) skipped" if report.n_bad else ""
     db.event("job_queued", f"{path.name} queued ({prio.value}, {plural(report.n_valid, 'record')}{bad})", entry.job_id, t=now)
     log.info("%s queued as %s (%s, %s, %s%s)", path.name, entry.job_id, prio.value,
              report.format.value if report.format else "?", plural(report.n_valid, "record"), bad)
     return entry
+
+
+def finish_duplicate(entry: QueueEntry, earlier: dict[str, Any], now: float, queue: JobQueue, db: HistoryDB) -> QueueEntry:
+    """pending/processing -> done, not trained: the adapter has learnt these bytes already (the ledger)."""
+    message = duplicate_message(entry.original_name, earlier)
+    moved = queue.finish_duplicate(entry.job_id, earlier, message, now)
+    db.upsert_job(entry.job_id, state=JobState.DONE.value, finished_at=now, duplicate_of=earlier["job_id"], steps=0)
+    db.event("job_duplicate", message, entry.job_id, t=now)
+    log.info("%s -> done/ as a duplicate of %s", entry.job_id, earlier["job_id"])
+    return moved
 
 
 def retry_file(entry: QueueEntry, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB) -> QueueEntry:

@@ -7,7 +7,8 @@
     q.finish(entry.job_id)                                           # processing -> done
 
 Layout: `pending/{high,normal,low}/`, `processing/`, `done/`, `failed/` (each
-failure has `<job_id>.error.json` beside it). A job id is the queue file name:
+failure has `<job_id>.error.json` beside it; a duplicate in done/, a file not
+trained because its content was, has `<job_id>.duplicate.json`). A job id is the queue file name:
 `<UTC stamp>-<seq>--<original name>`, so names sort into arrival order and two
 files with the same original name never collide. Every move goes through
 `daemon.atomic` (rename + fsync of both folders); the original bytes are never
@@ -27,6 +28,7 @@ from daemon.errors import QueueError
 from daemon.states import PRIORITY_ORDER, FailReason, JobState, Priority
 
 ERROR_SUFFIX = ".error.json"
+DUPLICATE_SUFFIX = ".duplicate.json"  # beside a file in done/ that was not trained: its content was learnt before
 _ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-(\d{6})--(.+)$")
 _MAX_NAME = 180  # keeps job ids well under the 255-byte name limit with the suffixes
 
@@ -88,10 +90,11 @@ class JobQueue:
         leaves a reason for a failure that never happened (the file is still in the
         inbox or processing/ and gets a fresh outcome), which would otherwise stay.
         """
-        failed = self.folder(JobState.FAILED)
-        for err in sorted(failed.glob("*" + ERROR_SUFFIX)):
-            if not (failed / err.name[: -len(ERROR_SUFFIX)]).is_file():
-                atomic.remove_file(err)
+        for state, suffix in ((JobState.FAILED, ERROR_SUFFIX), (JobState.DONE, DUPLICATE_SUFFIX)):
+            folder = self.folder(state)
+            for note in sorted(folder.glob("*" + suffix)):
+                if not (folder / note.name[: -len(suffix)]).is_file():
+                    atomic.remove_file(note)
 
     def _entries(self, state: JobState, priority: Priority | None = None) -> list[QueueEntry]:
         folder = self.folder(state, priority)
@@ -102,7 +105,7 @@ class JobQueue:
             return []
         for p in names:
             # `.error.json` and the `.error.json.prev` a retry keeps are reasons, not queued files
-            if p.name.startswith(".") or ERROR_SUFFIX in p.name or not p.is_file():
+            if p.name.startswith(".") or ERROR_SUFFIX in p.name or p.name.endswith(DUPLICATE_SUFFIX) or not p.is_file():
                 continue
             st = p.stat()
             out.append(QueueEntry(p.name, state, priority, p, st.st_size, st.st_mtime))
@@ -145,6 +148,13 @@ class JobQueue:
             ids = ", ".join(e.job_id for e in hits)
             raise QueueError(f"{name!r} matches several files ({ids}); give the full job id")
         return hits[0]
+
+    def read_duplicate(self, job_id: str) -> dict | None:
+        """What a duplicate in done/ repeats (None for a file that was trained)."""
+        try:
+            return atomic.read_json(self.folder(JobState.DONE) / (job_id + DUPLICATE_SUFFIX))
+        except (FileNotFoundError, ValueError):
+            return None
 
     def read_error(self, job_id: str) -> dict | None:
         p = self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX)
@@ -199,6 +209,16 @@ class JobQueue:
         dst = self.folder(JobState.DONE) / job_id
         atomic.move_file(src, dst)
         atomic.remove_file(self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX + ".prev"))
+        return self._entry(dst, JobState.DONE, None)
+
+    def finish_duplicate(self, job_id: str, earlier: dict[str, Any], message: str, now: float) -> QueueEntry:
+        """pending or processing -> done without training, writing `<job_id>.duplicate.json` first."""
+        src = self._locate(job_id, (JobState.PROCESSING, JobState.PENDING))
+        body = {"job_id": job_id, "original_name": original_name(job_id), "message": message,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "duplicate_of": earlier}
+        atomic.write_json(self.folder(JobState.DONE) / (job_id + DUPLICATE_SUFFIX), body)
+        dst = self.folder(JobState.DONE) / job_id
+        atomic.move_file(src, dst)
         return self._entry(dst, JobState.DONE, None)
 
     def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> QueueEntry:

@@ -24,8 +24,9 @@ from typing import Any, Callable
 from daemon import atomic, control, lockedkeys
 from daemon.config import Config, resolved_dict
 from daemon.errors import LockedKeyError, QueueError
-from daemon.intake import InboxScanner, record_job, remove_file, retry_file, take_file
+from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry
+from daemon.ledger import Ledger
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
@@ -108,6 +109,7 @@ class Service:
         atomic.write_json(self.cfg.path("status") / RUNNING_CONFIG, resolved_dict(self.cfg))
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
+        self.ledger = Ledger(self.cfg.path("adapters"), self.db)
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
         self.status.layer_activity_summary = self.tracker.last_activity()
@@ -394,7 +396,7 @@ class Service:
                 ident = (st.st_size, st.st_mtime_ns)
                 if self._intake_failures.get(path) == ident:
                     continue  # failed before and unchanged since: once in the log is enough
-                take_file(path, prio, now, self.cfg, self.queue, self.db)
+                take_file(path, prio, now, self.cfg, self.queue, self.db, self.ledger)
                 self._intake_failures.pop(path, None)
             except FileNotFoundError:
                 continue  # taken away by its writer
@@ -442,6 +444,10 @@ class Service:
             self.tracker.fail(entry.job_id, FailReason.INVALID_DATA,
                               f"the file changed after it was queued ({record['size']} -> {entry.size} bytes); write "
                               "it under a .part or .tmp name and rename it when complete, then `trainctl queue retry`", now)
+            return None
+        earlier = None if record.get("forced") else self.ledger.earlier(record["sha256"])
+        if earlier is not None and earlier["job_id"] != entry.job_id:  # its twin trained while it waited
+            finish_duplicate(entry, earlier, now, self.queue, self.db)
             return None
         return ActiveJob(entry.job_id, str(entry.path), entry.original_name, record["sha256"], record["format"],
                          record["n_records"], self.db.steps_recorded_through(entry.job_id))

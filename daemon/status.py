@@ -85,7 +85,7 @@ CREATE INDEX IF NOT EXISTS activity_global ON activity (global_step);
 """
 
 # Columns added after a history.db may already exist: (table, column, type), added at open.
-_ADDED_COLUMNS = (("jobs", "activity", "TEXT"),)
+_ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"))
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
@@ -98,7 +98,7 @@ ACTIVITY_THIN_EVERY = 100  # inserts between two thinning checks
 JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
-    "eval_loss", "crashes", "reason", "adapter_version", "activity",
+    "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
 )
 
 

@@ -133,6 +133,9 @@ class QueueItem(BaseModel):
     has_activity: bool = Field(False, description="a record of what the file moved is kept (GET /api/activity/jobs/{job_id})")
     started_at: float | None = None
     finished_at: float | None = None
+    duplicate_of: dict | None = Field(None, description="done without training: the ledger entry of the earlier "
+                                      "file with the same content (sha256, job_id, original_name, version)")
+    forced: bool = Field(False, description="added with `trainctl queue add --force`: trained even if its content was learnt before")
 
 
 class QueueView(BaseModel):

@@ -72,6 +72,7 @@ def _item(e: QueueEntry, job: dict[str, Any] | None = None, **extra: Any) -> Que
         d.update({k: job.get(k) for k in _JOB_FIELDS})
         d["bad_lines"] = _bad_lines(job.get("bad_lines"))
         d["has_activity"] = bool(job.get("activity"))
+        d["forced"] = bool(job.get("forced"))
         if d.get("priority") is None:
             d["priority"] = job.get("priority")  # the folder says it only while pending
     return QueueItem(**d, **extra)
@@ -97,7 +98,8 @@ def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100, db_pa
     return QueueView(
         pending=by_prio,
         processing=[_item(e, jobs.get(e.job_id)) for e in processing],
-        done=[_item(e, jobs.get(e.job_id)) for e in done_shown],
+        done=[_item(e, jobs.get(e.job_id), duplicate_of=(q.read_duplicate(e.job_id) or {}).get("duplicate_of"))
+              for e in done_shown],
         failed=[_failed_item(q, e, jobs.get(e.job_id)) for e in failed_shown],
         counts=counts,
     )

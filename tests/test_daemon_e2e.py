@@ -96,9 +96,9 @@ def test_bad_files_fail_with_reasons_while_training_goes_on(daemon_factory):
 def test_priorities_are_served_in_order(daemon_factory):
     d = daemon_factory()
     # Queue everything before the daemon starts, so the order is decided by priority alone.
-    d.drop("low.jsonl", lines_of("text.jsonl", 12), sub="low")
-    d.drop("normal.jsonl", lines_of("text.jsonl", 12))
-    d.drop("high.jsonl", lines_of("text.jsonl", 12), sub="high")
+    d.drop("low.jsonl", lines_of("text.jsonl", 12), sub="low")  # three contents: a copy would be a duplicate
+    d.drop("normal.jsonl", lines_of("text.jsonl", 13))
+    d.drop("high.jsonl", lines_of("text.jsonl", 14), sub="high")
     # Left while no daemon ran (a race with its crash): they must not stop or skip this run.
     control.request(d.cfg, ControlAction.STOP, by="test")
     control.request(d.cfg, ControlAction.SKIP, by="test")

@@ -92,3 +92,13 @@ def test_odd_names_are_made_safe():
     q._seq = 0
     jid = q.new_job_id("../../etc/pass wd.jsonl", NOW)
     assert "/" not in jid and original_name(jid) == "pass_wd.jsonl"
+
+
+def test_a_duplicate_goes_to_done_with_its_note_and_orphan_notes_are_swept(q, tmp_path):
+    entry = q.admit(drop(tmp_path, "twin.jsonl"), Priority.NORMAL, now=1.0)
+    moved = q.finish_duplicate(entry.job_id, {"job_id": "x", "original_name": "first.jsonl"}, "repeats first.jsonl", 2.0)
+    assert moved.state is JobState.DONE and [e.job_id for e in q.done()] == [entry.job_id]
+    assert q.read_duplicate(entry.job_id)["duplicate_of"]["original_name"] == "first.jsonl"
+    moved.path.unlink()  # a note whose file is gone (a crash between the note and the move) goes at start-up
+    q.ensure()
+    assert q.read_duplicate(entry.job_id) is None

@@ -259,6 +259,18 @@ def test_queue_lists_pending_by_priority_and_failed_reasons(client, cfg):
     assert v["counts"] == {"pending_high": 0, "pending_normal": 1, "pending_low": 1, "pending": 2, "processing": 1, "done": 0, "failed": 1}
 
 
+def test_a_duplicate_in_done_names_the_file_it_repeats(client, cfg):
+    from daemon.jobqueue import JobQueue
+    q = JobQueue(cfg.path("queue"))
+    _queue_files(cfg, q)
+    earlier = {"sha256": "ab" * 32, "job_id": "20261201T000000Z-000001--first.jsonl", "original_name": "first.jsonl",
+               "version": 3, "generation": 0}
+    q.finish_duplicate(q.next_pending().job_id, earlier, "a.jsonl repeats first.jsonl", 1.0)
+    done = client.get("/api/queue").json()["done"]
+    assert [(d["original_name"], d["duplicate_of"]) for d in done] == [("a.jsonl", earlier)]
+    assert q.counts()["done"] == 1  # the note beside it is not a queued file
+
+
 def test_queue_items_carry_priority_and_skipped_bad_lines_from_the_job_records(client, cfg):
     """A done file trained without its bad lines (policy skip) says so; a failed one keeps its priority."""
     from daemon.jobqueue import JobQueue

@@ -3,7 +3,7 @@
     trainctl status [--watch [SECONDS]] [--json]
     trainctl activity [--job NAME] [--top K] [--measure M] [--json]
     trainctl pause | resume | skip | stop [--no-wait]
-    trainctl queue add FILE [--priority high|normal|low]
+    trainctl queue add FILE [--priority high|normal|low] [--force]
     trainctl queue list [--json] | queue status | queue retry NAME [--priority P] | queue remove NAME
     trainctl config validate | config explain | config approve
 

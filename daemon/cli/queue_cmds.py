@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon import control
+from daemon import atomic, control
 from daemon.cli.shared import (WAIT_SECONDS, daemon_pid, from_history, line_error, lock_path, out, print_line_errors,
                                wait_consumed, with_config)
 from daemon.config import Config
 from daemon.errors import QueueError
-from daemon.intake import plural, remove_file, retry_file
+from daemon.intake import force_marker, plural, remove_file, retry_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire
 from daemon.states import ControlAction, JobState, Priority
@@ -36,6 +36,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     a = qs.add_parser("add", parents=[common], help="validate FILE and hand it to the intake")
     a.add_argument("file")
     a.add_argument("--priority", choices=PRIORITIES, default="normal")
+    a.add_argument("--force", action="store_true",
+                   help="train it even if the adapter has learnt a file with the same content before")
     a.set_defaults(handler=with_config(cmd_queue_add))
     ql = qs.add_parser("list", parents=[common], help="every queued file, by folder")
     ql.add_argument("--json", action="store_true")
@@ -66,9 +68,12 @@ def cmd_queue_add(cfg: Config, args: argparse.Namespace) -> int:
     prio = Priority(args.priority)
     folder = cfg.path("inbox") if prio is Priority.NORMAL else cfg.path("inbox") / prio.value
     dst = _free_name(folder, src.name if src.suffix == ".jsonl" else src.name + ".jsonl")
+    if args.force:  # before the file appears: the intake reads the marker when it takes the file
+        atomic.write_text(force_marker(dst), "trainctl queue add --force\n")
     _copy_complete(src, dst)
     note = "" if daemon_pid(cfg) else " (the daemon is not running; it is taken at the next start)"
-    out(f"queue add: {src.name} -> {dst} ({prio.value}, {plural(report.n_valid, 'record')}, format {report.format.value}){note}")
+    forced = ", forced: trained even if learnt before" if args.force else ""
+    out(f"queue add: {src.name} -> {dst} ({prio.value}, {plural(report.n_valid, 'record')}, format {report.format.value}{forced}){note}")
     if report.n_bad:
         out(f"queue add: {report.n_bad} bad line(s) will be skipped (data.bad_line_policy = skip):")
         print_line_errors([e.to_dict() for e in report.errors], report.n_bad)
@@ -99,7 +104,9 @@ def cmd_queue_list(cfg: Config, args: argparse.Namespace) -> int:
     q = JobQueue(cfg.path("queue"))
     groups = [("pending", q.pending()), ("processing", q.processing()), ("done", q.done()), ("failed", q.failed())]
     if args.json:
-        body = {name: [dict(e.to_dict(), error=q.read_error(e.job_id) if name == "failed" else None) for e in entries]
+        body = {name: [dict(e.to_dict(), error=q.read_error(e.job_id) if name == "failed" else None,
+                            duplicate_of=(q.read_duplicate(e.job_id) or {}).get("duplicate_of") if name == "done" else None)
+                       for e in entries]
                 for name, entries in groups}
         out(json.dumps(body, indent=2))
         return 0
@@ -111,6 +118,9 @@ def cmd_queue_list(cfg: Config, args: argparse.Namespace) -> int:
             if name == "failed":
                 err = q.read_error(e.job_id) or {}
                 why = f"  <- {err.get('reason')}: {err.get('message')}"
+            elif name == "done" and (dup := q.read_duplicate(e.job_id)):
+                of = dup.get("duplicate_of") or {}
+                why = f"  <- duplicate of {of.get('original_name') or of.get('job_id')} (not trained again)"
             out(f"  {prio}{e.job_id}  {e.size:,} B{why}")
     return 0
 
@@ -126,6 +136,9 @@ def cmd_queue_status(cfg: Config, args: argparse.Namespace) -> int:
     err = q.read_error(entry.job_id) if entry.state is JobState.FAILED else None
     if err:
         out(f"  failed    {err.get('reason')}: {err.get('message')}")
+    dup = q.read_duplicate(entry.job_id) if entry.state is JobState.DONE else None
+    if dup:
+        out(f"  duplicate {dup.get('message')}")
     record = _job_record(cfg, entry.job_id)
     if record:
         _print_record(record)

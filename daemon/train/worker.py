@@ -197,6 +197,9 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         "trained_jobs": sess.trained_jobs + [job.job_id],
         "activity_moved": moved.to_dict() if moved is not None else None,
     }
+    # The dataset ledger: what the lineage has learnt, by content (the service refuses a second copy).
+    before = adapters.AdapterVersion(sess.version, sess.cfg.path("adapters"), sess.manifest).ledger if sess.version else []
+    manifest["ledger"] = before + [adapters.ledger_entry(manifest)]
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
     sess.version, sess.manifest = version, manifest

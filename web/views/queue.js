@@ -50,6 +50,10 @@ function queueRow(it, kind, pend) {
     const lines = badLines(errs, Math.max(it.n_bad || 0, errs.length));
     reason = el('div', {}, el('strong', { text: it.reason || 'unknown' }), it.message ? el('div', { class: 'small', text: it.message }) : null,
       lines ? el('div', { class: 'small muted', text: lines }) : null);
+  } else if (kind === 'done' && it.duplicate_of) {
+    const d = it.duplicate_of;
+    reason = el('div', {}, el('strong', { text: 'duplicate' }),
+      el('div', { class: 'small', text: `same content as ${d.original_name || d.job_id}${d.version ? ' (adapter v' + d.version + ')' : ''}; not trained again` }));
   } else if (it.n_bad) {
     // trained without its bad lines (data.bad_line_policy = skip): say which, or nobody will know
     const lines = badLines(it.bad_lines || [], it.n_bad);
