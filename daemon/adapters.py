@@ -15,6 +15,7 @@ fields: docs/internals.md.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -104,6 +105,47 @@ def publish(adapters: Path, manifest: dict[str, Any], write_weights: Callable[[P
         raise
     atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name})
     return AdapterVersion(manifest["version"], adapters / name, manifest)
+
+
+def versions(adapters: Path) -> list[AdapterVersion]:
+    """Every published version folder whose manifest reads, oldest first."""
+    out = []
+    found = [f for f in adapters.glob("v[0-9][0-9][0-9][0-9]*") if f.name[1:].isdigit() and f.is_dir()]
+    for folder in sorted(found, key=lambda f: int(f.name[1:])):
+        try:
+            manifest = atomic.read_json(folder / MANIFEST)
+        except (OSError, ValueError):
+            continue
+        out.append(AdapterVersion(int(folder.name[1:]), folder, manifest))
+    return out
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def prune(adapters: Path, keep_last: int, protected: set[int]) -> list[int]:
+    """Remove versions beyond the newest `keep_last` (0: keep every one), except the current one and
+    `protected` (pinned, fed a consolidation). Each goes by a rename aside, then a delete (a crash in
+    between leaves a `.v*.old-*` folder that the next publication sweeps). Returns the versions removed.
+    Only the trainer (the one writer of adapters/) calls it."""
+    if keep_last <= 0:
+        return []
+    current = peek_current(adapters)
+    every = [v.version for v in versions(adapters)]
+    keep = set(every[-keep_last:]) | protected | ({current.version} if current else set())
+    removed = []
+    for version in every:
+        if version in keep:
+            continue
+        folder = adapters / version_dir_name(version)
+        aside = adapters / f".{folder.name}.old-{os.getpid()}"
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        removed.append(version)
+    if removed:
+        atomic.fsync_dir(adapters)
+    return removed
 
 
 def read_step_log(path: Path) -> list[dict[str, Any]]:

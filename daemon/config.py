@@ -109,6 +109,11 @@ class ActivityConfig:
 
 
 @dataclass(frozen=True)
+class AdaptersConfig:
+    keep_last: int = _f(50, "Adapter versions kept in adapters/ (the newest N, plus the current one and every pinned one; 0: keep all).")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
     max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
@@ -127,6 +132,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
@@ -153,7 +159,8 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_model", "root")}
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
-    "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "service": ServiceConfig,
+    "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
+    "service": ServiceConfig,
 }
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
@@ -182,6 +189,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "max_grad_norm"): (lambda v: v >= 0, ">= 0"),
     ("training", "checkpoint_every_steps"): (lambda v: v >= 1, ">= 1"),
     ("training", "keep_checkpoints"): (lambda v: v >= 1, ">= 1"),
+    ("adapters", "keep_last"): (lambda v: v >= 0, ">= 0"),
     ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
     ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
     ("activity", "every_steps"): (lambda v: v >= 0, ">= 0"),

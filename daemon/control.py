@@ -52,6 +52,25 @@ def read_desired_state(cfg: Config) -> DesiredState:
         return DesiredState.RUNNING
 
 
+def pins_path(cfg: Config) -> Path:
+    return control_dir(cfg) / "pins.json"
+
+
+def read_pins(cfg: Config) -> set[int]:
+    """Adapter versions the user pinned (retention never removes them); a damaged file pins nothing new."""
+    try:
+        return {int(v) for v in atomic.read_json(pins_path(cfg)).get("versions", [])}
+    except (FileNotFoundError, ValueError, TypeError, AttributeError):
+        return set()
+
+
+def set_pin(cfg: Config, version: int, pinned: bool, by: str = "cli") -> set[int]:
+    pins = read_pins(cfg)
+    pins = pins | {version} if pinned else pins - {version}
+    atomic.write_json(pins_path(cfg), {"versions": sorted(pins), "by": by, "at": time.time()})
+    return pins
+
+
 @dataclass(frozen=True)
 class ControlRequest:
     path: Path
@@ -60,10 +79,11 @@ class ControlRequest:
     at: float
     job_id: str | None
     priority: str | None
+    version: int | None = None  # rollback: the adapter version
 
 
 def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | None = None,
-            priority: str | None = None, now: float | None = None) -> Path:
+            priority: str | None = None, now: float | None = None, version: int | None = None) -> Path:
     """Leave a one-shot request for the service; returns its file (gone once the service acted).
 
     `job_id` names the queue file for retry/remove (and, optionally, guards a
@@ -72,7 +92,8 @@ def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | N
     now = time.time() if now is None else now
     name = f"{now:017.6f}-{uuid.uuid4().hex[:8]}-{action.value}.json"
     path = requests_dir(cfg) / name
-    atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id, "priority": priority})
+    atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id, "priority": priority,
+                             "version": version})
     return path
 
 
@@ -103,7 +124,11 @@ def _parse_request(path: Path, raw: dict) -> ControlRequest:
         Priority(priority)
     if action in (ControlAction.RETRY, ControlAction.REMOVE) and not job_id:
         raise ValueError(f"{action.value} needs a job_id")
-    return ControlRequest(path, action, str(raw.get("by", "?")), float(raw.get("at", 0)), job_id, priority)
+    version = raw.get("version")
+    if action is ControlAction.ROLLBACK and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+        raise ValueError(f"rollback needs an adapter version >= 1, got {version!r}")
+    return ControlRequest(path, action, str(raw.get("by", "?")), float(raw.get("at", 0)), job_id, priority,
+                          version if action is ControlAction.ROLLBACK else None)
 
 
 def consume(req: ControlRequest) -> None:

@@ -21,7 +21,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import atomic, control, lockedkeys
+from daemon import adapters, atomic, control, lockedkeys
 from daemon.config import Config, resolved_dict
 from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
@@ -43,7 +43,7 @@ EXIT_OK = 0
 EXIT_LOCKED_KEYS = 2
 EXIT_ALREADY_RUNNING = 3
 RUNNING_CONFIG = "running_config.json"  # the validated config the trainer child is started with
-JOB_MESSAGES = {"started", "step", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
+JOB_MESSAGES = {"started", "step", "steps_again", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
 
 
 
@@ -63,6 +63,8 @@ class Service:
         self.db: HistoryDB | None = None
         self.tracker: JobTracker | None = None  # made with the db, at start-up
         self.deferred_skips: list[str] = []  # skips of files left by a dead child, told to the next one
+        self.rollback_pending: int | None = None  # the adapter version a rollback request asks for, until answered
+        self.rollback_sent = False
         self.stop_requested = False  # warm stop: checkpoint, then exit
         self.stop_deadline = 0.0
         self.exit_now = False
@@ -213,6 +215,7 @@ class Service:
 
     def _on_child_exit(self, code: int, now: float) -> None:
         self.status.trainer_pid = None
+        self.rollback_sent = False  # unanswered: the next child gets it again
         if self.sup.state is TrainerState.EXITING or self.stop_requested:
             self.sup.state = TrainerState.DOWN
             self.exit_now = self.exit_now or self.stop_requested
@@ -282,6 +285,33 @@ class Service:
             step = msg.get("checkpoint_step")
             self.db.event("job_stopped", f"stopped at step {step}; resumes from there", msg["job_id"], t=now)
 
+    def _msg_rolled_back(self, msg: dict, now: float) -> None:
+        self.rollback_pending = None
+        self.status.adapter_version = msg["version"]
+        undone = msg.get("undone") or []
+        note = (f"; no longer in the adapter (not retrained; drop them again to train them): {', '.join(undone)}"
+                if undone else "")
+        interrupted = self._rollback_interrupted(msg, now)
+        self.db.event("rollback", f"rolled back to adapter v{msg['rollback_of']} (published as v{msg['version']})"
+                      f"{note}{interrupted}", t=now)
+        log.info("rolled back to adapter v%s as v%s", msg["rollback_of"], msg["version"])
+
+    def _msg_rollback_refused(self, msg: dict, now: float) -> None:
+        self.rollback_pending = None
+        interrupted = self._rollback_interrupted(msg, now)
+        self.db.event("control_refused", f"rollback to v{msg.get('version')}: {msg.get('message')}{interrupted}", t=now)
+        log.warning("rollback refused: %s", msg.get("message"))
+
+    def _rollback_interrupted(self, msg: dict, now: float) -> str:
+        """The file a rollback interrupted stays in processing/ and trains again from its start: its steps go."""
+        job = self.tracker.job
+        if job is None or msg.get("job_id") != job.job_id:
+            return ""
+        self.db.discard_steps(job.job_id)
+        self.tracker.end()
+        self._job_over()
+        return f"; {job.original_name} was interrupted and trains again from its start"
+
     def _job_over(self) -> None:
         if self.sup.state is TrainerState.BUSY:
             self.sup.state = TrainerState.READY
@@ -347,6 +377,13 @@ class Service:
             retry_file(self.queue.find(req.job_id), prio, now, self.cfg, self.queue, self.db)
         elif req.action is ControlAction.REMOVE:
             remove_file(self.queue.find(req.job_id), now, self.queue, self.db)
+        elif req.action is ControlAction.ROLLBACK:
+            kept = {v.version for v in adapters.versions(self.cfg.path("adapters"))}
+            if req.version not in kept:
+                raise QueueError(f"there is no adapter v{req.version} to roll back to (kept: "
+                                 f"{', '.join(f'v{v}' for v in sorted(kept)) or 'none'})")
+            self.rollback_pending = req.version
+            self.rollback_sent = False
 
     def _skip(self, job_id: str | None, now: float) -> None:
         job = self.tracker.job
@@ -405,7 +442,18 @@ class Service:
                 self.status.last_error = f"intake of {path.name} failed; see the daemon log"
                 self._intake_failures[path] = ident
 
+    def _send_rollback(self) -> None:
+        """A rollback goes to the trainer once it is up; no new file starts until it answers."""
+        if self.rollback_pending is None or self.rollback_sent or self.stop_requested:
+            return
+        if self.sup.state in (TrainerState.READY, TrainerState.BUSY) and self.sup.send(
+                {"type": "rollback", "version": self.rollback_pending}):
+            self.rollback_sent = True
+
     def _dispatch(self, now: float) -> None:
+        self._send_rollback()
+        if self.rollback_pending is not None:
+            return
         if self.tracker.job or self.stop_requested or self.sup.state is not TrainerState.READY:
             return
         if self.status.desired_state is DesiredState.PAUSED:

@@ -84,6 +84,7 @@ class ControlAction(str, Enum):
     STOP = "stop"  # checkpoint and exit; the file resumes at the next start
     RETRY = "retry"  # failed/<job_id> -> pending/<priority>
     REMOVE = "remove"  # pending/<job_id> -> failed/ (reason removed)
+    ROLLBACK = "rollback"  # adapter `version` becomes current again (as a new version), at the next step boundary
 
 
 class FailReason(str, Enum):

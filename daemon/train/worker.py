@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from daemon import adapters
+from daemon import adapters, control
 from daemon.config import Config, load_config
 from daemon.errors import DataError
 from daemon.logs import setup_logging
@@ -58,6 +58,7 @@ class Session:
     paused: bool = False
     exit_code: int | None = None  # set once the child must leave
     backlog: collections.deque = field(default_factory=collections.deque)
+    rollback_to: int | None = None  # a rollback asked for while a file trains, done once the loop has let go
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -122,6 +123,9 @@ def on_message_in_job(sess: Session, msg: dict[str, Any], job_id: str) -> str:
         return "stop"
     elif kind == "skip" and msg.get("job_id") in (None, job_id):
         return "skip"
+    elif kind == "rollback":  # the file's progress goes; it starts again on the version rolled back to
+        sess.rollback_to = int(msg["version"])
+        return "skip"
     elif kind == "train":
         log.warning("train %s arrived while %s trains; it runs next", msg.get("job_id"), job_id)
         sess.backlog.append(msg)
@@ -157,6 +161,9 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         return
     if outcome.status == "done":
         publish(sess, job, msg, outcome, moved=moved_by_file(sess, before))
+    elif outcome.status == "skipped" and sess.rollback_to is not None:
+        restore(sess, before)
+        rollback(sess, job.job_id)
     elif outcome.status == "skipped":
         restore(sess, before)
         ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
@@ -204,10 +211,64 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
     sess.version, sess.manifest = version, manifest
     ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
+    prune_versions(sess)
     log.info("%s done in %d steps: adapter v%d", job.job_id, outcome.steps, version)
     sess.send({"type": "done", "job_id": job.job_id, "steps": outcome.steps, "final_loss": outcome.final_loss,
                "eval_loss": outcome.eval_loss, "adapter_version": version, "adapter_path": str(published.path),
                "already_trained": False, "activity_moved": manifest["activity_moved"]})
+
+
+def prune_versions(sess: Session) -> None:
+    """Retention (adapters.keep_last): never the current version nor a pinned one. A failure to prune is
+    logged and left for the next publication: it never holds a file back from done/."""
+    try:
+        removed = adapters.prune(sess.cfg.path("adapters"), sess.cfg.adapters.keep_last, control.read_pins(sess.cfg))
+    except OSError:
+        log.warning("old adapter versions were not pruned", exc_info=True)
+        return
+    if removed:
+        log.info("retention (adapters.keep_last = %d): removed adapter version(s) %s", sess.cfg.adapters.keep_last,
+                 ", ".join(f"v{v}" for v in removed))
+
+
+def rollback(sess: Session, interrupted: str | None) -> None:
+    """Make adapter `sess.rollback_to` current again, as a new version (`rollback_of`), and answer `rolled_back`.
+
+    The new version has the old one's weights, global step, trained jobs and ledger: the files trained
+    after it are no longer in the lineage (listed as `undone`, not retrained: a copy dropped again trains).
+    A file interrupted for it stays in processing/, loses its checkpoints (they continue a state that is
+    gone) and trains again from its start on the rolled-back adapter.
+    """
+    to, sess.rollback_to = sess.rollback_to, None
+    folder = sess.cfg.path("adapters")
+    target = next((v for v in adapters.versions(folder) if v.version == to), None)
+    if interrupted is not None:
+        ckpt.delete_checkpoints(sess.checkpoints(interrupted))
+    if target is None:
+        sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted,
+                   "message": f"adapter v{to} is not kept in {folder}"})
+        return
+    load_adapter(sess.lm.model, target.path)
+    sess.probe.forget_previous()
+    kept = {e["job_id"] for e in target.ledger}
+    current_ledger = adapters.AdapterVersion(sess.version, folder, sess.manifest).ledger if sess.version else []
+    undone = [e for e in current_ledger if e["job_id"] not in kept]
+    version = (sess.version or 0) + 1
+    m = target.manifest
+    manifest = {
+        "version": version, "parent_version": sess.version, "rollback_of": to, "base_model": sess.cfg.base_model,
+        "job_id": None, "original_name": None, "sha256": None, "steps": 0, "global_step": m.get("global_step", 0),
+        "final_loss": m.get("final_loss"), "eval_loss": m.get("eval_loss"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trained_jobs": list(m.get("trained_jobs", [])), "activity_moved": None,
+        "ledger": target.ledger, "undone": undone,
+    }
+    publish_adapter(folder, sess.lm.model, manifest)
+    sess.version, sess.manifest = version, manifest
+    prune_versions(sess)
+    log.info("rolled back to adapter v%d as v%d; %d file(s) no longer in the adapter", to, version, len(undone))
+    sess.send({"type": "rolled_back", "version": version, "rollback_of": to, "job_id": interrupted,
+               "undone": [e.get("original_name") or e["job_id"] for e in undone]})
 
 
 def answer_already_trained(sess: Session, job_id: str) -> None:
@@ -259,6 +320,9 @@ def serve(sess: Session) -> int:
             set_paused(sess, kind == "pause", None)
         elif kind == "skip":
             handle_idle_skip(sess, msg)
+        elif kind == "rollback":
+            sess.rollback_to = int(msg["version"])
+            rollback(sess, None)
         elif kind == "stop":
             sess.send({"type": "stopped", "job_id": None, "checkpoint_step": None})
             sess.exit_code = 0

@@ -1,0 +1,136 @@
+"""trainctl adapters list / pin / unpin: the published adapter versions, and which ones retention keeps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from daemon import adapters, control
+from daemon.cli.shared import WAIT_SECONDS, daemon_pid, from_history, number, out, with_config
+from daemon.config import Config
+from daemon.errors import TraindError
+from daemon.states import ControlAction
+
+if TYPE_CHECKING:
+    from daemon.cli.shared import Subparsers
+
+
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    a = subparsers.add_parser("adapters", parents=[common], help="the published adapter versions")
+    sub = a.add_subparsers(dest="acmd", required=True)
+    ls = sub.add_parser("list", parents=[common], help="every kept version: file, steps, losses, size, pinned")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=with_config(cmd_adapters_list))
+    for name, what in (("pin", "keep VERSION whatever adapters.keep_last says"), ("unpin", "let retention remove VERSION again")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("version", type=_version)
+        p.set_defaults(handler=with_config(cmd_adapters_pin), pinned=name == "pin")
+    rb = subparsers.add_parser("rollback", parents=[common],
+                               help="make adapter VERSION current again (a file in training starts over on it)")
+    rb.add_argument("version", type=_version)
+    rb.add_argument("--no-wait", action="store_true", help="leave the request and return")
+    rb.set_defaults(handler=with_config(cmd_rollback))
+
+
+def _version(text: str) -> int:
+    try:
+        v = int(text.lower().removeprefix("v"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an adapter version: {text!r} (e.g. 12 or v12)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"adapter versions start at 1, got {v}")
+    return v
+
+
+def rows(cfg: Config) -> list[dict[str, Any]]:
+    """Every kept version, oldest first, as `adapters list --json` prints it."""
+    folder = cfg.path("adapters")
+    current = adapters.peek_current(folder)
+    pins = control.read_pins(cfg)
+    out_rows = []
+    for v in adapters.versions(folder):
+        m = v.manifest
+        out_rows.append({
+            "version": v.version, "current": current is not None and v.version == current.version,
+            "pinned": v.version in pins, "file": m.get("original_name"), "job_id": m.get("job_id"),
+            "steps": m.get("steps"), "global_step": m.get("global_step"), "final_loss": m.get("final_loss"),
+            "eval_loss": m.get("eval_loss"), "created_at": m.get("created_at"), "bytes": adapters.folder_bytes(v.path),
+            "rollback_of": m.get("rollback_of"), "path": str(v.path),
+        })
+    return out_rows
+
+
+def cmd_adapters_list(cfg: Config, args: argparse.Namespace) -> int:
+    listed = rows(cfg)
+    if args.json:
+        out(json.dumps(listed, indent=2))
+        return 0
+    if not listed:
+        out("no adapter yet: the first one is published when the first file is done")
+        return 0
+    out(f"{'':2}{'version':>7}  {'steps':>6}  {'loss':>7}  {'eval':>7}  {'size':>9}  {'created':<20} file")
+    for r in listed:
+        mark = ("*" if r["current"] else " ") + ("p" if r["pinned"] else " ")
+        what = r["file"] or ""
+        if r["rollback_of"]:
+            what = f"rollback to v{r['rollback_of']}"
+        out(f"{mark}{('v' + str(r['version'])):>7}  {number(r['steps'], 'd'):>6}  {number(r['final_loss'], '.4f'):>7}  "
+            f"{number(r['eval_loss'], '.4f'):>7}  {r['bytes'] / 1e6:>7.2f}MB  {r['created_at'] or '':<20} {what}")
+    keep = cfg.adapters.keep_last
+    out(f"* current, p pinned; retention keeps {'every version' if keep == 0 else f'the newest {keep}'}, "
+        "the current one and the pinned ones")
+    return 0
+
+
+def cmd_adapters_pin(cfg: Config, args: argparse.Namespace) -> int:
+    kept = {v.version for v in adapters.versions(cfg.path("adapters"))}
+    if args.pinned and args.version not in kept:
+        raise TraindError(f"there is no adapter v{args.version} (kept: {', '.join(f'v{v}' for v in sorted(kept)) or 'none'})")
+    pins = control.set_pin(cfg, args.version, args.pinned)
+    out(f"adapters: v{args.version} {'pinned' if args.pinned else 'unpinned'} (pinned now: "
+        f"{', '.join(f'v{v}' for v in sorted(pins)) or 'none'})")
+    return 0
+
+
+def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
+    folder = cfg.path("adapters")
+    kept = {v.version for v in adapters.versions(folder)}
+    if args.version not in kept:
+        raise TraindError(f"there is no adapter v{args.version} to roll back to "
+                          f"(kept: {', '.join(f'v{v}' for v in sorted(kept)) or 'none'}; see `trainctl adapters list`)")
+    before, asked = adapters.peek_current(folder), time.time()
+    req = control.request(cfg, ControlAction.ROLLBACK, by="cli", version=args.version)
+    if daemon_pid(cfg) is None:
+        out(f"rollback: to v{args.version} requested; the daemon is not running, it acts at its next start")
+        return 0
+    if args.no_wait:
+        out(f"rollback: to v{args.version} requested")
+        return 0
+    deadline = time.time() + WAIT_SECONDS
+    while time.time() < deadline:
+        now = adapters.peek_current(folder)
+        if now is not None and now.manifest.get("rollback_of") == args.version and (before is None or now.version > before.version):
+            undone = [e.get("original_name") or e["job_id"] for e in now.manifest.get("undone", [])]
+            out(f"rollback: adapter v{args.version} is current again, as v{now.version}")
+            if undone:
+                out(f"rollback: no longer in the adapter (not retrained; drop them again to train them): {', '.join(undone)}")
+            return 0
+        refused = None if req.exists() else _refused(cfg, args.version, asked)
+        if refused:
+            out(f"rollback: refused: {refused}")
+            return 1
+        time.sleep(0.2)
+    out("rollback: requested, but the daemon has not acted yet")
+    return 2
+
+
+def _refused(cfg: Config, version: int, since: float) -> str | None:
+    """The daemon's reason for refusing the rollback asked at `since`, from its events (None: none yet)."""
+    def read(db: Any) -> str | None:
+        for e in db.events(limit=20):
+            if e["kind"] == "control_refused" and e["t"] >= since and (e["message"] or "").startswith("rollback"):
+                return e["message"]
+        return None
+    return from_history(cfg, read)
