@@ -60,7 +60,7 @@ class AdapterVersion:
 def ledger_entry(manifest: dict[str, Any]) -> dict[str, Any]:
     """The ledger line of the file a new version learns (its manifest's own fields)."""
     return {"sha256": manifest["sha256"], "job_id": manifest["job_id"], "original_name": manifest.get("original_name"),
-            "version": manifest["version"], "generation": manifest.get("generation", 0)}
+            "version": manifest["version"], "generation": manifest.get("generation", 0), "steps": manifest.get("steps")}
 
 
 def read_current(adapters: Path) -> AdapterVersion | None:

@@ -9,7 +9,8 @@ with `TRAIND_CRASH_AFTER_OP=n` in the environment, the process dies
 (`os._exit(86)`) right after its n-th durable operation, so tests can crash at
 every point of a sequence and check what survives; `TRAIND_CRASH_AFTER_OP=match:TEXT`
 dies after the first operation whose description contains TEXT (a point whose
-number depends on timing).
+number depends on timing). With `TRAIND_CRASH_ONCE=PATH` as well it dies only
+if PATH does not exist yet, and creates it first: one crash, then restarts live.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _durable_op_done(what: str) -> None:
     if not armed:
         return
     hit = armed[len("match:"):] in what if armed.startswith("match:") else _ops_done == int(armed)
+    once = os.environ.get("TRAIND_CRASH_ONCE")  # a marker file: the crash happens once, not in every restart
+    if hit and once:
+        if os.path.exists(once):
+            return
+        with open(once, "w") as f:
+            f.write(what)
     if hit:
         os.write(2, f"traind: injected crash after durable op {_ops_done} ({what})\n".encode())
         os._exit(CRASH_EXIT_CODE)

@@ -40,6 +40,7 @@ class PathsConfig:
     checkpoints: str = _f("checkpoints", "Mid-file checkpoints used to resume after a crash or stop.")
     logs: str = _f("logs", "Daily logs: daemon_YYYYMMDD.log, trainer_YYYYMMDD.log.")
     models: str = _f("models", "Cache for the embedded base model built on first start.")
+    consolidated: str = _f("consolidated_models", "Bases made by consolidation, one folder each with lineage.json (never deleted by traind).")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
+class ConsolidationConfig:
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype of a consolidated base's weights (the merge itself is fp32); auto: the base's own.")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
     max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
@@ -133,6 +139,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
+    consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
@@ -160,7 +167,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "service": ServiceConfig,
+    "consolidation": ConsolidationConfig, "service": ServiceConfig,
 }
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)

@@ -80,10 +80,12 @@ class ControlRequest:
     job_id: str | None
     priority: str | None
     version: int | None = None  # rollback: the adapter version
+    description: str | None = None  # consolidate: what was trained (required)
 
 
 def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | None = None,
-            priority: str | None = None, now: float | None = None, version: int | None = None) -> Path:
+            priority: str | None = None, now: float | None = None, version: int | None = None,
+            description: str | None = None) -> Path:
     """Leave a one-shot request for the service; returns its file (gone once the service acted).
 
     `job_id` names the queue file for retry/remove (and, optionally, guards a
@@ -93,7 +95,7 @@ def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | N
     name = f"{now:017.6f}-{uuid.uuid4().hex[:8]}-{action.value}.json"
     path = requests_dir(cfg) / name
     atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id, "priority": priority,
-                             "version": version})
+                             "version": version, "description": description})
     return path
 
 
@@ -127,8 +129,12 @@ def _parse_request(path: Path, raw: dict) -> ControlRequest:
     version = raw.get("version")
     if action is ControlAction.ROLLBACK and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
         raise ValueError(f"rollback needs an adapter version >= 1, got {version!r}")
+    description = raw.get("description")
+    if action is ControlAction.CONSOLIDATE and (not isinstance(description, str) or not description.strip()):
+        raise ValueError("consolidate needs a description of what was trained")
     return ControlRequest(path, action, str(raw.get("by", "?")), float(raw.get("at", 0)), job_id, priority,
-                          version if action is ControlAction.ROLLBACK else None)
+                          version if action is ControlAction.ROLLBACK else None,
+                          description if action is ControlAction.CONSOLIDATE else None)
 
 
 def consume(req: ControlRequest) -> None:

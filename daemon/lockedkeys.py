@@ -88,3 +88,14 @@ def approve(cfg: Config, now: float | None = None) -> list[str]:
     history.append({"at": now, "changes": [[k, o, n] for k, o, n in changes], "archived": moved, "by_pid": os.getpid()})
     record(cfg, now, history)
     return moved
+
+
+def note_consolidation(cfg: Config, base: str, generation: int, now: float) -> None:
+    """Record that training moved to a consolidated base. `base_model` in the config keeps naming generation 0's
+    base (the lineage's root, what the locked-key check compares); the base in use is the adapter's."""
+    try:
+        raw = atomic.read_json(_path(cfg))
+    except (FileNotFoundError, ValueError):
+        return
+    raw.setdefault("history", []).append({"at": now, "consolidation": {"generation": generation, "base_in_use": base}})
+    atomic.write_json(_path(cfg), raw)

@@ -65,6 +65,9 @@ class Service:
         self.deferred_skips: list[str] = []  # skips of files left by a dead child, told to the next one
         self.rollback_pending: int | None = None  # the adapter version a rollback request asks for, until answered
         self.rollback_sent = False
+        self.consolidation_pending: str | None = None  # a consolidation's description, until the trainer answers
+        self.consolidation_sent = False
+        self.consolidation_of: int | None = None
         self.stop_requested = False  # warm stop: checkpoint, then exit
         self.stop_deadline = 0.0
         self.exit_now = False
@@ -114,6 +117,9 @@ class Service:
         self.ledger = Ledger(self.cfg.path("adapters"), self.db)
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
+        current = adapters.peek_current(self.cfg.path("adapters"))
+        if current is not None and current.manifest.get("base_path"):  # a consolidated base is in use
+            self.status.base_model = current.manifest["base_path"]
         self.status.layer_activity_summary = self.tracker.last_activity()
         now = self.clock()
         self.status.started_at = now
@@ -215,7 +221,7 @@ class Service:
 
     def _on_child_exit(self, code: int, now: float) -> None:
         self.status.trainer_pid = None
-        self.rollback_sent = False  # unanswered: the next child gets it again
+        self.rollback_sent = self.consolidation_sent = False  # unanswered: the next child gets them again
         if self.sup.state is TrainerState.EXITING or self.stop_requested:
             self.sup.state = TrainerState.DOWN
             self.exit_now = self.exit_now or self.stop_requested
@@ -295,6 +301,25 @@ class Service:
         self.db.event("rollback", f"rolled back to adapter v{msg['rollback_of']} (published as v{msg['version']})"
                       f"{note}{interrupted}", t=now)
         log.info("rolled back to adapter v%s as v%s", msg["rollback_of"], msg["version"])
+
+    def _msg_consolidated(self, msg: dict, now: float) -> None:
+        self.consolidation_pending = self.consolidation_of = None
+        self.status.base_model = msg["path"]
+        self.status.adapter_version = msg["adapter_version"]
+        self.db.event("consolidated", f"adapter v{msg['consolidated_version']} merged into generation "
+                      f"{msg['generation']}'s base {msg['path']} ({msg['files']} file(s); max |logit diff| "
+                      f"{msg['max_logit_diff']:.2e}; {msg['seconds']:.1f} s); training goes on with a fresh adapter "
+                      f"v{msg['adapter_version']}: {msg['description']}", t=now)
+        lockedkeys.note_consolidation(self.cfg, msg["path"], msg["generation"], now)
+        log.info("consolidated into %s (generation %s)", msg["path"], msg["generation"])
+        self._set(self.status.status, detail="waiting for files")
+
+    def _msg_consolidation_refused(self, msg: dict, now: float) -> None:
+        self.consolidation_pending = self.consolidation_of = None
+        self.db.event("control_refused", f"consolidate: {msg.get('message')}", t=now)
+        self.status.last_error = f"consolidation refused: {msg.get('message')}"
+        log.warning("consolidation refused: %s", msg.get("message"))
+        self._set(self.status.status, detail="waiting for files")
 
     def _msg_rollback_refused(self, msg: dict, now: float) -> None:
         self.rollback_pending = None
@@ -377,6 +402,13 @@ class Service:
             retry_file(self.queue.find(req.job_id), prio, now, self.cfg, self.queue, self.db)
         elif req.action is ControlAction.REMOVE:
             remove_file(self.queue.find(req.job_id), now, self.queue, self.db)
+        elif req.action is ControlAction.CONSOLIDATE:
+            if self.consolidation_pending is not None:
+                raise QueueError("a consolidation is already on its way")
+            self.consolidation_pending = req.description
+            self.consolidation_sent = False
+            self.db.event("consolidation", f"consolidation requested by {req.by}: {req.description} (at the next "
+                          "boundary between files)", t=now)
         elif req.action is ControlAction.ROLLBACK:
             kept = {v.version for v in adapters.versions(self.cfg.path("adapters"))}
             if req.version not in kept:
@@ -450,9 +482,23 @@ class Service:
                 {"type": "rollback", "version": self.rollback_pending}):
             self.rollback_sent = True
 
+    def _send_consolidation(self) -> None:
+        """Between files: no file is in training when the trainer merges; none starts until it answers."""
+        if self.consolidation_pending is None or self.consolidation_sent or self.stop_requested or self.tracker.job:
+            return
+        if self.consolidation_of is None:  # the version merged; kept if the trainer dies and gets it again
+            current = adapters.peek_current(self.cfg.path("adapters"))
+            self.consolidation_of = current.version if current else None
+        if self.sup.state is TrainerState.READY and self.sup.send(
+                {"type": "consolidate", "description": self.consolidation_pending,
+                 "adapter_version": self.consolidation_of}):
+            self.consolidation_sent = True
+            self._set(self.status.status, detail="consolidating the adapter into a new base")
+
     def _dispatch(self, now: float) -> None:
         self._send_rollback()
-        if self.rollback_pending is not None:
+        self._send_consolidation()
+        if self.rollback_pending is not None or self.consolidation_pending is not None:
             return
         if self.tracker.job or self.stop_requested or self.sup.state is not TrainerState.READY:
             return

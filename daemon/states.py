@@ -85,6 +85,7 @@ class ControlAction(str, Enum):
     RETRY = "retry"  # failed/<job_id> -> pending/<priority>
     REMOVE = "remove"  # pending/<job_id> -> failed/ (reason removed)
     ROLLBACK = "rollback"  # adapter `version` becomes current again (as a new version), at the next step boundary
+    CONSOLIDATE = "consolidate"  # merge the adapter into a new base (`description`), between files
 
 
 class FailReason(str, Enum):

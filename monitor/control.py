@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from daemon import control
+from daemon import adapters, control
 from daemon.lock import holder_pid
 from daemon.states import ControlAction, DesiredState, Priority
 from monitor.deps import MonitorState, StateDep, WriteAuth
@@ -31,6 +31,14 @@ class SkipBody(BaseModel):
 
 class RetryBody(BaseModel):
     priority: Literal["high", "normal", "low"] = "normal"
+
+
+class ConsolidateBody(BaseModel):
+    description: str = Field(min_length=1, max_length=2000, description="what was trained (kept in lineage.json)")
+
+
+class RollbackBody(BaseModel):
+    version: int = Field(ge=1, description="the adapter version to make current again")
 
 
 @router.post("/api/control/pause", response_model=ControlResult, summary="Pause between steps (model stays resident)")
@@ -84,3 +92,29 @@ def remove(state: StateDep, job_id: str) -> ControlResult:
         raise HTTPException(404, f"{job_id!r} is not pending")
     path = control.request(state.cfg, ControlAction.REMOVE, by=BY, job_id=job_id)
     return ControlResult(action="remove", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)
+
+
+@router.post("/api/control/consolidate", response_model=ControlResult,
+             summary="Merge the adapter into a new base at the next boundary between files, then train on from it",
+             responses={409: {"description": "the daemon is not running, or no adapter exists yet"},
+                        422: {"description": "no description"}})
+def consolidate(state: StateDep, body: ConsolidateBody) -> ControlResult:
+    _need_running_daemon(state, "consolidate")
+    if not body.description.strip():
+        raise HTTPException(422, "consolidate: the description must say what was trained")
+    if adapters.peek_current(state.cfg.path("adapters")) is None:
+        raise HTTPException(409, "consolidate: no adapter has been published yet")
+    path = control.request(state.cfg, ControlAction.CONSOLIDATE, by=BY, description=body.description.strip())
+    return ControlResult(action="consolidate", requested_state=control.read_desired_state(state.cfg).value,
+                         request_id=path.name, note="the events say when it is done (kind consolidated)")
+
+
+@router.post("/api/control/rollback", response_model=ControlResult,
+             summary="Make a kept adapter version current again (a file in training starts over on it)",
+             responses={404: {"description": "no such kept version"}, 409: {"description": "the daemon is not running"}})
+def rollback(state: StateDep, body: RollbackBody) -> ControlResult:
+    _need_running_daemon(state, "rollback")
+    if body.version not in {v.version for v in adapters.versions(state.cfg.path("adapters"))}:
+        raise HTTPException(404, f"rollback: adapter v{body.version} is not kept")
+    path = control.request(state.cfg, ControlAction.ROLLBACK, by=BY, version=body.version)
+    return ControlResult(action="rollback", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)

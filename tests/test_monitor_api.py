@@ -339,6 +339,25 @@ def test_skip_and_stop_leave_requests_for_the_daemon(client, cfg, lock_holder):
     assert [p["action"] for p in client.get("/api/status").json()["pending_requests"]] == ["skip", "stop"]
 
 
+def test_consolidate_and_rollback_need_a_description_and_a_kept_version(client, cfg, lock_holder):
+    from daemon import atomic
+    tok = client.headers_with_token
+    r = client.post("/api/control/consolidate", headers=tok, json={"description": "week one"})
+    assert r.status_code == 409 and "no adapter" in r.json()["detail"]  # nothing to merge yet
+    for v in (1, 2):
+        atomic.write_json(cfg.path("adapters") / f"v000{v}" / "manifest.json", {"version": v})
+    atomic.write_json(cfg.path("adapters") / "current.json", {"version": 2, "path": "v0002"})
+    assert client.post("/api/control/consolidate", headers=tok, json={"description": ""}).status_code == 422
+    assert client.post("/api/control/consolidate", headers=tok, json={"description": "   "}).status_code == 422
+    assert client.post("/api/control/consolidate", headers=tok, json={"description": "week one"}).status_code == 200
+    assert client.post("/api/control/rollback", headers=tok, json={"version": 7}).status_code == 404
+    assert client.post("/api/control/rollback", headers=tok, json={"version": 0}).status_code == 422
+    assert client.post("/api/control/rollback", headers=tok, json={"version": 1}).status_code == 200
+    reqs = [(r.action, r.description, r.version) for r in control.pending_requests(cfg)]
+    assert reqs == [(ControlAction.CONSOLIDATE, "week one", None), (ControlAction.ROLLBACK, None, 1)]
+    assert client.post("/api/control/rollback", json={"version": 1}).status_code in (401, 403)  # writes need the token
+
+
 def test_retry_and_remove_are_requests_and_only_for_listed_jobs(client, cfg):
     from daemon.jobqueue import JobQueue
     q = JobQueue(cfg.path("queue"))

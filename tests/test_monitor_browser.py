@@ -228,6 +228,24 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
             wait_until(lambda: [r.action for r in control.pending_requests(cfg)] == [ControlAction.RETRY], what="retry request")
             tab.page.wait_for_selector("tr.row-failed >> text=retry requested…")
 
+            # consolidate asks for a description; cancelling leaves nothing, confirming leaves the request with it
+            from daemon import atomic
+            atomic.write_json(cfg.path("adapters") / "v0004" / "manifest.json", {"version": 4})
+            atomic.write_json(cfg.path("adapters") / "current.json", {"version": 4, "path": "v0004"})
+            for r in control.pending_requests(cfg):  # the daemon consumes the retry
+                control.consume(r)
+            tab.page.click("#btn-consolidate")
+            tab.page.click("#consolidate-cancel")
+            time.sleep(0.3)
+            assert control.pending_requests(cfg) == []
+            tab.page.click("#btn-consolidate")
+            tab.page.fill("#consolidate-description", "the first week of puzzles")
+            tab.page.click("#consolidate-ok")
+            wait_until(lambda: [(r.action, r.description) for r in control.pending_requests(cfg)]
+                       == [(ControlAction.CONSOLIDATE, "the first week of puzzles")], what="consolidate request")
+            for r in control.pending_requests(cfg):
+                control.consume(r)
+
             # upload through the page lands in the inbox under its priority
             data = tmp_path / "fresh_batch.jsonl"
             data.write_text(lines_of("chat.jsonl", 5))
@@ -249,7 +267,7 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
     # the monitor went away: the page must not go on looking live
     tab.page.wait_for_selector("#stale-title >> text=Monitor unreachable.", timeout=20_000)
     assert tab.page.text_content("#state-badge") == "unknown"
-    for name in ("pause", "resume", "skip", "stop"):
+    for name in ("pause", "resume", "skip", "stop", "consolidate"):
         assert tab.page.is_disabled(f"#btn-{name}"), name
     tab.shot("monitor_unreachable.png")
 

@@ -32,6 +32,12 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     rb.add_argument("version", type=_version)
     rb.add_argument("--no-wait", action="store_true", help="leave the request and return")
     rb.set_defaults(handler=with_config(cmd_rollback))
+    c = subparsers.add_parser("consolidate", parents=[common],
+                              help="merge the adapter into a new base (between files) and train on from it")
+    c.add_argument("--description", required=True, help="what was trained (kept in the new base's lineage.json)")
+    c.add_argument("--no-wait", action="store_true", help="leave the request and return")
+    c.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
+    c.set_defaults(handler=with_config(cmd_consolidate))
 
 
 def _version(text: str) -> int:
@@ -134,3 +140,30 @@ def _refused(cfg: Config, version: int, since: float) -> str | None:
                 return e["message"]
         return None
     return from_history(cfg, read)
+
+
+def cmd_consolidate(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.description.strip():
+        raise TraindError("consolidate: --description must say what was trained")
+    if adapters.peek_current(cfg.path("adapters")) is None:
+        raise TraindError("consolidate: no adapter has been published yet; there is nothing to merge")
+    asked = time.time()
+    control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description=args.description)
+    if daemon_pid(cfg) is None:
+        out("consolidate: requested; the daemon is not running, it acts at its next start")
+        return 0
+    if args.no_wait:
+        out("consolidate: requested; it runs at the next boundary between files")
+        return 0
+    out("consolidate: requested; waiting for the file in training (if any) to end, then merging")
+    deadline = asked + args.timeout
+    while time.time() < deadline:
+        ended = from_history(cfg, lambda db: next(
+            (e for e in db.events(limit=30) if e["t"] >= asked and (e["kind"] == "consolidated" or (
+                e["kind"] == "control_refused" and (e["message"] or "").startswith("consolidate")))), None))
+        if ended is not None:
+            out(f"consolidate: {ended['message']}")
+            return 0 if ended["kind"] == "consolidated" else 1
+        time.sleep(0.5)
+    out("consolidate: requested, but no result yet (see `trainctl status` and the daemon log)")
+    return 2

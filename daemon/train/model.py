@@ -234,12 +234,12 @@ class LoadedModel:
         return trainable, total
 
 
-def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None) -> LoadedModel:
-    """Load the configured base and attach a LoRA initialised from `seed`."""
+def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, base: Path | None = None) -> LoadedModel:
+    """Load the base (`base`, else the configured one) and attach a LoRA initialised from `seed`."""
     caps = caps or capabilities()
     device = choose_device(cfg.model, caps)
     dtype = choose_dtype(cfg.model, device, caps)
-    base_path = resolve_base(cfg)
+    base_path = base or resolve_base(cfg)
     model, tokenizer = load_base(base_path, cfg.model, device, dtype)
     model = prepare_for_lora(model, cfg.model)
     model = attach_lora(model, cfg.lora, seed)

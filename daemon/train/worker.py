@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import logging
 import os
 import sys
@@ -29,12 +30,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from daemon import adapters, control
+from daemon import adapters, atomic, control
 from daemon.config import Config, load_config
 from daemon.errors import DataError
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
-from daemon.train import process
+from daemon.train import consolidate, process
 from daemon.train.activity import ActivityProbe, Grid
 from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
 from daemon.train.threads import ThreadGovernor, start_threads
@@ -77,8 +78,10 @@ class Session:
 def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
     """Load base + current adapter (or a fresh LoRA seeded from training.seed) and say `ready`."""
     t0 = time.monotonic()
-    lm = load_for_training(cfg, seed=cfg.training.seed)
     current = adapters.read_current(cfg.path("adapters"))
+    # After a consolidation the adapter's manifest names the base it continues (the config's is generation 0's).
+    base = Path(current.manifest["base_path"]) if current is not None and current.manifest.get("base_path") else None
+    lm = load_for_training(cfg, seed=cfg.training.seed, base=base)
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
@@ -86,7 +89,7 @@ def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
                    ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
     trainable, total = lm.param_counts()
     sess.send({"type": "ready", "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
-               "quantization": lm.quantization, "base_model": cfg.base_model, "adapter_version": sess.version,
+               "quantization": lm.quantization, "base_model": str(base) if base else cfg.base_model, "adapter_version": sess.version,
                "trainable_params": trainable, "total_params": total, "load_seconds": time.monotonic() - t0})
     return sess
 
@@ -123,6 +126,8 @@ def on_message_in_job(sess: Session, msg: dict[str, Any], job_id: str) -> str:
         return "stop"
     elif kind == "skip" and msg.get("job_id") in (None, job_id):
         return "skip"
+    elif kind == "consolidate":  # the service sends it between files; should one cross a file, it runs after it
+        sess.backlog.append(msg)
     elif kind == "rollback":  # the file's progress goes; it starts again on the version rolled back to
         sess.rollback_to = int(msg["version"])
         return "skip"
@@ -197,7 +202,7 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
     """
     version = (sess.version or 0) + 1
     manifest = {
-        "version": version, "parent_version": sess.version, "base_model": sess.cfg.base_model,
+        "version": version, "parent_version": sess.version, **generation_fields(sess),
         "job_id": job.job_id, "original_name": msg.get("original_name"), "sha256": job.sha256,
         "steps": outcome.steps, "global_step": outcome.global_step, "final_loss": outcome.final_loss,
         "eval_loss": outcome.eval_loss, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -218,11 +223,20 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
                "already_trained": False, "activity_moved": manifest["activity_moved"]})
 
 
+def generation_fields(sess: Session) -> dict[str, Any]:
+    """The base a new version continues: the config's (generation 0) or a consolidated one."""
+    m = sess.manifest
+    if m.get("base_path"):
+        return {"base_model": m["base_path"], "base_path": m["base_path"], "generation": m.get("generation", 0)}
+    return {"base_model": sess.cfg.base_model, "generation": m.get("generation", 0)}
+
+
 def prune_versions(sess: Session) -> None:
     """Retention (adapters.keep_last): never the current version nor a pinned one. A failure to prune is
     logged and left for the next publication: it never holds a file back from done/."""
     try:
-        removed = adapters.prune(sess.cfg.path("adapters"), sess.cfg.adapters.keep_last, control.read_pins(sess.cfg))
+        protected = control.read_pins(sess.cfg) | fed_consolidations(sess.cfg)
+        removed = adapters.prune(sess.cfg.path("adapters"), sess.cfg.adapters.keep_last, protected)
     except OSError:
         log.warning("old adapter versions were not pruned", exc_info=True)
         return
@@ -248,6 +262,12 @@ def rollback(sess: Session, interrupted: str | None) -> None:
         sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted,
                    "message": f"adapter v{to} is not kept in {folder}"})
         return
+    here = int(sess.manifest.get("generation", 0))
+    if int(target.manifest.get("generation", 0)) != here:
+        sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted,
+                   "message": f"adapter v{to} trained on generation {target.manifest.get('generation', 0)}'s base, and "
+                              f"training is on generation {here}'s: a rollback stays within a generation"})
+        return
     load_adapter(sess.lm.model, target.path)
     sess.probe.forget_previous()
     kept = {e["job_id"] for e in target.ledger}
@@ -256,7 +276,7 @@ def rollback(sess: Session, interrupted: str | None) -> None:
     version = (sess.version or 0) + 1
     m = target.manifest
     manifest = {
-        "version": version, "parent_version": sess.version, "rollback_of": to, "base_model": sess.cfg.base_model,
+        "version": version, "parent_version": sess.version, "rollback_of": to, **generation_fields(sess),
         "job_id": None, "original_name": None, "sha256": None, "steps": 0, "global_step": m.get("global_step", 0),
         "final_loss": m.get("final_loss"), "eval_loss": m.get("eval_loss"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -269,6 +289,72 @@ def rollback(sess: Session, interrupted: str | None) -> None:
     log.info("rolled back to adapter v%d as v%d; %d file(s) no longer in the adapter", to, version, len(undone))
     sess.send({"type": "rolled_back", "version": version, "rollback_of": to, "job_id": interrupted,
                "undone": [e.get("original_name") or e["job_id"] for e in undone]})
+
+
+def fed_consolidations(cfg: Config) -> set[int]:
+    """Adapter versions merged into a consolidated base: kept whatever retention says."""
+    out = set()
+    for lineage in consolidate.consolidated_root(cfg).glob(f"*/{consolidate.LINEAGE}"):
+        try:
+            out.add(int(atomic.read_json(lineage)["adapter"]["version"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def consolidate_now(sess: Session, msg: dict[str, Any]) -> None:
+    """Merge the current adapter into its base, then train on with a fresh adapter on the merged base.
+
+    The fresh adapter's publication (its manifest names the new base and generation) is the commit point:
+    a crash before it leaves the old generation in use (a complete folder in consolidated_models/ that
+    nothing uses yet, never deleted); after it, the next child loads the new base.
+    """
+    folder = sess.cfg.path("adapters")
+    current = adapters.peek_current(folder)
+    if current is None:
+        sess.send({"type": "consolidation_refused", "message": "nothing to consolidate: no adapter has been published yet"})
+        return
+    asked_for = msg.get("adapter_version")
+    if asked_for is not None and current.version != asked_for and current.manifest.get("consolidated_from") == asked_for:
+        # done already: a trainer died after the switch, before its answer; the next one answers from the record
+        lineage = atomic.read_json(Path(current.manifest["lineage"]))
+        sess.send({"type": "consolidated", "generation": lineage["generation"], "path": lineage["path"],
+                   "adapter_version": current.version, "consolidated_version": asked_for,
+                   "max_logit_diff": lineage["verification"]["max_abs_logit_diff"],
+                   "reload_logit_diff": lineage["verification"]["reloaded_max_abs_logit_diff"], "seconds": 0.0,
+                   "files": len(lineage["files"]), "description": lineage["description"]})
+        return
+    generation = int(current.manifest.get("generation", 0))
+    try:
+        result = consolidate.consolidate(sess.cfg, current, sess.lm.base_path, msg.get("description") or "", generation)
+    except Exception as e:  # a refusal or a failed merge: everything stays as it was
+        log.error("consolidation refused: %s", e, exc_info=not isinstance(e, consolidate.ConsolidationRefused))
+        sess.send({"type": "consolidation_refused", "message": str(e) or type(e).__name__})
+        return
+    old_lm = sess.lm
+    sess.lm = None
+    del old_lm
+    gc.collect()
+    sess.lm = load_for_training(sess.cfg, seed=sess.cfg.training.seed, base=result.path)
+    sess.probe = ActivityProbe(sess.lm.model)
+    version = current.version + 1
+    m = current.manifest
+    manifest = {
+        "version": version, "parent_version": current.version, "base_model": str(result.path),
+        "base_path": str(result.path), "generation": result.generation, "consolidated_from": current.version,
+        "lineage": str(result.path / consolidate.LINEAGE), "description": result.lineage["description"],
+        "job_id": None, "original_name": None, "sha256": None, "steps": 0, "global_step": m.get("global_step", 0),
+        "final_loss": None, "eval_loss": None, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trained_jobs": list(m.get("trained_jobs", [])), "activity_moved": None, "ledger": current.ledger,
+    }
+    publish_adapter(folder, sess.lm.model, manifest)
+    sess.version, sess.manifest = version, manifest
+    prune_versions(sess)
+    sess.send({"type": "consolidated", "generation": result.generation, "path": str(result.path),
+               "adapter_version": version, "consolidated_version": current.version,
+               "max_logit_diff": result.max_logit_diff, "reload_logit_diff": result.reload_logit_diff,
+               "seconds": result.seconds, "files": len(result.lineage["files"]),
+               "description": result.lineage["description"]})
 
 
 def answer_already_trained(sess: Session, job_id: str) -> None:
@@ -323,6 +409,8 @@ def serve(sess: Session) -> int:
         elif kind == "rollback":
             sess.rollback_to = int(msg["version"])
             rollback(sess, None)
+        elif kind == "consolidate":
+            consolidate_now(sess, msg)
         elif kind == "stop":
             sess.send({"type": "stopped", "job_id": None, "checkpoint_step": None})
             sess.exit_code = 0

@@ -9,6 +9,7 @@ const ACTIONS = ['pause', 'resume', 'skip', 'stop'];
 
 export function init() {
   for (const a of ACTIONS) $('btn-' + a).addEventListener('click', () => onControl(a));
+  $('btn-consolidate').addEventListener('click', onConsolidate);
   $('token-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const t = $('token-input').value.trim();
@@ -55,8 +56,13 @@ export function controlView(s, conn) {
       v.hint = 'The daemon is not running: start it with bin/start_all.sh. Pause and resume are kept for its next start.';
     }
   }
+  // consolidation: a running daemon with an adapter to merge, and none already on its way
+  v.consolidate = { label: pend.has('consolidate') ? 'Consolidating…' : 'Consolidate…',
+    on: !!(s && !s.stale && s.adapter_version != null && st !== 'stopped' && st !== 'stopping' && !pend.has('consolidate')) };
+  if (pend.has('consolidate')) v.hint = v.hint || 'Consolidation requested; it runs at the next boundary between files.';
   if (conn === 'down') {
     for (const a of ACTIONS) v[a].on = false;
+    v.consolidate.on = false;
     v.hint = 'The monitor is unreachable; controls are back when it is.';
   }
   return v;
@@ -70,6 +76,8 @@ function render() {
     b.textContent = v[a].label;
     b.disabled = locked || !v[a].on;
   }
+  $('btn-consolidate').textContent = v.consolidate.label;
+  $('btn-consolidate').disabled = locked || !v.consolidate.on;
   $('upload-btn').disabled = locked;
   $('token-form').hidden = !locked;
   $('control-hint').textContent = locked
@@ -88,5 +96,25 @@ async function onControl(action) {
     setStatus(await api('/api/status'));  // the files as they are now, not a guess
   } catch (e) {
     showError(`${action} failed: ${e.message}`);
+  }
+}
+
+async function onConsolidate() {
+  const d = $('consolidate-dialog');
+  const text = $('consolidate-description');
+  d.returnValue = '';
+  const answer = await new Promise((resolve) => {
+    d.addEventListener('close', () => resolve(d.returnValue), { once: true });
+    d.showModal();
+  });
+  const description = text.value.trim();
+  if (answer !== 'ok' || !description) return;
+  try {
+    await api('/api/control/consolidate', { method: 'POST', body: JSON.stringify({ description }),
+      headers: { 'Content-Type': 'application/json' } });
+    text.value = '';
+    setStatus(await api('/api/status'));
+  } catch (e) {
+    showError(`consolidate failed: ${e.message}`);
   }
 }

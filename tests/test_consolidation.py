@@ -1,0 +1,146 @@
+"""Consolidation (#11): an nf4-trained adapter is merged into a new base that matches base + adapter,
+training goes on from it with a fresh adapter, and a kill -9 at any point leaves one whole generation in use.
+
+A real daemon on the embedded model (nf4, the QLoRA path), `trainctl consolidate` as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.adapters import read_current
+from daemon.train.consolidate import LINEAGE, MERGE_TOLERANCE
+from tests.conftest import lines_of, write_instance
+from tests.daemon_harness import Daemon
+
+pytestmark = pytest.mark.e2e
+
+SETTINGS = {"training": {"epochs_per_file": 1}, "model": {"quantization": "nf4"}, "adapters": {"keep_last": 1}}
+
+
+def text(n: int) -> str:
+    return lines_of("text.jsonl", n)
+
+
+def make(tmp_path: Path, models_dir: Path, name: str = "inst", env: dict | None = None) -> Daemon:
+    return Daemon(write_instance(tmp_path / name, models_dir, **SETTINGS), env=env)
+
+
+def train(d: Daemon, name: str, content: str, version: int) -> None:
+    d.drop(name, content)
+    d.wait_for(lambda s: s.get("adapter_version") == version and s["status"] == "idle", timeout=180, what=f"v{version}")
+
+
+def consolidated(d: Daemon) -> list[Path]:
+    root = d.cfg.path("consolidated")
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+def logits(model_dir: Path, adapter: Path | None = None):  # noqa: ANN201
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    ids = tok(["a probe the test chose", "and another, longer one to check"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
+    from daemon.train.model import resolve_base
+
+    d = make(tmp_path, models_dir)
+    try:
+        d.start()
+        train(d, "one.jsonl", text(12), 1)
+        assert d.ctl("consolidate", "--description", " ").returncode == 1  # a description is required
+        r = d.ctl("consolidate", "--description", "the first file", timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "generation 1" in r.stdout
+        [new_base] = consolidated(d)
+        lineage = json.loads((new_base / LINEAGE).read_text())
+        base0 = resolve_base(d.cfg)
+        assert lineage["generation"] == 1 and lineage["description"] == "the first file"
+        assert lineage["parent_base"]["path"] == str(base0) and len(lineage["parent_base"]["sha256"]) == 64
+        assert [f["original_name"] for f in lineage["files"]] == ["one.jsonl"] and lineage["files"][0]["steps"] > 0
+        assert lineage["adapter"]["version"] == 1 and lineage["config"]["model"]["quantization"] == "nf4"
+        assert {"torch", "transformers", "peft"} <= set(lineage["versions"])
+        assert lineage["verification"]["max_abs_logit_diff"] <= MERGE_TOLERANCE
+        # the merged folder is a plain Hugging Face model whose outputs are base + adapter's (fp32)
+        merged, expected = logits(new_base), logits(base0, d.cfg.path("adapters") / "v0001")
+        diff = float((merged - expected).abs().max())
+        print(f"merged vs base + adapter, fp32: max |logit diff| {diff:.3e}")
+        assert diff <= MERGE_TOLERANCE
+        assert (new_base / "tokenizer_config.json").is_file()
+
+        cur = read_current(d.cfg.path("adapters"))
+        assert (cur.version, cur.manifest["generation"], cur.manifest["consolidated_from"]) == (2, 1, 1)
+        assert cur.manifest["base_path"] == str(new_base) and d.status()["base_model"] == str(new_base)
+
+        train(d, "two.jsonl", text(13), 3)  # on the new base, with the fresh adapter
+        cur = read_current(d.cfg.path("adapters"))
+        assert cur.manifest["base_path"] == str(new_base) and cur.manifest["generation"] == 1
+        assert [(e["original_name"], e["generation"]) for e in cur.manifest["ledger"]] == [("one.jsonl", 0), ("two.jsonl", 1)]
+        kept = [r["version"] for r in json.loads(d.ctl("adapters", "list", "--json").stdout)]
+        assert kept == [1, 3]  # keep_last 1 keeps the current; v1 fed the consolidation and stays
+        d.drop("one-again.jsonl", text(12))  # learnt by generation 0: still a duplicate
+        d.wait_counts(done=3)
+        assert d.queue.read_duplicate(d.queue.find("one-again.jsonl").job_id)
+        r = d.ctl("rollback", "1")  # generation 0's adapter does not fit generation 1's base
+        assert r.returncode == 1 and "generation" in r.stdout, r.stdout
+
+        # a restart loads the new base and the adapter trained on it
+        assert d.stop() == 0
+        d.start()
+        st = d.wait_for(lambda s: s["status"] == "idle" and s.get("trainer_pid"), what="ready again")
+        assert st["base_model"] == str(new_base) and st["adapter_version"] == 3
+        assert any(e["kind"] == "consolidated" for e in d.history().events())
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("point", ["lineage.json", pytest.param("publish 20", marks=pytest.mark.slow),
+                                   pytest.param("publish v0002", marks=pytest.mark.slow), "current.json"])
+def test_kill9_during_consolidation_leaves_one_whole_generation(tmp_path, models_dir, point):
+    # The trainer dies once, right after the named durable operation of the consolidation (the lineage in
+    # the temp folder, the merged folder's publication, the fresh adapter's folder, the switch to it); the
+    # service restarts it and sends the consolidation again. The marker file disarms the crash until the
+    # first file is trained (its publication writes current.json too).
+    marker = tmp_path / "crash-disarmed"
+    marker.write_text("")
+    d = make(tmp_path, models_dir, env={"TRAIND_TRAINER_CRASH_AFTER_OP": f"match:{point}", "TRAIND_CRASH_ONCE": str(marker)})
+    try:
+        d.start()
+        train(d, "one.jsonl", text(12), 1)
+        marker.unlink()  # armed: the next matching operation is the consolidation's
+        r = d.ctl("consolidate", "--description", f"crash after {point}", timeout=600)
+        assert marker.exists(), "the crash point was never reached"
+        assert r.returncode == 0, r.stdout + r.stderr + d.log_tail()
+        assert any(e["kind"] == "trainer_crash" for e in d.history().events())
+        cur = read_current(d.cfg.path("adapters"))
+        assert cur.manifest["generation"] == 1 and cur.manifest["consolidated_from"] == 1
+        in_use = Path(cur.manifest["base_path"])
+        assert (in_use / LINEAGE).is_file() and (in_use / "model.safetensors").is_file()
+        assert not list(d.cfg.path("consolidated").glob(".*.tmp"))  # swept
+        folders = consolidated(d)  # one folder published before the crash may stay (never deleted), whole
+        assert in_use in folders and len(folders) <= 2
+        for folder in folders:
+            assert json.loads((folder / LINEAGE).read_text())["generation"] == 1
+        diff = float((logits(in_use) - logits(_base0(d), d.cfg.path("adapters") / "v0001")).abs().max())
+        assert diff <= MERGE_TOLERANCE
+    finally:
+        d.close()
+
+
+def _base0(d: Daemon) -> Path:
+    from daemon.train.model import resolve_base
+
+    return resolve_base(d.cfg)
