@@ -120,3 +120,32 @@ def test_an_adapter_folder_loads_with_peft(daemon):
     with torch.no_grad():
         tuned = model(ids).logits
     assert not torch.allclose(plain, tuned)  # the adapter is there and changes the output
+
+
+def test_sample_and_eval_beside_a_running_daemon(daemon, tmp_path, capsys):
+    from daemon.cli.dispatch import main as trainctl
+    from daemon.train.inspect import load_view, sample
+
+    d = daemon
+    data = text(24)
+    train(d, "one.jsonl", data, 1)
+    # two real `trainctl` processes while the daemon runs (each loads torch and the model: seconds)
+    r = d.ctl("sample", "Tell me something", "--max-new-tokens", "8")
+    assert r.returncode == 0 and r.stdout.startswith("[adapter v1]"), r.stdout + r.stderr
+    f = tmp_path / "probe.jsonl"
+    f.write_text(data)
+    r = d.ctl("eval", str(f), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(r.stdout)
+    base, tuned = figures["base"], figures["adapter"]
+    print(f"eval on the trained file: base loss {base['loss']:.3f} acc {base['token_accuracy']:.3f}; "
+          f"adapter loss {tuned['loss']:.3f} acc {tuned['token_accuracy']:.3f}")
+    assert base["tokens"] == tuned["tokens"] > 0 and tuned["label"] == "adapter v1"
+    assert tuned["loss"] < base["loss"]  # it learnt the file it trained on
+    # the rest in this process (torch is loaded here already)
+    assert d.ctl("sample", "x", "--adapter", "v9").returncode == 1  # refused before loading anything
+    view = load_view(d.cfg, "none")
+    assert view.label == "base" and isinstance(sample(view, "Tell me something", max_new_tokens=4), str)
+    assert trainctl(["--config", str(d.config_path), "eval", str(f), "--max-examples", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "adapter v1" in table and "changes the loss by" in table

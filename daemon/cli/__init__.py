@@ -5,6 +5,9 @@
     trainctl pause | resume | skip | stop [--no-wait]
     trainctl queue add FILE [--priority high|normal|low] [--force]
     trainctl queue list [--json] | queue status | queue retry NAME [--priority P] | queue remove NAME
+    trainctl adapters list [--json] | adapters pin VERSION | adapters unpin VERSION
+    trainctl rollback VERSION | consolidate --description TEXT
+    trainctl sample PROMPT [--adapter A] | eval FILE [--adapter A] [--json]
     trainctl config validate | config explain | config approve
 
 Every command takes `--config PATH` (default: $TRAIND_CONFIG or ./config.json).
@@ -15,7 +18,7 @@ failed, 2 timed out waiting for the daemon to act.
 
 # Layout, as git and pip lay theirs out: `dispatch` builds the parser and runs the
 # chosen command; one module per command group (`status_cmds`, `control_cmds`,
-# `queue_cmds`, `activity_cmds`, `config_cmds`), each with one `register(subparsers, common)`; what
+# `queue_cmds`, `activity_cmds`, `adapter_cmds`, `inspect_cmds`, `config_cmds`), each with one `register(subparsers, common)`; what
 # more than one group uses lives in `shared`. A new group is a new module plus one
 # entry in `dispatch.GROUPS`. The `_cmds` suffix keeps the names apart from the
 # service's own modules (`daemon.status`, `daemon.control`, `daemon.config`) and

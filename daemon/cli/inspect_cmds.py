@@ -1,0 +1,80 @@
+"""trainctl sample / eval: look at what the adapter learnt, in this process, beside a running daemon.
+
+The torch side (daemon/train/inspect.py) is imported only when one of these runs, so every other
+command stays as light as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.cli.shared import out, with_config
+from daemon.config import Config
+
+if TYPE_CHECKING:
+    from daemon.cli.shared import Subparsers
+
+
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    s = subparsers.add_parser("sample", parents=[common], help="generate from base + adapter (chat template)")
+    s.add_argument("prompt")
+    s.add_argument("--adapter", default="current", help="current (default), none, or a version number")
+    s.add_argument("--max-new-tokens", type=_positive, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.set_defaults(handler=with_config(cmd_sample))
+    e = subparsers.add_parser("eval", parents=[common], help="loss and token accuracy of base vs adapter on FILE")
+    e.add_argument("file")
+    e.add_argument("--adapter", default="current", help="current (default), none, or a version number")
+    e.add_argument("--max-examples", type=_positive, default=0, help="score only the first N examples")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(handler=with_config(cmd_eval))
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _quiet() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def cmd_sample(cfg: Config, args: argparse.Namespace) -> int:
+    from daemon.train.inspect import load_view, sample
+
+    _quiet()
+    view = load_view(cfg, args.adapter, args.device)
+    out(f"[{view.label}]")
+    out(sample(view, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    from daemon.train.inspect import compare_on_file, load_view
+
+    _quiet()
+    view = load_view(cfg, args.adapter, args.device)
+    figures = compare_on_file(cfg, view, Path(args.file), args.max_examples)
+    if args.json:
+        out(json.dumps(figures, indent=2))
+        return 0
+    out(f"{figures['file']}: {figures['examples']} examples ({figures['format']}), {figures['base']['tokens']:,} scored tokens")
+    out(f"  {'':<12} {'loss':>8} {'token acc':>10}")
+    for key in ("base", "adapter"):
+        if key in figures:
+            f = figures[key]
+            out(f"  {f.get('label', key):<12} {f['loss']:>8.4f} {f['token_accuracy']:>9.1%}")
+    if "adapter" in figures:
+        out(f"  the adapter changes the loss by {figures['adapter']['loss'] - figures['base']['loss']:+.4f}")
+    return 0

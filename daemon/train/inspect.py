@@ -1,0 +1,155 @@
+"""Looking at the model: generate from base + adapter, and compare base and adapter on a file.
+
+    from daemon.train.inspect import load_view, sample, compare_on_file
+    view = load_view(cfg, "current")               # "current", "none" or a version number
+    print(sample(view, "Hello", max_new_tokens=64))
+    figures = compare_on_file(cfg, view, path)     # {"base": {...}, "adapter": {...}}: loss, token accuracy
+
+These run in their own process (`trainctl sample`, `trainctl eval`), on the CPU
+by default, so they work while the daemon trains: they only read the adapter
+store, and the base is loaded as the trainer loads it (the base in use, the
+configured quantization; fp32 compute) so the adapter sees the weights it was
+trained against. An adapter folder is read with PEFT, as any user would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon import adapters
+from daemon.config import Config
+from daemon.errors import TraindError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class View:
+    model: Any
+    tokenizer: Any
+    label: str  # "base", "adapter v7"
+    has_adapter: bool
+    device: str
+
+
+def pick_adapter(cfg: Config, which: str) -> adapters.AdapterVersion | None:
+    """`current`, `none`, or a kept version number (`7` or `v7`)."""
+    folder = cfg.path("adapters")
+    if which == "none":
+        return None
+    if which == "current":
+        cur = adapters.peek_current(folder)
+        if cur is None:
+            raise TraindError("no adapter has been published yet (use --adapter none for the base alone)")
+        return cur
+    try:
+        number = int(which.lower().removeprefix("v"))
+    except ValueError:
+        raise TraindError(f"--adapter must be current, none or a version number, got {which!r}") from None
+    for v in adapters.versions(folder):
+        if v.version == number:
+            return v
+    raise TraindError(f"adapter v{number} is not kept (see `trainctl adapters list`)")
+
+
+def base_for(cfg: Config, adapter: adapters.AdapterVersion | None) -> Path:
+    """The base an adapter trained on: its manifest's consolidated base, else the current one's, else the config's."""
+    from daemon.train.model import resolve_base
+
+    for source in (adapter, adapters.peek_current(cfg.path("adapters"))):
+        if source is not None and source.manifest.get("base_path"):
+            return Path(source.manifest["base_path"])
+        if source is not None:
+            break  # generation 0: the configured base
+    return resolve_base(cfg)
+
+
+def load_view(cfg: Config, which: str = "current", device: str = "cpu") -> View:
+    adapter = pick_adapter(cfg, which)  # a bad choice is refused before torch is even imported
+
+    import torch
+    from peft import PeftModel
+
+    from daemon.train.model import keep_cpu_4bit_layout, load_base
+
+    model, tokenizer = load_base(base_for(cfg, adapter), cfg.model, device, torch.float32)
+    if device == "cpu" and cfg.model.quantization != "none":
+        keep_cpu_4bit_layout(model)
+    label = "base"
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter.path))
+        label = f"adapter v{adapter.version}"
+    model.eval()
+    return View(model, tokenizer, label, adapter is not None, device)
+
+
+def sample(view: View, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
+    """The model's continuation of `prompt` (as a user turn with the chat template when the tokenizer has one)."""
+    import torch
+
+    tok = view.tokenizer
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    ids = {k: v.to(view.device) for k, v in ids.items()}
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
+    with torch.no_grad():
+        out = view.model.generate(**ids, **kwargs)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def compare_on_file(cfg: Config, view: View, path: Path, max_examples: int = 0) -> dict[str, Any]:
+    """Token-mean loss and next-token accuracy on every trainable token of `path`, for the base and,
+    when `view` has an adapter, for base + adapter (the same loaded weights, the adapter switched off)."""
+    import dataclasses
+
+    from daemon.train.data import train_examples
+    from daemon.validate import validate_file
+
+    report = validate_file(path, cfg.data, 0)
+    if not report.accepted or report.format is None:
+        raise TraindError(f"{path}: {report.reason or 'not a training file'}")
+    data = dataclasses.replace(cfg.data, eval_fraction=0.0)
+    examples = list(train_examples(path, report.format, view.tokenizer, data, cfg.training.seed, 0))
+    examples.sort(key=lambda ex: ex.line)  # file order: the figures do not depend on a shuffle
+    if max_examples:
+        examples = examples[:max_examples]
+    if not examples:
+        raise TraindError(f"{path}: no example keeps a token to score within data.max_length = {cfg.data.max_length}")
+    out: dict[str, Any] = {"file": str(path), "examples": len(examples), "format": report.format.value}
+    if view.has_adapter:
+        with view.model.disable_adapter():
+            out["base"] = _score(view, examples)
+        out["adapter"] = _score(view, examples)
+        out["adapter"]["label"] = view.label
+    else:
+        out["base"] = _score(view, examples)
+    return out
+
+
+def _score(view: View, examples: list) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    from daemon.train.data import IGNORE
+
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex.input_ids], device=view.device)
+            labels = torch.tensor(ex.labels[1:], device=view.device)
+            logits = view.model(input_ids=ids).logits[0, :-1].float()
+            keep = labels != IGNORE
+            if not bool(keep.any()):
+                continue
+            total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+            count += int(keep.sum())
+    return {"loss": total / count, "token_accuracy": correct / count, "tokens": count}
