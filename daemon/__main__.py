@@ -1,6 +1,7 @@
-"""Run the traind daemon in the foreground.
+"""Run the traind daemon in the foreground (or train one file without it).
 
     python -m daemon --config config.json        # or the console script: traind --config config.json
+    traind train FILE --output-dir DIR [--config config.json] [--epochs N]   # one run, no daemon
 
 Logs go to `<paths.logs>/daemon_YYYYMMDD.log` and to stderr. SIGTERM or
 Ctrl-C stops warmly (checkpoint, then exit); a second one stops at once.
@@ -27,6 +28,11 @@ def default_config_path() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the torch side only for this command: the daemon's service never imports it
+        from daemon.train.oneshot import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="traind", description="Train a LoRA adapter from JSONL files dropped into inbox/.")
     parser.add_argument("--config", default=default_config_path(), help="config file (default: $TRAIND_CONFIG or ./config.json)")
     args = parser.parse_args(argv)
