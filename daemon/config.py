@@ -115,6 +115,12 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    file: str = _f("", "A JSONL file evaluated before and after every file (loss on the same examples each time; relative paths from the config's folder); empty: none.")
+    max_examples: int = _f(200, "Examples of eval.file scored (its first N), so each evaluation stays short.")
+
+
+@dataclass(frozen=True)
 class ConsolidationConfig:
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype of a consolidated base's weights (the merge itself is fp32); auto: the base's own.")
 
@@ -139,6 +145,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "A fixed eval set: did a file help or hurt what was learnt before?"})
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
@@ -147,6 +154,14 @@ class Config:
     def path(self, name: str) -> Path:
         """Absolute runtime folder `name` (a field of PathsConfig)."""
         p = Path(getattr(self.paths, name)).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def eval_file(self) -> Path | None:
+        """eval.file made absolute, or None when no eval set is configured."""
+        if not self.eval.file:
+            return None
+        p = Path(self.eval.file).expanduser()
         return p if p.is_absolute() else (self.root / p)
 
     @property
@@ -167,7 +182,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "consolidation": ConsolidationConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
 }
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
@@ -197,6 +212,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "checkpoint_every_steps"): (lambda v: v >= 1, ">= 1"),
     ("training", "keep_checkpoints"): (lambda v: v >= 1, ">= 1"),
     ("adapters", "keep_last"): (lambda v: v >= 0, ">= 0"),
+    ("eval", "max_examples"): (lambda v: v >= 1, ">= 1"),
     ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
     ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
     ("activity", "every_steps"): (lambda v: v >= 0, ">= 0"),
@@ -206,6 +222,9 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),
     ("service", "stop_timeout_seconds"): (lambda v: v > 0, "> 0"),
 }
+
+
+_MAY_BE_EMPTY = {("eval", "file")}  # strings where "" means "none"
 
 
 def _check_type(value: Any, hint: Any) -> str | None:
@@ -236,7 +255,7 @@ def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
         problems.append(f"`{name}.{key}` is not a known key (known: {', '.join(sorted(known))})")
     values = {}
     for key in sorted(set(raw) & known):
-        expected = _check_type(raw[key], hints[key])
+        expected = None if (name, key) in _MAY_BE_EMPTY and raw[key] == "" else _check_type(raw[key], hints[key])
         if expected:
             problems.append(f"`{name}.{key}` = {raw[key]!r} is not valid; use {expected}")
             continue
@@ -302,6 +321,8 @@ def resolved_dict(cfg: Config) -> dict[str, Any]:
     d["paths"] = {name: str(cfg.path(name)) for name in d["paths"]}
     if cfg.base_model_path is not None:
         d["base_model"] = str(cfg.base_model_path)
+    if cfg.eval_file is not None:
+        d["eval"]["file"] = str(cfg.eval_file)
     return d
 
 

@@ -271,6 +271,9 @@ class Service:
                 setattr(self.status, key, msg[key])
         log.info("trainer ready on %s (%s, %s) in %.1f s", msg.get("device"), msg.get("compute_dtype"),
                  msg.get("quantization"), msg.get("load_seconds") or 0)
+        if msg.get("eval_set_error"):  # training goes on without it; say why where people look
+            self.status.last_error = msg["eval_set_error"]
+            self.db.event("eval_set", msg["eval_set_error"], t=now)
         for job_id in self.deferred_skips:  # so it drops the checkpoints of files skipped while it was down
             self.sup.send({"type": "skip", "job_id": job_id})
         self.deferred_skips.clear()

@@ -85,7 +85,8 @@ CREATE INDEX IF NOT EXISTS activity_global ON activity (global_step);
 """
 
 # Columns added after a history.db may already exist: (table, column, type), added at open.
-_ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"))
+_ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"),
+                  ("jobs", "eval_set_before", "REAL"), ("jobs", "eval_set_after", "REAL"), ("jobs", "end_global_step", "INTEGER"))
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
@@ -99,6 +100,7 @@ JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
     "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
+    "eval_set_before", "eval_set_after", "end_global_step",
 )
 
 
@@ -266,6 +268,15 @@ class HistoryDB:
             rows = self.conn.execute("SELECT * FROM evals ORDER BY global_step")
         else:
             rows = self.conn.execute("SELECT * FROM evals WHERE job_id=? ORDER BY step", (job_id,))
+        return [dict(r) for r in rows]
+
+    def eval_set_points(self, since: int = -1, until: int | None = None) -> list[dict[str, Any]]:
+        """The fixed eval set's loss before and after each done file, at the global step the file ended."""
+        rows = self.conn.execute(
+            "SELECT job_id, original_name, end_global_step AS global_step, eval_set_before AS before, "
+            "eval_set_after AS after, finished_at AS t FROM jobs WHERE eval_set_after IS NOT NULL "
+            "AND end_global_step > ? AND end_global_step <= ? ORDER BY end_global_step",
+            (since, until if until is not None else 2**62))
         return [dict(r) for r in rows]
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:

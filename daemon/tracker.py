@@ -156,9 +156,12 @@ class JobTracker:
             self._warn_if_changed(entry, now)
         self._record_missed_steps(job_id, now)
         moved = msg.get("activity_moved") or self._moved_from_manifest(job_id)
+        ev = msg.get("eval_set") or {}
         self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, steps=msg.get("steps"),
                            final_loss=msg.get("final_loss"), eval_loss=msg.get("eval_loss"),
                            adapter_version=msg.get("adapter_version"),
+                           **({"eval_set_before": ev.get("before"), "eval_set_after": ev.get("after"),
+                               "end_global_step": msg.get("global_step")} if ev else {}),
                            **({"activity": activity.file_moved(moved)} if moved else {}))
         again = " (already trained before a restart; not trained again)" if msg.get("already_trained") else ""
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Query
 from daemon.status import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.history_index import FINE, HistoryIndex
-from monitor.models import EvalPoint, History, HistoryPoint
+from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint
 
 router = APIRouter(tags=["history"], dependencies=[ReadAuth])
 
@@ -119,10 +119,15 @@ def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | No
     try:
         m = metrics_series(db.conn, index, since, until, max_points)
         e = downsample(db.conn, "evals", EVAL_COLS, "eval_loss", since, until, max_points)
+        try:
+            eval_set = db.eval_set_points(since, until)
+        except sqlite3.OperationalError:  # a database from before the eval set
+            eval_set = []
     finally:
         db.close()
     return History(
         points=[HistoryPoint(**r) for r in m.rows], evals=[EvalPoint(**r) for r in e.rows],
+        eval_set=[EvalSetPoint(**r) for r in eval_set],
         total_rows=m.total, downsampled=m.bucket_width > 1, bucket_width=m.bucket_width,
         first_global_step=m.first, last_global_step=m.last,
     )

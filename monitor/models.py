@@ -98,9 +98,19 @@ class EvalPoint(BaseModel):
     t: float
 
 
+class EvalSetPoint(BaseModel):
+    global_step: int = Field(description="the global step at which the file ended")
+    job_id: str
+    original_name: str | None
+    before: float | None = Field(description="eval.file's loss before the file")
+    after: float = Field(description="eval.file's loss after it")
+    t: float | None
+
+
 class History(BaseModel):
     points: list[HistoryPoint]
     evals: list[EvalPoint]
+    eval_set: list[EvalSetPoint] = Field(default_factory=list, description="the fixed eval set (eval.file) before/after each file")
     total_rows: int = Field(description="metric rows in the requested range before downsampling")
     downsampled: bool
     bucket_width: int = Field(description="global steps per bucket (1: every row)")
@@ -133,6 +143,8 @@ class QueueItem(BaseModel):
     has_activity: bool = Field(False, description="a record of what the file moved is kept (GET /api/activity/jobs/{job_id})")
     started_at: float | None = None
     finished_at: float | None = None
+    eval_set_before: float | None = Field(None, description="eval.file's loss before this file (when configured)")
+    eval_set_after: float | None = Field(None, description="...and after it")
     duplicate_of: dict | None = Field(None, description="done without training: the ledger entry of the earlier "
                                       "file with the same content (sha256, job_id, original_name, version)")
     forced: bool = Field(False, description="added with `trainctl queue add --force`: trained even if its content was learnt before")

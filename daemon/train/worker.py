@@ -60,6 +60,8 @@ class Session:
     exit_code: int | None = None  # set once the child must leave
     backlog: collections.deque = field(default_factory=collections.deque)
     rollback_to: int | None = None  # a rollback asked for while a file trains, done once the loop has let go
+    eval_set: list | None = None  # eval.file's examples (tokenised once), scored before and after every file
+    eval_cache: tuple[int | None, float] | None = None  # (adapter version, its eval-set loss)
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -87,14 +89,60 @@ def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
         log.info("adapter v%d loaded from %s", current.version, current.path)
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
                    ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
+    sess.eval_set, eval_error = load_eval_set(cfg, lm)
     trainable, total = lm.param_counts()
-    sess.send({"type": "ready", "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
+    sess.send({"type": "ready", "eval_set_examples": len(sess.eval_set) if sess.eval_set else 0,
+               "eval_set_error": eval_error, "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
                "quantization": lm.quantization, "base_model": str(base) if base else cfg.base_model, "adapter_version": sess.version,
                "trainable_params": trainable, "total_params": total, "load_seconds": time.monotonic() - t0})
     return sess
 
 
 # ---------------------------------------------------------------- control between steps
+
+
+def load_eval_set(cfg: Config, lm: Any) -> tuple[list | None, str | None]:
+    """eval.file's first eval.max_examples examples, tokenised; (None, why) when it cannot be used."""
+    path = cfg.eval_file
+    if path is None:
+        return None, None
+    import dataclasses
+
+    from daemon.train.data import train_examples
+    from daemon.validate import validate_file
+
+    try:
+        report = validate_file(path, cfg.data, 0)
+        if not report.accepted or report.format is None:
+            raise ValueError(report.reason or "not a training file")
+        data = dataclasses.replace(cfg.data, eval_fraction=0.0)
+        examples = sorted(train_examples(path, report.format, lm.tokenizer, data, cfg.training.seed, 0), key=lambda e: e.line)
+    except (OSError, ValueError) as e:
+        log.error("eval.file %s is not used: %s", path, e)
+        return None, f"eval.file {path}: {e}"
+    if not examples:
+        return None, f"eval.file {path}: no example keeps a token to score"
+    log.info("eval set: %d examples of %s", min(len(examples), cfg.eval.max_examples), path)
+    return examples[:cfg.eval.max_examples], None
+
+
+def eval_set_loss(sess: Session, cached: bool = True) -> float | None:
+    """The eval set's loss under the live adapter (cached per published version: a file's `before` is
+    usually the previous file's `after`). A diagnostic: a failure is logged and never fails a file."""
+    if not sess.eval_set:
+        return None
+    if cached and sess.eval_cache is not None and sess.eval_cache[0] == sess.version and sess.version is not None:
+        return sess.eval_cache[1]
+    from daemon.train.step import evaluate, fast_paths
+
+    try:
+        if sess.lm.fast is None:
+            sess.lm.fast = fast_paths(sess.lm)
+        loss = evaluate(sess.lm, sess.eval_set, sess.cfg.training.micro_batch_size, sess.lm.fast, sess.cfg.data.packing)
+    except Exception:
+        log.warning("the eval set was not scored", exc_info=True)
+        return None
+    return loss
 
 
 def control_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.train.loop.ControlFn
@@ -156,6 +204,7 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         answer_already_trained(sess, job.job_id)
         return
     before = lora_state(sess.lm.model)  # CPU copy: skip and failure put these weights back
+    eval_before = eval_set_loss(sess)
     try:
         outcome = train_file(sess.lm, sess.cfg, job, global_step=int(sess.manifest.get("global_step", 0)),
                              ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
@@ -165,7 +214,7 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         fail(sess, job.job_id, e)
         return
     if outcome.status == "done":
-        publish(sess, job, msg, outcome, moved=moved_by_file(sess, before))
+        publish(sess, job, msg, outcome, moved=moved_by_file(sess, before), eval_before=eval_before)
     elif outcome.status == "skipped" and sess.rollback_to is not None:
         restore(sess, before)
         rollback(sess, job.job_id)
@@ -193,7 +242,8 @@ def restore(sess: Session, before: dict[str, Any]) -> None:
     sess.probe.forget_previous()  # the last sample's weights are gone: no `change` against them
 
 
-def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: Grid | None) -> None:
+def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: Grid | None,
+            eval_before: float | None = None) -> None:
     """Publish the next adapter version, drop the job's checkpoints, answer done.
 
     What the file moved (per module ‖ΔW after − ΔW before‖, from the weights before
@@ -209,18 +259,25 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         "trained_jobs": sess.trained_jobs + [job.job_id],
         "activity_moved": moved.to_dict() if moved is not None else None,
     }
+    eval_after = eval_set_loss(sess, cached=False) if sess.eval_set else None
+    if eval_after is not None or eval_before is not None:
+        manifest["eval_set"] = {"file": str(sess.cfg.eval_file), "examples": len(sess.eval_set or []),
+                                "before": eval_before, "after": eval_after}
     # The dataset ledger: what the lineage has learnt, by content (the service refuses a second copy).
     before = adapters.AdapterVersion(sess.version, sess.cfg.path("adapters"), sess.manifest).ledger if sess.version else []
     manifest["ledger"] = before + [adapters.ledger_entry(manifest)]
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
     sess.version, sess.manifest = version, manifest
+    if eval_after is not None:
+        sess.eval_cache = (version, eval_after)
     ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
     prune_versions(sess)
     log.info("%s done in %d steps: adapter v%d", job.job_id, outcome.steps, version)
     sess.send({"type": "done", "job_id": job.job_id, "steps": outcome.steps, "final_loss": outcome.final_loss,
                "eval_loss": outcome.eval_loss, "adapter_version": version, "adapter_path": str(published.path),
-               "already_trained": False, "activity_moved": manifest["activity_moved"]})
+               "already_trained": False, "activity_moved": manifest["activity_moved"],
+               "eval_set": manifest.get("eval_set"), "global_step": outcome.global_step})
 
 
 def generation_fields(sess: Session) -> dict[str, Any]:

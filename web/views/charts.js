@@ -22,6 +22,8 @@ export function init() {
     { label: 'loss', stroke: 'rgba(100,160,230,0.45)', width: 1, spanGaps: true, value: (u, v) => fmt.loss(v) },
     { label: 'smoothed', stroke: '#4ea1ff', width: 2, spanGaps: true, value: (u, v) => fmt.loss(v) },
     { label: 'eval', stroke: '#ffa94d', width: 0, paths: () => null, points: { show: true, size: 8, fill: '#ffa94d' }, value: (u, v) => fmt.loss(v) },
+    // eval.file, scored after each file (one point where the file ended): did it help what was learnt before?
+    { label: 'eval set', stroke: '#ff6b9a', width: 0, paths: () => null, points: { show: true, size: 9, fill: '#ff6b9a' }, value: (u, v) => fmt.loss(v) },
   ], (vals) => distinctLabels(vals, (v, d) => v.toFixed(d), 2));
   lrChart = makeChart('chart-lr', [{ label: 'lr', stroke: '#b197fc', width: 1.5, spanGaps: true, value: (u, v) => fmt.sci(v) }],
     (vals) => distinctLabels(vals, (v, d) => v.toExponential(d), 1));
@@ -47,7 +49,7 @@ export function update(s, prev) {
 export async function load() {
   try {
     const h = await api(`/api/history?max_points=${MAX_POINTS}`);
-    state.overview = { points: h.points, evals: h.evals, total_rows: h.total_rows, downsampled: h.downsampled, bucket_width: h.bucket_width };
+    state.overview = { points: h.points, evals: h.evals, evalSet: h.eval_set || [], total_rows: h.total_rows, downsampled: h.downsampled, bucket_width: h.bucket_width };
     state.detail = null;
     state.lastStep = h.last_global_step == null ? -1 : h.last_global_step;
     draw();
@@ -63,6 +65,7 @@ async function appendHistory() {
     if (h.downsampled || state.overview.points.length + h.points.length > 2 * MAX_POINTS) return await load();
     const o = state.overview;
     o.points = o.points.concat(h.points); o.evals = o.evals.concat(h.evals); o.total_rows += h.total_rows;
+    o.evalSet = (o.evalSet || []).concat(h.eval_set || []);
     if (h.last_global_step != null) state.lastStep = h.last_global_step;
     draw();
   } catch (e) { /* next status event retries */ } finally { state.historyBusy = false; }
@@ -151,26 +154,28 @@ function ema(values) {
 
 // The points to draw: the overview, with the detail of a zoomed range spliced in.
 function composed() {
-  const o = state.overview; if (!o) return { points: [], evals: [] };
+  const o = state.overview; if (!o) return { points: [], evals: [], evalSet: [] };
   const d = state.detail;
   if (!d) return o;
   const outside = (p) => p.global_step < d.min || p.global_step > d.max;
   const merge = (a, b) => a.filter(outside).concat(b).sort((x, y) => x.global_step - y.global_step);
-  return { points: merge(o.points, d.points), evals: merge(o.evals, d.evals) };
+  return { points: merge(o.points, d.points), evals: merge(o.evals, d.evals), evalSet: o.evalSet || [] };
 }
 
 function chartData() {
-  const { points, evals } = composed();
+  const { points, evals, evalSet } = composed();
   const xs = points.map((p) => p.global_step);
   const evalAt = new Map(evals.map((e) => [e.global_step, e.eval_loss]));
+  const setAt = new Map((evalSet || []).map((e) => [e.global_step, e.after]));
   // uPlot wants one x array: put eval steps that have no metric row in too.
-  const extra = evals.map((e) => e.global_step).filter((g) => !xs.length || !xs.includes(g));
+  const have = new Set(xs);
+  const extra = [...new Set([...evalAt.keys(), ...setAt.keys()])].filter((g) => !have.has(g));
   let rows = points.map((p) => [p.global_step, p.loss, p.lr, p.tokens_per_sec]);
   if (extra.length) rows = rows.concat(extra.map((g) => [g, null, null, null])).sort((a, b) => a[0] - b[0]);
   const x = rows.map((r) => r[0]);
   const loss = rows.map((r) => r[1]);
   return {
-    loss: [x, loss, ema(loss), x.map((g) => (evalAt.has(g) ? evalAt.get(g) : null))],
+    loss: [x, loss, ema(loss), x.map((g) => (evalAt.has(g) ? evalAt.get(g) : null)), x.map((g) => (setAt.has(g) ? setAt.get(g) : null))],
     lr: [x, rows.map((r) => r[2])],
     tps: [x, rows.map((r) => r[3])],
     n: points.length,

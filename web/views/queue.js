@@ -61,6 +61,11 @@ function queueRow(it, kind, pend) {
       it.n_records != null ? el('span', { class: 'small muted', text: ` · ${fmt.int(it.n_records)} records trained` }) : null,
       lines ? el('div', { class: 'small muted', text: lines }) : null);
   }
+  if (kind === 'done' && it.eval_set_after != null) {  // eval.file before -> after this file
+    const d = it.eval_set_before != null ? it.eval_set_after - it.eval_set_before : null;
+    const note = el('div', { class: 'small muted', text: `eval set ${it.eval_set_before != null ? fmt.loss(it.eval_set_before) + ' → ' : ''}${fmt.loss(it.eval_set_after)}${d != null ? ` (${d <= 0 ? '' : '+'}${d.toFixed(3)})` : ''}` });
+    reason = reason ? el('div', {}, reason, note) : note;
+  }
   const when = kind === 'failed' && it.failed_at ? new Date(it.failed_at).toLocaleString()
     : kind === 'done' && it.finished_at ? fmt.when(it.finished_at) : fmt.when(it.mtime);
   return el('tr', { class: 'row-' + kind, 'data-job': it.job_id },
