@@ -255,13 +255,23 @@ def e2e(base: Path, data: Path, threads: int, hz: float | None, root: Path) -> d
         stack.stop()
 
 
-def warm_latency(stack: Stack, data: Path) -> float:
-    """An idle daemon, the model loaded: a small file renamed into the inbox, to its first step."""
+def warm_latency(stack: Stack, data: Path) -> dict[str, float]:
+    """An idle daemon, the model loaded: a small file renamed into the inbox, to its first step recorded.
+
+    Split with the version's step log (daemon/adapters.py STEP_LOG): that first step's own compute
+    (tokens / tokens_per_sec) and everything before it (intake, validation, queue, dispatch, the pass over
+    the file, the step's report reaching the history)."""
+    from daemon import adapters
+
     small = stack.cfg.root / "small.jsonl"
     small.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:16]) + "\n", encoding="utf-8")
     dropped = stack.drop(small, "small.jsonl")
     stack.wait(lambda s: (s.get("queue") or {}).get("done") == 2 and s.get("status") == "idle", what="the small file")
-    return stack.job_times("small.jsonl")[1] - dropped
+    started, first, _, _ = stack.job_times("small.jsonl")
+    log = adapters.read_step_log(adapters.read_current(stack.cfg.path("adapters")).path)
+    step = log[0]["tokens"] / log[0]["tokens_per_sec"]
+    return {"latency": first - dropped, "to_started": started - dropped, "first_step_seconds": step,
+            "overhead": first - dropped - step}
 
 
 def cold_latency(base: Path, data: Path, threads: int, root: Path) -> float:
@@ -307,7 +317,10 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "daemon_over_bare": med(r["daemon"]["tokens_per_sec"] / r["bare"] for r in rounds),
         "slowdown_dashboard_1hz": med(1 - r["daemon + dashboard 1 Hz"]["tokens_per_sec"] / r["daemon"]["tokens_per_sec"] for r in rounds),
         "slowdown_10hz": med(1 - r["daemon + 10 Hz"]["tokens_per_sec"] / r["daemon"]["tokens_per_sec"] for r in rounds),
-        "warm_inbox_to_first_step": med(r["daemon"]["inbox_to_first_step_warm"] for r in rounds),
+        "warm_inbox_to_first_step": med(r["daemon"]["inbox_to_first_step_warm"]["latency"] for r in rounds),
+        "warm_first_step_seconds": med(r["daemon"]["inbox_to_first_step_warm"]["first_step_seconds"] for r in rounds),
+        "warm_overhead": med(r["daemon"]["inbox_to_first_step_warm"]["overhead"] for r in rounds),
+        "warm_to_started": med(r["daemon"]["inbox_to_first_step_warm"]["to_started"] for r in rounds),
         "step_seconds": med(r["daemon"]["step_seconds"] for r in rounds),
     }
     for label in ("daemon + dashboard 1 Hz", "daemon + 10 Hz"):
@@ -324,6 +337,8 @@ def markdown_lines(d: dict[str, Any]) -> list[str]:
              f"| slowdown with the dashboard open (1 Hz polls + event stream) | {d['slowdown_dashboard_1hz']:.1%} |",
              f"| slowdown at 10 Hz | {d['slowdown_10hz']:.1%} |",
              f"| inbox -> first step, warm (a step takes {d['step_seconds']:.2f} s) | {d['warm_inbox_to_first_step']:.2f} s |",
+             f"| ... of which that first step's own compute | {d['warm_first_step_seconds']:.2f} s |",
+             f"| ... and everything else (intake to `started`: {d['warm_to_started']:.2f} s) | {d['warm_overhead']:.2f} s |",
              f"| inbox -> first step, cold (from the daemon's start) | {d['cold_inbox_to_first_step']:.2f} s |"]
     for label in ("daemon + dashboard 1 Hz", "daemon + 10 Hz"):
         for path, v in d[f"api_{label}"].items():
