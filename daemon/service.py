@@ -140,6 +140,9 @@ class Service:
             self.status.trainer_pid = None
             self._write_status(force=True)
             self.db.event("stop", "daemon stopped")
+            if self.db.held and not self.db.flush():  # the folders stay the truth; the next start mends job records
+                log.error("%d history write(s) could not be made before exit (disk full) and are lost",
+                          len(self.db.held) + self.db.held_dropped)
             self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
