@@ -315,7 +315,9 @@ def adapter_tensors(d: Daemon) -> dict:
 
 
 def disk_paused(site: str):  # noqa: ANN201
-    return lambda s: s.get("pause_reason") == "disk_full" and (s.get("disk_full") or {}).get("site") == site
+    """The status once the pause has reached the child (a step may still end between the trip and its `paused`)."""
+    return lambda s: (s["status"] == "paused" and s.get("pause_reason") == "disk_full"
+                      and (s.get("disk_full") or {}).get("site") == site)
 
 
 def check_paused(d: Daemon, st: dict, site: str, folder: Path) -> None:
