@@ -97,13 +97,13 @@ def publish(adapters: Path, manifest: dict[str, Any], write_weights: Callable[[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=adapters))
     try:
         write_weights(tmp)
-        atomic.write_json(tmp / MANIFEST, manifest)
+        atomic.write_json(tmp / MANIFEST, manifest, site="adapter")
         tmp.chmod(0o755)  # mkdtemp makes 0700; readers (monitor) run as other tools
-        atomic.publish_dir(tmp, adapters / name)
+        atomic.publish_dir(tmp, adapters / name, site="adapter")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name})
+    atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name}, site="adapter")
     return AdapterVersion(manifest["version"], adapters / name, manifest)
 
 

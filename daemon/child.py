@@ -54,9 +54,12 @@ class TrainerProcess:
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         env = dict(os.environ, TRAIND_CONNECT=address, TRAIND_AUTHKEY=authkey.hex(), HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("TRAIND_CRASH_AFTER_OP", None)  # fault injection is armed per process by tests
-        if os.environ.get("TRAIND_TRAINER_CRASH_AFTER_OP"):
-            env["TRAIND_CRASH_AFTER_OP"] = os.environ["TRAIND_TRAINER_CRASH_AFTER_OP"]
+        # Fault injection (daemon/atomic.py) is armed per process by tests: the child's comes from TRAIND_TRAINER_*.
+        for hook, trainer_hook in (("TRAIND_CRASH_AFTER_OP", "TRAIND_TRAINER_CRASH_AFTER_OP"),
+                                   ("TRAIND_ENOSPC_AT", "TRAIND_TRAINER_ENOSPC_AT")):
+            env.pop(hook, None)
+            if os.environ.get(trainer_hook):
+                env[hook] = os.environ[trainer_hook]
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         # The child's own log is logs/trainer_*.log; this file only catches what
         # bypasses logging (a native crash, a library writing to stderr).

@@ -132,6 +132,8 @@ class ServiceConfig:
     restart_backoff_seconds: float = _f(2.0, "Wait before restarting a crashed trainer (doubles per crash, max 60 s).")
     stop_timeout_seconds: float = _f(300.0, "A stop waits this long for the trainer's checkpoint before killing it.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level of daemon and trainer logs.")
+    min_free_bytes: int = _f(268_435_456, "Pause (reason disk_full) while a runtime folder's filesystem has less free than this, before writes fail; set it above a checkpoint's size (0: pause only when a write fails).")
+    disk_check_seconds: float = _f(5.0, "While paused for disk, check free space this often; after a failed write, wait at least this long (doubling, max 5 min) before writing again.")
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("service", "max_crashes_per_file"): (lambda v: v >= 1, ">= 1"),
     ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),
     ("service", "stop_timeout_seconds"): (lambda v: v > 0, "> 0"),
+    ("service", "min_free_bytes"): (lambda v: v >= 0, ">= 0"),
+    ("service", "disk_check_seconds"): (lambda v: 0 < v <= 600, "in (0, 600]"),
 }
 
 

@@ -184,7 +184,7 @@ class JobQueue:
         """Move a complete, valid file into pending/<priority>/."""
         job_id = self.new_job_id(name or src.name, now)
         dst = self.folder(JobState.PENDING, priority) / job_id
-        atomic.move_file(src, dst)
+        atomic.move_file(src, dst, site="intake")
         return self._entry(dst, JobState.PENDING, priority)
 
     def reject(self, src: Path, error: dict, now: float, name: str | None = None) -> QueueEntry:
@@ -192,7 +192,7 @@ class JobQueue:
         job_id = self.new_job_id(name or src.name, now)
         self._write_error(job_id, error, now)
         dst = self.folder(JobState.FAILED) / job_id
-        atomic.move_file(src, dst)
+        atomic.move_file(src, dst, site="intake")
         return self._entry(dst, JobState.FAILED, None)
 
     def start(self, entry: QueueEntry) -> QueueEntry:
@@ -200,14 +200,14 @@ class JobQueue:
         if entry.state is not JobState.PENDING:
             raise QueueError(f"{entry.job_id} is {entry.state.value}, not pending")
         dst = self.folder(JobState.PROCESSING) / entry.job_id
-        atomic.move_file(entry.path, dst)
+        atomic.move_file(entry.path, dst, site="queue")
         return self._entry(dst, JobState.PROCESSING, None)
 
     def finish(self, job_id: str) -> QueueEntry:
         """processing -> done (a reason kept from before a retry goes: it no longer applies)."""
         src = self._require(JobState.PROCESSING, job_id)
         dst = self.folder(JobState.DONE) / job_id
-        atomic.move_file(src, dst)
+        atomic.move_file(src, dst, site="queue")
         atomic.remove_file(self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX + ".prev"))
         return self._entry(dst, JobState.DONE, None)
 
@@ -226,19 +226,19 @@ class JobQueue:
         src = self._locate(job_id, (JobState.PROCESSING, JobState.PENDING))
         self._write_error(job_id, {"reason": reason.value, "message": message, **details}, now)
         dst = self.folder(JobState.FAILED) / job_id
-        atomic.move_file(src, dst)
+        atomic.move_file(src, dst, site="queue")
         return self._entry(dst, JobState.FAILED, None)
 
     def retry(self, job_id: str, priority: Priority, now: float) -> QueueEntry:
         """failed -> pending/<priority> (the reason file is kept as `.error.json.prev`)."""
         src = self._require(JobState.FAILED, job_id)
         dst = self.folder(JobState.PENDING, priority) / job_id
-        atomic.move_file(src, dst)
+        atomic.move_file(src, dst, site="queue")
         err = self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX)
         if err.exists():
             prev = err.with_name(err.name + ".prev")
             atomic.remove_file(prev)
-            atomic.move_file(err, prev)
+            atomic.move_file(err, prev, site="queue")
         return self._entry(dst, JobState.PENDING, priority)
 
     def refail(self, job_id: str, error: dict, now: float) -> QueueEntry:
@@ -256,7 +256,7 @@ class JobQueue:
     def _write_error(self, job_id: str, error: dict, now: float) -> None:
         body = {"job_id": job_id, "original_name": original_name(job_id),
                 "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), **error}
-        atomic.write_json(self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX), body)
+        atomic.write_json(self.folder(JobState.FAILED) / (job_id + ERROR_SUFFIX), body, site="queue")
 
     def _require(self, state: JobState, job_id: str) -> Path:
         return self._locate(job_id, (state,))

@@ -10,7 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from daemon.atomic import inject_enospc
+
 FORMAT = "%(asctime)s %(levelname)-7s %(process)d %(name)s: %(message)s"
+
+# Log records dropped by this process (a full disk), and the last error: the service reads them
+# each tick (a log that cannot be written is a full disk like any other write).
+DROPS: dict = {"count": 0, "error": "", "path": ""}
 
 
 class DailyFileHandler(logging.Handler):
@@ -22,6 +28,7 @@ class DailyFileHandler(logging.Handler):
         self.prefix = prefix
         self._day = ""
         self._stream = None
+        self.dropped = 0  # records lost to a failed write (a full disk) since the last one that went through
 
     def current_path(self, t: float | None = None) -> Path:
         day = time.strftime("%Y%m%d", time.gmtime(time.time() if t is None else t))
@@ -36,16 +43,46 @@ class DailyFileHandler(logging.Handler):
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._stream = open(self.current_path(record.created), "a", encoding="utf-8")
                 self._day = day
-            self._stream.write(self.format(record) + "\n")
+            text = self.format(record) + "\n"
+            if self.dropped:
+                text = f"{self.format(_dropped_record(record, self.dropped))}\n{text}"
+            inject_enospc("log", self.current_path(record.created))
+            self._stream.write(text)
             self._stream.flush()
+            self.dropped = 0
+        except OSError as e:  # a full disk: drop the record, count it, say so once, never raise
+            self._drop(e)
         except Exception:  # logging must never take the daemon down
             self.handleError(record)
+
+    def _drop(self, e: OSError) -> None:
+        """Forget the stream (its buffer holds a torn line); the next record opens the file again."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass  # the unwritten buffer goes with it
+        DROPS.update(count=DROPS["count"] + 1, error=e.strerror or str(e), path=str(self.directory))
+        if self.dropped == 0:
+            try:
+                sys.stderr.write(f"traind: cannot write {self.prefix} log ({e.strerror or e}); "
+                                 "dropping log records until it works again\n")
+            except (OSError, ValueError):
+                pass
+        self.dropped += 1
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
         super().close()
+
+
+def _dropped_record(like: logging.LogRecord, n: int) -> logging.LogRecord:
+    return logging.makeLogRecord({"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                                  "msg": "%d log record(s) dropped: the log could not be written (disk full?)",
+                                  "args": (n,), "created": like.created, "msecs": like.msecs, "process": like.process})
 
 
 def setup_logging(logs_dir: str | Path, prefix: str, level: str = "INFO", also_stderr: bool = True) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from daemon.states import DesiredState, ServiceStatus
+from daemon.states import DesiredState, PauseReason, ServiceStatus
 
 SCHEMA_VERSION = 1
 
@@ -70,6 +70,19 @@ class LayerActivitySummary:
 
 
 @dataclass
+class DiskFullStatus:
+    """Why and where the daemon paused for disk space (while `pause_reason` is disk_full)."""
+
+    folder: str = _f("", "the folder whose filesystem is full, or below service.min_free_bytes")
+    free_bytes: int = _f(0, "bytes free there at the last check")
+    min_free_bytes: int = _f(0, "the threshold (service.min_free_bytes; 0: none)")
+    site: str = _f("", "what could not be written: checkpoint, adapter, status, history, queue, intake, "
+                       "or threshold (nothing failed: free space fell below min_free_bytes)")
+    message: str = _f("", "the error, as the writer got it")
+    since: str | None = _f(None, "when the pause began (ISO 8601 UTC)")
+
+
+@dataclass
 class TrainingStatus:
     """The live snapshot of one traind instance, rewritten atomically by the service."""
 
@@ -95,6 +108,9 @@ class TrainingStatus:
     base_model: str | None = _f(None, "the configured base model")
     adapter_version: int | None = _f(None, "the adapter version published last (adapters/current.json)")
     desired_state: DesiredState = _f(DesiredState.RUNNING, "the desired state the daemon has seen")
+    pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused) or disk_full "
+                                                "(resumes by itself once space is back); null when not held")
+    disk_full: DiskFullStatus | None = _f(None, "folder, free bytes and failed write of a disk_full pause; null otherwise")
     pid: int | None = _f(None, "the service's process id")
     trainer_pid: int | None = _f(None, "the trainer child's process id")
     started_at: float | None = _f(None, "when the service started", unix_time=True)

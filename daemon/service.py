@@ -21,16 +21,18 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import adapters, atomic, control, lockedkeys
+from daemon import adapters, atomic, control, diskspace, lockedkeys, logs
 from daemon.config import Config, resolved_dict
+from daemon.diskguard import DiskGuard, human_bytes
+from daemon.diskspace import DiskFull
 from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.ledger import Ledger
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
-from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
-                           ServiceStatus, TrainerState, check_transition)
+from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, PauseReason,
+                           Priority, ServiceStatus, TrainerState, check_transition)
 from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
 from daemon.supervisor import Supervisor
 from daemon.tracker import ActiveJob, JobTracker, published_adapter
@@ -44,6 +46,7 @@ EXIT_LOCKED_KEYS = 2
 EXIT_ALREADY_RUNNING = 3
 RUNNING_CONFIG = "running_config.json"  # the validated config the trainer child is started with
 JOB_MESSAGES = {"started", "step", "steps_again", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
+WRITTEN_FOLDERS = ("queue", "status", "adapters", "checkpoints", "logs")  # watched for free space
 
 
 
@@ -77,6 +80,9 @@ class Service:
         self._locked_at = 0.0  # when run() took the instance lock
         self._dirty = True  # the status changed since it was last written
         self._intake_failures: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) that failed
+        self._log_drops = logs.DROPS["count"]
+        self.disk = DiskGuard([cfg.path(n) for n in WRITTEN_FOLDERS], cfg.service.min_free_bytes,
+                              cfg.service.disk_check_seconds)
 
     # -- life cycle -------------------------------------------------------------
     def run(self) -> int:
@@ -113,8 +119,10 @@ class Service:
         # runs must not reach a restarted child behind the locked-key check.
         atomic.write_json(self.cfg.path("status") / RUNNING_CONFIG, resolved_dict(self.cfg))
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
+        self.db.on_disk_full = lambda e: self._disk_error(e, self.cfg.path("status"), "history")
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
         self.ledger = Ledger(self.cfg.path("adapters"), self.db)
+        self.tracker.on_disk_full = lambda full: self._disk_full(full, self.clock())
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
         current = adapters.peek_current(self.cfg.path("adapters"))
@@ -142,6 +150,9 @@ class Service:
             self.status.trainer_pid = None
             self._write_status(force=True)
             self.db.event("stop", "daemon stopped")
+            if self.db.held and not self.db.flush():  # the folders stay the truth; the next start mends job records
+                log.error("%d history write(s) could not be made before exit (disk full) and are lost",
+                          len(self.db.held) + self.db.held_dropped)
             self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -171,6 +182,8 @@ class Service:
         try:
             self.tick()
         except Exception as e:  # the service boundary: record, keep running
+            if self._disk_error(e, None, "service"):
+                return  # paused for disk; the next tick writes nothing until space is back
             log.error("service loop error:\n%s", traceback.format_exc())
             self.status.last_error = f"service loop error: {e!r} (see the daemon log)"
             time.sleep(1.0)  # a persistent fault must not spin the loop
@@ -183,8 +196,11 @@ class Service:
         now = self.clock()
         self._handle_signals(now)
         self._handle_child(now)
+        self._check_disk(now)
         self._handle_control(now)
         self._intake(now)
+        if self.disk.full is None:
+            self.tracker.retry_deferred(now)  # moves a full disk refused (done/, failed/)
         self._dispatch(now)
         self._maybe_finish_stop(now)
         self._write_status()
@@ -234,7 +250,9 @@ class Service:
         self.db.event("trainer_crash", f"trainer died ({how}); restarting in {backoff:.0f} s",
                       job.job_id if job else None, t=now)
         if job is not None:
-            self.tracker.crashed(how, now)
+            # A trainer that dies while the disk is full died of it, not of the file: not counted against it.
+            self.tracker.crashed(how, now, count=self.disk.full is None and self.disk.lowest() is None
+                                 and diskspace.free_bytes(self.cfg.path("checkpoints")) >= diskspace.NEARLY_FULL_BYTES)
         if self.sup.cannot_start:
             hint = self.sup.last_error_hint()
             self._set(ServiceStatus.ERROR, detail=f"the trainer cannot start; retrying in {backoff:.0f} s",
@@ -245,7 +263,13 @@ class Service:
     def _on_message(self, msg: dict[str, Any], now: float) -> None:
         kind = msg.get("type")
         if kind in JOB_MESSAGES:
-            if self.tracker.on_message(msg, now):
+            try:
+                over = self.tracker.on_message(msg, now)
+            except Exception:
+                if self.tracker.job is None:  # the file ended even though recording it failed
+                    self._job_over()
+                raise
+            if over:
                 self._job_over()
             elif kind in ("started", "step"):
                 self._on_progress(kind)
@@ -282,7 +306,15 @@ class Service:
 
     def _msg_paused(self, msg: dict, now: float) -> None:
         if self.tracker.job is not None and not self.stop_requested:
-            self._set(ServiceStatus.PAUSED, detail="paused; the model stays loaded")
+            self._set(ServiceStatus.PAUSED, detail=self.disk.detail() or "paused; the model stays loaded")
+
+    def _msg_disk_full(self, msg: dict, now: float) -> None:
+        """The child could not write (checkpoint, adapter) for lack of space; it holds until `resume`."""
+        self.sup.paused = True  # it paused itself: the resume that ends the disk pause goes to it
+        self._disk_full(DiskFull(msg.get("folder") or self.cfg.path("checkpoints"), msg.get("free_bytes"),
+                                 msg.get("site") or "trainer", msg.get("message") or "no space left"), now)
+        if self.tracker.job is not None and not self.stop_requested:
+            self._set(ServiceStatus.PAUSED, detail=self.disk.detail())
 
     def _msg_resumed(self, msg: dict, now: float) -> None:
         if self.tracker.job is not None and not self.stop_requested:
@@ -380,16 +412,28 @@ class Service:
         The child's own pause outlives a file (a skip while paused leaves it
         paused), so whether it is paused is tracked apart from the job.
         """
-        want_paused = desired is DesiredState.PAUSED
+        disk = self.disk.full is not None
+        want_paused = desired is DesiredState.PAUSED or disk  # the disk pause is apart from the desired state
+        reason = PauseReason.DISK_FULL if disk else PauseReason.USER if want_paused else None
+        if (reason, self.disk.status()) != (self.status.pause_reason, self.status.disk_full):
+            self.status.pause_reason, self.status.disk_full = reason, self.disk.status()
+            self._dirty = True
         if self.sup.connected and self.sup.state is not TrainerState.EXITING:
             if want_paused and self.tracker.job:
                 self.sup.pause()
             elif not want_paused:
                 self.sup.resume()
-        if self.tracker.job or self.stop_requested or self.status.status is ServiceStatus.ERROR:
+        if self.stop_requested or self.status.status is ServiceStatus.ERROR:
+            return
+        if self.status.status is ServiceStatus.PAUSED and want_paused:
+            held = "the model stays loaded" if self.tracker.job else "no file is started"
+            detail = self.disk.detail() or f"paused; {held}"
+            if detail != self.status.detail:
+                self._set(ServiceStatus.PAUSED, detail=detail)
+        if self.tracker.job:
             return
         if want_paused and self.status.status is ServiceStatus.IDLE:
-            self._set(ServiceStatus.PAUSED, detail="paused; no file is started")
+            self._set(ServiceStatus.PAUSED, detail=self.disk.detail() or "paused; no file is started")
         elif not want_paused and self.status.status is ServiceStatus.PAUSED:
             self._set(ServiceStatus.IDLE, detail="waiting for files")
 
@@ -460,6 +504,8 @@ class Service:
 
     # -- intake and dispatch -------------------------------------------------------------
     def _intake(self, now: float) -> None:
+        if self.disk.full is not None:
+            return  # files wait in the inbox, untouched, until space is back
         for path, prio in self.scanner.ready(now):
             self.scanner.forget(path)
             ident = None
@@ -472,7 +518,10 @@ class Service:
                 self._intake_failures.pop(path, None)
             except FileNotFoundError:
                 continue  # taken away by its writer
-            except Exception:  # a job boundary: record, keep the file, keep running
+            except Exception as e:  # a job boundary: record, keep the file, keep running
+                if self._disk_error(e, self.cfg.path("queue"), "intake"):
+                    log.warning("%s stays in the inbox until space is back (not the file's fault)", path.name)
+                    return
                 log.error("could not take %s from the inbox:\n%s", path, traceback.format_exc())
                 self.status.last_error = f"intake of {path.name} failed; see the daemon log"
                 self._intake_failures[path] = ident
@@ -505,9 +554,12 @@ class Service:
             return
         if self.tracker.job or self.stop_requested or self.sup.state is not TrainerState.READY:
             return
+        if self.disk.full is not None:
+            return
         if self.status.desired_state is DesiredState.PAUSED:
             return
-        leftovers = self.queue.processing()  # a crash or stop left it mid-way: resume it first
+        # a crash or stop left it mid-way: resume it first (not one whose move to done/ or failed/ waits for space)
+        leftovers = [e for e in self.queue.processing() if not self.tracker.pending_outcome(e.job_id)]
         entry = leftovers[0] if leftovers else None
         if entry is None:
             nxt = self.queue.next_pending()
@@ -571,6 +623,59 @@ class Service:
             return
         if self.db is not None:
             self.status.queue = self.queue.counts()
-        self.writer.write(self.status, now)
+        try:
+            self.writer.write(self.status, now)
+        except Exception as e:  # the previous status file stays whole (atomic write)
+            self.last_status_write = now  # tried again at the next interval, not at every tick
+            if not self._disk_error(e, self.cfg.path("status"), "status"):
+                raise
+            return
         self.last_status_write = now
         self._dirty = False
+
+    # -- disk space ------------------------------------------------------------------------
+    def _check_disk(self, now: float) -> None:
+        """Free space below the threshold pauses before a write fails; space back ends the pause."""
+        if logs.DROPS["count"] != self._log_drops:  # the daemon log could not be written
+            self._log_drops = logs.DROPS["count"]
+            self._disk_full(DiskFull(logs.DROPS["path"], None, "log", logs.DROPS["error"]), now)
+        was = self.disk.full
+        change = self.disk.check(now)
+        if change == "tripped":
+            self._disk_full(self.disk.full, now, tripped=True)
+        elif change == "cleared":
+            log.info("disk space is back (%s free in %s); resuming", human_bytes(was.free_bytes), was.folder)
+            self.db.event("disk_ok", f"space is back: {human_bytes(was.free_bytes)} free in {was.folder}; resuming",
+                          self.tracker.job.job_id if self.tracker.job else None, t=now)
+            self.db.flush()
+            self._dirty = True
+        elif was is not None:
+            self._dirty = self._dirty or self.disk.status() != self.status.disk_full
+
+    def _disk_error(self, e: BaseException, folder: Path | None, site: str) -> bool:
+        """Pause for disk when `e` is a full disk (True); False for any other error."""
+        full = diskspace.disk_full_from(e, folder, site)
+        if full is None:
+            return False
+        if full.site == "service":  # an error out of the loop: name the site by the folder it was writing
+            roles = {"queue": "queue", "status": "status", "adapters": "adapter", "checkpoints": "checkpoint", "logs": "log"}
+            full.site = next((role for name, role in roles.items() if Path(full.folder).is_relative_to(self.cfg.path(name))),
+                             "service")
+        self._disk_full(full, self.clock())
+        return True
+
+    def _disk_full(self, full: DiskFull, now: float, tripped: bool = False) -> None:
+        """Hold training (the child pauses at its next step) until space is back; the file is not at fault."""
+        began = tripped or self.disk.trip(full, now)
+        job = self.tracker.job.job_id if self.tracker and self.tracker.job else None
+        if began:
+            log.warning("%s", self.disk.detail())
+            if self.db is not None:
+                self.db.event("disk_full", self.disk.detail(), job, t=now)
+        else:
+            log.info("still no space: %s (next try in %.0f s)", full, max(0.0, self.disk.retry_at - now))
+        self.status.last_error = f"disk full: {full.site} in {full.folder}: {full.message}"
+        if self.tracker and self.tracker.job and self.sup.connected:
+            self.sup.pause()
+        self._converge_pause(self.status.desired_state)
+        self._dirty = True

@@ -77,6 +77,18 @@ class DesiredState(str, Enum):
     PAUSED = "paused"
 
 
+class PauseReason(str, Enum):
+    """Why the status says `paused`: the person's desired state, or a full disk.
+
+    The disk pause is the service's own and apart from the desired state: a
+    `resume` while the disk is full is recorded, and training starts once
+    space is back; a `pause` while the disk is full still holds afterwards.
+    """
+
+    USER = "user"  # trainctl pause / the dashboard (status/control/desired_state.json)
+    DISK_FULL = "disk_full"  # a write failed for lack of space, or free space is below service.min_free_bytes
+
+
 class ControlAction(str, Enum):
     """One-shot requests, consumed once by the service (the only process that moves queue files)."""
 

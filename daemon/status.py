@@ -21,9 +21,10 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from daemon import atomic
+from daemon.diskspace import is_disk_full
 from daemon.schema import TrainingStatus
 
 STATUS_FILE = "training_status.json"
@@ -38,7 +39,7 @@ class StatusWriter:
 
     def write(self, status: TrainingStatus, now: float | None = None) -> None:
         status.updated_at = time.time() if now is None else now
-        atomic.write_bytes(self.path, (readable_json(status.to_dict()) + "\n").encode("utf-8"))
+        atomic.write_bytes(self.path, (readable_json(status.to_dict()) + "\n").encode("utf-8"), site="status")
 
 
 def readable_json(obj: Any, depth: int = 0, open_depth: int = 3) -> str:
@@ -96,12 +97,21 @@ ACTIVITY_MAX_ROWS = 20_000
 ACTIVITY_MAX_GRIDS = 2_000
 ACTIVITY_THIN_EVERY = 100  # inserts between two thinning checks
 
+MAX_HELD_WRITES = 100_000  # transactions held while the disk is full (a day of steps at one a second)
+_ADD_CRASH = "INSERT INTO jobs (job_id, crashes) VALUES (?, 1)"
+
 JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
     "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
     "eval_set_before", "eval_set_after", "end_global_step",
 )
+
+
+def atomic_enospc(site: str, path: Path) -> None:
+    """The history's injection point (daemon/atomic.py): SQLite's own words for a full disk."""
+    if atomic.enospc_due(site, f"{site} {path}"):
+        raise sqlite3.OperationalError("database or disk is full")
 
 
 class HistoryDB:
@@ -123,6 +133,9 @@ class HistoryDB:
             self.conn.commit()
         self.conn.row_factory = sqlite3.Row
         self._activity_inserts = 0
+        self.on_disk_full: Callable[[BaseException], None] | None = None  # the service's disk guard
+        self.held: list[list[tuple[str, tuple]]] = []  # writes a full disk refused, in order, replayed by flush()
+        self.held_dropped = 0  # writes dropped beyond MAX_HELD_WRITES
 
     def _add_columns(self) -> None:
         """Bring a history.db written by an older traind up to date (new columns start NULL)."""
@@ -139,23 +152,69 @@ class HistoryDB:
         self.conn.close()
 
     # -- writes (service) -------------------------------------------------------
+    def _write(self, *statements: tuple[str, tuple]) -> bool:
+        """Run `statements` in one transaction; False when a full disk refused them.
+
+        A refused transaction is held, with every later one (so they keep their
+        order), and replayed by `flush()` once space is back: a full disk costs the
+        history nothing, and never takes the service down.
+        """
+        batch = list(statements)
+        if self.held:
+            self._hold(batch)
+            return False
+        try:
+            atomic_enospc("history", self.path)
+            with self.conn:
+                for sql, args in batch:
+                    self.conn.execute(sql, args)
+            return True
+        except (sqlite3.OperationalError, OSError) as e:
+            if not is_disk_full(e):
+                raise
+            self._hold(batch)
+            if self.on_disk_full is not None:
+                self.on_disk_full(e)
+            return False
+
+    def _hold(self, batch: list[tuple[str, tuple]]) -> None:
+        if len(self.held) >= MAX_HELD_WRITES:
+            self.held_dropped += 1
+            return
+        self.held.append(batch)
+
+    def flush(self) -> bool:
+        """Replay the held writes (space is back); False when the disk refuses them again."""
+        while self.held:
+            try:
+                atomic_enospc("history", self.path)
+                with self.conn:
+                    for sql, args in self.held[0]:
+                        self.conn.execute(sql, args)
+            except (sqlite3.OperationalError, OSError) as e:
+                if not is_disk_full(e):
+                    raise
+                if self.on_disk_full is not None:
+                    self.on_disk_full(e)
+                return False
+            self.held.pop(0)
+        return True
+
     def record_step(self, job_id: str, step: int, global_step: int, epoch: float, loss: float | None,
                     lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float) -> None:
-        with self.conn:
-            self.conn.execute(
-                "INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
-                (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t),
-            )
+        self._write(("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
+                     (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t)))
 
     def record_missed_steps(self, job_id: str, steps: list[dict[str, Any]], t: float) -> int:
         """Step reports sent again (a resume, a version's step log): insert those not recorded, in one
         transaction; the rows already there stay as they are. Returns how many were new."""
         rows = [(job_id, m["step"], m.get("global_step"), m.get("epoch"), m.get("loss"), m.get("lr"),
                  m.get("grad_norm"), m.get("tokens_per_sec"), t) for m in steps]
-        with self.conn:
-            before = self.conn.total_changes
-            self.conn.executemany("INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)", rows)
-            return self.conn.total_changes - before
+        before = self.conn.total_changes
+        sql = "INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)"
+        if not self._write(*((sql, r) for r in rows)):  # held for a full disk: written once space is back
+            return 0
+        return self.conn.total_changes - before
 
     def steps_recorded_through(self, job_id: str) -> int:
         """The last step n of the file such that steps 1..n are all recorded (0 when step 1 is not)."""
@@ -168,36 +227,35 @@ class HistoryDB:
 
     def forget_steps_after(self, job_id: str, step: int) -> None:
         """A resume from a checkpoint at `step` replays later steps; drop their old rows."""
-        with self.conn:
-            for table in ("metrics", "evals", "activity"):
-                self.conn.execute(f"DELETE FROM {table} WHERE job_id=? AND step>?", (job_id, step))
+        self._write(*[(f"DELETE FROM {table} WHERE job_id=? AND step>?", (job_id, step))
+                      for table in ("metrics", "evals", "activity")])
 
     def discard_steps(self, job_id: str) -> tuple[int, float | None]:
         """A failed or skipped file's steps are not in the adapter, and the next file
         trains the same global steps again: drop its rows so the step history stays
         the adapter's own. Returns (steps dropped, loss of its last step)."""
-        with self.conn:
-            n, last = self.conn.execute(
-                "SELECT COUNT(*), (SELECT loss FROM metrics WHERE job_id=? ORDER BY step DESC LIMIT 1) "
-                "FROM metrics WHERE job_id=?", (job_id, job_id)).fetchone()
-            for table in ("metrics", "evals", "activity"):
-                self.conn.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
+        n, last = self.conn.execute(
+            "SELECT COUNT(*), (SELECT loss FROM metrics WHERE job_id=? ORDER BY step DESC LIMIT 1) "
+            "FROM metrics WHERE job_id=?", (job_id, job_id)).fetchone()
+        self._write(*[(f"DELETE FROM {table} WHERE job_id=?", (job_id,)) for table in ("metrics", "evals", "activity")])
         return n, last
 
     def record_eval(self, job_id: str, step: int, global_step: int, eval_loss: float, t: float) -> None:
-        with self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?)", (job_id, step, global_step, eval_loss, t))
+        self._write(("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?)", (job_id, step, global_step, eval_loss, t)))
 
     def record_activity(self, job_id: str, step: int, global_step: int, t: float, final: bool,
                         layers: list[int], kinds: list[str], per_layer: dict, grid: dict) -> None:
         """One activity sample: per-layer totals and the full per-module grid ({measure: [[...]]})."""
-        with self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO activity VALUES (?,?,?,?,?,?,?,?,?)",
-                              (job_id, step, global_step, t, int(final), json.dumps(layers), json.dumps(kinds),
-                               json.dumps(per_layer), json.dumps(grid)))
+        written = self._write(("INSERT OR REPLACE INTO activity VALUES (?,?,?,?,?,?,?,?,?)",
+                               (job_id, step, global_step, t, int(final), json.dumps(layers), json.dumps(kinds),
+                                json.dumps(per_layer), json.dumps(grid))))
         self._activity_inserts += 1
-        if self._activity_inserts % ACTIVITY_THIN_EVERY == 0:
-            self.thin_activity()
+        if written and self._activity_inserts % ACTIVITY_THIN_EVERY == 0:
+            try:
+                self.thin_activity()
+            except sqlite3.OperationalError as e:  # thinning waits for the next round
+                if not is_disk_full(e):
+                    raise
 
     def thin_activity(self, max_rows: int = ACTIVITY_MAX_ROWS, max_grids: int = ACTIVITY_MAX_GRIDS) -> tuple[int, int]:
         """Keep the activity table bounded; returns (rows dropped, grids dropped).
@@ -229,23 +287,19 @@ class HistoryDB:
                 fields[key] = json.dumps(fields[key])
         cols = ["job_id", *fields]
         sets = ", ".join(f"{c}=excluded.{c}" for c in fields) or "job_id=excluded.job_id"
-        with self.conn:
-            self.conn.execute(
-                f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                f"ON CONFLICT(job_id) DO UPDATE SET {sets}",
-                (job_id, *fields.values()),
-            )
+        self._write((f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                     f"ON CONFLICT(job_id) DO UPDATE SET {sets}", (job_id, *fields.values())))
 
     def add_crash(self, job_id: str) -> int:
-        """Count a trainer crash on this job; returns the new count."""
-        with self.conn:
-            self.conn.execute("INSERT INTO jobs (job_id, crashes) VALUES (?, 1) ON CONFLICT(job_id) DO UPDATE SET crashes=crashes+1", (job_id,))
-        return self.job(job_id)["crashes"]
+        """Count a trainer crash on this job; returns the new count (held writes included)."""
+        before = (self.job(job_id) or {}).get("crashes") or 0
+        held = sum(1 for batch in self.held for sql, args in batch if sql.startswith(_ADD_CRASH) and args == (job_id,))
+        self._write((_ADD_CRASH + " ON CONFLICT(job_id) DO UPDATE SET crashes=crashes+1", (job_id,)))
+        return before + held + 1
 
     def event(self, kind: str, message: str, job_id: str | None = None, t: float | None = None) -> None:
-        with self.conn:
-            self.conn.execute("INSERT INTO events (t, kind, job_id, message) VALUES (?,?,?,?)",
-                              (time.time() if t is None else t, kind, job_id, message))
+        self._write(("INSERT INTO events (t, kind, job_id, message) VALUES (?,?,?,?)",
+                     (time.time() if t is None else t, kind, job_id, message)))
 
     # -- reads ------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:

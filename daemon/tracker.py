@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from daemon import activity, adapters
 from daemon.config import Config
+from daemon.diskspace import DiskFull, disk_full_from
 from daemon.errors import QueueError
 from daemon.intake import record_job
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
@@ -54,6 +55,10 @@ class JobTracker:
         self.cfg, self.queue, self.db, self.status = cfg, queue, db, status
         self.job: ActiveJob | None = None
         self._rate: tuple[float, int] | None = None  # (time, step) of the first step seen this run
+        self.on_disk_full: Callable[[DiskFull], None] | None = None  # the service's disk pause
+        # Queue moves a full disk refused: (JobQueue method, job_id, args), made again once space is back,
+        # so a file done or failed while the disk was full ends where it should, and is never trained again.
+        self.deferred: list[tuple[str, str, tuple]] = []
 
     # -- life of the current file ------------------------------------------------------
     def begin(self, job: ActiveJob) -> None:
@@ -70,11 +75,13 @@ class JobTracker:
         if self.job is None or msg.get("job_id") != self.job.job_id:
             log.info("ignoring %s about %s: not the file in training", msg.get("type"), msg.get("job_id"))
             return False
-        getattr(self, f"_on_{msg['type']}")(msg, now)
-        if msg["type"] in ("done", "failed", "skipped"):
-            self.end()
-            return True
-        return False
+        ends = msg["type"] in ("done", "failed", "skipped")
+        try:
+            getattr(self, f"_on_{msg['type']}")(msg, now)
+        finally:  # even if recording it failed: the child has left the file
+            if ends:
+                self.end()
+        return ends
 
     def _on_started(self, msg: dict, now: float) -> None:
         job_id, resumed = msg["job_id"], msg.get("resumed_from_step") or 0
@@ -131,13 +138,19 @@ class JobTracker:
     def _on_skipped(self, msg: dict, now: float) -> None:
         self.fail(msg["job_id"], FailReason.SKIPPED, SKIPPED_MESSAGE, now, steps_discarded=msg.get("steps_discarded"))
 
-    def crashed(self, how: str, now: float) -> None:
-        """The child died while training the current file: count it, maybe give up on the file."""
+    def crashed(self, how: str, now: float, count: bool = True) -> None:
+        """The child died while training the current file: count it, maybe give up on the file.
+
+        `count=False`: it died while the disk was full, which is not the file's fault."""
         job_id = self.job.job_id
         self.end()
         published = self.published()
         if job_id in published["trained_jobs"]:  # it died after publishing: the file is learnt
             self.finish(job_id, now, {"already_trained": True, "adapter_version": published["version"]})
+            return
+        if not count:
+            log.info("%s stays in processing/ and resumes from its last checkpoint (the trainer died while the "
+                     "disk was full: not counted against the file)", job_id)
             return
         crashes = self.db.add_crash(job_id)
         if crashes >= self.cfg.service.max_crashes_per_file:
@@ -149,11 +162,12 @@ class JobTracker:
     # -- outcomes ------------------------------------------------------------------------
     def finish(self, job_id: str, now: float, msg: dict) -> None:
         try:
-            entry = self.queue.finish(job_id)
+            entry = self._move("finish", job_id)
         except QueueError as e:
             log.error("finished %s but cannot move it to done/: %s", job_id, e)
         else:
-            self._warn_if_changed(entry, now)
+            if entry is not None:
+                self._warn_if_changed(entry, now)
         self._record_missed_steps(job_id, now)
         moved = msg.get("activity_moved") or self._moved_from_manifest(job_id)
         ev = msg.get("eval_set") or {}
@@ -183,7 +197,7 @@ class JobTracker:
 
     def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> None:
         try:
-            self.queue.fail(job_id, reason, message, now, **details)
+            self._move("fail", job_id, reason, message, now, **details)
         except QueueError as e:
             log.error("cannot move %s to failed/: %s", job_id, e)
         dropped, last_loss = self.db.discard_steps(job_id)
@@ -193,6 +207,43 @@ class JobTracker:
                            **({"steps": dropped, "final_loss": last_loss} if dropped else {}))
         self.db.event("job_failed", f"{reason.value}: {message}{trained}", job_id, t=now)
         log.warning("%s -> failed/ (%s: %s)", job_id, reason.value, message)
+
+    def _move(self, op: str, job_id: str, *args: Any, **details: Any) -> QueueEntry | None:
+        """`self.queue.<op>(job_id, ...)`; on a full disk the move is kept for later and None returned."""
+        try:
+            return getattr(self.queue, op)(job_id, *args, **details)
+        except OSError as e:
+            full = disk_full_from(e, self.queue.root, "queue")
+            if full is None:
+                raise
+            self.deferred.append((op, job_id, (args, details)))
+            log.warning("%s stays where it is until space is back (%s to follow): %s", job_id, op, full)
+            if self.on_disk_full is not None:
+                self.on_disk_full(full)
+            return None
+
+    def retry_deferred(self, now: float) -> None:
+        """Make the moves a full disk refused, in order; stop at the first that fails again."""
+        while self.deferred:
+            op, job_id, (args, details) = self.deferred[0]
+            try:
+                getattr(self.queue, op)(job_id, *args, **details)
+            except QueueError as e:  # moved meanwhile (by hand, or a restart): nothing left to do
+                log.warning("deferred %s of %s dropped: %s", op, job_id, e)
+            except OSError as e:
+                full = disk_full_from(e, self.queue.root, "queue")
+                if full is None:
+                    raise
+                if self.on_disk_full is not None:
+                    self.on_disk_full(full)
+                return
+            else:
+                log.info("%s: deferred %s done", job_id, op)
+            self.deferred.pop(0)
+
+    def pending_outcome(self, job_id: str) -> bool:
+        """Whether a refused move still decides where this file goes (it must not be trained meanwhile)."""
+        return any(j == job_id for _, j, _ in self.deferred)
 
     def reconcile(self, now: float) -> int:
         """Make the history agree with the folders after a crash; returns how many records were mended.

@@ -8,6 +8,7 @@ OpenAPI schema cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from enum import Enum
 from typing import Any, Literal
@@ -35,6 +36,10 @@ def _reader_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     help_text = f.metadata.get("help")
     if f.metadata.get("unix_time"):
         return str | None, Field(None, description=f"{help_text} (ISO 8601 UTC)")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # an optional enum is read as the enum is
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], Enum):
+            hint = args[0]
     if isinstance(hint, type) and issubclass(hint, Enum):
         values = ", ".join(m.value for m in hint)
         return str | None, Field(None, description=f"{help_text}: one of {values}")

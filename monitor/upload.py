@@ -6,6 +6,10 @@ against a byte limit (413 as soon as it is exceeded, the partial file removed),
 fsynced, then given its final name with a no-clobber hard link (an existing
 file gets a `-N` suffix instead of being replaced). The intake ignores hidden
 and `.part` names, so the daemon only ever sees complete files.
+
+A full disk (at any write, or free space below `service.min_free_bytes` with
+the upload counted) answers 507 Insufficient Storage with the folder and the
+free bytes, and leaves nothing in the inbox.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Annotated, BinaryIO, Literal
 import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from daemon import atomic
+from daemon import atomic, diskspace
 from daemon.states import Priority
 from monitor.deps import MonitorState, StateDep, WriteAuth
 from monitor.models import UploadResult
@@ -83,6 +87,19 @@ def publish(part: Path, folder: Path, name: str) -> str:
     raise HTTPException(409, f"too many files named like {name} in the inbox")
 
 
+def _write(out: BinaryIO, data: bytes) -> None:
+    half = len(data) // 2  # an injected full disk (daemon/atomic.py) lands mid-file, as a real one does
+    out.write(data[:half])
+    atomic.inject_enospc("upload", out.name)
+    out.write(data[half:])
+
+
+def insufficient_storage(folder: Path, detail: str) -> HTTPException:
+    free = diskspace.free_bytes(folder)
+    return HTTPException(507, f"not enough disk space for the upload: {folder} has {free} bytes free ({detail}); "
+                              "nothing was queued, free some space and send it again")
+
+
 async def _receive(request: Request, out: BinaryIO, limit: int) -> int:
     size, batch = 0, bytearray()
     async for chunk in request.stream():
@@ -91,10 +108,10 @@ async def _receive(request: Request, out: BinaryIO, limit: int) -> int:
             raise HTTPException(413, f"upload is larger than the limit of {limit} bytes")
         batch += chunk
         if len(batch) >= WRITE_BATCH:
-            await anyio.to_thread.run_sync(out.write, bytes(batch))
+            await anyio.to_thread.run_sync(_write, out, bytes(batch))
             batch.clear()
     if batch:
-        await anyio.to_thread.run_sync(out.write, bytes(batch))
+        await anyio.to_thread.run_sync(_write, out, bytes(batch))
     await anyio.to_thread.run_sync(out.flush)
     await anyio.to_thread.run_sync(os.fsync, out.fileno())
     return size
@@ -115,6 +132,9 @@ async def upload(
         raise HTTPException(413, f"upload is larger than the limit of {limit} bytes")
     folder = inbox_folder(state, Priority(priority))
     folder.mkdir(parents=True, exist_ok=True)
+    min_free = state.cfg.service.min_free_bytes
+    if min_free and declared and declared.isdigit() and diskspace.free_bytes(folder) < min_free + int(declared):
+        raise insufficient_storage(folder, f"the upload and service.min_free_bytes = {min_free} would not fit")
     part = folder / f".{final_name}.{uuid.uuid4().hex[:8]}.part"
     try:
         with open(part, "xb") as out:
@@ -122,6 +142,11 @@ async def upload(
         if size == 0:
             raise HTTPException(400, "empty upload")
         written = publish(part, folder, final_name)
+    except OSError as e:
+        if not diskspace.is_disk_full(e):
+            raise
+        log.warning("upload of %s refused: %s", final_name, e)
+        raise insufficient_storage(folder, e.strerror or str(e)) from None
     finally:
         if part.exists():
             part.unlink()

@@ -41,11 +41,16 @@ def cmd_pause_resume(cfg: Config, args: argparse.Namespace) -> int:
     if args.no_wait:
         out(f"{args.cmd}: requested")
         return 0
-    want = {"paused"} if desired is DesiredState.PAUSED else {"training", "idle"}
-    reached = wait_for_status(cfg, want, WAIT_SECONDS)
+    want = {"paused"} if desired is DesiredState.PAUSED else {"training", "idle", "paused (disk full)"}
+    reached = wait_for_status(cfg, want, WAIT_SECONDS, desired)
     if reached is None:
         out(f"{args.cmd}: requested, but the daemon has not acted within {WAIT_SECONDS:.0f} s")
         return 2
+    if reached == "paused (disk full)":
+        d = (read_status(cfg.path("status")) or {}).get("disk_full") or {}
+        out(f"{args.cmd}: recorded; training is held while the disk is full ({d.get('folder')}: "
+            f"{d.get('free_bytes')} bytes free) and resumes by itself once space is back")
+        return 0
     out(f"{args.cmd}: daemon is {reached}")
     return 0
 

@@ -180,7 +180,7 @@ def _queue_change(cfg: Config, action: ControlAction, name: str, priority: str |
         if not wait_consumed(req, WAIT_SECONDS):
             out(f"queue {action.value}: requested, but the daemon has not acted yet")
             return 2
-        return _report_change(q, entry, q.find(entry.job_id), action)
+        return _report_change(q, entry, _moved_from(q, entry), action)
     fd = acquire(lock_path(cfg))  # keeps a daemon from starting mid-move
     try:
         now = _change_without_daemon(cfg, q, entry, action, priority)
@@ -190,6 +190,17 @@ def _queue_change(cfg: Config, action: ControlAction, name: str, priority: str |
     finally:
         os.close(fd)
     return _report_change(q, entry, now, action)
+
+
+def _moved_from(q: JobQueue, entry: QueueEntry, timeout: float = 5.0) -> QueueEntry:
+    """Where the file is once the daemon has acted: it takes a request (deletes its file) before carrying
+    it out, so right after that the file may still be where it was for a moment (longer on a busy machine)."""
+    deadline = time.time() + timeout
+    now = q.find(entry.job_id)
+    while now.state is entry.state and time.time() < deadline:
+        time.sleep(0.05)
+        now = q.find(entry.job_id)
+    return now
 
 
 def _check_change(entry: QueueEntry, action: ControlAction) -> None:

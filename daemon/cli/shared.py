@@ -81,13 +81,19 @@ def print_line_errors(errors: list[dict], n_bad: int, already_said: str = "", li
 
 
 # -- waiting for the daemon --------------------------------------------------------------
-def wait_for_status(cfg: Config, want: set[str], timeout: float) -> str | None:
-    """Wait until the status is one of `want`; the status reached, or None on time-out."""
+def wait_for_status(cfg: Config, want: set[str], timeout: float, desired: Any = None) -> str | None:
+    """Wait until the status is one of `want`; the status reached, or None on time-out.
+
+    "paused (disk full)" in `want` matches a disk pause once the daemon has seen `desired`
+    (a resume while the disk is full is taken, and acts when space is back)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = read_status(cfg.path("status")) or {}
         if st.get("status") in want:
             return st["status"]
+        if ("paused (disk full)" in want and st.get("pause_reason") == "disk_full"
+                and (desired is None or st.get("desired_state") == getattr(desired, "value", desired))):
+            return "paused (disk full)"
         if daemon_pid(cfg) is None:
             return None
         time.sleep(0.2)

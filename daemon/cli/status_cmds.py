@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config
+from daemon.diskguard import human_bytes
 from daemon.config import Config
-from daemon.states import DesiredState
+from daemon.states import DesiredState, PauseReason
 from daemon.status import read_status
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ def render_status(st: dict | None, running_pid: int | None) -> str:
     if st.get("current_file"):
         lines += _training_lines(st)
     lines.append(_queue_line(st.get("queue") or {}))
+    if st.get("pause_reason") == PauseReason.DISK_FULL.value and st.get("disk_full"):
+        lines += _disk_lines(st)
     if st.get("desired_state") == DesiredState.PAUSED.value and st["status"] != "paused":
         lines.append("  note     pause requested; it takes effect at the next step")
     if st.get("last_error"):
@@ -89,10 +92,24 @@ def _age(updated_at: str | None) -> float | None:
 def _headline(st: dict, running_pid: int | None, age: float | None) -> str:
     """The state, and whether the daemon runs and still writes its status."""
     alive = running_pid is not None
-    state = st["status"] if alive else f"not running (last said: {st['status']})"
+    said = st["status"] + (" (disk full)" if st.get("pause_reason") == PauseReason.DISK_FULL.value else "")
+    state = said if alive else f"not running (last said: {said})"
     if alive and age is not None and age > 3 * st.get("write_interval_seconds", 2.0):
         state += f"  !! no status update for {duration(age)}: daemon not responding"
     return f"traind  {state}" + (f"   pid {running_pid}" if alive else "")
+
+
+def _disk_lines(st: dict) -> list[str]:
+    """Why the daemon holds for disk space, and what ends it."""
+    d = st["disk_full"]
+    need = f" (needs {human_bytes(d['min_free_bytes'])})" if d.get("min_free_bytes") else ""
+    what = "free space below the threshold" if d.get("site") == "threshold" else f"{d.get('site')} write failed: {d.get('message')}"
+    lines = [f"  DISK     FULL: {d.get('folder')} has {human_bytes(d.get('free_bytes') or 0)} free{need}",
+             f"           {what}; since {d.get('since') or '?'}",
+             "           training resumes by itself once space is back (free some, or raise the disk)"]
+    if st.get("desired_state") == DesiredState.PAUSED.value:
+        lines.append("           and stays paused after that: pause was requested (trainctl resume)")
+    return lines
 
 
 def _training_lines(st: dict) -> list[str]:

@@ -117,14 +117,19 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
     try:
         save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / "adapter_model.safetensors"))
-        torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, tmp / "optimizer.pt")
-        torch.save(capture_rng(), tmp / "rng.pt")
-        atomic.write_json(tmp / "state.json", dataclasses.asdict(pos))  # last: marks the folder complete
-        atomic.publish_dir(tmp, final)
+        # Through Python file objects: on a full disk torch.save raises a RuntimeError ("unexpected pos")
+        # whose __context__ is the OSError(ENOSPC) of our file; given a path, it would not say why.
+        with open(tmp / "optimizer.pt", "wb") as f:
+            atomic.inject_enospc("checkpoint", tmp / "optimizer.pt")
+            torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, f)
+        with open(tmp / "rng.pt", "wb") as f:
+            torch.save(capture_rng(), f)
+        atomic.write_json(tmp / "state.json", dataclasses.asdict(pos), site="checkpoint")  # last: marks the folder complete
+        atomic.publish_dir(tmp, final, site="checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic.write_json(folder / LATEST, {"step": pos.step, "path": final.name})
+    atomic.write_json(folder / LATEST, {"step": pos.step, "path": final.name}, site="checkpoint")
     prune(folder, keep)
     return final
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 
 from daemon.config import Config, TrainingConfig
+from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity import ActivityProbe, Sampler
@@ -54,13 +55,15 @@ log = logging.getLogger(__name__)
 Verdict = Literal["continue", "stop", "skip"]
 ControlFn = Callable[[], Verdict]
 ReportFn = Callable[[dict[str, Any]], None]
+WaitForSpaceFn = Callable[[DiskFull], Verdict]  # holds until space is back: "continue", or a stop/skip meanwhile
 
 
 PREP_POLL_SECONDS = 0.2  # how often control is asked while a file is read before (or skipped to) its steps
 
 
 class _Interrupted(Exception):
-    """Stop or skip answered while the file was being read, before any step of this run."""
+    """Stop or skip answered while the file was being read, before any step of this run, or while a
+    checkpoint waited for disk space (then the file resumes from its last checkpoint written)."""
 
     def __init__(self, verdict: Verdict) -> None:
         super().__init__(verdict)
@@ -187,17 +190,22 @@ def restore(lm: LoadedModel, ck: ckpt.Checkpoint, opt: Any, sched: Any, scaler: 
 def train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
-    activity: ActivityProbe | None = None,
+    activity: ActivityProbe | None = None, wait_for_space: WaitForSpaceFn | None = None,
 ) -> Outcome:
     """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint).
 
     With an `activity` probe, per-layer LoRA activity is reported (`activity`
     messages) every `activity.every_steps` steps and at the file's last step.
+    A checkpoint that cannot be written for lack of space (or below
+    `service.min_free_bytes`) calls `wait_for_space`, then is written again: the
+    weights in memory are untouched, so the file trains on as it would have.
+    Without `wait_for_space` the DiskFull is raised.
     """
     steplog = ckpt.StepLog(ckpt_folder)
     try:
         return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
-                           report=report, control=control, clock=clock, probe=activity, steplog=steplog)
+                           report=report, control=control, clock=clock, probe=activity, steplog=steplog,
+                           wait_for_space=wait_for_space)
     except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
         log.info("%s: %s while its data was being read", job.job_id, e.verdict)
         status: Literal["stopped", "skipped"] = "stopped" if e.verdict == "stop" else "skipped"
@@ -211,6 +219,7 @@ def _train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
     steplog: ckpt.StepLog,
+    wait_for_space: WaitForSpaceFn | None,
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok = lm.tokenizer
@@ -258,9 +267,21 @@ def _train_file(
         report({"type": "steps_again", "job_id": job.job_id, "steps": missed})
 
     def save() -> int:
-        steplog.sync()  # durable before the checkpoint: the log always reaches its step
-        path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
-                                    sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints)
+        while True:
+            try:
+                require_space(ckpt_folder, cfg.service.min_free_bytes, "checkpoint")
+                steplog.sync()  # durable before the checkpoint: the log always reaches its step
+                path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
+                                            sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints)
+                break
+            except Exception as e:
+                full = disk_full_from(e, ckpt_folder, "checkpoint", writing_unnamed=True)
+                if full is None or wait_for_space is None:
+                    raise full or e
+                log.warning("%s: checkpoint at step %d not written: %s", job.job_id, pos.step, full)
+                verdict = wait_for_space(full)  # then the whole checkpoint is written again, from scratch
+                if verdict != "continue":
+                    raise _Interrupted(verdict) from None
         report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
         return pos.step
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from daemon import adapters, atomic, control
 from daemon.config import Config, load_config
+from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
@@ -187,6 +188,22 @@ def on_message_in_job(sess: Session, msg: dict[str, Any], job_id: str) -> str:
     return "continue"
 
 
+def wait_for_space_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.train.loop.WaitForSpaceFn
+    """Say `disk_full` and hold, as paused, until the service says `resume` (space is back); the verdict.
+
+    Not a failure and not a crash: the file stays in processing/, the model stays
+    loaded, and the write is made again from scratch after the resume."""
+    control = control_for(sess, job_id)
+
+    def wait(full: DiskFull) -> str:
+        log.warning("%s: %s; holding until the service says space is back", job_id, full)
+        sess.send({"type": "disk_full", "job_id": job_id, **full.to_dict()})
+        sess.paused = True
+        return control()
+
+    return wait
+
+
 def set_paused(sess: Session, paused: bool, job_id: str | None) -> None:
     sess.paused = paused
     sess.send({"type": "paused" if paused else "resumed", "job_id": job_id})
@@ -205,26 +222,74 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         return
     before = lora_state(sess.lm.model)  # CPU copy: skip and failure put these weights back
     eval_before = eval_set_loss(sess)
-    try:
-        outcome = train_file(sess.lm, sess.cfg, job, global_step=int(sess.manifest.get("global_step", 0)),
-                             ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
-                             control=control_for(sess, job.job_id), activity=sess.probe)
-    except Exception as e:  # a job boundary: record it with the job, stay alive for the next one
-        restore(sess, before)
-        fail(sess, job.job_id, e)
-        return
+    wait = wait_for_space_for(sess, job.job_id)
+    while True:
+        try:
+            outcome = train_file(sess.lm, sess.cfg, job, global_step=int(sess.manifest.get("global_step", 0)),
+                                 ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
+                                 control=control_for(sess, job.job_id), activity=sess.probe, wait_for_space=wait)
+            break
+        except Exception as e:  # a job boundary: record it with the job, stay alive for the next one
+            restore(sess, before)
+            full = disk_full_from(e, sess.checkpoints(job.job_id), "trainer")
+            if full is None:
+                fail(sess, job.job_id, e)
+                return
+            # A write this file needed failed for lack of space where nothing waits for it: not the
+            # file's fault. Once space is back it trains again from its last checkpoint.
+            verdict = wait(full)
+            if verdict != "continue":
+                end_without_publishing(sess, job.job_id, verdict, ckpt.latest_step(sess.checkpoints(job.job_id)) or 0)
+                return
     if outcome.status == "done":
-        publish(sess, job, msg, outcome, moved=moved_by_file(sess, before), eval_before=eval_before)
-    elif outcome.status == "skipped" and sess.rollback_to is not None:
-        restore(sess, before)
-        rollback(sess, job.job_id)
+        publish_when_space(sess, job, msg, outcome, before, wait, eval_before)
     elif outcome.status == "skipped":
-        restore(sess, before)
-        ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
-        sess.send({"type": "skipped", "job_id": job.job_id, "steps_discarded": outcome.steps})
+        end_without_publishing(sess, job.job_id, "skip", outcome.steps, before)
     else:
-        sess.send({"type": "stopped", "job_id": job.job_id, "checkpoint_step": outcome.checkpoint_step})
+        end_without_publishing(sess, job.job_id, "stop", outcome.checkpoint_step)
+
+
+def end_without_publishing(sess: Session, job_id: str, verdict: str, steps: int | None,
+                           before: dict[str, Any] | None = None) -> None:
+    """Answer `skipped` (adapter restored, checkpoints dropped) or `stopped` (the last checkpoint stays);
+    a skip that a rollback asked for rolls back instead (the file stays, to train again on the old version)."""
+    if verdict == "skip" and sess.rollback_to is not None:
+        if before is not None:
+            restore(sess, before)
+        rollback(sess, job_id)
+        return
+    if verdict == "skip":
+        if before is not None:
+            restore(sess, before)
+        ckpt.delete_checkpoints(sess.checkpoints(job_id))
+        sess.send({"type": "skipped", "job_id": job_id, "steps_discarded": steps or 0})
+    else:
+        sess.send({"type": "stopped", "job_id": job_id, "checkpoint_step": steps})
         sess.exit_code = 0
+
+
+def publish_when_space(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, before: dict[str, Any],
+                       wait: Any, eval_before: float | None = None) -> None:
+    """Publish the file's adapter; on a full disk hold (the trained weights stay in memory) and try again."""
+    moved = moved_by_file(sess, before)
+    adapters_dir = sess.cfg.path("adapters")
+    while True:
+        try:
+            require_space(adapters_dir, sess.cfg.service.min_free_bytes, "adapter")
+            publish(sess, job, msg, outcome, moved=moved, eval_before=eval_before)
+            return
+        except Exception as e:
+            full = disk_full_from(e, adapters_dir, "adapter", writing_unnamed=True)
+            if full is None:
+                raise
+            log.warning("%s: adapter v%d not published: %s", job.job_id, (sess.version or 0) + 1, full)
+            verdict = wait(full)
+            if verdict == "skip":
+                end_without_publishing(sess, job.job_id, "skip", outcome.steps, before)
+                return
+            if verdict == "stop":  # its last checkpoint stays: the next start trains the rest again
+                end_without_publishing(sess, job.job_id, "stop", ckpt.latest_step(sess.checkpoints(job.job_id)))
+                return
 
 
 def moved_by_file(sess: Session, before: dict[str, Any]) -> Grid | None:

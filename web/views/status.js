@@ -12,7 +12,9 @@ export function update(s) {
   // not the alarm of one that died or hangs (kill -9, a crash, a stuck loop).
   const stoppedClean = !!s.stale && s.status === 'stopped';
   const badge = $('state-badge');
-  badge.textContent = s.status == null ? 'no daemon' : (stoppedClean ? 'stopped' : (s.stale ? 'not responding' : s.status));
+  const diskFull = s.pause_reason === 'disk_full' && !!s.disk_full;
+  badge.textContent = s.status == null ? 'no daemon'
+    : (stoppedClean ? 'stopped' : (s.stale ? 'not responding' : (diskFull ? 'paused · disk full' : s.status)));
   badge.dataset.state = stoppedClean ? 'stopped' : (s.stale ? 'stale' : (s.status || 'unknown'));
   badge.className = 'badge state-' + badge.dataset.state;
   $('detail').textContent = s.detail || '';
@@ -23,6 +25,14 @@ export function update(s) {
     : (s.stale_reason || '');
   $('stale-reason').textContent = said + (!stoppedClean && s.age_seconds != null && !said.startsWith('no status update') ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
   document.body.classList.toggle('is-stale', !!s.stale);
+  $('disk-banner').hidden = !diskFull;
+  if (diskFull) {
+    const d = s.disk_full;
+    const what = d.site === 'threshold' ? 'free space is below the threshold' : `the ${d.site} write failed (${d.message})`;
+    const need = d.min_free_bytes ? ` (needs ${fmt.bytes(d.min_free_bytes)})` : '';
+    $('disk-reason').textContent = `${d.folder} has ${fmt.bytes(d.free_bytes)} free${need}: ${what}` +
+      (d.since ? `, since ${new Date(d.since).toLocaleTimeString()}` : '') + '.';
+  }
 
   $('current-file').textContent = s.current_file || (s.status === 'idle' ? 'waiting for files' : '—');
   $('job-id').textContent = s.job_id || '';
