@@ -89,7 +89,7 @@ def _token_stats(base: Path, data: Path) -> tuple[float, float]:
 
 def instance(root: Path, base: Path, threads: int) -> Path:
     conf = {
-        "base_model": str(base), "intake": {"settle_seconds": 0.2, "scan_interval_seconds": 0.5},
+        "base_model": str(base), "intake": {"settle_seconds": 1.0, "scan_interval_seconds": 0.5},  # the default settle
         "data": {"max_length": 1024, "eval_fraction": 0.0},
         "model": {"quantization": "none"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0,

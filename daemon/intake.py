@@ -5,7 +5,10 @@
         ...  # validate, then JobQueue.admit / reject
 
 A writer may still be appending, so a file is ready only once its size and
-mtime have held still for `settle_seconds` across scans. Names ending in an
+mtime have held still for `settle_seconds` across scans, unless it came by a
+rename from another name in the inbox (written as NAME.part, then renamed, as
+`trainctl queue add` and the monitor's upload do): the rename says it is
+complete, and it is taken at once (the inbox watcher tells `renamed_in`). Names ending in an
 ignored suffix (a writer's temp name) and hidden files are never taken.
 `inbox/high/` and `inbox/low/` set the priority; anything else is normal.
 Time is a parameter, so tests never sleep.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import logging
+import threading
 from typing import Any
 
 from daemon import atomic
@@ -48,6 +52,8 @@ class InboxScanner:
         self._seen: dict[Path, _Seen] = {}
         self._told: set[Path] = set()  # stray folders already reported once
         self._first_scan = True  # files already waiting at start: their mtime tells how long they have held still
+        self._renamed_in: set[Path] = set()  # told by the inbox watcher (another thread): complete by protocol
+        self._renamed_lock = threading.Lock()
 
     def ensure(self) -> None:
         for sub in ("", Priority.HIGH.value, Priority.LOW.value):
@@ -80,8 +86,16 @@ class InboxScanner:
         name = p.name.lower()
         return not name.startswith(".") and not name.endswith(self.ignore_suffixes) and p.is_file()
 
+    def renamed_in(self, path: Path) -> None:
+        """A file was renamed to `path` from another name in the inbox (written as NAME.part, then renamed):
+        its writer is done with it, so it is taken at once, without the settle window."""
+        with self._renamed_lock:
+            self._renamed_in.add(path)
+
     def ready(self, now: float) -> list[tuple[Path, Priority]]:
-        """Files whose size and mtime have not changed for the settle window."""
+        """Files whose size and mtime have not changed for the settle window, and files renamed in."""
+        with self._renamed_lock:
+            renamed, self._renamed_in = self._renamed_in, set()
         ready, alive = [], set()
         for path, prio in self.candidates():
             try:
@@ -96,7 +110,7 @@ class InboxScanner:
                 # writer's clock, which sets the mtime, may run behind ours.
                 since = min(now, st.st_mtime_ns / 1e9) if seen is None and self._first_scan else now
                 seen = self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, since)
-            if now - seen.stable_since >= self.settle_seconds:
+            if path in renamed or now - seen.stable_since >= self.settle_seconds:
                 ready.append((path, prio))
         self._seen = {p: s for p, s in self._seen.items() if p in alive}
         self._first_scan = False

@@ -135,7 +135,7 @@ class Service:
         for entry in self.queue.processing():
             log.info("recovered %s from processing/: it resumes from its last checkpoint", entry.job_id)
         self._install_signals()
-        self.wakeup.watch(self.cfg.path("inbox"))
+        self.wakeup.watch(self.cfg.path("inbox"), on_renamed_in=self.scanner.renamed_in)
         self._start_child(now)
         self._write_status(force=True)
 

@@ -14,6 +14,7 @@ so a missed or early event costs only latency.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ class Wakeup:
         except BlockingIOError:
             pass
 
-    def watch(self, folder: Path) -> None:
+    def watch(self, folder: Path, on_renamed_in: Any = None) -> None:
+        """Wake on any event under `folder`; `on_renamed_in(path)` hears of every file renamed to a name
+        there from another name there (the `.part` protocol), before the wake-up."""
         try:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
@@ -54,6 +57,8 @@ class Wakeup:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
+                if on_renamed_in is not None and event.event_type == "moved" and not event.is_directory:
+                    on_renamed_in(Path(os.fsdecode(event.dest_path)))
                 wake()
 
         self._observer = Observer()

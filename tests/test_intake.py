@@ -84,3 +84,28 @@ def test_a_file_waiting_at_start_and_unchanged_for_the_window_is_taken_at_once(t
     later.write_text("z\n")
     os.utime(later, (now - 5, now - 5))
     assert (later, Priority.NORMAL) not in s.ready(now=now + 1.1)  # not the first scan: it gets its window
+
+
+def test_a_file_renamed_in_is_taken_at_once_and_one_written_in_place_waits(tmp_path, models_dir):
+    """The `.part` protocol needs no settle window; a file written in place still gets it (#9: inbox latency)."""
+    import time
+
+    from tests.conftest import lines_of, write_instance
+    from tests.daemon_harness import Daemon
+
+    d = Daemon(write_instance(tmp_path / "inst", models_dir, intake={"settle_seconds": 30.0, "scan_interval_seconds": 0.5}))
+    try:
+        d.start()
+        d.wait_for(lambda s: s["status"] == "idle", what="idle")
+        in_place = d.cfg.path("inbox") / "copied.jsonl"
+        in_place.write_text(lines_of("text.jsonl", 10))
+        t0 = time.time()
+        d.drop("renamed.jsonl", lines_of("text.jsonl", 11))  # written as renamed.jsonl.part, then renamed
+        d.wait_for(lambda s: (s.get("queue") or {}).get("pending", 0) + (s.get("queue") or {}).get("processing", 0)
+                   + (s.get("queue") or {}).get("done", 0) >= 1, timeout=20, what="the renamed file queued")
+        taken = time.time() - t0
+        print(f"renamed in: queued after {taken:.2f} s (settle window 30 s)")
+        assert taken < 15
+        assert in_place.exists()  # still settling: a writer may be appending to it
+    finally:
+        d.close()
