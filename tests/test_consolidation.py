@@ -144,3 +144,18 @@ def _base0(d: Daemon) -> Path:
     from daemon.train.model import resolve_base
 
     return resolve_base(d.cfg)
+
+
+def test_a_base_larger_than_memory_is_refused_with_the_numbers(tmp_path):
+    import struct
+
+    from daemon.train.consolidate import ConsolidationRefused, base_params, preflight
+
+    # A safetensors header declaring 40 billion parameters (no weights behind it: only the header is read).
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [200_000, 200_000], "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    assert base_params(tmp_path) == 40_000_000_000
+    with pytest.raises(ConsolidationRefused) as e:
+        preflight(tmp_path, tmp_path / "out", 2)
+    assert "not enough memory" in str(e.value) and "40,000,000,000 parameters" in str(e.value) and "GiB" in str(e.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
