@@ -81,6 +81,8 @@ class Health(BaseModel):
     stale_reason: str | None
     age_seconds: float | None
     monitor_uptime_seconds: float
+    checks: list[dict] | None = Field(None, description="with deep=true: trainctl health's checks (name, level ok/warning/problem, detail)")
+    exit_code: int | None = Field(None, description="with deep=true: 0 healthy, 1 warnings, 2 a problem (as trainctl health)")
 
 
 class HistoryPoint(BaseModel):

@@ -54,13 +54,24 @@ def get_status(state: StateDep) -> Status:
 
 @router.get("/api/health", response_model=Health, summary="For scripts and supervisors")
 def get_health(state: StateDep, response: Response,
-               strict: Annotated[bool, Query(description="answer 503 unless the daemon is responding")] = False) -> Health:
+               strict: Annotated[bool, Query(description="answer 503 unless the daemon is responding")] = False,
+               deep: Annotated[bool, Query(description="run trainctl health's checks too (the newest checkpoint is "
+                                                       "loaded in a subprocess: seconds)")] = False) -> Health:
     s = current_status(state)
     daemon = "absent" if s.status is None else ("not_responding" if s.stale else "running")
     if strict and s.stale:
         response.status_code = 503
+    checks = code = None
+    if deep:
+        from daemon.health import exit_code, run_checks
+
+        found = run_checks(state.cfg, deep=True)
+        checks, code = [c.to_dict() for c in found], exit_code(found)
+        if strict and code == 2:
+            response.status_code = 503
     return Health(ok=True, daemon=daemon, status=s.status, stale=s.stale, stale_reason=s.stale_reason,
-                  age_seconds=s.age_seconds, monitor_uptime_seconds=time.time() - state.started_at)
+                  age_seconds=s.age_seconds, monitor_uptime_seconds=time.time() - state.started_at,
+                  checks=checks, exit_code=code)
 
 
 @router.get("/api/auth/check", dependencies=[WriteAuth], summary="200 when the token sent is the right one (the page asks before enabling controls)")

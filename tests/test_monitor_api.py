@@ -742,3 +742,13 @@ def test_activity_of_a_finished_file_and_bounded_metrics(client, daemon, cfg):
     per_kind = [line for line in lines if line.startswith("traind_lora_relative_update{")]
     assert len(per_kind) == 4 and 'kind="v_proj"' in per_kind[2]  # one series per module kind, never per layer
     assert any(line.startswith("traind_lora_relative_update_max ") for line in lines)
+
+
+def test_deep_health_runs_the_same_checks_as_trainctl(client, cfg):
+    plain = client.get("/api/health").json()
+    assert plain["checks"] is None and plain["exit_code"] is None
+    deep = client.get("/api/health?deep=true").json()
+    names = [c["name"] for c in deep["checks"]]
+    assert names == ["config", "daemon", "queue", "disk", "adapter", "checkpoint"]
+    assert deep["exit_code"] == 2 and [c["level"] for c in deep["checks"] if c["name"] == "daemon"] == ["problem"]
+    assert client.get("/api/health?deep=true&strict=true").status_code == 503

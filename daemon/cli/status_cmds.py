@@ -24,6 +24,11 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print the raw status JSON")
     s.add_argument("--watch", nargs="?", const=2.0, type=_seconds, default=None, metavar="SECONDS", help="refresh until Ctrl-C")
     s.set_defaults(handler=with_config(cmd_status))
+    h = subparsers.add_parser("health", parents=[common],
+                              help="one report: daemon, config, queue, disk, adapter, checkpoint (exit 0 ok, 1 warnings, 2 a problem)")
+    h.add_argument("--deep", action="store_true", help="also load the newest checkpoint (in a subprocess)")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(handler=with_config(cmd_health))
 
 
 def _seconds(text: str) -> float:
@@ -125,3 +130,18 @@ def _training_lines(st: dict) -> list[str]:
 def _queue_line(q: dict) -> str:
     return (f"  queue    pending {q.get('pending', 0)} (high {q.get('pending_high', 0)}, normal {q.get('pending_normal', 0)}, "
             f"low {q.get('pending_low', 0)})  processing {q.get('processing', 0)}  done {q.get('done', 0)}  failed {q.get('failed', 0)}")
+
+
+def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
+    from daemon.health import exit_code, run_checks
+
+    checks = run_checks(cfg, deep=args.deep)
+    code = exit_code(checks)
+    if args.json:
+        out(json.dumps({"exit_code": code, "checks": [c.to_dict() for c in checks]}, indent=2))
+        return code
+    marks = {"ok": "ok  ", "warning": "WARN", "problem": "FAIL"}
+    for c in checks:
+        out(f"{marks[c.level]}  {c.name:<11} {c.detail}")
+    out({0: "healthy", 1: "healthy, with warnings", 2: "not healthy"}[code])
+    return code
