@@ -27,7 +27,6 @@ from daemon.jobqueue import DUPLICATE_SUFFIX, ERROR_SUFFIX, JobQueue
 from daemon.lock import holder_pid
 from daemon.states import JobState
 from daemon.status import read_status
-from daemon.train.checkpoint import step_dirs  # standard library at import: torch only inside its functions
 
 Level = Literal["ok", "warning", "problem"]
 FOLDERS = ("inbox", "queue", "status", "adapters", "checkpoints", "logs")
@@ -140,6 +139,15 @@ def _adapter(cfg: Config) -> Check:
         return Check("adapter", "problem", f"v{cur.version} lacks {', '.join(missing)}")
     return Check("adapter", "ok", f"v{cur.version} ({cur.manifest.get('original_name') or 'no file'}; generation "
                                   f"{cur.manifest.get('generation', 0)})")
+
+
+def step_dirs(folder: Path) -> list[Path]:
+    """A job's published checkpoint folders, newest first (the layout of daemon/train/checkpoint.py, which the
+    service side does not import)."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()),
+                  key=lambda p: p.name, reverse=True)
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
