@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # On a terminal the log goes to stderr too; in the background (launch script)
     # stderr is redirected to a file and would only duplicate the daily log.
-    setup_logging(cfg.path("logs"), "daemon", cfg.service.log_level, also_stderr=sys.stderr.isatty())
+    setup_logging(cfg.path("logs"), "daemon", cfg.service.log_level, also_stderr=sys.stderr.isatty(),
+                  keep_days=cfg.service.log_keep_days, max_bytes=cfg.service.log_max_bytes)
     try:
         return Service(cfg, args.config).run()
     except AlreadyRunningError as e:

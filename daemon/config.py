@@ -132,6 +132,8 @@ class ServiceConfig:
     restart_backoff_seconds: float = _f(2.0, "Wait before restarting a crashed trainer (doubles per crash, max 60 s).")
     stop_timeout_seconds: float = _f(300.0, "A stop waits this long for the trainer's checkpoint before killing it.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO", "Log level of daemon and trainer logs.")
+    log_keep_days: int = _f(30, "Daily log files older than this are deleted (0: kept for ever).")
+    log_max_bytes: int = _f(1 << 30, "...and the oldest go while one kind (daemon, trainer) totals more than this (0: no limit).")
     min_free_bytes: int = _f(268_435_456, "Pause (reason disk_full) while a runtime folder's filesystem has less free than this, before writes fail; set it above a checkpoint's size (0: pause only when a write fails).")
     disk_check_seconds: float = _f(5.0, "While paused for disk, check free space this often; after a failed write, wait at least this long (doubling, max 5 min) before writing again.")
 
@@ -214,6 +216,8 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "checkpoint_every_steps"): (lambda v: v >= 1, ">= 1"),
     ("training", "keep_checkpoints"): (lambda v: v >= 1, ">= 1"),
     ("adapters", "keep_last"): (lambda v: v >= 0, ">= 0"),
+    ("service", "log_keep_days"): (lambda v: v >= 0, ">= 0"),
+    ("service", "log_max_bytes"): (lambda v: v >= 0, ">= 0"),
     ("eval", "max_examples"): (lambda v: v >= 1, ">= 1"),
     ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
     ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),

@@ -22,10 +22,11 @@ DROPS: dict = {"count": 0, "error": "", "path": ""}
 class DailyFileHandler(logging.Handler):
     """Appends to `<dir>/<prefix>_YYYYMMDD.log` (UTC), switching file when the day changes."""
 
-    def __init__(self, directory: str | Path, prefix: str) -> None:
+    def __init__(self, directory: str | Path, prefix: str, keep_days: int = 0, max_bytes: int = 0) -> None:
         super().__init__()
         self.directory = Path(directory)
         self.prefix = prefix
+        self.keep_days, self.max_bytes = keep_days, max_bytes
         self._day = ""
         self._stream = None
         self.dropped = 0  # records lost to a failed write (a full disk) since the last one that went through
@@ -43,6 +44,7 @@ class DailyFileHandler(logging.Handler):
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._stream = open(self.current_path(record.created), "a", encoding="utf-8")
                 self._day = day
+                prune_logs(self.directory, self.prefix, self.keep_days, self.max_bytes, self.current_path(record.created))
             text = self.format(record) + "\n"
             if self.dropped:
                 text = f"{self.format(_dropped_record(record, self.dropped))}\n{text}"
@@ -79,19 +81,47 @@ class DailyFileHandler(logging.Handler):
         super().close()
 
 
+def prune_logs(directory: Path, prefix: str, keep_days: int, max_bytes: int, current: Path | None = None) -> list[Path]:
+    """Retention (service.log_keep_days, service.log_max_bytes; 0: no limit): the daily files of `prefix` older
+    than keep_days go, then the oldest while they total more than max_bytes. The file in use always stays."""
+    files = sorted(directory.glob(f"{prefix}_[0-9]*.log"))  # YYYYMMDD: name order is age order
+    removed = []
+    if keep_days > 0:
+        cutoff = time.strftime("%Y%m%d", time.gmtime(time.time() - keep_days * 86400))
+        for f in files:
+            if f != current and f.name[len(prefix) + 1:len(prefix) + 9] < cutoff:
+                removed.append(f)
+    kept = [f for f in files if f not in removed]
+    if max_bytes > 0:
+        sizes = {f: f.stat().st_size for f in kept if f.exists()}
+        total = sum(sizes.values())
+        for f in kept:
+            if total <= max_bytes or f == current:
+                break
+            removed.append(f)
+            total -= sizes.get(f, 0)
+    for f in removed:
+        try:
+            f.unlink()
+        except OSError:
+            pass
+    return removed
+
+
 def _dropped_record(like: logging.LogRecord, n: int) -> logging.LogRecord:
     return logging.makeLogRecord({"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
                                   "msg": "%d log record(s) dropped: the log could not be written (disk full?)",
                                   "args": (n,), "created": like.created, "msecs": like.msecs, "process": like.process})
 
 
-def setup_logging(logs_dir: str | Path, prefix: str, level: str = "INFO", also_stderr: bool = True) -> None:
+def setup_logging(logs_dir: str | Path, prefix: str, level: str = "INFO", also_stderr: bool = True,
+                  keep_days: int = 0, max_bytes: int = 0) -> None:
     formatter = logging.Formatter(FORMAT)
     formatter.converter = time.gmtime
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = DailyFileHandler(logs_dir, prefix)
+    handler = DailyFileHandler(logs_dir, prefix, keep_days, max_bytes)
     handler.setFormatter(formatter)
     root.addHandler(handler)
     if also_stderr:

@@ -1,7 +1,7 @@
 """trainctl: control and inspect a traind instance.
 
     trainctl status [--watch [SECONDS]] [--json]
-    trainctl health [--deep] [--json]
+    trainctl health [--deep] [--json] | logs [-f] [-n N] [--trainer]
     trainctl activity [--job NAME] [--top K] [--measure M] [--json]
     trainctl pause | resume | skip | stop [--no-wait]
     trainctl queue add FILE [--priority high|normal|low] [--force]

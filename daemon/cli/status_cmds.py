@@ -29,6 +29,11 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     h.add_argument("--deep", action="store_true", help="also load the newest checkpoint (in a subprocess)")
     h.add_argument("--json", action="store_true")
     h.set_defaults(handler=with_config(cmd_health))
+    lg = subparsers.add_parser("logs", parents=[common], help="the newest log lines (the daemon's, or --trainer's)")
+    lg.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (across days) until Ctrl-C")
+    lg.add_argument("--trainer", action="store_true", help="the trainer child's log instead of the daemon's")
+    lg.set_defaults(handler=with_config(cmd_logs))
 
 
 def _seconds(text: str) -> float:
@@ -145,3 +150,41 @@ def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
         out(f"{marks[c.level]}  {c.name:<11} {c.detail}")
     out({0: "healthy", 1: "healthy, with warnings", 2: "not healthy"}[code])
     return code
+
+
+def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
+    prefix = "trainer" if args.trainer else "daemon"
+    folder = cfg.path("logs")
+    files = sorted(folder.glob(f"{prefix}_[0-9]*.log"))
+    if not files and not args.follow:
+        out(f"no {prefix} log in {folder} yet")
+        return 1
+    current = files[-1] if files else None
+    if current is not None:
+        lines = current.read_text(encoding="utf-8", errors="replace").splitlines()
+        for line in lines[-max(args.lines, 0):] if args.lines else []:
+            out(line)
+    if not args.follow:
+        return 0
+    pos = current.stat().st_size if current is not None else 0
+    try:
+        while True:
+            time.sleep(0.5)
+            newest = max(folder.glob(f"{prefix}_[0-9]*.log"), default=None)
+            if newest is None:
+                continue
+            if newest != current:  # a new day: the rest of the old file, then the new one from its start
+                if current is not None and current.exists():
+                    with open(current, encoding="utf-8", errors="replace") as f:
+                        f.seek(pos)
+                        sys.stdout.write(f.read())
+                current, pos = newest, 0
+            with open(current, encoding="utf-8", errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0

@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     process.die_with_parent()
     cfg = load_config(args.config)
-    setup_logging(cfg.path("logs"), "trainer", cfg.service.log_level, also_stderr=False)
+    setup_logging(cfg.path("logs"), "trainer", cfg.service.log_level, also_stderr=False,
+                  keep_days=cfg.service.log_keep_days, max_bytes=cfg.service.log_max_bytes)
     threads = start_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
     process.quiet_hugging_face()
     lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
