@@ -121,6 +121,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    webhooks: list = _f([], "URLs that get a JSON POST for each event below (empty: none).")
+    events: list = _f(["file_done", "file_failed", "paused", "daemon_error", "consolidation_done", "rollback"], "Which events are posted.")
+    secret: str = _f("", "Signs each body: X-Traind-Signature: sha256=HMAC-SHA256(secret, body) (empty: unsigned).")
+    timeout_seconds: float = _f(5.0, "A delivery that takes longer has failed.")
+    max_attempts: int = _f(5, "Tries per delivery, with back-off (1, 2, 4... s); then it is logged and dropped.")
+
+
+@dataclass(frozen=True)
 class ConsolidationConfig:
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype of a consolidated base's weights (the merge itself is fp32); auto: the base's own.")
 
@@ -149,6 +158,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
+    notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "A fixed eval set: did a file help or hurt what was learnt before?"})
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
@@ -186,8 +196,11 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
 }
+
+_NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
+_NOTIFY_EVENTS = set(_NOTIFY_EVENTS_SORTED)  # daemon/notify.py EVENTS (it checks they agree)
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
 _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
@@ -219,6 +232,11 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("service", "log_keep_days"): (lambda v: v >= 0, ">= 0"),
     ("service", "log_max_bytes"): (lambda v: v >= 0, ">= 0"),
     ("eval", "max_examples"): (lambda v: v >= 1, ">= 1"),
+    ("notify", "webhooks"): (lambda v: all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in v),
+                             "a list of http:// or https:// URLs"),
+    ("notify", "events"): (lambda v: all(e in _NOTIFY_EVENTS for e in v), "a list of: " + ", ".join(_NOTIFY_EVENTS_SORTED)),
+    ("notify", "timeout_seconds"): (lambda v: v > 0, "> 0"),
+    ("notify", "max_attempts"): (lambda v: v >= 1, ">= 1"),
     ("training", "eval_every_steps"): (lambda v: v >= 0, ">= 0"),
     ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
     ("activity", "every_steps"): (lambda v: v >= 0, ">= 0"),
@@ -232,7 +250,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
-_MAY_BE_EMPTY = {("eval", "file")}  # strings where "" means "none"
+_MAY_BE_EMPTY = {("eval", "file"), ("notify", "secret")}  # strings where "" means "none"
 
 
 def _check_type(value: Any, hint: Any) -> str | None:

@@ -27,8 +27,9 @@ from daemon.diskguard import DiskGuard, human_bytes
 from daemon.diskspace import DiskFull
 from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
-from daemon.jobqueue import JobQueue, QueueEntry
+from daemon.jobqueue import JobQueue, QueueEntry, original_name
 from daemon.ledger import Ledger
+from daemon.notify import EVENT_OF, Notifier
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, PauseReason,
@@ -122,6 +123,8 @@ class Service:
         self.db.on_disk_full = lambda e: self._disk_error(e, self.cfg.path("status"), "history")
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
         self.ledger = Ledger(self.cfg.path("adapters"), self.db)
+        self.notifier = Notifier(self.cfg)
+        self.db.on_event = self._notify
         self.tracker.on_disk_full = lambda full: self._disk_full(full, self.clock())
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
@@ -139,6 +142,16 @@ class Service:
         self._start_child(now)
         self._write_status(force=True)
 
+    def _notify(self, kind: str, message: str, job_id: str | None, t: float) -> None:
+        """Webhooks of a history event, with the file's record (name, steps, losses, reason)."""
+        details: dict[str, Any] = {}
+        if job_id and kind in EVENT_OF:
+            record = self.db.job(job_id) or {}
+            details = {k: record.get(k) for k in ("original_name", "steps", "final_loss", "eval_loss", "reason",
+                                                  "adapter_version", "eval_set_before", "eval_set_after")}
+            details["file"] = details.pop("original_name") or original_name(job_id)
+        self.notifier.event(kind, message, job_id, t, details)
+
     def _shutdown(self) -> None:
         self.wakeup.close()
         self.sup.close()
@@ -150,6 +163,7 @@ class Service:
             self.status.trainer_pid = None
             self._write_status(force=True)
             self.db.event("stop", "daemon stopped")
+            self.notifier.close()
             if self.db.held and not self.db.flush():  # the folders stay the truth; the next start mends job records
                 log.error("%d history write(s) could not be made before exit (disk full) and are lost",
                           len(self.db.held) + self.db.held_dropped)

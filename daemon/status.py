@@ -134,6 +134,7 @@ class HistoryDB:
         self.conn.row_factory = sqlite3.Row
         self._activity_inserts = 0
         self.on_disk_full: Callable[[BaseException], None] | None = None  # the service's disk guard
+        self.on_event: Callable[[str, str, str | None, float], None] | None = None  # webhooks (daemon/notify.py)
         self.held: list[list[tuple[str, tuple]]] = []  # writes a full disk refused, in order, replayed by flush()
         self.held_dropped = 0  # writes dropped beyond MAX_HELD_WRITES
 
@@ -298,8 +299,10 @@ class HistoryDB:
         return before + held + 1
 
     def event(self, kind: str, message: str, job_id: str | None = None, t: float | None = None) -> None:
-        self._write(("INSERT INTO events (t, kind, job_id, message) VALUES (?,?,?,?)",
-                     (time.time() if t is None else t, kind, job_id, message)))
+        t = time.time() if t is None else t
+        self._write(("INSERT INTO events (t, kind, job_id, message) VALUES (?,?,?,?)", (t, kind, job_id, message)))
+        if self.on_event is not None:
+            self.on_event(kind, message, job_id, t)
 
     # -- reads ------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
