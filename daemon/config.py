@@ -121,6 +121,12 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    loss_spike_factor: float = _f(0.0, "A step whose loss is above this many times the file's recent mean loss stops the file (adapter restored, file failed, daemon paused); 0: off. Non-finite losses and gradients always stop it.")
+    min_steps: int = _f(20, "Steps into a file before the spike guard judges (its recent mean needs them).")
+
+
+@dataclass(frozen=True)
 class NotifyConfig:
     webhooks: list = _f([], "URLs that get a JSON POST for each event below (empty: none).")
     events: list = _f(["file_done", "file_failed", "paused", "daemon_error", "consolidation_done", "rollback"], "Which events are posted.")
@@ -158,6 +164,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
+    guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "Guard rails that stop a file that goes wrong."})
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "A fixed eval set: did a file help or hurt what was learnt before?"})
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
@@ -196,7 +203,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
@@ -232,6 +239,8 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("service", "log_keep_days"): (lambda v: v >= 0, ">= 0"),
     ("service", "log_max_bytes"): (lambda v: v >= 0, ">= 0"),
     ("eval", "max_examples"): (lambda v: v >= 1, ">= 1"),
+    ("guard", "loss_spike_factor"): (lambda v: v == 0 or v > 1, "0 (off) or above 1"),
+    ("guard", "min_steps"): (lambda v: v >= 1, ">= 1"),
     ("notify", "webhooks"): (lambda v: all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in v),
                              "a list of http:// or https:// URLs"),
     ("notify", "events"): (lambda v: all(e in _NOTIFY_EVENTS for e in v), "a list of: " + ", ".join(_NOTIFY_EVENTS_SORTED)),

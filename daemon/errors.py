@@ -43,3 +43,17 @@ class DataError(TraindError):
 
 class QueueError(TraindError):
     """A queue operation was refused (unknown name, wrong folder, ...)."""
+
+
+class GuardTripped(TraindError):
+    """Training of a file stopped by a guard (a non-finite loss or gradient, a loss spike): the adapter goes
+    back to its state before the file, the file to failed/ with this message, and the daemon pauses."""
+
+    def __init__(self, what: str, loss: float, grad_norm: float | None, step: int | None = None) -> None:
+        self.what, self.loss, self.grad_norm, self.step = what, loss, grad_norm, step
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        norm = f", gradient norm {self.grad_norm:.4g}" if self.grad_norm is not None else ""
+        return f"{self.what}{at} (loss {self.loss:.4g}{norm})"

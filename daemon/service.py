@@ -276,6 +276,9 @@ class Service:
 
     def _on_message(self, msg: dict[str, Any], now: float) -> None:
         kind = msg.get("type")
+        if kind == "failed" and msg.get("reason") == "guard":  # a guard stopped the file: nothing starts until a person looks
+            control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
+            self.db.event("guard", f"paused by a guard: {msg.get('message')}", msg.get("job_id"), t=now)
         if kind in JOB_MESSAGES:
             try:
                 over = self.tracker.on_message(msg, now)

@@ -108,6 +108,7 @@ class FailReason(str, Enum):
     CRASHED = "crashed"  # the trainer died on it too often
     TRAINING_ERROR = "training_error"  # an exception while training it
     REMOVED = "removed"  # taken out of pending by `trainctl queue remove`
+    GUARD = "guard"  # a guard stopped it: a non-finite loss or gradient, a loss spike (the daemon paused)
 
 
 def check_transition(table: dict, old: Enum, new: Enum) -> None:

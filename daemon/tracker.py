@@ -130,7 +130,8 @@ class JobTracker:
         self.finish(msg["job_id"], now, msg)
 
     def _on_failed(self, msg: dict, now: float) -> None:
-        reason = FailReason.INVALID_DATA if msg.get("reason") == "invalid_data" else FailReason.TRAINING_ERROR
+        reason = {"invalid_data": FailReason.INVALID_DATA, "guard": FailReason.GUARD}.get(msg.get("reason") or "",
+                                                                                         FailReason.TRAINING_ERROR)
         self.status.last_error = msg.get("message")
         self.fail(msg["job_id"], reason, msg.get("message") or "training failed", now,
                   errors=msg.get("errors") or [], traceback=msg.get("traceback"))

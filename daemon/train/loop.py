@@ -41,7 +41,7 @@ import torch
 
 from daemon.config import Config, TrainingConfig
 from daemon.diskspace import DiskFull, disk_full_from, require_space
-from daemon.errors import DataError
+from daemon.errors import DataError, GuardTripped
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity import ActivityProbe, Sampler
 from daemon.train.batching import micro_batches
@@ -158,6 +158,23 @@ def build_optimizer(model: Any, tc: TrainingConfig, total_steps: int, device: st
         optimizer = cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tc, total_steps))
     return optimizer, scheduler
+
+
+class SpikeGuard:
+    """A loss far above the file's recent mean (guard.loss_spike_factor x its exponential mean) stops the file."""
+
+    def __init__(self, factor: float, min_steps: int, weight: float = 0.9) -> None:
+        self.factor, self.min_steps, self.weight = factor, min_steps, weight
+        self.mean: float | None = None
+        self.seen = 0
+
+    def judge(self, loss: float, grad_norm: float, step: int) -> None:
+        """Take this step's loss into the mean; raises GuardTripped on a spike."""
+        before = self.mean
+        if self.factor > 0 and before is not None and self.seen >= self.min_steps and loss > self.factor * before:
+            raise GuardTripped(f"loss spike: {loss / before:.1f}x the recent mean {before:.4g}", loss, grad_norm, step)
+        self.mean = loss if before is None else self.weight * before + (1 - self.weight) * loss
+        self.seen += 1
 
 
 def make_scaler(lm: LoadedModel) -> Any:
@@ -286,6 +303,7 @@ def _train_file(
         return pos.step
 
     sampler = Sampler(probe, cfg.activity.every_steps, cfg.activity.min_interval_seconds, clock, report, job.job_id)
+    spike = SpikeGuard(cfg.guard.loss_spike_factor, cfg.guard.min_steps)
 
     def run_eval() -> float | None:
         loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing)
@@ -315,8 +333,13 @@ def _train_file(
 
             t0 = clock()
             sample = sampler.due(pos.step + 1, total_steps)
-            stats = optimizer_step(lm, group, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
-                                   probe if sample else None)
+            try:
+                stats = optimizer_step(lm, group, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
+                                       probe if sample else None)
+            except GuardTripped as e:
+                e.step = pos.step + 1
+                raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
+            spike.judge(stats.loss, stats.grad_norm, pos.step + 1)
             consumed += len(group)
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
                                 total_steps, epoch, consumed, stats.loss, pos.order)

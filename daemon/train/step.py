@@ -20,16 +20,19 @@ a warning in the trainer log):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from daemon.errors import GuardTripped
 from daemon.train.activity import ActivityProbe
 from daemon.train.batching import batches, collate
 from daemon.train.data import IGNORE, Example
 from daemon.train.model import LoadedModel
+
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,12 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     params = [p for g in opt.param_groups for p in g["params"]]
     # max_norm 0 disables clipping; inf still measures the norm for the report.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    loss = total / n_targets
+    # Never apply a step from a non-finite loss or gradient. With fp16 loss scaling an inf gradient is the
+    # scaler's business (it skips the step and lowers the scale); without it, it is a broken step.
+    if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm))):
+        opt.zero_grad(set_to_none=True)
+        raise GuardTripped("non-finite loss" if not math.isfinite(loss) else "non-finite gradient", loss, float(grad_norm))
     lr = sched.get_last_lr()[0]
     scaler.step(opt)
     scaler.update()
@@ -116,7 +125,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     sched.step()
     tokens = sum(len(ex.input_ids) for mb in group for ex in mb)
     slots = sum(b["input_ids"].numel() for b in collated)
-    return StepStats(total / n_targets, float(grad_norm), lr, tokens, slots, lora_grads)
+    return StepStats(loss, float(grad_norm), lr, tokens, slots, lora_grads)
 
 
 def _lora_grads(probe: ActivityProbe) -> Any:

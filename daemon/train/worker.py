@@ -33,7 +33,7 @@ from typing import Any
 from daemon import adapters, atomic, control
 from daemon.config import Config, load_config
 from daemon.diskspace import DiskFull, disk_full_from, require_space
-from daemon.errors import DataError
+from daemon.errors import DataError, GuardTripped
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
 from daemon.train import consolidate, process
@@ -496,6 +496,12 @@ def fail(sess: Session, job_id: str, e: Exception) -> None:
     invalid = isinstance(e, DataError)
     if invalid:
         ckpt.delete_checkpoints(sess.checkpoints(job_id))
+    if isinstance(e, GuardTripped):  # the adapter is back where it was before the file (restore); the daemon pauses
+        log.error("%s stopped by a guard: %s; adapter back to v%s", job_id, e, sess.version)
+        sess.send({"type": "failed", "job_id": job_id, "reason": "guard", "step": e.step, "loss": e.loss,
+                   "message": f"{e}; the adapter is back to its state before this file (v{sess.version}), and "
+                              "training is paused", "traceback": None, "errors": []})
+        return
     log.error("%s failed: %s", job_id, e, exc_info=not invalid)
     errors = [x.to_dict() if hasattr(x, "to_dict") else x for x in getattr(e, "errors", [])]
     sess.send({"type": "failed", "job_id": job_id, "reason": "invalid_data" if invalid else "training_error",
