@@ -121,6 +121,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AutoGenerateConfig:
+    enabled: bool = _f(False, "Ask a generator for data once the queue has been empty for idle_seconds.")
+    source: Literal["builtin", "http", "command"] = _f("builtin", "builtin (puzzles with checkable answers), http (GET url) or command (stdout JSONL).")
+    idle_seconds: float = _f(300.0, "How long the queue must stay empty before a request.")
+    count: int = _f(200, "Records asked for per request (http gets ?count=N, a command $TRAIND_COUNT).")
+    url: str = _f("", "For source http: a loopback URL answering JSONL or a JSON list of records.")
+    command: list = _f([], "For source command: the argv to run; its stdout is JSONL.")
+    timeout_seconds: float = _f(60.0, "A request that takes longer has failed (then back-off: 30 s doubling to 1 h).")
+    max_files_per_day: int = _f(50, "At most this many generated files per day (UTC).")
+    priority: Literal["high", "normal", "low"] = _f("low", "The inbox folder generated files go to.")
+
+
+@dataclass(frozen=True)
 class GuardConfig:
     loss_spike_factor: float = _f(0.0, "A step whose loss is above this many times the file's recent mean loss stops the file (adapter restored, file failed, daemon paused); 0: off. Non-finite losses and gradients always stop it.")
     min_steps: int = _f(20, "Steps into a file before the spike guard judges (its recent mean needs them).")
@@ -164,6 +177,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
+    auto_generate: AutoGenerateConfig = field(default_factory=AutoGenerateConfig, metadata={"help": "Data generated when idle."})
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "Guard rails that stop a file that goes wrong."})
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "A fixed eval set: did a file help or hurt what was learnt before?"})
@@ -203,7 +217,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
@@ -241,6 +255,12 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("eval", "max_examples"): (lambda v: v >= 1, ">= 1"),
     ("guard", "loss_spike_factor"): (lambda v: v == 0 or v > 1, "0 (off) or above 1"),
     ("guard", "min_steps"): (lambda v: v >= 1, ">= 1"),
+    ("auto_generate", "idle_seconds"): (lambda v: v >= 0, ">= 0"),
+    ("auto_generate", "count"): (lambda v: 1 <= v <= 1_000_000, "between 1 and 1000000"),
+    ("auto_generate", "url"): (lambda v: v == "" or v.startswith(("http://", "https://")), "an http:// or https:// URL"),
+    ("auto_generate", "command"): (lambda v: all(isinstance(a, str) for a in v), "a list of strings (argv)"),
+    ("auto_generate", "timeout_seconds"): (lambda v: v > 0, "> 0"),
+    ("auto_generate", "max_files_per_day"): (lambda v: v >= 0, ">= 0"),
     ("notify", "webhooks"): (lambda v: all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in v),
                              "a list of http:// or https:// URLs"),
     ("notify", "events"): (lambda v: all(e in _NOTIFY_EVENTS for e in v), "a list of: " + ", ".join(_NOTIFY_EVENTS_SORTED)),
@@ -259,7 +279,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
-_MAY_BE_EMPTY = {("eval", "file"), ("notify", "secret")}  # strings where "" means "none"
+_MAY_BE_EMPTY = {("eval", "file"), ("notify", "secret"), ("auto_generate", "url")}  # strings where "" means "none"
 
 
 def _check_type(value: Any, hint: Any) -> str | None:

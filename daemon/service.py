@@ -29,6 +29,7 @@ from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
 from daemon.ledger import Ledger
+from daemon.autogen import AutoGenerator
 from daemon.notify import EVENT_OF, Notifier
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
@@ -124,6 +125,8 @@ class Service:
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
         self.ledger = Ledger(self.cfg.path("adapters"), self.db)
         self.notifier = Notifier(self.cfg)
+        self.autogen = AutoGenerator(self.cfg)
+        self.status.auto_generate = self.autogen.status() if self.cfg.auto_generate.enabled else None
         self.db.on_event = self._notify
         self.tracker.on_disk_full = lambda full: self._disk_full(full, self.clock())
         self.tracker.reconcile(self.clock())
@@ -213,6 +216,7 @@ class Service:
         self._check_disk(now)
         self._handle_control(now)
         self._intake(now)
+        self._auto_generate(now)
         if self.disk.full is None:
             self.tracker.retry_deferred(now)  # moves a full disk refused (done/, failed/)
         self._dispatch(now)
@@ -563,6 +567,22 @@ class Service:
                  "adapter_version": self.consolidation_of}):
             self.consolidation_sent = True
             self._set(self.status.status, detail="consolidating the adapter into a new base")
+
+    def _auto_generate(self, now: float) -> None:
+        """Data when idle (daemon/autogen.py): the request runs in its own thread; this only looks and starts it."""
+        if not self.cfg.auto_generate.enabled:
+            return
+        counts = self.queue.counts()
+        empty = counts["pending"] + counts["processing"] == 0 and not self.scanner.waiting() and self.tracker.job is None
+        paused = self.status.desired_state is DesiredState.PAUSED or self.disk.full is not None or self.stop_requested
+        before = self.status.auto_generate or {}
+        self.autogen.tick(now, empty, paused)
+        after = self.autogen.status()  # the request's thread changes it too: compared with what the status shows
+        if after != before:
+            self.status.auto_generate = after
+            self._dirty = True
+            if after.get("last_error") and after.get("last_error") != before.get("last_error"):
+                self.db.event("auto_generate", f"generator ({after['source']}) failed: {after['last_error']}", t=now)
 
     def _dispatch(self, now: float) -> None:
         self._send_rollback()
