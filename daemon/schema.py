@@ -117,6 +117,8 @@ class TrainingStatus:
     updated_at: float | None = _f(None, "when this snapshot was written", unix_time=True)
     write_interval_seconds: float = _f(2.0, "the service rewrites this file at least this often")
     last_error: str | None = _f(None, "the latest error, until a file next trains through")
+    micro_batch_split: int = _f(1, "pieces each micro-batch runs in: more than 1 after the trainer ran out of memory "
+                                   "(gradient accumulation doubled each time; the effective batch is the same)")
     auto_generate: dict | None = _f(None, "the idle-time generator (auto_generate.enabled): state (waiting, generating, "
                                           "backing_off, daily_cap), source, files_today, records_total, last_file, "
                                           "last_at, last_error, next_try_at; null when off")

@@ -98,6 +98,12 @@ class JobTracker:
         st.current_step, st.total_steps = msg["step"], msg.get("total_steps") or st.total_steps
         st.global_step, st.epoch = msg.get("global_step", st.global_step), msg.get("epoch", st.epoch)
         st.loss, st.lr, st.tokens_per_sec = msg.get("loss"), msg.get("lr"), msg.get("tokens_per_sec")
+        split = int(msg.get("micro_batch_split") or 1)
+        if split != st.micro_batch_split:
+            if split > st.micro_batch_split:
+                self.db.event("oom", f"out of memory at step {msg['step']}: each micro-batch now runs in {split} "
+                                     "pieces (the effective batch is unchanged)", msg["job_id"], t=now)
+            st.micro_batch_split = split
         if self._rate is None:
             self._rate = (now, st.current_step)
         t0, s0 = self._rate

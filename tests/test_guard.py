@@ -74,3 +74,38 @@ def test_a_tripped_guard_fails_the_file_keeps_the_adapter_and_pauses(tmp_path, m
         assert d.history().steps(job) == []  # its steps left the history
     finally:
         d.close()
+
+
+def test_out_of_memory_halves_the_micro_batch_and_the_result_stays(models_dir, tmp_path, monkeypatch):
+    # Injected (the CPU does not run out of memory on the tiny model): a forward of more than 1 example "does not
+    # fit", so each micro-batch of 4 runs in pieces of 1; the adapter matches the unsplit run's.
+    import torch
+
+    from daemon.train.loop import Job, train_file
+    from daemon.train.model import load_for_training, lora_max_abs_diff, lora_state
+    from tests.test_loop import make_cfg, sha, small_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = make_cfg(models_dir, tmp_path)
+        path = small_file(tmp_path)
+        job = Job("j", path, "alpaca", sha(path))
+        runs = []
+        for inject in (None, "1"):
+            if inject:
+                monkeypatch.setenv("TRAIND_INJECT_OOM_ABOVE", inject)
+            lm = load_for_training(cfg, seed=cfg.training.seed)
+            events: list[dict] = []
+            out = train_file(lm, cfg, job, global_step=0, ckpt_folder=tmp_path / f"ck-{inject}", report=events.append,
+                             control=lambda: "continue")
+            runs.append((out, lora_state(lm.model), [e for e in events if e["type"] == "step"], lm.split))
+        (out0, w0, s0, split0), (out1, w1, s1, split1) = runs
+        assert split0 == 1 and split1 == 4 and {e["micro_batch_split"] for e in s1} == {4}
+        assert out0.steps == out1.steps
+        diff = lora_max_abs_diff(w0, w1)
+        print(f"micro-batch split 4 vs 1: max |adapter diff| {diff:.2e}, max |loss diff| "
+              f"{max(abs(a['loss'] - b['loss']) for a, b in zip(s0, s1)):.2e}")
+        assert diff <= 1e-4
+    finally:
+        torch.set_num_threads(threads)

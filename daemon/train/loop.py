@@ -348,6 +348,7 @@ def _train_file(
                         "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
                         "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                         "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
+                        "micro_batch_split": stats.split,
                         "elapsed": clock() - started}
             steplog.append(step_msg)
             report(step_msg)

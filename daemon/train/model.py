@@ -226,6 +226,7 @@ class LoadedModel:
     base_path: Path
     quantization: str
     fast: Any = None  # daemon.train.step.FastPaths, checked on first use
+    split: int = 1  # each micro-batch runs in this many pieces (doubled after an out-of-memory; see step.py)
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; 4-bit weights counted as stored elements."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ class StepStats:
     tokens: int  # input tokens of the examples in the step (no padding)
     slots: int  # token positions computed (tokens + padding)
     lora_grads: Any = None  # per-module gradient norms of A and B, when the activity probe asked for them
+    split: int = 1  # pieces each micro-batch ran in (more than 1 after an out-of-memory)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -100,13 +102,30 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
     """
     pad_id = lm.tokenizer.pad_token_id
-    collated = [to_device(collate(mb, pad_id, pack and fast.pack, fast.one_row), lm.device) for mb in group]
-    n_targets = max(1, sum(trainable_tokens(b) for b in collated))
-    total = 0.0
-    for b in collated:
-        s, _ = loss_sum(lm.model, b, fast.label_only)
-        scaler.scale(s / n_targets).backward()
-        total += float(s.detach())
+    while True:
+        pieces = [p for mb in group for p in _pieces(mb, lm.split)]
+        collated = [to_device(collate(p, pad_id, pack and fast.pack, fast.one_row), lm.device) for p in pieces]
+        n_targets = max(1, sum(trainable_tokens(b) for b in collated))
+        total = 0.0
+        try:
+            for b, piece in zip(collated, pieces):
+                _maybe_inject_oom(len(piece))
+                s, _ = loss_sum(lm.model, b, fast.label_only)
+                scaler.scale(s / n_targets).backward()
+                total += float(s.detach())
+            break
+        except torch.OutOfMemoryError:
+            # Out of memory: run each micro-batch in twice as many pieces (gradient accumulation doubled; the
+            # group's token-mean loss and gradient are the same) and take the step again. Only a piece of one
+            # example that does not fit fails the file.
+            opt.zero_grad(set_to_none=True)
+            del collated
+            if lm.device == "cuda":
+                torch.cuda.empty_cache()
+            if all(len(p) == 1 for p in pieces):
+                raise
+            lm.split *= 2
+            log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
     scaler.unscale_(opt)
     lora_grads = _lora_grads(probe) if probe is not None else None
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -125,7 +144,22 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     sched.step()
     tokens = sum(len(ex.input_ids) for mb in group for ex in mb)
     slots = sum(b["input_ids"].numel() for b in collated)
-    return StepStats(loss, float(grad_norm), lr, tokens, slots, lora_grads)
+    return StepStats(loss, float(grad_norm), lr, tokens, slots, lora_grads, lm.split)
+
+
+def _pieces(mb: list[Example], split: int) -> list[list[Example]]:
+    """`mb` in `split` near-equal pieces (fewer when it holds fewer examples), in order."""
+    n = min(split, len(mb))
+    size = -(-len(mb) // n)
+    return [mb[i:i + size] for i in range(0, len(mb), size)]
+
+
+def _maybe_inject_oom(examples: int) -> None:
+    """Fault injection for tests (inert unless set): TRAIND_INJECT_OOM_ABOVE=N makes a forward of more than N
+    examples raise torch.OutOfMemoryError, as a GPU that cannot hold it does."""
+    limit = os.environ.get("TRAIND_INJECT_OOM_ABOVE")
+    if limit and examples > int(limit):
+        raise torch.OutOfMemoryError(f"injected: {examples} examples in one forward (TRAIND_INJECT_OOM_ABOVE={limit})")
 
 
 def _lora_grads(probe: ActivityProbe) -> Any:
