@@ -35,7 +35,7 @@ def test_builtin_puzzles_have_checkable_answers():
 
 def gen_daemon(tmp_path, models_dir, **gen):  # noqa: ANN001, ANN201
     return Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 1},
-                                 auto_generate={"enabled": True, "idle_seconds": 0.5, "count": 24, "max_files_per_day": 2, **gen}))
+                                 auto_generate={"enabled": True, "idle_seconds": 0.5, "count": 48, "max_files_per_day": 2, **gen}))
 
 
 @pytest.mark.e2e
@@ -47,8 +47,12 @@ def test_an_idle_daemon_trains_on_builtin_puzzles_up_to_its_daily_cap(tmp_path, 
                         timeout=240, what="two generated files trained, then the cap")
         names = sorted(e.original_name for e in d.queue.done())
         assert len(names) == 2 and all(n.startswith("auto-builtin-") for n in names)
-        assert st["auto_generate"]["records_total"] == 48 and st["auto_generate"]["files_today"] == 2
+        assert st["auto_generate"]["records_total"] == 96 and st["auto_generate"]["files_today"] == 2
         assert st["adapter_version"] == 2
+        losses = [loss for _, loss in d.losses()]
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        print(f"builtin puzzles: {len(losses)} steps, loss {first:.3f} (first 3) -> {last:.3f} (last 3)")
+        assert last < first  # the puzzles are learnable: the loss falls
     finally:
         d.close()
 
@@ -61,7 +65,7 @@ def test_command_and_http_generators_and_a_hanging_one(tmp_path, models_dir):
     try:
         d.start()
         d.wait_counts(done=1, timeout=180)
-        assert d.queue.done()[0].path.read_text().count("Say hi") == 24
+        assert d.queue.done()[0].path.read_text().count("Say hi") == 48
     finally:
         d.close()
 
