@@ -121,6 +121,12 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TensorBoardConfig:
+    enabled: bool = _f(False, "Write TensorBoard event files (loss, lr, tokens/s, eval loss, per-layer activity); needs `pip install traind[tensorboard]`.")
+    dir: str = _f("logs/tensorboard", "Where the event files go (relative paths from the config's folder).")
+
+
+@dataclass(frozen=True)
 class AutoGenerateConfig:
     enabled: bool = _f(False, "Ask a generator for data once the queue has been empty for idle_seconds.")
     source: Literal["builtin", "http", "command"] = _f("builtin", "builtin (puzzles with checkable answers), http (GET url) or command (stdout JSONL).")
@@ -177,6 +183,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig, metadata={"help": "TensorBoard event files (optional)."})
     auto_generate: AutoGenerateConfig = field(default_factory=AutoGenerateConfig, metadata={"help": "Data generated when idle."})
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "Guard rails that stop a file that goes wrong."})
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
@@ -189,6 +196,11 @@ class Config:
     def path(self, name: str) -> Path:
         """Absolute runtime folder `name` (a field of PathsConfig)."""
         p = Path(getattr(self.paths, name)).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        p = Path(self.tensorboard.dir).expanduser()
         return p if p.is_absolute() else (self.root / p)
 
     @property
@@ -217,7 +229,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
@@ -378,6 +390,7 @@ def resolved_dict(cfg: Config) -> dict[str, Any]:
         d["base_model"] = str(cfg.base_model_path)
     if cfg.eval_file is not None:
         d["eval"]["file"] = str(cfg.eval_file)
+    d["tensorboard"]["dir"] = str(cfg.tensorboard_dir)
     return d
 
 

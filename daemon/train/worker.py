@@ -39,6 +39,7 @@ from daemon.train import checkpoint as ckpt
 from daemon.train import consolidate, process
 from daemon.train.activity import ActivityProbe, Grid
 from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
+from daemon.train.tboard import Board
 from daemon.train.threads import ThreadGovernor, start_threads
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,11 @@ class Session:
     rollback_to: int | None = None  # a rollback asked for while a file trains, done once the loop has let go
     eval_set: list | None = None  # eval.file's examples (tokenised once), scored before and after every file
     eval_cache: tuple[int | None, float] | None = None  # (adapter version, its eval-set loss)
+    board: Any = None  # daemon.train.tboard.Board when tensorboard.enabled
 
     def send(self, msg: dict[str, Any]) -> None:
+        if self.board is not None:
+            self.board.report(msg)
         try:
             self.conn.send(msg)
         except (OSError, EOFError, ValueError) as e:  # the service is gone; PDEATHSIG will end us
@@ -91,6 +95,7 @@ def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
                    ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
     sess.eval_set, eval_error = load_eval_set(cfg, lm)
+    sess.board = Board.open(cfg)
     trainable, total = lm.param_counts()
     sess.send({"type": "ready", "eval_set_examples": len(sess.eval_set) if sess.eval_set else 0,
                "eval_set_error": eval_error, "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
@@ -334,6 +339,8 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
     sess.version, sess.manifest = version, manifest
+    if sess.board is not None:
+        sess.board.flush()
     if eval_after is not None:
         sess.eval_cache = (version, eval_after)
     ckpt.delete_checkpoints(sess.checkpoints(job.job_id))

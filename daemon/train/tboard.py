@@ -1,0 +1,68 @@
+"""TensorBoard event files (tensorboard.enabled): the trainer's reports, where TensorBoard users look.
+
+    board = Board.open(cfg)        # None when off; a clear warning when the package is missing
+    board.report(msg)              # step / eval / activity messages, as sent to the service
+
+Scalars by global step: train/loss, train/lr, train/tokens_per_sec, train/grad_norm, eval/loss,
+eval_set/loss (eval.file, after each file), activity/relative/layer_NN (‖ΔW‖/‖W₀‖ per layer). One writer,
+the trainer child, under `tensorboard.dir` (default logs/tensorboard/). A failure to write is logged once
+and never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class Board:
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.failed = False
+
+    @classmethod
+    def open(cls, cfg: Config) -> "Board | None":
+        if not cfg.tensorboard.enabled:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            log.warning("tensorboard.enabled but TensorBoard is not installed (pip install 'traind[tensorboard]'): %s", e)
+            return None
+        cfg.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+        return cls(SummaryWriter(log_dir=str(cfg.tensorboard_dir), flush_secs=10))
+
+    def report(self, msg: dict[str, Any]) -> None:
+        if self.failed:
+            return
+        try:
+            kind, g = msg.get("type"), msg.get("global_step")
+            if kind == "step":
+                for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("tokens_per_sec", "train/tokens_per_sec"),
+                                 ("grad_norm", "train/grad_norm")):
+                    if msg.get(key) is not None:
+                        self.writer.add_scalar(tag, msg[key], g)
+            elif kind == "eval":
+                self.writer.add_scalar("eval/loss", msg["eval_loss"], g)
+            elif kind == "activity":
+                rel = (msg.get("values") or {}).get("relative") or []
+                layers = msg.get("layers") or []
+                for layer, row in zip(layers, rel):
+                    cells = [v for v in row if v is not None]
+                    if cells:
+                        self.writer.add_scalar(f"activity/relative/layer_{layer:02d}", sum(v * v for v in cells) ** 0.5, g)
+            elif kind == "done" and (msg.get("eval_set") or {}).get("after") is not None:
+                self.writer.add_scalar("eval_set/loss", msg["eval_set"]["after"], g)
+        except Exception:  # a diagnostic never fails a file
+            self.failed = True
+            log.warning("TensorBoard events are no longer written", exc_info=True)
+
+    def flush(self) -> None:
+        try:
+            self.writer.flush()
+        except Exception:
+            log.warning("TensorBoard flush failed", exc_info=True)
