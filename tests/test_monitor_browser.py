@@ -228,6 +228,14 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
             wait_until(lambda: [r.action for r in control.pending_requests(cfg)] == [ControlAction.RETRY], what="retry request")
             tab.page.wait_for_selector("tr.row-failed >> text=retry requested…")
 
+            # the idle-time generator and an out-of-memory split show in the status panel
+            beat.set(auto_generate={"state": "backing_off", "source": "http", "files_today": 3, "records_total": 600,
+                                    "last_error": "TimeoutError: timed out", "last_file": None, "last_at": None,
+                                    "next_try_at": None}, micro_batch_split=2)
+            tab.page.wait_for_selector("#generator >> text=http: backing off")
+            tab.page.wait_for_selector("#split >> text=in 2 pieces")
+            beat.set(auto_generate=None, micro_batch_split=1)
+
             # consolidate asks for a description; cancelling leaves nothing, confirming leaves the request with it
             from daemon import atomic
             atomic.write_json(cfg.path("adapters") / "v0004" / "manifest.json", {"version": 4})

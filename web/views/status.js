@@ -49,6 +49,17 @@ export function update(s) {
   $('adapter').textContent = s.adapter_version == null ? '—' : 'v' + s.adapter_version;
   $('device').textContent = [s.device, s.compute_dtype, s.quantization].filter(Boolean).join(' · ') || '—';
   $('updated').textContent = s.updated_at ? new Date(s.updated_at).toLocaleTimeString() : '—';
+  const base = s.base_model || '';
+  $('base-model').textContent = base ? base.split('/').slice(-2).join('/') : '—';
+  $('base-model').title = base;
+  const g = s.auto_generate;  // the idle-time generator, when enabled
+  $('gen-row').hidden = !g;
+  if (g) {
+    $('generator').textContent = `${g.source}: ${g.state.replace('_', ' ')} · ${fmt.int(g.files_today)} today · ${fmt.int(g.records_total)} records`
+      + (g.last_error && g.state === 'backing_off' ? ` · last error: ${g.last_error}` : '');
+  }
+  $('split-row').hidden = !(s.micro_batch_split > 1);  // after an out-of-memory
+  $('split').textContent = s.micro_batch_split > 1 ? `in ${s.micro_batch_split} pieces (out of memory; same effective batch)` : '';
   const le = $('last-error');
   le.hidden = !s.last_error; le.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
 }
