@@ -102,3 +102,38 @@ def test_command_and_http_generators_and_a_hanging_one(tmp_path, models_dir):
         assert d.stop() == 0
     finally:
         d.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("behaviour", ["error", "hang"])
+def test_an_http_generator_that_errors_or_hangs_backs_off_and_training_goes_on(tmp_path, models_dir, behaviour):
+    import time
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if behaviour == "hang":
+                time.sleep(20)
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    d = gen_daemon(tmp_path, models_dir, source="http", url=f"http://127.0.0.1:{server.server_address[1]}/gen",
+                   timeout_seconds=1.0)
+    try:
+        d.start()
+        st = d.wait_for(lambda s: (s.get("auto_generate") or {}).get("state") == "backing_off", timeout=60, what="back-off")
+        err = st["auto_generate"]["last_error"]
+        assert ("500" in err) if behaviour == "error" else ("timed out" in err.lower()), err
+        assert any(e["kind"] == "auto_generate" for e in d.history().events())
+        d.drop("real.jsonl", lines_of("text.jsonl", 12))
+        d.wait_counts(done=1, timeout=120)
+        t0 = time.time()
+        assert d.stop() == 0 and time.time() - t0 < 30  # a stop does not wait for the generator
+    finally:
+        d.close()
+        server.shutdown()
