@@ -47,6 +47,7 @@ def weights(folder) -> dict:
 def test_pin_retention_and_rollback(daemon):
     d = daemon
     train(d, "one.jsonl", text(12), 1)
+    assert_loads_with_peft(d)
     r = d.ctl("adapters", "pin", "1")
     assert r.returncode == 0 and "v1 pinned" in r.stdout, r.stdout + r.stderr
     assert d.ctl("adapters", "pin", "9").returncode == 1  # no such version
@@ -100,28 +101,6 @@ def test_rollback_while_a_file_trains_starts_it_again_on_the_old_adapter(tmp_pat
         d.close()
 
 
-def test_an_adapter_folder_loads_with_peft(daemon):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    d = daemon
-    train(d, "one.jsonl", text(12), 1)
-    from daemon.train.model import resolve_base
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_base(d.cfg), dtype=torch.float32)
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        plain = base(ids).logits
-    model = PeftModel.from_pretrained(base, str(d.cfg.path("adapters") / "v0001"))
-    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    saved = weights(d.cfg.path("adapters") / "v0001")
-    assert len(loaded) == len(saved) > 0
-    with torch.no_grad():
-        tuned = model(ids).logits
-    assert not torch.allclose(plain, tuned)  # the adapter is there and changes the output
-
-
 def test_sample_and_eval_beside_a_running_daemon(daemon, tmp_path, capsys):
     from daemon.cli.dispatch import main as trainctl
     from daemon.train.inspect import load_view, sample
@@ -149,3 +128,23 @@ def test_sample_and_eval_beside_a_running_daemon(daemon, tmp_path, capsys):
     assert trainctl(["--config", str(d.config_path), "eval", str(f), "--max-examples", "4"]) == 0
     table = capsys.readouterr().out
     assert "adapter v1" in table and "changes the loss by" in table
+
+
+def assert_loads_with_peft(d: Daemon) -> None:
+    """adapters/v0001 is a standard PEFT folder: PeftModel.from_pretrained loads it onto the base, and it changes the output."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from daemon.train.model import resolve_base
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(d.cfg), dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        plain = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(d.cfg.path("adapters") / "v0001"))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(weights(d.cfg.path("adapters") / "v0001")) > 0
+    with torch.no_grad():
+        tuned = model(ids).logits
+    assert not torch.allclose(plain, tuned)

@@ -66,6 +66,7 @@ def test_a_learnt_file_is_not_trained_again_unless_forced(daemon, tmp_path):
     assert not list(d.cfg.path("inbox").glob(".*.force"))  # the marker went with the file
     job = [j for j in d.history().jobs() if j["original_name"] == "forced.jsonl"][0]
     assert job["forced"] == 1 and job["duplicate_of"] is None
+    assert not (d.cfg.path("logs") / "tensorboard").exists()  # TensorBoard files only when configured
 
 
 def test_two_copies_queued_together_train_once(daemon):

@@ -36,13 +36,3 @@ def test_event_files_hold_loss_lr_eval_and_activity(tmp_path, models_dir):
     finally:
         d.close()
 
-
-def test_off_by_default(tmp_path, models_dir):
-    d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 1}))
-    try:
-        d.start()
-        d.drop("a.jsonl", lines_of("text.jsonl", 12))
-        d.wait_counts(done=1)
-        assert not (d.cfg.path("logs") / "tensorboard").exists()
-    finally:
-        d.close()
