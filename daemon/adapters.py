@@ -46,19 +46,19 @@ class AdapterVersion:
         return list(self.manifest.get("trained_jobs", []))
 
     @property
-    def ledger(self) -> list[dict[str, Any]]:
+    def dataset(self) -> list[dict[str, Any]]:
         """Every file this adapter's lineage learnt, oldest first: `sha256`, `job_id`, `original_name`,
         `version` (the adapter version it went into), `generation` (of the base it trained on).
-        A manifest written before the ledger existed knows only its own file's content."""
-        if "ledger" in self.manifest:
-            return list(self.manifest["ledger"])
+        A manifest written before the dataset ledger existed knows only its own file's content."""
+        if "dataset" in self.manifest:
+            return list(self.manifest["dataset"])
         m = self.manifest
         return [{"sha256": m.get("sha256"), "job_id": m.get("job_id"), "original_name": m.get("original_name"),
                  "version": self.version, "generation": m.get("generation", 0)}] if m.get("sha256") else []
 
 
-def ledger_entry(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The ledger line of the file a new version learns (its manifest's own fields)."""
+def dataset_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The dataset-ledger line of the file a new version learns (its manifest's own fields)."""
     return {"sha256": manifest["sha256"], "job_id": manifest["job_id"], "original_name": manifest.get("original_name"),
             "version": manifest["version"], "generation": manifest.get("generation", 0), "steps": manifest.get("steps")}
 

@@ -29,7 +29,7 @@ from daemon import atomic
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.jobqueue import JobQueue, QueueEntry
-from daemon.ledger import Ledger, duplicate_message
+from daemon.dataset import DatasetLedger, duplicate_message
 from daemon.states import FailReason, JobState, Priority
 from daemon.status import HistoryDB
 from daemon.validate import ValidationReport, validate_file
@@ -136,7 +136,7 @@ def force_marker(path: Path) -> Path:
 
 
 def take_file(path: Path, prio: Priority, now: float, cfg: Config, queue: JobQueue, db: HistoryDB,
-              ledger: Ledger | None = None) -> QueueEntry:
+              ledger: DatasetLedger | None = None) -> QueueEntry:
     """Validate one complete inbox file, then queue it or refuse it with its reasons; a file whose content
     the adapter has learnt already goes to done/ as a duplicate (unless forced)."""
     report = validate_file(path, cfg.data, cfg.intake.max_file_bytes)

@@ -28,7 +28,7 @@ from daemon.diskspace import DiskFull
 from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
-from daemon.ledger import Ledger
+from daemon.dataset import DatasetLedger
 from daemon.autogen import AutoGenerator
 from daemon.notify import EVENT_OF, Notifier
 from daemon.lock import acquire
@@ -123,7 +123,7 @@ class Service:
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
         self.db.on_disk_full = lambda e: self._disk_error(e, self.cfg.path("status"), "history")
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
-        self.ledger = Ledger(self.cfg.path("adapters"), self.db)
+        self.ledger = DatasetLedger(self.cfg.path("adapters"), self.db)
         self.notifier = Notifier(self.cfg)
         self.autogen = AutoGenerator(self.cfg)
         self.status.auto_generate = self.autogen.status() if self.cfg.auto_generate.enabled else None

@@ -88,7 +88,7 @@ def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
         train(d, "two.jsonl", text(13), 3)  # on the new base, with the fresh adapter
         cur = read_current(d.cfg.path("adapters"))
         assert cur.manifest["base_path"] == str(new_base) and cur.manifest["generation"] == 1
-        assert [(e["original_name"], e["generation"]) for e in cur.manifest["ledger"]] == [("one.jsonl", 0), ("two.jsonl", 1)]
+        assert [(e["original_name"], e["generation"]) for e in cur.manifest["dataset"]] == [("one.jsonl", 0), ("two.jsonl", 1)]
         kept = [r["version"] for r in json.loads(d.ctl("adapters", "list", "--json").stdout)]
         assert kept == [1, 3]  # keep_last 1 keeps the current; v1 fed the consolidation and stays
         d.drop("one-again.jsonl", text(12))  # learnt by generation 0: still a duplicate

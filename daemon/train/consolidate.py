@@ -248,7 +248,7 @@ def _probe_ids(tokenizer: Any) -> dict[str, Any]:
 def _lineage(cfg: Config, current: adapters.AdapterVersion, base: Path, description: str, generation: int,
              final: Path, max_diff: float, reload_diff: float, save_dtype: str, figures: dict[str, int],
              probe_tokens: int) -> dict[str, Any]:
-    ledger = current.ledger
+    ledger = current.dataset
     parent_lineage = base / LINEAGE
     return {
         "generation": generation + 1,
@@ -258,9 +258,9 @@ def _lineage(cfg: Config, current: adapters.AdapterVersion, base: Path, descript
         "parent_base": {"path": str(base), "sha256": folder_sha256(base), "generation": generation,
                         "lineage": str(parent_lineage) if parent_lineage.is_file() else None},
         "adapter": {"version": current.version, "path": str(current.path), "global_step": current.manifest.get("global_step")},
-        # what this generation learnt (the files merged now); `ledger` is every generation's, carried on
+        # what this generation learnt (the files merged now); `dataset` is every generation's, carried on
         "files": [e for e in ledger if e.get("generation", 0) == generation],
-        "ledger": ledger,
+        "dataset": ledger,
         "verification": {"probe_tokens": probe_tokens, "max_abs_logit_diff": max_diff, "tolerance": MERGE_TOLERANCE,
                          "reloaded_max_abs_logit_diff": reload_diff, "saved_dtype": save_dtype},
         "resources": figures,

@@ -334,8 +334,8 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         manifest["eval_set"] = {"file": str(sess.cfg.eval_file), "examples": len(sess.eval_set or []),
                                 "before": eval_before, "after": eval_after}
     # The dataset ledger: what the lineage has learnt, by content (the service refuses a second copy).
-    before = adapters.AdapterVersion(sess.version, sess.cfg.path("adapters"), sess.manifest).ledger if sess.version else []
-    manifest["ledger"] = before + [adapters.ledger_entry(manifest)]
+    before = adapters.AdapterVersion(sess.version, sess.cfg.path("adapters"), sess.manifest).dataset if sess.version else []
+    manifest["dataset"] = before + [adapters.dataset_entry(manifest)]
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
     sess.version, sess.manifest = version, manifest
@@ -399,8 +399,8 @@ def rollback(sess: Session, interrupted: str | None) -> None:
         return
     load_adapter(sess.lm.model, target.path)
     sess.probe.forget_previous()
-    kept = {e["job_id"] for e in target.ledger}
-    current_ledger = adapters.AdapterVersion(sess.version, folder, sess.manifest).ledger if sess.version else []
+    kept = {e["job_id"] for e in target.dataset}
+    current_ledger = adapters.AdapterVersion(sess.version, folder, sess.manifest).dataset if sess.version else []
     undone = [e for e in current_ledger if e["job_id"] not in kept]
     version = (sess.version or 0) + 1
     m = target.manifest
@@ -410,7 +410,7 @@ def rollback(sess: Session, interrupted: str | None) -> None:
         "final_loss": m.get("final_loss"), "eval_loss": m.get("eval_loss"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trained_jobs": list(m.get("trained_jobs", [])), "activity_moved": None,
-        "ledger": target.ledger, "undone": undone,
+        "dataset": target.dataset, "undone": undone,
     }
     publish_adapter(folder, sess.lm.model, manifest)
     sess.version, sess.manifest = version, manifest
@@ -474,7 +474,7 @@ def consolidate_now(sess: Session, msg: dict[str, Any]) -> None:
         "lineage": str(result.path / consolidate.LINEAGE), "description": result.lineage["description"],
         "job_id": None, "original_name": None, "sha256": None, "steps": 0, "global_step": m.get("global_step", 0),
         "final_loss": None, "eval_loss": None, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trained_jobs": list(m.get("trained_jobs", [])), "activity_moved": None, "ledger": current.ledger,
+        "trained_jobs": list(m.get("trained_jobs", [])), "activity_moved": None, "dataset": current.dataset,
     }
     publish_adapter(folder, sess.lm.model, manifest)
     sess.version, sess.manifest = version, manifest

@@ -1,10 +1,10 @@
 """The dataset ledger: which file contents the adapter's lineage has already learnt.
 
-    from daemon.ledger import Ledger
-    ledger = Ledger(cfg.path("adapters"), db)
+    from daemon.dataset import DatasetLedger
+    ledger = DatasetLedger(cfg.path("adapters"), db)
     earlier = ledger.earlier(sha256)     # the ledger entry of the file with these bytes, or None
 
-The trainer child writes the ledger into every adapter manifest (`ledger`: the
+The trainer child writes the ledger into every adapter manifest (`dataset`: the
 parent's entries plus the file the version learnt), so it moves with the
 adapter: a rollback to an older version brings back that version's ledger, and
 a consolidated base carries its own into the next generation. Service side,
@@ -21,7 +21,7 @@ from daemon import adapters
 from daemon.status import HistoryDB
 
 
-class Ledger:
+class DatasetLedger:
     def __init__(self, adapters_dir: Path, db: HistoryDB) -> None:
         self.adapters_dir, self.db = adapters_dir, db
         self._version: int | None = None
@@ -39,8 +39,8 @@ class Ledger:
         return self.learnt().get(sha256) if sha256 else None
 
     def _build(self, current: adapters.AdapterVersion) -> dict[str, dict[str, Any]]:
-        entries = current.ledger
-        if "ledger" not in current.manifest:
+        entries = current.dataset
+        if "dataset" not in current.manifest:
             # Written before the ledger existed: the history knows the content of the files it lists.
             known = {e["job_id"] for e in entries}
             for job_id in current.trained_jobs:
