@@ -9,7 +9,8 @@
 Layout (docs/internals.md): `<checkpoints>/<job_id>/step_NNNNNN/` holds
 `adapter_model.safetensors` (LoRA), `optimizer.pt` (optimizer, scheduler and
 grad-scaler states), `rng.pt` (python, numpy, torch CPU and CUDA RNG states)
-and `state.json` (Position: step, global step, data position, file sha256),
+`ledger.json` (the samples the steps so far consumed, daemon.ledger) and
+`state.json` (Position: step, global step, data position, file sha256),
 written last inside the folder. The folder is written under a temp name and
 published with one rename; `latest.json` then points at it. A folder that is
 incomplete or does not load is ignored and an older one is used.
@@ -63,6 +64,7 @@ class Checkpoint:
     scaler: dict[str, Any]
     rng: dict[str, Any]
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step reports since the previous checkpoint
+    ledger: dict[str, Any] | None = None  # the samples the steps so far consumed (daemon.ledger); None: older checkpoint
 
 
 def step_dir_name(step: int) -> str:
@@ -101,12 +103,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int,
-    steps: list[dict[str, Any]] | None = None,
+    steps: list[dict[str, Any]] | None = None, ledger: dict[str, Any] | None = None,
 ) -> Path:
     """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`.
 
     `steps`: the step reports since the previous checkpoint. A resume reports them again, so the service's
-    step history has every step even when it died before recording the last ones it was sent."""
+    step history has every step even when it died before recording the last ones it was sent.
+    `ledger`: the samples consumed by the steps the weights hold (daemon.ledger), in the same folder rename."""
     import torch
     from safetensors.torch import save_file
 
@@ -118,6 +121,8 @@ def save_checkpoint(
         torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, tmp / "optimizer.pt")
         torch.save(capture_rng(), tmp / "rng.pt")
         atomic.write_json(tmp / "steps.json", steps or [])
+        if ledger is not None:
+            atomic.write_json(tmp / "ledger.json", ledger)
         atomic.write_json(tmp / "state.json", dataclasses.asdict(pos))  # last: marks the folder complete
         atomic.publish_dir(tmp, final)
     except BaseException:
@@ -172,7 +177,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     lora = load_file(str(path / "adapter_model.safetensors"))
     steps = atomic.read_json(path / "steps.json") if (path / "steps.json").is_file() else []  # older: none
-    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, steps)
+    ledger = atomic.read_json(path / "ledger.json") if (path / "ledger.json").is_file() else None  # older: none
+    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, steps, ledger)
 
 
 def _candidates(folder: Path) -> list[Path]:

@@ -196,6 +196,7 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         "eval_loss": outcome.eval_loss, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trained_jobs": sess.trained_jobs + [job.job_id],
         "activity_moved": moved.to_dict() if moved is not None else None,
+        "ledger": outcome.ledger,
     }
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest)
     sess.version, sess.manifest = version, manifest

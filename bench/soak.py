@@ -1,0 +1,644 @@
+"""Random kill -9 soak: SIGKILL the real daemon (its whole process tree, or only the trainer
+child) at uniformly random times, restart, repeat, over many seeds; check the promise after each.
+
+    .venv/bin/python -m bench.soak --seeds 50 --kills-per-seed 20 --out bench/results/soak-<stamp>.json
+    .venv/bin/python -m bench.soak --seeds 1 --kills-per-seed 3          # a quick look (tests/test_soak.py)
+    .venv/bin/python -m bench.soak --first-seed 7 --seeds 1 -v           # replay one seed (the kills are seeded too)
+
+A seed makes a workload (three small files of the bundled examples, one with an
+invalid line that is skipped, and one broken file that must fail; 2 epochs per
+file, a checkpoint every 1 or 2 steps) and the times and targets of its kills.
+The uninterrupted run of each workload is the reference (run once, cached in
+`--work/refs/` by the workload's hash). Each kill picks an origin at random:
+`start` (the last start or kill) with a time uniform over [0, D], D the
+reference's wall time from start to settled, or `ready` (the moment the
+trainer started since the last kill says ready) with a time uniform over
+[0, D - R], R the reference's start-to-ready time. The trainer's start-up
+(imports, model load: R is most of D on the tiny model) would otherwise
+take most kills; so they land anywhere: start-up, intake, status and history
+writes, steps, checkpoint writes, adapter publication, idle. Where a kill landed is
+read from what it left: temp files and folders of an interrupted write
+(`witness` per kill). A group kill is `os.killpg` of the daemon's process group
+and of each of its descendants' groups (the trainer runs in its own session),
+as a supervisor's cgroup kill does; a trainer kill is SIGKILL to the child alone.
+
+After the last kill the daemon runs to the end and stops cleanly; then
+(`check_seed`): every input file is in exactly one of done/ and failed/,
+byte-identical to what was dropped, the broken one failed as invalid_data;
+nothing left in inbox/, pending/, processing/; the final adapter's lineage
+lists each done file once and each version's sample ledger (daemon.ledger)
+holds every train line of its file exactly once per epoch, in the reference's
+steps (same digest); the final adapter equals the reference within 1e-5; the
+history has each kept step once; no temp file or folder is left anywhere in
+the instance, and no checkpoint folder outlives its published file.
+
+The engine is importable (`run_soak`), so tests/test_soak.py runs a short
+variant; bench/mutants.py runs it against seeded protocol bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+               ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    os.environ.setdefault(_k, _v)
+
+import psutil  # noqa: E402
+
+from daemon import adapters  # noqa: E402
+from daemon.jobqueue import ERROR_SUFFIX  # noqa: E402
+from daemon.ledger import check_ledger  # noqa: E402
+from tests.conftest import lines_of, write_instance  # noqa: E402
+from tests.daemon_harness import Daemon  # noqa: E402
+
+log = logging.getLogger("soak")
+
+TOL = 1e-5
+SOURCES = ("text.jsonl", "alpaca.jsonl", "chat.jsonl", "prompt_completion.jsonl")
+BAD_LINE = '{"text": "cut off in the mid\n'  # a truncated JSON object: one bad line
+SETTLE_TIMEOUT = 300.0
+
+
+# ---------------------------------------------------------------- the workload of a seed
+
+
+@dataclass(frozen=True)
+class Workload:
+    seed: int
+    files: dict[str, str]  # name -> text, dropped in this order
+    broken: str  # the file that must fail (invalid_data)
+    skipped_line: tuple[str, int]  # (file, line) of the one bad line a good file carries
+    settings: dict[str, Any]  # config overrides over tests.conftest.FAST
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps([self.files, self.settings], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def good(self) -> list[str]:
+        return [n for n in self.files if n != self.broken]
+
+
+def make_workload(seed: int) -> Workload:
+    """Three good files (20-30 records of a random bundled format; one with a bad line) and a broken one."""
+    rng = random.Random(f"traind-soak-workload:{seed}")
+    files: list[tuple[str, str]] = []
+    for i in range(3):
+        src = rng.choice(SOURCES)
+        lines = lines_of(src).splitlines(keepends=True)
+        n = rng.randint(20, 30)
+        at = rng.randrange(len(lines) - n)
+        files.append((f"{src.removesuffix('.jsonl')}", "".join(lines[at:at + n])))
+    bad_file = rng.randrange(3)
+    lines = files[bad_file][1].splitlines(keepends=True)
+    bad_at = rng.randrange(1, len(lines))
+    lines.insert(bad_at, BAD_LINE)
+    files[bad_file] = (files[bad_file][0], "".join(lines))
+    good_lines = lines_of("text.jsonl", 4).splitlines(keepends=True)
+    broken_text = "".join(x for pair in zip(good_lines, [BAD_LINE] * 4) for x in pair)  # half bad: refused
+    broken_at = rng.randrange(4)
+    named: dict[str, str] = {}
+    k = 0
+    for i in range(4):
+        if i == broken_at:
+            named[f"{i:02d}_broken.jsonl"] = broken_text
+        else:
+            stem, text = files[k]
+            named[f"{i:02d}_{stem}.jsonl"] = text
+            if k == bad_file:
+                skipped = (f"{i:02d}_{stem}.jsonl", bad_at + 1)
+            k += 1
+    settings = {
+        "data": {"bad_line_policy": "skip"},
+        "model": {"compute_dtype": "float32"},
+        "lora": {"dropout": 0.05},  # the restored RNG state matters
+        "training": {"epochs_per_file": 2, "checkpoint_every_steps": rng.choice([1, 2]), "keep_checkpoints": 2,
+                     "seed": 1000 + seed, "warmup_steps": 1},
+        "activity": {"every_steps": 2},
+        # A file must never fail for being killed under: the soak kills the trainer many times per file.
+        "service": {"max_crashes_per_file": 1_000_000, "restart_backoff_seconds": 0.05,
+                    "status_interval_seconds": 0.25},
+    }
+    return Workload(seed, named, f"{broken_at:02d}_broken.jsonl", skipped, settings)
+
+
+# ---------------------------------------------------------------- driving the daemon
+
+
+def private_tmp(inst: Path) -> dict[str, str]:
+    """The daemon's TMPDIR inside its instance (`tmp/`), so the temp folders it makes (the trainer's
+    socket folder) are counted with the instance's debris."""
+    (inst / "tmp").mkdir()
+    return {"TMPDIR": str(inst / "tmp")}
+
+
+def settled(d: Daemon, w: Workload) -> bool:
+    """Every file reached done/ or failed/ and this very process says idle."""
+    c = d.queue.counts()
+    inbox = [p for p in d.cfg.path("inbox").rglob("*") if p.is_file()]
+    st = d.status() or {}
+    return (not inbox and c["pending"] == 0 and c["processing"] == 0 and c["done"] + c["failed"] >= len(w.files)
+            and st.get("status") == "idle" and st.get("pid") == d.proc.pid)
+
+
+def run_to_settled(d: Daemon, w: Workload, timeout: float = SETTLE_TIMEOUT) -> float:
+    t0 = time.monotonic()
+    while not settled(d, w):
+        if d.proc.poll() is not None:
+            raise SoakError(f"daemon exited ({d.proc.returncode}) before settling")
+        if time.monotonic() - t0 > timeout:
+            raise SoakError(f"not settled in {timeout:.0f} s; queue {d.queue.counts()}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+class SoakError(Exception):
+    """The run did not get where it must (a hang, a daemon that exits by itself)."""
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def trainer_of(d: Daemon) -> psutil.Process | None:
+    for p in descendants(d.proc.pid):
+        try:
+            if "daemon.train" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def readies(d: Daemon) -> int:
+    """How many times a trainer said `ready` to this instance's service so far (its log)."""
+    return sum(p.read_text(errors="replace").count("trainer ready on")
+               for p in d.cfg.path("logs").glob("daemon_*.log"))
+
+
+def kill_group(d: Daemon) -> None:
+    """SIGKILL the daemon's process group and every descendant's group; wait until all are gone."""
+    procs = descendants(d.proc.pid)
+    os.killpg(d.proc.pid, signal.SIGKILL)
+    for p in procs:
+        try:
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    d.proc.wait(30)
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    if alive:
+        raise SoakError(f"processes outlived the kill: {alive}")
+
+
+def kill_trainer(p: psutil.Process) -> None:
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def temp_debris(root: Path) -> list[str]:
+    """Temp files and folders of interrupted writes anywhere in an instance (relative paths), and
+    whatever is in its TMPDIR (`tmp/`)."""
+    out = []
+    for p in root.rglob("*"):
+        name = p.name
+        if p.parent == root / "tmp" and name.startswith("torchinductor_"):
+            continue  # torch's compile cache, made at import whatever happens: not an interrupted write
+        if name.endswith((".tmp", ".part")) or ".old-" in name or p.parent == root / "tmp":
+            out.append(str(p.relative_to(root)))
+    return sorted(out)
+
+
+def witness(debris: list[str], d: Daemon, total: int) -> list[str]:
+    """What a kill interrupted, from the debris it left (and an intake half done)."""
+    kinds = set()
+    for rel in debris:
+        top, name = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
+        if top == "checkpoints":
+            kinds.add("checkpoint write" if ".step_" in rel else "checkpoint pointer write")
+        elif top == "adapters":
+            kinds.add("adapter publication" if name.startswith(".v") else "adapter pointer write")
+        elif top == "status":
+            kinds.add("status write" if "training_status" in name else f"status/{name.split('.')[1]} write")
+        elif top == "queue":
+            kinds.add("queue write")
+        elif top == "tmp":
+            continue  # the live service's socket folder: not a write in flight
+        else:
+            kinds.add(f"{top} write")
+    inbox = [p for p in d.cfg.path("inbox").rglob("*") if p.is_file()]
+    if 0 < len(inbox) < total:  # some files taken, some not: the kill came mid-intake
+        kinds.add("intake")
+    return sorted(kinds)
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def adapter_tensors(adapters_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    cur = adapters.read_current(adapters_dir)
+    return load_file(str(cur.path / "adapter_model.safetensors"))
+
+
+def ledgers(adapters_dir: Path) -> dict[str, dict]:
+    """original name -> (version, job_id, steps, ledger) for each version in the current adapter's lineage."""
+    out: dict[str, dict] = {}
+    for m in adapters.lineage(adapters_dir):
+        name = m.get("original_name")
+        if name in out:
+            out[name]["twice"] = True
+        out.setdefault(name, {"version": m["version"], "job_id": m["job_id"], "steps": m["steps"],
+                              "ledger": m.get("ledger")})
+    return out
+
+
+def reference(w: Workload, work: Path, models_dir: Path) -> dict[str, Any]:
+    """The uninterrupted run of `w` (cached): its wall time, adapter file and ledgers."""
+    ref_dir = work / "refs" / w.key
+    meta = ref_dir / "ref.json"
+    if meta.is_file():
+        return json.loads(meta.read_text())
+    inst = Path(tempfile.mkdtemp(prefix=f"ref-{w.seed}-", dir=work))
+    d = Daemon(write_instance(inst, models_dir, **w.settings), env=private_tmp(inst))
+    try:
+        for name, text in w.files.items():
+            d.drop(name, text)
+        t0 = time.monotonic()
+        d.start(new_session=True)
+        while not readies(d):
+            if time.monotonic() - t0 > SETTLE_TIMEOUT or d.proc.poll() is not None:
+                raise SoakError("the reference's trainer never got ready")
+            time.sleep(0.01)
+        ready = time.monotonic() - t0
+        run_to_settled(d, w)
+        wall = time.monotonic() - t0
+        if d.stop() != 0:
+            raise SoakError("the reference run did not stop cleanly")
+        ref_dir.mkdir(parents=True, exist_ok=True)
+        cur = adapters.read_current(d.cfg.path("adapters"))
+        shutil.copy(cur.path / "adapter_model.safetensors", ref_dir / "adapter_model.safetensors")
+        out = {"seed": w.seed, "key": w.key, "wall_seconds": wall, "ready_seconds": ready, "adapter": str(ref_dir / "adapter_model.safetensors"),
+               "ledgers": ledgers(d.cfg.path("adapters")), "done": sorted(e.original_name for e in d.queue.done()),
+               "failed": sorted(e.original_name for e in d.queue.failed())}
+        meta.write_text(json.dumps(out, indent=1))
+        return out
+    finally:
+        d.close()
+        shutil.rmtree(inst, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the promise
+
+
+def train_lines_of(w: Workload, name: str, text: str, models_dir: Path, fmt: str) -> list[int]:
+    """The lines of a file that must train once per epoch (the trainer's own plan of it)."""
+    from daemon.config import load_config
+    from daemon.train.data import train_lines
+    from daemon.train.loop import job_seed
+    from daemon.train.model import resolve_base
+    from daemon.validate import DataFormat
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(write_instance(Path(tmp), models_dir, **w.settings))
+        tok = _tokenizer(str(resolve_base(cfg)), AutoTokenizer)
+        path = Path(tmp) / name
+        path.write_text(text, encoding="utf-8")
+        seed = job_seed(cfg.training.seed, hashlib.sha256(text.encode()).hexdigest())
+        return train_lines(path, DataFormat(fmt), tok, cfg.data, seed)
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str, auto: Any) -> Any:
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = auto.from_pretrained(path)
+    return _TOKENIZERS[path]
+
+
+def check_seed(d: Daemon, w: Workload, ref: dict[str, Any], models_dir: Path) -> list[str]:
+    """Every violation of the promise in a stopped instance (see the module docstring)."""
+    v: list[str] = []
+    queue, root = d.cfg.path("queue"), d.cfg.root
+    left = [str(p.relative_to(root)) for p in d.cfg.path("inbox").rglob("*") if p.is_file()]
+    left += [str(e.path.relative_to(root)) for e in d.queue.pending() + d.queue.processing()]
+    if left:
+        v.append(f"files not finished: {left}")
+    files = [p for p in (queue / "done").glob("*") if p.is_file()] + \
+            [p for p in (queue / "failed").glob("*") if p.is_file() and not p.name.endswith((ERROR_SUFFIX, ERROR_SUFFIX + ".prev"))]
+    for name, text in w.files.items():
+        homes = [str(p.relative_to(queue)) for p in files if p.read_bytes() == text.encode()]
+        if len(homes) != 1:
+            v.append(f"{name} is byte-identical in {len(homes)} places of done/ and failed/: {homes}")
+    if len(files) != len(w.files):
+        v.append(f"{len(files)} files in done/ and failed/ for {len(w.files)} dropped")
+    done = {e.original_name: e.job_id for e in d.queue.done()}
+    failed = {e.original_name: e.job_id for e in d.queue.failed()}
+    if sorted(done) != sorted(w.good) or sorted(failed) != [w.broken]:
+        v.append(f"done {sorted(done)}, failed {sorted(failed)}; expected done {sorted(w.good)}, failed [{w.broken}]")
+    if w.broken in failed and (d.queue.read_error(failed[w.broken]) or {}).get("reason") != "invalid_data":
+        v.append(f"{w.broken} failed for {(d.queue.read_error(failed[w.broken]) or {}).get('reason')}, not invalid_data")
+
+    # The final adapter's lineage and the sample ledgers
+    adapters_dir = d.cfg.path("adapters")
+    cur = adapters.read_current(adapters_dir)
+    if cur is None:
+        return v + ["no adapter published"]
+    trained = cur.trained_jobs
+    if sorted(trained) != sorted(done.values()) or len(set(trained)) != len(trained):
+        v.append(f"adapter trained_jobs {trained} != done {sorted(done.values())}")
+    got = ledgers(adapters_dir)
+    for name in w.good:
+        entry, want = got.get(name), ref["ledgers"].get(name)
+        if entry is None:
+            v.append(f"{name}: no version in the lineage")
+            continue
+        if entry.get("twice"):
+            v.append(f"{name}: published twice in the lineage")
+        db = d.history()
+        try:
+            rec = db.job(done.get(name, "")) or {}
+        finally:
+            db.close()
+        lines = train_lines_of(w, name, w.files[name], models_dir, rec.get("format") or "text")
+        for p in check_ledger(entry["ledger"], lines, w.settings["training"]["epochs_per_file"], entry["steps"]):
+            v.append(f"{name} ledger: {p}")
+        if entry["ledger"] != want["ledger"]:
+            v.append(f"{name} ledger differs from the uninterrupted run's")
+        if name == w.skipped_line[0] and any(a <= w.skipped_line[1] <= b for e in entry["ledger"]["epochs"]
+                                              for a, b in e["lines"]):
+            v.append(f"{name}: its bad line {w.skipped_line[1]} was trained")
+
+    diff = adapter_diff(adapter_tensors(adapters_dir), ref["adapter"])
+    if not diff <= TOL:
+        v.append(f"final adapter differs from the uninterrupted run's by {diff:.3e} (> {TOL})")
+
+    v += check_history(d, trained)
+    debris = temp_debris(root)
+    if debris:
+        v.append(f"temp debris after a clean stop: {debris}")
+    ckpts = [p.name for p in d.cfg.path("checkpoints").iterdir() if p.is_dir()] if d.cfg.path("checkpoints").exists() else []
+    if ckpts:
+        v.append(f"checkpoint folders left after their files were published: {ckpts}")
+    return v
+
+
+def adapter_diff(got: dict[str, Any], ref_file: str) -> float:
+    from safetensors.torch import load_file
+
+    want = load_file(ref_file)
+    if got.keys() != want.keys():
+        return float("inf")
+    return max(float((got[k] - want[k]).abs().max()) for k in want)
+
+
+def check_history(d: Daemon, trained: list[str]) -> list[str]:
+    """Each kept job's steps once, 1..total, global steps contiguous across the lineage."""
+    v = []
+    db = d.history()
+    try:
+        g = 0
+        for job_id in trained:
+            rec = db.job(job_id) or {}
+            total = rec.get("total_steps") or 0
+            rows = db.steps(job_id)
+            if rec.get("state") != "done":
+                v.append(f"history: {job_id} is {rec.get('state')}, not done")
+            if [r["step"] for r in rows] != list(range(1, total + 1)):
+                v.append(f"history: {job_id} steps {[r['step'] for r in rows]} of {total}")
+            if [r["global_step"] for r in rows] != list(range(g + 1, g + total + 1)):
+                v.append(f"history: {job_id} global steps {[r['global_step'] for r in rows]} after {g}")
+            g += total
+    finally:
+        db.close()
+    return v
+
+
+# ---------------------------------------------------------------- one seed
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    workload: str
+    kills: list[dict] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    ref_wall_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = False) -> SeedResult:
+    w = make_workload(seed)
+    ref = reference(w, work, models_dir)
+    horizons = {"start": ref["wall_seconds"], "ready": ref["wall_seconds"] - ref["ready_seconds"]}
+    rng = random.Random(f"traind-soak-kills:{seed}")
+    res = SeedResult(seed, w.key, ref_wall_seconds=ref["wall_seconds"])
+    t_seed = time.monotonic()
+    inst = Path(tempfile.mkdtemp(prefix=f"seed-{seed}-", dir=work))
+    d = Daemon(write_instance(inst, models_dir, **w.settings), env=private_tmp(inst))
+    try:
+        for name, text in w.files.items():
+            d.drop(name, text)
+        d.start(new_session=True)
+        since, seen_ready = time.monotonic(), 0
+        while len(res.kills) < kills:
+            origin, target = rng.choice(["start", "ready"]), rng.choice(["group", "trainer"])
+            at = rng.uniform(0, horizons[origin])
+            if origin == "ready":  # from the moment the trainer started after the last kill is ready
+                since = wait_ready(d, seen_ready)
+            while time.monotonic() - since < at:
+                if d.proc.poll() is not None:
+                    raise SoakError(f"daemon exited by itself ({d.proc.returncode})")
+                time.sleep(0.005)
+            res.kills.append({"origin": origin, **kill_once(d, w, target, time.monotonic() - since)})
+            since, seen_ready = time.monotonic(), readies(d)
+            if d.proc.poll() is not None:
+                d.start(new_session=True)
+        run_to_settled(d, w)
+        if (code := d.stop()) != 0:
+            res.violations.append(f"the clean stop exited {code}")
+        res.violations += check_seed(d, w, ref, models_dir)
+    except SoakError as e:
+        res.violations.append(f"{type(e).__name__}: {e}")
+    finally:
+        d.close()
+        res.wall_seconds = time.monotonic() - t_seed
+        if res.violations:
+            res.violations.append(f"instance kept at {inst}")
+            log.error("seed %d: %d violation(s): %s\n%s", seed, len(res.violations), res.violations, d.log_tail(30))
+        elif not keep:
+            shutil.rmtree(inst, ignore_errors=True)
+    return res
+
+
+def wait_ready(d: Daemon, seen: int, timeout: float = 120.0) -> float:
+    """Wait until a trainer started after the last kill says ready; the moment it was seen."""
+    t0 = time.monotonic()
+    while readies(d) <= seen:
+        if d.proc.poll() is not None:
+            raise SoakError(f"daemon exited by itself ({d.proc.returncode})")
+        if time.monotonic() - t0 > timeout:
+            raise SoakError(f"no trainer ready in {timeout:.0f} s")
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+def kill_once(d: Daemon, w: Workload, target: str, after: float) -> dict[str, Any]:
+    """One SIGKILL (the trainer alone if it runs, else the whole tree); what it interrupted."""
+    st = d.status() or {}
+    busy = not settled(d, w)
+    trainer = trainer_of(d) if target == "trainer" else None
+    if trainer is not None:
+        kill_trainer(trainer)
+        hit = "trainer"
+    else:
+        kill_group(d)
+        hit = "group"
+    debris = temp_debris(d.cfg.root)
+    return {"target": target, "hit": hit, "after": round(after, 3), "busy": busy, "status": st.get("status"),
+            "detail": st.get("detail"), "step": st.get("current_step"), "witness": witness(debris, d, len(w.files))}
+
+
+# ---------------------------------------------------------------- many seeds
+
+
+def run_soak(seeds: list[int], kills_per_seed: int, work: Path, models_dir: Path | None = None,
+             progress: Callable[[SeedResult], None] = lambda r: None, keep: bool = False) -> dict[str, Any]:
+    """Soak every seed in turn; the summary (`violations` 0 when the promise held everywhere)."""
+    work.mkdir(parents=True, exist_ok=True)
+    models_dir = models_dir or build_models(work)
+    t0 = time.monotonic()
+    results = []
+    for seed in seeds:
+        r = soak_seed(seed, kills_per_seed, work, models_dir, keep)
+        results.append(r)
+        progress(r)
+    return summarise(results, time.monotonic() - t0, kills_per_seed)
+
+
+def build_models(work: Path) -> Path:
+    """The embedded tiny model, built once per work folder (torch: in this process, one thread)."""
+    import torch
+
+    from daemon.train.tinymodel import ensure_embedded
+
+    folder = work / "models"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ensure_embedded(folder)
+    finally:
+        torch.set_num_threads(threads)
+    return folder
+
+
+def summarise(results: list[SeedResult], wall: float, kills_per_seed: int) -> dict[str, Any]:
+    kills = [k for r in results for k in r.kills]
+    witnessed: dict[str, int] = {}
+    for k in kills:
+        for what in k["witness"]:
+            witnessed[what] = witnessed.get(what, 0) + 1
+    return {
+        "seeds": len(results), "kills_per_seed": kills_per_seed, "kills": len(kills),
+        "kills_group": sum(k["hit"] == "group" for k in kills), "kills_trainer": sum(k["hit"] == "trainer" for k in kills),
+        "kills_while_busy": sum(k["busy"] for k in kills), "kills_by_status": _count(k["status"] for k in kills),
+        "interrupted_writes": dict(sorted(witnessed.items())),
+        "violations": sum(len(r.violations) for r in results),
+        "seeds_with_violations": [r.seed for r in results if r.violations],
+        "wall_seconds": round(wall, 1), "reference_seconds": round(sum(r.ref_wall_seconds for r in results), 1),
+        "per_seed": [asdict(r) for r in results],
+    }
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[str(x)] = out.get(str(x), 0) + 1
+    return out
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "transformers", "peft", "bitsandbytes", "safetensors"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # a missing library is a fact to report, not a reason to stop
+            out[mod] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=50, help="how many seeds (default 50)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--kills-per-seed", type=int, default=20)
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder; refs are cached there)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/soak-<stamp>.json)")
+    ap.add_argument("--keep", action="store_true", help="keep every seed's instance")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    work = args.work or Path(tempfile.mkdtemp(prefix="traind-soak-"))
+    out = args.out or REPO / "bench" / "results" / f"soak-{stamp}.json"
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    done = {"kills": 0, "violations": 0}
+    t0 = time.monotonic()
+
+    results: list[SeedResult] = []
+
+    def progress(r: SeedResult) -> None:  # the results so far are on disk after every seed
+        results.append(r)
+        partial = summarise(results, time.monotonic() - t0, args.kills_per_seed)
+        partial.update(stamp=stamp, finished=False, versions=versions())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(partial, indent=1))
+        done["kills"] += len(r.kills)
+        done["violations"] += len(r.violations)
+        log.info("seed %d: %d kills (%s), %d violation(s), %.0f s; total %d kills, %d violations, %.0f s",
+                 r.seed, len(r.kills), _count(k["hit"] for k in r.kills), len(r.violations), r.wall_seconds,
+                 done["kills"], done["violations"], time.monotonic() - t0)
+
+    summary = run_soak(seeds, args.kills_per_seed, work, progress=progress, keep=args.keep)
+    summary.update(stamp=stamp, finished=True, command=" ".join(["python -m bench.soak", *(argv or sys.argv[1:])]),
+                   versions=versions(), mutant=os.environ.get("TRAIND_MUTANT"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    log.info("%d kills over %d seeds, %d violation(s), %.0f s (%.0f s of it reference runs): %s",
+             summary["kills"], summary["seeds"], summary["violations"], summary["wall_seconds"],
+             summary["reference_seconds"], out)
+    return 1 if summary["violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
