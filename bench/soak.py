@@ -533,7 +533,8 @@ def kill_once(d: Daemon, w: Workload, target: str, after: float) -> dict[str, An
 
 
 def run_soak(seeds: list[int], kills_per_seed: int, work: Path, models_dir: Path | None = None,
-             progress: Callable[[SeedResult], None] = lambda r: None, keep: bool = False) -> dict[str, Any]:
+             progress: Callable[[SeedResult], None] = lambda r: None, keep: bool = False,
+             stop_on_violation: bool = False) -> dict[str, Any]:
     """Soak every seed in turn; the summary (`violations` 0 when the promise held everywhere)."""
     work.mkdir(parents=True, exist_ok=True)
     models_dir = models_dir or build_models(work)
@@ -543,6 +544,8 @@ def run_soak(seeds: list[int], kills_per_seed: int, work: Path, models_dir: Path
         r = soak_seed(seed, kills_per_seed, work, models_dir, keep)
         results.append(r)
         progress(r)
+        if stop_on_violation and r.violations:
+            break
     return summarise(results, time.monotonic() - t0, kills_per_seed)
 
 
@@ -605,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder; refs are cached there)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/soak-<stamp>.json)")
     ap.add_argument("--keep", action="store_true", help="keep every seed's instance")
+    ap.add_argument("--refs-only", action="store_true", help="only run (and cache in --work) the seeds' references")
+    ap.add_argument("--stop-on-violation", action="store_true", help="stop after the first seed with a violation")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
@@ -629,7 +634,14 @@ def main(argv: list[str] | None = None) -> int:
                  r.seed, len(r.kills), _count(k["hit"] for k in r.kills), len(r.violations), r.wall_seconds,
                  done["kills"], done["violations"], time.monotonic() - t0)
 
-    summary = run_soak(seeds, args.kills_per_seed, work, progress=progress, keep=args.keep)
+    if args.refs_only:
+        models = build_models(work)
+        for seed in seeds:
+            ref = reference(make_workload(seed), work, models)
+            log.info("seed %d: reference in %.1f s", seed, ref["wall_seconds"])
+        return 0
+    summary = run_soak(seeds, args.kills_per_seed, work, progress=progress, keep=args.keep,
+                       stop_on_violation=args.stop_on_violation)
     summary.update(stamp=stamp, finished=True, command=" ".join(["python -m bench.soak", *(argv or sys.argv[1:])]),
                    versions=versions(), mutant=os.environ.get("TRAIND_MUTANT"))
     out.parent.mkdir(parents=True, exist_ok=True)

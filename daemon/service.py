@@ -25,12 +25,12 @@ from daemon import atomic, control, lockedkeys
 from daemon.config import Config, resolved_dict
 from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, record_job, remove_file, retry_file, take_file
-from daemon.jobqueue import JobQueue, QueueEntry
+from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
                            ServiceStatus, TrainerState, check_transition)
-from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
+from daemon.status import HISTORY_FILE, STATUS_FILE, HistoryDB, StatusWriter
 from daemon.supervisor import Supervisor
 from daemon.tracker import ActiveJob, JobTracker, published_adapter
 from daemon.validate import validate_file
@@ -101,6 +101,7 @@ class Service:
             self.cfg.path(name).mkdir(parents=True, exist_ok=True)
         self.queue.ensure()
         self.scanner.ensure()
+        self._sweep_temps()
         if lockedkeys.recorded(self.cfg) is None or not lockedkeys.training_started(self.cfg):
             lockedkeys.record(self.cfg)
         # The child gets this snapshot, not config.json: an edit made while the daemon
@@ -120,6 +121,16 @@ class Service:
         self.wakeup.watch(self.cfg.path("inbox"))
         self._start_child(now)
         self._write_status(force=True)
+
+    def _sweep_temps(self) -> None:
+        """Temp files of atomic writes a killed service left (the status file, the running config,
+        the locked keys, failed/'s error files). Under the daemon lock we are their one writer;
+        status/control/ is left alone (trainctl and the monitor write there at any time)."""
+        status = self.cfg.path("status")
+        swept = sum(atomic.sweep_temps(status, name) for name in (STATUS_FILE, RUNNING_CONFIG, lockedkeys.FILE))
+        swept += atomic.sweep_temps(self.queue.folder(JobState.FAILED), "*" + ERROR_SUFFIX)
+        if swept:
+            log.info("removed %d temp file(s) of writes a killed daemon left", swept)
 
     def _shutdown(self) -> None:
         self.wakeup.close()

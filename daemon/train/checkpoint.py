@@ -160,6 +160,8 @@ def sweep_temp(root: Path) -> int:
     for tmp in root.glob("*/.step_*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
         removed += 1
+    for job in (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
+        removed += atomic.sweep_temps(job, LATEST)  # latest.json's temp file, killed before its rename
     return removed
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import adapters
+from daemon.atomic import sweep_temps
 from daemon.config import Config, load_config
 from daemon.errors import DataError
 from daemon.logs import setup_logging
@@ -276,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = start_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
     process.quiet_hugging_face()
     lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
-    if swept := ckpt.sweep_temp(cfg.path("checkpoints")):
-        log.info("removed %d unfinished checkpoint folder(s) a killed trainer left", swept)
+    if swept := ckpt.sweep_temp(cfg.path("checkpoints")) + sweep_temps(cfg.path("adapters"), adapters.CURRENT):
+        log.info("removed %d unfinished checkpoint folder(s) and pointer temp file(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
     conn = process.connect()
     try:
