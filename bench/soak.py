@@ -501,7 +501,7 @@ def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = 
     return res
 
 
-def wait_ready(d: Daemon, seen: int, timeout: float = 120.0) -> float:
+def wait_ready(d: Daemon, seen: int, timeout: float = 60.0) -> float:
     """Wait until a trainer started after the last kill says ready; the moment it was seen."""
     t0 = time.monotonic()
     while readies(d) <= seen:
