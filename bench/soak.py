@@ -147,10 +147,17 @@ def make_workload(seed: int) -> Workload:
 
 
 def private_tmp(inst: Path) -> dict[str, str]:
-    """The daemon's TMPDIR inside its instance (`tmp/`), so the temp folders it makes (the trainer's
-    socket folder) are counted with the instance's debris."""
-    (inst / "tmp").mkdir()
-    return {"TMPDIR": str(inst / "tmp")}
+    """A TMPDIR of the daemon's own, so the temp folders it makes there (the trainer's socket folder)
+    are counted with the instance's debris. Short, in the system's temp folder: a unix socket's path
+    must fit 107 bytes. Its path is kept in the instance (`tmpdir.txt`)."""
+    tmp = tempfile.mkdtemp(prefix="soak-")
+    (inst / "tmpdir.txt").write_text(tmp)
+    return {"TMPDIR": tmp}
+
+
+def drop_private_tmp(inst: Path) -> None:
+    if (inst / "tmpdir.txt").is_file():
+        shutil.rmtree((inst / "tmpdir.txt").read_text(), ignore_errors=True)
 
 
 def settled(d: Daemon, w: Workload) -> bool:
@@ -228,11 +235,12 @@ def temp_debris(root: Path) -> list[str]:
     whatever is in its TMPDIR (`tmp/`)."""
     out = []
     for p in root.rglob("*"):
-        name = p.name
-        if p.parent == root / "tmp" and name.startswith("torchinductor_"):
-            continue  # torch's compile cache, made at import whatever happens: not an interrupted write
-        if name.endswith((".tmp", ".part")) or ".old-" in name or p.parent == root / "tmp":
+        if p.name.endswith((".tmp", ".part")) or ".old-" in p.name:
             out.append(str(p.relative_to(root)))
+    tmp = Path((root / "tmpdir.txt").read_text()) if (root / "tmpdir.txt").is_file() else None
+    for p in tmp.iterdir() if tmp and tmp.is_dir() else ():
+        if not p.name.startswith("torchinductor_"):  # torch's compile cache, made at import whatever happens
+            out.append(f"tmp/{p.name}")
     return sorted(out)
 
 
@@ -287,6 +295,7 @@ def reference(w: Workload, work: Path, models_dir: Path) -> dict[str, Any]:
     meta = ref_dir / "ref.json"
     if meta.is_file():
         return json.loads(meta.read_text())
+    work.mkdir(parents=True, exist_ok=True)
     inst = Path(tempfile.mkdtemp(prefix=f"ref-{w.seed}-", dir=work))
     d = Daemon(write_instance(inst, models_dir, **w.settings), env=private_tmp(inst))
     try:
@@ -296,7 +305,7 @@ def reference(w: Workload, work: Path, models_dir: Path) -> dict[str, Any]:
         d.start(new_session=True)
         while not readies(d):
             if time.monotonic() - t0 > SETTLE_TIMEOUT or d.proc.poll() is not None:
-                raise SoakError("the reference's trainer never got ready")
+                raise SoakError(f"the reference's trainer never got ready (exit {d.proc.poll()})\n{d.log_tail()}")
             time.sleep(0.01)
         ready = time.monotonic() - t0
         run_to_settled(d, w)
@@ -313,6 +322,7 @@ def reference(w: Workload, work: Path, models_dir: Path) -> dict[str, Any]:
         return out
     finally:
         d.close()
+        drop_private_tmp(inst)
         shutil.rmtree(inst, ignore_errors=True)
 
 
@@ -497,6 +507,7 @@ def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = 
             res.violations.append(f"instance kept at {inst}")
             log.error("seed %d: %d violation(s): %s\n%s", seed, len(res.violations), res.violations, d.log_tail(30))
         elif not keep:
+            drop_private_tmp(inst)
             shutil.rmtree(inst, ignore_errors=True)
     return res
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def socket_folder(config_path: Path) -> str:
-    """A private folder (0700) for the child's socket, named after the instance: `$TMPDIR/traind-<uid>-<hash>`.
+    """A private folder (0700) for the child's socket, named after the instance and user: `$TMPDIR/traind-<hash>`.
 
     One name per instance, so a service killed with SIGKILL (which cannot remove its
     folder) leaves one folder that its next start takes over and a clean stop removes,
@@ -43,8 +43,9 @@ def socket_folder(config_path: Path) -> str:
     lock). A folder of that name that is not ours (another owner, a symlink, open to
     others) is left alone and a fresh random one is used.
     """
-    instance = hashlib.sha256(str(Path(config_path).resolve().parent).encode()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"traind-{os.getuid()}-{instance}")
+    # short: a unix socket's path must fit 107 bytes ($TMPDIR/traind-<12 hex>/trainer.sock)
+    key = f"{os.getuid()}:{Path(config_path).resolve().parent}"
+    path = os.path.join(tempfile.gettempdir(), "traind-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     try:
         os.mkdir(path, 0o700)
         return path
