@@ -5,18 +5,21 @@ child) at uniformly random times, restart, repeat, over many seeds; check the pr
     .venv/bin/python -m bench.soak --seeds 1 --kills-per-seed 3          # a quick look (tests/test_soak.py)
     .venv/bin/python -m bench.soak --first-seed 7 --seeds 1 -v           # replay one seed (the kills are seeded too)
 
-A seed makes a workload (three small files of the bundled examples, one with an
-invalid line that is skipped, and one broken file that must fail; 2 epochs per
-file, a checkpoint every 1 or 2 steps) and the times and targets of its kills.
+A seed makes a workload (three files of 40-60 records of the bundled examples,
+one with an invalid line that is skipped, and one broken file that must fail;
+2 epochs per file, 20-30 steps each, a checkpoint every 1 or 2 steps) and the times and targets of its kills.
 The uninterrupted run of each workload is the reference (run once, cached in
-`--work/refs/` by the workload's hash). Each kill picks an origin at random:
-`start` (the last start or kill) with a time uniform over [0, D], D the
-reference's wall time from start to settled, or `ready` (the moment the
-trainer started since the last kill says ready) with a time uniform over
-[0, D - R], R the reference's start-to-ready time. The trainer's start-up
-(imports, model load: R is most of D on the tiny model) would otherwise
-take most kills; so they land anywhere: start-up, intake, status and history
-writes, steps, checkpoint writes, adapter publication, idle. Where a kill landed is
+`--work/refs/` by the workload's hash). Let R be the reference's time from
+start to the trainer's `ready`, and H its time per file after that (the rest
+of its wall time over the number of good files). Each kill picks an origin at
+random: `start` (1 in 3: the last start or kill) with a time uniform over
+[0, R + H], or `ready` (2 in 3: the moment the trainer started since the last
+kill says ready) with a time uniform over [0, H]. The trainer's start-up
+(imports, model load: R is most of a run on the tiny model) would otherwise
+take most kills, and a horizon of the whole run would leave the rest on an
+idle daemon after the first few; so they land anywhere: start-up, intake,
+status and history writes, steps, checkpoint writes, adapter publication,
+idle. Each kill records whether work was left (`busy`) and what it interrupted. Where a kill landed is
 read from what it left: temp files and folders of an interrupted write
 (`witness` per kill). A group kill is `os.killpg` of the daemon's process group
 and of each of its descendants' groups (the trainer runs in its own session),
@@ -101,13 +104,13 @@ class Workload:
 
 
 def make_workload(seed: int) -> Workload:
-    """Three good files (20-30 records of a random bundled format; one with a bad line) and a broken one."""
+    """Three good files (40-60 records of a random bundled format; one with a bad line) and a broken one."""
     rng = random.Random(f"traind-soak-workload:{seed}")
     files: list[tuple[str, str]] = []
     for i in range(3):
         src = rng.choice(SOURCES)
         lines = lines_of(src).splitlines(keepends=True)
-        n = rng.randint(20, 30)
+        n = rng.randint(40, 60)
         at = rng.randrange(len(lines) - n)
         files.append((f"{src.removesuffix('.jsonl')}", "".join(lines[at:at + n])))
     bad_file = rng.randrange(3)
@@ -470,7 +473,9 @@ class SeedResult:
 def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = False) -> SeedResult:
     w = make_workload(seed)
     ref = reference(w, work, models_dir)
-    horizons = {"start": ref["wall_seconds"], "ready": ref["wall_seconds"] - ref["ready_seconds"]}
+    # H: the reference's time per file once its trainer was ready
+    per_file = (ref["wall_seconds"] - ref["ready_seconds"]) / len(w.good)
+    horizons = {"start": ref["ready_seconds"] + per_file, "ready": per_file}
     rng = random.Random(f"traind-soak-kills:{seed}")
     res = SeedResult(seed, w.key, ref_wall_seconds=ref["wall_seconds"])
     t_seed = time.monotonic()
@@ -482,7 +487,7 @@ def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = 
         d.start(new_session=True)
         since, seen_ready = time.monotonic(), 0
         while len(res.kills) < kills:
-            origin, target = rng.choice(["start", "ready"]), rng.choice(["group", "trainer"])
+            origin, target = rng.choice(["start", "ready", "ready"]), rng.choice(["group", "trainer"])
             at = rng.uniform(0, horizons[origin])
             if origin == "ready":  # from the moment the trainer started after the last kill is ready
                 since = wait_ready(d, seen_ready)
