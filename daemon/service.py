@@ -42,7 +42,7 @@ EXIT_OK = 0
 EXIT_LOCKED_KEYS = 2
 EXIT_ALREADY_RUNNING = 3
 RUNNING_CONFIG = "running_config.json"  # the validated config the trainer child is started with
-JOB_MESSAGES = {"started", "step", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
+JOB_MESSAGES = {"started", "step", "steps_again", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
 
 
 
