@@ -278,3 +278,14 @@ def test_schedule_and_step_budget() -> None:
     assert all(f(s) >= f(s + 1) for s in range(2, 9))
     assert lr_factor(dataclasses.replace(tc, schedule="constant"), 10)(7) == 1.0
     assert steps_per_epoch(38, 4, 1) == 10 and steps_per_epoch(38, 4, 3) == 4
+
+
+def test_sweep_removes_checkpoints_of_jobs_the_adapter_already_learnt(tmp_path: Path) -> None:
+    """A trainer killed between publishing a file's adapter and deleting its checkpoints: the service
+    moves the file to done/ without training it again, so only the next trainer can drop them."""
+    root = tmp_path / "checkpoints"
+    for job in ("published-job", "job-in-progress"):
+        (root / job / "step_000002").mkdir(parents=True)
+    assert ckpt.sweep_published(root, {"published-job", "another-one"}) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["job-in-progress"]
+    assert ckpt.sweep_published(tmp_path / "none", {"x"}) == 0

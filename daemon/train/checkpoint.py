@@ -165,6 +165,21 @@ def sweep_temp(root: Path) -> int:
     return removed
 
 
+def sweep_published(root: Path, trained_jobs: set[str]) -> int:
+    """Remove the checkpoint folders of jobs the current adapter already learnt; how many.
+
+    A trainer killed after publishing a file's adapter but before deleting its
+    checkpoints leaves them, and the service then moves the file to done/
+    without sending it again: nobody else would ever delete them. Such a job is
+    never trained again, so its checkpoints can never be used. Under the trainer lock.
+    """
+    removed = 0
+    for job in [p for p in root.iterdir() if p.is_dir() and p.name in trained_jobs] if root.is_dir() else []:
+        delete_checkpoints(job)
+        removed += 1
+    return removed
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Load one step folder; raises on anything missing or unreadable."""
     import torch

@@ -82,6 +82,8 @@ def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
+        if swept := ckpt.sweep_published(cfg.path("checkpoints"), set(current.trained_jobs)):
+            log.info("removed the checkpoints of %d file(s) adapter v%d already learnt", swept, current.version)
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
                    ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
     trainable, total = lm.param_counts()
