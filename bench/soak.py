@@ -21,7 +21,8 @@ idle daemon after the first few; so they land anywhere: start-up, intake,
 status and history writes, steps, checkpoint writes, adapter publication,
 idle. Each kill records whether work was left (`busy`) and what it interrupted. Where a kill landed is
 read from what it left: temp files and folders of an interrupted write
-(`witness` per kill). A group kill is `os.killpg` of the daemon's process group
+(`witness` per kill: what appeared between just before and just after it; a
+write that was in flight but left nothing, such as a rename, is not seen). A group kill is `os.killpg` of the daemon's process group
 and of each of its descendants' groups (the trainer runs in its own session),
 as a supervisor's cgroup kill does; a trainer kill is SIGKILL to the child alone.
 
@@ -33,7 +34,11 @@ lists each done file once and each version's sample ledger (daemon.ledger)
 holds every train line of its file exactly once per epoch, in the reference's
 steps (same digest); the final adapter equals the reference within 1e-5; the
 history has each kept step once; no temp file or folder is left anywhere in
-the instance, and no checkpoint folder outlives its published file.
+the instance, and no checkpoint folder outlives its published file; and no
+kill lost more than the steps since the file's last checkpoint
+(`check_progress_kept`: the next start of a file resumed from the checkpoint
+that must have existed when the kill came, judged by the steps the history had
+recorded then).
 
 The engine is importable (`run_soak`), so tests/test_soak.py runs a short
 variant; bench/mutants.py runs it against seeded protocol bugs.
@@ -48,6 +53,7 @@ import logging
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sys
@@ -503,6 +509,7 @@ def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = 
         if (code := d.stop()) != 0:
             res.violations.append(f"the clean stop exited {code}")
         res.violations += check_seed(d, w, ref, models_dir)
+        res.violations += check_progress_kept(d, w, res.kills)
     except SoakError as e:
         res.violations.append(f"{type(e).__name__}: {e}")
     finally:
@@ -529,10 +536,51 @@ def wait_ready(d: Daemon, seen: int, timeout: float = 60.0) -> float:
     return time.monotonic()
 
 
+def progress_at_kill(d: Daemon) -> dict[str, int]:
+    """job_id -> the highest step the history recorded for each file in processing/ (read after a kill)."""
+    out = {}
+    db = d.history()
+    try:
+        for e in d.queue.processing():
+            rows = db.steps(e.job_id)
+            if rows:
+                out[e.job_id] = max(r["step"] for r in rows)
+    finally:
+        db.close()
+    return out
+
+
+def check_progress_kept(d: Daemon, w: Workload, kills: list[dict]) -> list[str]:
+    """No kill loses more than the steps since the last checkpoint. A file whose history had step s
+    recorded at a kill had its checkpoint of every*floor((s-1)/every) written before step s was reported,
+    so the next start of that file must resume from there or later (or find it already published)."""
+    every = w.settings["training"]["checkpoint_every_steps"]
+    db = d.history()
+    try:
+        started = [(e["t"], e["job_id"], e["message"]) for e in db.events(limit=1_000_000)
+                   if e["kind"] == "job_started"]
+    finally:
+        db.close()
+    v = []
+    for k in kills:
+        for job_id, s in (k.get("recorded") or {}).items():
+            floor = every * ((s - 1) // every)
+            after = sorted((t, msg) for t, j, msg in started if j == job_id and t > k["t"])
+            if not after:
+                continue  # never started again: its adapter was already published
+            m = re.search(r"resumed from step (\d+)", after[0][1])
+            resumed = int(m.group(1)) if m else 0
+            if resumed < floor:
+                v.append(f"{job_id}: step {s} was recorded before a kill, yet it resumed from step {resumed} "
+                         f"(checkpoints every {every}: step {floor} or later expected)")
+    return v
+
+
 def kill_once(d: Daemon, w: Workload, target: str, after: float) -> dict[str, Any]:
     """One SIGKILL (the trainer alone if it runs, else the whole tree); what it interrupted."""
     st = d.status() or {}
     busy = not settled(d, w)
+    before = set(temp_debris(d.cfg.root))  # what earlier kills left: not this one's
     trainer = trainer_of(d) if target == "trainer" else None
     if trainer is not None:
         kill_trainer(trainer)
@@ -540,8 +588,8 @@ def kill_once(d: Daemon, w: Workload, target: str, after: float) -> dict[str, An
     else:
         kill_group(d)
         hit = "group"
-    debris = temp_debris(d.cfg.root)
-    return {"target": target, "hit": hit, "after": round(after, 3), "busy": busy, "status": st.get("status"),
+    debris = [x for x in temp_debris(d.cfg.root) if x not in before]
+    return {"target": target, "hit": hit, "t": time.time(), "recorded": progress_at_kill(d), "after": round(after, 3), "busy": busy, "status": st.get("status"),
             "detail": st.get("detail"), "step": st.get("current_step"), "witness": witness(debris, d, len(w.files))}
 
 
