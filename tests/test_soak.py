@@ -41,10 +41,10 @@ def test_longer_soak_survives_random_kills(tmp_path: Path, models_dir: Path) -> 
 
 
 def test_the_soak_checks_can_fail(tmp_path: Path, models_dir: Path) -> None:
-    """check_seed on a finished instance whose state was then broken in the ways the soak looks for."""
+    """check_seed on a finished instance whose state was then broken in the ways the soak looks for.
+    The instance is its own reference (one daemon run, not two): what is checked against the plan of
+    each file, the folders, the history and the debris is checked for real."""
     w = soak.make_workload(5)
-    work = tmp_path / "work"
-    ref = soak.reference(w, work, models_dir)
     inst = tmp_path / "inst"
     d = soak.Daemon(soak.write_instance(inst, models_dir, **w.settings), env=soak.private_tmp(inst))
     try:
@@ -53,9 +53,11 @@ def test_the_soak_checks_can_fail(tmp_path: Path, models_dir: Path) -> None:
         d.start(new_session=True)
         soak.run_to_settled(d, w)
         assert d.stop() == 0
+        cur = soak.adapters.read_current(d.cfg.path("adapters"))
+        shutil.copy(cur.path / "adapter_model.safetensors", tmp_path / "ref.safetensors")
+        ref = {"ledgers": soak.ledgers(d.cfg.path("adapters")), "adapter": str(tmp_path / "ref.safetensors")}
         assert soak.check_seed(d, w, ref, models_dir) == []
 
-        cur = soak.adapters.read_current(d.cfg.path("adapters"))
         manifest_path = cur.path / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
         epoch = manifest["ledger"]["epochs"][0]
