@@ -4,6 +4,8 @@ child) at uniformly random times, restart, repeat, over many seeds; check the pr
     .venv/bin/python -m bench.soak --seeds 50 --kills-per-seed 20 --out bench/results/soak-<stamp>.json
     .venv/bin/python -m bench.soak --seeds 1 --kills-per-seed 3          # a quick look (tests/test_soak.py)
     .venv/bin/python -m bench.soak --first-seed 7 --seeds 1 -v           # replay one seed (the kills are seeded too)
+    .venv/bin/python -m bench.soak --first-seed 25 --seeds 25 ...        # a second process on another core, then
+    .venv/bin/python -m bench.soak --merge a.json b.json --out all.json  # one summary of both
 
 A seed makes a workload (three files of 40-60 records of the bundled examples,
 one with an invalid line that is skipped, and one broken file that must fail;
@@ -436,12 +438,25 @@ def summarise(results: list[SeedResult], wall: float, kills_per_seed: int) -> di
         "seeds": len(results), "kills_per_seed": kills_per_seed, "kills": len(kills),
         "kills_group": sum(k["hit"] == "group" for k in kills), "kills_trainer": sum(k["hit"] == "trainer" for k in kills),
         "kills_while_busy": sum(k["busy"] for k in kills), "kills_by_status": _count(k["status"] for k in kills),
+        "kills_by_detail": _count((k.get("detail") or "").split(" (")[0].split(";")[0] for k in kills),
+        "kills_by_origin": _count(k.get("origin") for k in kills),
         "interrupted_writes": dict(sorted(witnessed.items())),
         "violations": sum(len(r.violations) for r in results),
         "seeds_with_violations": [r.seed for r in results if r.violations],
         "wall_seconds": round(wall, 1), "reference_seconds": round(sum(r.ref_wall_seconds for r in results), 1),
         "per_seed": [asdict(r) for r in results],
     }
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of runs made side by side: their seeds together; wall time the longest run's."""
+    seeds = [SeedResult(**r) for run in runs for r in run["per_seed"]]
+    out = summarise(sorted(seeds, key=lambda r: r.seed), max(run["wall_seconds"] for run in runs),
+                    runs[0]["kills_per_seed"])
+    out.update(merged_from=[{k: run.get(k) for k in ("stamp", "command", "seeds", "kills", "wall_seconds", "finished")}
+                            for run in runs], versions=runs[0].get("versions"),
+               finished=all(run.get("finished") for run in runs))
+    return out
 
 
 def _count(items: Any) -> dict[str, int]:
@@ -471,10 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep every seed's instance")
     ap.add_argument("--refs-only", action="store_true", help="only run (and cache in --work) the seeds' references")
     ap.add_argument("--stop-on-violation", action="store_true", help="stop after the first seed with a violation")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="merge the results of runs side by side into --out (wall time: the longest run's)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if args.merge:
+        merged = merge([json.loads(p.read_text()) for p in args.merge])
+        (args.out or REPO / "bench" / "results" / f"soak-{stamp}.json").write_text(json.dumps(merged, indent=1))
+        print(json.dumps({k: v for k, v in merged.items() if k != "per_seed"}, indent=1))
+        return 1 if merged["violations"] else 0
     work = args.work or Path(tempfile.mkdtemp(prefix="traind-soak-"))
     out = args.out or REPO / "bench" / "results" / f"soak-{stamp}.json"
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
