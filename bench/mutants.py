@@ -66,12 +66,12 @@ def mutated_copy(name: str, dest: Path) -> Path:
     return dest
 
 
-def run_sweep(tree: Path, timeout: float) -> dict[str, Any]:
-    """The default crash points of tests/test_fault_sweep.py in the mutated tree."""
+def run_sweep(tree: Path, timeout: float, select: str | None = None) -> dict[str, Any]:
+    """The default crash points of tests/test_fault_sweep.py in the mutated tree (`select`: a pytest -k)."""
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fault_sweep.py",
-                           "-m", "not slow", "--no-header", "-rf"], cwd=tree, env={**os.environ, **ENV},
-                          capture_output=True, text=True, timeout=timeout)
+                           "-m", "not slow", "--no-header", "-rf", *(["-k", select] if select else [])],
+                          cwd=tree, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
     failed = sorted(set(re.findall(r"^FAILED (\S+)", proc.stdout, re.M)))
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error)", proc.stdout.splitlines()[-1] if proc.stdout else "")}
     return {"caught": proc.returncode != 0, "exit": proc.returncode, "failed": failed, "counts": counts,
@@ -98,11 +98,18 @@ def run_soak(tree: Path, work: Path, seeds: int, kills: int, timeout: float) -> 
             "stderr_tail": None if out.is_file() else proc.stderr[-1500:]}
 
 
+def _commit() -> str | None:
+    """The commit the tree is (TRAIND_COMMIT when it runs from a copy without .git)."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return os.environ.get("TRAIND_COMMIT") or proc.stdout.strip() or None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.mutants", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mutant", action="append", default=None,
                     help=f"a mutant (repeatable; default $TRAIND_MUTANT or all: {', '.join(names())})")
     ap.add_argument("--only", choices=("sweep", "soak"), default=None, help="run only this harness")
+    ap.add_argument("--sweep-k", default=None, help="only the sweep's tests this pytest -k selects")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--kills-per-seed", type=int, default=10)
     ap.add_argument("--work", type=Path, default=None, help="work folder (the soak's references are cached there)")
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         tree = mutated_copy(name, work / name)
         row: dict[str, Any] = {}
         if args.only != "soak":
-            row["sweep"] = run_sweep(tree, timeout=1800)
+            row["sweep"] = run_sweep(tree, timeout=1800, select=args.sweep_k)
         if args.only != "sweep":
             row["soak"] = run_soak(tree, work, args.seeds, args.kills_per_seed, timeout=3600)
         row["caught"] = any(h["caught"] for h in row.values())
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                           if isinstance(r, dict)), flush=True)
         shutil.rmtree(tree, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"stamp": stamp, "command": " ".join(["python -m bench.mutants", *(argv or sys.argv[1:])]),
+        out.write_text(json.dumps({"stamp": stamp, "commit": _commit(), "command": " ".join(["python -m bench.mutants", *(argv or sys.argv[1:])]),
                                    "seeds": args.seeds, "kills_per_seed": args.kills_per_seed, "mutants": results}, indent=1))
     caught = sum(r["caught"] for r in results.values())
     print(f"{caught} of {len(results)} mutants caught: {out}")
