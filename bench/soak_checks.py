@@ -10,6 +10,7 @@ empty list: the promise held (docs/RELIABILITY.md lists them).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -158,9 +159,11 @@ def temp_debris(root: Path) -> list[str]:
     """Temp files and folders of interrupted writes anywhere in an instance (relative paths), and
     whatever is in its TMPDIR (`tmp/`)."""
     out = []
-    for p in root.rglob("*"):
-        if p.name.endswith((".tmp", ".part")) or ".old-" in p.name:
-            out.append(str(p.relative_to(root)))
+    # os.walk, not rglob: the daemon may be running and removing folders while we look (before a kill)
+    for folder, dirs, files in os.walk(root, onerror=lambda e: None):
+        for name in dirs + files:
+            if name.endswith((".tmp", ".part")) or ".old-" in name:
+                out.append(str((Path(folder) / name).relative_to(root)))
     tmp = Path((root / "tmpdir.txt").read_text()) if (root / "tmpdir.txt").is_file() else None
     for p in tmp.iterdir() if tmp and tmp.is_dir() else ():
         if not p.name.startswith("torchinductor_"):  # torch's compile cache, made at import whatever happens
