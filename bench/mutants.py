@@ -66,11 +66,12 @@ def mutated_copy(name: str, dest: Path) -> Path:
     return dest
 
 
-def run_sweep(tree: Path, timeout: float, select: str | None = None) -> dict[str, Any]:
-    """The default crash points of tests/test_fault_sweep.py in the mutated tree (`select`: a pytest -k)."""
+def run_sweep(tree: Path, timeout: float, select: str | None = None, marks: str = "not slow") -> dict[str, Any]:
+    """The default crash points of tests/test_fault_sweep.py in the mutated tree (`select`: a pytest -k;
+    `marks`: a pytest -m, "slow" for the numbered sweep)."""
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fault_sweep.py",
-                           "-m", "not slow", "--no-header", "-rf", *(["-k", select] if select else [])],
+                           "-m", marks, "--no-header", "-rf", *(["-k", select] if select else [])],
                           cwd=tree, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
     failed = sorted(set(re.findall(r"^FAILED (\S+)", proc.stdout, re.M)))
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error)", proc.stdout.splitlines()[-1] if proc.stdout else "")}
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"a mutant (repeatable; default $TRAIND_MUTANT or all: {', '.join(names())})")
     ap.add_argument("--only", choices=("sweep", "soak"), default=None, help="run only this harness")
     ap.add_argument("--sweep-k", default=None, help="only the sweep's tests this pytest -k selects")
+    ap.add_argument("--sweep-m", default="not slow", help="the sweep's tests this pytest -m selects ('slow': numbered points)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--kills-per-seed", type=int, default=10)
     ap.add_argument("--work", type=Path, default=None, help="work folder (the soak's references are cached there)")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         tree = mutated_copy(name, work / name)
         row: dict[str, Any] = {}
         if args.only != "soak":
-            row["sweep"] = run_sweep(tree, timeout=1800, select=args.sweep_k)
+            row["sweep"] = run_sweep(tree, timeout=1800, select=args.sweep_k, marks=args.sweep_m)
         if args.only != "sweep":
             row["soak"] = run_soak(tree, work, args.seeds, args.kills_per_seed, timeout=3600)
         row["caught"] = any(h["caught"] for h in row.values())
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tree, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"stamp": stamp, "commit": _commit(), "command": " ".join(["python -m bench.mutants", *(argv or sys.argv[1:])]),
-                                   "seeds": args.seeds, "kills_per_seed": args.kills_per_seed, "mutants": results}, indent=1))
+                                   "sweep_k": args.sweep_k, "sweep_m": args.sweep_m, "seeds": args.seeds,
+                                   "kills_per_seed": args.kills_per_seed, "mutants": results}, indent=1))
     caught = sum(r["caught"] for r in results.values())
     print(f"{caught} of {len(results)} mutants caught: {out}")
     return 0 if caught == len(results) else 1
