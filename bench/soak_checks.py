@@ -143,7 +143,9 @@ def check_progress_kept(d: Daemon, w: Any, kills: list[dict]) -> list[str]:
 
 def progress_at_kill(d: Daemon) -> dict[str, int]:
     """job_id -> the highest step the history recorded for each file in processing/ (read after a kill)."""
-    out = {}
+    out: dict[str, int] = {}
+    if not (d.cfg.path("status") / "history.db").is_file():
+        return out  # killed before the service made its history: nothing recorded, nothing to keep
     db = d.history()
     try:
         for e in d.queue.processing():
