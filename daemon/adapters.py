@@ -3,6 +3,7 @@
     from daemon import adapters
     cur = adapters.read_current(cfg.path("adapters"))      # AdapterVersion, or None before the first file
     cur = adapters.peek_current(cfg.path("adapters"))      # the same, None also when unreadable (readers)
+    adapters.lineage(cfg.path("adapters"))                  # manifests from the first version to the current one
     cur.version, cur.path, cur.manifest["trained_jobs"]
     adapters.publish(cfg.path("adapters"), manifest, write_weights)   # the trainer child only
 
@@ -71,6 +72,19 @@ def read_current(adapters: Path) -> AdapterVersion | None:
     cur = atomic.read_json(pointer)
     path = adapters / cur["path"]
     return AdapterVersion(int(cur["version"]), path, atomic.read_json(path / MANIFEST))
+
+
+def lineage(adapters: Path) -> list[dict[str, Any]]:
+    """The manifests of the current version and its ancestors (`parent_version`), oldest first: each
+    holds the job it trained and that job's sample ledger (daemon.ledger). Empty before the first file."""
+    current = read_current(adapters)
+    chain: list[dict[str, Any]] = []
+    manifest = current.manifest if current else None
+    while manifest is not None:
+        chain.append(manifest)
+        parent = manifest.get("parent_version")
+        manifest = atomic.read_json(adapters / version_dir_name(parent) / MANIFEST) if parent else None
+    return chain[::-1]
 
 
 def peek_current(adapters: Path) -> AdapterVersion | None:

@@ -232,6 +232,22 @@ def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike, site: 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def sweep_temps(folder: str | os.PathLike, name_glob: str) -> int:
+    """Remove the temp files that interrupted atomic writes of files named `name_glob` left in
+    `folder` (`.<name>.<random>.tmp`: a writer killed between its temp file and the rename).
+
+    Only the one writer of those files may call this, holding what makes it the one (the
+    daemon lock, the trainer lock), or it could delete another writer's temp file in flight.
+    Returns how many were removed.
+    """
+    removed = 0
+    for tmp in Path(folder).glob(f".{name_glob}.*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def remove_file(path: str | os.PathLike) -> None:
     """Unlink durably (missing is fine)."""
     path = Path(path)

@@ -15,12 +15,14 @@ environment, see docs/internals.md), so it can also be started under
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,31 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def socket_folder(config_path: Path) -> str:
+    """A private folder (0700) for the child's socket, named after the instance and user: `$TMPDIR/traind-<hash>`.
+
+    One name per instance, so a service killed with SIGKILL (which cannot remove its
+    folder) leaves one folder that its next start takes over and a clean stop removes,
+    rather than a new orphan per kill. Only one service runs per instance (the daemon
+    lock). A folder of that name that is not ours (another owner, a symlink, open to
+    others) is left alone and a fresh random one is used.
+    """
+    # short: a unix socket's path must fit 107 bytes ($TMPDIR/traind-<12 hex>/trainer.sock)
+    key = f"{os.getuid()}:{Path(config_path).resolve().parent}"
+    path = os.path.join(tempfile.gettempdir(), "traind-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    try:
+        os.mkdir(path, 0o700)
+        return path
+    except FileExistsError:
+        st = os.lstat(path)
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700):
+            log.warning("%s exists and is not a private folder of ours; using a fresh one", path)
+            return tempfile.mkdtemp(prefix="traind-")
+    for name in os.listdir(path):  # a killed predecessor's socket: nobody listens on it any more
+        os.unlink(os.path.join(path, name))
+    return path
 
 
 class TrainerProcess:
@@ -48,7 +75,7 @@ class TrainerProcess:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        self._sockdir = tempfile.mkdtemp(prefix="traind-")
+        self._sockdir = socket_folder(self.config_path)
         address = os.path.join(self._sockdir, "trainer.sock")
         authkey = secrets.token_bytes(32)
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)

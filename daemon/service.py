@@ -27,7 +27,7 @@ from daemon.diskguard import DiskGuard, human_bytes
 from daemon.diskspace import DiskFull
 from daemon.errors import LockedKeyError, QueueError
 from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
-from daemon.jobqueue import JobQueue, QueueEntry, original_name
+from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry, original_name
 from daemon.dataset import DatasetLedger
 from daemon.autogen import AutoGenerator
 from daemon.notify import EVENT_OF, Notifier
@@ -35,7 +35,7 @@ from daemon.lock import acquire
 from daemon.schema import TrainingStatus
 from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, PauseReason,
                            Priority, ServiceStatus, TrainerState, check_transition)
-from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
+from daemon.status import HISTORY_FILE, STATUS_FILE, HistoryDB, StatusWriter
 from daemon.supervisor import Supervisor
 from daemon.tracker import ActiveJob, JobTracker, published_adapter
 from daemon.validate import validate_file
@@ -115,6 +115,7 @@ class Service:
             self.cfg.path(name).mkdir(parents=True, exist_ok=True)
         self.queue.ensure()
         self.scanner.ensure()
+        self._sweep_temps()
         if lockedkeys.recorded(self.cfg) is None or not lockedkeys.training_started(self.cfg):
             lockedkeys.record(self.cfg)
         # The child gets this snapshot, not config.json: an edit made while the daemon
@@ -154,6 +155,16 @@ class Service:
                                                   "adapter_version", "eval_set_before", "eval_set_after")}
             details["file"] = details.pop("original_name") or original_name(job_id)
         self.notifier.event(kind, message, job_id, t, details)
+
+    def _sweep_temps(self) -> None:
+        """Temp files of atomic writes a killed service left (the status file, the running config,
+        the locked keys, failed/'s error files). Under the daemon lock we are their one writer;
+        status/control/ is left alone (trainctl and the monitor write there at any time)."""
+        status = self.cfg.path("status")
+        swept = sum(atomic.sweep_temps(status, name) for name in (STATUS_FILE, RUNNING_CONFIG, lockedkeys.FILE))
+        swept += atomic.sweep_temps(self.queue.folder(JobState.FAILED), "*" + ERROR_SUFFIX)
+        if swept:
+            log.info("removed %d temp file(s) of writes a killed daemon left", swept)
 
     def _shutdown(self) -> None:
         self.wakeup.close()

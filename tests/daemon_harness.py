@@ -34,10 +34,14 @@ class Daemon:
         self.queue = JobQueue(self.cfg.path("queue"))
 
     # -- process ---------------------------------------------------------------
-    def start(self) -> "Daemon":
+    def start(self, new_session: bool = False) -> "Daemon":
+        """`new_session`: the daemon leads its own process group (and session), so that
+        `os.killpg(d.proc.pid, SIGKILL)` kills it as a whole without reaching the test."""
         log = open(self.cfg.root / "daemon_test_stdout.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(self.config_path)],
-                                     cwd=REPO, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                     cwd=REPO, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                     start_new_session=new_session)
+        log.close()  # the child has its own copy
         return self
 
     def kill9(self) -> None:

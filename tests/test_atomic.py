@@ -59,3 +59,15 @@ def test_fault_injection_crashes_right_after_nth_durable_op(tmp_path, crash_afte
     expected = {1: ["one"], 2: ["one", "two"], 3: ["one", "three"], "match:move two": ["one", "three"]}[crash_after]
     assert names == expected
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no torn temp files
+
+
+def test_sweep_temps_removes_only_the_named_files_temps(tmp_path) -> None:  # noqa: ANN001
+    from daemon.atomic import sweep_temps
+
+    left = [tmp_path / ".training_status.json.ab12cd.tmp", tmp_path / ".j1.error.json.x9.tmp"]
+    kept = [tmp_path / ".monitor_token.zz.tmp", tmp_path / "training_status.json", tmp_path / ".training_status.json.x"]
+    for p in left + kept:
+        p.write_text("{}")
+    assert sweep_temps(tmp_path, "training_status.json") == 1
+    assert sweep_temps(tmp_path, "*.error.json") == 1
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

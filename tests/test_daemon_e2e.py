@@ -11,6 +11,8 @@ import time
 import pytest
 
 from daemon import control
+from daemon.adapters import lineage
+from daemon.ledger import count_lines
 from daemon.states import ControlAction
 from tests.conftest import REPO, lines_of, write_instance
 from tests.daemon_harness import Daemon
@@ -49,6 +51,12 @@ def test_file_in_to_done_with_adapter_and_falling_loss(daemon_factory):
     manifest = json.loads((d.cfg.path("adapters") / current["path"] / "manifest.json").read_text())
     assert manifest["trained_jobs"] == [done.job_id]
     assert (d.cfg.path("adapters") / current["path"] / "adapter_model.safetensors").stat().st_size > 0
+    # the sample ledger: both epochs, every sample once each, as many steps as the file trained
+    ledger = manifest["ledger"]
+    assert [e["epoch"] for e in ledger["epochs"]] == [0, 1] and ledger["steps"] == manifest["steps"]
+    assert all(e["samples"] == count_lines(e["lines"]) and e["lines"] == ledger["epochs"][0]["lines"]
+               for e in ledger["epochs"])
+    assert [m["version"] for m in lineage(d.cfg.path("adapters"))] == [1]
     db = d.history()
     job = db.job(done.job_id)
     assert job["state"] == "done" and job["format"] == "chat" and job["eval_loss"] is not None

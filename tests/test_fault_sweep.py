@@ -1,6 +1,8 @@
 """Crash-point sweep: kill the real daemon (or its trainer child) right after its n-th
 durable operation, restart, and check the product promise: no file lost, none trained
-twice, no debris in the queue, the adapter and the history agree.
+twice, no debris in the queue, the adapter and the history agree; and against an
+uninterrupted run of the same files: each version's sample ledger is the same (the same
+samples in the same steps), and with every good file done the adapter is the same within 1e-5.
 
     TRAIND_CRASH_AFTER_OP=n           the service dies (exit 86) after its n-th durable op
     TRAIND_CRASH_AFTER_OP=match:TEXT  ... after the first durable op whose description has TEXT
@@ -38,11 +40,46 @@ CRASH_RE = re.compile(r"injected crash after durable op (\d+) \((.*)\)")
 CRASH_EXIT = 86
 
 SERVICE_POINTS = [1, 2, 3, 5, 8, 13]
-# The child's op numbering is deterministic (9 ops for the first file, 12 for the second):
-# 4 hits a checkpoint's state.json and an adapter's manifest.json, 8 the publication of a
-# step folder and of an adapter folder, 9 latest.json and current.json (the commit point,
-# after which the restarted child answers "already trained"): every kind of child op.
-TRAINER_POINTS = [4, 8, 9]
+# Named child points (every child dies at its first op so described): a checkpoint's
+# latest.json (its step folder published, the pointer not yet moved), the second adapter
+# version's folder (published, current.json not yet moved: every child dies there, so the
+# second file fails as `crashed` after 6 crashes, explicit, never lost) and current.json (the commit point, after
+# which the restarted child answers "already trained"). Named, so that a new file in a
+# checkpoint does not move them: the numbering shifts with every durable op added.
+TRAINER_POINTS = ["match:write latest.json", "match:publish v0002", "match:write current.json"]
+# The child's numbered ops, deterministic: 4 per checkpoint (ledger.json, state.json, the step
+# folder, latest.json) and 4 per adapter (the step log and manifest.json in its folder, the version
+# folder, current.json): 12 for the first file (checkpoints at steps 2 and 4), 16 for the second.
+TRAINER_OPS = 28
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, models_dir):
+    """The uninterrupted run of the same files: its adapter weights and each file's sample ledger
+    (checked once against the trainer's plan of the file: every train line once per epoch)."""
+    from types import SimpleNamespace
+
+    from bench.soak_checks import adapter_tensors, ledgers, train_lines_of
+    from daemon.ledger import check_ledger
+
+    d = Daemon(write_instance(tmp_path_factory.mktemp("sweep-ref") / "inst", models_dir, **SETTINGS))
+    try:
+        for name, text in {**GOOD, **BAD}.items():
+            d.drop(name, text)
+        run_to_the_end(d.start())
+        ref = {"adapter": adapter_tensors(d.cfg.path("adapters")), "ledgers": ledgers(d.cfg.path("adapters"))}
+        db = d.history()
+        try:
+            formats = {e.original_name: db.job(e.job_id)["format"] for e in d.queue.done()}
+        finally:
+            db.close()
+        for name, text in GOOD.items():
+            lines = train_lines_of(SimpleNamespace(settings=SETTINGS), name, text, models_dir, formats[name])
+            entry = ref["ledgers"][name]
+            assert check_ledger(entry["ledger"], lines, epochs=1, steps=entry["steps"]) == [], name
+        return ref
+    finally:
+        d.close()
 
 
 @pytest.fixture
@@ -170,6 +207,25 @@ def check_invariants(d: Daemon, crashed_ok: bool) -> dict:
             "crashes": crashes}
 
 
+def check_against_reference(d: Daemon, reference: dict) -> dict:
+    """Each version's sample ledger equals the uninterrupted run's for its file (the same samples in
+    the same steps, none twice); with every good file done, the adapter equals the uninterrupted
+    run's within 1e-5."""
+    from bench.soak_checks import adapter_tensors, ledgers
+
+    got = ledgers(d.cfg.path("adapters"))
+    for name, entry in got.items():
+        assert not entry.get("twice"), f"{name} published twice in the lineage"
+        assert entry["ledger"] == reference["ledgers"][name]["ledger"], \
+            f"{name}: its sample ledger differs from the uninterrupted run's:\n{entry['ledger']}\n{reference['ledgers'][name]['ledger']}"
+    diff = None
+    if sorted(got) == sorted(GOOD):
+        a, b = adapter_tensors(d.cfg.path("adapters")), reference["adapter"]
+        diff = max(float((a[k] - b[k]).abs().max()) for k in b)
+        assert diff <= 1e-5, f"the adapter differs from the uninterrupted run's by {diff:.3e}"
+    return {"ledgers_checked": sorted(got), "adapter_diff": diff}
+
+
 def debris_outside_queue(d: Daemon) -> dict[str, list[str]]:
     """Temp and moved-aside folders in adapters/ and checkpoints/ (the trainer's own)."""
     out = {}
@@ -193,7 +249,7 @@ def check_debris(d: Daemon) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- the sweeps
 
 
-def service_point(make_daemon, n: int | str) -> None:
+def service_point(make_daemon, reference, n: int | str) -> None:  # noqa: ANN001
     """Crash the service after op n (or after the op `match:TEXT` names), restart it clean, check."""
     t0 = time.time()
     d = make_daemon(env={"TRAIND_CRASH_AFTER_OP": str(n)}).start()
@@ -208,21 +264,26 @@ def service_point(make_daemon, n: int | str) -> None:
     del d.env["TRAIND_CRASH_AFTER_OP"]
     run_to_the_end(d.start())  # restart without injection
     summary = check_invariants(d, crashed_ok=False)
+    summary.update(check_against_reference(d, reference))
     debris = check_debris(d)
     print(f"\nSERVICE n={n}: {'crashed after ' + where[0] if where else 'beyond its ops (finished)'}; "
           f"{summary}; debris outside queue/ {debris}; {time.time() - t0:.1f} s")
 
 
-def trainer_point(make_daemon, n: int) -> None:
+def trainer_point(make_daemon, reference, n: int | str) -> None:  # noqa: ANN001
     t0 = time.time()
     d = make_daemon(env={"TRAIND_TRAINER_CRASH_AFTER_OP": str(n)}).start()
     run_to_the_end(d)  # the service lives through every child crash
     where = crashes_in(d.cfg.path("logs") / "trainer_stderr.log")
+    if isinstance(n, str) and n.startswith("match:"):
+        assert where and all(n[len("match:"):] in w for w in where), f"no crash after the op {n!r}: {where}"
     first = check_invariants(d, crashed_ok=True)
+    first.update(check_against_reference(d, reference))
 
     del d.env["TRAIND_TRAINER_CRASH_AFTER_OP"]
     run_to_the_end(d.start())  # a clean restart over what the crashes left
     summary = check_invariants(d, crashed_ok=True)
+    summary.update(check_against_reference(d, reference))
     assert summary == first, "a restart changed the outcome"
     debris = check_debris(d)
     print(f"\nTRAINER n={n}: {len(where)} child crash(es) {sorted(set(where))}; {summary}; "
@@ -230,28 +291,28 @@ def trainer_point(make_daemon, n: int) -> None:
 
 
 @pytest.mark.parametrize("n", SERVICE_POINTS)
-def test_service_crash_after_op(make_daemon, n):
-    service_point(make_daemon, n)
+def test_service_crash_after_op(make_daemon, reference, n):
+    service_point(make_daemon, reference, n)
 
 
 @pytest.mark.parametrize("n", TRAINER_POINTS)
-def test_trainer_crash_after_op(make_daemon, n):
-    trainer_point(make_daemon, n)
+def test_trainer_crash_after_op(make_daemon, reference, n):
+    trainer_point(make_daemon, reference, n)
 
 
-def test_service_crash_after_moving_a_refused_file(make_daemon):
+def test_service_crash_after_moving_a_refused_file(make_daemon, reference):
     # The crash comes right after c's move to failed/ (named, not numbered: status writes
     # shift the numbering); the restart must give it its history record.
-    service_point(make_daemon, "match:move c_bad.jsonl -> failed/")
+    service_point(make_daemon, reference, "match:move c_bad.jsonl -> failed/")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n", range(1, 41))
-def test_service_crash_sweep(make_daemon, n):
-    service_point(make_daemon, n)
+def test_service_crash_sweep(make_daemon, reference, n):
+    service_point(make_daemon, reference, n)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", range(1, 16))
-def test_trainer_crash_sweep(make_daemon, n):
-    trainer_point(make_daemon, n)
+@pytest.mark.parametrize("n", range(1, TRAINER_OPS + 1))
+def test_trainer_crash_sweep(make_daemon, reference, n):
+    trainer_point(make_daemon, reference, n)

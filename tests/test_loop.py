@@ -15,7 +15,10 @@ torch = pytest.importorskip("torch")
 
 from daemon.config import Config, DataConfig, LoraConfig, ModelConfig, PathsConfig, TrainingConfig  # noqa: E402
 from daemon.train import checkpoint as ckpt  # noqa: E402
-from daemon.train.loop import Job, lr_factor, steps_per_epoch, train_file  # noqa: E402
+from daemon.ledger import check_ledger  # noqa: E402
+from daemon.train.data import train_lines  # noqa: E402
+from daemon.train.loop import Job, job_seed, lr_factor, steps_per_epoch, train_file  # noqa: E402
+from daemon.validate import DataFormat  # noqa: E402
 from daemon.train.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -152,6 +155,12 @@ def test_resume_after_crash_is_exact(models_dir: Path, tmp_path: Path) -> None:
     print(f"resume max abs diff: loss {loss_diff:.3g}, lora {weight_diff:.3g}")
     assert loss_diff <= MAX_RESUME_DIFF and weight_diff <= MAX_RESUME_DIFF
     assert resumed.eval_loss == pytest.approx(full.eval_loss, abs=MAX_RESUME_DIFF)
+    # The sample ledger: the resumed run's equals the straight one's (same samples in the same steps), and
+    # each epoch consumed every train line of the file once.
+    assert resumed.ledger == full.ledger
+    expected = train_lines(path, DataFormat.ALPACA, lm.tokenizer, cfg.data, job_seed(cfg.training.seed, job.sha256))
+    assert check_ledger(full.ledger, expected, cfg.training.epochs_per_file, total) == []
+    assert full.ledger["samples"] == 2 * len(expected) and full.ledger["complete"]
 
 
 def test_checkpoint_of_an_older_adapter_state_is_not_resumed(models_dir: Path, tmp_path: Path) -> None:
@@ -307,3 +316,14 @@ def test_schedule_and_step_budget() -> None:
     assert all(f(s) >= f(s + 1) for s in range(2, 9))
     assert lr_factor(dataclasses.replace(tc, schedule="constant"), 10)(7) == 1.0
     assert steps_per_epoch(38, 4, 1) == 10 and steps_per_epoch(38, 4, 3) == 4
+
+
+def test_sweep_removes_checkpoints_of_jobs_the_adapter_already_learnt(tmp_path: Path) -> None:
+    """A trainer killed between publishing a file's adapter and deleting its checkpoints: the service
+    moves the file to done/ without training it again, so only the next trainer can drop them."""
+    root = tmp_path / "checkpoints"
+    for job in ("published-job", "job-in-progress"):
+        (root / job / "step_000002").mkdir(parents=True)
+    assert ckpt.sweep_published(root, {"published-job", "another-one"}) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["job-in-progress"]
+    assert ckpt.sweep_published(tmp_path / "none", {"x"}) == 0

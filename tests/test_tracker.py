@@ -98,3 +98,12 @@ def test_a_file_that_grew_while_training_is_flagged(tmp_path):
     tracker.on_message({"type": "done", "job_id": a.job_id, "steps": 2, "adapter_version": 1}, NOW)
     changed = [e["message"] for e in db.events() if e["kind"] == "job_changed"]
     assert len(changed) == 1 and f"({a.size} -> " in changed[0]
+
+
+def test_the_service_routes_every_message_the_tracker_handles():
+    """A job message the service does not route never reaches its handler (steps_again once did not)."""
+    from daemon.service import JOB_MESSAGES
+    from daemon.tracker import JobTracker
+
+    handled = {name.removeprefix("_on_") for name in vars(JobTracker) if name.startswith("_on_")}
+    assert handled <= JOB_MESSAGES, f"handled by the tracker but not routed by the service: {handled - JOB_MESSAGES}"

@@ -9,7 +9,8 @@
 Layout (docs/internals.md): `<checkpoints>/<job_id>/step_NNNNNN/` holds
 `adapter_model.safetensors` (LoRA), `optimizer.pt` (optimizer, scheduler and
 grad-scaler states), `rng.pt` (python, numpy, torch CPU and CUDA RNG states)
-and `state.json` (Position: step, global step, data position, file sha256),
+`ledger.json` (the samples the steps so far consumed, daemon.ledger) and
+`state.json` (Position: step, global step, data position, file sha256),
 written last inside the folder. The folder is written under a temp name and
 published with one rename; `latest.json` then points at it. A folder that is
 incomplete or does not load is ignored and an older one is used.
@@ -69,6 +70,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
     rng: dict[str, Any]
+    ledger: dict[str, Any] | None = None  # the samples the steps so far consumed (daemon.ledger); None: older checkpoint
 
 
 def step_dir_name(step: int) -> str:
@@ -107,8 +109,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int,
+    ledger: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`."""
+    """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`.
+
+    `ledger`: the samples consumed by the steps the weights hold (daemon.ledger), in the same folder rename."""
     import torch
     from safetensors.torch import save_file
 
@@ -124,6 +129,8 @@ def save_checkpoint(
             torch.save({"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, f)
         with open(tmp / "rng.pt", "wb") as f:
             torch.save(capture_rng(), f)
+        if ledger is not None:
+            atomic.write_json(tmp / "ledger.json", ledger, site="checkpoint")
         atomic.write_json(tmp / "state.json", dataclasses.asdict(pos), site="checkpoint")  # last: marks the folder complete
         atomic.publish_dir(tmp, final, site="checkpoint")
     except BaseException:
@@ -161,6 +168,23 @@ def sweep_temp(root: Path) -> int:
     for tmp in root.glob("*/.step_*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
         removed += 1
+    for job in (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
+        removed += atomic.sweep_temps(job, LATEST)  # latest.json's temp file, killed before its rename
+    return removed
+
+
+def sweep_published(root: Path, trained_jobs: set[str]) -> int:
+    """Remove the checkpoint folders of jobs the current adapter already learnt; how many.
+
+    A trainer killed after publishing a file's adapter but before deleting its
+    checkpoints leaves them, and the service then moves the file to done/
+    without sending it again: nobody else would ever delete them. Such a job is
+    never trained again, so its checkpoints can never be used. Under the trainer lock.
+    """
+    removed = 0
+    for job in [p for p in root.iterdir() if p.is_dir() and p.name in trained_jobs] if root.is_dir() else []:
+        delete_checkpoints(job)
+        removed += 1
     return removed
 
 
@@ -177,7 +201,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     # rng.pt holds numpy's state (an ndarray in a tuple): our own file, so a full unpickle is fine.
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     lora = load_file(str(path / "adapter_model.safetensors"))
-    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng)
+    ledger = atomic.read_json(path / "ledger.json") if (path / "ledger.json").is_file() else None  # older: none
+    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, ledger)
 
 
 def _candidates(folder: Path) -> list[Path]:

@@ -261,6 +261,12 @@ def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg
     return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out))
 
 
+def train_lines(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[int]:
+    """The file lines that train (not held out, not dropped), in file order: what each epoch must consume
+    once (the sample ledger, daemon.ledger, is checked against it)."""
+    return [ex.line for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed) if kind == "train" and ex]
+
+
 def eval_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,
                   tick: Callable[[], None] = lambda: None) -> list[Example]:
     """The held-out examples of a file, in file order (at most `data_cfg.eval_max_examples`)."""

@@ -19,8 +19,9 @@ would make a job resumed after a crash, or run after a skipped file, train
 differently from the same job run straight through, and the checkpoint of a
 job would have to hold another job's history.
 
-Resume: the checkpoint holds LoRA, optimizer, scheduler, RNG states and the data
-position (epoch, micro-batches consumed). The data iterator is deterministic
+Resume: the checkpoint holds LoRA, optimizer, scheduler, RNG states, the data
+position (epoch, micro-batches consumed) and the ledger of the samples those
+steps consumed (daemon.ledger; the published adapter's manifest keeps it). The data iterator is deterministic
 per (seed, epoch), so it is re-created and the consumed micro-batches skipped;
 the steps after the checkpoint then repeat exactly what an uninterrupted run does.
 """
@@ -42,6 +43,7 @@ import torch
 from daemon.config import Config, TrainingConfig
 from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped
+from daemon.ledger import SampleLedger
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity import ActivityProbe, Sampler
 from daemon.train.batching import micro_batches
@@ -108,6 +110,7 @@ class Outcome:
     final_loss: float | None
     eval_loss: float | None
     checkpoint_step: int | None  # the checkpoint written at stop
+    ledger: dict[str, Any] | None = None  # done: the samples every step of the file consumed (daemon.ledger)
 
 
 def job_seed(seed: int, sha256: str) -> int:
@@ -263,6 +266,7 @@ def _train_file(
     seed_everything(seed)
     order = "grouped" if dc.group_by_length else "shuffled"
     pos = ckpt.Position(job.job_id, job.sha256, 0, global_step, total_steps, 0, 0, order=order)
+    ledger = SampleLedger()
     ck = ckpt.load_latest(ckpt_folder, job.sha256, start_global_step=global_step)
     if ck is None and ckpt.step_dirs(ckpt_folder):
         # unusable ones would otherwise outrank (by step number) and prune the new ones
@@ -271,6 +275,8 @@ def _train_file(
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
         pos = ck.position  # with the order its file began with, whatever data.group_by_length says now
+        # The ledger of the steps these weights hold; a checkpoint from before ledgers: marked incomplete.
+        ledger = SampleLedger.from_dict(ck.ledger) if ck.ledger is not None else SampleLedger(complete=False)
         log.info("%s: resuming from step %d (%s)", job.job_id, pos.step, ck.path.name)
     saved_step = pos.step if ck is not None else None
     # Reports of steps the checkpoint keeps that the service never recorded (it died while behind): sent again.
@@ -289,7 +295,8 @@ def _train_file(
                 require_space(ckpt_folder, cfg.service.min_free_bytes, "checkpoint")
                 steplog.sync()  # durable before the checkpoint: the log always reaches its step
                 path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
-                                            sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints)
+                                            sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints,
+                                            ledger.to_dict())
                 break
             except Exception as e:
                 full = disk_full_from(e, ckpt_folder, "checkpoint", writing_unnamed=True)
@@ -341,6 +348,7 @@ def _train_file(
                 raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
             spike.judge(stats.loss, stats.grad_norm, pos.step + 1)
             consumed += len(group)
+            ledger.add_step(epoch, [ex.line for mb in group for ex in mb])
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
                                 total_steps, epoch, consumed, stats.loss, pos.order)
             dt = max(clock() - t0, 1e-9)
@@ -362,4 +370,4 @@ def _train_file(
 
     # --- end of file: final eval; the caller publishes the adapter
     eval_loss = run_eval()
-    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None)
+    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict())

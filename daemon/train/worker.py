@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import adapters, atomic, control
+from daemon.atomic import sweep_temps
 from daemon.config import Config, load_config
 from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped
@@ -92,6 +93,8 @@ def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
+        if swept := ckpt.sweep_published(cfg.path("checkpoints"), set(current.trained_jobs)):
+            log.info("removed the checkpoints of %d file(s) adapter v%d already learnt", swept, current.version)
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
                    ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
     sess.eval_set, eval_error = load_eval_set(cfg, lm)
@@ -328,6 +331,7 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         "eval_loss": outcome.eval_loss, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trained_jobs": sess.trained_jobs + [job.job_id],
         "activity_moved": moved.to_dict() if moved is not None else None,
+        "ledger": outcome.ledger,
     }
     eval_after = eval_set_loss(sess, cached=False) if sess.eval_set else None
     if eval_after is not None or eval_before is not None:
@@ -567,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = start_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
     process.quiet_hugging_face()
     lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
-    if swept := ckpt.sweep_temp(cfg.path("checkpoints")):
-        log.info("removed %d unfinished checkpoint folder(s) a killed trainer left", swept)
+    if swept := ckpt.sweep_temp(cfg.path("checkpoints")) + sweep_temps(cfg.path("adapters"), adapters.CURRENT):
+        log.info("removed %d unfinished checkpoint folder(s) and pointer temp file(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
     conn = process.connect()
     try:

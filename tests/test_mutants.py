@@ -1,0 +1,33 @@
+"""The crash-point sweep can fail: seeded protocol bugs (bench/mutants/*.patch, applied to a copy
+of the tree by bench/mutants.py) make the sweep's points that reach them fail. Slow: each runs the
+real daemon through crashes in a mutated copy. The soak's side is `python -m bench.mutants`;
+results and what each catches: docs/RELIABILITY.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("mutant, marks, select", [
+    ("done-before-publish", "not slow", "publish v0002"),  # done/ before the version is current
+    ("pointer-before-folder", "not slow", "current.json"),  # current.json names a folder not yet there
+    ("position-apart-from-weights", "slow", "trainer_crash_sweep and 11"),  # after latest.json, before position.json
+])
+def test_the_sweep_catches_a_seeded_protocol_bug(tmp_path: Path, mutant: str, marks: str, select: str) -> None:
+    out = tmp_path / "mutants.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.mutants", "--mutant", mutant, "--only", "sweep",
+                           "--sweep-m", marks, "--sweep-k", select, "--work", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=3600)
+    row = json.loads(out.read_text())["mutants"][mutant]["sweep"]
+    print(f"\n{mutant}: {row}")
+    assert row["caught"] and row["counts"].get("failed"), proc.stdout[-2000:]
+    assert proc.returncode == 0

@@ -1,0 +1,39 @@
+"""daemon.child.socket_folder: one private socket folder per instance, taken over after a kill."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from daemon.child import socket_folder
+
+
+@pytest.fixture
+def tmpdir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_same_instance_same_folder_and_a_dead_socket_is_cleared(tmpdir_env: Path) -> None:
+    config = tmpdir_env / "inst" / "status" / "running_config.json"
+    first = socket_folder(config)
+    assert stat.S_IMODE(os.stat(first).st_mode) == 0o700 and Path(first).parent == tmpdir_env
+    (Path(first) / "trainer.sock").write_text("")  # what a service killed with SIGKILL leaves
+    assert socket_folder(config) == first and os.listdir(first) == []
+    assert socket_folder(tmpdir_env / "other" / "status" / "running_config.json") != first
+    assert len(os.path.join(first, "trainer.sock")) < len(str(tmpdir_env)) + 40  # short: sockets fit 107 bytes
+
+
+def test_a_folder_of_that_name_open_to_others_is_not_used(tmpdir_env: Path) -> None:
+    config = tmpdir_env / "inst" / "status" / "running_config.json"
+    squatted = socket_folder(config)
+    os.rmdir(squatted)
+    os.mkdir(squatted, 0o777)
+    os.chmod(squatted, 0o777)  # as another user could have made it
+    fresh = socket_folder(config)
+    assert fresh != squatted and stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
