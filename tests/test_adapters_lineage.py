@@ -86,8 +86,12 @@ def test_rollback_while_a_file_trains_starts_it_again_on_the_old_adapter(tmp_pat
         train(d, "second.jsonl", text(13), 2)
         d.drop("long.jsonl", lines_of("chat.jsonl", 100))
         d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 3, what="step 3")
+        assert d.ctl("pause").returncode == 0  # held mid-file, so the rollback surely finds it in training
+        d.wait_for(lambda s: s["status"] == "paused", what="paused mid-file")
         r = d.ctl("rollback", "1")
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.returncode == 0 and "as v3" in r.stdout, r.stdout + r.stderr
+        assert [e.original_name for e in d.queue.processing()] == ["long.jsonl"]  # it stays, to train again
+        assert d.ctl("resume").returncode == 0
         d.wait_for(lambda s: s.get("adapter_version") == 4 and s["status"] == "idle", timeout=240, what="long.jsonl on v3")
         v3, v4 = (json.loads((d.cfg.path("adapters") / f"v000{v}" / "manifest.json").read_text()) for v in (3, 4))
         assert v3["rollback_of"] == 1 and [e["original_name"] for e in v3["undone"]] == ["second.jsonl"]
