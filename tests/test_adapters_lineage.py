@@ -78,6 +78,7 @@ def test_pin_retention_and_rollback(daemon):
     assert not d.queue.read_duplicate(d.queue.find("two-again.jsonl").job_id)
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_rollback_while_a_file_trains_starts_it_again_on_the_old_adapter(tmp_path, models_dir):
     d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 1}))
     try:
@@ -105,6 +106,7 @@ def test_rollback_while_a_file_trains_starts_it_again_on_the_old_adapter(tmp_pat
         d.close()
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_sample_and_eval_beside_a_running_daemon(daemon, tmp_path, capsys):
     from daemon.cli.dispatch import main as trainctl
     from daemon.train.inspect import load_view, sample

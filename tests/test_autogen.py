@@ -58,6 +58,7 @@ def test_an_idle_daemon_trains_on_builtin_puzzles_up_to_its_daily_cap(tmp_path, 
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_command_and_http_generators_and_a_hanging_one(tmp_path, models_dir):
     line = json.dumps({"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]})
     script = f"import os; [print({line!r}) for _ in range(int(os.environ['TRAIND_COUNT']))]"

@@ -110,7 +110,8 @@ def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
 
 @pytest.mark.parametrize("point", [pytest.param("lineage.json", marks=pytest.mark.slow),
                                    pytest.param("publish 20", marks=pytest.mark.slow),
-                                   pytest.param("publish v0002", marks=pytest.mark.slow), "current.json"])
+                                   pytest.param("publish v0002", marks=pytest.mark.slow),
+                                   pytest.param("current.json", marks=pytest.mark.slow)])
 def test_kill9_during_consolidation_leaves_one_whole_generation(tmp_path, models_dir, point):
     # The trainer dies once, right after the named durable operation of the consolidation (the lineage in
     # the temp folder, the merged folder's publication, the fresh adapter's folder, the switch to it); the

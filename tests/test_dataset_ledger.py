@@ -69,6 +69,7 @@ def test_a_learnt_file_is_not_trained_again_unless_forced(daemon, tmp_path):
     assert not (d.cfg.path("logs") / "tensorboard").exists()  # TensorBoard files only when configured
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_two_copies_queued_together_train_once(daemon):
     d = daemon
     assert d.ctl("pause").returncode == 0

@@ -42,6 +42,7 @@ def test_each_file_is_scored_on_the_eval_set_before_and_after(tmp_path, models_d
         d.close()
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_an_unusable_eval_file_is_reported_and_training_goes_on(tmp_path, models_dir):
     bad = tmp_path / "eval.jsonl"
     bad.write_text("not json at all\n")

@@ -39,14 +39,16 @@ SETTINGS = dict(training={"checkpoint_every_steps": 2},
 CRASH_RE = re.compile(r"injected crash after durable op (\d+) \((.*)\)")
 CRASH_EXIT = 86
 
-SERVICE_POINTS = [1, 2, 3, 5, 8, 13]
+SERVICE_POINTS = [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow),
+                  pytest.param(5, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow), 13]
 # Named child points (every child dies at its first op so described): a checkpoint's
 # latest.json (its step folder published, the pointer not yet moved), the second adapter
 # version's folder (published, current.json not yet moved: every child dies there, so the
 # second file fails as `crashed` after 6 crashes, explicit, never lost) and current.json (the commit point, after
 # which the restarted child answers "already trained"). Named, so that a new file in a
 # checkpoint does not move them: the numbering shifts with every durable op added.
-TRAINER_POINTS = ["match:write latest.json", "match:publish v0002", "match:write current.json"]
+TRAINER_POINTS = [pytest.param("match:write latest.json", marks=pytest.mark.slow),
+                  pytest.param("match:publish v0002", marks=pytest.mark.slow), "match:write current.json"]
 # The child's numbered ops, deterministic: 4 per checkpoint (ledger.json, state.json, the step
 # folder, latest.json) and 4 per adapter (the step log and manifest.json in its folder, the version
 # folder, current.json): 12 for the first file (checkpoints at steps 2 and 4), 16 for the second.

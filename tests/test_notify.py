@@ -80,6 +80,7 @@ def test_done_and_failed_files_are_posted_signed_and_retried(tmp_path, models_di
         rx.close()
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_a_hanging_receiver_never_holds_training_back(tmp_path, models_dir):
     rx = Receiver(hang=True)
     d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 1},

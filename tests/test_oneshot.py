@@ -17,6 +17,7 @@ def traind(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_one_file_in_a_peft_adapter_out(tmp_path, models_dir):
     config = write_instance(tmp_path / "inst", models_dir)
     data = tmp_path / "data.jsonl"

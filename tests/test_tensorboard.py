@@ -18,6 +18,7 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN001
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; `pytest -m slow` runs it
 def test_event_files_hold_loss_lr_eval_and_activity(tmp_path, models_dir):
     pytest.importorskip("tensorboard", reason="install the test extras (bin/setup.sh --test) for this check")
     d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 2},
