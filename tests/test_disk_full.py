@@ -502,12 +502,14 @@ def test_free_space_below_the_threshold_pauses_before_any_write(factory):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A 64 MiB tmpfs mounted for the test (skipped where mounting is not permitted); always unmounted."""
+    """A 64 MiB tmpfs mounted for the test; always unmounted. Skipped only where mounting is not permitted
+    (not root); as root a refused mount fails the test, so a machine that can run it never skips it silently."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the injected-ENOSPC tests above cover every write site here)")
     mnt = tmp_path / "small_fs"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip() or r.returncode}")
+    assert r.returncode == 0, f"running as root, yet a 64 MiB tmpfs could not be mounted: {r.stderr.strip() or r.returncode}"
     try:
         yield mnt
     finally:
