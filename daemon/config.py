@@ -193,31 +193,32 @@ class Config:
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
 
+    def resolve(self, text: str) -> Path:
+        """A path from the config: `~` expanded, relative ones taken from the config's folder."""
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
     def path(self, name: str) -> Path:
         """Absolute runtime folder `name` (a field of PathsConfig)."""
-        p = Path(getattr(self.paths, name)).expanduser()
-        return p if p.is_absolute() else (self.root / p)
+        return self.resolve(getattr(self.paths, name))
 
     @property
     def tensorboard_dir(self) -> Path:
-        p = Path(self.tensorboard.dir).expanduser()
-        return p if p.is_absolute() else (self.root / p)
+        return self.resolve(self.tensorboard.dir)
 
     @property
     def eval_file(self) -> Path | None:
         """eval.file made absolute, or None when no eval set is configured."""
         if not self.eval.file:
             return None
-        p = Path(self.eval.file).expanduser()
-        return p if p.is_absolute() else (self.root / p)
+        return self.resolve(self.eval.file)
 
     @property
     def base_model_path(self) -> Path | None:
         """The base model folder, or None for the embedded model."""
         if self.base_model == EMBEDDED_MODEL:
             return None
-        p = Path(self.base_model).expanduser()
-        return p if p.is_absolute() else (self.root / p)
+        return self.resolve(self.base_model)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
