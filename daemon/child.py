@@ -1,7 +1,7 @@
 """The service's handle on the trainer child process.
 
     child = TrainerProcess(config_path, logs_dir)
-    child.start()                 # spawns `python -m daemon.train --config PATH`
+    child.start()                 # spawns `python -m daemon.train --config PATH` (or its ranks under torchrun)
     child.connection              # None until the child has connected
     child.send({"type": "train", ...})
     for msg in child.receive():   # everything waiting, never blocks
@@ -31,7 +31,15 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from daemon.config import load_config
+
 log = logging.getLogger(__name__)
+
+
+def ranks_configured(config_path: Path) -> int:
+    """Trainer processes the config asks for over every node (1: a plain child)."""
+    dc = load_config(config_path).distributed
+    return dc.nproc_per_node * dc.nnodes
 
 
 def socket_folder(config_path: Path) -> str:
@@ -92,6 +100,8 @@ class TrainerProcess:
         # bypasses logging (a native crash, a library writing to stderr).
         self._stderr = open(self.logs_dir / "trainer_stderr.log", "ab")
         cmd = [sys.executable, "-m", "daemon.train", "--config", str(self.config_path)]
+        if ranks_configured(self.config_path) > 1:  # several ranks: torch's launcher runs them (daemon.train.launch)
+            cmd = [sys.executable, "-m", "daemon.train.launch", "--config", str(self.config_path)]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._stderr,
                                      stderr=self._stderr, start_new_session=True)
         log.info("trainer child started, pid %d", self.proc.pid)

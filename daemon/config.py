@@ -160,6 +160,18 @@ class ConsolidationConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    nproc_per_node: int = _f(1, "Trainer processes (ranks) on this machine; 1: one plain process, more: started through torchrun, data-parallel.")
+    nnodes: int = _f(1, "Machines training together; this one (node_rank 0) runs the service; the others run `traind worker` (README).")
+    node_rank: int = _f(0, "This machine's rank among the nodes: 0 on the machine that runs the service (`traind worker --node-rank` sets it on the others).")
+    master_addr: str = _f("127.0.0.1", "Address of node 0 that the other nodes reach for the rendezvous (loopback for one machine).")
+    master_port: int = _f(29500, "TCP port of the rendezvous on node 0.")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Collectives: auto: nccl on CUDA, gloo on the CPU.")
+    strategy: Literal["ddp", "fsdp"] = _f("ddp", "ddp: every rank holds the whole model, gradients are averaged; fsdp: the base's weights are sharded across ranks (CUDA; a base that does not fit one GPU).")
+    timeout_seconds: float = _f(600.0, "A collective (gradient all-reduce) that waits longer than this ends the group: a hung rank becomes a crash the service restarts.")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
     max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
@@ -189,6 +201,7 @@ class Config:
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "A fixed eval set: did a file help or hurt what was learnt before?"})
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "Several trainer processes and machines (torchrun)."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
@@ -230,7 +243,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig,
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
@@ -283,6 +296,11 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
     ("activity", "every_steps"): (lambda v: v >= 0, ">= 0"),
     ("activity", "min_interval_seconds"): (lambda v: v >= 0, ">= 0"),
+    ("distributed", "nproc_per_node"): (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    ("distributed", "nnodes"): (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    ("distributed", "node_rank"): (lambda v: v >= 0, ">= 0"),
+    ("distributed", "master_port"): (lambda v: 1 <= v <= 65535, "a TCP port (1-65535)"),
+    ("distributed", "timeout_seconds"): (lambda v: v >= 10, ">= 10"),
     ("service", "status_interval_seconds"): (lambda v: v > 0, "> 0"),
     ("service", "max_crashes_per_file"): (lambda v: v >= 1, ">= 1"),
     ("service", "restart_backoff_seconds"): (lambda v: v >= 0, ">= 0"),
@@ -364,6 +382,11 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"`base_model` = {cfg.base_model!r}: {bmp} is not a Hugging Face model folder (no config.json); "
             f"use a local folder or {EMBEDDED_MODEL!r}"
         )
+    dc = cfg.distributed
+    if dc.node_rank >= dc.nnodes:
+        problems.append(f"`distributed.node_rank` = {dc.node_rank} must be below `distributed.nnodes` = {dc.nnodes}")
+    if not dc.master_addr.strip():
+        problems.append("`distributed.master_addr` must name node 0 (an address or host name)")
     if cfg.service.status_interval_seconds > 10:
         problems.append("`service.status_interval_seconds` must be <= 10 so the status never looks stale while training")
     return problems

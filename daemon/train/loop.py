@@ -49,6 +49,7 @@ from daemon.train.activity import ActivityProbe, Sampler
 from daemon.train.batching import micro_batches
 from daemon.train.data import plan_file, train_examples
 from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
+from daemon.train.ranks import Ranks
 from daemon.train.step import evaluate, fast_paths, optimizer_step
 from daemon.validate import DataFormat
 
@@ -61,6 +62,9 @@ WaitForSpaceFn = Callable[[DiskFull], Verdict]  # holds until space is back: "co
 
 
 PREP_POLL_SECONDS = 0.2  # how often control is asked while a file is read before (or skipped to) its steps
+
+
+INTERRUPTS = ("stop", "skip")  # what rank 0 sends the other ranks where they wait for something else
 
 
 class _Interrupted(Exception):
@@ -111,6 +115,44 @@ class Outcome:
     eval_loss: float | None
     checkpoint_step: int | None  # the checkpoint written at stop
     ledger: dict[str, Any] | None = None  # done: the samples every step of the file consumed (daemon.ledger)
+
+
+class Steering:
+    """The verdicts every rank acts on (daemon.train.ranks): rank 0 asks `control` and broadcasts its answer;
+    the other ranks take it. A stop or skip rank 0 meets elsewhere (while the file is read, or while a
+    checkpoint waits for space) reaches them at their next meeting point, in place of what they expected."""
+
+    def __init__(self, ranks: Ranks, control: ControlFn) -> None:
+        self.ranks, self.control = ranks, control
+        self.released = False  # the other ranks have had their last verdict of this file
+
+    def verdict(self) -> Verdict:
+        if not self.ranks.many:
+            return self.control()
+        verdict = self.ranks.broadcast(self.control() if self.ranks.main else None)
+        self.released = verdict != "continue"
+        return verdict
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank; raises _Interrupted where rank 0 was interrupted instead."""
+        got = self.ranks.broadcast(obj)
+        if isinstance(got, str) and got in INTERRUPTS:
+            self.released = True
+            raise _Interrupted(got)  # type: ignore[arg-type]
+        return got
+
+    def release(self, verdict: Verdict) -> None:
+        """Rank 0 leaves the file early: tell the others, where they wait, unless they already know."""
+        if self.ranks.many and self.ranks.main and not self.released:
+            self.ranks.broadcast(verdict)
+            self.released = True
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The dropout seed of one rank at one step (several processes): a resume needs no RNG state,
+    and each rank draws its own masks."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def job_seed(seed: int, sha256: str) -> int:
@@ -211,6 +253,7 @@ def train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
     activity: ActivityProbe | None = None, wait_for_space: WaitForSpaceFn | None = None,
+    ranks: Ranks | None = None,
 ) -> Outcome:
     """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint).
 
@@ -220,13 +263,21 @@ def train_file(
     `service.min_free_bytes`) calls `wait_for_space`, then is written again: the
     weights in memory are untouched, so the file trains on as it would have.
     Without `wait_for_space` the DiskFull is raised.
+
+    With several `ranks` (daemon.train.ranks) every rank calls this for the same
+    file: rank 0 with the service's `report` and `control`, the others with a
+    no-op report (their `control` is not asked: rank 0's verdicts reach them).
+    Rank 0 alone reads and writes checkpoints and the step log, and samples activity.
     """
-    steplog = ckpt.StepLog(ckpt_folder)
+    ranks = ranks or Ranks()
+    steer = Steering(ranks, control)
+    steplog = ckpt.StepLog(ckpt_folder) if ranks.main else _NoStepLog()
     try:
         return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
-                           report=report, control=control, clock=clock, probe=activity, steplog=steplog,
-                           wait_for_space=wait_for_space)
+                           report=report, control=control, clock=clock, probe=activity if ranks.main else None,
+                           steplog=steplog, wait_for_space=wait_for_space, ranks=ranks, steer=steer)
     except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
+        steer.release(e.verdict)
         log.info("%s: %s while its data was being read", job.job_id, e.verdict)
         status: Literal["stopped", "skipped"] = "stopped" if e.verdict == "stop" else "skipped"
         kept = ckpt.latest_step(ckpt_folder) if status == "stopped" else None
@@ -235,16 +286,26 @@ def train_file(
         steplog.close()
 
 
+class _NoStepLog:
+    """The other ranks keep no step log (rank 0's is the file's)."""
+
+    def reset(self) -> None: ...
+    def resume(self, step: int) -> list[dict[str, Any]]: return []
+    def append(self, msg: dict[str, Any]) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
 def _train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
     steplog: ckpt.StepLog,
-    wait_for_space: WaitForSpaceFn | None,
+    wait_for_space: WaitForSpaceFn | None, ranks: Ranks, steer: Steering,
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok = lm.tokenizer
     fmt, seed = DataFormat(job.fmt), job_seed(tc.seed, job.sha256)
-    tick = polling(control, clock)
+    tick = polling(control, clock) if ranks.main else (lambda: None)
     if lm.fast is None:  # once per loaded model: which exact shortcuts hold for it
         lm.fast = fast_paths(lm)
 
@@ -267,11 +328,13 @@ def _train_file(
     order = "grouped" if dc.group_by_length else "shuffled"
     pos = ckpt.Position(job.job_id, job.sha256, 0, global_step, total_steps, 0, 0, order=order)
     ledger = SampleLedger()
-    ck = ckpt.load_latest(ckpt_folder, job.sha256, start_global_step=global_step)
-    if ck is None and ckpt.step_dirs(ckpt_folder):
+    ck = ckpt.load_latest(ckpt_folder, job.sha256, start_global_step=global_step) if ranks.main else None
+    if ranks.main and ck is None and ckpt.step_dirs(ckpt_folder):
         # unusable ones would otherwise outrank (by step number) and prune the new ones
         log.warning("%s: no usable checkpoint; training the file from its start", job.job_id)
         ckpt.delete_checkpoints(ckpt_folder)
+    if ranks.many:  # rank 0's checkpoint on every rank (the other nodes cannot read its folder)
+        ck = steer.share(ck if ranks.main else None)
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
         pos = ck.position  # with the order its file began with, whatever data.group_by_length says now
@@ -290,6 +353,8 @@ def _train_file(
         report({"type": "steps_again", "job_id": job.job_id, "steps": missed})
 
     def save() -> int:
+        if not ranks.main:  # the checkpoint is rank 0's: the weights are the same on every rank
+            return pos.step
         while True:
             try:
                 require_space(ckpt_folder, cfg.service.min_free_bytes, "checkpoint")
@@ -313,7 +378,7 @@ def _train_file(
     spike = SpikeGuard(cfg.guard.loss_spike_factor, cfg.guard.min_steps)
 
     def run_eval() -> float | None:
-        loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing)
+        loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing, ranks)
         if loss is not None:
             report({"type": "eval", "job_id": job.job_id, "step": pos.step,
                     "global_step": pos.global_step, "eval_loss": loss})
@@ -331,7 +396,7 @@ def _train_file(
             tick()
         consumed = skip
         for group in groups(stream, tc.grad_accum_steps):
-            verdict = control()  # between optimizer steps: pause blocks inside, stop/skip end the file
+            verdict = steer.verdict()  # between optimizer steps: pause blocks inside, stop/skip end the file
             if verdict == "stop":
                 step = saved_step if saved_step == pos.step else save()
                 return Outcome("stopped", pos.step, pos.global_step, pos.last_loss, None, step)
@@ -340,9 +405,11 @@ def _train_file(
 
             t0 = clock()
             sample = sampler.due(pos.step + 1, total_steps)
+            if ranks.many:
+                torch.manual_seed(step_seed(seed, pos.step + 1, ranks.rank))
             try:
                 stats = optimizer_step(lm, group, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
-                                       probe if sample else None)
+                                       probe if sample else None, ranks)
             except GuardTripped as e:
                 e.step = pos.step + 1
                 raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
@@ -358,6 +425,8 @@ def _train_file(
                         "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
                         "micro_batch_split": stats.split,
                         "elapsed": clock() - started}
+            if stats.ranks is not None:
+                step_msg.update(world_size=ranks.world_size, ranks=stats.ranks)
             steplog.append(step_msg)
             report(step_msg)
             if sample:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from daemon.train.activity import ActivityProbe
 from daemon.train.batching import batches, collate
 from daemon.train.data import IGNORE, Example
 from daemon.train.model import LoadedModel
+from daemon.train.ranks import Ranks, memory_now, step_figures
 
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class StepStats:
     slots: int  # token positions computed (tokens + padding)
     lora_grads: Any = None  # per-module gradient norms of A and B, when the activity probe asked for them
     split: int = 1  # pieces each micro-batch ran in (more than 1 after an out-of-memory)
+    ranks: list[dict[str, Any]] | None = None  # each rank's throughput and memory (several processes)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -92,27 +95,40 @@ def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def example_targets(ex: Example) -> int:
+    """Tokens `ex` is trained on: however it is batched (padded or packed), its first label is never a target."""
+    return sum(1 for t in ex.labels[1:] if t != IGNORE)
+
+
 def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths, pack: bool, opt: Any, sched: Any,
-                   scaler: Any, max_norm: float, probe: ActivityProbe | None = None) -> StepStats:
+                   scaler: Any, max_norm: float, probe: ActivityProbe | None = None,
+                   ranks: Ranks | None = None) -> StepStats:
     """Forward/backward every micro-batch of the group, then one clipped optimizer step.
 
     Each micro-batch's summed loss is divided by the trainable tokens of the WHOLE
     group, so the gradient is that of the group's token-mean loss whatever the
     split into micro-batches (dividing per micro-batch would over-weight short ones).
+    With several `ranks`, each computes its share of the group (daemon.train.ranks)
+    and the gradients are summed over ranks before clipping: the same division makes
+    that sum the single-process gradient of the group.
     With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
     """
+    ranks = ranks or Ranks()
     pad_id = lm.tokenizer.pad_token_id
+    n_targets = max(1, sum(example_targets(ex) for mb in group for ex in mb))
+    mine = ranks.shard(group)
     while True:
-        pieces = [p for mb in group for p in _pieces(mb, lm.split)]
+        pieces = [p for mb in mine for p in _pieces(mb, lm.split)]
         collated = [to_device(collate(p, pad_id, pack and fast.pack, fast.one_row), lm.device) for p in pieces]
-        n_targets = max(1, sum(trainable_tokens(b) for b in collated))
         total = 0.0
+        t0 = time.perf_counter()
         try:
             for b, piece in zip(collated, pieces):
                 _maybe_inject_oom(len(piece))
                 s, _ = loss_sum(lm.model, b, fast.label_only)
                 scaler.scale(s / n_targets).backward()
                 total += float(s.detach())
+            compute = time.perf_counter() - t0
             break
         except torch.OutOfMemoryError:
             # Out of memory: run each micro-batch in twice as many pieces (gradient accumulation doubled; the
@@ -126,12 +142,18 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
                 raise
             lm.split *= 2
             log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ranks.average_grads(params)
+    tokens = sum(len(ex.input_ids) for mb in mine for ex in mb)
+    slots = sum(b["input_ids"].numel() for b in collated)
+    rss, gpu = memory_now(lm.device) if ranks.many else (0, 0)
+    sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": tokens, "slots": slots,
+                                          "compute_seconds": compute, "rss_bytes": rss, "gpu_memory_bytes": gpu})
     scaler.unscale_(opt)
     lora_grads = _lora_grads(probe) if probe is not None else None
-    params = [p for g in opt.param_groups for p in g["params"]]
     # max_norm 0 disables clipping; inf still measures the norm for the report.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    loss = total / n_targets
+    loss = sums["loss_sum"] / n_targets
     # Never apply a step from a non-finite loss or gradient. With fp16 loss scaling an inf gradient is the
     # scaler's business (it skips the step and lowers the scale); without it, it is a broken step.
     if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm))):
@@ -142,9 +164,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     scaler.update()
     opt.zero_grad(set_to_none=True)
     sched.step()
-    tokens = sum(len(ex.input_ids) for mb in group for ex in mb)
-    slots = sum(b["input_ids"].numel() for b in collated)
-    return StepStats(loss, float(grad_norm), lr, tokens, slots, lora_grads, lm.split)
+    return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, lm.split, per_rank)
 
 
 def _pieces(mb: list[Example], split: int) -> list[list[Example]]:
@@ -172,17 +192,22 @@ def _lora_grads(probe: ActivityProbe) -> Any:
 
 
 @torch.no_grad()
-def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fast: FastPaths, pack: bool) -> float | None:
-    """Token-mean loss over the held-out examples (dropout off), or None without any."""
+def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fast: FastPaths, pack: bool,
+             ranks: Ranks | None = None) -> float | None:
+    """Token-mean loss over the held-out examples (dropout off), or None without any; with several
+    `ranks`, each scores every world_size-th example and the sums are added."""
+    ranks = ranks or Ranks()
     if not examples:
         return None
     lm.model.eval()
     total, count = 0.0, 0
-    for mb in batches(examples, micro_batch_size):
+    for mb in batches(examples[ranks.rank::ranks.world_size], micro_batch_size):
         b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack, fast.one_row), lm.device)
         s, n = loss_sum(lm.model, b, fast.label_only)
         total, count = total + float(s), count + n
     lm.model.train()
+    if ranks.many:
+        total, count = (sum(col) for col in zip(*ranks.gather_floats([total, float(count)])))
     return total / count if count else None
 
 

@@ -44,15 +44,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_thread_count(configured: int) -> int:
-    """`training.cpu_threads`, or for 0 (auto) every usable core; the governor trims it under load."""
-    return configured if configured > 0 else usable_cores()
+def cpu_thread_count(configured: int, sharing: int = 1) -> int:
+    """`training.cpu_threads`, or for 0 (auto) every usable core (split between the `sharing` trainer ranks
+    of this machine); the governor trims it under load."""
+    return configured if configured > 0 else max(1, usable_cores() // max(1, sharing))
 
 
-def start_threads(configured: int) -> int:
+def start_threads(configured: int, sharing: int = 1) -> int:
     """Set the torch CPU threads, and the OpenMP/MKL environment before torch is first imported (call this
     first), so every runtime and thread starts with the same count. Returns the count."""
-    n = cpu_thread_count(configured)
+    n = cpu_thread_count(configured, sharing)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
     import torch

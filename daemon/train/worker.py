@@ -34,12 +34,14 @@ from daemon import adapters, atomic, control
 from daemon.atomic import sweep_temps
 from daemon.config import Config, load_config
 from daemon.diskspace import DiskFull, disk_full_from, require_space
-from daemon.errors import DataError, GuardTripped
+from daemon.errors import DataError, GuardTripped, TraindError
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
 from daemon.train import consolidate, process
 from daemon.train.activity import ActivityProbe, Grid
-from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
+from daemon.train.model import (capabilities, choose_device, load_adapter, load_for_training, lora_state,
+                                publish_adapter, set_lora_state)
+from daemon.train.ranks import Ranks
 from daemon.train.tboard import Board
 from daemon.train.threads import ThreadGovernor, start_threads
 
@@ -53,11 +55,11 @@ class Session:
     """What the child keeps between files: the loaded model, the current adapter, the pause state."""
 
     cfg: Config
-    conn: Connection
+    conn: Connection | None  # rank 0's line to the service (None on the other ranks)
     lm: Any  # daemon.train.model.LoadedModel
     version: int | None  # current adapter version (None: nothing published yet)
     manifest: dict[str, Any]
-    probe: ActivityProbe  # per-layer LoRA activity of lm (keeps ‖W₀‖ across files)
+    probe: ActivityProbe | None  # per-layer LoRA activity of lm (keeps ‖W₀‖ across files); rank 0's
     governor: ThreadGovernor | None = None  # trims the CPU threads while other processes want the cores (auto)
     paused: bool = False
     exit_code: int | None = None  # set once the child must leave
@@ -66,8 +68,11 @@ class Session:
     eval_set: list | None = None  # eval.file's examples (tokenised once), scored before and after every file
     eval_cache: tuple[int | None, float] | None = None  # (adapter version, its eval-set loss)
     board: Any = None  # daemon.train.tboard.Board when tensorboard.enabled
+    ranks: Ranks = field(default_factory=Ranks)  # this process among the trainer's ranks (one by default)
 
     def send(self, msg: dict[str, Any]) -> None:
+        if self.conn is None:  # not rank 0: rank 0 reports for every rank
+            return
         if self.board is not None:
             self.board.report(msg)
         try:
@@ -83,27 +88,42 @@ class Session:
         return self.cfg.path("checkpoints") / job_id
 
 
-def load_session(cfg: Config, conn: Connection, threads: int) -> Session:
-    """Load base + current adapter (or a fresh LoRA seeded from training.seed) and say `ready`."""
+def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Ranks | None = None) -> Session:
+    """Load base + current adapter (or a fresh LoRA seeded from training.seed) and say `ready`.
+
+    With several ranks, rank 0 reads the adapter folder and the others get its base and weights."""
+    ranks = ranks or Ranks()
     t0 = time.monotonic()
-    current = adapters.read_current(cfg.path("adapters"))
+    current = adapters.read_current(cfg.path("adapters")) if ranks.main else None
     # After a consolidation the adapter's manifest names the base it continues (the config's is generation 0's).
     base = Path(current.manifest["base_path"]) if current is not None and current.manifest.get("base_path") else None
+    base = ranks.broadcast(base)
+    if base is not None and not base.is_dir():
+        raise TraindError(f"rank {ranks.rank}: the base {base} (a consolidated generation) is not on this machine; "
+                          "every node needs the base it continues")
     lm = load_for_training(cfg, seed=cfg.training.seed, base=base)
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
         if swept := ckpt.sweep_published(cfg.path("checkpoints"), set(current.trained_jobs)):
             log.info("removed the checkpoints of %d file(s) adapter v%d already learnt", swept, current.version)
+    ranks.same_base(lm.model)
+    ranks.sync_lora(lm.model)
+    # Rank 0 alone samples activity; more ranks on one machine share its cores, so none trims its threads.
+    governor = ThreadGovernor(threads) if cfg.training.cpu_threads == 0 and ranks.local_world_size == 1 else None
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
-                   ActivityProbe(lm.model), ThreadGovernor(threads) if cfg.training.cpu_threads == 0 else None)
+                   ActivityProbe(lm.model) if ranks.main else None, governor, ranks=ranks)
+    if not ranks.main:
+        return sess
     sess.eval_set, eval_error = load_eval_set(cfg, lm)
     sess.board = Board.open(cfg)
     trainable, total = lm.param_counts()
     sess.send({"type": "ready", "eval_set_examples": len(sess.eval_set) if sess.eval_set else 0,
                "eval_set_error": eval_error, "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
                "quantization": lm.quantization, "base_model": str(base) if base else cfg.base_model, "adapter_version": sess.version,
-               "trainable_params": trainable, "total_params": total, "load_seconds": time.monotonic() - t0})
+               "trainable_params": trainable, "total_params": total, "load_seconds": time.monotonic() - t0,
+               "world_size": ranks.world_size, "strategy": ranks.strategy, "backend": ranks.backend,
+               "nnodes": ranks.nnodes})
     return sess
 
 
@@ -222,12 +242,50 @@ def set_paused(sess: Session, paused: bool, job_id: str | None) -> None:
 
 def handle_train(sess: Session, msg: dict[str, Any]) -> None:
     """Train one file and answer done / skipped / failed / stopped."""
-    from daemon.train.loop import Job, train_file  # imports torch: only after threads.start_threads
+    from daemon.train.loop import Job  # imports torch: only after threads.start_threads
 
     job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"], int(msg.get("recorded_through") or 0))
     if job.job_id in sess.trained_jobs:
         answer_already_trained(sess, job.job_id)
         return
+    ranks = sess.ranks
+    ranks.broadcast({**msg, "global_step": int(sess.manifest.get("global_step", 0))})  # they train it with us
+    _handle_train(sess, share_file(sess, job), msg)
+    # However the file ended (done, skip, failure, a rollback in its middle), every rank goes on from rank 0's
+    # weights. Not after an error rank 0 met alone: that ends the group (the others wait in a collective).
+    ranks.sync_tensors(ranks_lora(sess))
+
+
+def follow_train(sess: Session, msg: dict[str, Any]) -> None:
+    """Another rank's part of a file rank 0 trains: its share of each step; rank 0 reports and decides."""
+    from daemon.train.loop import Job, train_file
+
+    job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"])
+    job = share_file(sess, job)
+    try:
+        train_file(sess.lm, sess.cfg, job, global_step=int(msg.get("global_step") or 0),
+                   ckpt_folder=sess.checkpoints(job.job_id), report=lambda m: None, control=lambda: "continue",
+                   ranks=sess.ranks)
+    except (DataError, GuardTripped) as e:  # met alike by rank 0, which reports it
+        log.info("%s: %s", job.job_id, e)
+    sess.ranks.sync_tensors(ranks_lora(sess))
+
+
+def share_file(sess: Session, job: Any) -> Any:
+    """The job with the path this rank reads its file from (a copy sent by rank 0 on another node)."""
+    import dataclasses
+
+    path = sess.ranks.share_file(job.path, job.sha256, sess.cfg.path("checkpoints") / ".incoming")
+    return dataclasses.replace(job, path=path)
+
+
+def ranks_lora(sess: Session) -> list[Any]:
+    return [p for p in sess.lm.model.parameters() if p.requires_grad] if sess.ranks.many else []
+
+
+def _handle_train(sess: Session, job: Any, msg: dict[str, Any]) -> None:
+    from daemon.train.loop import train_file
+
     before = lora_state(sess.lm.model)  # CPU copy: skip and failure put these weights back
     eval_before = eval_set_loss(sess)
     wait = wait_for_space_for(sess, job.job_id)
@@ -235,9 +293,15 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         try:
             outcome = train_file(sess.lm, sess.cfg, job, global_step=int(sess.manifest.get("global_step", 0)),
                                  ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
-                                 control=control_for(sess, job.job_id), activity=sess.probe, wait_for_space=wait)
+                                 control=control_for(sess, job.job_id), activity=sess.probe, wait_for_space=wait,
+                                 ranks=sess.ranks)
             break
         except Exception as e:  # a job boundary: record it with the job, stay alive for the next one
+            if sess.ranks.many and not isinstance(e, (DataError, GuardTripped)):
+                # Met by this rank alone: the others wait in a collective for it. The group ends and the
+                # service restarts it from the last checkpoint (one crash of the file).
+                log.exception("%s: rank 0 failed alone; ending the group", job.job_id)
+                raise
             restore(sess, before)
             full = disk_full_from(e, sess.checkpoints(job.job_id), "trainer")
             if full is None:
@@ -548,8 +612,18 @@ def serve(sess: Session) -> int:
         elif kind == "rollback":
             sess.rollback_to = int(msg["version"])
             rollback(sess, None)
+            sess.ranks.broadcast({"type": "sync_lora"})
+            sess.ranks.sync_tensors(ranks_lora(sess))
         elif kind == "consolidate":
+            if sess.ranks.nnodes > 1:
+                sess.send({"type": "consolidation_refused", "message": "not with several machines: the merged base "
+                           "would be on this machine only (distributed.nnodes > 1); consolidate with nnodes 1"})
+                continue
+            lm = sess.lm
             consolidate_now(sess, msg)
+            if sess.lm is not lm:  # a new base: the other ranks load it too
+                sess.ranks.broadcast({"type": "reload", "base": str(sess.lm.base_path)})
+                sess.ranks.sync_tensors(ranks_lora(sess))
         elif kind == "stop":
             sess.send({"type": "stopped", "job_id": None, "checkpoint_step": None})
             sess.exit_code = 0
@@ -557,7 +631,27 @@ def serve(sess: Session) -> int:
             sess.exit_code = 0
         else:
             log.warning("ignoring unknown message %r", kind)
+    sess.ranks.broadcast({"type": "exit"})
     return sess.exit_code
+
+
+def follow(sess: Session) -> int:
+    """The other ranks: do what rank 0 broadcasts until it says exit."""
+    while True:
+        msg = sess.ranks.broadcast()
+        kind = msg.get("type")
+        if kind == "train":
+            follow_train(sess, msg)
+        elif kind == "sync_lora":
+            sess.ranks.sync_tensors(ranks_lora(sess))
+        elif kind == "reload":
+            old, sess.lm = sess.lm, None
+            del old
+            gc.collect()
+            sess.lm = load_for_training(sess.cfg, seed=sess.cfg.training.seed, base=Path(msg["base"]))
+            sess.ranks.sync_tensors(ranks_lora(sess))
+        elif kind == "exit":
+            return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,23 +660,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     process.die_with_parent()
     cfg = load_config(args.config)
-    setup_logging(cfg.path("logs"), "trainer", cfg.service.log_level, also_stderr=False,
-                  keep_days=cfg.service.log_keep_days, max_bytes=cfg.service.log_max_bytes)
-    threads = start_threads(cfg.training.cpu_threads)  # before quiet_hugging_face imports torch
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun (daemon.train.launch); 0 for a plain child
+    setup_logging(cfg.path("logs"), "trainer" if rank == 0 else f"trainer_rank{rank}", cfg.service.log_level,
+                  also_stderr=False, keep_days=cfg.service.log_keep_days, max_bytes=cfg.service.log_max_bytes)
+    # before quiet_hugging_face imports torch; ranks on one machine share its cores
+    threads = start_threads(cfg.training.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     process.quiet_hugging_face()
-    lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
-    if swept := ckpt.sweep_temp(cfg.path("checkpoints")) + sweep_temps(cfg.path("adapters"), adapters.CURRENT):
+    lock_fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock") if rank == 0 else None
+    if rank == 0 and (swept := ckpt.sweep_temp(cfg.path("checkpoints")) + sweep_temps(cfg.path("adapters"), adapters.CURRENT)):
         log.info("removed %d unfinished checkpoint folder(s) and pointer temp file(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
-    conn = process.connect()
+    ranks = Ranks.from_env(cfg.distributed, choose_device(cfg.model, capabilities()))
+    conn = process.connect() if ranks.main else None
     try:
-        code = serve(load_session(cfg, conn, threads))
+        sess = load_session(cfg, conn, threads, ranks)
+        code = serve(sess) if ranks.main else follow(sess)
     except BaseException:
         log.exception("trainer failed outside a job; the service restarts it")
         raise
     finally:
-        conn.close()
-        os.close(lock_fd)
+        if conn is not None:
+            conn.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
+    ranks.close()
     log.info("trainer exits with %d", code)
     return code
 
