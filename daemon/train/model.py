@@ -116,8 +116,9 @@ def resolve_base(cfg: Config) -> Path:
     return ensure_embedded(cfg.path("models"))
 
 
-def quantization_config(mc: ModelConfig, dtype: "torch.dtype") -> Any | None:
-    """A BitsAndBytesConfig for 4-bit nf4/fp4 (QLoRA), or None when quantization is 'none'."""
+def quantization_config(mc: ModelConfig, dtype: "torch.dtype", sharded: bool = False) -> Any | None:
+    """A BitsAndBytesConfig for 4-bit nf4/fp4 (QLoRA), or None when quantization is 'none'. `sharded` (FSDP):
+    the packed 4-bit weights are stored in the compute dtype, so FSDP can flatten them with the rest."""
     if mc.quantization == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -129,6 +130,7 @@ def quantization_config(mc: ModelConfig, dtype: "torch.dtype") -> Any | None:
         bnb_4bit_quant_type=mc.quantization,
         bnb_4bit_use_double_quant=mc.double_quant,
         bnb_4bit_compute_dtype=dtype,
+        **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
     )
 
 
@@ -144,14 +146,14 @@ def choose_attention(mc: ModelConfig, device: str) -> str | None:
     return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else None
 
 
-def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype") -> tuple[Any, Any]:
+def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype", sharded: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of the base in `path`, 4-bit or not, on `device`, frozen, ready for a LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # many bases ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    quant = quantization_config(mc, dtype)
+    quant = quantization_config(mc, dtype, sharded)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if (attention := choose_attention(mc, device)) is not None:
         kwargs["attn_implementation"] = attention
@@ -241,7 +243,9 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, 
     device = choose_device(cfg.model, caps)
     dtype = choose_dtype(cfg.model, device, caps)
     base_path = base or resolve_base(cfg)
-    model, tokenizer = load_base(base_path, cfg.model, device, dtype)
+    dc = cfg.distributed
+    sharded = dc.strategy == "fsdp" and dc.nproc_per_node * dc.nnodes > 1
+    model, tokenizer = load_base(base_path, cfg.model, device, dtype, sharded)
     model = prepare_for_lora(model, cfg.model)
     model = attach_lora(model, cfg.lora, seed)
     if cfg.training.compile:

@@ -75,6 +75,15 @@ class Ranks:
     def many(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sharded(self) -> bool:
+        """The base is sharded (fsdp): every rank must run the same number of forwards."""
+        return self.many and self.strategy == "fsdp"
+
+    def most(self, count: int) -> int:
+        """The largest `count` over ranks."""
+        return int(max(row[0] for row in self.gather_floats([float(count)]))) if self.many else count
+
     @classmethod
     def from_env(cls, dc: DistributedConfig, device: str) -> "Ranks":
         """Join the process group torchrun set up (a single Ranks without torchrun)."""

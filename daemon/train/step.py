@@ -119,18 +119,26 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     mine = ranks.shard(group)
     while True:
         pieces = [p for mb in mine for p in _pieces(mb, lm.split)]
+        real = len(pieces)
+        if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
+            pieces += [[group[0][0]]] * (ranks.most(real) - real)
         collated = [to_device(collate(p, pad_id, pack and fast.pack, fast.one_row), lm.device) for p in pieces]
         total = 0.0
         t0 = time.perf_counter()
         try:
-            for b, piece in zip(collated, pieces):
+            for k, (b, piece) in enumerate(zip(collated, pieces)):
                 _maybe_inject_oom(len(piece))
                 s, _ = loss_sum(lm.model, b, fast.label_only)
+                if k >= real:
+                    s = s * 0.0
                 scaler.scale(s / n_targets).backward()
                 total += float(s.detach())
             compute = time.perf_counter() - t0
+            collated = collated[:real]
             break
         except torch.OutOfMemoryError:
+            if ranks.sharded:  # the others are in this step's collectives: a rank cannot retry alone
+                raise
             # Out of memory: run each micro-batch in twice as many pieces (gradient accumulation doubled; the
             # group's token-mean loss and gradient are the same) and take the step again. Only a piece of one
             # example that does not fit fails the file.
@@ -201,10 +209,15 @@ def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fa
         return None
     lm.model.eval()
     total, count = 0.0, 0
-    for mb in batches(examples[ranks.rank::ranks.world_size], micro_batch_size):
+    mine = list(batches(examples[ranks.rank::ranks.world_size], micro_batch_size))
+    real = len(mine)
+    if ranks.sharded:  # the same number of forwards on every rank (fillers not counted)
+        mine += [examples[:1]] * (ranks.most(real) - real)
+    for k, mb in enumerate(mine):
         b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack, fast.one_row), lm.device)
         s, n = loss_sum(lm.model, b, fast.label_only)
-        total, count = total + float(s), count + n
+        if k < real:
+            total, count = total + float(s), count + n
     lm.model.train()
     if ranks.many:
         total, count = (sum(col) for col in zip(*ranks.gather_floats([total, float(count)])))

@@ -107,15 +107,17 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
         log.info("adapter v%d loaded from %s", current.version, current.path)
         if swept := ckpt.sweep_published(cfg.path("checkpoints"), set(current.trained_jobs)):
             log.info("removed the checkpoints of %d file(s) adapter v%d already learnt", swept, current.version)
-    ranks.same_base(lm.model)
-    ranks.sync_lora(lm.model)
-    # Rank 0 alone samples activity; more ranks on one machine share its cores, so none trims its threads.
+    probe = prepare_ranks(lm, ranks)
+    # More ranks on one machine share its cores: none trims its threads for the others.
     governor = ThreadGovernor(threads) if cfg.training.cpu_threads == 0 and ranks.local_world_size == 1 else None
     sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
-                   ActivityProbe(lm.model) if ranks.main else None, governor, ranks=ranks)
+                   probe, governor, ranks=ranks)
     if not ranks.main:
         return sess
     sess.eval_set, eval_error = load_eval_set(cfg, lm)
+    if ranks.sharded and sess.eval_set:  # scoring it would be a collective rank 0 runs alone, between files
+        sess.eval_set, eval_error = None, "eval.file is not scored with distributed.strategy 'fsdp'"
+        log.warning("%s", eval_error)
     sess.board = Board.open(cfg)
     trainable, total = lm.param_counts()
     sess.send({"type": "ready", "eval_set_examples": len(sess.eval_set) if sess.eval_set else 0,
@@ -125,6 +127,21 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
                "world_size": ranks.world_size, "strategy": ranks.strategy, "backend": ranks.backend,
                "nnodes": ranks.nnodes})
     return sess
+
+
+def prepare_ranks(lm: Any, ranks: Ranks) -> ActivityProbe | None:
+    """Every rank on rank 0's weights, the base sharded for fsdp; rank 0's activity probe (‖W₀‖ measured
+    before sharding, while each rank still holds whole weights)."""
+    ranks.same_base(lm.model)
+    ranks.sync_lora(lm.model)
+    probe = ActivityProbe(lm.model) if ranks.main else None
+    if ranks.sharded:
+        from daemon.train.sharding import shard_base
+
+        if probe is not None:
+            probe.base_norms()
+        shard_base(lm, ranks)
+    return probe
 
 
 # ---------------------------------------------------------------- control between steps
@@ -621,9 +638,9 @@ def serve(sess: Session) -> int:
                 continue
             lm = sess.lm
             consolidate_now(sess, msg)
-            if sess.lm is not lm:  # a new base: the other ranks load it too
+            if sess.lm is not lm and sess.ranks.many:  # a new base: the other ranks load it too
                 sess.ranks.broadcast({"type": "reload", "base": str(sess.lm.base_path)})
-                sess.ranks.sync_tensors(ranks_lora(sess))
+                sess.probe = prepare_ranks(sess.lm, sess.ranks)
         elif kind == "stop":
             sess.send({"type": "stopped", "job_id": None, "checkpoint_step": None})
             sess.exit_code = 0
@@ -649,7 +666,7 @@ def follow(sess: Session) -> int:
             del old
             gc.collect()
             sess.lm = load_for_training(sess.cfg, seed=sess.cfg.training.seed, base=Path(msg["base"]))
-            sess.ranks.sync_tensors(ranks_lora(sess))
+            prepare_ranks(sess.lm, sess.ranks)
         elif kind == "exit":
             return 0
 
@@ -670,7 +687,12 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and (swept := ckpt.sweep_temp(cfg.path("checkpoints")) + sweep_temps(cfg.path("adapters"), adapters.CURRENT)):
         log.info("removed %d unfinished checkpoint folder(s) and pointer temp file(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
-    ranks = Ranks.from_env(cfg.distributed, choose_device(cfg.model, capabilities()))
+    device = choose_device(cfg.model, capabilities())
+    ranks = Ranks.from_env(cfg.distributed, device)
+    if ranks.many:
+        from daemon.train.sharding import check_fsdp
+
+        check_fsdp(cfg, device)  # refused with the reason before minutes of loading
     conn = process.connect() if ranks.main else None
     try:
         sess = load_session(cfg, conn, threads, ranks)
