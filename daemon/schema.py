@@ -83,6 +83,30 @@ class DiskFullStatus:
 
 
 @dataclass
+class RankFigures:
+    """One trainer process (rank) in the latest optimizer step, as rank 0 reported it."""
+
+    rank: int = _f(0, "the process' rank (rank 0 talks to the service)")
+    node: int = _f(0, "index of the machine (node) it runs on")
+    host: str = _f("", "host name of that machine")
+    device: str = _f("", "cpu or cuda:N")
+    tokens: int = _f(0, "real (non-pad) tokens it computed in the step")
+    compute_seconds: float | None = _f(None, "its forward and backward time in the step, without the wait for the others")
+    tokens_per_sec: float | None = _f(None, "its tokens over its compute_seconds")
+    rss_bytes: int | None = _f(None, "its resident memory")
+    gpu_memory_bytes: int | None = _f(None, "its peak CUDA memory allocated (torch.cuda.max_memory_allocated); null on CPU")
+
+
+@dataclass
+class DistributedSetup:
+    """How the ranks train together (from the trainer's `ready`)."""
+
+    strategy: str | None = _f(None, "ddp or fsdp")
+    backend: str | None = _f(None, "torch.distributed backend: gloo or nccl")
+    nnodes: int = _f(1, "machines (nodes) the ranks run on")
+
+
+@dataclass
 class TrainingStatus:
     """The live snapshot of one traind instance, rewritten atomically by the service."""
 
@@ -122,6 +146,13 @@ class TrainingStatus:
     auto_generate: dict | None = _f(None, "the idle-time generator (auto_generate.enabled): state (waiting, generating, "
                                           "backing_off, daily_cap), source, files_today, records_total, last_file, "
                                           "last_at, last_error, next_try_at; null when off")
+    world_size: int = _f(1, "trainer processes (ranks) training together; 1 = a single process")
+    distributed: DistributedSetup | None = _f(None, "strategy, backend and nodes of a multi-process trainer; "
+                                                    "null with one process")
+    ranks: list[RankFigures] | None = _f(None, "per-rank figures of the latest step, ordered by rank; null with one "
+                                               "process, and cleared with the other live figures")
+    slowest_rank: int | None = _f(None, "the rank with the longest compute_seconds in the latest step (the others "
+                                        "wait for it); null with one process")
     layer_activity_summary: LayerActivitySummary | None = _f(None, "per-layer LoRA activity at the latest sample "
                                                                    "(every activity.every_steps steps and at each file's end)")
 

@@ -18,7 +18,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from daemon import activity, adapters
+from daemon import activity, adapters, ranks
 from daemon.config import Config
 from daemon.diskspace import DiskFull, disk_full_from
 from daemon.errors import QueueError
@@ -98,6 +98,9 @@ class JobTracker:
         st.current_step, st.total_steps = msg["step"], msg.get("total_steps") or st.total_steps
         st.global_step, st.epoch = msg.get("global_step", st.global_step), msg.get("epoch", st.epoch)
         st.loss, st.lr, st.tokens_per_sec = msg.get("loss"), msg.get("lr"), msg.get("tokens_per_sec")
+        if msg.get("world_size"):
+            st.world_size = int(msg["world_size"])
+        st.ranks, st.slowest_rank = ranks.figures(msg)
         split = int(msg.get("micro_batch_split") or 1)
         if split != st.micro_batch_split:
             if split > st.micro_batch_split:
@@ -289,6 +292,7 @@ class JobTracker:
         st.current_step = st.total_steps = 0
         st.epoch = 0.0
         st.loss = st.lr = st.tokens_per_sec = st.eta_seconds = st.eval_loss = None
+        st.ranks = st.slowest_rank = None
         self._rate = None
 
     def published(self) -> dict[str, Any]:

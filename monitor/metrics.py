@@ -72,6 +72,15 @@ def _training(x: _Exposition, s: Status) -> None:
     x.gauge("traind_adapter_version", "current adapter version", s.adapter_version)
 
 
+def _ranks(x: _Exposition, s: Status) -> None:
+    """The trainer's processes: the world size, and per rank (one series each, as many as the
+    world size) its tokens per second in the latest step, left out when stale like the total."""
+    x.gauge("traind_world_size", "trainer processes (ranks) training together; 1 = a single process", s.world_size)
+    for r in s.ranks or []:
+        x.gauge("traind_rank_tokens_per_second", "tokens per second of one rank in the latest step (its compute time)",
+                None if s.stale else r.tokens_per_sec, rank=r.rank)
+
+
 def _activity(x: _Exposition, s: Status) -> None:
     """Per-layer LoRA activity as gauges per module kind (a handful), never per layer or module."""
     block = s.layer_activity_summary
@@ -127,6 +136,7 @@ def metrics(state: StateDep) -> PlainTextResponse:
     x = _Exposition()
     s = current_status(state)
     _training(x, s)
+    _ranks(x, s)
     _activity(x, s)
     _queue(x, state.queue.counts())
     _gpu(x, state.gpu.read())

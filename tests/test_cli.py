@@ -23,7 +23,7 @@ from daemon.config import Config, explain, load_config
 from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry
 from daemon.lock import holder_pid
 from daemon.states import FailReason, JobState, Priority, ServiceStatus
-from daemon.schema import TrainingStatus
+from daemon.schema import DistributedSetup, RankFigures, TrainingStatus
 from daemon.status import HistoryDB, StatusWriter
 from tests.conftest import EXAMPLES, REPO, write_instance
 
@@ -222,13 +222,13 @@ def test_queue_retry_of_unknown_name(cfg: Config, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- status
 
 
-def write_status(cfg: Config, age: float = 0.0) -> None:
+def write_status(cfg: Config, age: float = 0.0, **fields) -> None:
     st = TrainingStatus(
         status=ServiceStatus.TRAINING, detail="training", current_file="chat.jsonl",
         job_id="20261122T020301Z-000001--chat.jsonl", current_step=25, total_steps=100, epoch=0.25,
         loss=1.23456, lr=2e-4, tokens_per_sec=1234.4, eta_seconds=125, eval_loss=None,
         queue={"pending_high": 1, "pending_normal": 2, "pending_low": 0, "pending": 3, "processing": 1, "done": 4, "failed": 0},
-        device="cpu", base_model="embedded:tiny-qwen3", adapter_version=2, write_interval_seconds=0.5,
+        device="cpu", base_model="embedded:tiny-qwen3", adapter_version=2, write_interval_seconds=0.5, **fields,
     )
     StatusWriter(cfg.path("status")).write(st, now=time.time() - age)
 
@@ -249,6 +249,37 @@ def test_status_fresh(cfg: Config, lock_holder: int) -> None:
     assert "  loss     1.2346   eval -   lr 2.00e-04   1,234 tok/s" in lines
     assert "  queue    pending 3 (high 1, normal 2, low 0)  processing 1  done 4  failed 0" in lines
     assert "not responding" not in r.stdout and len(lines) <= 24  # one screen
+    assert "ranks" not in r.stdout  # one trainer process: as it always was
+
+
+def test_status_shows_each_rank_and_the_slowest(cfg: Config, lock_holder: int) -> None:
+    ranks = [RankFigures(rank=0, node=0, host="node-a", device="cuda:0", tokens=1200, compute_seconds=1.0,
+                         tokens_per_sec=1200.0, rss_bytes=3 * 2**30, gpu_memory_bytes=5 * 2**30),
+             RankFigures(rank=1, node=1, host="node-bb", device="cuda:0", tokens=1100, compute_seconds=1.4,
+                         tokens_per_sec=785.7, rss_bytes=int(2.5 * 2**30), gpu_memory_bytes=None)]
+    write_status(cfg, world_size=2, distributed=DistributedSetup("ddp", "gloo", 2), ranks=ranks, slowest_rank=1)
+    r = trainctl(cfg, "status")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    i = lines.index("  ranks    2 (ddp, gloo, 2 nodes)")
+    assert lines[i + 1:i + 3] == [
+        "           rank 0  node-a   cuda:0  1,200 tok/s   RSS 3.0 GiB   GPU 5.0 GiB",
+        "           rank 1  node-bb  cuda:0    786 tok/s   RSS 2.5 GiB   <- slowest"]
+    body = json.loads(trainctl(cfg, "status", "--json").stdout)
+    assert body["world_size"] == 2 and body["slowest_rank"] == 1 and body["distributed"]["nnodes"] == 2
+    assert [(x["rank"], x["host"], x["gpu_memory_bytes"]) for x in body["ranks"]] == [(0, "node-a", 5 * 2**30),
+                                                                                      (1, "node-bb", None)]
+
+
+
+def test_status_of_many_ranks_stays_one_screen() -> None:
+    from daemon.cli.status_cmds import RANK_LINES, render_status
+
+    st = TrainingStatus(status=ServiceStatus.TRAINING, world_size=64, slowest_rank=40,
+                        ranks=[RankFigures(rank=r, host="h", device="cpu", tokens_per_sec=100.0) for r in range(64)]).to_dict()
+    text = render_status(st, None)
+    assert text.count(" tok/s   RSS") == RANK_LINES + 1 and "rank 40  h  cpu  100 tok/s   RSS -   <- slowest" in text
+    assert f"... and {64 - RANK_LINES - 1} more (trainctl status --json)" in text
 
 
 def test_status_stale_while_lock_is_held(cfg: Config, lock_holder: int) -> None:

@@ -560,6 +560,20 @@ def test_prometheus_metrics(client, daemon, cfg):
     assert not any(l.startswith("traind_eval_loss ") for l in lines)  # unknown: absent, not 0
 
 
+def test_metrics_of_several_ranks(client, daemon):
+    lines = client.get("/metrics").text.splitlines()
+    assert not any(l.startswith("traind_rank_") for l in lines)  # one process (no status: unknown)
+    daemon.status(world_size=1)
+    assert "traind_world_size 1.0" in client.get("/metrics").text.splitlines()
+    ranks = [{"rank": r, "host": "node-a", "device": "cpu", "tokens_per_sec": 400.0 + r, "compute_seconds": 1.0}
+             for r in range(3)]
+    daemon.status(world_size=3, distributed={"strategy": "ddp", "backend": "gloo", "nnodes": 1}, ranks=ranks, slowest_rank=0)
+    lines = client.get("/metrics").text.splitlines()
+    assert "traind_world_size 3.0" in lines
+    assert [l for l in lines if l.startswith("traind_rank_tokens_per_second{")] == [
+        f'traind_rank_tokens_per_second{{rank="{r}"}} {400.0 + r}' for r in range(3)]
+
+
 def test_metrics_keep_each_metric_in_one_group(client, daemon):
     """Prometheus/OpenMetrics parsers reject a metric whose samples are split up."""
     daemon.status()
@@ -577,8 +591,10 @@ def test_metrics_keep_each_metric_in_one_group(client, daemon):
 
 
 def test_stale_metrics_say_not_responding_and_drop_rates(cfg, client):
-    FakeDaemon(cfg, pid=dead_pid()).status(tokens_per_sec=10_000.0, eta_seconds=60.0, loss=1.5)
+    FakeDaemon(cfg, pid=dead_pid()).status(tokens_per_sec=10_000.0, eta_seconds=60.0, loss=1.5, world_size=2,
+                                           ranks=[{"rank": r, "tokens_per_sec": 5_000.0} for r in (0, 1)])
     lines = client.get("/metrics").text.splitlines()
+    assert "traind_world_size 2.0" in lines and not any(l.startswith("traind_rank_tokens_per_second{") for l in lines)
     assert "traind_up 0.0" in lines and 'traind_state{state="not_responding"} 1.0' in lines
     assert 'traind_state{state="training"} 0.0' in lines
     assert not any(l.startswith(("traind_tokens_per_second ", "traind_eta_seconds ")) for l in lines)

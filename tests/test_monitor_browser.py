@@ -236,6 +236,24 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
             tab.page.wait_for_selector("#split >> text=in 2 pieces")
             beat.set(auto_generate=None, micro_batch_split=1)
 
+            # a trainer of two processes: the Ranks block, each rank's figures, the slowest marked; hidden with one
+            assert tab.page.is_hidden("#ranks-block")
+            ranks = [{"rank": r, "node": 0, "host": "node-a", "device": "cpu", "tokens": 600 - 100 * r,
+                      "compute_seconds": 1.0 + r, "tokens_per_sec": (600 - 100 * r) / (1.0 + r),
+                      "rss_bytes": (3 + r) * 2**30, "gpu_memory_bytes": None if r else 5 * 2**30} for r in (0, 1)]
+            beat.set(world_size=2, distributed={"strategy": "ddp", "backend": "gloo", "nnodes": 1}, ranks=ranks,
+                     slowest_rank=1)
+            tab.page.wait_for_selector("#ranks-block", state="visible")
+            assert tab.page.text_content("#ranks-setup") == "2 ranks · ddp · gloo · 1 node"
+            rows = [[c.strip() for c in tab.page.locator(f"#ranks-body tr[data-rank='{r}'] td").all_text_contents()]
+                    for r in (0, 1)]
+            assert rows == [["0", "node-a", "cpu", "600", "3.0 GiB", "5.0 GiB", ""],
+                            ["1", "node-a", "cpu", "250", "4.0 GiB", "—", "slowest"]]
+            assert tab.page.get_attribute("#ranks-body tr[data-rank='1']", "class") == "slowest"
+            tab.shot_of(".resources-panel", "monitor_ranks.png")
+            beat.set(world_size=1, distributed=None, ranks=None, slowest_rank=None)
+            tab.page.wait_for_selector("#ranks-block", state="hidden")
+
             # consolidate asks for a description; cancelling leaves nothing, confirming leaves the request with it
             from daemon import atomic
             atomic.write_json(cfg.path("adapters") / "v0004" / "manifest.json", {"version": 4})

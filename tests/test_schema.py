@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from daemon.schema import TrainingStatus, iso
+from daemon.schema import DistributedSetup, RankFigures, TrainingStatus, iso
 from daemon.states import ServiceStatus
 from daemon.status import StatusWriter, read_status
 from monitor.models import Status, status_file_model
@@ -43,6 +43,19 @@ def test_a_written_status_reads_back_unchanged_through_the_monitor_model() -> No
     assert {k: read[k] for k in body} == body
 
 
+def test_per_rank_figures_read_back_unchanged_and_typed() -> None:
+    ranks = [RankFigures(rank=r, host="node-a", device=f"cuda:{r}", tokens=100, compute_seconds=0.5,
+                         tokens_per_sec=200.0, rss_bytes=2**30, gpu_memory_bytes=2**31) for r in (0, 1)]
+    st = TrainingStatus(world_size=2, distributed=DistributedSetup("fsdp", "nccl", 1), ranks=ranks, slowest_rank=0)
+    body = json.loads(json.dumps(st.to_dict()))
+    assert body["ranks"][1]["device"] == "cuda:1" and body["distributed"] == {"strategy": "fsdp", "backend": "nccl", "nnodes": 1}
+    read = Status.model_validate(dict(body, stale=False, requested_state="running", now=4.0))
+    assert {k: read.model_dump()[k] for k in body} == body
+    assert read.ranks[1].gpu_memory_bytes == 2**31
+    rank_schema = Status.model_json_schema()["$defs"]["RankFigures"]["properties"]
+    assert set(rank_schema) == {f.name for f in dataclasses.fields(RankFigures)}
+
+
 def test_no_status_file_reads_as_empty_values_and_null_claims() -> None:
     read = Status.model_validate({"stale": True, "requested_state": "running", "now": 0.0}).model_dump()
     assert read["current_step"] == 0 and read["detail"] == "" and read["queue"] == {}
@@ -53,7 +66,7 @@ def test_no_status_file_reads_as_empty_values_and_null_claims() -> None:
 def test_a_new_schema_field_reaches_the_monitor_model_without_touching_it() -> None:
     @dataclass
     class Newer(TrainingStatus):
-        world_size: int = dataclasses.field(default=1, metadata={"help": "trainer processes"})
+        pipeline_stages: int = dataclasses.field(default=1, metadata={"help": "pipeline stages"})
 
     props = status_file_model(Newer).model_json_schema()["properties"]
-    assert props["world_size"]["description"] == "trainer processes"
+    assert props["pipeline_stages"]["description"] == "pipeline stages"

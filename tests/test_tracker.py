@@ -107,3 +107,99 @@ def test_the_service_routes_every_message_the_tracker_handles():
 
     handled = {name.removeprefix("_on_") for name in vars(JobTracker) if name.startswith("_on_")}
     assert handled <= JOB_MESSAGES, f"handled by the tracker but not routed by the service: {handled - JOB_MESSAGES}"
+
+
+# ---------------------------------------------------------------- several trainer processes (ranks)
+
+READY = {"type": "ready", "device": "cpu", "compute_dtype": "float32", "quantization": "none",
+         "base_model": "embedded:tiny-qwen3", "adapter_version": None, "trainable_params": 10, "total_params": 100,
+         "load_seconds": 0.5}
+
+
+def two_ranks(slow: int = 1) -> list[dict]:
+    return [{"rank": r, "node": 0, "host": "node-a", "device": "cpu", "tokens": 500 + r,
+             "compute_seconds": 2.0 if r == slow else 1.0, "tokens_per_sec": (500 + r) / (2.0 if r == slow else 1.0),
+             "rss_bytes": (3 + r) * 2**30, "gpu_memory_bytes": None} for r in (1, 0)]  # out of order on purpose
+
+
+@pytest.fixture
+def service(tmp_path):
+    """The real service, not started: its status, tracker and history, fed the child's messages by hand."""
+    from daemon.service import Service
+
+    path = write_instance(tmp_path / "i")
+    svc = Service(load_config(path), path, clock=lambda: NOW)
+    for name in ("queue", "status"):
+        svc.cfg.path(name).mkdir(parents=True, exist_ok=True)
+    svc.queue.ensure()
+    svc.db = HistoryDB(svc.cfg.path("status") / "history.db")
+    svc.tracker = JobTracker(svc.cfg, svc.queue, svc.db, svc.status)
+    yield svc
+    svc.wakeup.close()
+    svc.db.close()
+
+
+def training(svc, tmp_path):
+    entry = svc.queue.start(admit(svc.queue, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
+    svc.tracker.begin(ActiveJob(entry.job_id, str(entry.path), "a.jsonl", "s" * 64, "text", 5))
+    svc._on_message({"type": "started", "job_id": entry.job_id, "total_steps": 10}, NOW)
+    return entry.job_id
+
+
+def written_status(svc) -> dict:
+    from daemon.status import read_status
+
+    svc._write_status(force=True)
+    return read_status(svc.cfg.path("status"))
+
+
+def test_two_ranks_reach_the_status_from_ready_and_step(service, tmp_path):
+    from monitor.models import Status
+
+    service._on_message({**READY, "world_size": 2, "strategy": "ddp", "backend": "gloo", "nnodes": 1}, NOW)
+    job_id = training(service, tmp_path)
+    service._on_message({"type": "step", "job_id": job_id, "step": 1, "total_steps": 10, "global_step": 1,
+                         "loss": 2.0, "tokens": 1001, "tokens_per_sec": 700.0, "world_size": 2, "ranks": two_ranks()}, NOW)
+    st = written_status(service)
+    assert st["world_size"] == 2 and st["distributed"] == {"strategy": "ddp", "backend": "gloo", "nnodes": 1}
+    assert [r["rank"] for r in st["ranks"]] == [0, 1] and st["slowest_rank"] == 1
+    assert st["ranks"][1] == {"rank": 1, "node": 0, "host": "node-a", "device": "cpu", "tokens": 501,
+                              "compute_seconds": 2.0, "tokens_per_sec": 250.5, "rss_bytes": 4 * 2**30,
+                              "gpu_memory_bytes": None}
+    read = Status.model_validate({**st, "stale": False, "requested_state": "running", "now": NOW})
+    assert read.ranks[1].tokens_per_sec == 250.5 and read.distributed.strategy == "ddp"
+
+    # the next step: rank 0 is now the one the other waits for
+    service._on_message({"type": "step", "job_id": job_id, "step": 2, "total_steps": 10, "global_step": 2,
+                         "loss": 1.9, "world_size": 2, "ranks": two_ranks(slow=0)}, NOW)
+    assert service.status.slowest_rank == 0
+
+    # the trainer dies: its per-rank figures go with its tokens/s; the setup it said at `ready` stays
+    service._on_child_exit(-9, NOW)
+    st = written_status(service)
+    assert st["tokens_per_sec"] is None and st["ranks"] is None and st["slowest_rank"] is None
+    assert st["world_size"] == 2 and st["distributed"]["backend"] == "gloo"
+
+
+def test_one_process_looks_as_it_always_did(service, tmp_path):
+    service._on_message({**READY, "world_size": 2, "strategy": "ddp", "backend": "gloo", "nnodes": 1}, NOW)
+    service._on_message(READY, NOW)  # a restarted trainer of one process (or one from before ranks)
+    assert (service.status.world_size, service.status.distributed) == (1, None)
+    service._on_message({**READY, "world_size": 1, "strategy": None, "backend": None, "nnodes": 1}, NOW)
+    job_id = training(service, tmp_path)
+    service._on_message({"type": "step", "job_id": job_id, "step": 1, "total_steps": 10, "global_step": 1,
+                         "loss": 2.0, "tokens_per_sec": 700.0, "ranks": None}, NOW)
+    st = written_status(service)
+    assert (st["world_size"], st["distributed"], st["ranks"], st["slowest_rank"]) == (1, None, None, None)
+    assert st["tokens_per_sec"] == 700.0 and st["current_step"] == 1
+
+
+def test_the_slowest_rank_is_the_longest_compute_and_the_lowest_on_a_tie():
+    from daemon import ranks
+
+    figures, slowest = ranks.figures({"ranks": [{"rank": r, "compute_seconds": s} for r, s in
+                                                ((0, 1.0), (1, 3.0), (2, 3.0), (3, None))]})
+    assert [r.rank for r in figures] == [0, 1, 2, 3] and slowest == 1
+    assert ranks.figures({"ranks": [{"rank": 0, "compute_seconds": 1.0}]}) == (None, None)  # one process
+    assert ranks.figures({}) == (None, None)
+    assert ranks.setup({"world_size": 4, "strategy": "fsdp", "backend": "nccl", "nnodes": 2})[1].nnodes == 2

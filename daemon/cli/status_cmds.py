@@ -18,6 +18,8 @@ from daemon.status import read_status
 if TYPE_CHECKING:
     from daemon.cli.shared import Subparsers
 
+RANK_LINES = 8  # ranks listed one per line; the slowest is listed wherever it is, the rest counted (one screen)
+
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     s = subparsers.add_parser("status", parents=[common], help="one-screen summary")
@@ -76,6 +78,8 @@ def render_status(st: dict | None, running_pid: int | None) -> str:
     lines.append(f"  model    {st.get('base_model')}   {dev}   adapter v{st.get('adapter_version') or 0}")
     if st.get("current_file"):
         lines += _training_lines(st)
+    if (st.get("world_size") or 1) > 1:
+        lines += _rank_lines(st)
     lines.append(_queue_line(st.get("queue") or {}))
     if st.get("pause_reason") == PauseReason.DISK_FULL.value and st.get("disk_full"):
         lines += _disk_lines(st)
@@ -130,6 +134,26 @@ def _training_lines(st: dict) -> list[str]:
         f"  loss     {number(st.get('loss'), '.4f')}   eval {number(st.get('eval_loss'), '.4f')}   "
         f"lr {number(st.get('lr'), '.2e')}   {number(st.get('tokens_per_sec'), ',.0f')} tok/s",
     ]
+
+
+def _rank_lines(st: dict) -> list[str]:
+    """The trainer's processes: how they train together, then one line per rank of the latest step."""
+    d = st.get("distributed") or {}
+    nodes = d.get("nnodes") or 1
+    how = [x for x in (d.get("strategy"), d.get("backend")) if x] + [f"{nodes} node" + ("s" if nodes > 1 else "")]
+    lines = [f"  ranks    {st['world_size']} ({', '.join(how)})"]
+    shown = [r for i, r in enumerate(st.get("ranks") or []) if i < RANK_LINES or r.get("rank") == st.get("slowest_rank")]
+    rows = [(str(r.get("rank")), r.get("host") or "-", r.get("device") or "-", number(r.get("tokens_per_sec"), ",.0f"),
+             "-" if r.get("rss_bytes") is None else human_bytes(r["rss_bytes"]),
+             "" if r.get("gpu_memory_bytes") is None else f"   GPU {human_bytes(r['gpu_memory_bytes'])}",
+             "   <- slowest" if r.get("rank") == st.get("slowest_rank") else "") for r in shown]
+    width = [max((len(row[i]) for row in rows), default=0) for i in range(5)]
+    for rank, host, device, tps, rss, gpu, mark in rows:
+        lines.append(f"           rank {rank:<{width[0]}}  {host:<{width[1]}}  {device:<{width[2]}}  "
+                     f"{tps:>{width[3]}} tok/s   RSS {rss:>{width[4]}}{gpu}{mark}")
+    if len(st.get("ranks") or []) > len(shown):
+        lines.append(f"           ... and {len(st['ranks']) - len(shown)} more (trainctl status --json)")
+    return lines
 
 
 def _queue_line(q: dict) -> str:
