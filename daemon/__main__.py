@@ -2,6 +2,7 @@
 
     python -m daemon --config config.json        # or the console script: traind --config config.json
     traind train FILE --output-dir DIR [--config config.json] [--epochs N]   # one run, no daemon
+    traind worker --node-rank 1 [--config config.json] [--master-addr HOST]   # another machine's ranks
 
 Logs go to `<paths.logs>/daemon_YYYYMMDD.log` and to stderr. SIGTERM or
 Ctrl-C stops warmly (checkpoint, then exit); a second one stops at once.
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.train.oneshot import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["worker"]:  # distributed.nnodes > 1: this machine's trainer ranks (daemon.train.launch)
+        from daemon.train.launch import worker_main
+
+        return worker_main(argv[1:])
     parser = argparse.ArgumentParser(prog="traind", description="Train a LoRA adapter from JSONL files dropped into inbox/.")
     parser.add_argument("--config", default=default_config_path(), help="config file (default: $TRAIND_CONFIG or ./config.json)")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import adapters, atomic, control, diskspace, lockedkeys, logs, ranks
+from daemon import adapters, atomic, control, diskspace, lockedkeys, logs, rank_status
 from daemon.config import Config, resolved_dict
 from daemon.diskguard import DiskGuard, human_bytes
 from daemon.diskspace import DiskFull
@@ -325,7 +325,7 @@ class Service:
         for key in ("device", "compute_dtype", "quantization", "base_model", "adapter_version"):
             if msg.get(key) is not None:
                 setattr(self.status, key, msg[key])
-        self.status.world_size, self.status.distributed = ranks.setup(msg)
+        self.status.world_size, self.status.distributed = rank_status.setup(msg)
         log.info("trainer ready on %s (%s, %s) in %.1f s", msg.get("device"), msg.get("compute_dtype"),
                  msg.get("quantization"), msg.get("load_seconds") or 0)
         if self.status.distributed is not None:

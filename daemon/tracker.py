@@ -18,7 +18,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from daemon import activity, adapters, ranks
+from daemon import activity, adapters, rank_status
 from daemon.config import Config
 from daemon.diskspace import DiskFull, disk_full_from
 from daemon.errors import QueueError
@@ -100,7 +100,7 @@ class JobTracker:
         st.loss, st.lr, st.tokens_per_sec = msg.get("loss"), msg.get("lr"), msg.get("tokens_per_sec")
         if msg.get("world_size"):
             st.world_size = int(msg["world_size"])
-        st.ranks, st.slowest_rank = ranks.figures(msg)
+        st.ranks, st.slowest_rank = rank_status.figures(msg)
         split = int(msg.get("micro_batch_split") or 1)
         if split != st.micro_batch_split:
             if split > st.micro_batch_split:

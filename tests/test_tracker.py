@@ -195,7 +195,7 @@ def test_one_process_looks_as_it_always_did(service, tmp_path):
 
 
 def test_the_slowest_rank_is_the_longest_compute_and_the_lowest_on_a_tie():
-    from daemon import ranks
+    from daemon import rank_status as ranks
 
     figures, slowest = ranks.figures({"ranks": [{"rank": r, "compute_seconds": s} for r, s in
                                                 ((0, 1.0), (1, 3.0), (2, 3.0), (3, None))]})

@@ -285,7 +285,9 @@ def follow_train(sess: Session, msg: dict[str, Any]) -> None:
                    ranks=sess.ranks)
     except (DataError, GuardTripped) as e:  # met alike by rank 0, which reports it
         log.info("%s: %s", job.job_id, e)
-    sess.ranks.sync_tensors(ranks_lora(sess))
+    sess.ranks.sync_tensors(ranks_lora(sess))  # after it every rank of this node is done with the file
+    if job.path != Path(msg["path"]) and sess.ranks.local_rank == 0:  # the copy rank 0 sent this node
+        job.path.unlink(missing_ok=True)
 
 
 def share_file(sess: Session, job: Any) -> Any:

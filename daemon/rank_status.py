@@ -1,7 +1,7 @@
 """A trainer of several processes (ranks), as the status shows it: world size, setup, per-rank figures.
 
-    world_size, setup = ranks.setup(ready_msg)            # DistributedSetup, or None with one process
-    figures, slowest = ranks.figures(step_msg)            # [RankFigures, ...] and the slowest rank, or (None, None)
+    world_size, setup = rank_status.setup(ready_msg)            # DistributedSetup, or None with one process
+    figures, slowest = rank_status.figures(step_msg)            # [RankFigures, ...] and the slowest rank, or (None, None)
 
 Only rank 0 talks to the service; it sends the world size and setup in `ready`
 and, when there is more than one rank, every rank's figures in each `step`
