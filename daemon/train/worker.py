@@ -266,21 +266,22 @@ def handle_train(sess: Session, msg: dict[str, Any]) -> None:
         answer_already_trained(sess, job.job_id)
         return
     ranks = sess.ranks
-    ranks.broadcast({**msg, "global_step": int(sess.manifest.get("global_step", 0))})  # they train it with us
+    ranks.broadcast({"op": "train", "msg": msg, "global_step": int(sess.manifest.get("global_step", 0))})
     _handle_train(sess, share_file(sess, job), msg)
     # However the file ended (done, skip, failure, a rollback in its middle), every rank goes on from rank 0's
     # weights. Not after an error rank 0 met alone: that ends the group (the others wait in a collective).
     ranks.sync_tensors(ranks_lora(sess))
 
 
-def follow_train(sess: Session, msg: dict[str, Any]) -> None:
+def follow_train(sess: Session, order: dict[str, Any]) -> None:
     """Another rank's part of a file rank 0 trains: its share of each step; rank 0 reports and decides."""
     from daemon.train.loop import Job, train_file
 
+    msg = order["msg"]
     job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"])
     job = share_file(sess, job)
     try:
-        train_file(sess.lm, sess.cfg, job, global_step=int(msg.get("global_step") or 0),
+        train_file(sess.lm, sess.cfg, job, global_step=int(order["global_step"]),
                    ckpt_folder=sess.checkpoints(job.job_id), report=lambda m: None, control=lambda: "continue",
                    ranks=sess.ranks)
     except (DataError, GuardTripped) as e:  # met alike by rank 0, which reports it
@@ -631,7 +632,7 @@ def serve(sess: Session) -> int:
         elif kind == "rollback":
             sess.rollback_to = int(msg["version"])
             rollback(sess, None)
-            sess.ranks.broadcast({"type": "sync_lora"})
+            sess.ranks.broadcast({"op": "sync_lora"})
             sess.ranks.sync_tensors(ranks_lora(sess))
         elif kind == "consolidate":
             if sess.ranks.nnodes > 1:
@@ -641,7 +642,7 @@ def serve(sess: Session) -> int:
             lm = sess.lm
             consolidate_now(sess, msg)
             if sess.lm is not lm and sess.ranks.many:  # a new base: the other ranks load it too
-                sess.ranks.broadcast({"type": "reload", "base": str(sess.lm.base_path)})
+                sess.ranks.broadcast({"op": "reload", "base": str(sess.lm.base_path)})
                 sess.probe = prepare_ranks(sess.lm, sess.ranks)
         elif kind == "stop":
             sess.send({"type": "stopped", "job_id": None, "checkpoint_step": None})
@@ -650,15 +651,15 @@ def serve(sess: Session) -> int:
             sess.exit_code = 0
         else:
             log.warning("ignoring unknown message %r", kind)
-    sess.ranks.broadcast({"type": "exit"})
+    sess.ranks.broadcast({"op": "exit"})
     return sess.exit_code
 
 
 def follow(sess: Session) -> int:
-    """The other ranks: do what rank 0 broadcasts until it says exit."""
+    """The other ranks: do what rank 0 broadcasts (`op`, rank to rank; not the service's messages) until exit."""
     while True:
         msg = sess.ranks.broadcast()
-        kind = msg.get("type")
+        kind = msg.get("op")
         if kind == "train":
             follow_train(sess, msg)
         elif kind == "sync_lora":
