@@ -70,8 +70,8 @@ def run(root: Path, base: Path, data: Path, ranks: int, threads: int) -> dict:
         shutil.copy(data, root / "inbox" / "bench.jsonl.part")
         os.replace(root / "inbox" / "bench.jsonl.part", root / "inbox" / "bench.jsonl")
         deadline = time.time() + 3600
-        while not (root / "done").exists() or not any((root / "done").glob("*")):
-            if proc.poll() is not None or time.time() > deadline or list((root / "failed").glob("*.jsonl")):
+        while not (root / "queue" / "done").exists() or not any((root / "queue" / "done").glob("*")):
+            if proc.poll() is not None or time.time() > deadline or list((root / "queue" / "failed").glob("*.jsonl")):
                 raise RuntimeError(f"the run did not finish; see {root}")
             time.sleep(0.5)
     finally:
