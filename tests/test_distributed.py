@@ -4,8 +4,10 @@ rank, a rank killed, a restart with another world size, two nodes on loopback, F
 Every end-to-end test runs the real daemon, which starts its ranks through torch's launcher.
 The reference is one process with the same global batch (micro_batch_size x grad_accum_steps).
 fp32 compute: the ranks' summed gradients differ from one process's only by the order of the
-additions; measured 1.9e-7 (grad_accum 4) and 3.7e-7 (grad_accum 1) in the largest LoRA weight
-difference, against weights of about 0.2.
+additions. Largest LoRA weight difference measured (`pytest -s` prints each), against weights of
+about 0.2: 1.5e-7 for two ranks, a kill -9 of rank 1, a restart with one process, two nodes and
+FSDP; 2.1e-7 after a rollback and a consolidation. The learning rate is 2e-3 (10x the default):
+at the fast tests' 2e-2 the same rounding grew to 2.1e-3 over 81 steps.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.daemon_harness import Daemon
 
 TOLERANCE = 1e-5  # largest |difference| of a LoRA weight against the one-process reference
 FILE = lines_of("chat.jsonl") * 3  # 648 training examples: 81 steps of 8 (micro-batch 4 x accumulation 2), a few seconds
-TRAINING = {"grad_accum_steps": 2}
+TRAINING = {"grad_accum_steps": 2, "learning_rate": 0.002}
 MODEL = {"compute_dtype": "float32"}
 
 
@@ -46,6 +48,12 @@ def max_diff(a: dict, b: dict) -> float:
     a, b = ({k: v for k, v in x.items() if k != "steps"} for x in (a, b))
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def assert_close(got: dict, want: dict, what: str) -> None:
+    diff = max_diff(got, want)
+    print(f"{what}: largest LoRA weight difference {diff:.2e}")  # the figure quoted in docs/DISTRIBUTED.md (pytest -s)
+    assert diff <= TOLERANCE, f"{what}: {diff:.2e}"
 
 
 def rank_processes(d: Daemon) -> list[psutil.Process]:
@@ -162,7 +170,7 @@ def test_two_ranks_train_the_adapter_one_process_trains(tmp_path: Path, models_d
         assert d.stop() == 0
     finally:
         d.close()
-    assert max_diff(adapter(d.cfg.root), reference) <= TOLERANCE
+    assert_close(adapter(d.cfg.root), reference, "two ranks")
     steps = [s for s, _ in d.losses()]
     assert steps == list(range(1, reference["steps"] + 1))  # one report per step: rank 0's, for the whole world
     assert list(d.cfg.path("logs").glob("trainer_rank1_*.log")), "rank 1 keeps its own log"
@@ -224,7 +232,7 @@ def test_kill9_of_one_rank_restarts_the_group_and_resumes_exactly(tmp_path: Path
     finally:
         d.close()
     assert job["crashes"] == 1  # one crash of the file, as a single trainer's would count
-    assert max_diff(adapter(d.cfg.root), reference) <= TOLERANCE
+    assert_close(adapter(d.cfg.root), reference, "kill -9 of rank 1")
     assert [s for s, _ in d.losses()] == list(range(1, reference["steps"] + 1))
 
 
@@ -246,7 +254,7 @@ def test_a_restart_with_another_world_size_continues_with_the_same_global_batch(
         assert d.stop() == 0
     finally:
         d.close()
-    assert max_diff(adapter(d.cfg.root), reference) <= TOLERANCE
+    assert_close(adapter(d.cfg.root), reference, "another world size")
 
 
 def test_two_nodes_on_loopback_train_a_file(tmp_path: Path, models_dir: Path, reference: dict) -> None:
@@ -269,7 +277,7 @@ def test_two_nodes_on_loopback_train_a_file(tmp_path: Path, models_dir: Path, re
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
     assert worker.returncode == 0, out
-    assert max_diff(adapter(d.cfg.root), reference) <= TOLERANCE
+    assert_close(adapter(d.cfg.root), reference, "two nodes")
     logs = list((tmp_path / "node1" / "logs").glob("trainer_rank1_*.log"))
     assert logs and "rank 1 of 2 (node 1" in logs[0].read_text()
     assert not list((tmp_path / "node1" / "checkpoints" / ".incoming").glob("*.jsonl")), "the file's copy is removed"
@@ -286,7 +294,7 @@ def test_fsdp_on_the_cpu_trains_the_adapter_one_process_trains(tmp_path: Path, m
         assert d.stop() == 0
     finally:
         d.close()
-    assert max_diff(adapter(d.cfg.root), reference) <= TOLERANCE
+    assert_close(adapter(d.cfg.root), reference, "fsdp")
     assert "sharded over 2 ranks" in d.log_tail(200)
 
 
@@ -338,4 +346,4 @@ def test_rollback_and_consolidation_keep_every_rank_on_rank_0s_weights(tmp_path:
         if dist:
             rank1 = next(d.cfg.path("logs").glob("trainer_rank1_*.log")).read_text()
             assert "consolidated_models" in rank1  # rank 1 loaded the merged base too
-    assert max_diff(finals["two"], finals["one"]) <= TOLERANCE
+    assert_close(finals["two"], finals["one"], "rollback and consolidation")
