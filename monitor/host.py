@@ -98,12 +98,33 @@ def disks(cfg: Config) -> list[DiskStats]:
     return out
 
 
+def trainer_ranks(pid: Any) -> list[tuple[int, int]]:
+    """(rank, pid) of the trainer ranks on this machine: with several (distributed.nproc_per_node), the trainer
+    pid is torch's launcher and the ranks are its children; empty for a single trainer process."""
+    if not isinstance(pid, int):
+        return []
+    out = []
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    for child in children:
+        try:
+            if "daemon.train" in child.cmdline():
+                out.append((int(child.environ().get("RANK", len(out))), child.pid))
+        except (psutil.Error, ValueError):
+            continue
+    return sorted(out)
+
+
 def memory_view(cfg: Config, status: dict[str, Any] | None, sampler: ProcessSampler) -> MemoryView:
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
     status = status or {}
+    ranks = trainer_ranks(status.get("trainer_pid"))
     procs = [
         sampler.stats("daemon", status.get("pid"), parse_iso(status.get("started_at"))),
-        sampler.stats("trainer", status.get("trainer_pid")),
+        sampler.stats("trainer launcher" if ranks else "trainer", status.get("trainer_pid")),
+        *(sampler.stats("trainer rank", pid).model_copy(update={"rank": rank}) for rank, pid in ranks),
         sampler.stats("monitor", os.getpid()),
     ]
     return MemoryView(

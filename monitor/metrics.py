@@ -124,9 +124,10 @@ def _host(x: _Exposition, m: MemoryView) -> None:
     x.gauge("traind_host_swap_used_bytes", "swap in use", m.swap_used_bytes)
     x.gauge("traind_host_cpu_percent", "host CPU busy percent since the last sample", m.cpu_percent)
     for p in m.processes:
-        x.gauge("traind_process_up", "1 when the process is running", p.running, role=p.role)
-        x.gauge("traind_process_rss_bytes", "resident memory", p.rss_bytes, role=p.role)
-        x.gauge("traind_process_cpu_percent", "CPU percent since the last sample (100 = one core)", p.cpu_percent, role=p.role)
+        who = {"role": p.role} if p.rank is None else {"role": p.role, "rank": str(p.rank)}
+        x.gauge("traind_process_up", "1 when the process is running", p.running, **who)
+        x.gauge("traind_process_rss_bytes", "resident memory", p.rss_bytes, **who)
+        x.gauge("traind_process_cpu_percent", "CPU percent since the last sample (100 = one core)", p.cpu_percent, **who)
     for d in m.disks:
         x.gauge("traind_disk_free_bytes", "free bytes on the filesystem of these runtime folders", d.free_bytes, folders=",".join(d.folders))
 

@@ -195,7 +195,9 @@ class GpuView(BaseModel):
 
 
 class ProcessStats(BaseModel):
-    role: Literal["daemon", "trainer", "monitor"]
+    role: Literal["daemon", "trainer", "trainer launcher", "trainer rank", "monitor"] = Field(
+        description="trainer launcher: torch's launcher when the trainer runs as several ranks, each a `trainer rank`")
+    rank: int | None = Field(None, description="the rank of a `trainer rank` row")
     pid: int | None
     running: bool
     rss_bytes: int | None = None

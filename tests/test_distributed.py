@@ -186,6 +186,10 @@ def test_pause_skip_and_stop_act_on_every_rank(tmp_path: Path, models_dir: Path)
         assert [r["rank"] for r in st["ranks"]] == [0, 1] and st["slowest_rank"] in (0, 1)
         assert all(r["tokens_per_sec"] > 0 and r["rss_bytes"] > 0 and r["device"] == "cpu" for r in st["ranks"])
         ranks = wait_ranks(d, 2)
+        from monitor.host import trainer_ranks  # the monitor's process table lists the ranks under the launcher
+
+        assert trainer_ranks(st["trainer_pid"]) == [(0, ranks[0].pid), (1, ranks[1].pid)] or \
+            trainer_ranks(st["trainer_pid"]) == [(0, ranks[1].pid), (1, ranks[0].pid)]
         time.sleep(0.5)  # a step in flight when the pause came has finished
         before = [p.cpu_times() for p in ranks]
         step = d.status()["current_step"]

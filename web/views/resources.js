@@ -40,7 +40,7 @@ function renderGpu(g) {
 
 function renderMemory(m) {
   const procs = m.processes.map((p) =>
-    el('tr', {}, el('td', { text: p.role }), el('td', { class: 'num', text: p.pid ?? '—' }),
+    el('tr', {}, el('td', { text: p.rank == null ? p.role : `${p.role} ${p.rank}` }), el('td', { class: 'num', text: p.pid ?? '—' }),
       el('td', { class: 'num', text: p.running ? fmt.bytes(p.rss_bytes) : 'not running' }),
       el('td', { class: 'num', text: p.running ? fmt.num(p.cpu_percent, 0) + ' %' : '' })));
   $('host-cards').replaceChildren(
