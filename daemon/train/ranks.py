@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import DistributedConfig
+from daemon.errors import TraindError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Ranks:
 
         backend = dc.backend if dc.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
         if backend == "nccl" and device != "cuda":
-            raise RuntimeError("`distributed.backend` = 'nccl' needs CUDA; use 'auto' or 'gloo' on the CPU")
+            raise TraindError("`distributed.backend` = 'nccl' needs CUDA; use 'auto' or 'gloo' on the CPU")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "cuda":
             torch.cuda.set_device(local_rank)
@@ -240,7 +241,7 @@ class Ranks:
                 out.close()
         if receive:
             if digest.hexdigest() != sha256:
-                raise RuntimeError(f"the copy of {path.name} received from rank 0 does not match its sha256")
+                raise TraindError(f"the copy of {path.name} received from rank 0 does not match its sha256")
             os.replace(tmp, target)
         self.broadcast(None)  # the local ranks of each node read it only once its first rank has written it
         return path if self.node_rank == 0 else target
@@ -257,7 +258,7 @@ class Ranks:
         prints = self.gather(digest.hexdigest())
         odd = [r for r, h in enumerate(prints) if h != prints[0]]
         if odd:
-            raise RuntimeError(f"rank(s) {odd} loaded a base model different from rank 0's; every node needs the "
+            raise TraindError(f"rank(s) {odd} loaded a base model different from rank 0's; every node needs the "
                                "same base model files at the configured path")
 
 
