@@ -216,14 +216,17 @@ def test_pause_skip_and_stop_act_on_every_rank(tmp_path: Path, models_dir: Path)
     assert d.queue.counts()["processing"] == 1
 
 
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_kill9_of_one_rank_restarts_the_group_and_resumes_exactly(tmp_path: Path, models_dir: Path,
-                                                                  reference: dict) -> None:
+                                                                  reference: dict, victim: int) -> None:
+    """Rank 1 (rank 0, the one talking to the service, under -m slow)."""
     d = Daemon(instance(tmp_path / "kill", models_dir, nproc_per_node=2)).start()
     try:
         d.drop("a.jsonl", FILE)
         d.wait_for(lambda st: (st.get("current_step") or 0) >= 6, 180, "past the checkpoint at step 5")
         first = wait_ranks(d, 2)
-        os.kill(first[1].pid, signal.SIGKILL)  # rank 1 alone, while they train
+        pid = next(p.pid for p in first if int(p.environ()["RANK"]) == victim)
+        os.kill(pid, signal.SIGKILL)  # one rank alone, while they train
         old = {p.pid for p in first}
         d.wait_for(lambda st: len(now := rank_processes(d)) == 2 and not old & {p.pid for p in now}, 120, "a new group")
         d.wait_counts(done=1, timeout=300)
@@ -236,7 +239,7 @@ def test_kill9_of_one_rank_restarts_the_group_and_resumes_exactly(tmp_path: Path
     finally:
         d.close()
     assert job["crashes"] == 1  # one crash of the file, as a single trainer's would count
-    assert_close(adapter(d.cfg.root), reference, "kill -9 of rank 1")
+    assert_close(adapter(d.cfg.root), reference, f"kill -9 of rank {victim}")
     assert [s for s, _ in d.losses()] == list(range(1, reference["steps"] + 1))
 
 

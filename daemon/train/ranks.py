@@ -98,6 +98,9 @@ class Ranks:
             raise TraindError("`distributed.backend` = 'nccl' needs CUDA; use 'auto' or 'gloo' on the CPU")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise TraindError(f"`distributed.nproc_per_node` = {dc.nproc_per_node} but this machine has "
+                                  f"{torch.cuda.device_count()} CUDA GPU(s): one rank per GPU")
             torch.cuda.set_device(local_rank)
         store, rank, world = next(dist.rendezvous("env://"))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world,
