@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from daemon.config import load_config
+from daemon.config import default_config_path, load_config
 from daemon.errors import AlreadyRunningError, ConfigError
 from daemon.logs import setup_logging
 from daemon.service import EXIT_ALREADY_RUNNING, Service
 
 log = logging.getLogger("daemon")
-
-
-def default_config_path() -> str:
-    return os.environ.get("TRAIND_CONFIG", "config.json")
 
 
 def main(argv: list[str] | None = None) -> int:

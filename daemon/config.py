@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,6 +391,11 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.service.status_interval_seconds > 10:
         problems.append("`service.status_interval_seconds` must be <= 10 so the status never looks stale while training")
     return problems
+
+
+def default_config_path() -> str:
+    """The config a command uses without --config: $TRAIND_CONFIG, else ./config.json."""
+    return os.environ.get("TRAIND_CONFIG", "config.json")
 
 
 def load_config(path: str | Path) -> Config:

@@ -218,7 +218,7 @@ def test_skip_and_stop_act_while_paused(daemon_factory):
     assert d.ctl("pause").returncode == 0
     r = d.ctl("skip")
     assert r.returncode == 0 and "skipped" in r.stdout, r.stdout
-    st = d.wait_for(lambda s: s["status"] == "paused" and s["current_file"] is None, what="paused, no file")
+    d.wait_for(lambda s: s["status"] == "paused" and s["current_file"] is None, what="paused, no file")
     d.drop("b.jsonl", lines_of("chat.jsonl", 40))
     d.wait_counts(pending=1)
     time.sleep(1.0)

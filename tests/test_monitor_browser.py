@@ -23,7 +23,7 @@ from daemon import activity, control
 from daemon.jobqueue import JobQueue
 from daemon.lock import acquire
 from daemon.states import ControlAction, DesiredState, FailReason, Priority
-from tests.conftest import EXAMPLES, lines_of, write_instance
+from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 from tests.monitor_helpers import (ALL_LINEAR, ATTENTION, REPO, FakeDaemon, make_instance, monitor_process,
                                    synthetic_activity, token_of)

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from daemon.config import Config, load_config
+from daemon.config import Config, default_config_path, load_config
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="traind worker",
         description="Run this machine's trainer ranks for the traind service on node 0 (distributed.nnodes > 1).")
-    parser.add_argument("--config", default=os.environ.get("TRAIND_CONFIG", "config.json"),
+    parser.add_argument("--config", default=default_config_path(),
                         help="this machine's config (same training keys as node 0's; base_model must be here too)")
     parser.add_argument("--node-rank", type=int, required=True, help="this machine's node rank (1 .. nnodes-1)")
     parser.add_argument("--master-addr", help="node 0's address (default: distributed.master_addr)")

@@ -114,7 +114,7 @@ def run(cfg: Config, file: Path, output_dir: Path, epochs: int | None = None) ->
 def main(argv: list[str]) -> int:
     import argparse
 
-    from daemon.__main__ import default_config_path
+    from daemon.config import default_config_path
     from daemon.config import load_config
     from daemon.errors import ConfigError
 
