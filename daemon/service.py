@@ -253,7 +253,11 @@ class Service:
         self.sup.start(now)
         self.status.trainer_pid = self.sup.pid
         if self.status.status is not ServiceStatus.ERROR:
-            self._set(ServiceStatus.IDLE, detail="loading model")
+            dc = self.cfg.distributed
+            # Several machines: the group starts only once every node has joined; say what it waits for.
+            joining = (f"; the group starts once all {dc.nnodes} nodes have joined at {dc.master_addr}:{dc.master_port} "
+                       "(`traind worker --node-rank N` on each other node)") if dc.nnodes > 1 else ""
+            self._set(ServiceStatus.IDLE, detail="loading model" + joining)
 
     def _handle_child(self, now: float) -> None:
         messages, code = self.sup.poll(now)

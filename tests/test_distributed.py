@@ -273,6 +273,8 @@ def test_two_nodes_on_loopback_train_a_file(tmp_path: Path, models_dir: Path, re
                               start_new_session=True)
     d = Daemon(node0).start()
     try:
+        st = d.wait_for(lambda st: st.get("trainer_pid"), 60, "the trainer started")
+        assert "traind worker" in st["detail"] and f"127.0.0.1:{port}" in st["detail"]  # what node 0 waits for
         d.drop("a.jsonl", FILE)
         ready = d.wait_for(lambda st: st.get("world_size") == 2, 180, "a world of 2 over two nodes")
         assert ready["distributed"]["nnodes"] == 2
