@@ -109,8 +109,9 @@ class Workload:
         return [n for n in self.files if n != self.broken]
 
 
-def make_workload(seed: int) -> Workload:
-    """Three good files (40-60 records of a random bundled format; one with a bad line) and a broken one."""
+def make_workload(seed: int, ranks: int = 1) -> Workload:
+    """Three good files (40-60 records of a random bundled format; one with a bad line) and a broken one;
+    trained by `ranks` trainer processes (distributed.nproc_per_node)."""
     rng = random.Random(f"traind-soak-workload:{seed}")
     files: list[tuple[str, str]] = []
     for i in range(3):
@@ -149,6 +150,8 @@ def make_workload(seed: int) -> Workload:
         "service": {"max_crashes_per_file": 1_000_000, "restart_backoff_seconds": 0.05,
                     "status_interval_seconds": 0.25},
     }
+    if ranks > 1:  # the reference then runs with as many ranks (dropout is drawn per rank)
+        settings["distributed"] = {"nproc_per_node": ranks}
     return Workload(seed, named, f"{broken_at:02d}_broken.jsonl", skipped, settings)
 
 
@@ -201,13 +204,15 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def trainer_of(d: Daemon) -> psutil.Process | None:
+    """The trainer process; with several ranks one of them at random (not torch's launcher)."""
+    found = []
     for p in descendants(d.proc.pid):
         try:
-            if "daemon.train" in " ".join(p.cmdline()):
-                return p
-        except psutil.NoSuchProcess:
+            if p.cmdline()[-3:-1] == ["daemon.train", "--config"]:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
-    return None
+    return random.choice(found) if found else None
 
 
 def readies(d: Daemon) -> int:
@@ -315,8 +320,8 @@ class SeedResult:
     wall_seconds: float = 0.0
 
 
-def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = False) -> SeedResult:
-    w = make_workload(seed)
+def soak_seed(seed: int, kills: int, work: Path, models_dir: Path, keep: bool = False, ranks: int = 1) -> SeedResult:
+    w = make_workload(seed, ranks)
     ref = reference(w, work, models_dir)
     # H: the reference's time per file once its trainer was ready
     per_file = (ref["wall_seconds"] - ref["ready_seconds"]) / len(w.good)
@@ -397,14 +402,14 @@ def kill_once(d: Daemon, w: Workload, target: str, after: float) -> dict[str, An
 
 def run_soak(seeds: list[int], kills_per_seed: int, work: Path, models_dir: Path | None = None,
              progress: Callable[[SeedResult], None] = lambda r: None, keep: bool = False,
-             stop_on_violation: bool = False) -> dict[str, Any]:
+             stop_on_violation: bool = False, ranks: int = 1) -> dict[str, Any]:
     """Soak every seed in turn; the summary (`violations` 0 when the promise held everywhere)."""
     work.mkdir(parents=True, exist_ok=True)
     models_dir = models_dir or build_models(work)
     t0 = time.monotonic()
     results = []
     for seed in seeds:
-        r = soak_seed(seed, kills_per_seed, work, models_dir, keep)
+        r = soak_seed(seed, kills_per_seed, work, models_dir, keep, ranks)
         results.append(r)
         progress(r)
         if stop_on_violation and r.violations:
@@ -488,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-on-violation", action="store_true", help="stop after the first seed with a violation")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="merge the results of runs side by side into --out (wall time: the longest run's)")
+    ap.add_argument("--ranks", type=int, default=1, help="trainer ranks (distributed.nproc_per_node); a trainer kill "
+                    "then hits one rank at random")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
@@ -520,11 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.refs_only:
         models = build_models(work)
         for seed in seeds:
-            ref = reference(make_workload(seed), work, models)
+            ref = reference(make_workload(seed, args.ranks), work, models)
             log.info("seed %d: reference in %.1f s", seed, ref["wall_seconds"])
         return 0
     summary = run_soak(seeds, args.kills_per_seed, work, progress=progress, keep=args.keep,
-                       stop_on_violation=args.stop_on_violation)
+                       stop_on_violation=args.stop_on_violation, ranks=args.ranks)
     summary.update(stamp=stamp, finished=True, command=" ".join(["python -m bench.soak", *(argv or sys.argv[1:])]),
                    versions=versions(), mutant=os.environ.get("TRAIND_MUTANT"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from daemon.config import Config, default_config_path, load_config
 
@@ -39,10 +41,17 @@ def world_size(cfg: Config) -> int:
     return cfg.distributed.nproc_per_node * cfg.distributed.nnodes
 
 
+def launcher_dir(cfg: Config) -> Path:
+    """torchrun's own folder (it makes one per launch): in logs/, emptied at every launch, so launches
+    killed with SIGKILL leave nothing behind (by default it would be a new folder in $TMPDIR each time)."""
+    return cfg.path("logs") / "torchrun"
+
+
 def torchrun_args(cfg: Config, config_path: str, node_rank: int, master_addr: str | None = None) -> list[str]:
     """torchrun's arguments for this node's ranks of `python -m daemon.train --config PATH`."""
     dc = cfg.distributed
-    args = [f"--nproc-per-node={dc.nproc_per_node}", "--max-restarts=0", "--monitor-interval=0.5"]
+    args = [f"--nproc-per-node={dc.nproc_per_node}", "--max-restarts=0", "--monitor-interval=0.5",
+            f"--log-dir={launcher_dir(cfg)}"]
     if dc.nnodes == 1:
         args.append("--standalone")
     else:
@@ -58,6 +67,9 @@ def run(cfg: Config, config_path: str, node_rank: int, master_addr: str | None =
     from torch.distributed.run import get_args_parser, run as torchrun
 
     args = get_args_parser().parse_args(torchrun_args(cfg, config_path, node_rank, master_addr))
+    # One launcher per instance and node (the service's lock; one worker per node): what is there is a
+    # predecessor's, killed or done.
+    shutil.rmtree(launcher_dir(cfg), ignore_errors=True)
     try:
         torchrun(args)
     except SystemExit as e:
