@@ -160,6 +160,7 @@ def test_traind_worker_refuses_a_config_without_several_nodes(tmp_path: Path, mo
 # ---------------------------------------------------------------- the real daemon, two ranks
 
 
+@pytest.mark.slow  # the default run compares two ranks with one process after a kill -9, and over two nodes
 def test_two_ranks_train_the_adapter_one_process_trains(tmp_path: Path, models_dir: Path, reference: dict) -> None:
     d = Daemon(instance(tmp_path / "two", models_dir, nproc_per_node=2)).start()
     try:

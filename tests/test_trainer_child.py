@@ -219,6 +219,7 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
     assert diff <= MAX_RESUME_DIFF
 
 
+@pytest.mark.slow  # the default run has the same through the daemon (test_resume_e2e: kill -9 of the trainer child)
 def test_child_sigkill_then_fresh_child_resumes_exactly(models_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "inst"
     config = write_config(root, models_dir, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3,
