@@ -58,6 +58,7 @@ def wait_until(pred, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # default-run time: CI must stay under 15 minutes (README, Tests)
 def test_unloadable_base_model_is_reported_as_error(daemon_factory, tmp_path):
     bad = tmp_path / "badmodel"
     bad.mkdir()
@@ -80,6 +81,7 @@ def test_status_after_trainer_crash_has_no_stale_file(daemon_factory):
     assert st["current_file"] is None and st["job_id"] is None, (st["current_file"], st["current_step"])
 
 
+@pytest.mark.slow  # default-run time: CI must stay under 15 minutes (README, Tests)
 def test_skip_during_trainer_restart_is_not_lost(daemon_factory):
     d = daemon_factory(training={"epochs_per_file": 30}, service={"restart_backoff_seconds": 3.0}).start()
     d.drop("a.jsonl", lines_of("chat.jsonl", 40))
@@ -154,6 +156,7 @@ def _big_text(n: int) -> str:
                    for i in range(n))
 
 
+@pytest.mark.slow  # default-run time: CI must stay under 15 minutes (README, Tests)
 def test_skip_crossing_done_does_not_mark_a_trained_file_failed(daemon_factory):
     # A long final eval (about 2 s here) holds the child between its last step and `done`.
     d = daemon_factory(data={"max_length": 256, "eval_fraction": 0.8, "eval_max_examples": 5000},
@@ -189,6 +192,7 @@ def test_skip_crossing_done_does_not_mark_a_trained_file_failed(daemon_factory):
 
 
 
+@pytest.mark.slow  # default-run time: CI must stay under 15 minutes (README, Tests)
 def test_restarted_child_uses_the_config_the_service_validated(daemon_factory):
     import json
 
