@@ -50,6 +50,14 @@ CONTROL_TIMEOUT = datetime.timedelta(days=3650)  # pauses may last for ever; a d
 FILE_CHUNK = 16 << 20  # a file sent to the other nodes goes in pieces of this size
 
 
+def choose_backend(dc: DistributedConfig, device: str) -> str:
+    """`distributed.backend`, auto resolved: nccl on CUDA, gloo on the CPU; nccl off CUDA is refused."""
+    backend = dc.backend if dc.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if backend == "nccl" and device != "cuda":
+        raise TraindError("`distributed.backend` = 'nccl' needs CUDA; use 'auto' or 'gloo' on the CPU")
+    return backend
+
+
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
@@ -93,9 +101,7 @@ class Ranks:
         import torch
         import torch.distributed as dist
 
-        backend = dc.backend if dc.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
-        if backend == "nccl" and device != "cuda":
-            raise TraindError("`distributed.backend` = 'nccl' needs CUDA; use 'auto' or 'gloo' on the CPU")
+        backend = choose_backend(dc, device)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "cuda":
             if local_rank >= torch.cuda.device_count():
