@@ -12,6 +12,7 @@ at the fast tests' 2e-2 the same rounding grew to 2.1e-3 over 81 steps.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -88,16 +89,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict:
-    """The adapter one process trains from FILE (and its step count, under "steps")."""
-    d = Daemon(instance(tmp_path_factory.mktemp("one") / "inst", models_dir)).start()
+def train_one_file(path: Path, text: str = FILE, timeout: float = 300) -> Daemon:
+    """Start the daemon of `path`, train one file to done/, stop it cleanly; the (stopped) daemon."""
+    d = Daemon(path).start()
     try:
-        d.drop("a.jsonl", FILE)
-        d.wait_counts(done=1, timeout=300)
+        d.drop("a.jsonl", text)
+        d.wait_counts(done=1, timeout=timeout)
         assert d.stop() == 0
     finally:
         d.close()
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict:
+    """The adapter one process trains from FILE (and its step count, under "steps")."""
+    d = train_one_file(instance(tmp_path_factory.mktemp("one") / "inst", models_dir))
     return {**adapter(d.cfg.root), "steps": len(d.losses())}
 
 
@@ -297,15 +304,33 @@ def test_two_nodes_on_loopback_train_a_file(tmp_path: Path, models_dir: Path, re
 @pytest.mark.slow
 def test_fsdp_on_the_cpu_trains_the_adapter_one_process_trains(tmp_path: Path, models_dir: Path,
                                                                reference: dict) -> None:
-    d = Daemon(instance(tmp_path / "fsdp", models_dir, nproc_per_node=2, strategy="fsdp")).start()
-    try:
-        d.drop("a.jsonl", FILE)
-        d.wait_counts(done=1, timeout=300)
-        assert d.stop() == 0
-    finally:
-        d.close()
+    d = train_one_file(instance(tmp_path / "fsdp", models_dir, nproc_per_node=2, strategy="fsdp"))
     assert_close(adapter(d.cfg.root), reference, "fsdp")
     assert "sharded over 2 ranks" in d.log_tail(200)
+
+
+def test_the_cuda_paths_are_chosen_and_refused_by_their_guards(tmp_path: Path, models_dir: Path, monkeypatch) -> None:
+    """What the GPU test below relies on, checked here without a GPU: nccl is the backend on CUDA and refused
+    off it (before any process group), QLoRA + FSDP is accepted on CUDA, and its 4-bit weights are stored in
+    the compute dtype only when sharded."""
+    import torch
+
+    from daemon.errors import TraindError
+    from daemon.train.model import quantization_config
+    from daemon.train.ranks import Ranks, choose_backend
+    from daemon.train.sharding import check_fsdp
+
+    cfg = load_config(write_instance(tmp_path / "q", models_dir, model={"quantization": "nf4"},
+                                     distributed={"nproc_per_node": 2, "strategy": "fsdp"}))
+    assert (choose_backend(cfg.distributed, "cuda"), choose_backend(cfg.distributed, "cpu")) == ("nccl", "gloo")
+    check_fsdp(cfg, "cuda")  # accepted on CUDA (refused on the CPU: the test above)
+    assert quantization_config(cfg.model, torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(cfg.model, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    nccl = dataclasses.replace(cfg.distributed, backend="nccl")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TraindError, match="'nccl' needs CUDA"):
+        Ranks.from_env(nccl, "cpu")
 
 
 @pytest.mark.gpu
@@ -365,12 +390,5 @@ def test_two_ranks_on_the_4bit_base_train_the_adapter_one_process_trains(tmp_pat
     for name, dist in (("one", {}), ("two", {"nproc_per_node": 2})):
         path = write_instance(tmp_path / name, models_dir, model={"quantization": "nf4", "compute_dtype": "float32"},
                               training=TRAINING, distributed=dist)
-        d = Daemon(path).start()
-        try:
-            d.drop("a.jsonl", lines_of("chat.jsonl", 80))
-            d.wait_counts(done=1, timeout=300)
-            assert d.stop() == 0
-        finally:
-            d.close()
-        runs[name] = adapter(d.cfg.root)
+        runs[name] = adapter(train_one_file(path, lines_of("chat.jsonl", 80)).cfg.root)
     assert_close(runs["two"], runs["one"], "two ranks, nf4 base")
