@@ -15,7 +15,8 @@ Sections (--sections, comma-separated):
             the pairs of traind's rate / the other's in the same pair, with padding waste and the
             held-out loss after the epoch (loss parity) beside it
   levers    the same on the first model and data: traind in fp32 with every lever off (plain), only
-            grouping, only packing, grouping + packing with full logits, all batching levers (fp32), and
+            grouping, only packing, grouping + packing with full logits, all batching levers (fp32), bf16
+            compute with PEFT's fp32 LoRA route and bf16 attention (no daemon.train.precision), and
             traind's defaults (bf16 compute where the CPU has it)
   daemon    the real daemon end to end on the same file vs the bare loop; with the dashboard open
             (1 Hz polls + an event stream) and at 10 Hz; API p50/p99 while it trains; inbox -> first step
@@ -43,7 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RUNNERS = ("traind", "trainer", "trainer-glen", "trainer-bf16", "sft")
-LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind-fp32", "traind")
+LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind-fp32", "traind-bf16-peft",
+          "traind")
 DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96, "5m-v152k": 64}  # one epoch each: 20, 15, 12 and 8 steps of 8
 QUICK = dict(models="5m", data="realistic", quant="none", pairs=1, runners="traind,trainer", examples=48)
 

@@ -8,6 +8,8 @@ RUNNER is one of:
   traind-plain  fp32, neither length grouping nor packing, full logits (the loop before any lever)
   traind-grouped, traind-packed: fp32 and only that lever; traind-full-logits: fp32, grouping and packing;
   traind-fp32   every batching lever, fp32 compute (all but the compute dtype)
+  traind-bf16-peft  traind's defaults, but the LoRA factors and attention as PEFT and transformers run them in
+                bf16 (the LoRA upcast to fp32, SDPA in bf16 at every length): without daemon.train.precision
   trainer       transformers.Trainer + PEFT, its defaults: random batches, each padded to its longest, fp32
   trainer-glen  the same with group_by_length=True
   trainer-bf16  Trainer + PEFT defaults with the base loaded in the compute dtype traind chose (bf16 where
@@ -90,8 +92,22 @@ def warm_up(model: Any, vocab: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def without_precision_levers(lm: Any) -> None:
+    """Undo daemon.train.precision on a loaded model: PEFT's fp32 LoRA route, transformers' SDPA at every length."""
+    from torch import nn
+
+    from daemon.train.precision import ActivationDtypeLinear
+
+    for m in lm.model.modules():
+        for f in [*getattr(m, "lora_A", {}).values(), *getattr(m, "lora_B", {}).values()]:
+            if type(f) is ActivationDtypeLinear:
+                f.__class__ = nn.Linear
+                m.cast_input_dtype_enabled = True
+    lm.model.get_base_model().set_attn_implementation("sdpa")
+
+
 def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, label_only: bool = True,
-               dtype: str = "auto") -> dict[str, Any]:
+               dtype: str = "auto", precision_levers: bool = True) -> dict[str, Any]:
     import dataclasses
 
     from daemon.train.loop import Job, train_file
@@ -100,6 +116,8 @@ def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool
 
     cfg = traind_config(args, root, grouped, packed, dtype)
     lm = load_for_training(cfg, seed=1)
+    if not precision_levers:
+        without_precision_levers(lm)
     lm.fast = fast_paths(lm)  # once per loaded model in the daemon too: not part of a file's training
     if not label_only:
         lm.fast = dataclasses.replace(lm.fast, label_only=False)
@@ -249,7 +267,7 @@ def run_sft(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runner", choices=["traind", "traind-plain", "traind-grouped", "traind-packed", "traind-full-logits",
-                                      "traind-fp32", "trainer", "trainer-glen", "trainer-bf16", "sft"])
+                                      "traind-fp32", "traind-bf16-peft", "trainer", "trainer-glen", "trainer-bf16", "sft"])
     p.add_argument("--base", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--heldout", type=Path, required=True)
@@ -281,6 +299,7 @@ def main() -> None:
             "traind-packed": lambda: run_traind(args, root, False, True, label_only=False, dtype="float32"),
             "traind-full-logits": lambda: run_traind(args, root, True, True, label_only=False, dtype="float32"),
             "traind-fp32": lambda: run_traind(args, root, True, True, dtype="float32"),
+            "traind-bf16-peft": lambda: run_traind(args, root, True, True, precision_levers=False),
             "trainer": lambda: run_trainer(args, root, False), "trainer-glen": lambda: run_trainer(args, root, True),
             "trainer-bf16": lambda: run_trainer(args, root, False, as_traind=True),
             "sft": lambda: run_sft(args, root)}

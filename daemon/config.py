@@ -73,7 +73,7 @@ class ModelConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA; on the CPU bfloat16 where it has native bf16 (AVX512-BF16, AMX), else float32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory on large bases.")
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "auto: flash_attention_2 on CUDA where the flash-attn package is installed (packed rows run as variable-length attention), else the model's default (sdpa where it has it).")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "auto: flash_attention_2 on CUDA where the flash-attn package is installed (packed rows run as variable-length attention), else the model's default (sdpa where it has it); on a CPU computing in bf16, SDPA runs rows of up to 512 tokens in fp32, where the CPU kernel is faster.")
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,13 @@ def test_padding_waste_by_policy(tmp_path: Path) -> None:
     assert all(0 <= v < 1 for v in w.values())
     # packing never adds a slot to grouping's, and grouping within the window beats Trainer's random batches
     assert w["traind"] <= w["traind-grouped"] < w["trainer"]
+
+
+def test_attention_dtype_bench_runs(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "attention_dtype.py"), "--lengths", "16,48", "--rows", "2",
+                           "--reps", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("attention-dtype-*.json")
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["model"], r["length"]) for r in rows] == [("5m", 16), ("5m", 48), ("25m", 16), ("25m", 48)]
+    assert all(r["bf16_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)

@@ -161,6 +161,10 @@ def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype", sh
         # bitsandbytes quantises while loading onto the target device: device_map places it.
         kwargs.update(quantization_config=quant, device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if mc.attention == "auto":
+        from daemon.train.precision import fp32_attention_for_short_rows
+
+        fp32_attention_for_short_rows(model, device, dtype)
     if quant is None:
         model.to(device)
     elif device == "cpu":
@@ -239,6 +243,8 @@ class LoadedModel:
 
 def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, base: Path | None = None) -> LoadedModel:
     """Load the base (`base`, else the configured one) and attach a LoRA initialised from `seed`."""
+    import torch
+
     caps = caps or capabilities()
     device = choose_device(cfg.model, caps)
     dtype = choose_dtype(cfg.model, device, caps)
@@ -248,6 +254,10 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, 
     model, tokenizer = load_base(base_path, cfg.model, device, dtype, sharded)
     model = prepare_for_lora(model, cfg.model)
     model = attach_lora(model, cfg.lora, seed)
+    if dtype != torch.float32:
+        from daemon.train.precision import lora_in_activation_dtype
+
+        lora_in_activation_dtype(model)
     if cfg.training.compile:
         # In place, so every path (the model's own forward, the decoder alone for label-only logits) runs compiled;
         # dynamic: lengths change from batch to batch, and a recompile per length would never pay.
