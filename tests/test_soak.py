@@ -31,6 +31,7 @@ def run(tmp_path: Path, models_dir: Path, seeds: list[int], kills: int) -> dict:
     return summary
 
 
+@pytest.mark.slow  # soaks run behind -m slow (CI headroom); kill -9 and resume stay in the default run (test_resume_e2e)
 def test_short_soak_survives_random_kills(tmp_path: Path, models_dir: Path) -> None:
     run(tmp_path, models_dir, seeds=[1], kills=3)
 
