@@ -61,3 +61,15 @@ def test_attention_dtype_bench_runs(tmp_path: Path) -> None:
     rows = json.loads(path.read_text())["results"]
     assert [(r["model"], r["length"]) for r in rows] == [("5m", 16), ("5m", 48), ("25m", 16), ("25m", 48)]
     assert all(r["bf16_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # compiling takes minutes
+def test_compile_bench_runs(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "compile.py"), "--models", "5m", "--data", "fixed",
+                           "--examples", "16", "--rounds", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("compile-*.json")
+    [row] = json.loads(path.read_text())["results"]
+    assert row["eager_tokens_per_sec"] > 0 and row["compiled_tokens_per_sec"] > 0 and row["compile_seconds"] > 0
+    assert 0 < row["efficiency_eager"] < 1.5 and 0 < row["efficiency_compiled"] < 1.5
