@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ def lora_in_activation_dtype(model: Any) -> int:
 def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """transformers' SDPA attention, in fp32 for rows of up to FP32_ROWS_UP_TO tokens on the CPU."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.device.type != "cpu" or query.dtype == torch.float32 or key.shape[-2] > FP32_ROWS_UP_TO:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
