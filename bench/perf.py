@@ -16,8 +16,9 @@ Sections (--sections, comma-separated):
             held-out loss after the epoch (loss parity) beside it
   levers    the same on the first model and data: traind in fp32 with every lever off (plain), only
             grouping, only packing, grouping + packing with full logits, all batching levers (fp32), bf16
-            compute with PEFT's fp32 LoRA route and bf16 attention (no daemon.train.precision), and
-            traind's defaults (bf16 compute where the CPU has it)
+            compute with PEFT's fp32 LoRA route and bf16 attention (no daemon.train.precision nor
+            daemon.train.fused), traind's defaults with PEFT's own LoRA forward (no daemon.train.fused),
+            and traind's defaults (bf16 compute where the CPU has it)
   daemon    the real daemon end to end on the same file vs the bare loop; with the dashboard open
             (1 Hz polls + an event stream) and at 10 Hz; API p50/p99 while it trains; inbox -> first step
             (warm: the model loaded; cold: from the daemon's start) (bench/perf_daemon.py)
@@ -45,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 RUNNERS = ("traind", "trainer", "trainer-glen", "trainer-bf16", "sft")
 LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind-fp32", "traind-bf16-peft",
-          "traind")
+          "traind-unfused", "traind")
 DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96, "5m-v152k": 64}  # one epoch each: 20, 15, 12 and 8 steps of 8
 QUICK = dict(models="5m", data="realistic", quant="none", pairs=1, runners="traind,trainer", examples=48)
 

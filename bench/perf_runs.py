@@ -9,7 +9,9 @@ RUNNER is one of:
   traind-grouped, traind-packed: fp32 and only that lever; traind-full-logits: fp32, grouping and packing;
   traind-fp32   every batching lever, fp32 compute (all but the compute dtype)
   traind-bf16-peft  traind's defaults, but the LoRA factors and attention as PEFT and transformers run them in
-                bf16 (the LoRA upcast to fp32, SDPA in bf16 at every length): without daemon.train.precision
+                bf16 (the LoRA upcast to fp32, SDPA in bf16 at every length, PEFT's own LoRA forward): without
+                daemon.train.precision and daemon.train.fused
+  traind-unfused  traind's defaults with PEFT's own LoRA forward (scale, then add): without daemon.train.fused
   trainer       transformers.Trainer + PEFT, its defaults: random batches, each padded to its longest, fp32
   trainer-glen  the same with group_by_length=True
   trainer-bf16  Trainer + PEFT defaults with the base loaded in the compute dtype traind chose (bf16 where
@@ -92,12 +94,23 @@ def warm_up(model: Any, vocab: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def unfused(lm: Any) -> None:
+    """Undo daemon.train.fused on a loaded model: PEFT's own LoRA forward (scale, then add)."""
+    from daemon.train.fused import fused_classes
+
+    for m in lm.model.modules():
+        if type(m) in fused_classes():
+            m.__class__ = type(m).__mro__[1]
+
+
 def without_precision_levers(lm: Any) -> None:
-    """Undo daemon.train.precision on a loaded model: PEFT's fp32 LoRA route, transformers' SDPA at every length."""
+    """Undo daemon.train.precision and daemon.train.fused on a loaded model: PEFT's fp32 LoRA route and its own
+    forward, transformers' SDPA at every length."""
     from torch import nn
 
     from daemon.train.precision import ActivationDtypeLinear
 
+    unfused(lm)
     for m in lm.model.modules():
         for f in [*getattr(m, "lora_A", {}).values(), *getattr(m, "lora_B", {}).values()]:
             if type(f) is ActivationDtypeLinear:
@@ -107,7 +120,7 @@ def without_precision_levers(lm: Any) -> None:
 
 
 def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, label_only: bool = True,
-               dtype: str = "auto", precision_levers: bool = True) -> dict[str, Any]:
+               dtype: str = "auto", precision_levers: bool = True, fused: bool = True) -> dict[str, Any]:
     import dataclasses
 
     from daemon.train.loop import Job, train_file
@@ -118,6 +131,8 @@ def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool
     lm = load_for_training(cfg, seed=1)
     if not precision_levers:
         without_precision_levers(lm)
+    if not fused:
+        unfused(lm)
     lm.fast = fast_paths(lm)  # once per loaded model in the daemon too: not part of a file's training
     if not label_only:
         lm.fast = dataclasses.replace(lm.fast, label_only=False)
@@ -267,7 +282,7 @@ def run_sft(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runner", choices=["traind", "traind-plain", "traind-grouped", "traind-packed", "traind-full-logits",
-                                      "traind-fp32", "traind-bf16-peft", "trainer", "trainer-glen", "trainer-bf16", "sft"])
+                                      "traind-fp32", "traind-bf16-peft", "traind-unfused", "trainer", "trainer-glen", "trainer-bf16", "sft"])
     p.add_argument("--base", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--heldout", type=Path, required=True)
@@ -300,6 +315,7 @@ def main() -> None:
             "traind-full-logits": lambda: run_traind(args, root, True, True, label_only=False, dtype="float32"),
             "traind-fp32": lambda: run_traind(args, root, True, True, dtype="float32"),
             "traind-bf16-peft": lambda: run_traind(args, root, True, True, precision_levers=False),
+            "traind-unfused": lambda: run_traind(args, root, True, True, fused=False),
             "trainer": lambda: run_trainer(args, root, False), "trainer-glen": lambda: run_trainer(args, root, True),
             "trainer-bf16": lambda: run_trainer(args, root, False, as_traind=True),
             "sft": lambda: run_sft(args, root)}

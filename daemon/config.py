@@ -101,7 +101,7 @@ class TrainingConfig:
     eval_every_steps: int = _f(0, "Eval loss every N steps (0: once at the end of each file).")
     cpu_threads: int = _f(0, "Torch CPU threads in the trainer; 0: every core, one fewer while other processes want CPU.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "AdamW; or bitsandbytes' 8-bit AdamW (CUDA), paged to host memory under pressure (large bases) (locked key).", locked=True)
-    compile: bool = _f(False, "Compile the model's decoder with torch.compile once per loaded model (minutes of compiling; see docs/PERFORMANCE.md for when it pays).")
+    compile: bool = _f(False, "Compile the model's decoder blocks with torch.compile once per loaded model (about a minute of compiling on a small CPU; see docs/PERFORMANCE.md for when it pays).")
 
 
 @dataclass(frozen=True)

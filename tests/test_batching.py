@@ -222,6 +222,21 @@ def test_cuda_packed_label_only_training_in_bf16_and_8bit_adamw(models_dir: Path
     assert out.status == "done" and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
 
 
+def test_compile_takes_the_decoder_block_by_block(models_dir: Path, tmp_path: Path) -> None:
+    """training.compile wraps each block (one graph, reused by all), not the decoder; compiling happens at the
+    first forward (the slow test below trains through it)."""
+    from torch import nn
+
+    from daemon.train.model import compile_blocks
+
+    decoder = load_for_training(make_cfg(models_dir, tmp_path), seed=1).model.get_base_model().get_decoder()
+    assert compile_blocks(decoder) == len(decoder.layers) >= 2
+    assert all(layer._compiled_call_impl is not None for layer in decoder.layers)
+    assert getattr(decoder, "_compiled_call_impl", None) is None
+    flat = nn.Sequential(nn.Linear(2, 2), nn.ReLU())  # no list of blocks: the module itself
+    assert compile_blocks(flat) == 1 and flat._compiled_call_impl is not None
+
+
 @pytest.mark.slow
 def test_a_compiled_decoder_trains_to_the_same_losses(models_dir: Path, tmp_path: Path) -> None:
     """training.compile: the same steps, the same losses within float tolerance (compiling takes minutes on a CPU)."""

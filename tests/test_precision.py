@@ -45,7 +45,7 @@ def test_in_bf16_the_lora_product_runs_in_the_activation_dtype_and_trains_fp32_w
     with torch.no_grad():
         b.normal_(0, 0.05)  # B starts at zero: give the branch something to add
     x = torch.randn(3, 5, a.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    out = layer(x)
+    out = layer._peft_forward(x)  # PEFT's forward with these factors; the fused one: tests/test_fused.py
     assert out.dtype == torch.bfloat16
     with torch.no_grad():
         base = layer.base_layer(x)
@@ -80,13 +80,15 @@ def test_a_4bit_base_keeps_fp32_lora_products_where_its_activations_are_fp32(mod
     pytest.importorskip("bitsandbytes")
     lm = loaded(models_dir, tmp_path, "nf4", compute_dtype="bfloat16")
     seen: list[torch.dtype] = []
-    hooks = [m.lora_A[ADAPTER].register_forward_hook(lambda _m, args, out: seen.extend([args[0].dtype, out.dtype]))
+    # the LoRA layer's input: its factors compute in that dtype (the fused forward calls no factor module)
+    hooks = [m.register_forward_hook(lambda _m, args, out: seen.extend([args[0].dtype, out.dtype]))
              for m in lora_layers(lm.model)]
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     lm.model(input_ids=ids, labels=ids).loss.backward()
     for h in hooks:
         h.remove()
     assert seen and all(d == torch.float32 for d in seen)
+    assert all(f.weight.dtype == torch.float32 for m in lora_layers(lm.model) for f in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]))
     assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
 
 

@@ -258,13 +258,34 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, 
         from daemon.train.precision import lora_in_activation_dtype
 
         lora_in_activation_dtype(model)
+    from daemon.train.fused import fuse_lora
+
+    fuse_lora(model)
     if cfg.training.compile:
-        # In place, so every path (the model's own forward, the decoder alone for label-only logits) runs compiled;
-        # dynamic: lengths change from batch to batch, and a recompile per length would never pay.
-        model.get_base_model().get_decoder().compile(dynamic=True)
+        compile_blocks(model.get_base_model().get_decoder())
     log.info("loaded %s on %s (%s, quantization %s, attention %s%s)", base_path, device, dtype, cfg.model.quantization,
              model.get_base_model().config._attn_implementation, ", compiled" if cfg.training.compile else "")
     return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization)
+
+
+def compile_blocks(decoder: Any) -> int:
+    """torch.compile each block of `decoder` in place (dynamic shapes); the whole decoder when it has no block list.
+
+    Block by block ("regional" compiling): the blocks share one class and code, so dynamo traces and
+    inductor compiles one block's graph and every block reuses it, with one variant per input kind (the
+    first block's input needs no gradient, padded batches carry a mask, packed rows do not). That
+    compiles in a fraction of the whole decoder's time, and measured faster too (25M model, bf16 CPU:
+    1.22x over eager against 1.12x for the whole decoder; docs/PERFORMANCE.md). In place, so every path
+    (the model's own forward, the decoder alone for label-only logits) runs compiled; dynamic, because
+    lengths change from batch to batch and a recompile per length would never pay. Returns the modules
+    compiled."""
+    from torch import nn
+
+    blocks = next((m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m)
+                   and len({type(b) for b in m}) == 1), None)
+    for module in blocks if blocks is not None else [decoder]:
+        module.compile(dynamic=True)
+    return len(blocks) if blocks is not None else 1
 
 
 def lora_state(model: Any) -> dict[str, "torch.Tensor"]:
