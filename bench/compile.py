@@ -9,7 +9,9 @@ epoch on each and is not counted: it is where the compiled copy compiles (its ti
 reported as the compile cost, which a daemon pays once per loaded model). Then the two
 alternate, an epoch each, for --rounds rounds; the ratio is the median of compiled / eager
 per round. Model FLOP/s and the bf16 matmul peak are measured as bench/perf.py's flops
-section does, so the efficiency with and without compiling sits beside the ratio.
+section does, the peak before every counted round, so the efficiency with and without
+compiling (per round against that round's peak, the median of the rounds) sits beside
+the ratio.
 Writes bench/results/compile-<stamp>.json. Uses the models and data of bench/perf.py
 (built in --work on first use).
 """
@@ -54,7 +56,11 @@ def one_point(args: argparse.Namespace, prep: dict, model: str, kind: str) -> di
     tokens = sum(len(e.input_ids) for mb in micro for e in mb)
     rates: dict[str, list[float]] = {n: [] for n in copies}
     first: dict[str, float] = {}
+    dtype = str(copies["eager"][0].dtype).removeprefix("torch.")
+    peaks: list[float] = []
     for r in range(args.rounds + 1):
+        if r:  # the peak beside each counted round: this machine's speed drifts by 15-25% within an hour
+            peaks.append(matmul_peak(args.threads, dtype=dtype))
         for name, (lm, opt, sched, scaler) in copies.items():
             t0 = time.perf_counter()
             for mb in micro:
@@ -67,14 +73,17 @@ def one_point(args: argparse.Namespace, prep: dict, model: str, kind: str) -> di
             print(f"{model} {kind} round {r} {name:8s} {tokens / seconds:7.0f} tokens/s", flush=True)
     ratios = [c / e for c, e in zip(rates["compiled"], rates["eager"])]
     per_token = model_flops_per_token(base, data)
-    peak = matmul_peak(args.threads, dtype=str(copies["eager"][0].dtype).removeprefix("torch."))
     eager, compiled = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
+
+    def efficiency(name: str) -> float:  # per round against that round's peak, then the median
+        return statistics.median(rate * per_token / peak for rate, peak in zip(rates[name], peaks))
+
     return {"model": model, "data": kind, "examples": len(exs), "tokens_per_epoch": tokens,
             "eager_tokens_per_sec": eager, "compiled_tokens_per_sec": compiled, "pair_ratios": ratios,
             "compiled_over_eager": statistics.median(ratios),
             "compile_seconds": first["compiled"] - first["eager"] * compiled / eager,
-            "matmul_peak": peak, "efficiency_eager": eager * per_token / peak,
-            "efficiency_compiled": compiled * per_token / peak}
+            "matmul_peak": statistics.median(peaks), "matmul_peaks": peaks,
+            "efficiency_eager": efficiency("eager"), "efficiency_compiled": efficiency("compiled")}
 
 
 def main() -> None:
@@ -86,8 +95,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp") / "traind-perf")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="keep torch's compile cache (default: a fresh one, so the compile time is a first start's)")
     args = p.parse_args()
+    import atexit
     import logging
+    import os
+    import shutil
+    import tempfile
+
+    if not args.warm_cache:  # before torch compiles anything: inductor reads it when it first caches
+        cache = tempfile.mkdtemp(prefix="traind-inductor-")
+        atexit.register(shutil.rmtree, cache, True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     import warnings
 
     import torch
@@ -107,7 +127,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compile-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
-                                "results": rows}, indent=1) + "\n")
+                                "compile_cache": "warm" if args.warm_cache else "fresh", "results": rows},
+                               indent=1) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
