@@ -75,19 +75,25 @@ def test_fp32_keeps_peft_lora_and_sdpa_and_the_adapter_files_do_not_change(model
     assert all(torch.equal(v, lora_state(bf16.model)[k]) for k, v in lora_state(fp32.model).items())
 
 
-def test_a_4bit_base_keeps_fp32_lora_products_where_its_activations_are_fp32(models_dir: Path, tmp_path: Path) -> None:
+def test_a_4bit_base_keeps_fp32_lora_products_where_its_activations_are_fp32(models_dir: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """PEFT's k-bit preparation keeps the norms in fp32, so the LoRA layers see fp32 inputs: the factors follow them."""
     pytest.importorskip("bitsandbytes")
     lm = loaded(models_dir, tmp_path, "nf4", compute_dtype="bfloat16")
     seen: list[torch.dtype] = []
-    # the LoRA layer's input: its factors compute in that dtype (the fused forward calls no factor module)
-    hooks = [m.register_forward_hook(lambda _m, args, out: seen.extend([args[0].dtype, out.dtype]))
-             for m in lora_layers(lm.model)]
+    # the LoRA products themselves: daemon.train.fused's addmm of h = x Aᵀ (in its input's dtype) and s B into
+    # the base's output, once per LoRA layer
+    real_addmm = torch.addmm
+
+    def addmm(inp, m1, m2, *args, **kwargs):
+        seen.extend([inp.dtype, m1.dtype, m2.dtype])
+        return real_addmm(inp, m1, m2, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     lm.model(input_ids=ids, labels=ids).loss.backward()
-    for h in hooks:
-        h.remove()
-    assert seen and all(d == torch.float32 for d in seen)
+    monkeypatch.undo()
+    assert len(seen) == 3 * len(lora_layers(lm.model)) and all(d == torch.float32 for d in seen)
     assert all(f.weight.dtype == torch.float32 for m in lora_layers(lm.model) for f in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]))
     assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
 

@@ -15,8 +15,9 @@ reaches A and B as before (through the fold, a product with a constant); paramet
 their names, their dtypes and the adapter's files stay PEFT's.
 
 Only the plain case takes this path: exactly one active adapter, no variant (DoRA and
-the like), not merged, no per-call adapter names or extra arguments, no autocast. Any
-other call runs PEFT's own forward, unchanged. Dropout on the LoRA input is applied
+the like), no LoRA bias, not merged, no per-call adapter names or extra arguments, no
+autocast, the LoRA input in the base's dtype. Any other call runs PEFT's own forward,
+unchanged. Dropout on the LoRA input is applied
 as PEFT applies it. The LoRA input is cast as PEFT casts it (`cast_input_dtype_enabled`,
 which daemon.train.precision turns off where the model computes in bf16/fp16), and the
 factors are cast to the input's dtype for the products, as autocast would.
@@ -40,12 +41,14 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if adapter is None:
         return self._peft_forward(x, *args, **kwargs)
     a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    xin = self._cast_input_dtype(x, a.dtype)
+    if xin.dtype != x.dtype:  # PEFT's fp32 route for a lower-precision base: its own forward, its own rounding
+        return self._peft_forward(x, *args, **kwargs)
     result = self.base_layer(x)
-    xin = self.lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
-    h = F.linear(xin, a.to(xin.dtype))
+    if result.dtype != x.dtype:  # a base that answers in another dtype than it was given: not the plain case
+        return self._peft_forward(x, *args, **kwargs)
+    h = F.linear(self.lora_dropout[adapter](xin), a.to(xin.dtype))
     b_scaled = (b * self.scaling[adapter]).to(h.dtype)  # out x r: the scaling costs r per output, not a pass
-    if result.dtype != h.dtype:  # a base that returns another dtype than its input: PEFT's sum, in result's dtype
-        return result + F.linear(h, b_scaled).to(result.dtype)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b_scaled.t())
     return out.view(result.shape)
 
@@ -55,8 +58,8 @@ def _plain_adapter(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> st
     if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled(x.device.type):
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if len(active) != 1 or active[0] in layer.lora_variant:
-        return None
+    if len(active) != 1 or active[0] in layer.lora_variant or layer.lora_B[active[0]].bias is not None:
+        return None  # several adapters, DoRA and the like, a LoRA bias (an adapter added after fusing)
     return active[0]
 
 
@@ -69,14 +72,27 @@ def _peft_layer_classes() -> tuple[type, ...]:
         from peft.tuners.lora import bnb
     except ImportError:  # bitsandbytes missing: PEFT has no quantized LoRA layers to fuse
         return tuple(classes)
-    classes += [getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)]
+    if hasattr(bnb, "Linear4bit"):  # the 4-bit bases traind offers (nf4, fp4); 8-bit ones it does not load
+        classes.append(bnb.Linear4bit)
     return tuple(classes)
 
 
 def _fused_class(cls: type) -> type:
     if cls not in _FUSED:
-        _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "_peft_forward": cls.forward})
+        name = f"Fused{cls.__name__}"
+        fused = type(cls)(name, (cls,), {"forward": _fused_forward, "_peft_forward": cls.forward,
+                                         "__module__": __name__, "__qualname__": name})
+        globals()[name] = fused  # importable by name, so a fused model pickles (torch.save) like PEFT's
+        _FUSED[cls] = fused
     return _FUSED[cls]
+
+
+def __getattr__(name: str) -> type:
+    """`daemon.train.fused.FusedLinear` and the like, made on first use: what unpickling a fused model looks up."""
+    for cls in _peft_layer_classes():
+        if name == f"Fused{cls.__name__}":
+            return _fused_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fused_classes() -> tuple[type, ...]:

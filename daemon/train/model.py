@@ -281,11 +281,16 @@ def compile_blocks(decoder: Any) -> int:
     compiled."""
     from torch import nn
 
-    blocks = next((m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m)
-                   and len({type(b) for b in m}) == 1), None)
-    for module in blocks if blocks is not None else [decoder]:
+    def uniform(m: Any) -> bool:
+        return isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1
+
+    layers = getattr(decoder, "layers", None)  # transformers' decoders keep their blocks there
+    blocks = layers if uniform(layers) else next((m for m in decoder.children() if uniform(m)), None)
+    targets = list(blocks) if blocks is not None else [decoder]
+    for module in targets:
         module.compile(dynamic=True)
-    return len(blocks) if blocks is not None else 1
+    log.info("compile: %d x %s (dynamic shapes), at the first step", len(targets), type(targets[0]).__name__)
+    return len(targets)
 
 
 def lora_state(model: Any) -> dict[str, "torch.Tensor"]:
