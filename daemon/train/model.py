@@ -272,14 +272,21 @@ def compile_blocks(decoder: Any) -> int:
     """torch.compile each block of `decoder` in place (dynamic shapes); the whole decoder when it has no block list.
 
     Block by block ("regional" compiling): the blocks share one class and code, so dynamo traces and
-    inductor compiles one block's graph and every block reuses it, with one variant per input kind (the
-    first block's input needs no gradient, padded batches carry a mask, packed rows do not). That
-    compiles in a fraction of the whole decoder's time, and measured faster too (25M model, bf16 CPU:
-    1.22x over eager against 1.12x for the whole decoder; docs/PERFORMANCE.md). In place, so every path
+    inductor compiles one block's graph and every block reuses it, with one variant per input kind (see
+    the recompile limit below). That compiles in a fraction of the whole decoder's time, and measured
+    faster too (25M model, bf16 CPU: 1.22x over eager against 1.12x for the whole decoder;
+    docs/PERFORMANCE.md). In place, so every path
     (the model's own forward, the decoder alone for label-only logits) runs compiled; dynamic, because
     lengths change from batch to batch and a recompile per length would never pay. Returns the modules
     compiled."""
+    import torch._dynamo
     from torch import nn
+
+    # One block's code has several graphs: the input needing a gradient or not (the first block), a mask or
+    # none (packed rows of several examples, or of one), training or evaluation (no_grad); and each model
+    # loaded in the process (after a consolidation) guards anew. At dynamo's default limit of 8 per code
+    # object the rest would run eager, silently.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def uniform(m: Any) -> bool:
         return isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1
