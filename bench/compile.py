@@ -37,6 +37,7 @@ def one_point(args: argparse.Namespace, prep: dict, model: str, kind: str) -> di
     import perf_runs
     from perf_daemon import matmul_peak, model_flops_per_token
 
+    from daemon.train.batching import micro_batches
     from daemon.train.loop import build_optimizer, make_scaler
     from daemon.train.model import load_for_training
     from daemon.train.step import fast_paths, optimizer_step
@@ -52,7 +53,9 @@ def one_point(args: argparse.Namespace, prep: dict, model: str, kind: str) -> di
         opt, sched = build_optimizer(lm.model, c.training, 1_000_000)
         copies[name] = (lm, opt, sched, make_scaler(lm))
     exs = perf_runs.examples(data, copies["eager"][0].tokenizer, cfg.data)
-    micro = [exs[i:i + 8] for i in range(0, len(exs), 8)]
+    # the daemon's micro-batches: grouped by length within the shuffle window (each step then cuts them in
+    # width pieces where that pays, as the daemon's does)
+    micro = list(micro_batches(exs, 8, "grouped", cfg.data.shuffle_buffer, cfg.training.seed, 0))
     tokens = sum(len(e.input_ids) for mb in micro for e in mb)
     rates: dict[str, list[float]] = {n: [] for n in copies}
     first: dict[str, float] = {}

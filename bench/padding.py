@@ -4,7 +4,9 @@
     .venv/bin/python bench/padding.py --sizes 500,5000 --json out.json
 
 Padding waste = 1 - real tokens / token slots computed, over one epoch of micro-batches of 8, for
-  traind           length-grouped within the shuffle window (1,024), packed rows (the defaults)
+  traind           length-grouped within the shuffle window (1,024), packed rows, each micro-batch run in
+                   width pieces where the cost model says so (the defaults on the CPU: batching.width_pieces)
+  traind-whole     the same, each micro-batch in one forward (the defaults on a GPU without flash attention)
   traind-grouped   length-grouped, one padded row per example
   traind-plain     arrival order, padded (traind before grouping and packing)
   trainer          transformers.Trainer's defaults: a random sampler, padded to each batch's longest
@@ -28,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 BATCH, WINDOW, SEED = 8, 1024, 1
-POLICIES = ("traind", "traind-grouped", "traind-plain", "trainer", "trainer-glen")
+POLICIES = ("traind", "traind-whole", "traind-grouped", "traind-plain", "trainer", "trainer-glen")
 
 
 def tokenised(kind: str, n: int, work: Path) -> list:
@@ -50,9 +52,9 @@ def slots_of(policy: str, examples: list) -> int:
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from daemon.train.batching import batches, collate, grouped_batches
+    from daemon.train.batching import batches, collate, grouped_batches, width_pieces
 
-    if policy in ("traind", "traind-grouped"):
+    if policy in ("traind", "traind-whole", "traind-grouped"):
         mbs = list(grouped_batches(examples, BATCH, WINDOW, SEED, 0))
     elif policy == "traind-plain":
         mbs = list(batches(examples, BATCH))
@@ -63,7 +65,9 @@ def slots_of(policy: str, examples: list) -> int:
             lengths = [len(ex.input_ids) for ex in examples]
             order = list(LengthGroupedSampler(BATCH, lengths=lengths, generator=torch.Generator().manual_seed(SEED)))
         mbs = list(batches([examples[i] for i in order], BATCH))
-    return sum(collate(mb, 0, pack=policy == "traind")["input_ids"].numel() for mb in mbs)
+    if policy == "traind":
+        mbs = [p for mb in mbs for p in width_pieces(mb, packed=True)]
+    return sum(collate(mb, 0, pack=policy in ("traind", "traind-whole"))["input_ids"].numel() for mb in mbs)
 
 
 def main() -> None:

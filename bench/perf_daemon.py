@@ -53,7 +53,8 @@ def _timed(fn: Any) -> float:
 def model_flops_per_token(base: Path, data: Path, r: int = 8) -> float:
     """Training FLOPs per real token for a frozen base with LoRA r on every linear layer of the blocks:
     4 x the linear weights (forward + the backward to the inputs; no weight gradients), attention
-    (3 x 4 x context x width per layer, causal: context is half the example on average), and the LoRA
+    (3 x 4 x context x width per layer, causal: a token at position t attends to t + 1 keys, averaged over
+    the tokens, so a long example weighs by its length: the mean of L(L+1)/2 over the mean of L), and the LoRA
     factors (forward, and the backward to the factors and the inputs: 3 x 2 x r x (in + out)). The LM head
     counts only at the positions that have a label: nobody needs the prompt's logits, so their FLOPs are
     not useful work (counting them would credit traind with work it rightly skips)."""
@@ -62,15 +63,15 @@ def model_flops_per_token(base: Path, data: Path, r: int = 8) -> float:
     head_dim = cfg.get("head_dim") or d // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, inter), (d, inter), (inter, d)]  # q k v o gate up down
-    mean_len, labelled = _token_stats(base, data)
+    context, labelled = _token_stats(base, data)
     linear = layers * sum(i * o for i, o in shapes) + d * vocab * labelled  # and the LM head where labels are
     lora = layers * sum(2 * r * (i + o) for i, o in shapes)
-    attention = layers * 3 * 4 * (mean_len / 2) * q
+    attention = layers * 3 * 4 * context * q
     return 4 * linear + 3 * lora + attention
 
 
 def _token_stats(base: Path, data: Path) -> tuple[float, float]:
-    """(mean tokens per example, the fraction of tokens that are a next-token target)."""
+    """(keys a token attends to, on average over the tokens; the fraction of tokens that are a next-token target)."""
     from transformers import AutoTokenizer
 
     from daemon.config import DataConfig
@@ -81,7 +82,8 @@ def _token_stats(base: Path, data: Path) -> tuple[float, float]:
     exs = list(train_examples(data, DataFormat.PROMPT_COMPLETION, tok, DataConfig(max_length=1024, eval_fraction=0.0), 0, 0))
     tokens = sum(len(ex.input_ids) for ex in exs)
     targets = sum(sum(1 for t in ex.labels[1:] if t != IGNORE) for ex in exs)
-    return tokens / len(exs), targets / tokens
+    keys = sum(len(ex.input_ids) * (len(ex.input_ids) + 1) / 2 for ex in exs)
+    return keys / tokens, targets / tokens
 
 
 # ---------------------------------------------------------------- the daemon

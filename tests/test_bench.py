@@ -47,10 +47,25 @@ def test_padding_waste_by_policy(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     [row] = json.loads(out.read_text())["rows"]
     w = row["waste"]
-    assert row["examples"] == 64 and set(w) == {"traind", "traind-grouped", "traind-plain", "trainer", "trainer-glen"}
+    assert row["examples"] == 64 and set(w) == {"traind", "traind-whole", "traind-grouped", "traind-plain", "trainer",
+                                                "trainer-glen"}
     assert all(0 <= v < 1 for v in w.values())
-    # packing never adds a slot to grouping's, and grouping within the window beats Trainer's random batches
-    assert w["traind"] <= w["traind-grouped"] < w["trainer"]
+    # width pieces and packing never add a slot to grouping's, and grouping within the window beats Trainer's
+    # random batches
+    assert w["traind"] < w["traind-whole"] <= w["traind-grouped"] < w["trainer"]
+
+
+def test_pieces_bench_fits_the_cost_of_a_piece(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pieces.py"), "--models", "5m", "--reps", "1",
+                           "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("pieces-*.json")
+    out = json.loads(path.read_text())
+    points, fit = out["models"]["5m"]["points"], out["models"]["5m"]["fit"]
+    assert len(points) == 10 and all(pt["seconds"] > 0 for pt in points)
+    assert fit["per_token_s"] > 0 and fit["overhead_tokens"] == fit["overhead_s"] / fit["per_token_s"]
+    assert out["in_use"]["overhead_tokens"] > 0
 
 
 def test_attention_dtype_bench_runs(tmp_path: Path) -> None:

@@ -30,11 +30,18 @@ Tensors (`data.packing`):
   and SDPA runs its causal kernel. With flash attention (CUDA) the whole micro-batch goes in
   one row instead: transformers runs variable-length attention only for a
   batch of one row, and its cost is then that of the examples alone.
+
+Pieces (`width_pieces`): the step may run a micro-batch as runs of similar
+length, each collated on its own, where the padding saved outweighs one more
+forward and backward (a cost model in token slots). The micro-batch, and so
+the schedule and the gradient, stay what they are.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 import random
 from typing import Any, Iterable, Iterator, Literal
 
@@ -42,6 +49,13 @@ from daemon.errors import DataError
 from daemon.train.data import IGNORE, Example
 
 Order = Literal["shuffled", "grouped"]
+
+# The cost model of `width_pieces`, in token slots (one token through the step's forward and backward), as
+# measured on the CPU (bench/pieces.py, pieces-20261202T095550Z.json): one more forward and backward costs as
+# much as 66 (25M model) to 122 (5M) more tokens in a piece that runs anyway, and one attended (query, key)
+# pair of a causal row 1/950 (25M) to 1/740 (5M) of a token.
+PIECE_OVERHEAD_TOKENS = 96.0
+ATTENTION_PAIR_TOKENS = 1 / 1024
 
 
 def batches(examples: Iterable[Example], micro_batch_size: int) -> Iterator[list[Example]]:
@@ -109,6 +123,46 @@ def collate(batch: list[Example], pad_id: int, pack: bool = False, one_row: bool
     if not pack:
         return _padded(batch, pad_id)
     return _packed(batch, pad_id, sum(len(ex.input_ids) for ex in batch) if one_row else None)
+
+
+def width_pieces(batch: list[Example], packed: bool, overhead: float = PIECE_OVERHEAD_TOKENS,
+                 pair: float = ATTENTION_PAIR_TOKENS) -> list[list[Example]]:
+    """`batch` as runs of similar length, each to be collated and run on its own, where that costs less.
+
+    A micro-batch is collated as wide as its longest example, so one long example among short ones makes
+    the short ones' rows mostly padding. Run in pieces, each as wide as its own longest, the padding
+    goes, at the price of one more forward and backward per piece. The step divides every piece's
+    summed loss by the whole group's targets, so the gradient is the same however a micro-batch is cut.
+    The cut is the one that minimises an estimated cost in token slots (runs of the examples sorted by
+    length): per piece `overhead`, plus its rows x width, plus `pair` per attended (query, key) pair. A
+    pure function of the lengths: a resumed run cuts its micro-batches the same way.
+    """
+    order = sorted(batch, key=lambda ex: (len(ex.input_ids), ex.line))
+    lengths = [len(ex.input_ids) for ex in order]
+    n = len(order)
+    prefix = [0]
+    for length in lengths:
+        prefix.append(prefix[-1] + length)
+
+    def cost(i: int, j: int) -> float:  # the run order[i:j], as wide as its longest, lengths[j - 1]
+        width = lengths[j - 1]
+        if packed:  # first-fit-decreasing's rows: at least the total over the width, and one per example over half
+            rows = max(-(-(prefix[j] - prefix[i]) // width), j - max(i, bisect.bisect_right(lengths, width // 2)))
+        else:
+            rows = j - i
+        return overhead + rows * width + pair * rows * width * width / 2
+
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + cost(i, j)
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    runs, j = [], n
+    while j > 0:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1] if len(runs) > 1 else [batch]
 
 
 def _padded(batch: list[Example], pad_id: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from daemon.errors import GuardTripped
 from daemon.train.activity import ActivityProbe
-from daemon.train.batching import batches, collate
+from daemon.train.batching import batches, collate, width_pieces
 from daemon.train.data import IGNORE, Example
 from daemon.train.model import LoadedModel
 from daemon.train.ranks import Ranks, memory_now, step_figures
@@ -118,7 +118,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     n_targets = max(1, sum(example_targets(ex) for mb in group for ex in mb))
     mine = ranks.shard(group)
     while True:
-        pieces = [p for mb in mine for p in _pieces(mb, lm.split)]
+        pieces = [p for mb in mine for w in _by_width(lm, mb, pack, fast) for p in _pieces(w, lm.split)]
         real = len(pieces)
         if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
             pieces += [[group[0][0]]] * (ranks.most(real) - real)
@@ -175,6 +175,15 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, lm.split, per_rank)
 
 
+def _by_width(lm: LoadedModel, mb: list[Example], pack: bool, fast: FastPaths) -> list[list[Example]]:
+    """`mb` in pieces of similar length where that costs less (batching.width_pieces): packed rows on the
+    CPU, where the cost model was measured. One row per micro-batch (flash attention) has no padding to
+    save, and on a GPU a piece's launch overhead is worth far more tokens than on a CPU."""
+    if pack and fast.pack and not fast.one_row and lm.device == "cpu":
+        return width_pieces(mb, packed=True)
+    return [mb]
+
+
 def _pieces(mb: list[Example], split: int) -> list[list[Example]]:
     """`mb` in `split` near-equal pieces (fewer when it holds fewer examples), in order."""
     n = min(split, len(mb))
@@ -209,7 +218,8 @@ def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fa
         return None
     lm.model.eval()
     total, count = 0.0, 0
-    mine = list(batches(examples[ranks.rank::ranks.world_size], micro_batch_size))
+    mine = [p for mb in batches(examples[ranks.rank::ranks.world_size], micro_batch_size)
+            for p in _by_width(lm, mb, pack, fast)]
     real = len(mine)
     if ranks.sharded:  # the same number of forwards on every rank (fillers not counted)
         mine += [examples[:1]] * (ranks.most(real) - real)
