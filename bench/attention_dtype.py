@@ -13,13 +13,13 @@ micro-batch 8 rows of the length, one thread). Writes bench/results/attention-dt
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+from stamped import write_result  # noqa: E402 - bench/ is on the path
 SHAPES = {"5m": (4, 2, 64), "25m": (8, 4, 64)}  # (query heads, key/value heads, head dim): bench/workloads.py
 
 
@@ -60,12 +60,8 @@ def main() -> None:
                          "bf16_over_fp32": bf16 / fp32})
             print(f"{model} {length:5d} tokens: bf16 {bf16 * 1e3:7.2f} ms, upcast to fp32 {fp32 * 1e3:7.2f} ms, "
                   f"bf16/fp32 {bf16 / fp32:.2f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = args.out / f"attention-dtype-{stamp}.json"
-    path.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads, "rows": args.rows,
-                                "results": rows}, indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out, "attention-dtype", {"torch": torch.__version__, "threads": args.threads, "rows": args.rows,
+                                                "results": rows})
 
 
 if __name__ == "__main__":

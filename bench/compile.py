@@ -19,7 +19,6 @@ Writes bench/results/compile-<stamp>.json. Uses the models and data of bench/per
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from stamped import write_result  # noqa: E402 - bench/ is on the path
 
 
 def one_point(args: argparse.Namespace, prep: dict, model: str, kind: str) -> dict[str, Any]:
@@ -127,12 +128,8 @@ def main() -> None:
         print(f"{row['model']} {row['data']}: compiled / eager {row['compiled_over_eager']:.2f}x, "
               f"compile {row['compile_seconds']:.0f} s, efficiency {row['efficiency_eager']:.0%} -> "
               f"{row['efficiency_compiled']:.0%} of {row['matmul_peak'] / 1e9:.1f} GFLOP/s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"compile-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
-                                "compile_cache": "warm" if args.warm_cache else "fresh", "results": rows},
-                               indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out, "compile", {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+                                       "compile_cache": "warm" if args.warm_cache else "fresh", "results": rows})
 
 
 if __name__ == "__main__":

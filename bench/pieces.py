@@ -16,7 +16,6 @@ Writes bench/results/pieces-<stamp>.json. Uses the models of bench/perf.py (buil
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from stamped import write_result  # noqa: E402 - bench/ is on the path
 
 # (rows, width): lone short rows price the overhead, many short rows the per-token cost, long rows attention
 SHAPES = ((1, 8), (1, 32), (1, 128), (1, 256), (1, 512), (1, 1024), (8, 128), (4, 256), (16, 64), (2, 512))
@@ -101,10 +102,7 @@ def main() -> None:
         print(f"{model}: a piece costs {fitted['overhead_tokens']:.0f} tokens, an attended pair "
               f"1/{1 / fitted['pair_tokens']:.0f} of a token (in use: {PIECE_OVERHEAD_TOKENS:.0f}, "
               f"1/{1 / ATTENTION_PAIR_TOKENS:.0f})", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"pieces-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, "pieces", out)
 
 
 if __name__ == "__main__":
