@@ -21,7 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from daemon.config import DataConfig  # noqa: E402
 from daemon.train.batching import (  # noqa: E402
-    batches, collate, grouped_batches, micro_batches, pack_rows, width_pieces)
+    ATTENTION_PAIR_TOKENS, PIECE_OVERHEAD_TOKENS, batches, collate, grouped_batches, micro_batches, pack_rows,
+    rows_at_least, width_pieces)
 from daemon.train.data import IGNORE, Example, train_examples  # noqa: E402
 from daemon.train.loop import Job, train_file  # noqa: E402
 from daemon.train.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
@@ -190,6 +191,32 @@ def test_width_pieces_cut_a_micro_batch_only_where_the_padding_outweighs_a_forwa
     assert width_pieces(even, packed=True) == [even]
     # One padded row per example: the same cut, where rows cost their width each.
     assert [len(p) for p in width_pieces(examples_of([20] * 7 + [300]), packed=False)] == [7, 1]
+    # Two examples of exactly half the width share a row; one more token and they cannot.
+    assert rows_at_least([50, 50, 100], [0, 50, 100, 200], 0, 3) == 2 == len(pack_rows([50, 50, 100], 100))
+    assert rows_at_least([50, 51, 100], [0, 50, 101, 201], 0, 3) == 3 == len(pack_rows([50, 51, 100], 100))
+
+
+def test_the_row_estimate_never_exceeds_the_packing_and_a_cut_never_costs_more_than_the_whole() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        lengths = sorted(rng.randint(2, 600) for _ in range(rng.randint(1, 12)))
+        prefix = [0]
+        for n in lengths:
+            prefix.append(prefix[-1] + n)
+        i, j = sorted(rng.sample(range(len(lengths) + 1), 2))
+        assert rows_at_least(lengths, prefix, i, j) <= len(pack_rows(lengths[i:j], lengths[j - 1]))
+    def price(piece: list[Example]) -> float:  # the cost model, with the rows first-fit-decreasing really makes
+        lengths = [len(ex.input_ids) for ex in piece]
+        rows, width = len(pack_rows(lengths, max(lengths))), max(lengths)
+        return PIECE_OVERHEAD_TOKENS + rows * width + ATTENTION_PAIR_TOKENS * rows * width * width / 2
+
+    cut = 0
+    for seed in range(300):  # ungrouped micro-batches, where the lengths spread most
+        batch = examples_of(lognormal(8, seed=seed), seed=seed)
+        pieces = width_pieces(batch, packed=True)
+        assert pieces == [batch] or sum(price(p) for p in pieces) < price(batch)
+        cut += pieces != [batch]
+    assert cut > 100  # the check is worth something only if many were cut
 
 
 def test_width_pieces_keep_every_example_once_and_cut_the_same_way_in_any_order() -> None:

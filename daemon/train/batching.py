@@ -144,25 +144,42 @@ def width_pieces(batch: list[Example], packed: bool, overhead: float = PIECE_OVE
     for length in lengths:
         prefix.append(prefix[-1] + length)
 
-    def cost(i: int, j: int) -> float:  # the run order[i:j], as wide as its longest, lengths[j - 1]
+    def cost(i: int, j: int, rows: int) -> float:  # the run order[i:j], as wide as its longest, lengths[j - 1]
         width = lengths[j - 1]
-        if packed:  # first-fit-decreasing's rows: at least the total over the width, and one per example over half
-            rows = max(-(-(prefix[j] - prefix[i]) // width), j - max(i, bisect.bisect_right(lengths, width // 2)))
-        else:
-            rows = j - i
         return overhead + rows * width + pair * rows * width * width / 2
 
+    def rows_estimate(i: int, j: int) -> int:  # cheap, and never more than the rows the run really takes
+        return rows_at_least(lengths, prefix, i, j) if packed else j - i
+
+    # The search prices runs by a lower bound on their rows (exact packing for every candidate run would cost
+    # O(n^2) packings); the cut it finds is then priced exactly against the whole micro-batch, so an
+    # underestimate can make it miss a better cut but never take a worse one.
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):
-            c = best[i] + cost(i, j)
+            c = best[i] + cost(i, j, rows_estimate(i, j))
             if c < best[j]:
                 best[j], cut[j] = c, i
-    runs, j = [], n
+    bounds, j = [], n
     while j > 0:
-        runs.append(order[cut[j]:j])
+        bounds.append((cut[j], j))
         j = cut[j]
-    return runs[::-1] if len(runs) > 1 else [batch]
+    if len(bounds) == 1:
+        return [batch]
+
+    def exact(i: int, j: int) -> float:
+        return cost(i, j, len(pack_rows(lengths[i:j], lengths[j - 1])) if packed else j - i)
+
+    if sum(exact(i, j) for i, j in bounds) >= exact(0, n):
+        return [batch]
+    return [order[i:j] for i, j in reversed(bounds)]
+
+
+def rows_at_least(lengths: list[int], prefix: list[int], i: int, j: int) -> int:
+    """A lower bound on the rows `pack_rows` makes of lengths[i:j] (sorted ascending; `prefix` their running
+    sums) at the width of the longest: the total over the width, and one row per example over half of it."""
+    width = lengths[j - 1]
+    return max(-(-(prefix[j] - prefix[i]) // width), j - max(i, bisect.bisect_right(lengths, width // 2)))
 
 
 def _padded(batch: list[Example], pad_id: int) -> dict[str, Any]:

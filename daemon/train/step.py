@@ -64,7 +64,7 @@ class StepStats:
     tokens: int  # input tokens of the examples in the step (no padding)
     slots: int  # token positions computed (tokens + padding)
     lora_grads: Any = None  # per-module gradient norms of A and B, when the activity probe asked for them
-    split: int = 1  # pieces each micro-batch ran in (more than 1 after an out-of-memory)
+    split: int = 1  # the out-of-memory split: each micro-batch (or width piece) ran in this many pieces
     ranks: list[dict[str, Any]] | None = None  # each rank's throughput and memory (several processes)
 
 
@@ -117,11 +117,12 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     pad_id = lm.tokenizer.pad_token_id
     n_targets = max(1, sum(example_targets(ex) for mb in group for ex in mb))
     mine = ranks.shard(group)
+    shortest = min((ex for mb in group for ex in mb), key=lambda ex: len(ex.input_ids))  # the cheapest filler
     while True:
         pieces = [p for mb in mine for w in _by_width(lm, mb, pack, fast) for p in _pieces(w, lm.split)]
         real = len(pieces)
         if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
-            pieces += [[group[0][0]]] * (ranks.most(real) - real)
+            pieces += [[shortest]] * (ranks.most(real) - real)
         collated = [to_device(collate(p, pad_id, pack and fast.pack, fast.one_row), lm.device) for p in pieces]
         total = 0.0
         t0 = time.perf_counter()
@@ -222,7 +223,7 @@ def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fa
             for p in _by_width(lm, mb, pack, fast)]
     real = len(mine)
     if ranks.sharded:  # the same number of forwards on every rank (fillers not counted)
-        mine += [examples[:1]] * (ranks.most(real) - real)
+        mine += [[min(examples, key=lambda ex: len(ex.input_ids))]] * (ranks.most(real) - real)
     for k, mb in enumerate(mine):
         b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack, fast.one_row), lm.device)
         s, n = loss_sum(lm.model, b, fast.label_only)
