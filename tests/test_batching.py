@@ -189,6 +189,8 @@ def test_width_pieces_cut_a_micro_batch_only_where_the_padding_outweighs_a_forwa
     # Similar lengths: the padding saved would not pay for another forward; the micro-batch stays whole.
     even = examples_of([100, 104, 98, 101, 97, 103, 99, 102])
     assert width_pieces(even, packed=True) == [even]
+    one = examples_of([300])
+    assert width_pieces(one, packed=True) == [one] and width_pieces([], packed=True) == [[]]
     # One padded row per example: the same cut, where rows cost their width each.
     assert [len(p) for p in width_pieces(examples_of([20] * 7 + [300]), packed=False)] == [7, 1]
     # Two examples of exactly half the width share a row; one more token and they cannot.

@@ -137,6 +137,8 @@ def width_pieces(batch: list[Example], packed: bool, overhead: float = PIECE_OVE
     length): per piece `overhead`, plus its rows x width, plus `pair` per attended (query, key) pair. A
     pure function of the lengths: a resumed run cuts its micro-batches the same way.
     """
+    if len(batch) < 2:
+        return [batch]
     order = sorted(batch, key=lambda ex: (len(ex.input_ids), ex.line))
     lengths = [len(ex.input_ids) for ex in order]
     n = len(order)
@@ -153,7 +155,7 @@ def width_pieces(batch: list[Example], packed: bool, overhead: float = PIECE_OVE
 
     # The search prices runs by a lower bound on their rows (exact packing for every candidate run would cost
     # O(n^2) packings); the cut it finds is then priced exactly against the whole micro-batch, so an
-    # underestimate can make it miss a better cut but never take a worse one.
+    # underestimate can make it miss a better cut but never take one dearer than no cut.
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):
