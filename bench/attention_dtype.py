@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # also when run as `python -m bench.attention_dtype`
 
 from stamped import write_result  # noqa: E402 - bench/ is on the path
+
 SHAPES = {"5m": (4, 2, 64), "25m": (8, 4, 64)}  # (query heads, key/value heads, head dim): bench/workloads.py
 
 
