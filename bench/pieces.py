@@ -42,8 +42,10 @@ def timed(lm: Any, rows: int, width: int, reps: int) -> float:
 
     gen = torch.Generator().manual_seed(rows * 10_000 + width)
     vocab = len(lm.tokenizer)
-    batch = [Example(i, ids, ids) for i in range(rows)
-             for ids in [torch.randint(3, vocab, (width,), generator=gen).tolist()]]
+    batch = []
+    for i in range(rows):
+        ids = torch.randint(3, vocab, (width,), generator=gen).tolist()
+        batch.append(Example(i, ids, ids))  # every token a label
     tensors = collate(batch, lm.tokenizer.pad_token_id, pack=True)
     times = []
     for _ in range(reps + 2):

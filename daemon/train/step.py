@@ -117,12 +117,11 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     pad_id = lm.tokenizer.pad_token_id
     n_targets = max(1, sum(example_targets(ex) for mb in group for ex in mb))
     mine = ranks.shard(group)
-    shortest = min((ex for mb in group for ex in mb), key=lambda ex: len(ex.input_ids))  # the cheapest filler
     while True:
         pieces = [p for mb in mine for w in _by_width(lm, mb, pack, fast) for p in _pieces(w, lm.split)]
         real = len(pieces)
         if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
-            pieces += [[shortest]] * (ranks.most(real) - real)
+            pieces += [[_filler(ex for mb in group for ex in mb)]] * (ranks.most(real) - real)
         collated = [to_device(collate(p, pad_id, pack and fast.pack, fast.one_row), lm.device) for p in pieces]
         total = 0.0
         t0 = time.perf_counter()
@@ -185,6 +184,12 @@ def _by_width(lm: LoadedModel, mb: list[Example], pack: bool, fast: FastPaths) -
     return [mb]
 
 
+def _filler(examples: Any) -> Example:
+    """The forward a rank with fewer pieces runs so that every rank runs as many (its loss weighs nothing):
+    the shortest example, the cheapest."""
+    return min(examples, key=lambda ex: len(ex.input_ids))
+
+
 def _pieces(mb: list[Example], split: int) -> list[list[Example]]:
     """`mb` in `split` near-equal pieces (fewer when it holds fewer examples), in order."""
     n = min(split, len(mb))
@@ -223,7 +228,7 @@ def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fa
             for p in _by_width(lm, mb, pack, fast)]
     real = len(mine)
     if ranks.sharded:  # the same number of forwards on every rank (fillers not counted)
-        mine += [[min(examples, key=lambda ex: len(ex.input_ids))]] * (ranks.most(real) - real)
+        mine += [[_filler(examples)]] * (ranks.most(real) - real)
     for k, mb in enumerate(mine):
         b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack, fast.one_row), lm.device)
         s, n = loss_sum(lm.model, b, fast.label_only)
