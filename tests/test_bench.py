@@ -68,6 +68,21 @@ def test_pieces_bench_fits_the_cost_of_a_piece(tmp_path: Path) -> None:
     assert out["in_use"]["overhead_tokens"] > 0
 
 
+def test_norms_bench_times_both_norms_and_the_step(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "norms.py"), "--models", "5m", "--reps", "1",
+                           "--rounds", "1", "--examples", "16", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("norms-*.json")
+    out = json.loads(path.read_text())
+    assert len(out["layers"]) == 5 and all(r["own_ms"] > 0 and r["closed_form_ms"] > 0 for r in out["layers"])
+    # transformers' norm keeps an fp32 copy of its input; the closed form one number per row and the weight
+    assert all(r["own_kept_bytes"] >= 4 * 1024 * r["shape"][-1] > r["closed_form_kept_bytes"] for r in out["layers"])
+    step = out["step"]["5m"]
+    assert step["norms_switched"] == 25 and len(step["ratios"]) == 1 and step["micro_batches"] > 0
+    assert step["loss_own"] == step["loss_closed_form"] > 0  # the same forward, to the bit
+
+
 def test_attention_dtype_bench_runs(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "attention_dtype.py"), "--lengths", "16,48", "--rows", "2",
                            "--reps", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -263,6 +263,10 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, 
     fuse_lora(model)
     if cfg.training.compile:
         compile_blocks(model.get_base_model().get_decoder())
+    else:  # compiled, inductor fuses the norms' operations itself
+        from daemon.train.norms import fuse_rms_norms
+
+        fuse_rms_norms(model)
     log.info("loaded %s on %s (%s, quantization %s, attention %s%s)", base_path, device, dtype, cfg.model.quantization,
              model.get_base_model().config._attn_implementation, ", compiled" if cfg.training.compile else "")
     return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization)
