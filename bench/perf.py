@@ -23,7 +23,8 @@ Sections (--sections, comma-separated):
             (1 Hz polls + an event stream) and at 10 Hz; API p50/p99 while it trains; inbox -> first step
             (warm: the model loaded; cold: from the daemon's start) (bench/perf_daemon.py)
   flops     model FLOP/s of traind's step (4N per token for a frozen base with LoRA, plus attention and the
-            LoRA factors) over the matmul peak measured in the same run
+            LoRA factors) over the matmul peak, measured right after each traind run of the comparison:
+            each run's efficiency against its own peak, then the median (the machine's speed drifts)
 The scale figures (a 1 GB file's peak RSS, 10,000 queued files, history over 1M rows) come from
 bench/perf_scale.py, run separately: they take long and measure the daemon, not the trainer.
 """
@@ -90,6 +91,8 @@ def one_run(runner: str, base: Path, data: Path, heldout: Path, quant: str, thre
 
 def compare(args: argparse.Namespace, prep: dict, work: Path) -> list[dict]:
     """Every asked point: runs interleaved per pair; ratios of traind over each other runner, pair by pair."""
+    from bench.perf_daemon import matmul_peak
+
     rows = []
     runners = args.runners.split(",")
     for model in args.models.split(","):
@@ -102,6 +105,9 @@ def compare(args: argparse.Namespace, prep: dict, work: Path) -> list[dict]:
                         out.parent.mkdir(exist_ok=True)
                         res = one_run(r, prep["bases"][model], prep["data"][kind][model], prep["data"][kind]["heldout"],
                                       quant, args.threads, out, args.device)
+                        if r == "traind" and "error" not in res and args.device == "cpu":
+                            # the peak right after the run it divides: the machine's speed drifts over a run
+                            res["matmul_peak"] = matmul_peak(args.threads, dtype=res.get("compute_dtype") or "float32")
                         runs[r].append(res)
                         print(f"  {model} {kind} {quant} pair {pair + 1}: {r:<13} "
                               + (f"{res['tokens_per_sec']:8.0f} tok/s, waste {res['padding_waste']:.1%}, "
@@ -124,6 +130,8 @@ def summarise(model: str, kind: str, quant: str, runs: dict[str, list[dict]]) ->
             "runs": [x["tokens_per_sec"] for x in xs],
             "compute_dtype": xs[0].get("compute_dtype"),
         }
+        if all("matmul_peak" in x for x in xs):
+            row["runners"][r]["matmul_peaks"] = [x["matmul_peak"] for x in xs]
         if "defaults" in xs[0]:
             row["runners"][r]["defaults"] = xs[0]["defaults"]
     base = runs.get("traind", [])
@@ -152,9 +160,14 @@ def flops(args: argparse.Namespace, prep: dict, rows: list[dict]) -> list[dict]:
             peaks[d] = matmul_peak(args.threads, dtype=d)
         per_token = model_flops_per_token(prep["bases"][row["model"]], prep["data"][row["data"]][row["model"]])
         achieved = t["tokens_per_sec"] * per_token
-        out.append({"model": row["model"], "data": row["data"], "quant": row["quant"], "flops_per_token": per_token,
-                    "model_flops_per_sec": achieved, "compute_dtype": dtype, "matmul_peak": peaks[dtype],
-                    "matmul_peak_fp32": peaks["float32"], "efficiency": achieved / peaks[dtype]})
+        point = {"model": row["model"], "data": row["data"], "quant": row["quant"], "flops_per_token": per_token,
+                 "model_flops_per_sec": achieved, "compute_dtype": dtype, "matmul_peak": peaks[dtype],
+                 "matmul_peak_fp32": peaks["float32"], "efficiency": achieved / peaks[dtype]}
+        if "matmul_peaks" in t:  # each run against the peak measured right after it, then the median
+            runs = [tps * per_token / peak for tps, peak in zip(t["runs"], t["matmul_peaks"])]
+            point.update(matmul_peak=statistics.median(t["matmul_peaks"]), matmul_peaks=t["matmul_peaks"],
+                         efficiency_runs=runs, efficiency=statistics.median(runs))
+        out.append(point)
     return out
 
 
@@ -192,9 +205,11 @@ def markdown(result: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for f in result["flops"]:
             fp32 = f.get("matmul_peak_fp32", f["matmul_peak"])
+            peaks = " (" + ", ".join(f"{p / 1e9:.1f}" for p in f["matmul_peaks"]) + ")" if "matmul_peaks" in f else ""
+            runs = " (" + ", ".join(f"{e:.0%}" for e in f["efficiency_runs"]) + ")" if "efficiency_runs" in f else ""
             lines.append(f"| {f['model']} | {f['data']} | {f['quant']} | {f.get('compute_dtype', 'float32')} | "
-                         f"{f['model_flops_per_sec'] / 1e9:.1f} | {f['matmul_peak'] / 1e9:.1f} | {f['efficiency']:.0%} | "
-                         f"{fp32 / 1e9:.1f} |")
+                         f"{f['model_flops_per_sec'] / 1e9:.1f} | {f['matmul_peak'] / 1e9:.1f}{peaks} | "
+                         f"{f['efficiency']:.0%}{runs} | {fp32 / 1e9:.1f} |")
         lines.append("")
     if result.get("daemon"):
         from bench.perf_daemon import markdown_lines

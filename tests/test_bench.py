@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ def test_the_suite_compares_traind_with_trainer_on_a_tiny_budget(tmp_path: Path)
     assert abs(traind["heldout_loss"] - trainer["heldout_loss"]) < 0.5  # the same training, give or take the order
     [f] = result["flops"]
     assert 0 < f["efficiency"] < 1.5 and f["matmul_peak"] > 1e9
+    # each traind run against the peak measured right after it; the figure is their median
+    assert len(f["matmul_peaks"]) == len(f["efficiency_runs"]) == len(traind["runs"]) and min(f["matmul_peaks"]) > 1e9
+    assert f["efficiency"] == statistics.median(f["efficiency_runs"])
 
 
 @pytest.mark.slow
