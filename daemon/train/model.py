@@ -261,9 +261,9 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, 
     from daemon.train.fused import fuse_lora
 
     fuse_lora(model)
-    if cfg.training.compile:
+    if cfg.training.compile:  # inductor fuses the norms' operations itself: they keep transformers' forward
         compile_blocks(model.get_base_model().get_decoder())
-    else:  # compiled, inductor fuses the norms' operations itself
+    else:
         from daemon.train.norms import fuse_rms_norms
 
         fuse_rms_norms(model)
