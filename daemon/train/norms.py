@@ -30,7 +30,7 @@ Which modules: those whose class name says RMSNorm, with a one-dimensional weigh
 epsilon (`variance_epsilon` or `eps`), whose forward takes the hidden states only (a gated
 norm's other path would go unseen), and whose own forward gives exactly this output, dtype
 included, on a copy of the module given a random weight, for inputs in bf16, fp16 and fp32.
-A variant that computes something else (Gemma's 1 + weight; Olmo2's cast before the product,
+A variant that computes something else (Gemma's 1 + weight; Olmo2's cast after the product,
 which only a weight other than ones and an input dtype other than the weight's show) keeps
 its own forward. Only the instance's forward is replaced (what accelerate's hooks do): class,
 parameters, state-dict keys and pickling stay transformers'.
