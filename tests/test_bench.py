@@ -80,8 +80,10 @@ def test_norms_bench_times_both_norms_and_the_step(tmp_path: Path) -> None:
     [path] = tmp_path.glob("norms-*.json")
     out = json.loads(path.read_text())
     assert len(out["layers"]) == 5 and all(r["own_ms"] > 0 and r["closed_form_ms"] > 0 for r in out["layers"])
-    # transformers' norm keeps an fp32 copy of its input; the closed form one number per row and the weight
-    assert all(r["own_kept_bytes"] >= 4 * 1024 * r["shape"][-1] > r["closed_form_kept_bytes"] for r in out["layers"])
+    assert all(r["closed_form_kept_bytes"] <= r["own_kept_bytes"] for r in out["layers"])
+    if out["dtype"] != "torch.float32":  # below fp32, transformers' norm keeps an fp32 copy of its input; the
+        # closed form one number per row and the weight (in fp32 both keep about that: the gain is time only)
+        assert all(r["own_kept_bytes"] >= 4 * 1024 * r["shape"][-1] > r["closed_form_kept_bytes"] for r in out["layers"])
     step = out["step"]["5m"]
     assert step["norms_switched"] == 25 and len(step["ratios"]) == 1 and step["micro_batches"] > 0
     assert step["loss_own"] == step["loss_closed_form"] > 0  # the same forward, to the bit

@@ -173,6 +173,12 @@ def test_the_loaded_model_switches_its_norms_and_trains_the_same(models_dir: Pat
     assert len(switched) == 4 * layers + 1  # Qwen3: two per block, the query and key norms, the final one
     assert norms.fuse_rms_norms(lm.model) == len(switched)  # idempotent: nothing wrapped twice
     assert all(vars(m)["forward"].func is norms._forward and vars(m)["forward"].args[0] is m for m in switched)
+    # transformers 5.25 (with `kernels` installed) re-kernelizes on every train()/eval() unless loaded without
+    # hub kernels, and that re-binds every norm's forward: the switch has to survive the loop's mode changes
+    assert not getattr(lm.model.get_base_model(), "use_kernels", False)
+    lm.model.eval()
+    lm.model.train()
+    assert [m for m in lm.model.modules() if isinstance(vars(m).get("forward"), functools.partial)] == switched
 
     buffer = io.BytesIO()
     torch.save(lm.model, buffer)  # a switched norm pickles: its forward is a partial of a module-level function

@@ -190,7 +190,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
              f"{figures['params']:,}", description)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_kernels=False)  # no hub kernels: model.load_base
     model.eval()
     peft_model = PeftModel.from_pretrained(model, str(current.path))
     peft_model.eval()
@@ -215,7 +215,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
         merged.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # with its chat template
         del merged, peft_model, model
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_kernels=False)
         reloaded.eval()
         with torch.no_grad():
             again = reloaded(**ids).logits

@@ -154,7 +154,10 @@ def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype", sh
     if tokenizer.pad_token_id is None:  # many bases ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     quant = quantization_config(mc, dtype, sharded)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    # use_kernels: transformers (5.25 on, with the `kernels` package it now depends on) swaps layers for kernels
+    # fetched from the Hugging Face Hub at run time and re-swaps them on every train()/eval(), which also
+    # undoes our own norms (daemon.train.norms). traind fetches nothing at run time and keeps its own layers.
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": False}
     if (attention := choose_attention(mc, device)) is not None:
         kwargs["attn_implementation"] = attention
     if quant is not None:
