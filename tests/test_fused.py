@@ -84,6 +84,9 @@ def test_fp32_fused_forward_and_gradients_equal_peft(models_dir: Path, tmp_path:
         out, grads = forward_and_grads(layer, x, peft=False)
         assert len(addmm_dtypes) == calls + 1  # the fused path, not a fallback
         want, want_grads = forward_and_grads(layer, x, peft=True)
+        with torch.enable_grad():  # no dropout: one autograd function with its backward written out
+            node = layer(x.requires_grad_()).grad_fn.next_functions[0][0]
+        assert (type(node).__name__ == "_DenseLoraBackward") == (dropout == 0.0), type(node).__name__
         assert out.shape == want.shape and out.dtype == want.dtype == torch.float32
         assert close(out, want, 1e-6)
         for g, w in zip(grads, want_grads):

@@ -21,6 +21,12 @@ unchanged. Dropout on the LoRA input is applied
 as PEFT applies it. The LoRA input is cast as PEFT casts it (`cast_input_dtype_enabled`,
 which daemon.train.precision turns off where the model computes in bf16/fp16), and the
 factors are cast to the input's dtype for the products, as autocast would.
+
+An fp32 dense base without LoRA dropout (a CPU without native bf16 computes in fp32) goes
+one step further: the layer is one autograd function with its backward written out
+(`_DenseLora`), which accumulates the LoRA branch's input gradient into the base's in
+the same product's pass instead of a second product and a sum (a 25M step on an AVX2 CPU,
+in-process A/B: 1.028x on fixed lengths, 1.023x on realistic ones).
 """
 
 from __future__ import annotations
@@ -44,7 +50,16 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     xin = self._cast_input_dtype(x, a.dtype)
     if xin.dtype != x.dtype:  # PEFT's fp32 route for a lower-precision base: its own forward, its own rounding
         return self._peft_forward(x, *args, **kwargs)
-    result = self.base_layer(x)
+    base = self.base_layer
+    dropout = self.lora_dropout[adapter]
+    if (x.dtype == torch.float32 and type(base) is torch.nn.Linear and base.weight.dtype == torch.float32
+            and not base.weight.requires_grad and not base._forward_hooks and not base._forward_pre_hooks
+            and (isinstance(dropout, torch.nn.Identity) or not dropout.training or dropout.p == 0)):
+        bs_t = (b * self.scaling[adapter]).t().contiguous()
+        flat = x.reshape(-1, x.shape[-1])
+        out = _DenseLora.apply(flat, base.weight, base.bias, a, bs_t)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    result = base(x)
     if result.dtype != x.dtype:  # a base that answers in another dtype than it was given: not the plain case
         return self._peft_forward(x, *args, **kwargs)
     h = F.linear(self.lora_dropout[adapter](xin), a.to(xin.dtype))
@@ -56,6 +71,32 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         b_scaled_t = b_scaled_t.contiguous()
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b_scaled_t)
     return out.view(result.shape)
+
+
+class _DenseLora(torch.autograd.Function):
+    """base(x) + (x·Aᵀ)·(s·B)ᵀ for an fp32 nn.Linear base without LoRA dropout, with its backward written out.
+
+    Autograd would take the input's gradient as g·W plus (g·(s·B))·A, two products and a sum over the
+    input's size; here the thin product accumulates into the full one (addmm_), in its own pass. B's
+    gradient is taken as hᵀ·g, the form MKL's fp32 product runs fast at rank r (see _fused_forward).
+    In: x [tokens, in], the frozen weight [out, in] and bias, A [r, in], (s·B)ᵀ [r, out] row-major."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                bs_t: torch.Tensor) -> torch.Tensor:
+        h = x @ a.t()
+        ctx.save_for_backward(x, weight, a, bs_t, h)
+        return torch.addmm(F.linear(x, weight, bias), h, bs_t)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, a, bs_t, h = ctx.saved_tensors
+        g = g.contiguous()
+        gh = g @ bs_t.t()  # [tokens, r]: the gradient reaching the LoRA branch's inner product
+        dx = (g @ weight).addmm_(gh, a) if ctx.needs_input_grad[0] else None
+        da = gh.t() @ x if ctx.needs_input_grad[3] else None
+        dbs_t = h.t() @ g if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, dbs_t
 
 
 def _plain_adapter(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
