@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 RUNNERS = ("traind", "trainer", "trainer-glen", "trainer-bf16", "sft")
 LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind-fp32", "traind-bf16-peft",
-          "traind-unfused", "traind")
+          "traind-unfused", "traind-full-last-block", "traind")
 DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96, "5m-v152k": 64}  # one epoch each: 20, 15, 12 and 8 steps of 8
 QUICK = dict(models="5m", data="realistic", quant="none", pairs=1, runners="traind,trainer", examples=48)
 

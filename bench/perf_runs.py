@@ -12,6 +12,7 @@ RUNNER is one of:
                 bf16 (the LoRA upcast to fp32, SDPA in bf16 at every length, PEFT's own LoRA forward): without
                 daemon.train.precision and daemon.train.fused
   traind-unfused  traind's defaults with PEFT's own LoRA forward (scale, then add): without daemon.train.fused
+  traind-full-last-block  traind's defaults with the last block at every position: without daemon.train.lastblock
   trainer       transformers.Trainer + PEFT, its defaults: random batches, each padded to its longest, fp32
   trainer-glen  the same with group_by_length=True
   trainer-bf16  Trainer + PEFT defaults with the base loaded in the compute dtype traind chose (bf16 where
@@ -120,7 +121,8 @@ def without_precision_levers(lm: Any) -> None:
 
 
 def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, label_only: bool = True,
-               dtype: str = "auto", precision_levers: bool = True, fused: bool = True) -> dict[str, Any]:
+               dtype: str = "auto", precision_levers: bool = True, fused: bool = True,
+               last_block: bool = True) -> dict[str, Any]:
     import dataclasses
 
     from daemon.train.loop import Job, train_file
@@ -136,6 +138,8 @@ def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool
     lm.fast = fast_paths(lm)  # once per loaded model in the daemon too: not part of a file's training
     if not label_only:
         lm.fast = dataclasses.replace(lm.fast, label_only=False)
+    if not last_block:
+        lm.fast = dataclasses.replace(lm.fast, last_block=False)
     warm_up(lm.model, len(lm.tokenizer))
     marks: list[tuple[float, int, int]] = []
 
@@ -282,7 +286,7 @@ def run_sft(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runner", choices=["traind", "traind-plain", "traind-grouped", "traind-packed", "traind-full-logits",
-                                      "traind-fp32", "traind-bf16-peft", "traind-unfused", "trainer", "trainer-glen", "trainer-bf16", "sft"])
+                                      "traind-fp32", "traind-bf16-peft", "traind-unfused", "traind-full-last-block", "trainer", "trainer-glen", "trainer-bf16", "sft"])
     p.add_argument("--base", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--heldout", type=Path, required=True)
@@ -316,6 +320,7 @@ def main() -> None:
             "traind-fp32": lambda: run_traind(args, root, True, True, dtype="float32"),
             "traind-bf16-peft": lambda: run_traind(args, root, True, True, precision_levers=False),
             "traind-unfused": lambda: run_traind(args, root, True, True, fused=False),
+            "traind-full-last-block": lambda: run_traind(args, root, True, True, last_block=False),
             "trainer": lambda: run_trainer(args, root, False), "trainer-glen": lambda: run_trainer(args, root, True),
             "trainer-bf16": lambda: run_trainer(args, root, False, as_traind=True),
             "sft": lambda: run_sft(args, root)}

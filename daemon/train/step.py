@@ -14,7 +14,10 @@ a warning in the trainer log):
   positions go through the LM head, not every position (a prompt-heavy batch
   spends much of its time on logits nobody uses, and with a large vocabulary
   the head is a large part of the model); checked against the model's own
-  forward, which also catches a final softcap or logit scale.
+  forward, which also catches a final softcap or logit scale;
+- and with it, the last block only where labels are (daemon.train.lastblock):
+  keys and values at every position, the rest of the block only at the rows
+  the loss reads; checked against logits only where labels are.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from daemon.errors import GuardTripped
+from daemon.train import lastblock
 from daemon.train.activity import ActivityProbe
 from daemon.train.batching import batches, collate, width_pieces
 from daemon.train.data import IGNORE, Example
@@ -54,6 +58,7 @@ class FastPaths:
     pack: bool
     label_only: bool
     one_row: bool = False  # flash attention: the packed micro-batch as one row (varlen attention)
+    last_block: bool = False  # with label_only: the last block computes only the rows the loss reads
 
 
 @dataclass(frozen=True)
@@ -77,14 +82,20 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
-def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_only: bool = False) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses over trainable tokens, their count) for one collated micro-batch."""
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_only: bool = False,
+             last_block: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over trainable tokens, their count) for one collated micro-batch;
+    `last_block` (with `label_only`): the last block only at the rows the loss reads (daemon.train.lastblock)."""
     targets = batch["labels"][:, 1:]  # labels align with input_ids; position t predicts token t+1
     if label_only:
         base = model.get_base_model()
-        hidden = base.get_decoder()(**_inputs(batch)).last_hidden_state
         keep = targets != IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        if last_block:
+            rows, valid = lastblock.label_rows(F.pad(keep, (0, 1)))  # the last position predicts nothing
+            hidden = base.get_decoder()(**_inputs(batch), use_cache=False, label_rows=rows).last_hidden_state[valid]
+        else:
+            hidden = base.get_decoder()(**_inputs(batch), use_cache=False).last_hidden_state[:, :-1][keep]
+        logits = base.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
     logits = model(**_inputs(batch)).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -128,7 +139,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
         try:
             for k, (b, piece) in enumerate(zip(collated, pieces)):
                 _maybe_inject_oom(len(piece))
-                s, _ = loss_sum(lm.model, b, fast.label_only)
+                s, _ = loss_sum(lm.model, b, fast.label_only, fast.last_block)
                 if k >= real:
                     s = s * 0.0
                 scaler.scale(s / n_targets).backward()
@@ -231,7 +242,7 @@ def evaluate(lm: LoadedModel, examples: list[Example], micro_batch_size: int, fa
         mine += [[_filler(examples)]] * (ranks.most(real) - real)
     for k, mb in enumerate(mine):
         b = to_device(collate(mb, lm.tokenizer.pad_token_id, pack and fast.pack, fast.one_row), lm.device)
-        s, n = loss_sum(lm.model, b, fast.label_only)
+        s, n = loss_sum(lm.model, b, fast.label_only, fast.last_block)
         if k < real:
             total, count = total + float(s), count + n
     lm.model.train()
@@ -255,9 +266,10 @@ def _probe_examples(vocab: int, pad_id: int) -> list[Example]:
 
 
 @torch.no_grad()
-def _losses(lm: LoadedModel, examples: list[Example], pack: bool, label_only: bool, one_row: bool = False) -> float:
+def _losses(lm: LoadedModel, examples: list[Example], pack: bool, label_only: bool, one_row: bool = False,
+            last_block: bool = False) -> float:
     b = to_device(collate(examples, lm.tokenizer.pad_token_id, pack, one_row), lm.device)
-    return float(loss_sum(lm.model, b, label_only)[0])
+    return float(loss_sum(lm.model, b, label_only, last_block)[0])
 
 
 def _agree(a: float, b: float, dtype: Any) -> bool:
@@ -284,11 +296,27 @@ def fast_paths(lm: LoadedModel) -> FastPaths:
                               "logits only where labels are")
         one_row = lm.model.get_base_model().config._attn_implementation == "flash_attention_2"
         pack = _try(lambda: _losses(lm, examples, True, label_only, one_row), alone, lm, "packed rows")
+        last_block = label_only and _last_block(lm, examples, pack, one_row, alone)
     finally:
         lm.model.train(was_training)
-    log.info("fast paths on %s: packed rows %s, logits only where labels are %s",
-             lm.base_path.name, "yes" if pack else "no", "yes" if label_only else "no")
-    return FastPaths(pack=pack, label_only=label_only, one_row=one_row)
+    log.info("fast paths on %s: packed rows %s, logits only where labels are %s, the last block only there %s",
+             lm.base_path.name, *("yes" if on else "no" for on in (pack, label_only, last_block)))
+    return FastPaths(pack=pack, label_only=label_only, one_row=one_row, last_block=last_block)
+
+
+def _last_block(lm: LoadedModel, examples: list[Example], pack: bool, one_row: bool, alone: float) -> bool:
+    """Whether the last block on label rows gives the probe's losses, padded and (where used) packed."""
+    what = "the last block only where labels are"
+    if not lastblock.install(lm.model.get_base_model()):
+        log.info("%s: not used for %s (not a block it knows)", what, lm.base_path.name)
+        return False
+    # padded rows (a mask for the padding), and packed: rows of several examples (a block-diagonal mask) and
+    # rows of one example each (no mask: causal attention)
+    first = examples[0]
+    return _try(lambda: _losses(lm, examples, False, True, last_block=True), alone, lm, what) and (
+        not pack or _try(lambda: _losses(lm, examples, True, True, one_row, last_block=True), alone, lm, what)
+        and _try(lambda: _losses(lm, [first, first], True, True, one_row, last_block=True),
+                 2 * _losses(lm, [first], False, False), lm, what))
 
 
 def _try(fn: Any, reference: float, lm: LoadedModel, what: str) -> bool:
