@@ -22,6 +22,42 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpus_missing(item: pytest.Item) -> str | None:
+    """Why `item`, a `gpu` test (`@pytest.mark.gpu`, `@pytest.mark.gpu(count=2)`), cannot run here; None if it can."""
+    marker = item.get_closest_marker("gpu")
+    if marker is None:
+        return None
+    need, have = marker.kwargs.get("count", 1), _cuda_devices()
+    return None if have >= need else f"needs {need} NVIDIA GPU{'s' if need > 1 else ''} with CUDA; torch sees {have}"
+
+
+def _gpus_asked(config: pytest.Config) -> bool:
+    return config.getoption("markexpr", "").strip() == "gpu" or os.environ.get("TRAIND_REQUIRE_GPU") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In the default run a `gpu` test on a machine without its GPUs is skipped, with the reason."""
+    if _gpus_asked(config):
+        return
+    for item in items:
+        if (reason := _gpus_missing(item)) is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A run that asks for the GPU tests (`-m gpu`, or TRAIND_REQUIRE_GPU=1) fails a `gpu` test whose GPUs are
+    missing instead of skipping it: a GPU box whose devices torch does not see cannot report them as passed."""
+    if _gpus_asked(item.config) and (reason := _gpus_missing(item)) is not None:
+        pytest.fail(f"{reason} (GPU tests were asked for)", pytrace=False)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

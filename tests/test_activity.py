@@ -50,11 +50,8 @@ def rel_err(got: float, want: float) -> float:
     return abs(got - want) / max(abs(want), 1e-30)
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
-
-
 @pytest.mark.parametrize("quantization,device", [("none", "cpu"), ("nf4", "cpu"),
-                                                 pytest.param("nf4", "cuda", marks=[pytest.mark.gpu, CUDA])])
+                                                 pytest.param("nf4", "cuda", marks=pytest.mark.gpu)])
 def test_every_measure_equals_the_direct_computation(models_dir: Path, tmp_path: Path, quantization: str, device: str) -> None:
     cfg = activity_cfg(models_dir, tmp_path, quantization, epochs_per_file=1)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))

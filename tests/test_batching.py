@@ -337,11 +337,7 @@ def test_choices_that_need_cuda_are_refused_with_the_reason_on_the_cpu(models_di
         build_optimizer(lm.model, TrainingConfig(optimizer="paged_adamw_8bit"), 10, "cpu")
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
-
-
 @pytest.mark.gpu
-@CUDA
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
 def test_cuda_packed_label_only_training_in_bf16_and_8bit_adamw(models_dir: Path, tmp_path: Path, optimizer: str) -> None:
     """The CUDA path: nf4 base, bf16 (or fp16) compute, packed rows and label-only logits checked on the GPU."""

@@ -333,12 +333,8 @@ def test_the_cuda_paths_are_chosen_and_refused_by_their_guards(tmp_path: Path, m
         Ranks.from_env(nccl, "cpu")
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(count=2)
 def test_two_cuda_ranks_with_nccl_train_the_adapter_one_gpu_trains(tmp_path: Path, models_dir: Path) -> None:
-    import torch
-
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs two NVIDIA GPUs with CUDA")
     runs = {}
     for name, dist in (("one", {}), ("two", {"nproc_per_node": 2}), ("fsdp", {"nproc_per_node": 2, "strategy": "fsdp"})):
         path = write_instance(tmp_path / name, models_dir, model={"device": "cuda", "quantization": "nf4"},

@@ -107,7 +107,6 @@ def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, qu
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
 def test_nf4_trains_on_cuda_in_its_compute_dtype(models_dir: Path, tmp_path: Path) -> None:
     """The CUDA path: nf4 weights on the GPU, bf16 compute where supported (fp16 otherwise)."""
     cfg = make_cfg(models_dir, tmp_path, "nf4", epochs_per_file=3)
