@@ -28,18 +28,14 @@ forward is replaced: without `label_rows` it is the block's own.
 
 from __future__ import annotations
 
-import logging
 import sys
 import types
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # whose decoder block has the structure described above
 ATTENTIONS = ("sdpa", "sdpa_fp32_short_rows")  # boolean-or-None masks (the second: daemon.train.precision.ATTENTION)
-ROWS_KWARG = "label_rows"
 
 
 def label_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +72,7 @@ def install(model: Any) -> bool:
     own = block.forward
 
     def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = kwargs.pop(ROWS_KWARG, None)
+        rows = kwargs.pop("label_rows", None)
         if rows is None:
             return own(hidden_states, *args, **kwargs)
         if args:

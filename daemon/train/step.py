@@ -287,7 +287,8 @@ def fast_paths(lm: LoadedModel) -> FastPaths:
     was_training = lm.model.training
     lm.model.eval()  # dropout off: the paths must agree exactly, not in distribution
     try:
-        alone = sum(_losses(lm, [ex], False, False) for ex in examples)
+        singles = [_losses(lm, [ex], False, False) for ex in examples]
+        alone = sum(singles)
         if (after := _after_head(lm)) is not None:
             log.warning("logits only where labels are: not used for %s (its config sets %s)", lm.base_path.name, after)
             label_only = False
@@ -296,7 +297,7 @@ def fast_paths(lm: LoadedModel) -> FastPaths:
                               "logits only where labels are")
         one_row = lm.model.get_base_model().config._attn_implementation == "flash_attention_2"
         pack = _try(lambda: _losses(lm, examples, True, label_only, one_row), alone, lm, "packed rows")
-        last_block = label_only and _last_block(lm, examples, pack, one_row, alone)
+        last_block = label_only and _last_block(lm, examples, pack, one_row, singles)
     finally:
         lm.model.train(was_training)
     log.info("fast paths on %s: packed rows %s, logits only where labels are %s, the last block only there %s",
@@ -304,7 +305,7 @@ def fast_paths(lm: LoadedModel) -> FastPaths:
     return FastPaths(pack=pack, label_only=label_only, one_row=one_row, last_block=last_block)
 
 
-def _last_block(lm: LoadedModel, examples: list[Example], pack: bool, one_row: bool, alone: float) -> bool:
+def _last_block(lm: LoadedModel, examples: list[Example], pack: bool, one_row: bool, singles: list[float]) -> bool:
     """Whether the last block on label rows gives the probe's losses, padded and (where used) packed."""
     what = "the last block only where labels are"
     if not lastblock.install(lm.model.get_base_model()):
@@ -312,11 +313,10 @@ def _last_block(lm: LoadedModel, examples: list[Example], pack: bool, one_row: b
         return False
     # padded rows (a mask for the padding), and packed: rows of several examples (a block-diagonal mask) and
     # rows of one example each (no mask: causal attention)
-    first = examples[0]
+    alone, first = sum(singles), examples[0]
     return _try(lambda: _losses(lm, examples, False, True, last_block=True), alone, lm, what) and (
         not pack or _try(lambda: _losses(lm, examples, True, True, one_row, last_block=True), alone, lm, what)
-        and _try(lambda: _losses(lm, [first, first], True, True, one_row, last_block=True),
-                 2 * _losses(lm, [first], False, False), lm, what))
+        and _try(lambda: _losses(lm, [first, first], True, True, one_row, last_block=True), 2 * singles[0], lm, what))
 
 
 def _try(fn: Any, reference: float, lm: LoadedModel, what: str) -> bool:
