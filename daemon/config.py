@@ -46,7 +46,8 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class IntakeConfig:
-    settle_seconds: float = _f(1.0, "A file is taken once its size and mtime held still this long.")
+    settle_seconds: float = _f(1.0, "A file is taken once its size and mtime held still this long (and no process holds it open for writing, where /proc tells).")
+    recreated_settle_seconds: float = _f(30.0, "A name taken in the last 10 minutes that appears again (a writer appending with >>) is taken once it held still this long.")
     scan_interval_seconds: float = _f(2.0, "The main loop rescans folders at least this often (watchdog only wakes it early).")
     ignore_suffixes: list = _f([".tmp", ".part", ".partial", ".crdownload", ".swp"], "Names ending so are never taken from inbox/.")
     max_file_bytes: int = _f(0, "Refuse files larger than this many bytes (0: no limit).")
@@ -253,6 +254,7 @@ _NOTIFY_EVENTS = set(_NOTIFY_EVENTS_SORTED)  # daemon/notify.py EVENTS (it check
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
 _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("intake", "settle_seconds"): (lambda v: v >= 0, ">= 0"),
+    ("intake", "recreated_settle_seconds"): (lambda v: v >= 0, ">= 0"),
     ("intake", "scan_interval_seconds"): (lambda v: v > 0, "> 0"),
     ("intake", "max_file_bytes"): (lambda v: v >= 0, ">= 0"),
     ("data", "max_length"): (lambda v: 8 <= v <= 1_048_576, "between 8 and 1048576"),

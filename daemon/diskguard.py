@@ -10,8 +10,10 @@ A pause that began with a failed write ends once every watched folder is at
 or above the threshold and either space came back in the folder that was
 full (MARGIN more free than when it failed) or the retry time has passed:
 `check_seconds`, doubling with each failure in a row up to MAX_BACKOFF_SECONDS,
-so a disk that stays full is tried a few times an hour, not in a loop. Time
-is a parameter (`now`), so tests never sleep. Standard library only.
+so a disk that stays full is tried a few times an hour, not in a loop. A
+folder that cannot be written at all (kind "unwritable") ends its pause once
+it can be written again. Time is a parameter (`now`), so tests never sleep.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from daemon.diskspace import DiskFull, free_bytes
+from daemon.diskspace import UNWRITABLE, DiskFull, free_bytes, writable
 from daemon.schema import DiskFullStatus, iso
+from daemon.states import PauseReason
 
 MAX_BACKOFF_SECONDS = 300.0
 MARGIN_BYTES = 1 << 20  # freed space that ends a pause before its retry time
@@ -38,11 +41,12 @@ def human_bytes(n: float) -> str:
 
 class DiskGuard:
     def __init__(self, folders: list[Path], min_free: int, check_seconds: float,
-                 free: Callable[[Path], int] = free_bytes) -> None:
+                 free: Callable[[Path], int] = free_bytes, can_write: Callable[[Path], bool] = writable) -> None:
         self.folders = list(folders)
         self.min_free = min_free
         self.check_seconds = check_seconds
         self.free = free
+        self.can_write = can_write
         self.full: DiskFull | None = None
         self.since = 0.0
         self.strikes = 0  # failures in a row: the retry time doubles with each
@@ -85,6 +89,11 @@ class DiskGuard:
                                                        f"= {human_bytes(self.min_free)}"), now)
             return "tripped"
         self.full.free_bytes = self.free(Path(self.full.folder))
+        if self.full.kind == UNWRITABLE:  # over once it can be written again, not when a retry time passes
+            if not self.can_write(Path(self.full.folder)) or self.lowest() is not None:
+                return None
+            self.full, self.cleared_at = None, now
+            return "cleared"
         low = self.lowest()
         if low is not None:  # still short: show where
             if self.full.site == "threshold":
@@ -96,18 +105,27 @@ class DiskGuard:
             return "cleared"
         return None
 
+    def reason(self) -> PauseReason | None:
+        """The pause reason the status shows for this hold (None when not held)."""
+        if self.full is None:
+            return None
+        return PauseReason.UNWRITABLE if self.full.kind == UNWRITABLE else PauseReason.DISK_FULL
+
     def status(self) -> DiskFullStatus | None:
         f = self.full
         if f is None:
             return None
         return DiskFullStatus(folder=f.folder, free_bytes=f.free_bytes, min_free_bytes=self.min_free, site=f.site,
-                              message=f.message, since=iso(self.since))
+                              message=f.message, since=iso(self.since), kind=f.kind)
 
     def detail(self) -> str:
         """One line for the status detail, the CLI and the events."""
         f = self.full
         if f is None:
             return ""
+        if f.kind == UNWRITABLE:
+            return (f"paused: {f.folder} cannot be written ({f.message}); the {f.site} write failed; resumes by "
+                    "itself once it can be written again")
         need = f" (needs {human_bytes(self.min_free)})" if self.min_free else ""
         what = "free space is low" if f.site == "threshold" else f"the {f.site} write failed: {f.message}"
         return (f"paused: disk full: {f.folder} has {human_bytes(f.free_bytes)} free{need}; {what}; "

@@ -24,6 +24,8 @@ from pathlib import Path
 from daemon.errors import TraindError
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+FULL, UNWRITABLE = "full", "unwritable"  # DiskFull.kind
 FULL_TEXTS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122",
               "database or disk is full")
 # Free space under which a write that failed for a reason it does not name (torch.save given a
@@ -32,17 +34,37 @@ NEARLY_FULL_BYTES = 1 << 20
 
 
 class DiskFull(TraindError):
-    """A write could not be made for lack of space (or the free space is below the threshold)."""
+    """A write could not be made for lack of space (or the free space is below the threshold), or (kind
+    "unwritable") because the folder cannot be written at all."""
 
-    def __init__(self, folder: str | os.PathLike, free: int | None, site: str, message: str) -> None:
+    def __init__(self, folder: str | os.PathLike, free: int | None, site: str, message: str, kind: str = FULL) -> None:
         self.folder = str(folder)
         self.free_bytes = free_bytes(folder) if free is None else free
         self.site = site
         self.message = message
-        super().__init__(f"disk full at {site}: {self.folder} has {self.free_bytes} bytes free ({message})")
+        self.kind = kind
+        if kind == UNWRITABLE:
+            super().__init__(f"{self.folder} cannot be written at {site} ({message})")
+        else:
+            super().__init__(f"disk full at {site}: {self.folder} has {self.free_bytes} bytes free ({message})")
 
     def to_dict(self) -> dict:
-        return {"site": self.site, "folder": self.folder, "free_bytes": self.free_bytes, "message": self.message}
+        return {"site": self.site, "folder": self.folder, "free_bytes": self.free_bytes, "message": self.message,
+                "kind": self.kind}
+
+
+def writable(path: str | os.PathLike) -> bool:
+    """Whether this process may create files in `path` (its nearest existing parent): not on a read-only
+    filesystem, and allowed by permissions and attributes (an immutable folder refuses even root)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        if os.statvfs(p).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return False
+    return os.access(p, os.W_OK | os.X_OK)
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -104,14 +126,31 @@ def disk_full_from(exc: BaseException, folder: str | os.PathLike | None, site: s
     where = str(folder) if inside or named is None and folder is not None else named
     if is_disk_full(exc):
         return DiskFull(where or ".", None, site, _message(exc))
+    if where is not None and _unwritable_errno(exc) and not writable(where):
+        return DiskFull(where, None, site, _message(exc), kind=UNWRITABLE)
     if writing_unnamed and where is not None and isinstance(exc, RuntimeError) and free_bytes(where) < NEARLY_FULL_BYTES:
         return DiskFull(where, None, site, _message(exc))
     return None
 
 
+def _unwritable_errno(exc: BaseException) -> bool:
+    return is_unwritable(exc)
+
+
+def is_unwritable(exc: BaseException) -> bool:
+    """Whether `exc` says a write was refused: a read-only filesystem or database, or no permission (whether the
+    folder is really unwritable, and not one file, is for the caller to check: `writable`)."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in UNWRITABLE_ERRNOS:
+            return True
+        if isinstance(e, sqlite3.OperationalError) and "readonly database" in str(e):
+            return True
+    return False
+
+
 def _message(exc: BaseException) -> str:
     for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS + UNWRITABLE_ERRNOS:
             return e.strerror or str(e)
     return str(exc) or type(exc).__name__
 
@@ -123,3 +162,20 @@ def require_space(folder: str | os.PathLike, min_free: int, site: str) -> None:
     free = free_bytes(folder)
     if free < min_free:
         raise DiskFull(folder, free, site, f"{free} bytes free, below service.min_free_bytes = {min_free}")
+
+
+# Room a status rewrite needs (the file is a few KiB, written beside itself before the rename).
+STATUS_ROOM_BYTES = 64 * 1024
+
+
+def write_trouble(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """Why a process could not write in `folder` now: (UNWRITABLE, why) or (FULL, why); None when nothing says so.
+
+    For readers of a status that has gone stale while its daemon still runs (the CLI, the monitor): the
+    daemon cannot say why itself when the reason is that it cannot write."""
+    if not writable(folder):
+        return UNWRITABLE, f"{folder} cannot be written (a read-only filesystem, or not permitted)"
+    free = free_bytes(folder)
+    if free < STATUS_ROOM_BYTES:
+        return FULL, f"the disk of {folder} is full ({free} bytes free)"
+    return None

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from daemon import adapters, lockedkeys
 from daemon.config import Config
-from daemon.diskspace import free_bytes
+from daemon.diskspace import free_bytes, write_trouble
 from daemon.jobqueue import DUPLICATE_SUFFIX, ERROR_SUFFIX, JobQueue
 from daemon.lock import holder_pid
 from daemon.states import JobState
@@ -78,11 +78,16 @@ def _daemon(cfg: Config, alive: int | None, now: float) -> Check:
         return Check("daemon", "problem", "not running" + (f" (its last status: {st.get('status')})" if st else ""))
     age = _age(st.get("updated_at"), now)
     limit = 3 * float(st.get("write_interval_seconds") or cfg.service.status_interval_seconds) + 5
+    interval = float(st.get("write_interval_seconds") or cfg.service.status_interval_seconds)
+    if age is None or age > 3 * interval:  # late: when its folder shows why, that is the answer
+        why = write_trouble(cfg.path("status"))
+        if why is not None:
+            return Check("daemon", "problem", f"pid {alive} runs but cannot write its status: {why[1]}")
     if age is None or age > limit:
         return Check("daemon", "problem", f"pid {alive} holds the lock but its status is "
                                           f"{'missing' if age is None else f'{age:.0f} s old'} (limit {limit:.0f} s): not responding")
     what = f"pid {alive}, status {st.get('status')} ({age:.1f} s old)"
-    if st.get("status") == "error" or (st.get("status") == "paused" and st.get("pause_reason") == "disk_full"):
+    if st.get("status") == "error" or (st.get("status") == "paused" and st.get("pause_reason") in ("disk_full", "unwritable")):
         return Check("daemon", "problem", f"{what}: {st.get('last_error') or st.get('detail')}")
     if st.get("status") in ("training", "idle", "paused") and st.get("trainer_pid") is None and st.get("status") != "paused":
         return Check("daemon", "warning", f"{what}; no trainer process right now (starting or restarting)")

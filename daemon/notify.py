@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # history event kind -> webhook event
 EVENT_OF = {
     "job_done": "file_done", "job_failed": "file_failed", "job_rejected": "file_failed",
-    "disk_full": "paused", "guard": "paused", "trainer_crash": "daemon_error", "consolidated": "consolidation_done",
+    "disk_full": "paused", "unwritable": "paused", "guard": "paused", "trainer_crash": "daemon_error", "consolidated": "consolidation_done",
     "rollback": "rollback",
 }
 EVENTS = tuple(sorted(set(EVENT_OF.values())))

@@ -80,6 +80,8 @@ class DiskFullStatus:
                        "or threshold (nothing failed: free space fell below min_free_bytes)")
     message: str = _f("", "the error, as the writer got it")
     since: str | None = _f(None, "when the pause began (ISO 8601 UTC)")
+    kind: str = _f("full", "full: no space, or below the threshold (pause_reason disk_full); unwritable: the folder "
+                           "cannot be written at all, read-only or not permitted (pause_reason unwritable)")
 
 
 @dataclass
@@ -132,9 +134,11 @@ class TrainingStatus:
     base_model: str | None = _f(None, "the configured base model")
     adapter_version: int | None = _f(None, "the adapter version published last (adapters/current.json)")
     desired_state: DesiredState = _f(DesiredState.RUNNING, "the desired state the daemon has seen")
-    pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused) or disk_full "
-                                                "(resumes by itself once space is back); null when not held")
-    disk_full: DiskFullStatus | None = _f(None, "folder, free bytes and failed write of a disk_full pause; null otherwise")
+    pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused), disk_full "
+                                                "(resumes by itself once space is back) or unwritable (a runtime "
+                                                "folder cannot be written; resumes once it can); null when not held")
+    disk_full: DiskFullStatus | None = _f(None, "folder, free bytes and failed write of a disk_full or unwritable "
+                                                "pause; null otherwise")
     pid: int | None = _f(None, "the service's process id")
     trainer_pid: int | None = _f(None, "the trainer child's process id")
     started_at: float | None = _f(None, "when the service started", unix_time=True)

@@ -58,7 +58,9 @@ class Service:
         self.cfg = cfg
         self.clock = clock
         self.queue = JobQueue(cfg.path("queue"))
-        self.scanner = InboxScanner(cfg.path("inbox"), cfg.intake.settle_seconds, tuple(cfg.intake.ignore_suffixes))
+        self.scanner = InboxScanner(cfg.path("inbox"), cfg.intake.settle_seconds, tuple(cfg.intake.ignore_suffixes),
+                                    recreated_settle_seconds=cfg.intake.recreated_settle_seconds,
+                                    recheck_seconds=cfg.intake.scan_interval_seconds)
         self.status = TrainingStatus(pid=os.getpid(), write_interval_seconds=cfg.service.status_interval_seconds,
                                      base_model=cfg.base_model, quantization=cfg.model.quantization)
         self.writer = StatusWriter(cfg.path("status"))
@@ -121,6 +123,7 @@ class Service:
         # The child gets this snapshot, not config.json: an edit made while the daemon
         # runs must not reach a restarted child behind the locked-key check.
         atomic.write_json(self.cfg.path("status") / RUNNING_CONFIG, resolved_dict(self.cfg))
+        self.writer.ensure_reserve()
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
         self.db.on_disk_full = lambda e: self._disk_error(e, self.cfg.path("status"), "history")
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
@@ -142,7 +145,7 @@ class Service:
         for entry in self.queue.processing():
             log.info("recovered %s from processing/: it resumes from its last checkpoint", entry.job_id)
         self._install_signals()
-        self.wakeup.watch(self.cfg.path("inbox"), on_renamed_in=self.scanner.renamed_in)
+        self.wakeup.watch(self.cfg.path("inbox"), on_renamed_in=self.scanner.renamed_in, on_closed=self.scanner.closed)
         self._start_child(now)
         self._write_status(force=True)
 
@@ -230,6 +233,9 @@ class Service:
         self._auto_generate(now)
         if self.disk.full is None:
             self.tracker.retry_deferred(now)  # moves a full disk refused (done/, failed/)
+        if self.tracker.file_vanished(now) and self.sup.connected:
+            self.sup.send({"type": "skip", "job_id": self.tracker.job.job_id})
+        self.tracker.watch_finished(now)
         self._dispatch(now)
         self._maybe_finish_stop(now)
         self._write_status()
@@ -352,7 +358,8 @@ class Service:
         """The child could not write (checkpoint, adapter) for lack of space; it holds until `resume`."""
         self.sup.paused = True  # it paused itself: the resume that ends the disk pause goes to it
         self._disk_full(DiskFull(msg.get("folder") or self.cfg.path("checkpoints"), msg.get("free_bytes"),
-                                 msg.get("site") or "trainer", msg.get("message") or "no space left"), now)
+                                 msg.get("site") or "trainer", msg.get("message") or "no space left",
+                                 kind=msg.get("kind") or diskspace.FULL), now)
         if self.tracker.job is not None and not self.stop_requested:
             self._set(ServiceStatus.PAUSED, detail=self.disk.detail())
 
@@ -454,7 +461,7 @@ class Service:
         """
         disk = self.disk.full is not None
         want_paused = desired is DesiredState.PAUSED or disk  # the disk pause is apart from the desired state
-        reason = PauseReason.DISK_FULL if disk else PauseReason.USER if want_paused else None
+        reason = (self.disk.reason() if disk else PauseReason.USER if want_paused else None)
         if (reason, self.disk.status()) != (self.status.pause_reason, self.status.disk_full):
             self.status.pause_reason, self.status.disk_full = reason, self.disk.status()
             self._dirty = True
@@ -555,6 +562,7 @@ class Service:
                 if self._intake_failures.get(path) == ident:
                     continue  # failed before and unchanged since: once in the log is enough
                 take_file(path, prio, now, self.cfg, self.queue, self.db, self.ledger)
+                self.scanner.taken(path, now)
                 self._intake_failures.pop(path, None)
             except FileNotFoundError:
                 continue  # taken away by its writer
@@ -666,6 +674,10 @@ class Service:
                 log.error("status %s (allowed anyway)", e)
             log.info("status %s -> %s", self.status.status.value, status.value)
         self.status.status = status
+        if status is ServiceStatus.PAUSED:  # no throughput while held, and no time left to tell
+            self.status.eta_seconds = self.status.tokens_per_sec = None
+            if self.tracker is not None:
+                self.tracker.restart_rate()
         if detail is not None:
             self.status.detail = detail
         if last_error is not None:
@@ -685,7 +697,13 @@ class Service:
             self.last_status_write = now  # tried again at the next interval, not at every tick
             if not self._disk_error(e, self.cfg.path("status"), "status"):
                 raise
-            return
+            if not (self.disk.full is not None and self.writer.release_reserve()):
+                return
+            try:  # paused now: say why, in the room kept for it
+                self.writer.write(self.status, now)
+            except Exception as again:
+                log.debug("the paused status could not be written either: %s", again)
+                return
         self.last_status_write = now
         self._dirty = False
 
@@ -700,9 +718,11 @@ class Service:
         if change == "tripped":
             self._disk_full(self.disk.full, now, tripped=True)
         elif change == "cleared":
-            log.info("disk space is back (%s free in %s); resuming", human_bytes(was.free_bytes), was.folder)
-            self.db.event("disk_ok", f"space is back: {human_bytes(was.free_bytes)} free in {was.folder}; resuming",
-                          self.tracker.job.job_id if self.tracker.job else None, t=now)
+            back = (f"{was.folder} can be written again" if was.kind == diskspace.UNWRITABLE
+                    else f"space is back: {human_bytes(was.free_bytes)} free in {was.folder}")
+            log.info("%s; resuming", back)
+            self.writer.ensure_reserve()
+            self.db.event("disk_ok", f"{back}; resuming", self.tracker.job.job_id if self.tracker.job else None, t=now)
             self.db.flush()
             self._dirty = True
         elif was is not None:
@@ -727,10 +747,12 @@ class Service:
         if began:
             log.warning("%s", self.disk.detail())
             if self.db is not None:
-                self.db.event("disk_full", self.disk.detail(), job, t=now)
-        else:
-            log.info("still no space: %s (next try in %.0f s)", full, max(0.0, self.disk.retry_at - now))
-        self.status.last_error = f"disk full: {full.site} in {full.folder}: {full.message}"
+                self.db.event(full.kind == diskspace.UNWRITABLE and "unwritable" or "disk_full", self.disk.detail(), job, t=now)
+        else:  # the pause stands; said once, when it began (a write retried every interval must not flood the log)
+            log.debug("still held: %s", full)
+        self.status.last_error = (f"cannot write: {full.site} in {full.folder}: {full.message}"
+                                  if full.kind == diskspace.UNWRITABLE else
+                                  f"disk full: {full.site} in {full.folder}: {full.message}")
         if self.tracker and self.tracker.job and self.sup.connected:
             self.sup.pause()
         self._converge_pause(self.status.desired_state)

@@ -78,7 +78,7 @@ class DesiredState(str, Enum):
 
 
 class PauseReason(str, Enum):
-    """Why the status says `paused`: the person's desired state, or a full disk.
+    """Why the status says `paused`: the person's desired state, a full disk, or a folder that cannot be written.
 
     The disk pause is the service's own and apart from the desired state: a
     `resume` while the disk is full is recorded, and training starts once
@@ -87,6 +87,7 @@ class PauseReason(str, Enum):
 
     USER = "user"  # trainctl pause / the dashboard (status/control/desired_state.json)
     DISK_FULL = "disk_full"  # a write failed for lack of space, or free space is below service.min_free_bytes
+    UNWRITABLE = "unwritable"  # a runtime folder cannot be written (read-only, permissions): resumes once it can
 
 
 class ControlAction(str, Enum):

@@ -17,29 +17,89 @@ Standard library only.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from daemon import atomic
-from daemon.diskspace import is_disk_full
+from daemon.diskspace import free_bytes, is_disk_full, is_unwritable, writable
 from daemon.schema import TrainingStatus
 
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.db"
+RESERVE_FILE = ".status_reserve"
+# A status file is a few KiB (an 80-layer activity block about 4 KB): this is room for many rewrites.
+RESERVE_BYTES = 256 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class StatusWriter:
-    """The one writer of `training_status.json`."""
+    """The one writer of `training_status.json`, and of the room kept for it (RESERVE_FILE).
 
-    def __init__(self, status_dir: str | Path) -> None:
+    A disk filled to its last byte by another program would leave the status saying
+    "training" for as long as it stays full: the daemon pauses, but cannot say so.
+    So a little room is set aside beside the status; once the service has paused
+    for a full disk it releases it (`release_reserve()`) and writes the paused
+    status there, and the reader learns why training stopped. `ensure_reserve()`
+    sets it aside again once space is back.
+    """
+
+    def __init__(self, status_dir: str | Path, reserve_bytes: int = RESERVE_BYTES) -> None:
         self.path = Path(status_dir) / STATUS_FILE
+        self.reserve = Path(status_dir) / RESERVE_FILE
+        self.reserve_bytes = reserve_bytes
 
     def write(self, status: TrainingStatus, now: float | None = None) -> None:
         status.updated_at = time.time() if now is None else now
         atomic.write_bytes(self.path, (readable_json(status.to_dict()) + "\n").encode("utf-8"), site="status")
+
+    def release_reserve(self) -> bool:
+        """Free the room kept for the status (True when there was some to free)."""
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        atomic.fsync_dir(self.reserve.parent)
+        log.warning("the disk of %s is full: released the %d bytes kept for the status, to write why training "
+                    "is held", self.reserve.parent, self.reserve_bytes)
+        return True
+
+    def ensure_reserve(self) -> bool:
+        """Set the room aside (at start, and once space is back); not on a disk that is nearly full already."""
+        if self.reserve_bytes <= 0:
+            return False
+        try:
+            if self.reserve.stat().st_size >= self.reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        if free_bytes(self.reserve.parent) < 4 * self.reserve_bytes:
+            return False
+        tmp = self.reserve.with_name(self.reserve.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.reserve_bytes)  # real blocks, not a sparse file
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    os.write(fd, bytes(self.reserve_bytes))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.info("no room set aside for the status in %s: %s", self.reserve.parent, e)
+            return False
+        return True
 
 
 def readable_json(obj: Any, depth: int = 0, open_depth: int = 3) -> str:
@@ -87,7 +147,8 @@ CREATE INDEX IF NOT EXISTS activity_global ON activity (global_step);
 
 # Columns added after a history.db may already exist: (table, column, type), added at open.
 _ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"),
-                  ("jobs", "eval_set_before", "REAL"), ("jobs", "eval_set_after", "REAL"), ("jobs", "end_global_step", "INTEGER"))
+                  ("jobs", "eval_set_before", "REAL"), ("jobs", "eval_set_after", "REAL"), ("jobs", "end_global_step", "INTEGER"),
+                  ("jobs", "changed", "TEXT"))
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
@@ -104,7 +165,7 @@ JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
     "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
-    "eval_set_before", "eval_set_after", "end_global_step",
+    "eval_set_before", "eval_set_after", "end_global_step", "changed",
 )
 
 
@@ -171,12 +232,16 @@ class HistoryDB:
                     self.conn.execute(sql, args)
             return True
         except (sqlite3.OperationalError, OSError) as e:
-            if not is_disk_full(e):
+            if not self._held_for(e):
                 raise
             self._hold(batch)
             if self.on_disk_full is not None:
                 self.on_disk_full(e)
             return False
+
+    def _held_for(self, e: BaseException) -> bool:
+        """A write refused for the folder's sake (full, or not writable at all), not the statement's."""
+        return is_disk_full(e) or (is_unwritable(e) and not writable(self.path.parent))
 
     def _hold(self, batch: list[tuple[str, tuple]]) -> None:
         if len(self.held) >= MAX_HELD_WRITES:
@@ -193,7 +258,7 @@ class HistoryDB:
                     for sql, args in self.held[0]:
                         self.conn.execute(sql, args)
             except (sqlite3.OperationalError, OSError) as e:
-                if not is_disk_full(e):
+                if not self._held_for(e):
                     raise
                 if self.on_disk_full is not None:
                     self.on_disk_full(e)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from daemon import activity, adapters, rank_status
 from daemon.config import Config
 from daemon.diskspace import DiskFull, disk_full_from
 from daemon.errors import QueueError
+from daemon.finished import FinishedWatch, check_finished
 from daemon.intake import record_job
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
 from daemon.schema import LayerActivitySummary, TrainingStatus
@@ -59,6 +61,8 @@ class JobTracker:
         # Queue moves a full disk refused: (JobQueue method, job_id, args), made again once space is back,
         # so a file done or failed while the disk was full ends where it should, and is never trained again.
         self.deferred: list[tuple[str, str, tuple]] = []
+        self.finished_watch = FinishedWatch(every_seconds=cfg.intake.scan_interval_seconds)
+        self.vanished: dict[str, str] = {}  # job_id -> why: its file left processing/ by another hand than ours
 
     # -- life of the current file ------------------------------------------------------
     def begin(self, job: ActiveJob) -> None:
@@ -139,6 +143,9 @@ class JobTracker:
         self.finish(msg["job_id"], now, msg)
 
     def _on_failed(self, msg: dict, now: float) -> None:
+        if msg["job_id"] in self.vanished:  # it failed for want of its file (a new pass found it gone)
+            self._on_skipped(msg, now)
+            return
         reason = {"invalid_data": FailReason.INVALID_DATA, "guard": FailReason.GUARD}.get(msg.get("reason") or "",
                                                                                          FailReason.TRAINING_ERROR)
         self.status.last_error = msg.get("message")
@@ -146,7 +153,24 @@ class JobTracker:
                   errors=msg.get("errors") or [], traceback=msg.get("traceback"))
 
     def _on_skipped(self, msg: dict, now: float) -> None:
+        if msg["job_id"] in self.vanished:
+            self.fail(msg["job_id"], FailReason.REMOVED, self.vanished.pop(msg["job_id"]), now)
+            return
         self.fail(msg["job_id"], FailReason.SKIPPED, SKIPPED_MESSAGE, now, steps_discarded=msg.get("steps_discarded"))
+
+    def file_vanished(self, now: float) -> bool:
+        """Whether the file in training has just been found gone from processing/ (deleted or moved by hand):
+        then it must not train on, nor publish a version no queue entry stands for. True once per file."""
+        job = self.job
+        if job is None or job.job_id in self.vanished or Path(job.path).exists():
+            return False
+        message = (f"{job.original_name} was removed from queue/processing/ while it trained (not by traind); "
+                   "training stopped and the adapter keeps nothing from it")
+        self.vanished[job.job_id] = message
+        log.warning("%s", message)
+        self.db.event("job_removed", message, job.job_id, t=now)
+        self.status.last_error = message
+        return True
 
     def crashed(self, how: str, now: float, count: bool = True) -> None:
         """The child died while training the current file: count it, maybe give up on the file.
@@ -174,10 +198,14 @@ class JobTracker:
         try:
             entry = self._move("finish", job_id)
         except QueueError as e:
-            log.error("finished %s but cannot move it to done/: %s", job_id, e)
+            why = self.vanished.pop(job_id, None)
+            log.error("finished %s but cannot move it to done/: %s", job_id, why or e)
+            if why:
+                self.db.event("job_removed", f"{original_name(job_id)} finished before the removal was acted on: the "
+                              f"adapter (v{msg.get('adapter_version')}) learnt it, but no copy of it is in done/", job_id, t=now)
         else:
             if entry is not None:
-                self._warn_if_changed(entry, now)
+                self._check_finished(entry, now)
         self._record_missed_steps(job_id, now)
         moved = msg.get("activity_moved") or self._moved_from_manifest(job_id)
         ev = msg.get("eval_set") or {}
@@ -194,22 +222,36 @@ class JobTracker:
         # A file trained through since: an old error no longer describes the daemon (the events keep it).
         self.status.last_error = None
 
-    def _warn_if_changed(self, entry: QueueEntry, now: float) -> None:
-        """A writer that kept the file open past the settle window appends to it in the
-        queue: say so, since the training read the file while it grew."""
-        queued = (self.db.job(entry.job_id) or {}).get("size")
-        if queued is not None and entry.size != queued:
-            message = (f"{entry.original_name} changed while it trained ({queued} -> {entry.size} bytes): the "
-                       "adapter learnt from it as it was being written; write files under a .part or .tmp name "
-                       "and rename them when complete")
+    def _check_finished(self, entry: QueueEntry, now: float) -> None:
+        """The bytes again, before the file is recorded done: a writer that kept it open past the settle window
+        (one traind cannot see) wrote on while it trained. And if a process holds it open still, it is watched."""
+        record = self.db.job(entry.job_id) or {}
+        changed = check_finished(entry.path, record.get("size"), record.get("sha256"), record.get("queued_at"))
+        if changed is not None:
+            message = (f"{entry.original_name} changed while it trained ({changed}): the adapter learnt from it as it "
+                       "was being written; write files under a .part or .tmp name and rename them when complete")
             log.warning("%s", message)
             self.db.event("job_changed", message, entry.job_id, t=now)
+            self.db.upsert_job(entry.job_id, changed=message)
+        holder = self.finished_watch.add(entry.job_id, entry.path, now)
+        if holder:
+            log.warning("%s was still open for writing by %s when it finished: what it writes from now on is not "
+                        "trained (said in the events if it does)", entry.original_name, holder)
+
+    def watch_finished(self, now: float) -> None:
+        """Say so when a file that finished while still open for writing was written to afterwards."""
+        for change in self.finished_watch.changes(now):
+            message = change.message(original_name(change.job_id))
+            log.warning("%s", message)
+            self.db.event("job_changed", message, change.job_id, t=now)
+            self.db.upsert_job(change.job_id, changed=message)
 
     def fail(self, job_id: str, reason: FailReason, message: str, now: float, **details: Any) -> None:
         try:
             self._move("fail", job_id, reason, message, now, **details)
         except QueueError as e:
-            log.error("cannot move %s to failed/: %s", job_id, e)
+            if reason is not FailReason.REMOVED:  # a file removed by hand has no place to go: it is recorded only
+                log.error("cannot move %s to failed/: %s", job_id, e)
         dropped, last_loss = self.db.discard_steps(job_id)
         self.status.layer_activity_summary = self.last_activity()  # its samples went with its steps
         trained = f" ({dropped} steps dropped from the step history, last loss {last_loss:.4g})" if dropped and last_loss is not None else ""
@@ -293,6 +335,10 @@ class JobTracker:
         st.epoch = 0.0
         st.loss = st.lr = st.tokens_per_sec = st.eta_seconds = st.eval_loss = None
         st.ranks = st.slowest_rank = None
+        self._rate = None
+
+    def restart_rate(self) -> None:
+        """Measure the ETA afresh from the next step (a pause must not count as slow training)."""
         self._rate = None
 
     def published(self) -> dict[str, Any]:

@@ -44,9 +44,10 @@ class Wakeup:
         except BlockingIOError:
             pass
 
-    def watch(self, folder: Path, on_renamed_in: Any = None) -> None:
+    def watch(self, folder: Path, on_renamed_in: Any = None, on_closed: Any = None) -> None:
         """Wake on any event under `folder`; `on_renamed_in(path)` hears of every file renamed to a name
-        there from another name there (the `.part` protocol), before the wake-up."""
+        there from another name there (the `.part` protocol), and `on_closed(path)` of every file a writer
+        closed after writing (inotify's IN_CLOSE_WRITE, where the platform has it), before the wake-up."""
         try:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
@@ -59,6 +60,8 @@ class Wakeup:
             def on_any_event(self, event: Any) -> None:
                 if on_renamed_in is not None and event.event_type == "moved" and not event.is_directory:
                     on_renamed_in(Path(os.fsdecode(event.dest_path)))
+                elif on_closed is not None and event.event_type == "closed" and not event.is_directory:
+                    on_closed(Path(os.fsdecode(event.src_path)))
                 wake()
 
         self._observer = Observer()

@@ -3,7 +3,10 @@
 A status is stale when there is no status file, when `updated_at` is older than
 3 x `write_interval_seconds` (the service rewrites it at least that often, so
 three missed writes is a hung or dead daemon, not a slow disk), or when the
-process named by `pid` is gone.
+process named by `pid` is gone. A daemon that runs but cannot write its status
+(its disk filled to the last byte, its folder made read-only) cannot say so
+itself: where the status folder shows why, `cause` names it (full or
+unwritable) and the reason says it instead of "not responding".
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Liveness:
     reason: str | None
     age_seconds: float | None
     daemon_alive: bool
+    cause: str | None = None  # "full" or "unwritable": why a running daemon's status is stale, when known
 
 
 def parse_iso(value: Any) -> float | None:
@@ -57,7 +61,9 @@ def pid_alive(pid: Any, started_at: float | None = None) -> bool:
 
 
 def assess(raw: dict[str, Any] | None, now: float,
-           alive: Callable[[Any, float | None], bool] = pid_alive) -> Liveness:
+           alive: Callable[[Any, float | None], bool] = pid_alive,
+           trouble: Callable[[], tuple[str, str] | None] = lambda: None) -> Liveness:
+    """`trouble()`: why the status folder cannot be written now (daemon.diskspace.write_trouble), if it says."""
     if raw is None:
         return Liveness(True, "no status file: the daemon has not started, or its status folder differs", None, False)
     updated = parse_iso(raw.get("updated_at"))
@@ -72,5 +78,9 @@ def assess(raw: dict[str, Any] | None, now: float,
     if age is None:
         return Liveness(True, "status has no updated_at", None, True)
     if age > limit:
+        why = trouble()
+        if why is not None:
+            return Liveness(True, f"the daemon (pid {raw.get('pid')}) cannot write its status: {why[1]}; training is "
+                                  f"held until it can (last update {age:.0f} s ago)", age, True, why[0])
         return Liveness(True, f"no status update for {age:.0f} s (expected every {float(interval):g} s)", age, True)
     return Liveness(False, None, age, True)

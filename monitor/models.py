@@ -66,6 +66,9 @@ class Status(StatusFile):  # type: ignore[misc,valid-type]  # a model built at i
     # -- the monitor's view --
     stale: bool = Field(description="true when the daemon is not responding: no status, status too old, or its pid is gone")
     stale_reason: str | None = None
+    stale_cause: Literal["full", "unwritable"] | None = Field(None, description="why a running daemon's status is "
+                                                               "stale, where its folder shows it: its disk is full, "
+                                                               "or it cannot be written")
     age_seconds: float | None = Field(None, description="seconds since updated_at")
     daemon_alive: bool = False
     requested_state: Literal["running", "paused"] = Field(description="desired state last asked for (control file); differs from `desired_state` until the daemon acts")

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from daemon import atomic, control
+from daemon.diskspace import write_trouble
 from daemon.status import read_status
 from monitor.deps import MonitorState, ReadAuth, StateDep, WriteAuth
 from monitor.liveness import assess
@@ -37,10 +38,11 @@ def pending_requests(state: MonitorState) -> list[PendingRequest]:
 def current_status(state: MonitorState, now: float | None = None) -> Status:
     now = time.time() if now is None else now
     raw: dict[str, Any] | None = read_status(state.cfg.path("status"))
-    live = assess(raw, now)
+    live = assess(raw, now, trouble=lambda: write_trouble(state.cfg.path("status")))
     body = dict(raw or {})
     body.update(
-        stale=live.stale, stale_reason=live.reason, age_seconds=live.age_seconds, daemon_alive=live.daemon_alive,
+        stale=live.stale, stale_reason=live.reason, stale_cause=live.cause, age_seconds=live.age_seconds,
+        daemon_alive=live.daemon_alive,
         requested_state=control.read_desired_state(state.cfg).value,
         pending_requests=pending_requests(state), now=now,
     )

@@ -222,13 +222,13 @@ def test_queue_retry_of_unknown_name(cfg: Config, tmp_path: Path) -> None:
 
 
 def write_status(cfg: Config, age: float = 0.0, **fields) -> None:
-    st = TrainingStatus(
-        status=ServiceStatus.TRAINING, detail="training", current_file="chat.jsonl",
-        job_id="20261122T020301Z-000001--chat.jsonl", current_step=25, total_steps=100, epoch=0.25,
-        loss=1.23456, lr=2e-4, tokens_per_sec=1234.4, eta_seconds=125, eval_loss=None,
-        queue={"pending_high": 1, "pending_normal": 2, "pending_low": 0, "pending": 3, "processing": 1, "done": 4, "failed": 0},
-        device="cpu", base_model="embedded:tiny-qwen3", adapter_version=2, write_interval_seconds=0.5, **fields,
-    )
+    st = TrainingStatus(**{
+        "status": ServiceStatus.TRAINING, "detail": "training", "current_file": "chat.jsonl",
+        "job_id": "20261122T020301Z-000001--chat.jsonl", "current_step": 25, "total_steps": 100, "epoch": 0.25,
+        "loss": 1.23456, "lr": 2e-4, "tokens_per_sec": 1234.4, "eta_seconds": 125, "eval_loss": None,
+        "queue": {"pending_high": 1, "pending_normal": 2, "pending_low": 0, "pending": 3, "processing": 1, "done": 4, "failed": 0},
+        "device": "cpu", "base_model": "embedded:tiny-qwen3", "adapter_version": 2, "write_interval_seconds": 0.5, **fields,
+    })
     StatusWriter(cfg.path("status")).write(st, now=time.time() - age)
 
 
@@ -249,6 +249,27 @@ def test_status_fresh(cfg: Config, lock_holder: int) -> None:
     assert "  queue    pending 3 (high 1, normal 2, low 0)  processing 1  done 4  failed 0" in lines
     assert "not responding" not in r.stdout and len(lines) <= 24  # one screen
     assert "ranks" not in r.stdout  # one trainer process: as it always was
+
+
+def test_status_while_paused_shows_no_rate_and_no_eta(cfg: Config, lock_holder: int) -> None:
+    write_status(cfg, status=ServiceStatus.PAUSED)  # an older daemon's status still carried them
+    lines = trainctl(cfg, "status").stdout.splitlines()
+    assert lines[0] == f"traind  paused   pid {lock_holder}"
+    assert "  progress [#######-----------------------]  25.0%  step 25/100  epoch 0.25  ETA -" in lines
+    assert "  loss     1.2346   eval -   lr 2.00e-04   - tok/s" in lines
+
+
+def test_status_of_a_running_daemon_that_cannot_write_its_status_says_why(cfg: Config, lock_holder: int) -> None:
+    """Its status is old and its folder is full: the CLI says that, not "not responding" (the daemon cannot)."""
+    from daemon.cli.status_cmds import render_status
+
+    write_status(cfg, age=60)
+    st = json.loads((cfg.path("status") / "training_status.json").read_text())
+    full = render_status(st, lock_holder, lambda: ("full", "the disk of /x is full (0 bytes free)"))
+    assert full.splitlines()[0].startswith("traind  paused (disk full)  !! the daemon cannot write its status: the disk "
+                                           "of /x is full (0 bytes free); training is held until it can")
+    assert "not responding" not in full
+    assert "not responding" in render_status(st, lock_holder, lambda: None)
 
 
 def test_status_shows_each_rank_and_the_slowest(cfg: Config, lock_holder: int) -> None:

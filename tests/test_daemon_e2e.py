@@ -129,6 +129,9 @@ def test_pause_resume_skip_stop_through_trainctl(daemon_factory):
     step = d.status()["current_step"]
     time.sleep(1.5)
     assert d.status()["status"] == "paused" and d.status()["current_step"] == step  # really holds
+    held = d.status()
+    assert held["eta_seconds"] is None and held["tokens_per_sec"] is None  # nothing is moving: no rate, no ETA
+    assert "ETA -" in d.ctl("status").stdout
     r = d.ctl("resume")
     assert r.returncode == 0, r.stdout
     d.wait_for(lambda s: s["status"] == "training" and s["current_step"] > step, what="training again")

@@ -549,3 +549,75 @@ def test_a_really_full_checkpoint_filesystem_pauses_and_resumes_when_space_is_fr
     d.wait_counts(done=1, processing=0, timeout=120)
     assert not d.queue.failed() and d.history().job(job)["crashes"] == 0
     assert not (small_fs / job).exists()  # its checkpoints went with its publication
+
+
+# ---------------------------------------------------------------- when the status itself cannot be written (#26: 12)
+
+
+@pytest.mark.e2e
+def test_a_disk_filled_to_its_last_byte_by_another_program_still_gets_the_pause_into_the_status(factory, small_fs):
+    """Another program fills the status folder's disk to its last byte: the daemon pauses, and the status says
+    so (the room kept beside it is released for that), where before it said "idle" for as long as it lasted."""
+    d = factory("statusfs", paths={"status": str(small_fs)}).start()
+    d.wait_for(lambda s: s["status"] == "idle" and s["detail"] == "waiting for files", what="ready")
+    assert (small_fs / ".status_reserve").stat().st_size > 0
+    filler = fill(small_fs)
+    st = d.wait_for(lambda s: s.get("pause_reason") == "disk_full", timeout=60, what="the pause in the status")
+    assert st["status"] == "paused" and st["disk_full"]["site"] in ("status", "history"), st
+    assert not (small_fs / ".status_reserve").exists()
+    out = d.ctl("status").stdout
+    assert "paused (disk full)" in out and "DISK     FULL" in out and "not responding" not in out, out
+    filler.unlink()
+    d.wait_for(lambda s: s["status"] == "idle" and s.get("pause_reason") is None, timeout=60, what="space back")
+    deadline = time.time() + 30
+    while not (small_fs / ".status_reserve").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (small_fs / ".status_reserve").exists()  # set aside again for the next time
+    d.drop("data.jsonl", lines_of("text.jsonl", 8))
+    d.wait_counts(done=1, timeout=120)
+
+
+def _immutable(folder: Path, on: bool) -> None:
+    r = subprocess.run(["chattr", "+i" if on else "-i", str(folder)], capture_output=True, text=True)
+    if r.returncode != 0:
+        if on and os.geteuid() != 0:
+            pytest.skip(f"chattr +i refused to uid {os.geteuid()}: {r.stderr.strip()}")
+        raise AssertionError(f"chattr {'+' if on else '-'}i {folder} failed: {r.stderr.strip()}")
+
+
+@pytest.mark.e2e
+def test_a_status_folder_that_cannot_be_written_is_named_to_readers_with_one_log_line(factory, tmp_path):
+    """status/ made unwritable while the daemon trains (an immutable folder: even root cannot create files in
+    it): no traceback a second in the log but one line naming it; `trainctl status`, `trainctl health` and the
+    monitor say the daemon cannot write its status instead of "not responding"; writable again, it goes on."""
+    from daemon.diskspace import write_trouble
+    from monitor.liveness import assess, parse_iso
+
+    d = factory("readonly", training={"epochs_per_file": 30})
+    status = d.cfg.path("status")
+    d.start()
+    d.drop("long.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 2, what="training")
+    _immutable(status, True)
+    try:
+        time.sleep(4.0)  # eight status intervals, a few disk checks
+        st = d.status()
+        age = time.time() - parse_iso(st["updated_at"])
+        assert age > 3 * st["write_interval_seconds"]
+        out = d.ctl("status").stdout
+        assert "cannot write its status" in out and str(status) in out and "not responding" not in out, out
+        health = d.ctl("health").stdout
+        assert "cannot write its status" in health, health
+        live = assess(st, time.time(), trouble=lambda: write_trouble(status))
+        assert live.stale and live.cause == "unwritable" and "cannot write its status" in live.reason
+        log = "\n".join(p.read_text() for p in d.cfg.path("logs").glob("daemon_*.log"))
+        assert log.count("Traceback") == 0 and log.count("cannot be written") == 1, log[-3000:]
+        held = d.history().steps()
+        step = max(r["step"] for r in held) if held else 0
+    finally:
+        _immutable(status, False)
+    st = d.wait_for(lambda s: s["status"] == "training" and s.get("pause_reason") is None, timeout=60,
+                    what="training again once status/ can be written")
+    assert st["current_step"] <= step + 2  # held while it could not say what it did
+    assert any(e["kind"] == "unwritable" for e in d.history().events(200))
+    assert d.queue.counts()["failed"] == 0

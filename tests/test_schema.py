@@ -11,7 +11,7 @@ from daemon.states import ServiceStatus
 from daemon.status import StatusWriter, read_status
 from monitor.models import Status, status_file_model
 
-MONITOR_FIELDS = {"stale", "stale_reason", "age_seconds", "daemon_alive", "requested_state", "pending_requests", "now"}
+MONITOR_FIELDS = {"stale", "stale_reason", "stale_cause", "age_seconds", "daemon_alive", "requested_state", "pending_requests", "now"}
 
 
 def test_every_field_has_a_help_text() -> None:

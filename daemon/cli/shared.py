@@ -91,7 +91,7 @@ def wait_for_status(cfg: Config, want: set[str], timeout: float, desired: Any = 
         st = read_status(cfg.path("status")) or {}
         if st.get("status") in want:
             return st["status"]
-        if ("paused (disk full)" in want and st.get("pause_reason") == "disk_full"
+        if ("paused (disk full)" in want and st.get("pause_reason") in ("disk_full", "unwritable")
                 and (desired is None or st.get("desired_state") == getattr(desired, "value", desired))):
             return "paused (disk full)"
         if daemon_pid(cfg) is None:

@@ -7,10 +7,11 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config
 from daemon.diskguard import human_bytes
+from daemon.diskspace import write_trouble
 from daemon.config import Config
 from daemon.states import DesiredState, PauseReason
 from daemon.status import read_status
@@ -60,7 +61,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                     sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
                 elif args.watch:
                     out(f"--- {time.strftime('%H:%M:%S')}")
-                out(render_status(st, daemon_pid(cfg)))
+                out(render_status(st, daemon_pid(cfg), lambda: write_trouble(cfg.path("status"))))
             if not args.watch:
                 return 0
             time.sleep(args.watch)
@@ -68,12 +69,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         return 0
 
 
-def render_status(st: dict | None, running_pid: int | None) -> str:
-    """The one-screen summary a person reads at a glance."""
+def render_status(st: dict | None, running_pid: int | None,
+                  trouble: Callable[[], tuple[str, str] | None] = lambda: None) -> str:
+    """The one-screen summary a person reads at a glance. `trouble()`: why the status folder cannot be written,
+    asked only when the daemon runs but its status is stale (it cannot say so itself then)."""
     if st is None:
         return "traind: no status yet (the daemon has never run for this config)"
     age = _age(st.get("updated_at"))
-    lines = [_headline(st, running_pid, age), f"  detail   {st.get('detail') or '-'}"]
+    lines = [_headline(st, running_pid, age, trouble), f"  detail   {st.get('detail') or '-'}"]
     dev = " / ".join(str(x) for x in (st.get("device"), st.get("compute_dtype"), st.get("quantization")) if x)
     lines.append(f"  model    {st.get('base_model')}   {dev}   adapter v{st.get('adapter_version') or 0}")
     if st.get("current_file"):
@@ -81,7 +84,7 @@ def render_status(st: dict | None, running_pid: int | None) -> str:
     if (st.get("world_size") or 1) > 1:
         lines += _rank_lines(st)
     lines.append(_queue_line(st.get("queue") or {}))
-    if st.get("pause_reason") == PauseReason.DISK_FULL.value and st.get("disk_full"):
+    if st.get("pause_reason") in (PauseReason.DISK_FULL.value, PauseReason.UNWRITABLE.value) and st.get("disk_full"):
         lines += _disk_lines(st)
     if st.get("desired_state") == DesiredState.PAUSED.value and st["status"] != "paused":
         lines.append("  note     pause requested; it takes effect at the next step")
@@ -103,13 +106,23 @@ def _age(updated_at: str | None) -> float | None:
     return time.time() - t.timestamp()
 
 
-def _headline(st: dict, running_pid: int | None, age: float | None) -> str:
+HELD = {PauseReason.DISK_FULL.value: " (disk full)", PauseReason.UNWRITABLE.value: " (cannot write)"}
+
+
+def _headline(st: dict, running_pid: int | None, age: float | None,
+              trouble: Callable[[], tuple[str, str] | None] = lambda: None) -> str:
     """The state, and whether the daemon runs and still writes its status."""
     alive = running_pid is not None
-    said = st["status"] + (" (disk full)" if st.get("pause_reason") == PauseReason.DISK_FULL.value else "")
+    said = st["status"] + HELD.get(st.get("pause_reason") or "", "")
     state = said if alive else f"not running (last said: {said})"
     if alive and age is not None and age > 3 * st.get("write_interval_seconds", 2.0):
-        state += f"  !! no status update for {duration(age)}: daemon not responding"
+        why = trouble()
+        if why is not None:  # it runs, but cannot say so: its status folder tells why
+            kind = "disk full" if why[0] == "full" else "cannot write"
+            state = (f"paused ({kind})  !! the daemon cannot write its status: {why[1]}; training is held until it "
+                     f"can (last update {duration(age)} ago)")
+        else:
+            state += f"  !! no status update for {duration(age)}: daemon not responding"
     return f"traind  {state}" + (f"   pid {running_pid}" if alive else "")
 
 
@@ -118,6 +131,9 @@ def _disk_lines(st: dict) -> list[str]:
     d = st["disk_full"]
     need = f" (needs {human_bytes(d['min_free_bytes'])})" if d.get("min_free_bytes") else ""
     what = "free space below the threshold" if d.get("site") == "threshold" else f"{d.get('site')} write failed: {d.get('message')}"
+    if d.get("kind") == "unwritable":
+        return [f"  DISK     CANNOT WRITE: {d.get('folder')}", f"           {what}; since {d.get('since') or '?'}",
+                "           training resumes by itself once it can be written again (permissions, a read-only mount)"]
     lines = [f"  DISK     FULL: {d.get('folder')} has {human_bytes(d.get('free_bytes') or 0)} free{need}",
              f"           {what}; since {d.get('since') or '?'}",
              "           training resumes by itself once space is back (free some, or raise the disk)"]
@@ -128,11 +144,14 @@ def _disk_lines(st: dict) -> list[str]:
 
 def _training_lines(st: dict) -> list[str]:
     total, step = st.get("total_steps") or 0, st.get("current_step") or 0
+    live = st.get("status") == "training"  # paused or stopping: no throughput, and no time left to tell
+    eta = duration(st.get("eta_seconds")) if live else "-"
+    tps = number(st.get("tokens_per_sec"), ",.0f") if live else "-"
     return [
         f"  file     {st['current_file']}   ({st.get('job_id')})",
-        f"  progress {progress_bar(step, total)}  step {step}/{total}  epoch {st.get('epoch', 0):.2f}  ETA {duration(st.get('eta_seconds'))}",
+        f"  progress {progress_bar(step, total)}  step {step}/{total}  epoch {st.get('epoch', 0):.2f}  ETA {eta}",
         f"  loss     {number(st.get('loss'), '.4f')}   eval {number(st.get('eval_loss'), '.4f')}   "
-        f"lr {number(st.get('lr'), '.2e')}   {number(st.get('tokens_per_sec'), ',.0f')} tok/s",
+        f"lr {number(st.get('lr'), '.2e')}   {tps} tok/s",
     ]
 
 

@@ -12,15 +12,18 @@ export function update(s) {
   // not the alarm of one that died or hangs (kill -9, a crash, a stuck loop).
   const stoppedClean = !!s.stale && s.status === 'stopped';
   const badge = $('state-badge');
-  const diskFull = s.pause_reason === 'disk_full' && !!s.disk_full;
+  const diskFull = (s.pause_reason === 'disk_full' || s.pause_reason === 'unwritable') && !!s.disk_full;
+  const held = { full: 'paused · disk full', unwritable: 'paused · cannot write' };
   badge.textContent = s.status == null ? 'no daemon'
-    : (stoppedClean ? 'stopped' : (s.stale ? 'not responding' : (diskFull ? 'paused · disk full' : s.status)));
+    : (stoppedClean ? 'stopped' : (s.stale ? (held[s.stale_cause] || 'not responding')
+      : (diskFull ? (s.pause_reason === 'unwritable' ? 'paused · cannot write' : 'paused · disk full') : s.status)));
   badge.dataset.state = stoppedClean ? 'stopped' : (s.stale ? 'stale' : (s.status || 'unknown'));
   badge.className = 'badge state-' + badge.dataset.state;
   $('detail').textContent = s.detail || '';
   $('stale-banner').hidden = !s.stale;
   $('stale-banner').classList.toggle('banner-info', stoppedClean);
-  $('stale-title').textContent = stoppedClean ? 'Daemon stopped.' : 'Daemon not responding.';
+  const cannotWrite = { full: 'Daemon cannot write its status: disk full.', unwritable: 'Daemon cannot write its status: folder not writable.' };
+  $('stale-title').textContent = stoppedClean ? 'Daemon stopped.' : (cannotWrite[s.stale_cause] || 'Daemon not responding.');
   const said = stoppedClean ? `It checkpointed and exited${s.updated_at ? ' at ' + new Date(s.updated_at).toLocaleTimeString() : ''}; start it again with bin/start_all.sh`
     : (s.stale_reason || '');
   $('stale-reason').textContent = said + (!stoppedClean && s.age_seconds != null && !said.startsWith('no status update') ? ` — last update ${fmt.dur(s.age_seconds)} ago.` : '.');
@@ -30,8 +33,11 @@ export function update(s) {
     const d = s.disk_full;
     const what = d.site === 'threshold' ? 'free space is below the threshold' : `the ${d.site} write failed (${d.message})`;
     const need = d.min_free_bytes ? ` (needs ${fmt.bytes(d.min_free_bytes)})` : '';
-    $('disk-reason').textContent = `${d.folder} has ${fmt.bytes(d.free_bytes)} free${need}: ${what}` +
-      (d.since ? `, since ${new Date(d.since).toLocaleTimeString()}` : '') + '.';
+    const where = d.kind === 'unwritable' ? `${d.folder} cannot be written` : `${d.folder} has ${fmt.bytes(d.free_bytes)} free${need}`;
+    $('disk-reason').textContent = `${where}: ${what}` + (d.since ? `, since ${new Date(d.since).toLocaleTimeString()}` : '') + '.';
+    const unwritable = d.kind === 'unwritable';
+    $('disk-title').textContent = unwritable ? 'Paused: a folder cannot be written.' : 'Paused: disk full.';
+    $('disk-after').textContent = `Training resumes by itself once ${unwritable ? 'it can be written again' : 'space is back'}; nothing is lost meanwhile.`;
   }
 
   $('current-file').textContent = s.current_file || (s.status === 'idle' ? 'waiting for files' : '—');
