@@ -16,9 +16,11 @@ done
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || PY=python3
 
+# The status folder (the monitor's pid file), found before the stop and also when the config no longer
+# loads: then from the file's paths.status, else the default (where trainctl stop finds the daemon too).
+STATUS_DIR=$("$PY" -c 'import sys; from daemon.cli.shared import status_folder; print(status_folder(sys.argv[1]))' "$CONFIG")
 "$PY" -m daemon.cli --config "$CONFIG" stop || true
 
-STATUS_DIR=$("$PY" -c 'import sys; from daemon.config import load_config; print(load_config(sys.argv[1]).path("status"))' "$CONFIG")
 MON_PID_FILE=$STATUS_DIR/monitor.pid
 mon_pid=$(cat "$MON_PID_FILE" 2>/dev/null || true)
 if [ -n "$mon_pid" ] && kill -0 "$mon_pid" 2>/dev/null && grep -q monitor "/proc/$mon_pid/cmdline" 2>/dev/null; then

@@ -414,3 +414,67 @@ def test_status_reads_any_iso_time_and_survives_a_garbled_one() -> None:
     offset = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 30))
     assert re.search(r"updated  3[0-2]s ago", render_status({**base, "updated_at": offset}, None))
     assert "updated  never" in render_status({**base, "updated_at": "yesterday-ish"}, None)
+
+
+# ---------------------------------------------------------------- a broken config.json beside a running daemon (#26.9)
+
+
+def hold_lock(cfg: Config) -> subprocess.Popen:
+    """A process that holds the daemon lock, as a running daemon does."""
+    code = ("import sys, time; from daemon.lock import acquire; acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg.path("status") / "daemon.lock")],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+@pytest.mark.parametrize("status_dir, damage", [("state", "typo"), ("status", "not JSON")])
+def test_a_running_instance_stays_readable_and_stoppable_with_config_json_broken(tmp_path: Path, status_dir: str,
+                                                                                damage: str) -> None:
+    """A typo in config.json while the daemon runs: status, health, pause and stop read the config the daemon
+    runs with (status/running_config.json, found through the file's paths.status, else the default), say so
+    once on stderr, and act; what would change the config's meaning still refuses."""
+    from daemon import atomic
+    from daemon.config import resolved_dict
+    from daemon.service import RUNNING_CONFIG
+
+    path = write_instance(tmp_path / "inst", paths={"status": status_dir})
+    cfg = load_config(path)
+    write_status(cfg)
+    atomic.write_json(cfg.path("status") / RUNNING_CONFIG, resolved_dict(cfg))  # as the daemon does at start
+    text = path.read_text()
+    path.write_text(text.replace('"learning_rate"', '"learnig_rate"') if damage == "typo" else text[:-3])
+    problem = "`training.learnig_rate` is not a known key" if damage == "typo" else "not valid JSON at line"
+
+    r = trainctl(path, "status")  # no daemon: the config error, as before
+    assert r.returncode == 1 and problem in r.stdout and r.stderr == ""
+    holder = hold_lock(cfg)
+    try:
+        write_status(cfg)
+        r = trainctl(path, "status")
+        assert r.returncode == 0, r.stdout + r.stderr
+        headline = r.stdout.splitlines()[0]  # (on a busy machine it may add that the status is a second old)
+        assert headline.startswith("traind  training") and headline.endswith(f"pid {holder.pid}"), headline
+        assert r.stderr.startswith(f"trainctl: {path} has 1 problem(s):\n") and problem in r.stderr
+        assert r.stderr.count("\n") == 3 and r.stderr.endswith(
+            f"trainctl: using the config the running daemon (pid {holder.pid}) started with "
+            f"({cfg.path('status') / RUNNING_CONFIG}); fix {path} before it starts again\n"), r.stderr
+
+        r = trainctl(path, "health")
+        assert "FAIL  config      " in r.stdout and problem in r.stdout and r.returncode == 2, r.stdout
+        r = trainctl(path, "pause", "--no-wait")
+        assert (r.returncode, r.stdout) == (0, "pause: requested\n") and problem in r.stderr
+        assert json.loads((cfg.path("status") / "control" / "desired_state.json").read_text())["state"] == "paused"
+        r = trainctl(path, "stop", "--no-wait")
+        assert (r.returncode, r.stdout) == (0, f"stop: requested (pid {holder.pid})\n") and problem in r.stderr
+        assert [p.read_text().count('"stop"') for p in (cfg.path("status") / "control" / "requests").iterdir()] == [1]
+
+        for refused in (("config", "approve"), ("queue", "add", str(EXAMPLES / "chat.jsonl"))):
+            r = trainctl(path, *refused)
+            assert r.returncode == 1 and problem in r.stdout and "running daemon" not in r.stdout + r.stderr, refused
+        assert not (cfg.path("queue") / "pending").exists() or files_under(cfg.path("queue") / "pending") == []
+    finally:
+        holder.kill()
+        holder.wait()
+
