@@ -478,3 +478,18 @@ def test_a_running_instance_stays_readable_and_stoppable_with_config_json_broken
         holder.kill()
         holder.wait()
 
+# ---------------------------------------------------------------- eval on what is not a file (#26.11)
+
+
+@pytest.mark.parametrize("what, said", [("missing", "no such file"), ("folder", "is a directory")])
+def test_eval_refuses_what_is_not_a_readable_file_before_loading_a_model(cfg: Config, tmp_path: Path, what: str,
+                                                                         said: str) -> None:
+    target = tmp_path / "data"
+    if what == "folder":
+        target.mkdir()
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(cfg.root / "config.json"), "eval", "data",
+                        "--adapter", "none"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (1, f"trainctl: eval: data: {said}\n", "")
+    assert not cfg.path("models").exists()  # refused before any model was built or loaded
+
