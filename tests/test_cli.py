@@ -68,9 +68,9 @@ def test_config_validate_lists_every_problem(tmp_path: Path) -> None:
 def test_config_explain_lists_every_key(cfg: Config) -> None:
     r = trainctl(cfg, "config", "explain")
     assert r.returncode == 0
-    shown = [line.split(" = ")[0] for line in r.stdout.splitlines() if not line.startswith(" ")]
+    shown = [line[2:].split(" = ")[0] for line in r.stdout.splitlines()[1:] if not line.startswith("      ")]
     assert shown == [key for key, _, _ in explain()] and len(shown) > 40
-    assert 'training.schedule = "cosine"' in r.stdout
+    assert '  training.schedule = "cosine"   (default)' in r.stdout
 
 
 # ---------------------------------------------------------------- queue add
@@ -478,6 +478,7 @@ def test_a_running_instance_stays_readable_and_stoppable_with_config_json_broken
         holder.kill()
         holder.wait()
 
+
 # ---------------------------------------------------------------- eval on what is not a file (#26.11)
 
 
@@ -493,3 +494,33 @@ def test_eval_refuses_what_is_not_a_readable_file_before_loading_a_model(cfg: Co
     assert (r.returncode, r.stdout, r.stderr) == (1, f"trainctl: eval: data: {said}\n", "")
     assert not cfg.path("models").exists()  # refused before any model was built or loaded
 
+
+# ---------------------------------------------------------------- config explain shows the value and the default
+
+
+def test_config_explain_shows_the_value_in_the_config_beside_the_default(tmp_path: Path) -> None:
+    path = write_instance(tmp_path / "inst", training={"learning_rate": 0.002})
+    r = trainctl(path, "config", "explain")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"config explain: {path} (* where it differs from the default)"
+    assert "* training.learning_rate = 0.002   (default 0.0002)" in lines
+    assert '  training.schedule = "cosine"   (default)' in lines
+    assert "  training.weight_decay = 0.0   (default)" in lines
+
+
+def test_config_explain_works_on_a_config_that_does_not_load(tmp_path: Path) -> None:
+    path = write_instance(tmp_path / "inst", training={"learning_rate": 0.002, "learnig_rate": 1})
+    r = trainctl(path, "config", "explain")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"config explain: {path} does not load (1 problem(s); `trainctl config validate` lists them): "
+                        "the values it sets, where they fit (* where they differ from the default)")
+    assert "* training.learning_rate = 0.002   (default 0.0002)" in lines
+    path.write_text("{")
+    r = trainctl(path, "config", "explain")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"config explain: {path} does not load (not valid JSON at line 1")
+    assert lines[0].endswith("): the defaults only")
+    assert "  training.learning_rate   (default 0.0002)" in lines
