@@ -3,7 +3,8 @@
 #
 #   bin/install_service.sh [--config PATH] [--user | --system] [--with-monitor [--port N]] [--print]
 #
-# --user (default) writes ~/.config/systemd/user/traind.service (enable lingering with
+# --config defaults to $TRAIND_CONFIG, else the repository's config.json; a relative path is taken
+# from the current folder. --user (default) writes ~/.config/systemd/user/traind.service (enable lingering with
 # `loginctl enable-linger $USER` so it runs without a login); --system writes
 # /etc/systemd/system/traind.service (as root; the service runs as the invoking user).
 # --print only prints the unit(s). The daemon runs in the foreground under systemd with the
@@ -11,16 +12,20 @@
 # config or changed locked keys exit 3, 1 or 2, and systemd does not restart those; any other
 # exit restarts it after 10 s. SIGTERM is traind's warm stop (checkpoint, then exit).
 set -euo pipefail
+# A relative --config (or $TRAIND_CONFIG) names a file in the caller's folder, as it does for trainctl:
+# it is made absolute here, before anything changes directory.
+CALLER=$PWD
+from_caller() { case "$1" in /*) echo "$1" ;; "~"|"~/"*) echo "$HOME${1#"~"}" ;; *) echo "$CALLER/$1" ;; esac; }
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CONFIG=$ROOT/config.json
+CONFIG=$(from_caller "${TRAIND_CONFIG:-$ROOT/config.json}")
 MODE=user
 PRINT=0
 MONITOR=0
 PORT=8080
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(realpath "$2"); shift 2 ;;
+    --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(from_caller "$2"); shift 2 ;;
     --user) MODE=user; shift ;;
     --system) MODE=system; shift ;;
     --with-monitor) MONITOR=1; shift ;;
@@ -29,9 +34,17 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--config PATH] [--user | --system] [--with-monitor [--port N]] [--print]" >&2; exit 64 ;;
   esac
 done
+if [ ! -f "$CONFIG" ]; then
+  [ -e "$CONFIG" ] && echo "${0##*/}: $CONFIG is not a file" >&2 || echo "${0##*/}: no config file at $CONFIG" >&2
+  exit 1
+fi
+CONFIG=$(realpath "$CONFIG")
 PY=${TRAIND_PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || { echo "$0: $PY not found: run bin/setup.sh first" >&2; exit 1; }
-"$PY" -m daemon.cli --config "$CONFIG" config validate >/dev/null || { echo "$0: $CONFIG is not valid (trainctl config validate)" >&2; exit 1; }
+if ! verdict=$("$PY" -m daemon.cli --config "$CONFIG" config validate); then
+  echo "$verdict" >&2
+  exit 1
+fi
 STOP_TIMEOUT=$("$PY" -c "import sys; from daemon.config import load_config; print(int(load_config(sys.argv[1]).service.stop_timeout_seconds) + 30)" "$CONFIG")
 RUN_AS=""
 [ "$MODE" = system ] && RUN_AS="User=${SUDO_USER:-$(id -un)}"

@@ -3,19 +3,30 @@
 #
 #   bin/launch_training_daemon.sh [--config PATH]
 #
+# --config defaults to $TRAIND_CONFIG, else the repository's config.json; a relative path is taken
+# from the current folder. A missing or invalid config is refused with every problem (exit 1).
 # Refuses (exit 3, naming the running pid) when a daemon already holds the
 # instance's kernel lock (`flock` on <status>/daemon.lock). A pid file left by a
 # dead process never blocks: the lock dies with its holder.
 set -euo pipefail
+# A relative --config (or $TRAIND_CONFIG) names a file in the caller's folder, as it does for trainctl:
+# it is made absolute here, before anything changes directory.
+CALLER=$PWD
+from_caller() { case "$1" in /*) echo "$1" ;; "~"|"~/"*) echo "$HOME${1#"~"}" ;; *) echo "$CALLER/$1" ;; esac; }
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CONFIG=$ROOT/config.json
+CONFIG=$(from_caller "${TRAIND_CONFIG:-$ROOT/config.json}")
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(realpath "$2"); shift 2 ;;
+    --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(from_caller "$2"); shift 2 ;;
     *) echo "usage: $0 [--config PATH]" >&2; exit 64 ;;
   esac
 done
+if [ ! -f "$CONFIG" ]; then
+  [ -e "$CONFIG" ] && echo "${0##*/}: $CONFIG is not a file" >&2 || echo "${0##*/}: no config file at $CONFIG" >&2
+  exit 1
+fi
+CONFIG=$(realpath "$CONFIG")
 PY=${TRAIND_PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 

@@ -33,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.train.launch import worker_main
 
         return worker_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="traind", description="Train a LoRA adapter from JSONL files dropped into inbox/.")
+    parser = argparse.ArgumentParser(
+        prog="traind", description="Train a LoRA adapter from JSONL files dropped into inbox/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("commands:\n"
+                "  traind [--config PATH]                  run the daemon in the foreground\n"
+                "  traind train FILE --output-dir DIR ...  one run on one file, no daemon (traind train --help)\n"
+                "  traind worker --node-rank N ...         this machine's trainer ranks when distributed.nnodes > 1\n"
+                "                                          (traind worker --help)\n"
+                "\nexit codes: 0 stopped, 1 bad config, 2 locked keys changed, 3 already running"))
     parser.add_argument("--config", default=default_config_path(), help="config file (default: $TRAIND_CONFIG or ./config.json)")
     args = parser.parse_args(argv)
     try:

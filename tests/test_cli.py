@@ -68,9 +68,9 @@ def test_config_validate_lists_every_problem(tmp_path: Path) -> None:
 def test_config_explain_lists_every_key(cfg: Config) -> None:
     r = trainctl(cfg, "config", "explain")
     assert r.returncode == 0
-    shown = [line.split(" = ")[0] for line in r.stdout.splitlines() if not line.startswith(" ")]
+    shown = [line[2:].split(" = ")[0] for line in r.stdout.splitlines()[1:] if not line.startswith("      ")]
     assert shown == [key for key, _, _ in explain()] and len(shown) > 40
-    assert 'training.schedule = "cosine"' in r.stdout
+    assert '  training.schedule = "cosine"   (default)' in r.stdout
 
 
 # ---------------------------------------------------------------- queue add
@@ -435,3 +435,113 @@ def test_status_reads_any_iso_time_and_survives_a_garbled_one() -> None:
     offset = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 30))
     assert re.search(r"updated  3[0-2]s ago", render_status({**base, "updated_at": offset}, None))
     assert "updated  never" in render_status({**base, "updated_at": "yesterday-ish"}, None)
+
+
+# ---------------------------------------------------------------- a broken config.json beside a running daemon (#26.9)
+
+
+def hold_lock(cfg: Config) -> subprocess.Popen:
+    """A process that holds the daemon lock, as a running daemon does."""
+    code = ("import sys, time; from daemon.lock import acquire; acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg.path("status") / "daemon.lock")],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+@pytest.mark.parametrize("status_dir, damage", [("state", "typo"), ("status", "not JSON")])
+def test_a_running_instance_stays_readable_and_stoppable_with_config_json_broken(tmp_path: Path, status_dir: str,
+                                                                                damage: str) -> None:
+    """A typo in config.json while the daemon runs: status, health, pause and stop read the config the daemon
+    runs with (status/running_config.json, found through the file's paths.status, else the default), say so
+    once on stderr, and act; what would change the config's meaning still refuses."""
+    from daemon import atomic
+    from daemon.config import resolved_dict
+    from daemon.service import RUNNING_CONFIG
+
+    path = write_instance(tmp_path / "inst", paths={"status": status_dir})
+    cfg = load_config(path)
+    write_status(cfg)
+    atomic.write_json(cfg.path("status") / RUNNING_CONFIG, resolved_dict(cfg))  # as the daemon does at start
+    text = path.read_text()
+    path.write_text(text.replace('"learning_rate"', '"learnig_rate"') if damage == "typo" else text[:-3])
+    problem = "`training.learnig_rate` is not a known key" if damage == "typo" else "not valid JSON at line"
+
+    r = trainctl(path, "status")  # no daemon: the config error, as before
+    assert r.returncode == 1 and problem in r.stdout and r.stderr == ""
+    holder = hold_lock(cfg)
+    try:
+        write_status(cfg)
+        r = trainctl(path, "status")
+        assert r.returncode == 0, r.stdout + r.stderr
+        headline = r.stdout.splitlines()[0]  # (on a busy machine it may add that the status is a second old)
+        assert headline.startswith("traind  training") and headline.endswith(f"pid {holder.pid}"), headline
+        assert r.stderr.startswith(f"trainctl: {path} has 1 problem(s):\n") and problem in r.stderr
+        assert r.stderr.count("\n") == 3 and r.stderr.endswith(
+            f"trainctl: using the config the running daemon (pid {holder.pid}) started with "
+            f"({cfg.path('status') / RUNNING_CONFIG}); fix {path} before it starts again\n"), r.stderr
+
+        r = trainctl(path, "health")
+        assert "FAIL  config      " in r.stdout and problem in r.stdout and r.returncode == 2, r.stdout
+        r = trainctl(path, "pause", "--no-wait")
+        assert (r.returncode, r.stdout) == (0, "pause: requested\n") and problem in r.stderr
+        assert json.loads((cfg.path("status") / "control" / "desired_state.json").read_text())["state"] == "paused"
+        r = trainctl(path, "stop", "--no-wait")
+        assert (r.returncode, r.stdout) == (0, f"stop: requested (pid {holder.pid})\n") and problem in r.stderr
+        assert [p.read_text().count('"stop"') for p in (cfg.path("status") / "control" / "requests").iterdir()] == [1]
+
+        for refused in (("config", "approve"), ("queue", "add", str(EXAMPLES / "chat.jsonl"))):
+            r = trainctl(path, *refused)
+            assert r.returncode == 1 and problem in r.stdout and "running daemon" not in r.stdout + r.stderr, refused
+        assert not (cfg.path("queue") / "pending").exists() or files_under(cfg.path("queue") / "pending") == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------- eval on what is not a file (#26.11)
+
+
+@pytest.mark.parametrize("what, said", [("missing", "no such file"), ("folder", "is a directory")])
+def test_eval_refuses_what_is_not_a_readable_file_before_loading_a_model(cfg: Config, tmp_path: Path, what: str,
+                                                                         said: str) -> None:
+    target = tmp_path / "data"
+    if what == "folder":
+        target.mkdir()
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(cfg.root / "config.json"), "eval", "data",
+                        "--adapter", "none"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (1, f"trainctl: eval: data: {said}\n", "")
+    assert not cfg.path("models").exists()  # refused before any model was built or loaded
+
+
+# ---------------------------------------------------------------- config explain shows the value and the default
+
+
+def test_config_explain_shows_the_value_in_the_config_beside_the_default(tmp_path: Path) -> None:
+    path = write_instance(tmp_path / "inst", training={"learning_rate": 0.002})
+    r = trainctl(path, "config", "explain")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"config explain: {path} (* where it differs from the default)"
+    assert "* training.learning_rate = 0.002   (default 0.0002)" in lines
+    assert '  training.schedule = "cosine"   (default)' in lines
+    assert "  training.weight_decay = 0.0   (default)" in lines
+
+
+def test_config_explain_works_on_a_config_that_does_not_load(tmp_path: Path) -> None:
+    path = write_instance(tmp_path / "inst", training={"learning_rate": 0.002, "learnig_rate": 1})
+    r = trainctl(path, "config", "explain")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"config explain: {path} does not load (1 problem(s); `trainctl config validate` lists them): "
+                        "the values it sets, where they fit (* where they differ from the default)")
+    assert "* training.learning_rate = 0.002   (default 0.0002)" in lines
+    path.write_text("{")
+    r = trainctl(path, "config", "explain")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"config explain: {path} does not load (not valid JSON at line 1")
+    assert lines[0].endswith("): the defaults only")
+    assert "  training.learning_rate   (default 0.0002)" in lines

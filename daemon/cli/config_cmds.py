@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import lockedkeys
@@ -45,9 +47,59 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_config_explain(args: argparse.Namespace) -> int:
+    """Every key with its help text, the value the config file gives it and the default, side by side."""
+    values, header = _explained_values(args.config)
+    out(header)
     for key, default, help_text in explain():
-        out(f"{key} = {json.dumps(default)}\n    {help_text}")
+        if values is None:
+            out(f"  {key}   (default {json.dumps(default)})")
+        else:
+            value = values(key, default)
+            mark, note = (" ", "default") if _is_default(value, default) else ("*", f"default {json.dumps(default)}")
+            out(f"{mark} {key} = {json.dumps(value)}   ({note})")
+        out(f"      {help_text}")
     return 0
+
+
+def _is_default(value: object, default: object) -> bool:
+    """2 and 2.0 are the same setting (a float key reads an int as a float); 1 is not true."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
+
+
+def _explained_values(path: str) -> tuple[Callable[[str, object], object] | None, str]:
+    """How to read each key's value from the config at `path` (None: defaults only), and the header line.
+
+    A config that loads gives every value as the daemon would use it; one that parses but does not
+    validate gives the values it sets, as written; one that does not parse gives none."""
+    where = Path(path).expanduser().resolve()
+    try:
+        cfg = load_config(where)
+    except ConfigError as e:
+        try:
+            raw = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = None
+        if not isinstance(raw, dict):
+            return None, f"config explain: {where} does not load ({e.problems[0]}): the defaults only"
+        header = (f"config explain: {where} does not load ({len(e.problems)} problem(s); `trainctl config validate` "
+                  "lists them): the values it sets, where they fit (* where they differ from the default)")
+        return (lambda key, default: _raw_value(raw, key, default)), header
+    return (lambda key, default: _loaded_value(cfg, key)), f"config explain: {where} (* where it differs from the default)"
+
+
+def _loaded_value(cfg: Config, key: str) -> object:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
+
+
+def _raw_value(raw: dict, key: str, default: object) -> object:
+    section, _, name = key.partition(".")
+    if not name:
+        return raw.get(section, default)
+    part = raw.get(section)
+    return part.get(name, default) if isinstance(part, dict) else default
 
 
 def cmd_config_approve(cfg: Config, args: argparse.Namespace) -> int:

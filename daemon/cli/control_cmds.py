@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import control
-from daemon.cli.shared import WAIT_SECONDS, daemon_pid, out, wait_for_status, with_config
+from daemon.cli.shared import WAIT_SECONDS, daemon_pid, out, wait_for_status, with_running_config
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.jobqueue import JobQueue
@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    # These only ask a running daemon to act: a config.json broken since it started must not stop them.
     commands: tuple[tuple[str, str, Handler], ...] = (
-        ("pause", "pause at the next step; the model stays loaded", with_config(cmd_pause_resume)),
-        ("resume", "carry on", with_config(cmd_pause_resume)),
-        ("skip", "abandon the file in training (-> failed/, reason skipped)", with_config(cmd_skip)),
-        ("stop", "checkpoint and stop the daemon", with_config(cmd_stop)),
+        ("pause", "pause at the next step; the model stays loaded", with_running_config(cmd_pause_resume)),
+        ("resume", "carry on", with_running_config(cmd_pause_resume)),
+        ("skip", "abandon the file in training (-> failed/, reason skipped)", with_running_config(cmd_skip)),
+        ("stop", "checkpoint and stop the daemon", with_running_config(cmd_stop)),
     )
     for name, help_text, handler in commands:
         c = subparsers.add_parser(name, parents=[common], help=help_text)

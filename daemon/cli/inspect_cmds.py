@@ -60,7 +60,28 @@ def cmd_sample(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read as a data file, in a few words; None when it can."""
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():
+        return "is a directory"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    return None
+
+
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    # Checked before anything loads: a typo costs no model load and no traceback.
+    why = unreadable(Path(args.file))
+    if why is not None:
+        out(f"trainctl: eval: {args.file}: {why}")
+        return 1
     from daemon.train.inspect import compare_on_file, load_view
 
     _quiet()

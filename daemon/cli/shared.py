@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -10,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from daemon.config import Config, load_config
+from daemon.config import Config, PathsConfig, load_config
+from daemon.errors import ConfigError
 from daemon.lock import holder_pid
 from daemon.status import HISTORY_FILE, HistoryDB, read_status
 
@@ -32,6 +35,68 @@ def with_config(command: Callable[[Config, argparse.Namespace], int]) -> Handler
     def handler(args: argparse.Namespace) -> int:
         return command(load_config(args.config), args)
     return handler
+
+
+def with_running_config(command: Callable[[Config, argparse.Namespace], int]) -> Handler:
+    """A handler for a command that only reads or stops a running instance: where --config does not load
+    but a daemon runs for its instance, it goes on with the config that daemon runs with (saying so)."""
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            cfg = running_config(args.config, e)
+            args.config_problem = e
+        return command(cfg, args)
+    return handler
+
+
+def running_config(path: str | Path, problem: ConfigError) -> Config:
+    """The config the daemon of `path`'s instance runs with, for a config file that does not load (`problem`),
+    after saying so on stderr; `problem` itself where no daemon runs there or its copy does not load.
+
+    An edit that broke config.json must not cut the user off from a daemon that runs fine: it
+    validated its config at start and keeps a copy (status/running_config.json). Commands that would
+    act on the file's meaning (config approve, queue add) never come here: they refuse."""
+    from daemon.service import RUNNING_CONFIG  # the service's own name for it, imported on this rare path only
+
+    path = Path(path).expanduser().resolve()
+    status = status_folder(path)
+    pid = holder_pid(status / "daemon.lock")
+    if pid is None:
+        raise problem
+    try:
+        cfg = load_config(status / RUNNING_CONFIG)
+    except ConfigError:
+        raise problem from None
+    who = f"pid {pid}" if pid > 0 else "its pid unknown"
+    sys.stderr.write(f"trainctl: {problem}\ntrainctl: using the config the running daemon ({who}) started with "
+                     f"({status / RUNNING_CONFIG}); fix {path} before it starts again\n")
+    # Its paths are absolute; the root is still the instance's folder (the `.stop` file lives there).
+    return dataclasses.replace(cfg, root=path.parent)
+
+
+def status_folder(path: str | Path) -> Path:
+    """The status folder of the instance `path` describes, also where that config does not load: then from
+    the file's `paths.status` if it parses as JSON, else the default, from the config's folder."""
+    path = Path(path).expanduser().resolve()
+    try:
+        return load_config(path).path("status")
+    except ConfigError:
+        return _status_folder_as_written(path)
+
+
+def _status_folder_as_written(path: Path) -> Path:
+    """A broken config still says where its instance keeps its status (or the default does)."""
+    name = PathsConfig.status
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None
+    paths = raw.get("paths") if isinstance(raw, dict) else None
+    if isinstance(paths, dict) and isinstance(paths.get("status"), str) and paths["status"]:
+        name = paths["status"]
+    folder = Path(name).expanduser()
+    return folder if folder.is_absolute() else path.parent / folder
 
 
 def lock_path(cfg: Config) -> Path:

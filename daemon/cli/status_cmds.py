@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config
+from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config, with_running_config
 from daemon.diskguard import human_bytes
 from daemon.diskspace import write_trouble
 from daemon.config import Config
@@ -26,12 +26,12 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     s = subparsers.add_parser("status", parents=[common], help="one-screen summary")
     s.add_argument("--json", action="store_true", help="print the raw status JSON")
     s.add_argument("--watch", nargs="?", const=2.0, type=_seconds, default=None, metavar="SECONDS", help="refresh until Ctrl-C")
-    s.set_defaults(handler=with_config(cmd_status))
+    s.set_defaults(handler=with_running_config(cmd_status))
     h = subparsers.add_parser("health", parents=[common],
                               help="one report: daemon, config, queue, disk, adapter, checkpoint (exit 0 ok, 1 warnings, 2 a problem)")
     h.add_argument("--deep", action="store_true", help="also load the newest checkpoint (in a subprocess)")
     h.add_argument("--json", action="store_true")
-    h.set_defaults(handler=with_config(cmd_health))
+    h.set_defaults(handler=with_running_config(cmd_health))
     lg = subparsers.add_parser("logs", parents=[common], help="the newest log lines (the daemon's, or --trainer's)")
     lg.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (across days) until Ctrl-C")
@@ -181,9 +181,14 @@ def _queue_line(q: dict) -> str:
 
 
 def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
-    from daemon.health import exit_code, run_checks
+    from daemon.health import Check, exit_code, run_checks
 
     checks = run_checks(cfg, deep=args.deep)
+    problem = getattr(args, "config_problem", None)  # config.json broken; the checks ran on the daemon's copy
+    if problem is not None:
+        checks = [Check("config", "problem", f"{' '.join(str(problem).split())}; the running daemon keeps the config "
+                                             "it started with, and will not start again with this one")
+                  if c.name == "config" else c for c in checks]
     code = exit_code(checks)
     if args.json:
         out(json.dumps({"exit_code": code, "checks": [c.to_dict() for c in checks]}, indent=2))
