@@ -62,6 +62,9 @@ WorkingDirectory=$ROOT
 Environment=HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 ExecStart=$PY -m daemon --config $CONFIG
 KillSignal=SIGTERM
+# SIGTERM to the service alone: it asks the trainer to checkpoint and waits for it. The default
+# (control-group) would signal the trainer too, which must not die before its checkpoint.
+KillMode=mixed
 TimeoutStopSec=$STOP_TIMEOUT
 Restart=on-failure
 RestartSec=10

@@ -277,6 +277,12 @@ class Service:
     def _on_child_exit(self, code: int, now: float) -> None:
         self.status.trainer_pid = None
         self.rollback_sent = self.consolidation_sent = False  # unanswered: the next child gets them again
+        if self.sup.refusal is not None:  # not a crash: the config cannot run here; nothing restarts it
+            self.sup.state = TrainerState.REFUSED
+            if self.tracker.job is not None:  # it stays in processing/ and resumes once the config is mended
+                self.tracker.end()
+            self.exit_now = self.exit_now or self.stop_requested
+            return
         if self.sup.state is TrainerState.EXITING or self.stop_requested:
             self.sup.state = TrainerState.DOWN
             self.exit_now = self.exit_now or self.stop_requested
@@ -349,6 +355,18 @@ class Service:
         self.deferred_skips.clear()
         if not self.stop_requested:
             self._set(ServiceStatus.IDLE, detail="waiting for files")
+
+    def _msg_config_refused(self, msg: dict, now: float) -> None:
+        """The trainer found the config cannot run on this machine: hold the queue and say every reason."""
+        problems = list(msg.get("problems") or [])
+        self.sup.on_refused(problems)
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        message = f"the config cannot run on this machine: {listed}"
+        log.error("%s; no file is trained until config.json is mended and the daemon restarted", message)
+        self.db.event("config_refused", message, msg.get("job_id"), t=now)
+        if not self.stop_requested:
+            self._set(ServiceStatus.ERROR, detail="the config cannot run on this machine; nothing is trained (mend "
+                      "config.json, then restart: bin/stop_all.sh && bin/start_all.sh)", last_error=message)
 
     def _msg_paused(self, msg: dict, now: float) -> None:
         if self.tracker.job is not None and not self.stop_requested:

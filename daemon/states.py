@@ -40,6 +40,7 @@ class TrainerState(str, Enum):
     READY = "ready"  # model loaded, no file
     BUSY = "busy"  # training a file (paused or not: see Service.child_paused)
     EXITING = "exiting"  # told to stop or shut down
+    REFUSED = "refused"  # said the config cannot run on this machine: not restarted until the daemon is
 
 
 class JobState(str, Enum):

@@ -38,6 +38,7 @@ class Supervisor:
         self.crashes_in_a_row = 0  # reset by a step: a trainer that trains again is healthy
         self.start_failures = 0  # crashes before "ready" in a row: reset by "ready"
         self.restart_at = 0.0
+        self.refusal: list[str] | None = None  # why the config cannot run here, as the child said
 
     # -- process ---------------------------------------------------------------------
     @property
@@ -86,6 +87,12 @@ class Supervisor:
         if self.state is not TrainerState.EXITING:
             self.state = TrainerState.READY
         self.start_failures = 0
+
+    def on_refused(self, problems: list[str]) -> None:
+        """The child said the config cannot run here (daemon/train/preflight.py): it leaves, and no restart
+        would help until the config changes, which takes a restart of the daemon."""
+        self.refusal = list(problems)
+        self.state = TrainerState.REFUSED
 
     def on_step(self) -> None:
         self.crashes_in_a_row = 0

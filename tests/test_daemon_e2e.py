@@ -157,6 +157,24 @@ def test_pause_resume_skip_stop_through_trainctl(daemon_factory):
     assert list((d.cfg.path("checkpoints")).glob("*/step_*"))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_every_process_at_once_still_checkpoints_at_the_step_reached(daemon_factory, sig):
+    """What systemd's default stop (SIGTERM to every process of the unit) and Ctrl-C in a terminal (SIGINT to
+    the foreground group) do: the trainer must not die of it before its stop checkpoint (#27, defect 1)."""
+    d = daemon_factory(training={"epochs_per_file": 30, "checkpoint_every_steps": 1000}).start()
+    d.drop("long.jsonl", lines_of("chat.jsonl", 40))
+    st = d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 3, what="training")
+    for pid in (d.proc.pid, st["trainer_pid"]):  # no periodic checkpoint yet: only the stop can make one
+        os.kill(pid, sig)
+    assert d.wait_exit() == 0
+    (entry,) = d.queue.processing()
+    stopped = [e for e in d.history().events(100) if e["kind"] == "job_stopped"]
+    assert stopped, "the trainer died before its stop checkpoint"
+    step = int(stopped[-1]["message"].split("stopped at step ")[1].split(";")[0])
+    latest = json.loads((d.cfg.path("checkpoints") / entry.job_id / "latest.json").read_text())
+    assert latest["path"] == f"step_{step:06d}" and step >= 3
+
+
 def test_emergency_stop_file(daemon_factory):
     d = daemon_factory(training={"epochs_per_file": 30}).start()
     d.drop("long.jsonl", lines_of("chat.jsonl", 40))

@@ -30,6 +30,7 @@ def test_the_unit_runs_the_guarded_daemon_and_restarts_only_what_a_restart_mends
     svc = u["Service"]
     assert svc["Restart"] == "on-failure" and set(svc["RestartPreventExitStatus"].split()) == {"1", "2", "3"}
     assert svc["KillSignal"] == "SIGTERM" and int(svc["TimeoutStopSec"]) > load_config(config).service.stop_timeout_seconds
+    assert svc["KillMode"] == "mixed"  # SIGTERM to the service alone: the trainer checkpoints when it is told
     argv = shlex.split(svc["ExecStart"])
     assert argv[1:] == ["-m", "daemon", "--config", str(config)] and os.access(argv[0], os.X_OK)
     # the guard: with the instance's lock held (a daemon already running), the unit's command exits 3 at once

@@ -2,6 +2,7 @@
 
     from daemon.train import process
     process.die_with_parent()
+    process.ignore_group_signals()                        # a plain child; ranks under torchrun are torch's
     process.quiet_hugging_face()
     fd = process.acquire_lock(cfg.path("checkpoints") / ".trainer.lock")
     conn = process.connect()                              # TRAIND_CONNECT / TRAIND_AUTHKEY from the service
@@ -42,6 +43,15 @@ def die_with_parent() -> None:
         log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def ignore_group_signals() -> None:
+    """The service owns this process's life (rq's work-horse policy): it says `stop` over the pipe and waits
+    for the checkpoint, or SIGKILLs after service.stop_timeout_seconds; PDEATHSIG ends us if it dies. A
+    SIGTERM or SIGINT meant for the daemon as a whole (systemd's control-group stop, Ctrl-C in a terminal
+    whose group we share) must not kill us before that checkpoint, so both are ignored here."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def quiet_hugging_face() -> None:

@@ -37,9 +37,9 @@ from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped, TraindError
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
-from daemon.train import consolidate, process
+from daemon.train import consolidate, preflight, process
 from daemon.train.activity import ActivityProbe, Grid
-from daemon.train.model import (capabilities, choose_device, load_adapter, load_for_training, lora_state,
+from daemon.train.model import (ModelError, capabilities, choose_device, load_adapter, load_for_training, lora_state,
                                 publish_adapter, set_lora_state)
 from daemon.train.ranks import Ranks
 from daemon.train.tboard import Board
@@ -323,6 +323,11 @@ def _handle_train(sess: Session, job: Any, msg: dict[str, Any]) -> None:
                 log.exception("%s: rank 0 failed alone; ending the group", job.job_id)
                 raise
             restore(sess, before)
+            if isinstance(e, ModelError):  # the config's fault, not the file's: it stays, the queue is held
+                log.error("%s: the config cannot run here: %s", job.job_id, e)
+                sess.send({"type": "config_refused", "problems": [str(e)], "job_id": job.job_id})
+                sess.exit_code = preflight.EXIT_CONFIG
+                return
             full = disk_full_from(e, sess.checkpoints(job.job_id), "trainer")
             if full is None:
                 fail(sess, job.job_id, e)
@@ -674,6 +679,19 @@ def follow(sess: Session) -> int:
             return 0
 
 
+def refuse_config(cfg: Config, problems: list[str], rank: int) -> int:
+    """The config cannot run on this machine: say every reason (rank 0, to the service) and leave for good."""
+    for p in problems:
+        log.error("the config cannot run here: %s", p)
+    if rank == 0:
+        conn = process.connect()
+        try:
+            conn.send({"type": "config_refused", "problems": problems})
+        finally:
+            conn.close()
+    return preflight.EXIT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the daemon's config.json")
@@ -681,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     process.die_with_parent()
     cfg = load_config(args.config)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun (daemon.train.launch); 0 for a plain child
+    if "LOCAL_RANK" not in os.environ:  # a plain child: the service decides when it ends (torchrun handles its ranks)
+        process.ignore_group_signals()
     setup_logging(cfg.path("logs"), "trainer" if rank == 0 else f"trainer_rank{rank}", cfg.service.log_level,
                   also_stderr=False, keep_days=cfg.service.log_keep_days, max_bytes=cfg.service.log_max_bytes)
     # before quiet_hugging_face imports torch; ranks on one machine share its cores
@@ -690,7 +710,10 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and (swept := ckpt.sweep_temp(cfg.path("checkpoints")) + sweep_temps(cfg.path("adapters"), adapters.CURRENT)):
         log.info("removed %d unfinished checkpoint folder(s) and pointer temp file(s) a killed trainer left", swept)
     log.info("trainer pid %d started (config %s)", os.getpid(), args.config)
-    device = choose_device(cfg.model, capabilities())
+    caps = capabilities()
+    if refused := preflight.problems(cfg, caps):  # before minutes of loading, and before any file fails for it
+        return refuse_config(cfg, refused, rank)
+    device = choose_device(cfg.model, caps)
     ranks = Ranks.from_env(cfg.distributed, device)
     if ranks.many:
         from daemon.train.sharding import check_fsdp
