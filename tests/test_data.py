@@ -460,3 +460,10 @@ def test_records_the_tokenizer_refuses_count_against_the_skip_limits(alternating
     with pytest.raises(DataError, match=r"3 of 30 lines bad .* line 3, field messages: .* alternate.*; and 2 more") as info:
         plan_file(path, DataFormat.CHAT, alternating_tok, _cfg(bad_line_policy="skip", max_bad_fraction=0.05), 0)
     assert [e.line for e in info.value.errors] == [3, 8, 9]
+
+
+def test_the_pass_stops_at_the_first_refused_line_past_max_bad_lines(alternating_tok: Any, tmp_path: Path) -> None:
+    path = _chat_file(tmp_path / "c.jsonl", 40, {5, 10, 15, 20, 25})
+    with pytest.raises(DataError, match=r"3 bad lines \(limit 2\), found by the tokenizer: line 5, .*; and 2 more") as info:
+        plan_file(path, DataFormat.CHAT, alternating_tok, _cfg(bad_line_policy="skip", max_bad_lines=2), 0)
+    assert [e.line for e in info.value.errors] == [5, 10, 15]  # it stopped there: a long file is not read on

@@ -250,10 +250,45 @@ def _record_error(record: Record, reason: str) -> RecordError:
 
 @dataclass
 class _BadLines:
-    """What one pass over a file met besides examples: validation's bad lines (counted) and the tokenizer's."""
+    """What one pass over a file met besides examples: validation's bad lines (counted) and the ones the
+    tokenizer refused (counted, the first named). With `data_cfg` the bad-line policy is applied as they
+    come: under reject the first one fails the file, under skip the one past max_bad_lines does."""
 
+    name: str = ""
+    data_cfg: DataConfig | None = None
     n_validation: int = 0
-    refused: list[LineError] = field(default_factory=list)
+    n_refused: int = 0
+    first: list[LineError] = field(default_factory=list)
+
+    def validation_bad(self, error: LineError) -> None:
+        self.n_validation += 1
+
+    def refused(self, errors: list[LineError]) -> None:
+        self.n_refused += len(errors)
+        self.first.extend(errors[: MAX_NAMED_LINES - len(self.first)])
+        cfg = self.data_cfg
+        if cfg is not None and (cfg.bad_line_policy == "reject" or self.n_bad > cfg.max_bad_lines):
+            # Mid-pass only the limits that do not depend on the good lines apply (hence n_valid 1).
+            self.fail(bad_line_refusal(1, self.n_bad, cfg) or "")
+
+    @property
+    def n_bad(self) -> int:
+        return self.n_validation + self.n_refused
+
+    def check(self, n_valid: int) -> None:
+        """At the end of the pass: fail the file if the limits say so, else log what is skipped."""
+        if not self.n_refused or self.data_cfg is None:
+            return
+        refusal = bad_line_refusal(n_valid, self.n_bad, self.data_cfg)
+        if refusal is not None:
+            self.fail(refusal)
+        log.warning("%s: %d line(s) the tokenizer refused, skipped (bad_line_policy skip): %s", self.name,
+                    self.n_refused, "; ".join(str(e) for e in self.first[:5]) + (" ..." if self.n_refused > 5 else ""))
+
+    def fail(self, refusal: str) -> None:
+        more = self.n_refused - 1
+        raise RecordError(f"{self.name}: {refusal}, found by the tokenizer: {self.first[0]}"
+                          + (f"; and {more} more" if more else ""), list(self.first))
 
 
 def is_eval_line(line: int, seed: int, eval_fraction: float) -> bool:
@@ -274,11 +309,11 @@ def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_c
     """
     bad = bad if bad is not None else _BadLines()
     n_eval = n_train = 0
-    for record in iter_records(path, fmt, data_cfg.max_line_bytes, on_bad=lambda e: _count(bad)):
+    for record in iter_records(path, fmt, data_cfg.max_line_bytes, on_bad=bad.validation_bad):
         try:
             ex = tokenize_record(record, tokenizer, data_cfg.max_length)
         except RecordError as e:
-            bad.refused.extend(e.errors)
+            bad.refused(e.errors)
             continue
         if ex is None:
             yield "dropped", None
@@ -301,7 +336,7 @@ def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg
     counts = {"train": 0, "eval": 0, "dropped": 0}
     tokens = 0
     held_out: list[Example] = []
-    bad = _BadLines()
+    bad = _BadLines(Path(path).name, data_cfg)
     for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed, bad):
         tick()
         counts[kind] += 1
@@ -309,26 +344,8 @@ def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg
             tokens += len(ex.input_ids)
         elif kind == "eval" and ex is not None:
             held_out.append(ex)
-    if bad.refused:
-        _apply_policy(Path(path).name, sum(counts.values()), bad, data_cfg)
-    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out),
-                    tuple(bad.refused[:MAX_NAMED_LINES]))
-
-
-def _count(bad: _BadLines) -> None:
-    bad.n_validation += 1
-
-
-def _apply_policy(name: str, n_valid: int, bad: _BadLines, data_cfg: DataConfig) -> None:
-    """Lines the tokenizer refused are bad lines like validation's: within the limits they are skipped
-    (logged by line), else the file fails naming them (RecordError)."""
-    first, more = bad.refused[0], len(bad.refused) - 1
-    named = f"{first}" + (f"; and {more} more" if more else "")
-    refusal = bad_line_refusal(n_valid, bad.n_validation + len(bad.refused), data_cfg)
-    if refusal is not None:
-        raise RecordError(f"{name}: {refusal}, found by the tokenizer: {named}", bad.refused[:MAX_NAMED_LINES])
-    log.warning("%s: %d line(s) the tokenizer refused, skipped (bad_line_policy skip): %s",
-                name, len(bad.refused), "; ".join(str(e) for e in bad.refused[:5]) + (" ..." if more >= 5 else ""))
+    bad.check(sum(counts.values()))
+    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out), tuple(bad.first))
 
 
 def train_lines(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[int]:
