@@ -1,14 +1,18 @@
 """Logging set up once, in entry points: daily files `logs/<prefix>_YYYYMMDD.log`.
 
     setup_logging(cfg.path("logs"), "daemon", "INFO", also_stderr=True)
+    follower = LogFollower(cfg.path("logs"), "daemon")      # trainctl logs: the tail, then what is appended
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from daemon.atomic import inject_enospc
 
@@ -131,3 +135,104 @@ def setup_logging(logs_dir: str | Path, prefix: str, level: str = "INFO", also_s
     root.setLevel(level)
     for noisy in ("watchdog", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- reading them back (trainctl logs)
+
+TAIL_BLOCK = 1 << 16  # bytes read at a time from the end while looking for the last N lines
+LATE_LINES_SECONDS = 30.0  # an earlier day's file is still read this long after it last grew
+
+
+class _OpenLog:
+    """One daily file held open: text comes from where the last read ended, never from a size taken apart."""
+
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+        self.path = path
+        self.file: BinaryIO = open(path, "rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across reads
+        self.grew_at = clock()
+
+    def read(self, clock: Callable[[], float]) -> str:
+        data = self.file.read()
+        if data:
+            self.grew_at = clock()
+        return self.decoder.decode(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class LogFollower:
+    """The tail of the newest daily log of `prefix`, then whatever is appended (`trainctl logs [-f]`).
+
+        follower = LogFollower(cfg.path("logs"), "daemon")
+        sys.stdout.write(follower.tail(50))
+        while True: time.sleep(0.5); sys.stdout.write(follower.poll())
+
+    The tail is read from the handle it keeps, and following goes on from where that read ended: a
+    line appended while the tail was read is printed once, never lost (#26). When a newer day's
+    file appears, the old one is read to its end and then still read for LATE_LINES_SECONDS after
+    it last grew: a record stamped before midnight can be written just after it.
+    """
+
+    def __init__(self, folder: str | Path, prefix: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.folder, self.prefix, self.clock = Path(folder), prefix, clock
+        self.current: _OpenLog | None = None
+        self.earlier: list[_OpenLog] = []
+
+    def newest(self) -> Path | None:
+        return max(self.folder.glob(f"{self.prefix}_[0-9]*.log"), default=None)  # YYYYMMDD: name order is age order
+
+    def tail(self, lines: int) -> str:
+        """The last `lines` lines of the newest file (and anything appended while they were read)."""
+        path = self.newest()
+        if path is None:
+            return ""
+        self.current = _OpenLog(path, self.clock)
+        self.current.file.seek(_start_of_last_lines(self.current.file, max(lines, 0)))
+        return self.current.read(self.clock)
+
+    def poll(self) -> str:
+        """What was appended since the last call, across a change of day."""
+        out = []
+        newest = self.newest()
+        if newest is not None and (self.current is None or newest.name > self.current.path.name):
+            if self.current is not None:
+                out.append(self.current.read(self.clock))  # the old day's rest, before the new day's lines
+                self.earlier.append(self.current)
+            self.current = _OpenLog(newest, self.clock)  # a new day: from its start
+        for old in list(self.earlier):
+            out.append(old.read(self.clock))
+            if self.clock() - old.grew_at > LATE_LINES_SECONDS:
+                old.close()
+                self.earlier.remove(old)
+        if self.current is not None:
+            out.append(self.current.read(self.clock))
+        return "".join(out)
+
+    def close(self) -> None:
+        for f in [*self.earlier, *([self.current] if self.current else [])]:
+            f.close()
+        self.earlier, self.current = [], None
+
+
+def _start_of_last_lines(f: BinaryIO, lines: int) -> int:
+    """The offset where the last `lines` lines begin (a last line without its newline counts), read backwards
+    from the end in blocks: a long log is never read whole for a few lines."""
+    end = f.seek(0, os.SEEK_END)
+    if lines == 0 or end == 0:
+        return end
+    f.seek(end - 1)
+    need = lines + (f.read(1) == b"\n")  # newlines to pass going back; a final one ends the last line
+    pos = end
+    while pos > 0:
+        step = min(TAIL_BLOCK, pos)
+        pos -= step
+        f.seek(pos)
+        block = f.read(step)
+        at = len(block)
+        while (at := block.rfind(b"\n", 0, at)) >= 0:
+            need -= 1
+            if need == 0:
+                return pos + at + 1
+    return 0

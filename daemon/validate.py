@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 MAX_REPORTED_ERRORS = 50
 _CHUNK = jsonl.CHUNK  # read size, looked up at each read so a test can shrink it
 _ROLES = ("system", "user", "assistant")
+# JSON may escape half of a UTF-16 surrogate pair alone ("\ud800"); Python decodes that into a str no
+# UTF-8 codec, and so no tokenizer, can encode. A well-formed pair decodes to one character and never matches.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataFormat(str, Enum):
@@ -137,7 +141,18 @@ def _string(obj: dict, key: str, line: int, field: str, non_empty: bool) -> str 
         return LineError(line, field, f"must be a string, got {json_type(value)}")
     if non_empty and not value.strip():
         return LineError(line, field, "must not be empty")
-    return value
+    return _encodable(value, line, field)
+
+
+def _encodable(value: str, line: int, field: str) -> str | LineError:
+    """`value`, or the LineError saying where it holds text no tokenizer can encode."""
+    bad = _LONE_SURROGATE.search(value)
+    if bad is None:
+        return value
+    code = f"U+{ord(bad.group()):04X}"
+    return LineError(line, field, f"lone surrogate {code} at character {bad.start() + 1} (a \\u{code[2:].lower()} "
+                                  "escape without the other half of its pair): it cannot be encoded as UTF-8 "
+                                  "or tokenised; fix or drop the escape")
 
 
 def _parse_message(msg: Any, line: int, i: int) -> dict | LineError:
@@ -206,6 +221,9 @@ def _parse_alpaca(obj: dict, line: int) -> dict | LineError:
     inp = "" if obj.get("input") is None else obj["input"]
     if not isinstance(inp, str):
         return LineError(line, "input", f"must be a string, got {json_type(inp)}")
+    inp = _encodable(inp, line, "input")
+    if isinstance(inp, LineError):
+        return inp
     output = _string(obj, "output", line, "output", non_empty=True)
     if isinstance(output, LineError):
         return output
@@ -250,7 +268,9 @@ def _parse(raw: bytes, line: int, fmt: DataFormat | None, max_line_bytes: int, l
         return _Parsed(LineError(line, "", f"expected a JSON object, got {json_type(obj)}"), None, False)
     shape = _detect(obj)
     if shape is None:
-        keys = ", ".join(sorted(obj)[:8]) or "none"
+        # a key may hold a lone surrogate: escaped, so the reason can be logged and printed
+        keys = ", ".join(k.encode("utf-8", "backslashreplace").decode("utf-8")
+                         for k in sorted(obj)[:8]) or "none"
         reason = (f"unknown record shape (keys: {keys}); expected messages (chat), prompt+completion, "
                   "instruction+output (alpaca) or text")
         return _Parsed(LineError(line, "", reason), None, False)
@@ -324,18 +344,21 @@ def _mixed(t: _Tally) -> str | None:
 
 def _policy(t: _Tally) -> str | None:
     """Apply the bad-line policy; None when the file is accepted, else why not."""
-    cfg = t.cfg
-    nonblank = t.n_valid + t.n_bad
-    if t.fatal:
-        return t.fatal
-    if t.n_valid == 0:
-        return f"no valid records ({t.n_bad} bad lines)"
-    if cfg.bad_line_policy == "reject" and t.n_bad:
-        return f"{t.n_bad} bad lines (bad_line_policy 'reject' allows none)"
-    if t.n_bad > cfg.max_bad_lines:
-        return f"{t.n_bad} bad lines (limit {cfg.max_bad_lines})"
-    if t.n_bad / nonblank > cfg.max_bad_fraction:
-        return f"{t.n_bad} of {nonblank} lines bad ({t.n_bad / nonblank:.1%}, limit {cfg.max_bad_fraction:.1%})"
+    return t.fatal or bad_line_refusal(t.n_valid, t.n_bad, t.cfg)
+
+
+def bad_line_refusal(n_valid: int, n_bad: int, data_cfg: DataConfig) -> str | None:
+    """`data_cfg.bad_line_policy` for a file of n_valid good and n_bad bad lines: None when it may
+    train, else why not. The trainer applies it again to lines only the tokenizer finds bad."""
+    nonblank = n_valid + n_bad
+    if n_valid == 0:
+        return f"no valid records ({n_bad} bad lines)"
+    if data_cfg.bad_line_policy == "reject" and n_bad:
+        return f"{n_bad} bad lines (bad_line_policy 'reject' allows none)"
+    if n_bad > data_cfg.max_bad_lines:
+        return f"{n_bad} bad lines (limit {data_cfg.max_bad_lines})"
+    if n_bad / nonblank > data_cfg.max_bad_fraction:
+        return f"{n_bad} of {nonblank} lines bad ({n_bad / nonblank:.1%}, limit {data_cfg.max_bad_fraction:.1%})"
     return None
 
 
@@ -380,16 +403,23 @@ def _refused(path: str | os.PathLike, size: int, sha256: str, fatal: str) -> Val
     return ValidationReport(str(path), size, sha256, None, 0, 0, 0, (), fatal, False, fatal)
 
 
-def iter_records(path: str | os.PathLike, fmt: DataFormat, max_line_bytes: int) -> Iterator[Record]:
-    """Stream the valid records of a file already validated as `fmt` (bad lines are skipped silently).
+def iter_records(path: str | os.PathLike, fmt: DataFormat, max_line_bytes: int,
+                 on_bad: Callable[[LineError], None] | None = None) -> Iterator[Record]:
+    """Stream the valid records of a file already validated as `fmt`; bad lines are skipped (and passed
+    to `on_bad` when given: validation reported them already).
 
     Same line splitting, numbering and rules as `validate_file`, so line numbers agree.
     """
     fmt = DataFormat(fmt)
     with open(path, "rb") as f:
         for raw in jsonl.raw_lines(f, max_line_bytes, chunk_size=_CHUNK):
-            if raw.data is None or not raw.data.strip():
+            if raw.data is not None and not raw.data.strip():
                 continue
-            result = _parse(raw.data, raw.number, fmt, max_line_bytes, not raw.newline).result
+            if raw.data is None:
+                result: Record | LineError = _overlong(raw.number, raw.length, max_line_bytes)
+            else:
+                result = _parse(raw.data, raw.number, fmt, max_line_bytes, not raw.newline).result
             if isinstance(result, Record):
                 yield result
+            elif on_bad is not None:
+                on_bad(result)

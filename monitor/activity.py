@@ -96,6 +96,15 @@ def get_activity(
     return read_activity(state.cfg.path("status") / HISTORY_FILE, since, until, max_points, measure, top)
 
 
+def _not_trained(state: Any, job_id: str, earlier_id: str) -> str:
+    """Why a duplicate has no record of what it moved, naming the earlier file (from its note in done/)."""
+    earlier = state.queue.read_duplicate(job_id) or {}
+    earlier = earlier.get("duplicate_of") or {}
+    name = earlier.get("original_name") or earlier_id
+    where = f", already in adapter v{earlier['version']}" if earlier.get("version") is not None else ""
+    return f"{job_id} was not trained: its content repeats {name} ({earlier_id}){where}; nothing moved"
+
+
 @router.get("/api/activity/jobs/{job_id}", response_model=FileActivity,
             summary="What one finished file moved: per module ‖ΔW after − ΔW before‖, per layer and kind")
 def get_file_activity(state: StateDep, job_id: str) -> FileActivity:
@@ -111,6 +120,8 @@ def get_file_activity(state: StateDep, job_id: str) -> FileActivity:
             db.close()
     if record is None:
         raise HTTPException(404, f"no job {job_id!r} in the history")
+    if record.get("duplicate_of"):  # done without training: its content was learnt from an earlier file
+        raise HTTPException(404, _not_trained(state, job_id, record["duplicate_of"]))
     if not record.get("activity"):
         raise HTTPException(404, f"{job_id} has no activity record: it has not finished, failed, "
                                  "or was trained before traind measured layer activity")

@@ -163,9 +163,11 @@ class QueueItem(BaseModel):
 class QueueView(BaseModel):
     pending: dict[str, list[QueueItem]] = Field(description="by priority, in run order")
     processing: list[QueueItem]
-    done: list[QueueItem] = Field(description="most recent first, at most `done_limit`")
+    done: list[QueueItem] = Field(description="most recent first, at most `done_limit` from `done_offset` on "
+                                              "(counts.done says how many there are)")
     failed: list[QueueItem] = Field(description="most recent first, with the reason from the .error.json")
     counts: dict[str, int]
+    done_offset: int = Field(0, description="done files before the first one listed (most recent first)")
 
 
 class GpuProcess(BaseModel):

@@ -86,11 +86,13 @@ def _failed_item(q: JobQueue, e: QueueEntry, job: dict[str, Any] | None) -> Queu
                  failed_at=err.get("failed_at"))
 
 
-def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100, db_path: Path | None = None) -> QueueView:
+def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100, db_path: Path | None = None,
+               done_offset: int = 0) -> QueueView:
     pending, processing = q.pending(), q.processing()
     done, failed = q.done(), q.failed()
-    # job ids start with a UTC stamp, so reverse name order is most recent first
-    done_shown, failed_shown = list(reversed(done[-done_limit:])), list(reversed(failed[-failed_limit:]))
+    # job ids start with a UTC stamp, so reverse name order is most recent first; done pages from the newest
+    done_shown = done[::-1][done_offset:done_offset + done_limit]
+    failed_shown = list(reversed(failed[-failed_limit:]))
     jobs = job_records(db_path, (e.job_id for e in (*pending, *processing, *done_shown, *failed_shown))) if db_path else {}
     by_prio = {p.value: [_item(e, jobs.get(e.job_id)) for e in pending if e.priority is p] for p in PRIORITY_ORDER}
     counts = {f"pending_{k}": len(v) for k, v in by_prio.items()}
@@ -102,11 +104,14 @@ def queue_view(q: JobQueue, done_limit: int = 50, failed_limit: int = 100, db_pa
               for e in done_shown],
         failed=[_failed_item(q, e, jobs.get(e.job_id)) for e in failed_shown],
         counts=counts,
+        done_offset=done_offset,
     )
 
 
 @router.get("/api/queue", response_model=QueueView, summary="Pending by priority, processing, done, failed with reasons")
 def get_queue(state: StateDep,
-              done_limit: Annotated[int, Query(ge=0, le=1000)] = 50,
-              failed_limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> QueueView:
-    return queue_view(state.queue, done_limit, failed_limit, state.cfg.path("status") / HISTORY_FILE)
+              done_limit: Annotated[int, Query(ge=0, le=1000, description="done files listed")] = 50,
+              failed_limit: Annotated[int, Query(ge=0, le=1000)] = 100,
+              done_offset: Annotated[int, Query(ge=0, description="done files skipped, most recent first: "
+                                                                  "pages through them with done_limit")] = 0) -> QueueView:
+    return queue_view(state.queue, done_limit, failed_limit, state.cfg.path("status") / HISTORY_FILE, done_offset)

@@ -269,6 +269,21 @@ def test_job_without_a_record(cfg: Config, tmp_path: Path, state: str, why: str)
     assert why in r.stdout
 
 
+def test_a_duplicate_says_it_was_not_trained(cfg: Config, tmp_path: Path) -> None:
+    from daemon.intake import finish_duplicate
+
+    first = place(cfg, tmp_path, "first.jsonl", "done")
+    again = place(cfg, tmp_path, "again.jsonl", "pending")
+    db = history(cfg)
+    finish_duplicate(again, {"sha256": "ab" * 32, "job_id": first.job_id, "original_name": "first.jsonl",
+                             "version": 2, "generation": 0}, time.time(), JobQueue(cfg.path("queue")), db)
+    db.close()
+    r = trainctl(cfg, "--job", "again.jsonl")
+    assert r.returncode == 1 and r.stdout == (f"trainctl activity: {again.job_id} has no record of what it moved: it was "
+                                              f"not trained, its content repeats first.jsonl ({first.job_id}), already "
+                                              "in adapter v2\n")
+
+
 def test_job_errors(cfg: Config, tmp_path: Path) -> None:
     r = trainctl(cfg, "--job", "nope.jsonl")
     assert r.returncode == 1 and "no queued file named 'nope.jsonl'" in r.stdout

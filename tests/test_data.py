@@ -371,3 +371,99 @@ def test_100k_line_file_streams_in_flat_memory(tmp_path: Path) -> None:
 def test_real_tokenizer_streams_in_flat_memory(tok: Any, tmp_path: Path) -> None:
     # 2k vs 20k lines, ~120 s: the real tokenizer under tracemalloc costs ~4 ms per chat line.
     assert_flat(tmp_path, tok, 2_000, 1_000, 5_000_000)
+
+
+# ---------------------------------------------------------------- what the tokenizer cannot take (#26 item 3)
+
+SURROGATE_LINE = r'{"text": "bad \ud800 one"}'  # a lone UTF-16 surrogate: valid JSON, not encodable text
+
+
+def _text_file(path: Path, n: int, bad_at: dict[int, str]) -> Path:
+    """n good text lines, with the raw line bad_at[k] in place of line k (1-based)."""
+    lines = [bad_at.get(k, json.dumps({"text": f"good line number {k}"})) for k in range(1, n + 1)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("policy", ["skip", "reject"])
+def test_a_surrogate_line_trains_the_rest_under_skip_and_is_named_under_reject(tok: Any, tmp_path: Path, policy: str) -> None:
+    """Validation finds the line (so the service refuses or skips it); the trainer, reading the
+    same file with the real embedded tokenizer, trains the good lines and never meets it."""
+    from daemon.validate import validate_file
+
+    path = _text_file(tmp_path / "s.jsonl", 20, {6: SURROGATE_LINE})
+    cfg = _cfg(bad_line_policy=policy, eval_fraction=0.0)
+    report = validate_file(path, cfg)
+    assert [(e.line, e.field) for e in report.errors] == [(6, "text")] and "U+D800" in report.errors[0].reason
+    if policy == "reject":
+        assert not report.accepted
+        return
+    assert report.accepted
+    plan = plan_file(path, DataFormat.TEXT, tok, cfg, 0)
+    assert (plan.n_train, plan.skipped) == (19, ())
+    assert sorted(e.line for e in train_examples(path, DataFormat.TEXT, tok, cfg, 0, 0)) == [*range(1, 6), *range(7, 21)]
+
+
+def test_a_record_the_tokenizer_cannot_encode_is_a_data_error_naming_its_line(tok: Any) -> None:
+    """Whatever validation missed: the real tokenizer's failure on one record names the line."""
+    bad = Record(7, DataFormat.TEXT, {"text": "bad \ud800 one"})  # as if validation had let it through
+    with pytest.raises(DataError, match=r"^line 7, field text: the tokenizer .* cannot encode this record \(TypeError") as info:
+        tokenize_record(bad, tok, 256)
+    assert [(e.line, e.field) for e in info.value.errors] == [(7, "text")]
+
+
+# A template in the style of Llama 2 / Mistral, which refuses a conversation whose roles do not alternate.
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _chat_file(path: Path, n: int, not_alternating: set[int]) -> Path:
+    def rec_at(k: int) -> dict:
+        if k in not_alternating:
+            return {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                 {"role": "assistant", "content": f"reply {k}"}]}
+        return {"messages": [{"role": "user", "content": f"question {k}"}, {"role": "assistant", "content": f"answer {k}"}]}
+    return write_lines(path, [rec_at(k) for k in range(1, n + 1)])
+
+
+@pytest.fixture(scope="module")
+def alternating_tok(tok: Any) -> Any:
+    t = copy.deepcopy(tok)
+    t.chat_template = ALTERNATING
+    t.name_or_path = "alternating-model"
+    return t
+
+
+def test_a_template_refusing_one_record_under_skip_trains_the_rest(alternating_tok: Any, tmp_path: Path) -> None:
+    path = _chat_file(tmp_path / "c.jsonl", 30, {4})
+    cfg = _cfg(bad_line_policy="skip", eval_fraction=0.0)
+    plan = plan_file(path, DataFormat.CHAT, alternating_tok, cfg, 0)
+    assert plan.n_train == 29 and [(e.line, e.field) for e in plan.skipped] == [(4, "messages")]
+    assert "Conversation roles must alternate" in plan.skipped[0].reason
+    trained = sorted(e.line for e in train_examples(path, DataFormat.CHAT, alternating_tok, cfg, 0, 0))
+    assert trained == [k for k in range(1, 31) if k != 4]
+
+
+def test_a_template_refusing_one_record_under_reject_fails_the_file_naming_it(alternating_tok: Any, tmp_path: Path) -> None:
+    path = _chat_file(tmp_path / "c.jsonl", 30, {4})
+    with pytest.raises(DataError, match=r"c\.jsonl: 1 bad lines \(bad_line_policy 'reject' allows none\), found by the "
+                                        r"tokenizer: line 4, field messages: the chat template of tokenizer "
+                                        r"'alternating-model' failed: Conversation roles must alternate") as info:
+        plan_file(path, DataFormat.CHAT, alternating_tok, _cfg(bad_line_policy="reject"), 0)
+    assert [e.line for e in info.value.errors] == [4]
+
+
+def test_records_the_tokenizer_refuses_count_against_the_skip_limits(alternating_tok: Any, tmp_path: Path) -> None:
+    path = _chat_file(tmp_path / "c.jsonl", 30, {3, 8, 9})  # 3 of 30: over a 5% limit
+    with pytest.raises(DataError, match=r"3 of 30 lines bad .* line 3, field messages: .* alternate.*; and 2 more") as info:
+        plan_file(path, DataFormat.CHAT, alternating_tok, _cfg(bad_line_policy="skip", max_bad_fraction=0.05), 0)
+    assert [e.line for e in info.value.errors] == [3, 8, 9]
+
+
+def test_the_pass_stops_at_the_first_refused_line_past_max_bad_lines(alternating_tok: Any, tmp_path: Path) -> None:
+    path = _chat_file(tmp_path / "c.jsonl", 40, {5, 10, 15, 20, 25})
+    with pytest.raises(DataError, match=r"3 bad lines \(limit 2\), found by the tokenizer: line 5, .*; and 2 more") as info:
+        plan_file(path, DataFormat.CHAT, alternating_tok, _cfg(bad_line_policy="skip", max_bad_lines=2), 0)
+    assert [e.line for e in info.value.errors] == [5, 10, 15]  # it stopped there: a long file is not read on

@@ -296,6 +296,53 @@ def test_queue_items_carry_priority_and_skipped_bad_lines_from_the_job_records(c
     assert [e["priority"] for e in v["pending"]["normal"]] == ["normal"] and v["pending"]["normal"][0]["n_bad"] is None
 
 
+def _done_files(cfg, n: int, db: HistoryDB) -> list[str]:
+    """n files trained and done, oldest first, each with its steps and losses in its job record."""
+    from daemon.jobqueue import JobQueue
+    q = JobQueue(cfg.path("queue"))
+    ids = []
+    for k in range(n):
+        p = cfg.root / f"f{k:02d}.jsonl"
+        p.write_text(f'{{"text": "file {k}"}}\n')
+        done = q.finish(q.start(q.admit(p, Priority.NORMAL, 1_700_000_000.0 + k)).job_id)
+        db.upsert_job(done.job_id, original_name=p.name, state="done", steps=10 + k, total_steps=10 + k,
+                      final_loss=1.0 / (k + 1), eval_loss=2.0 / (k + 1) if k % 2 else None, finished_at=1.7e9 + k)
+        ids.append(done.job_id)
+    return ids
+
+
+def test_done_files_page_through_with_their_steps_and_losses(client, cfg):
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    ids = _done_files(cfg, 25, db)
+    db.close()
+    first = client.get("/api/queue", params={"done_limit": 10}).json()
+    assert first["counts"]["done"] == 25 and first["done_offset"] == 0
+    assert [d["job_id"] for d in first["done"]] == ids[::-1][:10]  # most recent first
+    third = client.get("/api/queue", params={"done_limit": 10, "done_offset": 20}).json()
+    assert [d["job_id"] for d in third["done"]] == ids[::-1][20:] and third["done_offset"] == 20
+    row = third["done"][0]  # f04.jsonl
+    assert (row["original_name"], row["steps"], row["final_loss"], row["eval_loss"]) == ("f04.jsonl", 14, 0.2, None)
+    assert third["done"][1]["eval_loss"] == pytest.approx(2 / 4)
+    assert client.get("/api/queue", params={"done_offset": 30}).json()["done"] == []
+
+
+def test_what_a_duplicate_moved_says_it_was_not_trained(client, cfg):
+    from daemon.intake import finish_duplicate
+    from daemon.jobqueue import JobQueue
+    q = JobQueue(cfg.path("queue"))
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    first = _done_files(cfg, 1, db)[0]
+    again = cfg.root / "again.jsonl"
+    again.write_text('{"text": "file 0"}\n')
+    entry = q.admit(again, Priority.NORMAL, 1_800_000_000.0)
+    earlier = {"sha256": "ab" * 32, "job_id": first, "original_name": "f00.jsonl", "version": 3, "generation": 0}
+    finish_duplicate(entry, earlier, 1_800_000_001.0, q, db)  # as the service records one
+    db.close()
+    detail = client.get(f"/api/activity/jobs/{entry.job_id}").json()["detail"]
+    assert detail == (f"{entry.job_id} was not trained: its content repeats f00.jsonl ({first}), already in "
+                      "adapter v3; nothing moved")
+
+
 def test_queue_without_a_history_database(client, cfg):
     from daemon.jobqueue import JobQueue
     _queue_files(cfg, JobQueue(cfg.path("queue")))

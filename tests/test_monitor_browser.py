@@ -334,6 +334,56 @@ def test_clean_stop_is_not_an_alarm_and_skipped_bad_lines_show(browser, tmp_path
         tab.assert_clean()
 
 
+def test_done_files_show_their_training_page_through_and_a_duplicate_says_it_was_not_trained(browser, tmp_path):
+    """23 done files: each row says its steps and losses, the list says how many there are and pages
+    through them, and the newest (a duplicate) says in the activity panel that it was never trained."""
+    from daemon.intake import finish_duplicate
+
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    q = JobQueue(cfg.path("queue"))
+    t0 = time.time() - 3600
+    ids = []
+    for k in range(22):
+        src = cfg.root / f"batch_{k:02d}.jsonl"
+        src.write_text(lines_of("chat.jsonl", 3 + k))
+        done = q.finish(q.start(q.admit(src, Priority.NORMAL, t0 + k)).job_id)
+        fake.db.upsert_job(done.job_id, original_name=src.name, state="done", steps=40 + k, total_steps=40 + k,
+                           final_loss=round(1.5 - k / 20, 4), eval_loss=round(1.7 - k / 20, 4) if k % 2 else None,
+                           adapter_version=k + 1, finished_at=t0 + k + 0.5)
+        ids.append(done.job_id)
+    again = cfg.root / "batch_00_again.jsonl"
+    again.write_text(lines_of("chat.jsonl", 3))
+    dup = q.admit(again, Priority.NORMAL, t0 + 100)
+    finish_duplicate(dup, {"sha256": "ab" * 32, "job_id": ids[0], "original_name": "batch_00.jsonl", "version": 1,
+                           "generation": 0}, t0 + 101, q, fake.db)
+    with monitor_process(cfg) as url, Heartbeat(fake, status="idle", detail="waiting for files", queue=q.counts()):
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.page.wait_for_selector("#done-range >> text=done 1–10 of 23 · 13 older")
+        rows = tab.page.locator("tr.row-done")
+        assert rows.count() == 10
+        assert "not trained again" in rows.nth(0).text_content()  # the duplicate, newest
+        assert rows.nth(1).locator(".trained").text_content() == "61 steps · loss 0.4500 · eval loss 0.6500 · adapter v22"
+        assert rows.nth(2).locator(".trained").text_content() == "60 steps · loss 0.5000 · adapter v21"
+        assert "was not trained: its content repeats batch_00.jsonl, already in adapter v1" in tab.page.text_content("#moved-info")
+        tab.page.locator(".activity-panel").scroll_into_view_if_needed()
+        tab.shot_of(".activity-panel", "monitor_done_duplicate_moved.png")
+        tab.page.click("#done-older")
+        tab.page.wait_for_selector("#done-range >> text=done 11–20 of 23 · 3 older")
+        assert rows.nth(0).get_attribute("data-job") == ids[12]  # the duplicate, then ids[21] down to ids[13] before
+        tab.page.click("#done-older")
+        tab.page.wait_for_selector("#done-range >> text=done 21–23 of 23")
+        assert [rows.nth(k).get_attribute("data-job") for k in range(rows.count())] == ids[2::-1]
+        assert tab.page.is_disabled("#done-older") and tab.page.is_enabled("#done-newer")
+        tab.page.select_option("select[aria-label='done files per page']", "50")
+        tab.page.wait_for_selector("#done-range >> text=done 1–23 of 23")
+        assert rows.count() == 23
+        tab.page.locator(".queue-panel").scroll_into_view_if_needed()
+        tab.shot_of(".queue-panel", "monitor_done_list.png")
+        tab.assert_clean()
+
+
 def _done_file_with_moved(cfg, fake: FakeDaemon, name: str, n_layers: int, kinds: tuple[str, ...]) -> dict:
     """A file in queue/done whose job record says what it moved (as the service writes it at `done`); returns the record."""
     q = JobQueue(cfg.path("queue"))

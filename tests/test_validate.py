@@ -340,3 +340,53 @@ def test_service_side_stays_free_of_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- text a tokenizer cannot encode (#26 item 3)
+
+# JSON lets a string hold a lone UTF-16 surrogate as an escape ("\ud800"); Python decodes it into a str
+# that no UTF-8 codec, and so no tokenizer, can encode. Each field that is trained or rendered is checked.
+SURROGATE_CASES = [
+    (r'{"text": "bad \ud800 one"}', "text", "U+D800", 5),
+    (r'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok \udfff"}]}',
+     "messages[1].content", "U+DFFF", 4),
+    (r'{"messages": [{"role": "us\ud800er", "content": "hi"}, {"role": "assistant", "content": "ok"}]}',
+     "messages[0].role", "U+D800", 3),
+    (r'{"prompt": "\udc00", "completion": "fine"}', "prompt", "U+DC00", 1),
+    (r'{"prompt": "fine", "completion": "x\ud83d"}', "completion", "U+D83D", 2),
+    (r'{"instruction": "do \udbff it", "output": "done"}', "instruction", "U+DBFF", 4),
+    (r'{"instruction": "do it", "input": "in\ud800", "output": "done"}', "input", "U+D800", 3),
+    (r'{"instruction": "do it", "output": "\ude00 done"}', "output", "U+DE00", 1),
+]
+
+
+@pytest.mark.parametrize("raw,field,code,position", SURROGATE_CASES)
+def test_a_lone_surrogate_is_a_bad_line_naming_field_and_position(raw: str, field: str, code: str, position: int) -> None:
+    e = err(raw, line=7)
+    assert (e.line, e.field) == (7, field)
+    assert f"lone surrogate {code} at character {position}" in e.reason and "cannot be encoded" in e.reason
+
+
+def test_a_surrogate_pair_is_one_character_and_fine() -> None:
+    r = parse_line(rb'{"text": "smile \ud83d\ude00"}', 1, None, CFG.max_line_bytes)
+    assert isinstance(r, Record) and r.data["text"] == "smile \U0001F600"
+
+
+@pytest.mark.parametrize("policy", ["skip", "reject"])
+def test_a_lone_surrogate_line_is_found_at_validation_under_each_policy(tmp_path: Path, policy: str) -> None:
+    good = [json.dumps({"text": f"line {i}"}) for i in range(20)]
+    path = write(tmp_path, good[:3] + [r'{"text": "bad \ud800 one"}'] + good[3:])
+    r = validate_file(path, replace(CFG, bad_line_policy=policy))
+    assert (r.n_valid, r.n_bad) == (20, 1)
+    assert [(e.line, e.field) for e in r.errors] == [(4, "text")] and "U+D800" in r.errors[0].reason
+    if policy == "skip":
+        assert r.accepted
+        assert [x.line for x in iter_records(path, DataFormat.TEXT, CFG.max_line_bytes)] == [1, 2, 3, *range(5, 22)]
+    else:
+        assert not r.accepted and r.reason == "1 bad lines (bad_line_policy 'reject' allows none)"
+
+
+def test_a_reason_quoting_a_key_with_a_lone_surrogate_can_still_be_printed() -> None:
+    e = err(r'{"ke\ud800y": "x", "café": 1}')
+    assert "café, ke\\ud800y" in e.reason
+    e.reason.encode("utf-8")  # a reason goes to logs, sidecars and terminals

@@ -129,12 +129,22 @@ def _sample_view(cfg: Config, measure: str) -> View | None:
     return View(header, grid, body)
 
 
+def _not_trained(earlier: dict[str, Any]) -> str:
+    """A duplicate in done/: done without training, its content learnt from an earlier file."""
+    where = f", already in adapter v{earlier['version']}" if earlier.get("version") is not None else ""
+    return (f"it was not trained, its content repeats {earlier.get('original_name') or earlier.get('job_id')} "
+            f"({earlier.get('job_id')}){where}")
+
+
 def _file_view(cfg: Config, name: str, measure: str) -> View | None:
     """What one finished file moved (its job record); None (and said why) when it has no record."""
-    entry = JobQueue(cfg.path("queue")).find(name)
+    queue = JobQueue(cfg.path("queue"))
+    entry = queue.find(name)
     record = from_history(cfg, lambda db: db.job(entry.job_id)) or {}
     if not record.get("activity"):  # also a history.db from before the column existed
-        out(f"trainctl activity: {entry.job_id} has no record of what it moved: {NO_RECORD[entry.state]}")
+        earlier = (queue.read_duplicate(entry.job_id) or {}).get("duplicate_of")
+        why = _not_trained(earlier) if earlier else NO_RECORD[entry.state]
+        out(f"trainctl activity: {entry.job_id} has no record of what it moved: {why}")
         return None
     moved = json.loads(record["activity"])
     ago = f", finished {duration(time.time() - record['finished_at'])} ago" if record.get("finished_at") else ""

@@ -13,12 +13,14 @@ from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, w
 from daemon.diskguard import human_bytes
 from daemon.diskspace import write_trouble
 from daemon.config import Config
+from daemon.logs import LogFollower
 from daemon.states import DesiredState, PauseReason
 from daemon.status import read_status
 
 if TYPE_CHECKING:
     from daemon.cli.shared import Subparsers
 
+FOLLOW_POLL_SECONDS = 0.5  # trainctl logs -f: how often it looks for new lines
 RANK_LINES = 8  # ranks listed one per line; the slowest is listed wherever it is, the rest counted (one screen)
 
 
@@ -202,37 +204,22 @@ def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
     prefix = "trainer" if args.trainer else "daemon"
-    folder = cfg.path("logs")
-    files = sorted(folder.glob(f"{prefix}_[0-9]*.log"))
-    if not files and not args.follow:
-        out(f"no {prefix} log in {folder} yet")
+    follower = LogFollower(cfg.path("logs"), prefix)
+    if follower.newest() is None and not args.follow:
+        out(f"no {prefix} log in {cfg.path('logs')} yet")
         return 1
-    current = files[-1] if files else None
-    if current is not None:
-        lines = current.read_text(encoding="utf-8", errors="replace").splitlines()
-        for line in lines[-max(args.lines, 0):] if args.lines else []:
-            out(line)
-    if not args.follow:
-        return 0
-    pos = current.stat().st_size if current is not None else 0
     try:
+        text = follower.tail(args.lines)  # following goes on from where this read ended: nothing is missed
+        if not args.follow:
+            sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
+            return 0
         while True:
-            time.sleep(0.5)
-            newest = max(folder.glob(f"{prefix}_[0-9]*.log"), default=None)
-            if newest is None:
-                continue
-            if newest != current:  # a new day: the rest of the old file, then the new one from its start
-                if current is not None and current.exists():
-                    with open(current, encoding="utf-8", errors="replace") as f:
-                        f.seek(pos)
-                        sys.stdout.write(f.read())
-                current, pos = newest, 0
-            with open(current, encoding="utf-8", errors="replace") as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            if chunk:
-                sys.stdout.write(chunk)
+            if text:
+                sys.stdout.write(text)
                 sys.stdout.flush()
+            time.sleep(FOLLOW_POLL_SECONDS)
+            text = follower.poll()
     except KeyboardInterrupt:
         return 0
+    finally:
+        follower.close()

@@ -20,6 +20,11 @@ How each format is trained (labels are -100 where there is no loss):
   tokenizer has a chat template, else the classic Alpaca prompt with loss on the response.
 Sequences are cut to `max_length` from the right; an example left with no trainable
 token is dropped (None).
+
+A record the tokenizer or its chat template refuses (what validation cannot foresee: a
+template that raises on non-alternating roles, text a tokenizer cannot encode) is a bad
+line like those validation finds: named by its line, skipped under bad_line_policy=skip
+within the limits (validation's bad lines count too), failing the file otherwise.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from daemon.config import DataConfig
 from daemon.errors import DataError
-from daemon.validate import DataFormat, Record, iter_records
+from daemon.validate import DataFormat, LineError, Record, bad_line_refusal, iter_records
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # the label value torch's cross_entropy ignores (its default ignore_index)
+MAX_NAMED_LINES = 50  # bad lines carried in an error (as validation's MAX_REPORTED_ERRORS)
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). Loss on an
 # assistant turn stops after the last of these (or eos), so the template's newline after
@@ -74,6 +81,19 @@ class FilePlan:
     n_dropped: int  # valid records with no trainable token left after truncation
     n_train_tokens: int
     held_out: tuple[Example, ...] = field(default=(), compare=False)  # the eval examples, met on the same pass
+    skipped: tuple[LineError, ...] = ()  # records the tokenizer refused, skipped under bad_line_policy=skip
+
+
+class TokenizerUnfit(DataError):
+    """The tokenizer cannot render this format at all (no chat template, no eos token): every record alike."""
+
+
+class RecordError(DataError):
+    """Records the tokenizer or its chat template refused; `errors` names their lines (as validation's do)."""
+
+    def __init__(self, message: str, errors: list[LineError]) -> None:
+        super().__init__(message)
+        self.errors = errors
 
 
 # ---------------------------------------------------------------- tokenising one record
@@ -90,7 +110,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def _eos(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {_name(tokenizer)!r} has no eos_token; set one in its tokenizer_config.json")
+        raise TokenizerUnfit(f"tokenizer {_name(tokenizer)!r} has no eos_token; set one in its tokenizer_config.json")
     return int(tokenizer.eos_token_id)
 
 
@@ -123,7 +143,7 @@ def _chat_segments(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool
     template, which is checked, not assumed.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"tokenizer {_name(tokenizer)!r} has no chat_template; chat data needs one")
+        raise TokenizerUnfit(f"tokenizer {_name(tokenizer)!r} has no chat_template; chat data needs one")
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     full = _render(tokenizer, plain, False)
     segments: list[tuple[str, bool]] = []
@@ -197,12 +217,20 @@ def _ids_and_labels(record: Record, tokenizer: Any) -> tuple[list[int], list[int
 def tokenize_record(record: Record, tokenizer: Any, max_length: int) -> Example | None:
     """Tokenise one validated record; None when truncation to `max_length` leaves nothing to learn.
 
-    Raises DataError when the tokenizer cannot render the format (no chat template,
-    a template that is not prefix-consistent, no eos token).
+    Raises TokenizerUnfit when the tokenizer cannot render the format at all (no chat
+    template, no eos token), RecordError naming the line when it refuses this record.
     """
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
-    ids, labels = _ids_and_labels(record, tokenizer)
+    try:
+        ids, labels = _ids_and_labels(record, tokenizer)
+    except (TokenizerUnfit, MemoryError):
+        raise
+    except DataError as e:  # the template refused this record (or is not prefix-consistent on it)
+        raise _record_error(record, str(e)) from e
+    except Exception as e:  # the tokenizer's own failure on this text: validation did not foresee it, so name it
+        raise _record_error(record, f"the tokenizer {_name(tokenizer)!r} cannot encode this record "
+                                    f"({type(e).__name__}: {e})") from e
     ids, labels = ids[:max_length], labels[:max_length]
     # Causal LMs predict position k from positions < k, so a label at position 0 teaches nothing.
     if all(label == IGNORE for label in labels[1:]):
@@ -210,7 +238,57 @@ def tokenize_record(record: Record, tokenizer: Any, max_length: int) -> Example 
     return Example(record.line, ids, labels)
 
 
+def _record_error(record: Record, reason: str) -> RecordError:
+    # The field, where the format has one string to blame; a chat template renders the whole conversation.
+    where = {DataFormat.TEXT: "text", DataFormat.CHAT: "messages"}.get(record.format, "")
+    error = LineError(record.line, where, reason)
+    return RecordError(str(error), [error])
+
+
 # ---------------------------------------------------------------- split and order
+
+
+@dataclass
+class _BadLines:
+    """What one pass over a file met besides examples: validation's bad lines (counted) and the ones the
+    tokenizer refused (counted, the first named). With `data_cfg` the bad-line policy is applied as they
+    come: under reject the first one fails the file, under skip the one past max_bad_lines does."""
+
+    name: str = ""
+    data_cfg: DataConfig | None = None
+    n_validation: int = 0
+    n_refused: int = 0
+    first: list[LineError] = field(default_factory=list)
+
+    def validation_bad(self, error: LineError) -> None:
+        self.n_validation += 1
+
+    def refused(self, errors: list[LineError]) -> None:
+        self.n_refused += len(errors)
+        self.first.extend(errors[: MAX_NAMED_LINES - len(self.first)])
+        cfg = self.data_cfg
+        if cfg is not None and (cfg.bad_line_policy == "reject" or self.n_bad > cfg.max_bad_lines):
+            # Mid-pass only the limits that do not depend on the good lines apply (hence n_valid 1).
+            self.fail(bad_line_refusal(1, self.n_bad, cfg) or "")
+
+    @property
+    def n_bad(self) -> int:
+        return self.n_validation + self.n_refused
+
+    def check(self, n_valid: int) -> None:
+        """At the end of the pass: fail the file if the limits say so, else log what is skipped."""
+        if not self.n_refused or self.data_cfg is None:
+            return
+        refusal = bad_line_refusal(n_valid, self.n_bad, self.data_cfg)
+        if refusal is not None:
+            self.fail(refusal)
+        log.warning("%s: %d line(s) the tokenizer refused, skipped (bad_line_policy skip): %s", self.name,
+                    self.n_refused, "; ".join(str(e) for e in self.first[:5]) + (" ..." if self.n_refused > 5 else ""))
+
+    def fail(self, refusal: str) -> None:
+        more = self.n_refused - 1
+        raise RecordError(f"{self.name}: {refusal}, found by the tokenizer: {self.first[0]}"
+                          + (f"; and {more} more" if more else ""), list(self.first))
 
 
 def is_eval_line(line: int, seed: int, eval_fraction: float) -> bool:
@@ -221,15 +299,22 @@ def is_eval_line(line: int, seed: int, eval_fraction: float) -> bool:
     return int.from_bytes(h, "big") / 2**64 < eval_fraction
 
 
-def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> Iterator[tuple[str, Example | None]]:
-    """("train" | "eval" | "dropped", example) for every valid record, in file order.
+def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,
+                bad: _BadLines | None = None) -> Iterator[tuple[str, Example | None]]:
+    """("train" | "eval" | "dropped", example) for every valid record the tokenizer takes, in file order;
+    the others are counted in `bad` (plan_file applies the bad-line policy to them, before any step).
 
     Eval takes the first `eval_max_examples` eval-selected examples, but never one
     before the first train example: a small file must keep something to train on.
     """
+    bad = bad if bad is not None else _BadLines()
     n_eval = n_train = 0
-    for record in iter_records(path, fmt, data_cfg.max_line_bytes):
-        ex = tokenize_record(record, tokenizer, data_cfg.max_length)
+    for record in iter_records(path, fmt, data_cfg.max_line_bytes, on_bad=bad.validation_bad):
+        try:
+            ex = tokenize_record(record, tokenizer, data_cfg.max_length)
+        except RecordError as e:
+            bad.refused(e.errors)
+            continue
         if ex is None:
             yield "dropped", None
         elif n_train and n_eval < data_cfg.eval_max_examples and is_eval_line(ex.line, seed, data_cfg.eval_fraction):
@@ -251,14 +336,16 @@ def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg
     counts = {"train": 0, "eval": 0, "dropped": 0}
     tokens = 0
     held_out: list[Example] = []
-    for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
+    bad = _BadLines(Path(path).name, data_cfg)
+    for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed, bad):
         tick()
         counts[kind] += 1
         if kind == "train" and ex is not None:
             tokens += len(ex.input_ids)
         elif kind == "eval" and ex is not None:
             held_out.append(ex)
-    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out))
+    bad.check(sum(counts.values()))
+    return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out), tuple(bad.first))
 
 
 def train_lines(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[int]:

@@ -13,16 +13,22 @@ real within a minute; point `base_model` at your own local folder for work.
 
 The build is deterministic (fixed seed, fixed corpus), cached under
 `paths.models`, and published with one rename, so a crash mid-build leaves
-nothing half-written behind.
+nothing half-written behind. Any number of processes may ask for it at once
+(the ranks of a new instance): one builds under a file lock, the others wait
+for it and load what it published (see `ensure_embedded`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from daemon import atomic
 
@@ -33,6 +39,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the repository's 
 # Bump when anything below changes what is built: the cache key includes it.
 BUILD_VERSION = 2
 NAME = f"tiny-qwen3-v{BUILD_VERSION}"
+MARKER = ".traind-complete.json"  # written last into a build, published with it: the folder is whole
+# What a build writes that loading needs; a folder from before the marker with all of them is whole too.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 1024
 SEED = 0
@@ -153,6 +162,7 @@ def build(dest: str | Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_marker(tmp)
         atomic.publish_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,14 +171,62 @@ def build(dest: str | Path) -> Path:
 
 
 def ensure_embedded(models_dir: str | Path) -> Path:
-    """The cached embedded model folder, built on first use."""
+    """The cached embedded model folder, built on first use by one process however many ask at once.
+
+    A complete folder (its marker) is returned at once. Otherwise the caller takes an exclusive lock
+    (`<models>/.<NAME>.lock`, fcntl.flock: released by the kernel if its holder dies) and looks again:
+    whoever got the lock first has built it meanwhile, and the others load what it published. Without
+    the lock two ranks of a new instance both built it, and the second's publish moved the first's
+    folder away while the first was loading it (#26).
+    """
     models_dir = Path(models_dir)
     dest = models_dir / NAME
-    if (dest / "config.json").is_file():
+    if is_complete(dest):
         return dest
     models_dir.mkdir(parents=True, exist_ok=True)
-    log.info("building embedded base model %s in %s", NAME, dest)
-    return build(dest)
+    with _build_lock(models_dir / f".{NAME}.lock"):
+        if is_complete(dest):
+            return dest
+        _sweep_leftovers(models_dir)
+        if dest.is_dir() and all((dest / f).is_file() and (dest / f).stat().st_size for f in REQUIRED_FILES):
+            _write_marker(dest)  # built before there was a marker (and published whole, by one rename)
+            return dest
+        log.info("building embedded base model %s in %s", NAME, dest)
+        return build(dest)  # replaces an incomplete folder (publish_dir moves it aside first)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def _write_marker(folder: Path) -> None:
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MARKER}
+    atomic.write_json(folder / MARKER, {"name": NAME, "build_version": BUILD_VERSION, "files": files})
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    # The lock file stays: removing it would let a late comer lock a new file while another holds the old one.
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish building %s", NAME)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sweep_leftovers(models_dir: Path) -> None:
+    """Temp folders of a builder that died (`.<NAME>.<random>`) and folders a publish moved aside: only the
+    lock holder may call this, since no other builder can be writing one then."""
+    for p in models_dir.glob(f".{NAME}.*"):
+        if p.is_dir():
+            log.info("removing %s, left by an interrupted build", p.name)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 if __name__ == "__main__":

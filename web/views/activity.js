@@ -172,6 +172,11 @@ async function loadMoved() {
   const f = files.find((x) => x.job_id === (chosen || (files.length ? files[0].job_id : null)));
   const my = ++movedSeq;
   if (!f) return showMoved(null, 'No file has finished yet: what a file moved is recorded when it finishes.');
+  if (f.duplicate_of) {  // done without training: nothing moved, and the earlier file is the one to look at
+    const d = f.duplicate_of;
+    return showMoved(null, `${f.original_name} was not trained: its content repeats ${d.original_name || d.job_id}` +
+      `${d.version != null ? ', already in adapter v' + d.version : ''}, so nothing moved.`);
+  }
   // No record kept (trained before traind measured activity): asking would only log a 404 in the console.
   if (!f.has_activity) return showMoved(null, `No record of what ${f.original_name} moved: it was trained before traind measured layer activity.`);
   try {

@@ -5,6 +5,9 @@ import { $, el, confirmDialog, showError } from '../dom.js';
 import { fmt } from '../format.js';
 
 const PRIORITIES = ['high', 'normal', 'low'];
+const PAGE_SIZES = [10, 50, 200];
+// The done files are paged through the API (most recent first): months of them never load at once.
+const done = { offset: 0, size: PAGE_SIZES[0] };
 
 export function init() {
   $('upload-form').addEventListener('submit', upload);
@@ -18,7 +21,11 @@ export function update(s) {
 
 export async function load() {
   let q;
-  try { q = await api('/api/queue'); } catch (e) { return; }
+  try { q = await api(`/api/queue?done_limit=${done.size}&done_offset=${done.offset}`); } catch (e) { return; }
+  if (done.offset && done.offset >= q.counts.done) {  // the page emptied (files removed): back to the last one
+    done.offset = Math.max(0, Math.floor((q.counts.done - 1) / done.size) * done.size);
+    return load();
+  }
   const s = state.status || {};
   const pend = new Map(((s.pending_requests) || []).filter((r) => r.job_id).map((r) => [r.job_id, r.action]));
   const c = q.counts;
@@ -27,7 +34,8 @@ export async function load() {
   for (const it of q.processing) rows.push(queueRow(it, 'processing', pend));
   for (const p of PRIORITIES) for (const it of q.pending[p]) rows.push(queueRow(it, 'pending', pend));
   for (const it of q.failed) rows.push(queueRow(it, 'failed', pend));
-  for (const it of q.done.slice(0, 10)) rows.push(queueRow(it, 'done', pend));
+  for (const it of q.done) rows.push(queueRow(it, 'done', pend));
+  if (c.done) rows.push(donePager(q.done.length, c.done));
   const body = $('queue-body');
   body.replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { colspan: 7, class: 'muted', text: 'The queue is empty. Upload a JSONL file or drop one into inbox/.' }))]));
 }
@@ -61,6 +69,10 @@ function queueRow(it, kind, pend) {
       it.n_records != null ? el('span', { class: 'small muted', text: ` · ${fmt.int(it.n_records)} records trained` }) : null,
       lines ? el('div', { class: 'small muted', text: lines }) : null);
   }
+  if (kind === 'done' && !it.duplicate_of && it.steps != null) {  // what training it took, from its job record
+    const note = el('div', { class: 'small muted trained', text: trained(it) });
+    reason = reason ? el('div', {}, reason, note) : note;
+  }
   if (kind === 'done' && it.eval_set_after != null) {  // eval.file before -> after this file
     const d = it.eval_set_before != null ? it.eval_set_after - it.eval_set_before : null;
     const note = el('div', { class: 'small muted', text: `eval set ${it.eval_set_before != null ? fmt.loss(it.eval_set_before) + ' → ' : ''}${fmt.loss(it.eval_set_after)}${d != null ? ` (${d <= 0 ? '' : '+'}${d.toFixed(3)})` : ''}` });
@@ -76,6 +88,26 @@ function queueRow(it, kind, pend) {
     el('td', { class: 'small', text: when }),
     el('td', {}, reason),
     el('td', {}, action));
+}
+
+function trained(it) {
+  const parts = [`${fmt.int(it.steps)} step${it.steps === 1 ? '' : 's'}`, `loss ${fmt.loss(it.final_loss)}`];
+  if (it.eval_loss != null) parts.push(`eval loss ${fmt.loss(it.eval_loss)}`);
+  if (it.adapter_version != null) parts.push(`adapter v${it.adapter_version}`);
+  return parts.join(' · ');
+}
+
+// Under the done rows: which of them are shown, and the way to the others.
+function donePager(shown, total) {
+  const first = shown ? done.offset + 1 : 0, last = done.offset + shown, older = total - last;
+  const go = (offset) => { done.offset = Math.max(0, offset); load(); };
+  const size = el('select', { class: 'small-sel', 'aria-label': 'done files per page', onchange: (e) => { done.size = Number(e.target.value); go(0); } },
+    ...PAGE_SIZES.map((n) => el('option', n === done.size ? { value: n, text: `${n} per page`, selected: '' } : { value: n, text: `${n} per page` })));
+  const btn = (text, enabled, offset, id) => el('button', { id, class: 'small-btn', onclick: () => go(offset), text, ...(enabled ? {} : { disabled: '' }) });
+  return el('tr', { class: 'done-pager' }, el('td', { colspan: 7 },
+    el('span', { id: 'done-range', class: 'small muted', text: `done ${fmt.int(first)}–${fmt.int(last)} of ${fmt.int(total)}${older > 0 ? ` · ${fmt.int(older)} older` : ''}` }),
+    ' ', btn('‹ Newer', done.offset > 0, done.offset - done.size, 'done-newer'),
+    ' ', btn('Older ›', older > 0, last, 'done-older'), ' ', size));
 }
 
 function badLines(errs, total) {
