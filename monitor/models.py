@@ -155,6 +155,8 @@ class QueueItem(BaseModel):
     finished_at: float | None = None
     eval_set_before: float | None = Field(None, description="eval.file's loss before this file (when configured)")
     eval_set_after: float | None = Field(None, description="...and after it")
+    changed: str | None = Field(None, description="the file was written to in place while it trained, or after it "
+                                "finished while a process still held it open: what the adapter learnt is not all of it")
     duplicate_of: dict | None = Field(None, description="done without training: the ledger entry of the earlier "
                                       "file with the same content (sha256, job_id, original_name, version)")
     forced: bool = Field(False, description="added with `trainctl queue add --force`: trained even if its content was learnt before")

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINES = 20  # the first bad lines tell the story
 _JOB_FIELDS = ("format", "n_records", "n_bad", "steps", "total_steps", "final_loss", "eval_loss",
-               "crashes", "adapter_version", "started_at", "finished_at", "eval_set_before", "eval_set_after")
+               "crashes", "adapter_version", "started_at", "finished_at", "eval_set_before", "eval_set_after", "changed")
 _IN_CHUNK = 900  # under SQLite's default limit of host parameters
 
 

@@ -92,6 +92,9 @@ def test_where_writers_cannot_be_seen_a_file_that_changes_after_it_trained_is_fl
     events = [e for e in d.history().events(200) if e["kind"] == "job_changed"]
     assert events and all(e["job_id"] == job.job_id for e in events), events
     assert "slow.jsonl" in events[0]["message"] and "slow.jsonl" in record["changed"], (record["changed"], events)
+    assert f"CHANGED   {record['changed']}" in d.ctl("queue", "status", job.job_id).stdout
+    from monitor.queue_view import queue_view  # what GET /api/queue and the dashboard's done row show
+    assert queue_view(d.queue, db_path=d.cfg.path("status") / "history.db").done[0].changed == record["changed"]
     assert d.proc.poll() is None
 
 

@@ -143,6 +143,8 @@ def cmd_queue_status(cfg: Config, args: argparse.Namespace) -> int:
     record = _job_record(cfg, entry.job_id)
     if record:
         _print_record(record)
+        if record.get("changed"):  # written to in place after it was queued: what was learnt is not the file
+            out(f"  CHANGED   {record['changed']}")
     return 0
 
 

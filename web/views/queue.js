@@ -78,6 +78,10 @@ function queueRow(it, kind, pend) {
     const note = el('div', { class: 'small muted', text: `eval set ${it.eval_set_before != null ? fmt.loss(it.eval_set_before) + ' → ' : ''}${fmt.loss(it.eval_set_after)}${d != null ? ` (${d <= 0 ? '' : '+'}${d.toFixed(3)})` : ''}` });
     reason = reason ? el('div', {}, reason, note) : note;
   }
+  if (kind === 'done' && it.changed) {  // written to in place while or after it trained: say so where it is seen
+    const note = el('div', { class: 'small warn-text', text: it.changed });
+    reason = reason ? el('div', {}, reason, note) : note;
+  }
   const when = kind === 'failed' && it.failed_at ? new Date(it.failed_at).toLocaleString()
     : kind === 'done' && it.finished_at ? fmt.when(it.finished_at) : fmt.when(it.mtime);
   return el('tr', { class: 'row-' + kind, 'data-job': it.job_id },
