@@ -6,6 +6,8 @@
     adapters.lineage(cfg.path("adapters"))                  # manifests from the first version to the current one
     cur.version, cur.path, cur.manifest["trained_jobs"]
     adapters.publish(cfg.path("adapters"), manifest, write_weights)   # the trainer child only
+    adapters.rollback_refusal(cfg.path("adapters"), 3)     # why a rollback to v3 cannot be made, or None
+    adapters.nothing_learnt(cur)                            # why consolidating cur would add nothing, or None
 
 The trainer child is the one writer (it publishes a version after each file);
 the service, the CLI and the monitor read. Standard library only: the torch
@@ -62,6 +64,11 @@ def dataset_entry(manifest: dict[str, Any]) -> dict[str, Any]:
     """The dataset-ledger line of the file a new version learns (its manifest's own fields)."""
     return {"sha256": manifest["sha256"], "job_id": manifest["job_id"], "original_name": manifest.get("original_name"),
             "version": manifest["version"], "generation": manifest.get("generation", 0), "steps": manifest.get("steps")}
+
+
+def generation(manifest: dict[str, Any]) -> int:
+    """The base generation a manifest (or a START record) trained on: 0 is the config's base_model."""
+    return int(manifest.get("generation") or 0)
 
 
 def read_current(adapters: Path) -> AdapterVersion | None:
@@ -177,3 +184,39 @@ def read_step_log(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             break
     return out
+
+
+# -- lineage rules: what a rollback and a consolidation may do --------------- ------------------------------
+def rollback_refusal(adapters: Path, version: int, here: int | None = None) -> str | None:
+    """Why a rollback to `version` cannot be made (None: it can): the version is not kept, or it trained on
+    another generation's base than the one in use (`here`; by default the current version's). Asked before
+    anything is interrupted, by the CLI, the monitor, the service and the trainer alike."""
+    kept = versions(adapters)
+    target = next((v for v in kept if v.version == version), None)
+    if target is None:
+        return (f"there is no adapter v{version} to roll back to "
+                f"(kept: {', '.join(f'v{v.version}' for v in kept) or 'none'}; see `trainctl adapters list`)")
+    if here is None:
+        current = peek_current(adapters)
+        here = generation(current.manifest) if current is not None else 0
+    there = generation(target.manifest)
+    if there != here:
+        return (f"adapter v{version} trained on generation {there}'s base, and training is on generation {here}'s: "
+                "a rollback stays within a generation")
+    return None
+
+
+def nothing_learnt(current: AdapterVersion) -> str | None:
+    """Why consolidating `current` would add nothing (None: a file trained on its base): no entry of its dataset
+    ledger was learnt on its generation. So it is with the fresh adapter a consolidation publishes and with
+    a rollback to it: the merge would be a copy of the base, a new generation that blocks every rollback
+    before it and that traind never deletes."""
+    gen = generation(current.manifest)
+    if any(int(e.get("generation") or 0) == gen for e in current.dataset):
+        return None
+    m, v = current.manifest, current.version
+    how = (f" (adapter v{v} is the fresh adapter published when v{m['consolidated_from']} was consolidated)"
+           if m.get("consolidated_from") is not None else
+           f" (adapter v{v} is a rollback to v{m['rollback_of']})" if m.get("rollback_of") is not None else "")
+    return (f"no file has trained on generation {gen}'s base yet{how}; "
+            "a new generation would be a copy of that base")

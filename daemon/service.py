@@ -423,19 +423,22 @@ class Service:
 
     def _msg_rollback_refused(self, msg: dict, now: float) -> None:
         self.rollback_pending = None
-        interrupted = self._rollback_interrupted(msg, now)
+        interrupted = self._rollback_interrupted(msg, now, refused=True)
         self.db.event("control_refused", f"rollback to v{msg.get('version')}: {msg.get('message')}{interrupted}", t=now)
         log.warning("rollback refused: %s", msg.get("message"))
 
-    def _rollback_interrupted(self, msg: dict, now: float) -> str:
-        """The file a rollback interrupted stays in processing/ and trains again from its start: its steps go."""
+    def _rollback_interrupted(self, msg: dict, now: float, refused: bool = False) -> str:
+        """The file a rollback interrupted stays in processing/ and trains again from its start: its steps go.
+        (The trainer refuses before it interrupts; should a refusal come after, the file kept its checkpoints.)"""
         job = self.tracker.job
         if job is None or msg.get("job_id") != job.job_id:
             return ""
-        self.db.discard_steps(job.job_id)
+        if not refused:
+            self.db.discard_steps(job.job_id)
         self.tracker.end()
         self._job_over()
-        return f"; {job.original_name} was interrupted and trains again from its start"
+        how = "resumes from its last checkpoint" if refused else "trains again from its start"
+        return f"; {job.original_name} was interrupted and {how}"
 
     def _job_over(self) -> None:
         if self.sup.state is TrainerState.BUSY:
@@ -458,7 +461,8 @@ class Service:
                 self._act(req, now)
             except QueueError as e:
                 log.warning("request %s refused: %s", req.action.value, e)
-                self.db.event("control_refused", f"{req.action.value} {req.job_id or ''}: {e}", req.job_id, t=now)
+                self.db.event("control_refused", f"{req.action.value}{f' {req.job_id}' if req.job_id else ''}: {e}",
+                              req.job_id, t=now)
 
     def _drop_old_stops_and_skips(self, now: float) -> None:
         """A stop or skip made while no daemon ran (trainctl and the monitor refuse them
@@ -517,15 +521,19 @@ class Service:
         elif req.action is ControlAction.CONSOLIDATE:
             if self.consolidation_pending is not None:
                 raise QueueError("a consolidation is already on its way")
+            if self.tracker.job is None:  # else the file in training publishes first: the trainer decides then
+                current = adapters.peek_current(self.cfg.path("adapters"))
+                why = "no adapter has been published yet" if current is None else adapters.nothing_learnt(current)
+                if why is not None:
+                    raise QueueError(why)
             self.consolidation_pending = req.description
             self.consolidation_sent = False
             self.db.event("consolidation", f"consolidation requested by {req.by}: {req.description} (at the next "
                           "boundary between files)", t=now)
-        elif req.action is ControlAction.ROLLBACK:
-            kept = {v.version for v in adapters.versions(self.cfg.path("adapters"))}
-            if req.version not in kept:
-                raise QueueError(f"there is no adapter v{req.version} to roll back to (kept: "
-                                 f"{', '.join(f'v{v}' for v in sorted(kept)) or 'none'})")
+        elif req.action is ControlAction.ROLLBACK:  # refused here, the file in training is never interrupted
+            why = adapters.rollback_refusal(self.cfg.path("adapters"), req.version)
+            if why is not None:
+                raise QueueError(why)
             self.rollback_pending = req.version
             self.rollback_sent = False
 

@@ -111,10 +111,14 @@ def consolidate(state: StateDep, body: ConsolidateBody) -> ControlResult:
 
 @router.post("/api/control/rollback", response_model=ControlResult,
              summary="Make a kept adapter version current again (a file in training starts over on it)",
-             responses={404: {"description": "no such kept version"}, 409: {"description": "the daemon is not running"}})
+             responses={404: {"description": "no such kept version"},
+                        409: {"description": "the daemon is not running, or the version is of another generation"}})
 def rollback(state: StateDep, body: RollbackBody) -> ControlResult:
     _need_running_daemon(state, "rollback")
-    if body.version not in {v.version for v in adapters.versions(state.cfg.path("adapters"))}:
+    folder = state.cfg.path("adapters")
+    if body.version not in {v.version for v in adapters.versions(folder)}:
         raise HTTPException(404, f"rollback: adapter v{body.version} is not kept")
+    if (why := adapters.rollback_refusal(folder, body.version)) is not None:
+        raise HTTPException(409, f"rollback: {why}")
     path = control.request(state.cfg, ControlAction.ROLLBACK, by=BY, version=body.version)
     return ControlResult(action="rollback", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from daemon import control
 from daemon.adapters import read_current
+from daemon.states import ControlAction, DesiredState
 from daemon.train.consolidate import LINEAGE, MERGE_TOLERANCE
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
@@ -85,6 +87,34 @@ def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
         assert (cur.version, cur.manifest["generation"], cur.manifest["consolidated_from"]) == (2, 1, 1)
         assert cur.manifest["base_path"] == str(new_base) and d.status()["base_model"] == str(new_base)
 
+        # nothing learnt on generation 1 yet: another consolidation would only copy its base (#26)
+        r = d.ctl("consolidate", "--description", "again", timeout=120)
+        assert r.returncode == 1 and "no file has trained on generation 1's base yet" in r.stdout, r.stdout
+        assert consolidated(d) == [new_base] and read_current(d.cfg.path("adapters")).version == 2
+
+        # a rollback to generation 0 that reaches the daemon (left as a request file, as trainctl leaves one while
+        # the daemon is down) while a file trains on generation 1: refused, and the file trains on (#26)
+        d.drop("long.jsonl", lines_of("chat.jsonl") * 4)  # ~200 steps: time to pause it mid-file, and a checkpoint
+        d.wait_for(lambda s: s["status"] == "training" and s["current_step"] >= 6, what="step 6 on the new base")
+        control.set_desired_state(d.cfg, DesiredState.PAUSED)
+        held = d.wait_for(lambda s: s["status"] == "paused" and s["current_file"] == "long.jsonl",
+                          what="paused mid-file")["current_step"]
+        job = d.queue.processing()[0].job_id
+        control.request(d.cfg, ControlAction.ROLLBACK, by="test", version=1)
+        d.wait_for(lambda s: _refused(d, "rollback"), what="the rollback refused")
+        assert "a rollback stays within a generation" in _refused(d, "rollback")
+        st = d.status()
+        assert (st["current_file"], st["current_step"], st["status"]) == ("long.jsonl", held, "paused")
+        assert list((d.cfg.path("checkpoints") / job).glob("step_*"))  # its checkpoints stay
+        control.set_desired_state(d.cfg, DesiredState.RUNNING)
+        d.wait_for(lambda s: s["current_file"] == "long.jsonl" and s["current_step"] > held + 2, what="on from its step")
+        db = d.history()
+        try:
+            assert [e["kind"] for e in db.events(limit=200) if e["job_id"] == job].count("job_started") == 1
+        finally:
+            db.close()
+        assert d.ctl("skip").returncode == 0  # the rest of it is not this test's business
+
         train(d, "two.jsonl", text(13), 3)  # on the new base, with the fresh adapter
         cur = read_current(d.cfg.path("adapters"))
         assert cur.manifest["base_path"] == str(new_base) and cur.manifest["generation"] == 1
@@ -141,6 +171,16 @@ def test_kill9_during_consolidation_leaves_one_whole_generation(tmp_path, models
         assert diff <= MERGE_TOLERANCE
     finally:
         d.close()
+
+
+def _refused(d: Daemon, action: str) -> str | None:
+    """The message of the daemon's refusal of a request (`control_refused` event), or None."""
+    db = d.history()
+    try:
+        return next((e["message"] for e in db.events(limit=200)
+                     if e["kind"] == "control_refused" and e["message"].startswith(action)), None)
+    finally:
+        db.close()
 
 
 def _base0(d: Daemon) -> Path:

@@ -402,6 +402,12 @@ def test_consolidate_and_rollback_need_a_description_and_a_kept_version(client, 
     reqs = [(r.action, r.description, r.version) for r in control.pending_requests(cfg)]
     assert reqs == [(ControlAction.CONSOLIDATE, "week one", None), (ControlAction.ROLLBACK, None, 1)]
     assert client.post("/api/control/rollback", json={"version": 1}).status_code in (401, 403)  # writes need the token
+    # a consolidation made generation 1: v1 and v2 trained on generation 0's base, and a rollback stays within one
+    atomic.write_json(cfg.path("adapters") / "v0003" / "manifest.json", {"version": 3, "generation": 1, "consolidated_from": 2})
+    atomic.write_json(cfg.path("adapters") / "current.json", {"version": 3, "path": "v0003"})
+    r = client.post("/api/control/rollback", headers=tok, json={"version": 1})
+    assert r.status_code == 409 and "a rollback stays within a generation" in r.json()["detail"]
+    assert len(control.pending_requests(cfg)) == 2  # nothing more was asked of the daemon
 
 
 def test_retry_and_remove_are_requests_and_only_for_listed_jobs(client, cfg):

@@ -94,6 +94,10 @@ def cmd_adapters_pin(cfg: Config, args: argparse.Namespace) -> int:
     kept = {v.version for v in adapters.versions(cfg.path("adapters"))}
     if args.pinned and args.version not in kept:
         raise TraindError(f"there is no adapter v{args.version} (kept: {', '.join(f'v{v}' for v in sorted(kept)) or 'none'})")
+    pinned = control.read_pins(cfg)
+    if not args.pinned and args.version not in pinned:
+        raise TraindError(f"adapters: v{args.version} is not pinned (pinned: "
+                          f"{', '.join(f'v{v}' for v in sorted(pinned)) or 'none'}); nothing to unpin")
     pins = control.set_pin(cfg, args.version, args.pinned)
     out(f"adapters: v{args.version} {'pinned' if args.pinned else 'unpinned'} (pinned now: "
         f"{', '.join(f'v{v}' for v in sorted(pins)) or 'none'})")
@@ -102,10 +106,10 @@ def cmd_adapters_pin(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
     folder = cfg.path("adapters")
-    kept = {v.version for v in adapters.versions(folder)}
-    if args.version not in kept:
-        raise TraindError(f"there is no adapter v{args.version} to roll back to "
-                          f"(kept: {', '.join(f'v{v}' for v in sorted(kept)) or 'none'}; see `trainctl adapters list`)")
+    why = adapters.rollback_refusal(folder, args.version)
+    if why is not None:  # refused before asking the daemon: nothing is interrupted
+        out(f"rollback: refused: {why}")
+        return 1
     before, asked = adapters.peek_current(folder), time.time()
     req = control.request(cfg, ControlAction.ROLLBACK, by="cli", version=args.version)
     if daemon_pid(cfg) is None:
@@ -125,7 +129,7 @@ def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
             return 0
         refused = None if req.exists() else _refused(cfg, args.version, asked)
         if refused:
-            out(f"rollback: refused: {refused}")
+            out(f"rollback: refused: {_reason(refused, 'rollback')}")
             return 1
         time.sleep(0.2)
     out("rollback: requested, but the daemon has not acted yet")
@@ -142,14 +146,28 @@ def _refused(cfg: Config, version: int, since: float) -> str | None:
     return from_history(cfg, read)
 
 
+def _reason(message: str, action: str) -> str:
+    """A refusal event's reason without the action the event names first ("consolidate: ...", "rollback to
+    v2: ..."): the CLI says the action itself."""
+    head, sep, rest = message.partition(": ")
+    return rest if sep and head.split(" ")[0] == action else message
+
+
 def cmd_consolidate(cfg: Config, args: argparse.Namespace) -> int:
     if not args.description.strip():
         raise TraindError("consolidate: --description must say what was trained")
-    if adapters.peek_current(cfg.path("adapters")) is None:
+    current = adapters.peek_current(cfg.path("adapters"))
+    if current is None:
         raise TraindError("consolidate: no adapter has been published yet; there is nothing to merge")
+    running = daemon_pid(cfg) is not None
+    # Down, the daemon merges the current version at its next start (no file starts before it): judged now.
+    why = None if running else adapters.nothing_learnt(current)
+    if why is not None:
+        out(f"consolidate: refused: {why}")
+        return 1
     asked = time.time()
     control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description=args.description)
-    if daemon_pid(cfg) is None:
+    if not running:
         out("consolidate: requested; the daemon is not running, it acts at its next start")
         return 0
     if args.no_wait:
@@ -162,8 +180,11 @@ def cmd_consolidate(cfg: Config, args: argparse.Namespace) -> int:
             (e for e in db.events(limit=30) if e["t"] >= asked and (e["kind"] == "consolidated" or (
                 e["kind"] == "control_refused" and (e["message"] or "").startswith("consolidate")))), None))
         if ended is not None:
-            out(f"consolidate: {ended['message']}")
-            return 0 if ended["kind"] == "consolidated" else 1
+            if ended["kind"] == "consolidated":
+                out(f"consolidate: {ended['message']}")
+                return 0
+            out(f"consolidate: refused: {_reason(ended['message'], 'consolidate')}")
+            return 1
         time.sleep(0.5)
     out("consolidate: requested, but no result yet (see `trainctl status` and the daemon log)")
     return 2

@@ -223,7 +223,13 @@ def on_message_in_job(sess: Session, msg: dict[str, Any], job_id: str) -> str:
     elif kind == "consolidate":  # the service sends it between files; should one cross a file, it runs after it
         sess.backlog.append(msg)
     elif kind == "rollback":  # the file's progress goes; it starts again on the version rolled back to
-        sess.rollback_to = int(msg["version"])
+        to = int(msg["version"])
+        why = adapters.rollback_refusal(sess.cfg.path("adapters"), to, adapters.generation(sess.manifest))
+        if why is not None:  # refused before the file is touched: it trains on from this step, checkpoints and all
+            log.warning("rollback to v%d refused: %s", to, why)
+            sess.send({"type": "rollback_refused", "version": to, "job_id": None, "message": why})
+            return "continue"
+        sess.rollback_to = to
         return "skip"
     elif kind == "train":
         log.warning("train %s arrived while %s trains; it runs next", msg.get("job_id"), job_id)
@@ -473,23 +479,19 @@ def rollback(sess: Session, interrupted: str | None) -> None:
     The new version has the old one's weights, global step, trained jobs and ledger: the files trained
     after it are no longer in the lineage (listed as `undone`, not retrained: a copy dropped again trains).
     A file interrupted for it stays in processing/, loses its checkpoints (they continue a state that is
-    gone) and trains again from its start on the rolled-back adapter.
+    gone) and trains again from its start on the rolled-back adapter. A refusal (adapters.rollback_refusal,
+    asked again here) changes nothing: not the adapter, and not the interrupted file's checkpoints.
     """
     to, sess.rollback_to = sess.rollback_to, None
     folder = sess.cfg.path("adapters")
-    target = next((v for v in adapters.versions(folder) if v.version == to), None)
+    why = adapters.rollback_refusal(folder, to, adapters.generation(sess.manifest))
+    if why is not None:  # an interrupted file keeps its checkpoints: it resumes from them, on the adapter it had
+        log.warning("rollback to v%d refused: %s", to, why)
+        sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted, "message": why})
+        return
     if interrupted is not None:
         ckpt.delete_checkpoints(sess.checkpoints(interrupted))
-    if target is None:
-        sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted,
-                   "message": f"adapter v{to} is not kept in {folder}"})
-        return
-    here = int(sess.manifest.get("generation", 0))
-    if int(target.manifest.get("generation", 0)) != here:
-        sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted,
-                   "message": f"adapter v{to} trained on generation {target.manifest.get('generation', 0)}'s base, and "
-                              f"training is on generation {here}'s: a rollback stays within a generation"})
-        return
+    target = next(v for v in adapters.versions(folder) if v.version == to)
     load_adapter(sess.lm.model, target.path)
     sess.probe.forget_previous()
     kept = {e["job_id"] for e in target.dataset}
@@ -546,7 +548,11 @@ def consolidate_now(sess: Session, msg: dict[str, Any]) -> None:
                    "reload_logit_diff": lineage["verification"]["reloaded_max_abs_logit_diff"], "seconds": 0.0,
                    "files": len(lineage["files"]), "description": lineage["description"]})
         return
-    generation = int(current.manifest.get("generation", 0))
+    generation = adapters.generation(current.manifest)
+    if (why := adapters.nothing_learnt(current)) is not None:  # a copy of the base would block every rollback before it
+        log.warning("consolidation refused: %s", why)
+        sess.send({"type": "consolidation_refused", "message": why})
+        return
     try:
         result = consolidate.consolidate(sess.cfg, current, sess.lm.base_path, msg.get("description") or "", generation)
     except Exception as e:  # a refusal or a failed merge: everything stays as it was

@@ -1,0 +1,258 @@
+"""Rollback, consolidation and `config approve` across generations (#26), in-process.
+
+The adapter store is written as the trainer writes it (adapters.publish, manifests with `generation`,
+`base_path`, `consolidated_from`, `dataset`); the service is the real Service, not started (no child),
+fed control requests as trainctl leaves them; the trainer's decisions are worker functions on a
+Session whose connection is a real Pipe. Only the test that loads a base needs torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from multiprocessing import Pipe
+from pathlib import Path
+
+import pytest
+
+from daemon import adapters, control, lockedkeys
+from daemon.cli.dispatch import main as trainctl
+from daemon.config import load_config
+from daemon.lock import acquire
+from daemon.states import ControlAction, Priority
+from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.tracker import ActiveJob, JobTracker
+from tests.conftest import write_instance
+
+NOW = 1_800_000_000.0
+
+
+# ---------------------------------------------------------------- a lineage as the trainer leaves it
+
+def sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def base_of(cfg, generation: int) -> Path:
+    folder = cfg.path("consolidated") / f"20260101T00000{generation}Z"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def publish(cfg, version: int, generation: int, file: str | None = None, parent: dict | None = None, **extra) -> dict:
+    """One version as the trainer publishes it: after a file (`file`), or a consolidation's fresh adapter or a
+    rollback (no file; `consolidated_from` / `rollback_of` in `extra`)."""
+    dataset = list((parent or {}).get("dataset", []))
+    m = {"version": version, "parent_version": parent["version"] if parent else None, "generation": generation,
+         "job_id": f"job-{file}" if file else None, "original_name": file, "sha256": sha(file) if file else None,
+         "steps": 3 if file else 0, "global_step": (parent or {}).get("global_step", 0) + (3 if file else 0),
+         "trained_jobs": list((parent or {}).get("trained_jobs", [])) + ([f"job-{file}"] if file else []), **extra}
+    if generation:
+        m["base_path"] = m["base_model"] = str(extra.pop("base", None) or base_of(cfg, generation))
+        m.pop("base", None)
+    if file:
+        dataset.append({"sha256": sha(file), "job_id": f"job-{file}", "original_name": file, "version": version,
+                        "generation": generation, "steps": 3})
+    m["dataset"] = dataset
+    adapters.publish(cfg.path("adapters"), m, lambda folder: (folder / "adapter_model.safetensors").write_bytes(b"w"))
+    return m
+
+
+def two_generations(cfg, trained_on_1: bool = True) -> list[dict]:
+    """v1 learnt one.jsonl on generation 0; consolidated into generation 1 (v2, the fresh adapter); v3 learnt
+    two.jsonl on generation 1 (unless `trained_on_1` is False)."""
+    v1 = publish(cfg, 1, 0, "one.jsonl")
+    v2 = publish(cfg, 2, 1, parent=v1, consolidated_from=1, lineage=str(base_of(cfg, 1) / "lineage.json"))
+    return [v1, v2] + ([publish(cfg, 3, 1, "two.jsonl", parent=v2)] if trained_on_1 else [])
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(write_instance(tmp_path / "i"))
+
+
+@pytest.fixture
+def service(cfg):
+    """The real service, not started: its control handling and history, with no child behind it."""
+    from daemon.service import Service
+
+    svc = Service(cfg, cfg.root / "config.json", clock=time.time)
+    for name in ("queue", "status", "adapters"):
+        svc.cfg.path(name).mkdir(parents=True, exist_ok=True)
+    svc.queue.ensure()
+    svc.db = HistoryDB(svc.cfg.path("status") / HISTORY_FILE)
+    svc.tracker = JobTracker(svc.cfg, svc.queue, svc.db, svc.status)
+    yield svc
+    svc.wakeup.close()
+    svc.db.close()
+
+
+def refusals(svc) -> list[str]:
+    return [e["message"] for e in svc.db.events() if e["kind"] == "control_refused"]
+
+
+def session(cfg):
+    """The trainer's session over the current version, its connection a real Pipe; (session, service end)."""
+    from daemon.train.worker import Session
+
+    mine, theirs = Pipe()
+    cur = adapters.read_current(cfg.path("adapters"))
+    return Session(cfg, mine, None, cur.version, cur.manifest, None), theirs
+
+
+def answer(conn) -> dict:
+    assert conn.poll(5), "the trainer said nothing"
+    return conn.recv()
+
+
+# ---------------------------------------------------------------- 4. a refused rollback changes nothing
+
+def test_the_service_refuses_a_rollback_to_another_generation_before_the_trainer_hears_of_it(service, cfg):
+    two_generations(cfg)
+    entry = service.queue.start(service.queue.admit(_data(cfg), Priority.NORMAL, NOW))
+    service.tracker.begin(ActiveJob(entry.job_id, str(entry.path), entry.original_name, "s" * 64, "text", 5))
+    control.request(cfg, ControlAction.ROLLBACK, by="cli", version=1)
+    service._handle_control(NOW)
+    assert service.rollback_pending is None  # nothing is sent: the file in training is never interrupted
+    assert service.tracker.job is not None and service.tracker.job.job_id == entry.job_id
+    [why] = refusals(service)
+    assert why.startswith("rollback: ") and "generation 0" in why and "a rollback stays within a generation" in why
+    control.request(cfg, ControlAction.ROLLBACK, by="cli", version=2)  # within generation 1: taken
+    service._handle_control(NOW)
+    assert service.rollback_pending == 2
+
+
+def _data(cfg) -> Path:
+    path = cfg.root / "long.jsonl"
+    path.write_text('{"text": "a line"}\n' * 5)
+    return path
+
+
+def test_the_trainer_refuses_a_rollback_to_another_generation_and_the_file_trains_on(cfg):
+    from daemon.train.worker import on_message_in_job
+
+    two_generations(cfg)
+    sess, conn = session(cfg)
+    assert on_message_in_job(sess, {"type": "rollback", "version": 1}, "job-long") == "continue"
+    said = answer(conn)
+    assert said["type"] == "rollback_refused" and said["version"] == 1 and said["job_id"] is None  # not interrupted
+    assert "a rollback stays within a generation" in said["message"]
+    assert sess.rollback_to is None
+    assert on_message_in_job(sess, {"type": "rollback", "version": 9}, "job-long") == "continue"  # not kept
+    assert "v9" in answer(conn)["message"]
+    assert on_message_in_job(sess, {"type": "rollback", "version": 2}, "job-long") == "skip"  # a rollback it makes
+    assert sess.rollback_to == 2
+
+
+def test_a_rollback_refused_after_the_file_stopped_keeps_its_checkpoints(cfg):
+    from daemon.train.worker import rollback
+
+    two_generations(cfg)
+    sess, conn = session(cfg)
+    ckpt = sess.checkpoints("job-long") / "step_000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    sess.rollback_to = 1
+    rollback(sess, "job-long")
+    said = answer(conn)
+    assert said["type"] == "rollback_refused" and said["job_id"] == "job-long"
+    assert (ckpt / "state.json").is_file()  # it resumes from there, not from step 0
+    assert adapters.read_current(cfg.path("adapters")).version == 3
+
+
+def test_trainctl_rollback_refuses_another_generation_without_leaving_a_request(cfg, capsys):
+    two_generations(cfg)
+    assert trainctl(["--config", str(cfg.root / "config.json"), "rollback", "1"]) == 1
+    said = capsys.readouterr().out
+    assert "a rollback stays within a generation" in said and "generation 0" in said, said
+    assert control.pending_requests(cfg) == []
+
+
+# ---------------------------------------------------------------- 6. a consolidation with nothing learnt
+
+def test_nothing_learnt_on_a_generation_is_named(cfg):
+    v1, v2, v3 = two_generations(cfg)
+    why = adapters.nothing_learnt(adapters.AdapterVersion(2, cfg.path("adapters") / "v0002", v2))
+    assert "no file has trained on generation 1" in why and "v2" in why
+    assert adapters.nothing_learnt(adapters.AdapterVersion(3, cfg.path("adapters") / "v0003", v3)) is None
+    assert adapters.nothing_learnt(adapters.AdapterVersion(1, cfg.path("adapters") / "v0001", v1)) is None
+    # a rollback to a generation's first version has learnt nothing on it either
+    v4 = publish(cfg, 4, 1, parent=v2, rollback_of=2)
+    why = adapters.nothing_learnt(adapters.AdapterVersion(4, cfg.path("adapters") / "v0004", v4))
+    assert "no file has trained on generation 1" in why and "rollback" in why
+
+
+def test_the_trainer_refuses_to_consolidate_a_fresh_adapter(cfg):
+    from daemon.train.worker import consolidate_now
+
+    two_generations(cfg, trained_on_1=False)
+    sess, conn = session(cfg)
+    consolidate_now(sess, {"type": "consolidate", "description": "again", "adapter_version": 2})
+    said = answer(conn)
+    assert said["type"] == "consolidation_refused" and "no file has trained on generation 1" in said["message"]
+    assert sorted(p.name for p in cfg.path("consolidated").iterdir()) == ["20260101T000001Z"]  # no new base
+    assert adapters.read_current(cfg.path("adapters")).version == 2
+
+
+def test_the_service_refuses_a_consolidation_with_nothing_learnt_unless_a_file_is_training(service, cfg):
+    two_generations(cfg, trained_on_1=False)
+    control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description="again")
+    service._handle_control(NOW)
+    assert service.consolidation_pending is None
+    assert refusals(service) == ["consolidate: no file has trained on generation 1's base yet (adapter v2 is the "
+                                 "fresh adapter published when v1 was consolidated); a new generation would be a copy "
+                                 "of that base"]
+    # a file in training publishes a version before the consolidation runs (between files): it may have something
+    entry = service.queue.start(service.queue.admit(_data(cfg), Priority.NORMAL, NOW))
+    service.tracker.begin(ActiveJob(entry.job_id, str(entry.path), entry.original_name, "s" * 64, "text", 5))
+    control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description="after the file")
+    service._handle_control(NOW)
+    assert service.consolidation_pending == "after the file"
+
+
+def test_trainctl_consolidate_with_nothing_learnt_is_refused_while_the_daemon_is_down(cfg, capsys):
+    two_generations(cfg, trained_on_1=False)
+    assert trainctl(["--config", str(cfg.root / "config.json"), "consolidate", "--description", "again"]) == 1
+    said = capsys.readouterr().out
+    assert "no file has trained on generation 1" in said, said
+    assert control.pending_requests(cfg) == []
+
+
+def test_a_second_consolidate_at_once_says_so_in_one_clear_line(service, cfg, capsys):
+    two_generations(cfg)
+    service.consolidation_pending = "the first one"  # on its way
+    lock = acquire(cfg.path("status") / "daemon.lock")  # the daemon runs (this process holds its lock)
+    done = threading.Event()
+
+    def serve() -> None:  # the service's loop, as far as control goes
+        while not done.is_set():
+            service._handle_control(time.time())
+            time.sleep(0.05)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        rc = trainctl(["--config", str(cfg.root / "config.json"), "consolidate", "--description", "second", "--timeout", "30"])
+    finally:
+        done.set()
+        t.join(5)
+        os.close(lock)
+    said = capsys.readouterr().out.splitlines()
+    assert rc == 1 and said[-1] == "consolidate: refused: a consolidation is already on its way", said
+    assert refusals(service) == ["consolidate: a consolidation is already on its way"]
+
+
+# ---------------------------------------------------------------- smaller: unpin
+
+def test_unpin_of_a_version_not_pinned_is_refused(cfg, capsys):
+    publish(cfg, 1, 0, "one.jsonl")
+    conf = str(cfg.root / "config.json")
+    assert trainctl(["--config", conf, "adapters", "unpin", "1"]) == 1
+    assert "v1 is not pinned" in capsys.readouterr().out
+    assert trainctl(["--config", conf, "adapters", "pin", "1"]) == 0
+    assert trainctl(["--config", conf, "adapters", "unpin", "1"]) == 0
+    assert "v1 unpinned" in capsys.readouterr().out
