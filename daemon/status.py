@@ -143,12 +143,36 @@ CREATE TABLE IF NOT EXISTS activity (
     final INTEGER NOT NULL DEFAULT 0, layers TEXT NOT NULL, kinds TEXT NOT NULL, per_layer TEXT NOT NULL,
     grid TEXT, PRIMARY KEY (job_id, step));
 CREATE INDEX IF NOT EXISTS activity_global ON activity (global_step);
+CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, started_at REAL NOT NULL, reason TEXT);
+CREATE TABLE IF NOT EXISTS metrics_archive (
+    series INTEGER NOT NULL, job_id TEXT NOT NULL, step INTEGER NOT NULL, global_step INTEGER NOT NULL, epoch REAL,
+    loss REAL, lr REAL, grad_norm REAL, tokens_per_sec REAL, t REAL NOT NULL,
+    PRIMARY KEY (series, job_id, step));
+CREATE INDEX IF NOT EXISTS metrics_archive_global ON metrics_archive (series, global_step);
+CREATE TABLE IF NOT EXISTS evals_archive (
+    series INTEGER NOT NULL, job_id TEXT NOT NULL, step INTEGER NOT NULL, global_step INTEGER NOT NULL,
+    eval_loss REAL, t REAL NOT NULL, PRIMARY KEY (series, job_id, step));
+CREATE TABLE IF NOT EXISTS activity_archive (
+    series INTEGER NOT NULL, job_id TEXT NOT NULL, step INTEGER NOT NULL, global_step INTEGER NOT NULL, t REAL NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0, layers TEXT NOT NULL, kinds TEXT NOT NULL, per_layer TEXT NOT NULL,
+    grid TEXT, PRIMARY KEY (series, job_id, step));
 """
+
+# A series of steps is the history of one adapter from global step 0. `trainctl config approve` of another
+# adapter shape starts a new one (start_series): the steps, evals and activity so far move to the *_archive
+# tables under the old series' id, so `metrics` (and every chart) holds the current adapter's steps alone
+# while the old ones stay queryable. Series 0 is the first (no row in `series`).
+SERIES_TABLES = (
+    ("metrics", "job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t"),
+    ("evals", "job_id, step, global_step, eval_loss, t"),
+    ("activity", "job_id, step, global_step, t, final, layers, kinds, per_layer, grid"),
+)
 
 # Columns added after a history.db may already exist: (table, column, type), added at open.
 _ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"),
                   ("jobs", "eval_set_before", "REAL"), ("jobs", "eval_set_after", "REAL"), ("jobs", "end_global_step", "INTEGER"),
-                  ("jobs", "changed", "TEXT"))
+                  ("jobs", "changed", "TEXT"),
+                  ("jobs", "series", "INTEGER"))  # the series its end_global_step counts in (NULL: 0)
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
@@ -165,7 +189,7 @@ JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
     "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
-    "eval_set_before", "eval_set_after", "end_global_step", "changed",
+    "eval_set_before", "eval_set_after", "end_global_step", "changed", "series",
 )
 
 
@@ -193,6 +217,7 @@ class HistoryDB:
             self._add_columns()
             self.conn.commit()
         self.conn.row_factory = sqlite3.Row
+        self.series = self._current_series()  # read once: a new series begins only while the daemon is stopped
         self._activity_inserts = 0
         self.on_disk_full: Callable[[BaseException], None] | None = None  # the service's disk guard
         self.on_event: Callable[[str, str, str | None, float], None] | None = None  # webhooks (daemon/notify.py)
@@ -205,6 +230,12 @@ class HistoryDB:
             have = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    def _current_series(self) -> int:
+        try:
+            return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM series").fetchone()[0]
+        except sqlite3.OperationalError:  # a history.db from before series, opened read-only
+            return 0
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> "HistoryDB":
@@ -351,6 +382,8 @@ class HistoryDB:
         for key in ("bad_lines", "activity"):
             if key in fields and not isinstance(fields[key], (str, type(None))):
                 fields[key] = json.dumps(fields[key])
+        if fields.get("end_global_step") is not None:
+            fields.setdefault("series", self.series)
         cols = ["job_id", *fields]
         sets = ", ".join(f"{c}=excluded.{c}" for c in fields) or "job_id=excluded.job_id"
         self._write((f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
@@ -362,6 +395,20 @@ class HistoryDB:
         held = sum(1 for batch in self.held for sql, args in batch if sql.startswith(_ADD_CRASH) and args == (job_id,))
         self._write((_ADD_CRASH + " ON CONFLICT(job_id) DO UPDATE SET crashes=crashes+1", (job_id,)))
         return before + held + 1
+
+    def start_series(self, reason: str, t: float) -> int:
+        """Begin a new series of steps (a new adapter, from global step 0); returns its id. The rows of the
+        current series move to the *_archive tables, in one transaction. Run by `trainctl config approve`
+        while the daemon is stopped (it holds the daemon's lock: no other writer)."""
+        old = self._current_series()
+        with self.conn:
+            for table, cols in SERIES_TABLES:
+                self.conn.execute(f"INSERT OR REPLACE INTO {table}_archive (series, {cols}) SELECT ?, {cols} FROM {table}",
+                                  (old,))
+                self.conn.execute(f"DELETE FROM {table}")
+            self.conn.execute("INSERT INTO series (id, started_at, reason) VALUES (?,?,?)", (old + 1, t, reason))
+        self.series = old + 1
+        return self.series
 
     def event(self, kind: str, message: str, job_id: str | None = None, t: float | None = None) -> None:
         t = time.time() if t is None else t
@@ -378,28 +425,57 @@ class HistoryDB:
         rows = self.conn.execute("SELECT * FROM jobs ORDER BY COALESCE(queued_at, 0) DESC LIMIT ?", (limit,))
         return [dict(r) for r in rows]
 
-    def steps(self, job_id: str | None = None, since_global_step: int = -1) -> list[dict[str, Any]]:
+    def _table(self, table: str, series: int | None) -> tuple[str, str, tuple]:
+        """Where a series' rows are: (table, extra condition, its arguments). The current one is `table`."""
+        if series is None or series == self.series:
+            return table, "1", ()
+        return f"{table}_archive", "series=?", (series,)
+
+    def steps(self, job_id: str | None = None, since_global_step: int = -1, series: int | None = None) -> list[dict[str, Any]]:
+        """Step rows of the current series (or of `series`), of one job or of all."""
+        table, cond, args = self._table("metrics", series)
         if job_id is None:
-            rows = self.conn.execute("SELECT * FROM metrics WHERE global_step>? ORDER BY global_step", (since_global_step,))
+            rows = self.conn.execute(f"SELECT * FROM {table} WHERE {cond} AND global_step>? ORDER BY global_step",
+                                     (*args, since_global_step))
         else:
-            rows = self.conn.execute("SELECT * FROM metrics WHERE job_id=? AND global_step>? ORDER BY step", (job_id, since_global_step))
+            rows = self.conn.execute(f"SELECT * FROM {table} WHERE {cond} AND job_id=? AND global_step>? ORDER BY step",
+                                     (*args, job_id, since_global_step))
         return [dict(r) for r in rows]
 
-    def evals(self, job_id: str | None = None) -> list[dict[str, Any]]:
+    def evals(self, job_id: str | None = None, series: int | None = None) -> list[dict[str, Any]]:
+        table, cond, args = self._table("evals", series)
         if job_id is None:
-            rows = self.conn.execute("SELECT * FROM evals ORDER BY global_step")
+            rows = self.conn.execute(f"SELECT * FROM {table} WHERE {cond} ORDER BY global_step", args)
         else:
-            rows = self.conn.execute("SELECT * FROM evals WHERE job_id=? ORDER BY step", (job_id,))
+            rows = self.conn.execute(f"SELECT * FROM {table} WHERE {cond} AND job_id=? ORDER BY step", (*args, job_id))
         return [dict(r) for r in rows]
 
-    def eval_set_points(self, since: int = -1, until: int | None = None) -> list[dict[str, Any]]:
-        """The fixed eval set's loss before and after each done file, at the global step the file ended."""
+    def eval_set_points(self, since: int = -1, until: int | None = None, series: int | None = None) -> list[dict[str, Any]]:
+        """The fixed eval set's loss before and after each done file, at the global step the file ended
+        (files that ended in the current series, or in `series`)."""
         rows = self.conn.execute(
             "SELECT job_id, original_name, end_global_step AS global_step, eval_set_before AS before, "
             "eval_set_after AS after, finished_at AS t FROM jobs WHERE eval_set_after IS NOT NULL "
-            "AND end_global_step > ? AND end_global_step <= ? ORDER BY end_global_step",
-            (since, until if until is not None else 2**62))
+            "AND COALESCE(series, 0) = ? AND end_global_step > ? AND end_global_step <= ? ORDER BY end_global_step",
+            (self.series if series is None else series, since, until if until is not None else 2**62))
         return [dict(r) for r in rows]
+
+    def series_list(self, with_steps: bool = False) -> list[dict[str, Any]]:
+        """Every series of steps, oldest first: `id`, `started_at` and `reason` (None for the first), and with
+        `with_steps` the number of step rows each holds."""
+        out = {0: {"id": 0, "started_at": None, "reason": None}}
+        counts: dict[int, int] = {}
+        try:
+            out |= {r["id"]: dict(r) for r in self.conn.execute("SELECT id, started_at, reason FROM series")}
+            if with_steps:
+                counts = dict(self.conn.execute("SELECT series, COUNT(*) FROM metrics_archive GROUP BY series").fetchall())
+        except sqlite3.OperationalError:  # a history.db from before series: one series
+            pass
+        if with_steps:
+            counts[self.series] = self.conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+            for i, r in out.items():
+                r["steps"] = counts.get(i, 0)
+        return [out[i] for i in sorted(out)]
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))

@@ -12,6 +12,10 @@ single min() or max() aggregate, the other columns come from the row that holds
 it). Larger ranges are answered from the monitor's in-memory summary
 (history_index.py), so the whole history of a month loads in milliseconds.
 Either way only the kept rows are fetched in full.
+
+Only one series of steps is read at a time (daemon.status: one adapter's history
+from global step 0): the current one from `metrics`, an earlier one (`?series=N`,
+after a `config approve` started a new adapter) from `metrics_archive`, in SQLite.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 
 from daemon.status import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.history_index import FINE, HistoryIndex
-from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint
+from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint, SeriesInfo
 
 router = APIRouter(tags=["history"], dependencies=[ReadAuth])
 
@@ -47,28 +51,33 @@ class Series:
     last: int | None
 
 
-def _where(since: int, until: int | None) -> tuple[str, list[int]]:
+def _where(since: int, until: int | None, series: int | None = None) -> tuple[str, list[int]]:
+    """The range's condition; `series` for an *_archive table (the current series' tables hold it alone)."""
+    head, args = ("series = ? AND ", [series]) if series is not None else ("", [])
     if until is None:
-        return "global_step > ?", [since]
-    return "global_step > ? AND global_step <= ?", [since, until]
+        return head + "global_step > ?", [*args, since]
+    return head + "global_step > ? AND global_step <= ?", [*args, since, until]
 
 
-def _fetch(conn: sqlite3.Connection, table: str, cols: tuple[str, ...], steps: Iterable[int]) -> list[dict[str, Any]]:
+def _fetch(conn: sqlite3.Connection, table: str, cols: tuple[str, ...], steps: Iterable[int],
+           series: int | None = None) -> list[dict[str, Any]]:
     """Full rows for these global steps, in order (one row per step)."""
     steps = sorted(set(steps))
     by_step: dict[int, dict[str, Any]] = {}
+    head, args = ("series = ? AND ", [series]) if series is not None else ("", [])
     for i in range(0, len(steps), _IN_CHUNK):
         chunk = steps[i:i + _IN_CHUNK]
-        sql = f"SELECT {', '.join(cols)} FROM {table} WHERE global_step IN ({','.join('?' * len(chunk))})"
-        for r in conn.execute(sql, chunk):
+        sql = f"SELECT {', '.join(cols)} FROM {table} WHERE {head}global_step IN ({','.join('?' * len(chunk))})"
+        for r in conn.execute(sql, [*args, *chunk]):
             by_step.setdefault(r[0], dict(zip(cols, r)))
     return [by_step[g] for g in steps if g in by_step]
 
 
 def downsample(conn: sqlite3.Connection, table: str, cols: tuple[str, ...], value: str,
-               since: int, until: int | None, max_points: int) -> Series:
-    """Rows of `table` with since < global_step <= until, at most `max_points`, bucketed in SQLite."""
-    where, args = _where(since, until)
+               since: int, until: int | None, max_points: int, series: int | None = None) -> Series:
+    """Rows of `table` with since < global_step <= until, at most `max_points`, bucketed in SQLite
+    (of one `series` in an *_archive table)."""
+    where, args = _where(since, until, series)
     total, lo, hi = conn.execute(f"SELECT COUNT(*), MIN(global_step), MAX(global_step) FROM {table} WHERE {where}", args).fetchone()
     if total <= max_points:
         rows = conn.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE {where} ORDER BY global_step", args).fetchall()
@@ -79,7 +88,7 @@ def downsample(conn: sqlite3.Connection, table: str, cols: tuple[str, ...], valu
     for sql in (f"SELECT MIN(global_step) {group}", f"SELECT MAX(global_step) {group}",
                 f"SELECT global_step, MIN({value}) {group}", f"SELECT global_step, MAX({value}) {group}"):
         keep.update(r[0] for r in conn.execute(sql, [*args, lo, width]) if r[0] is not None)
-    return Series(_fetch(conn, table, cols, keep), total, width, lo, hi)
+    return Series(_fetch(conn, table, cols, keep, series), total, width, lo, hi)
 
 
 def _edge(conn: sqlite3.Connection, a: int, b: int) -> tuple[int, set[int]]:
@@ -111,21 +120,34 @@ def metrics_series(conn: sqlite3.Connection, index: HistoryIndex, since: int, un
     return Series(rows, whole + n_head + n_tail, per * FINE, rows[0]["global_step"], rows[-1]["global_step"])
 
 
-def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | None, max_points: int) -> History:
+def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | None, max_points: int,
+                 series: int | None = None) -> History:
+    """The current series of steps, or `series` (LookupError when there is no such series)."""
     if not db_path.exists():
+        if series:
+            raise LookupError(f"no series {series} in the history")
         return History(points=[], evals=[], total_rows=0, downsampled=False, bucket_width=1,
                        first_global_step=None, last_global_step=None)
     db = HistoryDB.open_readonly(db_path)
     try:
-        m = metrics_series(db.conn, index, since, until, max_points)
-        e = downsample(db.conn, "evals", EVAL_COLS, "eval_loss", since, until, max_points)
+        every = [SeriesInfo(**s) for s in db.series_list()]
+        shown = next((s for s in every if s.id == (db.series if series is None else series)), None)
+        if shown is None:
+            raise LookupError(f"no series {series} in the history (there are {', '.join(str(s.id) for s in every)})")
+        if shown.id == db.series:
+            m = metrics_series(db.conn, index, since, until, max_points)
+            e = downsample(db.conn, "evals", EVAL_COLS, "eval_loss", since, until, max_points)
+        else:  # an earlier adapter's steps (small next to months of the current one's: bucketed in SQLite)
+            m = downsample(db.conn, "metrics_archive", METRIC_COLS, "loss", since, until, max_points, shown.id)
+            e = downsample(db.conn, "evals_archive", EVAL_COLS, "eval_loss", since, until, max_points, shown.id)
         try:
-            eval_set = db.eval_set_points(since, until)
+            eval_set = db.eval_set_points(since, until, shown.id)
         except sqlite3.OperationalError:  # a database from before the eval set
             eval_set = []
     finally:
         db.close()
     return History(
+        series=shown, all_series=every,
         points=[HistoryPoint(**r) for r in m.rows], evals=[EvalPoint(**r) for r in e.rows],
         eval_set=[EvalSetPoint(**r) for r in eval_set],
         total_rows=m.total, downsampled=m.bucket_width > 1, bucket_width=m.bucket_width,
@@ -140,5 +162,10 @@ def get_history(
     since: Annotated[int, Query(description="only global steps after this one (for incremental updates)")] = -1,
     until: Annotated[int | None, Query(description="only global steps up to this one (zoomed views)")] = None,
     max_points: Annotated[int, Query(ge=16, le=20000, description="upper bound on points returned")] = 2000,
+    series: Annotated[int | None, Query(ge=0, description="an earlier series of steps (see all_series); "
+                                                          "default: the current one")] = None,
 ) -> History:
-    return read_history(state.cfg.path("status") / HISTORY_FILE, state.history, since, until, max_points)
+    try:
+        return read_history(state.cfg.path("status") / HISTORY_FILE, state.history, since, until, max_points, series)
+    except LookupError as e:
+        raise HTTPException(404, str(e)) from None

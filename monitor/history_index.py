@@ -48,10 +48,17 @@ class HistoryIndex:
         self.buckets: dict[int, Bucket] = {}
         self.max_g = -1
         self.last_t = float("-inf")
+        self.series = 0  # the series of steps summarised: the current one (`metrics` holds it alone)
         self.lock = threading.Lock()
 
     def refresh(self, conn: sqlite3.Connection) -> None:
         with self.lock:
+            try:
+                series = conn.execute("SELECT COALESCE(MAX(id), 0) FROM series").fetchone()[0]
+            except sqlite3.OperationalError:  # a history.db from before series
+                series = 0
+            if series != self.series:  # `config approve` started a new adapter: its steps start again from 0
+                self.buckets, self.max_g, self.last_t, self.series = {}, -1, float("-inf"), series
             # >= : a row written in the same instant as the last one seen is not missed; such rows sit
             # at or below max_g, so they only cause the last bucket to be read again (<= FINE rows)
             # no ORDER BY: it would lead SQLite to walk the global_step index over every row
@@ -59,6 +66,7 @@ class HistoryIndex:
             top = conn.execute("SELECT MAX(global_step) FROM metrics").fetchone()[0]
             if top is None:
                 self.__init__()
+                self.series = series
                 return
             dirty = [g for g, _, _ in new if g <= self.max_g]
             if top < self.max_g:

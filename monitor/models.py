@@ -117,7 +117,17 @@ class EvalSetPoint(BaseModel):
     t: float | None
 
 
+class SeriesInfo(BaseModel):
+    id: int = Field(description="0 for the first series; a new one begins when `config approve` starts a new adapter")
+    started_at: float | None = Field(None, description="when it began (None: the first series)")
+    reason: str | None = Field(None, description="why it began (the approved change)")
+
+
 class History(BaseModel):
+    series: SeriesInfo = Field(default_factory=lambda: SeriesInfo(id=0),
+                               description="the series of steps these points belong to (one adapter's, from global step 0)")
+    all_series: list[SeriesInfo] = Field(default_factory=lambda: [SeriesInfo(id=0)],
+                                         description="every series, oldest first; the last is the current one")
     points: list[HistoryPoint]
     evals: list[EvalPoint]
     eval_set: list[EvalSetPoint] = Field(default_factory=list, description="the fixed eval set (eval.file) before/after each file")

@@ -256,3 +256,27 @@ def test_unpin_of_a_version_not_pinned_is_refused(cfg, capsys):
     assert trainctl(["--config", conf, "adapters", "pin", "1"]) == 0
     assert trainctl(["--config", conf, "adapters", "unpin", "1"]) == 0
     assert "v1 unpinned" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 7. a series of steps per adapter
+
+def test_the_history_api_shows_the_current_series_and_where_it_began(cfg, monkeypatch):
+    from monitor import history
+    from monitor.history_index import HistoryIndex
+
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    for g in range(1, 101):
+        db.record_step("old", g, g, 0.0, 5.0, 1e-3, 0.5, 100.0, NOW + g)
+    db.start_series("config approve: lora.r: 4 -> 8", NOW + 200)
+    for g in range(1, 41):
+        db.record_step("new", g, g, 0.0, 1.0, 1e-3, 0.5, 100.0, NOW + 300 + g)
+    db.close()
+    path = cfg.path("status") / HISTORY_FILE
+    for sql_max in (history.SQL_MAX_ROWS, 0):  # bucketed in SQLite, and from the monitor's summary
+        monkeypatch.setattr(history, "SQL_MAX_ROWS", sql_max)
+        h = history.read_history(path, HistoryIndex(), -1, None, 2000 if sql_max else 16)
+        assert {p.job_id for p in h.points} == {"new"} and h.total_rows == 40
+        assert h.series.id == 1 and h.series.started_at == NOW + 200 and "lora.r" in h.series.reason
+        assert [s.id for s in h.all_series] == [0, 1]
+    old = history.read_history(path, HistoryIndex(), -1, None, 2000, series=0)
+    assert {p.job_id for p in old.points} == {"old"} and old.total_rows == 100 and old.series.id == 0

@@ -194,6 +194,20 @@ def test_dashboard_over_a_fabricated_daemon(browser, tmp_path):
                 time.sleep(0.6)
             tab.wait_points_above(first)
             tab.shot("monitor_fabricated_training.png")
+            assert tab.page.is_hidden("#chart-series")  # one series: nothing to say
+
+            # `config approve` started a new adapter: its steps count from 0 again, in a series of their own
+            fake.db.start_series("config approve: lora.r: 8 -> 16", time.time())
+            fake.global_step = 1
+            fake.steps(25)
+            beat.set(current_step=25, loss=0.9)
+            wait_until(lambda: tab.points() == 25, what="the loss chart showing the new series alone")
+            tab.page.wait_for_selector("#chart-series >> text=series 2 of 2", state="visible")
+            assert "lora.r: 8 -> 16" in tab.page.text_content("#chart-series")
+            tab.shot_of(".charts-panel", "monitor_new_series.png")
+            fake.steps(40)
+            beat.set(current_step=65, loss=0.5)
+            tab.wait_points_above(25)
 
             # pause: the button waits for the daemon, then the state comes from the status
             tab.page.click("#btn-pause")

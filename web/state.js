@@ -5,7 +5,7 @@
 
 export const state = {
   token: null, tokenOk: null, status: null, conn: 'connecting',
-  overview: null, detail: null, zoomed: false, lastStep: -1, lastJob: null,
+  overview: null, detail: null, zoomed: false, lastStep: -1, lastJob: null, series: null,
   queueKey: null, charts: [], syncing: false, historyBusy: false,
 };
 

@@ -24,7 +24,7 @@ export function init() {
     { label: 'eval', stroke: '#ffa94d', width: 0, paths: () => null, points: { show: true, size: 8, fill: '#ffa94d' }, value: (u, v) => fmt.loss(v) },
     // eval.file, scored after each file (one point where the file ended): did it help what was learnt before?
     { label: 'eval set', stroke: '#ff6b9a', width: 0, paths: () => null, points: { show: true, size: 9, fill: '#ff6b9a' }, value: (u, v) => fmt.loss(v) },
-  ], (vals) => distinctLabels(vals, (v, d) => v.toFixed(d), 2));
+  ], (vals) => distinctLabels(vals, (v, d) => v.toFixed(d), 2), { draw: [drawSeriesStart] });
   lrChart = makeChart('chart-lr', [{ label: 'lr', stroke: '#b197fc', width: 1.5, spanGaps: true, value: (u, v) => fmt.sci(v) }],
     (vals) => distinctLabels(vals, (v, d) => v.toExponential(d), 1));
   tpsChart = makeChart('chart-tps', [{ label: 'tokens/s', stroke: '#63e6be', width: 1.5, spanGaps: true, value: (u, v) => fmt.int(v) }],
@@ -50,6 +50,7 @@ export async function load() {
   try {
     const h = await api(`/api/history?max_points=${MAX_POINTS}`);
     state.overview = { points: h.points, evals: h.evals, evalSet: h.eval_set || [], total_rows: h.total_rows, downsampled: h.downsampled, bucket_width: h.bucket_width };
+    state.series = { shown: h.series, all: h.all_series || [] };
     state.detail = null;
     state.lastStep = h.last_global_step == null ? -1 : h.last_global_step;
     draw();
@@ -71,7 +72,7 @@ async function appendHistory() {
   } catch (e) { /* next status event retries */ } finally { state.historyBusy = false; }
 }
 
-function makeChart(id, series, yFmt) {
+function makeChart(id, series, yFmt, hooks = {}) {
   const host = $(id);
   const opts = {
     width: Math.max(300, host.clientWidth), height: id === 'chart-loss' ? 260 : 170,
@@ -83,7 +84,7 @@ function makeChart(id, series, yFmt) {
       axis({ size: 64, values: (u, vals) => yFmt(vals) }),
     ],
     series: [{ label: 'step' }].concat(series),
-    hooks: { setScale: [(u, key) => { if (key === 'x') onZoom(u); }] },
+    hooks: { setScale: [(u, key) => { if (key === 'x') onZoom(u); }], ...hooks },
   };
   const empty = [[]].concat(series.map(() => []));
   const chart = new uPlot(opts, empty, host);
@@ -101,10 +102,41 @@ function draw() {
     tpsChart.setData(d.tps, !keep);
   } finally { state.syncing = false; }
   $('chart-loss').dataset.points = String(d.n);
+  showSeries();
   const o = state.overview;
   $('chart-info').textContent = o
     ? `${fmt.int(o.total_rows)} steps${o.downsampled ? `, drawn as ${fmt.int(d.n)} points (min/max kept per ${o.bucket_width}-step bucket)` : ''}${state.detail ? ' · zoomed detail' : ''}`
     : '';
+}
+
+// The charts show one series of steps: one adapter's, from global step 0. A `config approve` that starts
+// a new adapter starts a new series; the earlier ones stay in the history (/api/history?series=N).
+function showSeries() {
+  const el = $('chart-series');
+  const s = state.series;
+  const began = s && s.shown && s.shown.id > 0 ? s.shown : null;
+  el.hidden = !began;
+  if (!began) { el.textContent = ''; el.dataset.series = s && s.shown ? String(s.shown.id) : '0'; return; }
+  el.dataset.series = String(began.id);
+  el.textContent = `series ${began.id + 1} of ${s.all.length}: a new adapter since ${fmt.when(began.started_at)}` +
+    (began.reason ? ` (${began.reason})` : '');
+  el.title = `the earlier series stay in the history: ${s.all.filter((x) => x.id !== began.id).map((x) => `/api/history?series=${x.id}`).join(', ')}`;
+}
+
+// Where the series shown began: a dashed line at its first step, labelled.
+function drawSeriesStart(u) {
+  const s = state.series, o = state.overview;
+  if (!s || !s.shown || s.shown.id === 0 || !o || !o.points.length) return;
+  const x = Math.round(u.valToPos(o.points[0].global_step, 'x', true));
+  if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) return;
+  const ctx = u.ctx;
+  ctx.save();
+  ctx.strokeStyle = '#ffd43b'; ctx.setLineDash([4, 4]); ctx.lineWidth = 1;
+  ctx.beginPath(); ctx.moveTo(x, u.bbox.top); ctx.lineTo(x, u.bbox.top + u.bbox.height); ctx.stroke();
+  ctx.setLineDash([]); ctx.fillStyle = '#ffd43b'; ctx.font = `${Math.round(11 * devicePixelRatio)}px sans-serif`;
+  ctx.textAlign = 'left'; ctx.textBaseline = 'top';  // uPlot leaves its axes' alignment behind
+  ctx.fillText(`new adapter (series ${s.shown.id + 1})`, x + 4 * devicePixelRatio, u.bbox.top + 2 * devicePixelRatio);
+  ctx.restore();
 }
 
 // Zoom: sync the x range across charts, then fetch full detail for the range
