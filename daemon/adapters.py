@@ -8,11 +8,15 @@
     adapters.publish(cfg.path("adapters"), manifest, write_weights)   # the trainer child only
     adapters.rollback_refusal(cfg.path("adapters"), 3)     # why a rollback to v3 cannot be made, or None
     adapters.nothing_learnt(cur)                            # why consolidating cur would add nothing, or None
+    adapters.base_in_use(cfg.path("adapters"), adapters.config_base(cfg))   # the consolidated base in use, or None
 
 The trainer child is the one writer (it publishes a version after each file);
 the service, the CLI and the monitor read. Standard library only: the torch
 side passes its own `write_weights(folder)` to `publish`. Layout and manifest
-fields: docs/internals.md.
+fields: docs/internals.md. The one other writer is `trainctl config approve`
+(daemon stopped, holding its lock): it moves the store to `archive/` and may
+leave `start.json` in the emptied folder, the consolidated base a new adapter
+starts on (`carry_over`, `write_start`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from daemon import atomic
 
 CURRENT = "current.json"
 MANIFEST = "manifest.json"
+START = "start.json"  # in an emptied store: the consolidated base the first new version trains on
 STEP_LOG = "steps.jsonl"  # the step reports of the file a version learnt (its training log), one JSON each
 
 
@@ -186,7 +191,61 @@ def read_step_log(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-# -- lineage rules: what a rollback and a consolidation may do --------------- ------------------------------
+# -- lineage rules: what a rollback, a consolidation and a new adapter may do ------------------------------
+def config_base(cfg: Any) -> str:
+    """The config's base_model as a START record names it (a folder resolved, or the embedded model's name):
+    the same from config.json and from the trainer's running config, whose paths are absolute."""
+    return str(cfg.base_model_path or cfg.base_model)
+
+
+def read_start(adapters: Path, base: str) -> dict[str, Any] | None:
+    """The START record (`base_path`, `generation`, `dataset`: the files merged into that base) that
+    `trainctl config approve` left in an emptied store, if it grew from `base` (config_base: a base_model
+    changed since starts a lineage of its own, on it); None when there is none. A damaged one raises:
+    going back to generation 0's base without a word is what it is there to prevent."""
+    try:
+        record = atomic.read_json(adapters / START)
+    except FileNotFoundError:
+        return None
+    return record if record.get("config_base") in (None, base) else None
+
+
+def write_start(adapters: Path, record: dict[str, Any]) -> None:
+    """`trainctl config approve` only, daemon stopped: the base the next adapter starts on."""
+    adapters.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(adapters / START, record)
+
+
+def _head(adapters: Path, base: str) -> tuple[AdapterVersion | None, dict[str, Any]]:
+    """The current version and the manifest the next version continues (the START record before the first)."""
+    current = read_current(adapters)
+    return current, (current.manifest if current is not None else read_start(adapters, base) or {})
+
+
+def base_in_use(adapters: Path, base: str) -> dict[str, Any] | None:
+    """`{"base_path", "generation"}` of the consolidated base training continues; None: the config's base_model
+    (`base`, config_base)."""
+    try:
+        _, m = _head(adapters, base)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"base_path": m["base_path"], "generation": generation(m)} if m.get("base_path") else None
+
+
+def carry_over(adapters: Path, base: str) -> dict[str, Any] | None:
+    """What a new adapter of another shape keeps of this store: the consolidated base in use and the dataset
+    entries of the files merged into it (they are in the base's weights, so they stay learnt). Files learnt
+    on that base by the adapter itself go with it. None at generation 0 (the new adapter starts on base_model).
+    `base` (config_base) is the lineage's root, kept in the record."""
+    current, m = _head(adapters, base)
+    if not m.get("base_path"):
+        return None
+    gen = generation(m)
+    dataset = current.dataset if current is not None else list(m.get("dataset", []))
+    return {"base_path": m["base_path"], "generation": gen, "config_base": base,
+            "dataset": [e for e in dataset if int(e.get("generation") or 0) < gen]}
+
+
 def rollback_refusal(adapters: Path, version: int, here: int | None = None) -> str | None:
     """Why a rollback to `version` cannot be made (None: it can): the version is not kept, or it trained on
     another generation's base than the one in use (`here`; by default the current version's). Asked before

@@ -1,13 +1,15 @@
 """The dataset ledger: which file contents the adapter's lineage has already learnt.
 
     from daemon.dataset import DatasetLedger
-    ledger = DatasetLedger(cfg.path("adapters"), db)
+    ledger = DatasetLedger(cfg.path("adapters"), db, adapters.config_base(cfg))
     earlier = ledger.earlier(sha256)     # the ledger entry of the file with these bytes, or None
 
 The trainer child writes the ledger into every adapter manifest (`dataset`: the
 parent's entries plus the file the version learnt), so it moves with the
 adapter: a rollback to an older version brings back that version's ledger, and
-a consolidated base carries its own into the next generation. Service side,
+a consolidated base carries its own into the next generation (and into a new
+adapter `config approve` starts on it: `adapters/start.json` holds the files
+merged into the base until the first version is published). Service side,
 standard library only; the manifest is read again only when the current
 version changes.
 """
@@ -22,8 +24,9 @@ from daemon.status import HistoryDB
 
 
 class DatasetLedger:
-    def __init__(self, adapters_dir: Path, db: HistoryDB) -> None:
+    def __init__(self, adapters_dir: Path, db: HistoryDB, base: str | None = None) -> None:
         self.adapters_dir, self.db = adapters_dir, db
+        self.base = base  # adapters.config_base: a START record of another base_model is not this lineage's
         self._version: int | None = None
         self._by_sha: dict[str, dict[str, Any]] = {}
 
@@ -32,8 +35,19 @@ class DatasetLedger:
         current = adapters.peek_current(self.adapters_dir)
         version = current.version if current is not None else None
         if version != self._version or current is None:
-            self._version, self._by_sha = version, self._build(current) if current is not None else {}
+            self._version, self._by_sha = version, self._build(current) if current is not None else self._start()
         return self._by_sha
+
+    def _start(self) -> dict[str, dict[str, Any]]:
+        """Before the first version: the files merged into the base a new adapter starts on (START record)."""
+        try:
+            start = (adapters.read_start(self.adapters_dir, self.base) if self.base else None) or {}
+        except (OSError, ValueError):
+            return {}
+        by_sha: dict[str, dict[str, Any]] = {}
+        for e in start.get("dataset", []):
+            by_sha.setdefault(e["sha256"], e)
+        return by_sha
 
     def earlier(self, sha256: str | None) -> dict[str, Any] | None:
         return self.learnt().get(sha256) if sha256 else None

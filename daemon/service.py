@@ -127,7 +127,7 @@ class Service:
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
         self.db.on_disk_full = lambda e: self._disk_error(e, self.cfg.path("status"), "history")
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
-        self.ledger = DatasetLedger(self.cfg.path("adapters"), self.db)
+        self.ledger = DatasetLedger(self.cfg.path("adapters"), self.db, adapters.config_base(self.cfg))
         self.notifier = Notifier(self.cfg)
         self.autogen = AutoGenerator(self.cfg)
         self.status.auto_generate = self.autogen.status() if self.cfg.auto_generate.enabled else None
@@ -135,9 +135,8 @@ class Service:
         self.tracker.on_disk_full = lambda full: self._disk_full(full, self.clock())
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
-        current = adapters.peek_current(self.cfg.path("adapters"))
-        if current is not None and current.manifest.get("base_path"):  # a consolidated base is in use
-            self.status.base_model = current.manifest["base_path"]
+        if (in_use := adapters.base_in_use(self.cfg.path("adapters"), adapters.config_base(self.cfg))) is not None:
+            self.status.base_model = in_use["base_path"]
         self.status.layer_activity_summary = self.tracker.last_activity()
         now = self.clock()
         self.status.started_at = now

@@ -138,6 +138,49 @@ def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
         d.close()
 
 
+@pytest.mark.slow  # the default run keeps under 15 min; the parts are tested in-process in tests/test_lineage_control.py
+def test_approve_of_another_rank_after_a_consolidation_trains_on_the_consolidated_base(tmp_path, models_dir):
+    d = make(tmp_path, models_dir)
+    d2 = Daemon(write_instance(tmp_path / "inst", models_dir, **SETTINGS))
+    try:
+        d.start()
+        train(d, "one.jsonl", text(12), 1)
+        r = d.ctl("consolidate", "--description", "the first file", timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        [new_base] = consolidated(d)
+        train(d, "two.jsonl", text(13), 3)
+        assert d.stop() == 0
+
+        d2 = Daemon(write_instance(tmp_path / "inst", models_dir, **{**SETTINGS, "lora": {"r": 8}}))
+        r = d2.ctl("config", "approve")
+        assert r.returncode == 0, r.stdout
+        print(r.stdout)
+        assert f"training continues on generation 1's base {new_base} with a fresh adapter" in r.stdout
+        d2.start()
+        st = d2.wait_for(lambda s: s["status"] == "idle" and s.get("trainer_pid"), what="ready on the carried base")
+        assert st["base_model"] == str(new_base)
+        train(d2, "three.jsonl", text(14), 1)
+        cur = read_current(d2.cfg.path("adapters"))
+        assert (cur.version, cur.manifest["generation"], cur.manifest["base_path"]) == (1, 1, str(new_base))
+        # one.jsonl is in the base's weights and stays learnt; two.jsonl went with the archived adapter
+        assert [(e["original_name"], e["generation"]) for e in cur.manifest["dataset"]] == [("one.jsonl", 0), ("three.jsonl", 1)]
+        d2.drop("one-again.jsonl", text(12))
+        d2.wait_counts(done=4)
+        assert d2.queue.read_duplicate(d2.queue.find("one-again.jsonl").job_id)
+        three = d2.queue.find("three.jsonl").job_id
+        db = d2.history()
+        try:
+            assert {r["job_id"] for r in db.steps()} == {three}  # the chart's series: the new adapter's steps alone
+            assert [s["id"] for s in db.series_list()] == [0, 1] and db.steps(series=0)
+        finally:
+            db.close()
+        history = json.loads((d2.cfg.path("status") / "locked_keys.json").read_text())["history"]
+        assert [next(iter(k for k in h if k in ("consolidation", "changes"))) for h in history] == ["consolidation", "changes"]
+    finally:
+        d.close()
+        d2.close()
+
+
 @pytest.mark.parametrize("point", [pytest.param("lineage.json", marks=pytest.mark.slow),
                                    pytest.param("publish 20", marks=pytest.mark.slow),
                                    pytest.param("publish v0002", marks=pytest.mark.slow),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from daemon import control, lockedkeys
+from daemon import adapters, control, lockedkeys
 from daemon.config import load_config
 from daemon.errors import AlreadyRunningError
 from daemon.lock import acquire, holder_pid
@@ -101,15 +101,14 @@ def test_locked_keys_refuse_then_approve_archives(tmp_path, models_dir):
     path = write_instance(tmp_path / "i", models_dir)
     cfg = load_config(path)
     lockedkeys.record(cfg)
-    (cfg.path("adapters")).mkdir(parents=True)
-    (cfg.path("adapters") / "current.json").write_text('{"version": 1}')
+    adapters.publish(cfg.path("adapters"), {"version": 1}, lambda folder: None)
     assert lockedkeys.check(cfg) == []
     path2 = write_instance(tmp_path / "i", models_dir, lora={"r": 16})
     cfg2 = load_config(path2)
     assert lockedkeys.check(cfg2) == [("lora.r", 4, 16)]
-    moved = lockedkeys.approve(cfg2)
+    done = lockedkeys.approve(cfg2)
     assert lockedkeys.check(cfg2) == []
-    assert len(moved) == 1 and (tmp_path / "i" / "archive").is_dir()
+    assert len(done.archived) == 1 and done.new_adapter and done.continues_on is None and (tmp_path / "i" / "archive").is_dir()
     assert json.loads((cfg.path("status") / "locked_keys.json").read_text())["history"][0]["changes"] == [["lora.r", 4, 16]]
 
 

@@ -258,7 +258,152 @@ def test_unpin_of_a_version_not_pinned_is_refused(cfg, capsys):
     assert "v1 unpinned" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------- 7. a series of steps per adapter
+# ---------------------------------------------------------------- 5. config approve after consolidations
+
+def three_generations(cfg) -> list[dict]:
+    """generation 0 (one.jsonl), 1 (two.jsonl), 2 (three.jsonl, trained on its base after the consolidation)."""
+    v1, v2, v3 = two_generations(cfg)
+    v4 = publish(cfg, 4, 2, parent=v3, consolidated_from=3)
+    return [v1, v2, v3, v4, publish(cfg, 5, 2, "three.jsonl", parent=v4)]
+
+
+def steps_in_history(cfg, n: int) -> None:
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    for g in range(1, n + 1):
+        db.record_step("job-three.jsonl", g, g, 0.1, 2.0 - g / 100, 1e-3, 0.5, 100.0, NOW + g)
+    db.close()
+
+
+def change_lora_r(cfg, **more):
+    path = write_instance(cfg.root, lora={"r": 8}, **more)
+    return load_config(path)
+
+
+def test_approve_after_consolidations_continues_on_the_newest_generation(cfg, capsys):
+    three_generations(cfg)
+    lockedkeys.record(cfg, NOW)
+    lockedkeys.note_consolidation(cfg, str(base_of(cfg, 1)), 1, NOW + 1)
+    lockedkeys.note_consolidation(cfg, str(base_of(cfg, 2)), 2, NOW + 2)
+    steps_in_history(cfg, 5)
+    cfg = change_lora_r(cfg)
+    assert trainctl(["--config", str(cfg.root / "config.json"), "config", "approve"]) == 0
+    said = capsys.readouterr().out
+    assert "approved lora.r: 4 -> 8" in said
+    assert f"training continues on generation 2's base {base_of(cfg, 2)} with a fresh adapter" in said, said
+    start = json.loads((cfg.path("adapters") / "start.json").read_text())
+    assert (start["base_path"], start["generation"]) == (str(base_of(cfg, 2)), 2)
+    # the files in the base (generations 0 and 1) stay learnt; three.jsonl went with the archived adapter
+    assert [e["original_name"] for e in start["dataset"]] == ["one.jsonl", "two.jsonl"]
+    assert adapters.read_current(cfg.path("adapters")) is None and lockedkeys.check(cfg) == []
+    assert adapters.base_in_use(cfg.path("adapters"), adapters.config_base(cfg))["generation"] == 2
+    # base_model changed before the next start: a lineage of its own, on that base (start.json is not for it)
+    assert adapters.base_in_use(cfg.path("adapters"), "/models/another") is None
+
+    lockedkeys.record(cfg)  # what the next start does while no adapter exists yet
+    history = json.loads((cfg.path("status") / lockedkeys.FILE).read_text())["history"]
+    assert [("consolidation" in h, "changes" in h) for h in history] == [(True, False), (True, False), (False, True)]
+    assert history[2]["continues_on"] == {"generation": 2, "base_path": str(base_of(cfg, 2))}
+
+
+def test_the_locked_keys_history_outlives_the_next_start(cfg):
+    lockedkeys.record(cfg, NOW)
+    lockedkeys.note_consolidation(cfg, str(base_of(cfg, 1)), 1, NOW + 1)
+    lockedkeys.record(cfg)  # the service's start while no adapter exists (as after an approval archived them)
+    history = json.loads((cfg.path("status") / lockedkeys.FILE).read_text())["history"]
+    assert history == [{"at": NOW + 1, "consolidation": {"generation": 1, "base_in_use": str(base_of(cfg, 1))}}]
+
+
+def test_approve_without_consolidations_starts_on_the_config_base(cfg, capsys):
+    publish(cfg, 1, 0, "one.jsonl")
+    lockedkeys.record(cfg, NOW)
+    cfg = change_lora_r(cfg)
+    assert trainctl(["--config", str(cfg.root / "config.json"), "config", "approve"]) == 0
+    said = capsys.readouterr().out
+    assert "training starts a fresh adapter on base_model embedded:tiny-qwen3 (generation 0)" in said, said
+    assert not (cfg.path("adapters") / "start.json").exists()
+
+
+def test_approve_from_the_config_base_when_asked(cfg, capsys):
+    three_generations(cfg)
+    lockedkeys.record(cfg, NOW)
+    cfg = change_lora_r(cfg)
+    assert trainctl(["--config", str(cfg.root / "config.json"), "config", "approve", "--from-config-base"]) == 0
+    assert "training starts a fresh adapter on base_model embedded:tiny-qwen3 (generation 0)" in capsys.readouterr().out
+    assert not (cfg.path("adapters") / "start.json").exists()
+
+
+def test_approve_refuses_to_continue_on_a_base_that_is_gone(cfg, capsys):
+    three_generations(cfg)
+    lockedkeys.record(cfg, NOW)
+    shutil.rmtree(base_of(cfg, 2))
+    cfg = change_lora_r(cfg)
+    assert trainctl(["--config", str(cfg.root / "config.json"), "config", "approve"]) == 1
+    said = capsys.readouterr().out
+    assert "generation 2's base" in said and "--from-config-base" in said, said
+    assert adapters.read_current(cfg.path("adapters")).version == 5  # nothing moved
+    assert lockedkeys.check(cfg) != []
+
+
+def test_the_trainer_starts_on_the_base_approve_carried_over(tmp_path, models_dir):
+    torch = pytest.importorskip("torch")
+    from daemon.dataset import DatasetLedger
+    from daemon.train.model import resolve_base
+    from daemon.train.worker import generation_fields, load_session
+
+    cfg = load_config(write_instance(tmp_path / "i", models_dir))
+    merged = cfg.path("consolidated") / "20260101T000001Z"  # a real model folder stands for generation 1's base
+    shutil.copytree(resolve_base(cfg), merged)
+    v1 = publish(cfg, 1, 0, "one.jsonl")
+    v2 = publish(cfg, 2, 1, parent=v1, consolidated_from=1, base=merged)
+    publish(cfg, 3, 1, "two.jsonl", parent=v2, base=merged)
+    lockedkeys.record(cfg, NOW)
+    cfg = load_config(write_instance(tmp_path / "i", models_dir, lora={"r": 8}))
+    lockedkeys.approve(cfg, NOW + 10)
+
+    mine, theirs = Pipe()
+    threads = torch.get_num_threads()
+    try:
+        sess = load_session(cfg, mine, 1)
+    finally:
+        torch.set_num_threads(threads)
+    ready = answer(theirs)
+    assert ready["type"] == "ready" and ready["base_model"] == str(merged) and ready["adapter_version"] is None
+    assert Path(sess.lm.base_path) == merged
+    assert generation_fields(sess) == {"base_model": str(merged), "base_path": str(merged), "generation": 1}
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    ledger = DatasetLedger(cfg.path("adapters"), db, adapters.config_base(cfg))
+    assert ledger.earlier(sha("one.jsonl"))["original_name"] == "one.jsonl"  # merged into the base: still learnt
+    assert ledger.earlier(sha("two.jsonl")) is None  # only the archived adapter had it
+    db.close()
+
+
+# ---------------------------------------------------------------- 7. a new series of steps after approve
+
+def test_approve_starts_a_new_series_and_keeps_the_old_one(cfg):
+    three_generations(cfg)
+    lockedkeys.record(cfg, NOW)
+    steps_in_history(cfg, 5)
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)
+    db.record_eval("job-three.jsonl", 5, 5, 1.5, NOW + 5)
+    db.upsert_job("job-three.jsonl", state="done", eval_set_before=2.0, eval_set_after=1.9, end_global_step=5)
+    db.close()
+    cfg = change_lora_r(cfg)
+    lockedkeys.approve(cfg, NOW + 10)
+
+    db = HistoryDB(cfg.path("status") / HISTORY_FILE)  # the service at its next start
+    assert db.series == 1 and db.steps() == [] and db.evals() == [] and db.eval_set_points() == []
+    for g in range(1, 4):  # the new adapter's steps: the same global steps again
+        db.record_step("job-new.jsonl", g, g, 0.1, 3.0, 1e-3, 0.5, 100.0, NOW + 20 + g)
+    assert [r["job_id"] for r in db.steps()] == ["job-new.jsonl"] * 3
+    assert [r["global_step"] for r in db.steps(series=0)] == [1, 2, 3, 4, 5]  # the old series stays queryable
+    assert [r["eval_loss"] for r in db.evals(series=0)] == [1.5]
+    assert [p["after"] for p in db.eval_set_points(series=0)] == [1.9]
+    [old, new] = db.series_list(with_steps=True)
+    assert (old["id"], old["steps"], new["id"], new["steps"]) == (0, 5, 1, 3)
+    assert new["started_at"] == NOW + 10 and "lora.r: 4 -> 8" in new["reason"]
+    assert any(e["kind"] == "config_approved" for e in db.events())
+    db.close()
+
 
 def test_the_history_api_shows_the_current_series_and_where_it_began(cfg, monkeypatch):
     from monitor import history

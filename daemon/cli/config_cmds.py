@@ -25,8 +25,10 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     # validate and explain must work on a config that does not load, so they take no Config
     cs.add_parser("validate", parents=[common], help="list every problem at once").set_defaults(handler=cmd_config_validate)
     cs.add_parser("explain", parents=[common], help="every key with its default and meaning").set_defaults(handler=cmd_config_explain)
-    cs.add_parser("approve", parents=[common], help="accept changed locked keys (daemon stopped)").set_defaults(
-        handler=with_config(cmd_config_approve))
+    ap = cs.add_parser("approve", parents=[common], help="accept changed locked keys (daemon stopped)")
+    ap.add_argument("--from-config-base", action="store_true",
+                    help="a new adapter starts on base_model (generation 0), not on the newest consolidated base")
+    ap.set_defaults(handler=with_config(cmd_config_approve))
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -113,11 +115,24 @@ def cmd_config_approve(cfg: Config, args: argparse.Namespace) -> int:
         out(f"config approve: stop the daemon first ({e})")
         return 1
     try:
-        moved = lockedkeys.approve(cfg)
+        done = lockedkeys.approve(cfg, from_config_base=args.from_config_base)
     finally:
         os.close(fd)
-    for k, old, new in changes:
+    for k, old, new in done.changes:
         out(f"approved {k}: {old!r} -> {new!r}")
-    for m in moved:
+    for m in done.archived:
         out(f"archived {m}")
+    on = done.continues_on
+    if on is not None:
+        out(f"training continues on generation {on['generation']}'s base {on['base_path']} with a fresh adapter "
+            "(the files merged into that base stay learnt; `--from-config-base` would start on base_model instead)")
+    elif done.new_adapter:
+        out(f"training starts a fresh adapter on base_model {cfg.base_model} (generation 0)")
+    else:
+        out("the adapter is kept; a file in progress starts again from its beginning on it")
+    if done.series is not None:
+        out(f"the loss chart starts a new series of steps (series {done.series}); the earlier steps stay in "
+            f"history.db (GET /api/history?series={done.series - 1})")
+    if done.history_error:
+        out(f"config approve: history.db was not updated ({done.history_error}); the approval stands")
     return 0

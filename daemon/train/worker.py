@@ -95,8 +95,13 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
     ranks = ranks or Ranks()
     t0 = time.monotonic()
     current = adapters.read_current(cfg.path("adapters")) if ranks.main else None
+    # A store `config approve` emptied (another adapter shape) may name the consolidated base it goes on from.
+    start = None
+    if ranks.main and current is None:
+        start = adapters.read_start(cfg.path("adapters"), adapters.config_base(cfg))
+    head = current.manifest if current is not None else dict(start or {})
     # After a consolidation the adapter's manifest names the base it continues (the config's is generation 0's).
-    base = Path(current.manifest["base_path"]) if current is not None and current.manifest.get("base_path") else None
+    base = Path(head["base_path"]) if head.get("base_path") else None
     base = ranks.broadcast(base)
     if base is not None and not base.is_dir():
         raise TraindError(f"rank {ranks.rank}: the base {base} (a consolidated generation) is not on this machine; "
@@ -110,8 +115,7 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
     probe = prepare_ranks(lm, ranks)
     # More ranks on one machine share its cores: none trims its threads for the others.
     governor = ThreadGovernor(threads) if cfg.training.cpu_threads == 0 and ranks.local_world_size == 1 else None
-    sess = Session(cfg, conn, lm, current.version if current else None, current.manifest if current else {},
-                   probe, governor, ranks=ranks)
+    sess = Session(cfg, conn, lm, current.version if current else None, head, probe, governor, ranks=ranks)
     if not ranks.main:
         return sess
     sess.eval_set, eval_error = load_eval_set(cfg, lm)
@@ -433,7 +437,8 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
         manifest["eval_set"] = {"file": str(sess.cfg.eval_file), "examples": len(sess.eval_set or []),
                                 "before": eval_before, "after": eval_after}
     # The dataset ledger: what the lineage has learnt, by content (the service refuses a second copy).
-    before = adapters.AdapterVersion(sess.version, sess.cfg.path("adapters"), sess.manifest).dataset if sess.version else []
+    # (before the first version, the files merged into the base a START record carried over)
+    before = adapters.AdapterVersion(sess.version or 0, sess.cfg.path("adapters"), sess.manifest).dataset
     manifest["dataset"] = before + [adapters.dataset_entry(manifest)]
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
