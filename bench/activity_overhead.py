@@ -110,8 +110,8 @@ def one_run(lm: Any, cfg: Any, path: Path, start: dict, probe: Any, root: Path) 
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     steps: list[float] = []
     t0 = time.perf_counter()
-    train_file(lm, cfg, Job("bench", path, "chat", sha), global_step=0, ckpt_folder=root / "ck",
-               report=lambda e: steps.append(time.perf_counter()) if e["type"] == "step" else None,
+    train_file(lm, cfg, Job.for_file("bench", path, "chat", sha), global_step=0, ckpt_folder=root / "ck",
+               report=lambda e: steps.append(time.perf_counter()) if e.TYPE == "step" else None,
                control=lambda: "continue", activity=probe)
     return time.perf_counter() - t0, [b - a for a, b in zip(steps, steps[1:])]
 

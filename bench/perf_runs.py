@@ -143,14 +143,14 @@ def run_traind(args: argparse.Namespace, root: Path, grouped: bool, packed: bool
     warm_up(lm.model, len(lm.tokenizer))
     marks: list[tuple[float, int, int]] = []
 
-    def report(e: dict) -> None:
-        if e["type"] == "started":
+    def report(e: Any) -> None:  # a daemon.protocol message
+        if e.TYPE == "started":
             marks.append((time.perf_counter(), 0, 0))
-        elif e["type"] == "step":
-            marks.append((time.perf_counter(), e["tokens"], e["slots"]))
+        elif e.TYPE == "step":
+            marks.append((time.perf_counter(), e.tokens, e.slots))
 
     sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
-    train_file(lm, cfg, Job("perf", args.data, "prompt_completion", sha), global_step=0, ckpt_folder=root / "ck",
+    train_file(lm, cfg, Job.for_file("perf", args.data, "prompt_completion", sha), global_step=0, ckpt_folder=root / "ck",
                report=report, control=lambda: "continue")
     result = measured(marks)
     result["fast_paths"] = vars(lm.fast) if lm.fast else None

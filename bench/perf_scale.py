@@ -76,8 +76,8 @@ def rss_child(path: Path, models: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
-    train_file(lm, cfg, Job("rss", path, report.format.value, sha.hexdigest()), global_step=0,
-               ckpt_folder=path.parent / "ck", report=lambda e: steps.append(1) if e["type"] == "step" else None,
+    train_file(lm, cfg, Job.for_file("rss", path, report.format.value, sha.hexdigest()), global_step=0,
+               ckpt_folder=path.parent / "ck", report=lambda e: steps.append(1) if e.TYPE == "step" else None,
                control=lambda: "skip" if len(steps) >= 5 else "continue")
     out.update(plan_and_5_steps_seconds=time.monotonic() - t0, peak=peak())
     return out

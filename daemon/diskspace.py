@@ -67,6 +67,15 @@ def writable(path: str | os.PathLike) -> bool:
     return os.access(p, os.W_OK | os.X_OK)
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as the dashboard shows them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def free_bytes(path: str | os.PathLike) -> int:
     """Bytes free for an unprivileged writer on the filesystem of `path` (its nearest existing parent)."""
     p = Path(path)

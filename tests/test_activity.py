@@ -59,8 +59,8 @@ def test_every_measure_equals_the_direct_computation(models_dir: Path, tmp_path:
     lm = load_for_training(cfg, seed=cfg.training.seed)
     probe = ActivityProbe(lm.model)
     samples: list[tuple[dict, dict]] = []  # (message, LoRA weights when it was sampled)
-    train_file(lm, cfg, Job("j", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
-               report=lambda e: samples.append((e, lora_state(lm.model))) if e["type"] == "activity" else None,
+    train_file(lm, cfg, Job.for_file("j", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
+               report=lambda e: samples.append((e.to_wire(), lora_state(lm.model))) if e.TYPE == "activity" else None,
                control=lambda: "continue", activity=probe)
     assert len(samples) >= 4 and [m["step"] for m, _ in samples] == list(range(1, len(samples) + 1))
     assert len(probe.sites) == 2 * 7 and probe.kinds == ALL_LINEAR and probe.layers == [0, 1]
@@ -105,8 +105,8 @@ def test_sampled_every_n_steps_at_most_so_often_and_always_at_the_end(models_dir
         cfg = activity_cfg(models_dir, tmp_path / f"{every}-{min_interval}", every=every, min_interval=min_interval)
         lm = load_for_training(cfg, seed=cfg.training.seed)
         events: list[dict] = []
-        out = train_file(lm, cfg, Job("j", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
-                         report=events.append, control=lambda: "continue", activity=ActivityProbe(lm.model))
+        out = train_file(lm, cfg, Job.for_file("j", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
+                         report=lambda m: events.append(m.to_wire()), control=lambda: "continue", activity=ActivityProbe(lm.model))
         steps = [e["step"] for e in events if e["type"] == "activity"]
         if want == "last":
             expected = [out.steps]
@@ -122,7 +122,7 @@ def test_what_a_file_moved_is_the_same_after_a_resume(models_dir: Path, tmp_path
     """The worker measures a file against the adapter before it, so a crash and resume count nothing twice."""
     cfg = activity_cfg(models_dir, tmp_path, checkpoint_every_steps=3, dropout=0.0)
     path = small_file(tmp_path)
-    job = Job("r", path, "alpaca", sha(path))
+    job = Job.for_file("r", path, "alpaca", sha(path))
 
     def moved_by(control, ckpt: Path):  # noqa: ANN001, ANN202 - (moved grid, lm, probe, LoRA before, LoRA after)
         lm = load_for_training(cfg, seed=cfg.training.seed)

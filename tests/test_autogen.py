@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from daemon.autogen import builtin_records
+from daemon.service.autogen import builtin_records
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 

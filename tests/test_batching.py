@@ -290,13 +290,13 @@ def test_a_resumed_file_keeps_the_order_of_its_checkpoint(models_dir: Path, tmp_
     shuffled = dataclasses.replace(shuffled, data=dataclasses.replace(shuffled.data, group_by_length=False))
     grouped = dataclasses.replace(shuffled, data=dataclasses.replace(shuffled.data, group_by_length=True))
     path = small_file(tmp_path, "chat.jsonl", 40)
-    job = Job("o", path, "chat", sha(path))
+    job = Job.for_file("o", path, "chat", sha(path))
 
     def run(cfg, folder: str, control=lambda: "continue"):  # noqa: ANN001, ANN202
         lm = load_for_training(cfg, seed=cfg.training.seed)
         events: list[dict] = []
         try:
-            train_file(lm, cfg, job, global_step=0, ckpt_folder=tmp_path / folder, report=events.append, control=control)
+            train_file(lm, cfg, job, global_step=0, ckpt_folder=tmp_path / folder, report=lambda m: events.append(m.to_wire()), control=control)
         except Crash:
             pass
         return lm, {e["step"]: e["loss"] for e in events if e["type"] == "step"}
@@ -349,8 +349,8 @@ def test_cuda_packed_label_only_training_in_bf16_and_8bit_adamw(models_dir: Path
     assert fast.pack and fast.label_only
     path = small_file(tmp_path)
     events: list[dict] = []
-    out = train_file(lm, cfg, Job("g", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
-                     report=events.append, control=lambda: "continue")
+    out = train_file(lm, cfg, Job.for_file("g", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
+                     report=lambda m: events.append(m.to_wire()), control=lambda: "continue")
     losses = [e["loss"] for e in events if e["type"] == "step"]
     assert out.status == "done" and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
 
@@ -381,8 +381,8 @@ def test_a_compiled_decoder_trains_to_the_same_losses(models_dir: Path, tmp_path
     for c in (cfg, compiled):
         lm = load_for_training(c, seed=c.training.seed)
         events: list[dict] = []
-        train_file(lm, c, Job("c", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / f"ck{len(runs)}",
-                   report=events.append, control=lambda: "continue")
+        train_file(lm, c, Job.for_file("c", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / f"ck{len(runs)}",
+                   report=lambda m: events.append(m.to_wire()), control=lambda: "continue")
         runs.append([e["loss"] for e in events if e["type"] == "step"])
     assert len(runs[0]) == len(runs[1]) and max(abs(a - b) for a, b in zip(*runs)) < 1e-4
 

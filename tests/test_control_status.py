@@ -125,19 +125,3 @@ def test_a_key_locked_by_a_later_version_is_taken_at_its_default(tmp_path, model
     assert lockedkeys.check(cfg) == []  # starts as before the upgrade
     other = load_config(write_instance(tmp_path / "i", models_dir, training={"optimizer": "adamw_8bit"}))
     assert lockedkeys.check(other) == [("training.optimizer", "adamw", "adamw_8bit")]
-
-
-def test_every_message_the_trainer_sends_has_a_route_in_the_service():
-    import re
-    from pathlib import Path
-
-    from daemon import service
-    from daemon.tracker import JobTracker
-
-    sent: set[str] = set()
-    for p in (Path(service.__file__).parent / "train").glob("*.py"):
-        sent |= set(re.findall(r'"type": "([a-z_]+)"', p.read_text()))
-    routed = service.JOB_MESSAGES | {n.removeprefix("_msg_") for n in dir(service.Service) if n.startswith("_msg_")}
-    assert {"step", "steps_again", "rolled_back"} <= sent
-    assert sent <= routed, f"sent by the trainer, dropped by the service: {sorted(sent - routed)}"
-    assert all(hasattr(JobTracker, f"_on_{kind}") for kind in service.JOB_MESSAGES)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from daemon import atomic, diskspace
-from daemon.diskguard import DiskGuard
+from daemon.service.diskguard import DiskGuard
 from daemon.diskspace import DiskFull
 from daemon.logs import DailyFileHandler
 from daemon.status import HistoryDB
@@ -223,7 +223,7 @@ def test_a_checkpoint_refused_for_space_is_written_again_and_the_file_trains_as_
     torch.set_num_threads(1)
     try:
         data = small_file(tmp_path, "alpaca.jsonl", 40)
-        job = Job("job-1", data, "alpaca", sha(data))
+        job = Job.for_file("job-1", data, "alpaca", sha(data))
         cfg = make_cfg(models_dir, tmp_path / "ref", checkpoint_every_steps=3)
         _, ref_events, ref_lm = run(cfg, job)
 
@@ -244,7 +244,7 @@ def test_a_checkpoint_refused_for_space_is_written_again_and_the_file_trains_as_
 
         lm = load_for_training(cfg, seed=cfg.training.seed)
         events: list[dict] = []
-        out = train_file(lm, cfg, job, global_step=0, ckpt_folder=folder, report=events.append, control=control,
+        out = train_file(lm, cfg, job, global_step=0, ckpt_folder=folder, report=lambda m: events.append(m.to_wire()), control=control,
                          wait_for_space=wait_for_space)
         assert out.status == "done" and [w.site for w in waits] == ["checkpoint"]
         assert waits[0].folder == str(folder) and waits[0].free_bytes > 0

@@ -40,8 +40,8 @@ def test_a_non_finite_step_is_never_applied(models_dir, tmp_path):
 
         lm = load_for_training(cfg, seed=cfg.training.seed)
         with pytest.raises(GuardTripped) as e:
-            train_file(lm, cfg, Job("j", path, "alpaca", sha(path)), global_step=0,
-                       ckpt_folder=cfg.path("checkpoints") / "j", report=events.append, control=lambda: "continue")
+            train_file(lm, cfg, Job.for_file("j", path, "alpaca", sha(path)), global_step=0,
+                       ckpt_folder=cfg.path("checkpoints") / "j", report=lambda m: events.append(m.to_wire()), control=lambda: "continue")
         assert "non-finite" in str(e.value) and e.value.step == len([x for x in events if x["type"] == "step"]) + 1
         assert all(bool(torch.isfinite(t).all()) for t in lora_state(lm.model).values())  # the bad step was not applied
     finally:
@@ -90,14 +90,14 @@ def test_out_of_memory_halves_the_micro_batch_and_the_result_stays(models_dir, t
     try:
         cfg = make_cfg(models_dir, tmp_path)
         path = small_file(tmp_path)
-        job = Job("j", path, "alpaca", sha(path))
+        job = Job.for_file("j", path, "alpaca", sha(path))
         runs = []
         for inject in (None, "1"):
             if inject:
                 monkeypatch.setenv("TRAIND_INJECT_OOM_ABOVE", inject)
             lm = load_for_training(cfg, seed=cfg.training.seed)
             events: list[dict] = []
-            out = train_file(lm, cfg, job, global_step=0, ckpt_folder=tmp_path / f"ck-{inject}", report=events.append,
+            out = train_file(lm, cfg, job, global_step=0, ckpt_folder=tmp_path / f"ck-{inject}", report=lambda m: events.append(m.to_wire()),
                              control=lambda: "continue")
             runs.append((out, lora_state(lm.model), [e for e in events if e["type"] == "step"], lm.split))
         (out0, w0, s0, split0), (out1, w1, s1, split1) = runs

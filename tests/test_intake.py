@@ -1,6 +1,6 @@
 import os
 
-from daemon.intake import InboxScanner
+from daemon.service.inbox import InboxScanner
 from daemon.states import Priority
 
 
@@ -167,7 +167,7 @@ def test_a_file_another_process_holds_open_is_seen_and_looked_at_again_after_it_
 
 
 def test_open_for_writing_reads_the_mode_of_each_open_file(tmp_path):
-    from daemon.openfiles import open_for_writing
+    from daemon.service.openfiles import open_for_writing
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("x\n")

@@ -1,9 +1,10 @@
 """Rollback, consolidation and `config approve` across generations (#26), in-process.
 
 The adapter store is written as the trainer writes it (adapters.publish, manifests with `generation`,
-`base_path`, `consolidated_from`, `dataset`); the service is the real Service, not started (no child),
-fed control requests as trainctl leaves them; the trainer's decisions are worker functions on a
-Session whose connection is a real Pipe. Only the test that loads a base needs torch.
+`base_path`, `consolidated_from`, `dataset`); the service is the real Service, started, its trainer a fake
+speaking the protocol (tests/fake_trainer.py), fed control requests as trainctl leaves them; the trainer's
+decisions are worker functions on a Session whose connection is a real Pipe. Only the test that loads a
+base needs torch.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from daemon import adapters, control, lockedkeys
+from daemon import adapters, control, lockedkeys, protocol
 from daemon.cli.dispatch import main as trainctl
 from daemon.config import load_config
 from daemon.lock import acquire
-from daemon.states import ControlAction, Priority
+from daemon.states import ControlAction
 from daemon.status import HISTORY_FILE, HistoryDB
-from daemon.tracker import ActiveJob, JobTracker
 from tests.conftest import write_instance
+from tests.fake_trainer import FakeTrainer, drop, service_with_fake, stop_service
 
 NOW = 1_800_000_000.0
 
@@ -76,19 +77,20 @@ def cfg(tmp_path):
 
 
 @pytest.fixture
-def service(cfg):
-    """The real service, not started: its control handling and history, with no child behind it."""
-    from daemon.service import Service
-
-    svc = Service(cfg, cfg.root / "config.json", clock=time.time)
-    for name in ("queue", "status", "adapters"):
-        svc.cfg.path(name).mkdir(parents=True, exist_ok=True)
-    svc.queue.ensure()
-    svc.db = HistoryDB(svc.cfg.path("status") / HISTORY_FILE)
-    svc.tracker = JobTracker(svc.cfg, svc.queue, svc.db, svc.status)
+def service(tmp_path):
+    """The real service, started, its trainer a fake that speaks the protocol and is ready; its `cfg` is the
+    instance the `cfg` fixture of a test that asks for both describes."""
+    svc, trainer = service_with_fake(tmp_path.parent / (tmp_path.name + "-svc"))
+    trainer.ready()
+    svc.tick()
     yield svc
-    svc.wakeup.close()
-    svc.db.close()
+    stop_service(svc)
+
+
+@pytest.fixture
+def served(service):
+    """(service, its cfg): tests that write the adapter store write the one the service reads."""
+    return service, service.cfg
 
 
 def refusals(svc) -> list[str]:
@@ -111,25 +113,26 @@ def answer(conn) -> dict:
 
 # ---------------------------------------------------------------- 4. a refused rollback changes nothing
 
-def test_the_service_refuses_a_rollback_to_another_generation_before_the_trainer_hears_of_it(service, cfg):
+def in_training(service, cfg) -> str:
+    drop(service, "long.jsonl", '{"text": "a line"}\n' * 5)
+    service.tick()
+    return FakeTrainer.made[-1].train_order().job_id
+
+
+def test_the_service_refuses_a_rollback_to_another_generation_before_the_trainer_hears_of_it(served):
+    service, cfg = served
     two_generations(cfg)
-    entry = service.queue.start(service.queue.admit(_data(cfg), Priority.NORMAL, NOW))
-    service.tracker.begin(ActiveJob(entry.job_id, str(entry.path), entry.original_name, "s" * 64, "text", 5))
+    job_id = in_training(service, cfg)
     control.request(cfg, ControlAction.ROLLBACK, by="cli", version=1)
-    service._handle_control(NOW)
-    assert service.rollback_pending is None  # nothing is sent: the file in training is never interrupted
-    assert service.tracker.job is not None and service.tracker.job.job_id == entry.job_id
+    service.tick()
+    trainer = FakeTrainer.made[-1]
+    assert not trainer.sent(protocol.Rollback)  # nothing is sent: the file in training is never interrupted
+    assert service.tracker.job is not None and service.tracker.job.job_id == job_id
     [why] = refusals(service)
     assert why.startswith("rollback: ") and "generation 0" in why and "a rollback stays within a generation" in why
     control.request(cfg, ControlAction.ROLLBACK, by="cli", version=2)  # within generation 1: taken
-    service._handle_control(NOW)
-    assert service.rollback_pending == 2
-
-
-def _data(cfg) -> Path:
-    path = cfg.root / "long.jsonl"
-    path.write_text('{"text": "a line"}\n' * 5)
-    return path
+    service.tick()
+    assert [m.version for m in trainer.sent(protocol.Rollback)] == [2]
 
 
 def test_the_trainer_refuses_a_rollback_to_another_generation_and_the_file_trains_on(cfg):
@@ -137,14 +140,14 @@ def test_the_trainer_refuses_a_rollback_to_another_generation_and_the_file_train
 
     two_generations(cfg)
     sess, conn = session(cfg)
-    assert on_message_in_job(sess, {"type": "rollback", "version": 1}, "job-long") == "continue"
+    assert on_message_in_job(sess, protocol.Rollback(version=1), "job-long") == "continue"
     said = answer(conn)
     assert said["type"] == "rollback_refused" and said["version"] == 1 and said["job_id"] is None  # not interrupted
     assert "a rollback stays within a generation" in said["message"]
     assert sess.rollback_to is None
-    assert on_message_in_job(sess, {"type": "rollback", "version": 9}, "job-long") == "continue"  # not kept
+    assert on_message_in_job(sess, protocol.Rollback(version=9), "job-long") == "continue"  # not kept
     assert "v9" in answer(conn)["message"]
-    assert on_message_in_job(sess, {"type": "rollback", "version": 2}, "job-long") == "skip"  # a rollback it makes
+    assert on_message_in_job(sess, protocol.Rollback(version=2), "job-long") == "skip"  # a rollback it makes
     assert sess.rollback_to == 2
 
 
@@ -191,27 +194,27 @@ def test_the_trainer_refuses_to_consolidate_a_fresh_adapter(cfg):
 
     two_generations(cfg, trained_on_1=False)
     sess, conn = session(cfg)
-    consolidate_now(sess, {"type": "consolidate", "description": "again", "adapter_version": 2})
+    consolidate_now(sess, protocol.Consolidate(description="again", adapter_version=2))
     said = answer(conn)
     assert said["type"] == "consolidation_refused" and "no file has trained on generation 1" in said["message"]
     assert sorted(p.name for p in cfg.path("consolidated").iterdir()) == ["20260101T000001Z"]  # no new base
     assert adapters.read_current(cfg.path("adapters")).version == 2
 
 
-def test_the_service_refuses_a_consolidation_with_nothing_learnt_unless_a_file_is_training(service, cfg):
+def test_the_service_refuses_a_consolidation_with_nothing_learnt_unless_a_file_is_training(served):
+    service, cfg = served
     two_generations(cfg, trained_on_1=False)
     control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description="again")
-    service._handle_control(NOW)
-    assert service.consolidation_pending is None
+    service.tick()
+    assert service.requests.consolidation is None
     assert refusals(service) == ["consolidate: no file has trained on generation 1's base yet (adapter v2 is the "
                                  "fresh adapter published when v1 was consolidated); a new generation would be a copy "
                                  "of that base"]
     # a file in training publishes a version before the consolidation runs (between files): it may have something
-    entry = service.queue.start(service.queue.admit(_data(cfg), Priority.NORMAL, NOW))
-    service.tracker.begin(ActiveJob(entry.job_id, str(entry.path), entry.original_name, "s" * 64, "text", 5))
+    in_training(service, cfg)
     control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description="after the file")
-    service._handle_control(NOW)
-    assert service.consolidation_pending == "after the file"
+    service.tick()
+    assert service.requests.consolidation == "after the file"
 
 
 def test_trainctl_consolidate_with_nothing_learnt_is_refused_while_the_daemon_is_down(cfg, capsys):
@@ -222,9 +225,10 @@ def test_trainctl_consolidate_with_nothing_learnt_is_refused_while_the_daemon_is
     assert control.pending_requests(cfg) == []
 
 
-def test_a_second_consolidate_at_once_says_so_in_one_clear_line(service, cfg, capsys):
+def test_a_second_consolidate_at_once_says_so_in_one_clear_line(served, capsys):
+    service, cfg = served
     two_generations(cfg)
-    service.consolidation_pending = "the first one"  # on its way
+    service.requests.consolidation = "the first one"  # on its way
     lock = acquire(cfg.path("status") / "daemon.lock")  # the daemon runs (this process holds its lock)
     done = threading.Event()
 

@@ -62,7 +62,7 @@ def run(cfg: Config, job: Job, control=lambda: "continue", lm=None, global_step:
     lm = lm or load_for_training(cfg, seed=cfg.training.seed)
     events: list[dict] = []
     out = train_file(lm, cfg, job, global_step=global_step, ckpt_folder=cfg.path("checkpoints") / job.job_id,
-                     report=events.append, control=control)
+                     report=lambda m: events.append(m.to_wire()), control=control)
     return out, events, lm
 
 
@@ -82,7 +82,7 @@ def test_file_in_adapter_out_loss_decreases(models_dir: Path, tmp_path: Path, qu
     cfg = make_cfg(models_dir, tmp_path, quantization, epochs_per_file=3)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=compute_dtype))
     path = small_file(tmp_path)
-    out, events, lm = run(cfg, Job("j1", path, "alpaca", sha(path)))
+    out, events, lm = run(cfg, Job.for_file("j1", path, "alpaca", sha(path)))
     dtype = getattr(torch, compute_dtype)
     assert lm.dtype == dtype
     # the LoRA weights (and so AdamW's state) stay fp32 whatever the compute dtype
@@ -112,7 +112,7 @@ def test_nf4_trains_on_cuda_in_its_compute_dtype(models_dir: Path, tmp_path: Pat
     cfg = make_cfg(models_dir, tmp_path, "nf4", epochs_per_file=3)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cuda"))
     path = small_file(tmp_path)
-    out, events, lm = run(cfg, Job("g1", path, "alpaca", sha(path)))
+    out, events, lm = run(cfg, Job.for_file("g1", path, "alpaca", sha(path)))
     q = lm.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert q.weight.device.type == "cuda" and q.weight.quant_type == "nf4"
     assert q.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -128,7 +128,7 @@ def test_resume_after_crash_is_exact(models_dir: Path, tmp_path: Path) -> None:
     # dropout > 0 (RNG must be restored) and grad_accum > 1 (position counts micro-batches)
     cfg = make_cfg(models_dir, tmp_path, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3)
     path = small_file(tmp_path)
-    job = Job("j2", path, "alpaca", sha(path))
+    job = Job.for_file("j2", path, "alpaca", sha(path))
     full, full_events, full_lm = run(cfg, dataclasses.replace(job, job_id="straight"))
     total = full.steps
     assert total >= 8
@@ -167,7 +167,7 @@ def test_checkpoint_of_an_older_adapter_state_is_not_resumed(models_dir: Path, t
     its retry, resuming them would throw away what the adapter learnt meanwhile."""
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
     path = small_file(tmp_path, n=24)
-    job = Job("j5", path, "alpaca", sha(path))
+    job = Job.for_file("j5", path, "alpaca", sha(path))
     calls = {"n": 0}
 
     def crash_after_4() -> str:
@@ -199,7 +199,7 @@ def test_control_acts_while_a_file_is_read(models_dir: Path, tmp_path: Path, mon
     cfg = make_cfg(models_dir, tmp_path)
     path = small_file(tmp_path)
     asked: list[int] = []
-    out, events, _ = run(cfg, Job("j6", path, "alpaca", sha(path)), control=lambda: asked.append(1) or verdict)
+    out, events, _ = run(cfg, Job.for_file("j6", path, "alpaca", sha(path)), control=lambda: asked.append(1) or verdict)
     assert out.status == ("stopped" if verdict == "stop" else "skipped") and out.steps == 0
     assert asked and not [e for e in events if e["type"] in ("started", "step")]
     assert not (cfg.path("checkpoints") / "j6").exists()
@@ -211,7 +211,7 @@ def test_stop_while_a_resume_reads_up_to_its_checkpoint_keeps_it(models_dir: Pat
 
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
     path = small_file(tmp_path)
-    job = Job("j7", path, "alpaca", sha(path))
+    job = Job.for_file("j7", path, "alpaca", sha(path))
     run(cfg, job, control=iter(["continue"] * 4 + ["stop"]).__next__)
     assert ckpt.latest_step(cfg.path("checkpoints") / "j7") == 4  # the stop saved step 4
     monkeypatch.setattr(loop, "PREP_POLL_SECONDS", 0.0)
@@ -220,7 +220,7 @@ def test_stop_while_a_resume_reads_up_to_its_checkpoint_keeps_it(models_dir: Pat
     control = lambda: "stop" if any(e["type"] == "started" for e in events) else "continue"  # noqa: E731
     lm = load_for_training(cfg, seed=cfg.training.seed)
     out = train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / "j7",
-                     report=events.append, control=control)
+                     report=lambda m: events.append(m.to_wire()), control=control)
     assert out.status == "stopped" and out.checkpoint_step == 4 and out.steps == 4
     assert [e["resumed_from_step"] for e in events if e["type"] == "started"] == [4]
     assert not [e for e in events if e["type"] == "step"]
@@ -234,7 +234,7 @@ def test_a_resume_sends_again_the_steps_the_service_never_recorded(models_dir: P
     # steps 1..recorded_through: a resume from step 6 sends what it misses up to 6, as first reported.
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
     path = small_file(tmp_path, n=24)
-    job = Job("j9", path, "alpaca", sha(path))
+    job = Job.for_file("j9", path, "alpaca", sha(path))
     calls = iter(range(100))
 
     def control() -> str:
@@ -268,7 +268,7 @@ def events_of(folder: Path) -> list[dict]:
 def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> None:
     cfg = make_cfg(models_dir, tmp_path)
     path = small_file(tmp_path)
-    job = Job("j3", path, "alpaca", sha(path))
+    job = Job.for_file("j3", path, "alpaca", sha(path))
     verdicts = iter(["continue", "continue", "stop"])
     out, events, lm = run(cfg, job, control=lambda: next(verdicts))
     assert out.status == "stopped" and out.steps == 2 and out.checkpoint_step == 2
@@ -280,7 +280,7 @@ def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> 
 def test_checkpoint_fallback_prune_and_identity(models_dir: Path, tmp_path: Path) -> None:
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
     path = small_file(tmp_path, n=24)
-    job = Job("j4", path, "alpaca", sha(path))
+    job = Job.for_file("j4", path, "alpaca", sha(path))
     run(cfg, job, control=iter(["continue"] * 6 + ["stop"]).__next__)
     folder = cfg.path("checkpoints") / "j4"
     assert [p.name for p in ckpt.step_dirs(folder)] == ["step_000006", "step_000004"]  # step_000002 pruned

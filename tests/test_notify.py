@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from daemon.notify import signature_ok
+from daemon.service.notify import signature_ok
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 

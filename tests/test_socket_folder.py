@@ -1,4 +1,4 @@
-"""daemon.child.socket_folder: one private socket folder per instance, taken over after a kill."""
+"""daemon.service.child.socket_folder: one private socket folder per instance, taken over after a kill."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.child import socket_folder
+from daemon.service.child import socket_folder
 
 
 @pytest.fixture

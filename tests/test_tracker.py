@@ -7,7 +7,9 @@ from daemon.jobqueue import JobQueue
 from daemon.schema import TrainingStatus
 from daemon.states import FailReason, JobState, Priority
 from daemon.status import HistoryDB
-from daemon.tracker import ActiveJob, JobTracker
+from daemon import protocol as p
+from daemon.protocol import Job
+from daemon.service.tracker import JobTracker
 from tests.conftest import lines_of, write_instance
 
 NOW = 1_800_000_000.0
@@ -46,13 +48,31 @@ def test_reconcile_mends_records_a_crash_left_behind(tmp_path):
     assert tracker.reconcile(NOW) == 0  # idempotent
 
 
+def job_of(entry, name: str) -> Job:
+    return Job(entry.job_id, str(entry.path), name, "s" * 64, "text", 5)
+
+
+def done(job_id: str, version: int = 1) -> p.Done:
+    return p.Done(job_id=job_id, steps=2, final_loss=1.0, eval_loss=None, adapter_version=version,
+                  adapter_path="/x", already_trained=False, activity_moved=None)
+
+
+def step(job_id: str, n: int, loss: float) -> p.Step:
+    return p.Step(job_id=job_id, step=n, total_steps=10, global_step=20 + n, epoch=0.1 * n, loss=loss, lr=1e-3,
+                  grad_norm=0.5, tokens=100, slots=100, tokens_per_sec=50.0, elapsed=1.0)
+
+
+def started(job_id: str) -> p.Started:
+    return p.Started(job_id=job_id, total_steps=10, resumed_from_step=0, n_train=4, n_eval=1, n_dropped=0, epochs=1)
+
+
 def test_late_messages_about_another_file_are_ignored(tmp_path):
     cfg, q, db, tracker = setup(tmp_path)
     entry = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
-    tracker.begin(ActiveJob(entry.job_id, str(entry.path), "a.jsonl", "s" * 64, "text", 5))
-    assert tracker.on_message({"type": "skipped", "job_id": "someone-else"}, NOW) is False
+    tracker.begin(job_of(entry, "a.jsonl"))
+    assert tracker.on_message(p.Skipped(job_id="someone-else", steps_discarded=0), NOW) is False
     assert q.processing()[0].job_id == entry.job_id  # untouched
-    assert tracker.on_message({"type": "done", "job_id": entry.job_id, "steps": 2, "adapter_version": 1}, NOW) is True
+    assert tracker.on_message(done(entry.job_id), NOW) is True
     assert q.done()[0].job_id == entry.job_id and tracker.job is None
     assert db.job(entry.job_id)["state"] == JobState.DONE.value
 
@@ -62,13 +82,12 @@ def test_a_skipped_file_leaves_no_steps_in_the_history(tmp_path):
     steps again: the history must not hold two rows per global step."""
     cfg, q, db, tracker = setup(tmp_path)
     a = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
-    tracker.begin(ActiveJob(a.job_id, str(a.path), "a.jsonl", "s" * 64, "text", 5))
-    tracker.on_message({"type": "started", "job_id": a.job_id, "total_steps": 10}, NOW)
-    for step in (1, 2, 3):
-        tracker.on_message({"type": "step", "job_id": a.job_id, "step": step, "global_step": 20 + step,
-                            "loss": 2.0 - step / 10}, NOW)
-    tracker.on_message({"type": "eval", "job_id": a.job_id, "step": 3, "eval_loss": 1.9}, NOW)
-    assert tracker.on_message({"type": "skipped", "job_id": a.job_id, "steps_discarded": 3}, NOW) is True
+    tracker.begin(job_of(a, "a.jsonl"))
+    tracker.on_message(started(a.job_id), NOW)
+    for n in (1, 2, 3):
+        tracker.on_message(step(a.job_id, n, 2.0 - n / 10), NOW)
+    tracker.on_message(p.Eval(job_id=a.job_id, step=3, global_step=23, eval_loss=1.9), NOW)
+    assert tracker.on_message(p.Skipped(job_id=a.job_id, steps_discarded=3), NOW) is True
     assert db.steps() == [] and db.evals() == []
     record = db.job(a.job_id)
     assert record["state"] == "failed" and record["steps"] == 3 and record["final_loss"] == pytest.approx(1.7)
@@ -78,12 +97,12 @@ def test_a_skipped_file_leaves_no_steps_in_the_history(tmp_path):
 def test_a_file_done_clears_the_last_error(tmp_path):
     cfg, q, db, tracker = setup(tmp_path)
     a = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
-    tracker.begin(ActiveJob(a.job_id, str(a.path), "a.jsonl", "s" * 64, "text", 5))
-    tracker.on_message({"type": "failed", "job_id": a.job_id, "reason": "training_error", "message": "CUDA out of memory"}, NOW)
+    tracker.begin(job_of(a, "a.jsonl"))
+    tracker.on_message(p.Failed(job_id=a.job_id, reason="training_error", message="CUDA out of memory"), NOW)
     assert tracker.status.last_error == "CUDA out of memory"
     b = q.start(admit(q, tmp_path, "b.jsonl", lines_of("text.jsonl", 5)))
-    tracker.begin(ActiveJob(b.job_id, str(b.path), "b.jsonl", "s" * 64, "text", 5))
-    tracker.on_message({"type": "done", "job_id": b.job_id, "steps": 2, "adapter_version": 1}, NOW)
+    tracker.begin(job_of(b, "b.jsonl"))
+    tracker.on_message(done(b.job_id), NOW)
     assert tracker.status.last_error is None
     assert any("CUDA out of memory" in e["message"] for e in db.events())  # the history keeps it
 
@@ -94,26 +113,22 @@ def test_a_file_that_grew_while_training_is_flagged(tmp_path):
     db.upsert_job(a.job_id, size=a.size, state="processing")
     with open(a.path, "a") as f:  # the writer still had it open
         f.write(lines_of("text.jsonl", 2))
-    tracker.begin(ActiveJob(a.job_id, str(a.path), "a.jsonl", "s" * 64, "text", 5))
-    tracker.on_message({"type": "done", "job_id": a.job_id, "steps": 2, "adapter_version": 1}, NOW)
+    tracker.begin(job_of(a, "a.jsonl"))
+    tracker.on_message(done(a.job_id), NOW)
     changed = [e["message"] for e in db.events() if e["kind"] == "job_changed"]
     assert len(changed) == 1 and f"({a.size} -> " in changed[0]
 
 
-def test_the_service_routes_every_message_the_tracker_handles():
-    """A job message the service does not route never reaches its handler (steps_again once did not)."""
-    from daemon.service import JOB_MESSAGES
-    from daemon.tracker import JobTracker
+def test_every_job_message_reaches_a_handler():
+    """A job message the tracker does not handle never reaches the history (steps_again once did not)."""
+    from daemon.service.tracker import JOB_MESSAGES
 
-    handled = {name.removeprefix("_on_") for name in vars(JobTracker) if name.startswith("_on_")}
-    assert handled <= JOB_MESSAGES, f"handled by the tracker but not routed by the service: {handled - JOB_MESSAGES}"
+    sent = {cls for cls in p.messages(p.TO_SERVICE) if "job_id" in cls.__dataclass_fields__}
+    assert sent - set(JOB_MESSAGES) == {p.Paused, p.Resumed, p.DiskFullReport, p.Stopped, p.ConfigRefused,
+                                        p.RolledBack, p.RollbackRefused}  # the service's own, not the file's
 
 
 # ---------------------------------------------------------------- several trainer processes (ranks)
-
-READY = {"type": "ready", "device": "cpu", "compute_dtype": "float32", "quantization": "none",
-         "base_model": "embedded:tiny-qwen3", "adapter_version": None, "trainable_params": 10, "total_params": 100,
-         "load_seconds": 0.5}
 
 
 def two_ranks(slow: int = 1) -> list[dict]:
@@ -124,26 +139,23 @@ def two_ranks(slow: int = 1) -> list[dict]:
 
 @pytest.fixture
 def service(tmp_path):
-    """The real service, not started: its status, tracker and history, fed the child's messages by hand."""
-    from daemon.service import Service
+    """The real service, started, its trainer a fake speaking the protocol (tests/fake_trainer.py)."""
+    from tests.fake_trainer import Clock, service_with_fake, stop_service
 
-    path = write_instance(tmp_path / "i")
-    svc = Service(load_config(path), path, clock=lambda: NOW)
-    for name in ("queue", "status"):
-        svc.cfg.path(name).mkdir(parents=True, exist_ok=True)
-    svc.queue.ensure()
-    svc.db = HistoryDB(svc.cfg.path("status") / "history.db")
-    svc.tracker = JobTracker(svc.cfg, svc.queue, svc.db, svc.status)
+    svc, _ = service_with_fake(tmp_path, Clock(NOW))
     yield svc
-    svc.wakeup.close()
-    svc.db.close()
+    stop_service(svc)
 
 
-def training(svc, tmp_path):
-    entry = svc.queue.start(admit(svc.queue, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
-    svc.tracker.begin(ActiveJob(entry.job_id, str(entry.path), "a.jsonl", "s" * 64, "text", 5))
-    svc._on_message({"type": "started", "job_id": entry.job_id, "total_steps": 10}, NOW)
-    return entry.job_id
+def training(svc):
+    from tests.fake_trainer import FakeTrainer, drop
+
+    drop(svc, "a.jsonl", lines_of("text.jsonl", 5))
+    svc.tick()
+    job = FakeTrainer.made[-1].train_order()
+    FakeTrainer.made[-1].say(started(job.job_id))
+    svc.tick()
+    return job.job_id
 
 
 def written_status(svc) -> dict:
@@ -153,13 +165,22 @@ def written_status(svc) -> dict:
     return read_status(svc.cfg.path("status"))
 
 
+def ranked_step(job_id: str, n: int, loss: float, ranks: list[dict] | None, world_size: int | None = 2) -> p.Step:
+    return p.Step(job_id=job_id, step=n, total_steps=10, global_step=n, epoch=0.1 * n, loss=loss, lr=1e-3,
+                  grad_norm=None, tokens=1001, slots=1001, tokens_per_sec=700.0, elapsed=1.0, world_size=world_size,
+                  ranks=ranks)
+
+
 def test_two_ranks_reach_the_status_from_ready_and_step(service, tmp_path):
     from monitor.models import Status
+    from tests.fake_trainer import FakeTrainer
 
-    service._on_message({**READY, "world_size": 2, "strategy": "ddp", "backend": "gloo", "nnodes": 1}, NOW)
-    job_id = training(service, tmp_path)
-    service._on_message({"type": "step", "job_id": job_id, "step": 1, "total_steps": 10, "global_step": 1,
-                         "loss": 2.0, "tokens": 1001, "tokens_per_sec": 700.0, "world_size": 2, "ranks": two_ranks()}, NOW)
+    trainer = FakeTrainer.made[-1]
+    trainer.ready(world_size=2, strategy="ddp", backend="gloo", nnodes=1)
+    service.tick()
+    job_id = training(service)
+    trainer.say(ranked_step(job_id, 1, 2.0, two_ranks()))
+    service.tick()
     st = written_status(service)
     assert st["world_size"] == 2 and st["distributed"] == {"strategy": "ddp", "backend": "gloo", "nnodes": 1}
     assert [r["rank"] for r in st["ranks"]] == [0, 1] and st["slowest_rank"] == 1
@@ -170,36 +191,43 @@ def test_two_ranks_reach_the_status_from_ready_and_step(service, tmp_path):
     assert read.ranks[1].tokens_per_sec == 250.5 and read.distributed.strategy == "ddp"
 
     # the next step: rank 0 is now the one the other waits for
-    service._on_message({"type": "step", "job_id": job_id, "step": 2, "total_steps": 10, "global_step": 2,
-                         "loss": 1.9, "world_size": 2, "ranks": two_ranks(slow=0)}, NOW)
+    trainer.say(ranked_step(job_id, 2, 1.9, two_ranks(slow=0)))
+    service.tick()
     assert service.status.slowest_rank == 0
 
     # the trainer dies: its per-rank figures go with its tokens/s; the setup it said at `ready` stays
-    service._on_child_exit(-9, NOW)
+    trainer.die(-9)
+    service.tick()
     st = written_status(service)
     assert st["tokens_per_sec"] is None and st["ranks"] is None and st["slowest_rank"] is None
     assert st["world_size"] == 2 and st["distributed"]["backend"] == "gloo"
 
 
 def test_one_process_looks_as_it_always_did(service, tmp_path):
-    service._on_message({**READY, "world_size": 2, "strategy": "ddp", "backend": "gloo", "nnodes": 1}, NOW)
-    service._on_message(READY, NOW)  # a restarted trainer of one process (or one from before ranks)
+    from tests.fake_trainer import FakeTrainer
+
+    trainer = FakeTrainer.made[-1]
+    trainer.ready(world_size=2, strategy="ddp", backend="gloo", nnodes=1)
+    trainer.ready()  # a restarted trainer of one process
+    service.tick()
     assert (service.status.world_size, service.status.distributed) == (1, None)
-    service._on_message({**READY, "world_size": 1, "strategy": None, "backend": None, "nnodes": 1}, NOW)
-    job_id = training(service, tmp_path)
-    service._on_message({"type": "step", "job_id": job_id, "step": 1, "total_steps": 10, "global_step": 1,
-                         "loss": 2.0, "tokens_per_sec": 700.0, "ranks": None}, NOW)
+    job_id = training(service)
+    trainer.say(ranked_step(job_id, 1, 2.0, None, world_size=None))
+    service.tick()
     st = written_status(service)
     assert (st["world_size"], st["distributed"], st["ranks"], st["slowest_rank"]) == (1, None, None, None)
     assert st["tokens_per_sec"] == 700.0 and st["current_step"] == 1
 
 
 def test_the_slowest_rank_is_the_longest_compute_and_the_lowest_on_a_tie():
-    from daemon import rank_status as ranks
+    from daemon.service import rank_status as ranks
 
-    figures, slowest = ranks.figures({"ranks": [{"rank": r, "compute_seconds": s} for r, s in
-                                                ((0, 1.0), (1, 3.0), (2, 3.0), (3, None))]})
+    figures, slowest = ranks.figures([{"rank": r, "compute_seconds": s} for r, s in
+                                      ((0, 1.0), (1, 3.0), (2, 3.0), (3, None))])
     assert [r.rank for r in figures] == [0, 1, 2, 3] and slowest == 1
-    assert ranks.figures({"ranks": [{"rank": 0, "compute_seconds": 1.0}]}) == (None, None)  # one process
-    assert ranks.figures({}) == (None, None)
-    assert ranks.setup({"world_size": 4, "strategy": "fsdp", "backend": "nccl", "nnodes": 2})[1].nnodes == 2
+    assert ranks.figures([{"rank": 0, "compute_seconds": 1.0}]) == (None, None)  # one process
+    assert ranks.figures(None) == (None, None)
+    ready = p.Ready(device="cuda", compute_dtype="bfloat16", quantization="nf4", base_model="b", adapter_version=None,
+                    trainable_params=1, total_params=2, load_seconds=1.0, world_size=4, strategy="fsdp",
+                    backend="nccl", nnodes=2)
+    assert ranks.setup(ready)[1].nnodes == 2

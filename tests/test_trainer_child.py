@@ -26,6 +26,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from daemon import protocol  # noqa: E402
 from daemon.config import load_config  # noqa: E402
 from daemon.errors import TraindError  # noqa: E402
 from daemon.train.loop import Job, train_file  # noqa: E402
@@ -94,8 +95,8 @@ class Child:
             raise AssertionError("the trainer child never connected")
         return box[0]
 
-    def send(self, **msg: Any) -> None:
-        self.conn.send(msg)
+    def send(self, msg: protocol.Message) -> None:
+        self.conn.send(msg.to_wire())
 
     def until(self, kind: str, timeout: float = TIMEOUT) -> list[dict]:
         """Messages up to and including the first of type `kind`."""
@@ -127,8 +128,8 @@ class Child:
 
 
 def train_msg(job_id: str, path: Path, sha: str, fmt: str = "alpaca") -> dict:
-    return {"type": "train", "job_id": job_id, "path": str(path), "original_name": path.name,
-            "sha256": sha, "format": fmt, "n_records": 0}
+    """A `train` message as the service sends it (daemon.protocol, on the wire)."""
+    return protocol.Train(job=protocol.Job(job_id, str(path), path.name, sha, fmt, 0)).to_wire()
 
 
 def adapter_weights(root: Path, version: int) -> dict:
@@ -173,14 +174,14 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
         # pause holds between steps, resume continues, skip restores (checked by the next job below)
         child.conn.send(train_msg("j-long", long_, sha_long, "chat"))
         child.until("step")
-        child.send(type="pause")
+        child.send(protocol.Pause())
         paused = child.until("paused")
         assert paused[-1]["job_id"] == "j-long"
         assert child.drain(1.0) == []  # nothing trains while paused
-        child.send(type="resume")
+        child.send(protocol.Resume())
         child.until("resumed")
         child.until("step")
-        child.send(type="skip", job_id="j-long")
+        child.send(protocol.Skip(job_id="j-long"))
         skipped = child.until("skipped")[-1]
         assert skipped["steps_discarded"] >= 2 and not (root / "checkpoints" / "j-long").exists()
 
@@ -196,7 +197,7 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
         # stop checkpoints the job in progress and exits 0
         child.conn.send(train_msg("j-stop", long_, sha_long, "chat"))
         child.until("step")
-        child.send(type="stop")
+        child.send(protocol.Stop())
         stopped = child.until("stopped")[-1]
         assert stopped["job_id"] == "j-stop" and stopped["checkpoint_step"] >= 1
         assert child.proc.wait(30) == 0
@@ -212,7 +213,7 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(config)
     lm = load_for_training(cfg, seed=cfg.training.seed)
     load_adapter(lm.model, root / "adapters" / "v0002")
-    train_file(lm, cfg, Job("j-a2", a, "alpaca", sha_a), global_step=0, ckpt_folder=tmp_path / "ck",
+    train_file(lm, cfg, Job.for_file("j-a2", a, "alpaca", sha_a), global_step=0, ckpt_folder=tmp_path / "ck",
                report=lambda e: None, control=lambda: "continue")
     diff = lora_max_abs_diff(lora_state(lm.model), adapter_weights(root, 3))
     print(f"skip-restore + same-process vs fresh max abs lora diff: {diff:.3g}")
@@ -250,8 +251,8 @@ def test_child_sigkill_then_fresh_child_resumes_exactly(models_dir: Path, tmp_pa
     cfg = load_config(config)  # the uninterrupted run, in this process
     lm = load_for_training(cfg, seed=cfg.training.seed)
     events: list[dict] = []
-    train_file(lm, cfg, Job("straight", path, "alpaca", sha), global_step=0, ckpt_folder=tmp_path / "ck",
-               report=events.append, control=lambda: "continue")
+    train_file(lm, cfg, Job.for_file("straight", path, "alpaca", sha), global_step=0, ckpt_folder=tmp_path / "ck",
+               report=lambda m: events.append(m.to_wire()), control=lambda: "continue")
     straight = {e["step"]: e["loss"] for e in events if e["type"] == "step"}
     assert sorted(resumed) == [s for s in sorted(straight) if s > resumed_from]
     loss_diff = max(abs(straight[s] - resumed[s]) for s in resumed)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
 from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config, with_running_config
-from daemon.diskguard import human_bytes
+from daemon.diskspace import human_bytes
 from daemon.diskspace import write_trouble
 from daemon.config import Config
 from daemon.logs import LogFollower

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from daemon import protocol
+
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the adapter name peft gives the one LoRA traind trains
@@ -252,5 +254,5 @@ class Sampler:
             log.warning("%s: layer activity not sampled (no more samples for this file)", self.job_id, exc_info=True)
             self.failed = True
             return
-        self.report({"type": "activity", "job_id": self.job_id, "step": step, "global_step": global_step,
-                     "final": step == total_steps, **grid.to_dict()})
+        self.report(protocol.Activity(job_id=self.job_id, step=step, global_step=global_step,
+                                      final=step == total_steps, **grid.to_dict()))

@@ -1,14 +1,14 @@
 """The training loop: one file in, LoRA weights updated, one explicit function to read.
 
     from daemon.train.loop import Job, train_file
-    outcome = train_file(lm, cfg, Job(job_id, path, "chat", sha256), global_step=120,
+    outcome = train_file(lm, cfg, Job.for_file(job_id, path, "chat", sha256), global_step=120,
                          ckpt_folder=cfg.path("checkpoints") / job_id,
                          report=events.append, control=lambda: "continue")
     outcome.status        # "done" | "stopped" | "skipped"
 
 `train_file` knows nothing of pipes or queue folders. It talks to its caller
-through two callbacks: `report(event)` receives dicts shaped like the child's
-`started`/`step`/`eval`/`checkpoint` messages (docs/internals.md), and
+through two callbacks: `report(msg)` receives the child's `started`, `step`,
+`steps_again`, `eval`, `checkpoint` and `activity` messages (daemon.protocol), and
 `control()` is asked between optimizer steps and answers "continue", "stop" or
 "skip" (a pause is the callback blocking until it may answer).
 
@@ -40,9 +40,11 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
+from daemon import protocol
 from daemon.config import Config, TrainingConfig
 from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped
+from daemon.protocol import Job
 from daemon.ledger import SampleLedger
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity import ActivityProbe, Sampler
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 
 Verdict = Literal["continue", "stop", "skip"]
 ControlFn = Callable[[], Verdict]
-ReportFn = Callable[[dict[str, Any]], None]
+ReportFn = Callable[[protocol.Message], None]
 WaitForSpaceFn = Callable[[DiskFull], Verdict]  # holds until space is back: "continue", or a stop/skip meanwhile
 
 
@@ -91,17 +93,6 @@ def polling(control: ControlFn, clock: Callable[[], float]) -> Callable[[], None
                 raise _Interrupted(verdict)
 
     return tick
-
-
-@dataclass(frozen=True)
-class Job:
-    """One file to train, as the service describes it in a `train` message."""
-
-    job_id: str
-    path: Path
-    fmt: str  # a DataFormat value
-    sha256: str
-    recorded_through: int = 0  # the service has steps 1..this of the file in its history
 
 
 @dataclass(frozen=True)
@@ -304,15 +295,16 @@ def _train_file(
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok = lm.tokenizer
-    fmt, seed = DataFormat(job.fmt), job_seed(tc.seed, job.sha256)
+    fmt, seed = DataFormat(job.format), job_seed(tc.seed, job.sha256)
+    path = Path(job.path)
     tick = polling(control, clock) if ranks.main else (lambda: None)
     if lm.fast is None:  # once per loaded model: which exact shortcuts hold for it
         lm.fast = fast_paths(lm)
 
     # --- data plan and the step budget of this file (a big file takes a while: control is asked meanwhile)
-    plan = plan_file(job.path, fmt, tok, dc, seed, tick)
+    plan = plan_file(path, fmt, tok, dc, seed, tick)
     if plan.n_train == 0:
-        raise DataError(f"{job.path.name}: none of its {plan.n_dropped} examples keeps a token to learn from within "
+        raise DataError(f"{path.name}: none of its {plan.n_dropped} examples keeps a token to learn from within "
                         f"data.max_length = {dc.max_length} tokens (assistant/completion text cut off, or none at all); "
                         "raise data.max_length or shorten the prompts")
     per_epoch = steps_per_epoch(plan.n_train, tc.micro_batch_size, tc.grad_accum_steps)
@@ -346,11 +338,11 @@ def _train_file(
     missed = [m for m in steplog.resume(pos.step) if m["step"] > job.recorded_through] if ck is not None else []
     if ck is None:
         steplog.reset()
-    report({"type": "started", "job_id": job.job_id, "total_steps": total_steps,
-            "resumed_from_step": pos.step, "n_train": plan.n_train, "n_eval": plan.n_eval,
-            "n_dropped": plan.n_dropped, "epochs": tc.epochs_per_file})
+    report(protocol.Started(job_id=job.job_id, total_steps=total_steps, resumed_from_step=pos.step,
+                            n_train=plan.n_train, n_eval=plan.n_eval, n_dropped=plan.n_dropped,
+                            epochs=tc.epochs_per_file))
     if missed:
-        report({"type": "steps_again", "job_id": job.job_id, "steps": missed})
+        report(protocol.StepsAgain(job_id=job.job_id, steps=missed))
 
     def save() -> int:
         if not ranks.main:  # the checkpoint is rank 0's: the weights are the same on every rank
@@ -371,7 +363,7 @@ def _train_file(
                 verdict = wait_for_space(full)  # then the whole checkpoint is written again, from scratch
                 if verdict != "continue":
                     raise _Interrupted(verdict) from None
-        report({"type": "checkpoint", "job_id": job.job_id, "step": pos.step, "path": str(path)})
+        report(protocol.Checkpoint(job_id=job.job_id, step=pos.step, path=str(path)))
         return pos.step
 
     sampler = Sampler(probe, cfg.activity.every_steps, cfg.activity.min_interval_seconds, clock, report, job.job_id)
@@ -380,8 +372,7 @@ def _train_file(
     def run_eval() -> float | None:
         loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing, ranks)
         if loss is not None:
-            report({"type": "eval", "job_id": job.job_id, "step": pos.step,
-                    "global_step": pos.global_step, "eval_loss": loss})
+            report(protocol.Eval(job_id=job.job_id, step=pos.step, global_step=pos.global_step, eval_loss=loss))
         return loss
 
     # --- the loop: epochs -> accumulation groups of micro-batches -> one optimizer step each
@@ -389,7 +380,7 @@ def _train_file(
     started, eval_loss = clock(), None
     for epoch in range(pos.epoch, tc.epochs_per_file):
         skip = pos.micro_batches if epoch == pos.epoch else 0
-        stream = micro_batches(train_examples(job.path, fmt, tok, dc, seed, epoch), tc.micro_batch_size,
+        stream = micro_batches(train_examples(path, fmt, tok, dc, seed, epoch), tc.micro_batch_size,
                                pos.order, dc.shuffle_buffer, seed, epoch)
         for _ in range(skip):  # a resume reads up to where its checkpoint was; control is asked meanwhile
             next(stream)
@@ -419,15 +410,13 @@ def _train_file(
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
                                 total_steps, epoch, consumed, stats.loss, pos.order)
             dt = max(clock() - t0, 1e-9)
-            step_msg = {"type": "step", "job_id": job.job_id, "step": pos.step, "total_steps": total_steps,
-                        "global_step": pos.global_step, "epoch": epoch + consumed / mb_per_epoch,
-                        "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                        "tokens": stats.tokens, "slots": stats.slots, "tokens_per_sec": stats.tokens / dt,
-                        "micro_batch_split": stats.split,
-                        "elapsed": clock() - started}
-            if stats.ranks is not None:
-                step_msg.update(world_size=ranks.world_size, ranks=stats.ranks)
-            steplog.append(step_msg)
+            step_msg = protocol.Step(
+                job_id=job.job_id, step=pos.step, total_steps=total_steps, global_step=pos.global_step,
+                epoch=epoch + consumed / mb_per_epoch, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
+                tokens=stats.tokens, slots=stats.slots, tokens_per_sec=stats.tokens / dt,
+                elapsed=clock() - started, micro_batch_split=stats.split,
+                **({"world_size": ranks.world_size, "ranks": stats.ranks} if stats.ranks is not None else {}))
+            steplog.append(step_msg.to_wire())
             report(step_msg)
             if sample:
                 sampler.sample(pos.step, pos.global_step, total_steps, stats.lora_grads)

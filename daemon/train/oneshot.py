@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon import atomic
+from daemon import atomic, protocol
 from daemon.config import Config, resolved_dict
 from daemon.errors import TraindError
 from daemon.validate import validate_file
@@ -68,18 +68,19 @@ def run(cfg: Config, file: Path, output_dir: Path, epochs: int | None = None) ->
     lm = load_for_training(cfg, seed=cfg.training.seed)
     log.info("loaded %s in %.1f s", lm.base_path, time.monotonic() - t0)
     sha = sha256_of(file)
-    job = Job(file.stem, file.resolve(), report.format.value, sha)
+    job = Job.for_file(file.stem, file.resolve(), report.format.value, sha, n_records=report.n_valid)
     every = max(1, cfg.training.checkpoint_every_steps)
 
-    def on_report(msg: dict[str, Any]) -> None:
-        if msg["type"] == "started" and msg.get("resumed_from_step"):
-            log.info("resuming from step %d of %d", msg["resumed_from_step"], msg["total_steps"])
-        elif msg["type"] == "started":
-            log.info("%s: %d examples (%d held out), %d steps", file.name, msg["n_train"], msg["n_eval"], msg["total_steps"])
-        elif msg["type"] == "step" and (msg["step"] % every == 0 or msg["step"] == msg["total_steps"] or msg["step"] == 1):
-            log.info("step %d/%d  loss %.4f  %.0f tokens/s", msg["step"], msg["total_steps"], msg["loss"], msg["tokens_per_sec"])
-        elif msg["type"] == "eval":
-            log.info("eval loss %.4f", msg["eval_loss"])
+    def on_report(msg: protocol.Message) -> None:
+        match msg:
+            case protocol.Started(resumed_from_step=resumed) if resumed:
+                log.info("resuming from step %d of %d", resumed, msg.total_steps)
+            case protocol.Started():
+                log.info("%s: %d examples (%d held out), %d steps", file.name, msg.n_train, msg.n_eval, msg.total_steps)
+            case protocol.Step() if msg.step % every == 0 or msg.step in (1, msg.total_steps):
+                log.info("step %d/%d  loss %.4f  %.0f tokens/s", msg.step, msg.total_steps, msg.loss, msg.tokens_per_sec)
+            case protocol.Eval():
+                log.info("eval loss %.4f", msg.eval_loss)
 
     folder = output_dir / "checkpoints"
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from daemon import protocol
 from daemon.config import Config
 
 log = logging.getLogger(__name__)
@@ -36,27 +37,25 @@ class Board:
         cfg.tensorboard_dir.mkdir(parents=True, exist_ok=True)
         return cls(SummaryWriter(log_dir=str(cfg.tensorboard_dir), flush_secs=10))
 
-    def report(self, msg: dict[str, Any]) -> None:
+    def report(self, msg: protocol.Message) -> None:
         if self.failed:
             return
         try:
-            kind, g = msg.get("type"), msg.get("global_step")
-            if kind == "step":
+            if isinstance(msg, protocol.Step):
                 for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("tokens_per_sec", "train/tokens_per_sec"),
                                  ("grad_norm", "train/grad_norm")):
-                    if msg.get(key) is not None:
-                        self.writer.add_scalar(tag, msg[key], g)
-            elif kind == "eval":
-                self.writer.add_scalar("eval/loss", msg["eval_loss"], g)
-            elif kind == "activity":
-                rel = (msg.get("values") or {}).get("relative") or []
-                layers = msg.get("layers") or []
-                for layer, row in zip(layers, rel):
+                    if getattr(msg, key) is not None:
+                        self.writer.add_scalar(tag, getattr(msg, key), msg.global_step)
+            elif isinstance(msg, protocol.Eval):
+                self.writer.add_scalar("eval/loss", msg.eval_loss, msg.global_step)
+            elif isinstance(msg, protocol.Activity):
+                for layer, row in zip(msg.layers, msg.values.get("relative") or []):
                     cells = [v for v in row if v is not None]
                     if cells:
-                        self.writer.add_scalar(f"activity/relative/layer_{layer:02d}", sum(v * v for v in cells) ** 0.5, g)
-            elif kind == "done" and (msg.get("eval_set") or {}).get("after") is not None:
-                self.writer.add_scalar("eval_set/loss", msg["eval_set"]["after"], g)
+                        self.writer.add_scalar(f"activity/relative/layer_{layer:02d}", sum(v * v for v in cells) ** 0.5,
+                                               msg.global_step)
+            elif isinstance(msg, protocol.Done) and (msg.eval_set or {}).get("after") is not None:
+                self.writer.add_scalar("eval_set/loss", msg.eval_set["after"], msg.global_step)
         except Exception:  # a diagnostic never fails a file
             self.failed = True
             log.warning("TensorBoard events are no longer written", exc_info=True)

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from daemon import adapters, atomic, control
+from daemon import adapters, atomic, control, protocol
 from daemon.atomic import sweep_temps
 from daemon.config import Config, load_config
 from daemon.diskspace import DiskFull, disk_full_from, require_space
@@ -70,15 +70,24 @@ class Session:
     board: Any = None  # daemon.train.tboard.Board when tensorboard.enabled
     ranks: Ranks = field(default_factory=Ranks)  # this process among the trainer's ranks (one by default)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: protocol.Message) -> None:
         if self.conn is None:  # not rank 0: rank 0 reports for every rank
             return
         if self.board is not None:
             self.board.report(msg)
         try:
-            self.conn.send(msg)
+            self.conn.send(msg.to_wire())
         except (OSError, EOFError, ValueError) as e:  # the service is gone; PDEATHSIG will end us
-            log.warning("cannot send %s: %s", msg.get("type"), e)
+            log.warning("cannot send %s: %s", msg.TYPE, e)
+
+    def receive(self) -> protocol.Message | None:
+        """The service's next message (blocking); None for one that is not the protocol's (logged)."""
+        raw = self.conn.recv()
+        try:
+            return protocol.decode(raw, protocol.TO_TRAINER)
+        except protocol.ProtocolError as e:
+            log.error("ignoring a message from the service: %s", e)
+            return None
 
     @property
     def trained_jobs(self) -> list[str]:
@@ -124,12 +133,12 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
         log.warning("%s", eval_error)
     sess.board = Board.open(cfg)
     trainable, total = lm.param_counts()
-    sess.send({"type": "ready", "eval_set_examples": len(sess.eval_set) if sess.eval_set else 0,
-               "eval_set_error": eval_error, "device": lm.device, "compute_dtype": str(lm.dtype).removeprefix("torch."),
-               "quantization": lm.quantization, "base_model": str(base) if base else cfg.base_model, "adapter_version": sess.version,
-               "trainable_params": trainable, "total_params": total, "load_seconds": time.monotonic() - t0,
-               "world_size": ranks.world_size, "strategy": ranks.strategy, "backend": ranks.backend,
-               "nnodes": ranks.nnodes})
+    sess.send(protocol.Ready(
+        device=lm.device, compute_dtype=str(lm.dtype).removeprefix("torch."), quantization=lm.quantization,
+        base_model=str(base) if base else cfg.base_model, adapter_version=sess.version, trainable_params=trainable,
+        total_params=total, load_seconds=time.monotonic() - t0, world_size=ranks.world_size,
+        strategy=ranks.strategy, backend=ranks.backend, nnodes=ranks.nnodes,
+        eval_set_examples=len(sess.eval_set) if sess.eval_set else 0, eval_set_error=eval_error))
     return sess
 
 
@@ -203,10 +212,12 @@ def control_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.tr
             sess.governor.tick()
         while sess.paused or sess.conn.poll():
             try:
-                msg = sess.conn.recv()
+                msg = sess.receive()
             except (EOFError, OSError):  # the service went away: keep what we have and leave
                 sess.exit_code = 0
                 return "stop"
+            if msg is None:
+                continue
             verdict = on_message_in_job(sess, msg, job_id)
             if verdict != "continue":
                 return verdict
@@ -215,31 +226,31 @@ def control_for(sess: Session, job_id: str):  # noqa: ANN201 - returns daemon.tr
     return control
 
 
-def on_message_in_job(sess: Session, msg: dict[str, Any], job_id: str) -> str:
-    kind = msg.get("type")
-    if kind in ("pause", "resume"):
-        set_paused(sess, kind == "pause", job_id)
-    elif kind in ("stop", "shutdown"):
-        sess.exit_code = 0
-        return "stop"
-    elif kind == "skip" and msg.get("job_id") in (None, job_id):
-        return "skip"
-    elif kind == "consolidate":  # the service sends it between files; should one cross a file, it runs after it
-        sess.backlog.append(msg)
-    elif kind == "rollback":  # the file's progress goes; it starts again on the version rolled back to
-        to = int(msg["version"])
-        why = adapters.rollback_refusal(sess.cfg.path("adapters"), to, adapters.generation(sess.manifest))
-        if why is not None:  # refused before the file is touched: it trains on from this step, checkpoints and all
-            log.warning("rollback to v%d refused: %s", to, why)
-            sess.send({"type": "rollback_refused", "version": to, "job_id": None, "message": why})
-            return "continue"
-        sess.rollback_to = to
-        return "skip"
-    elif kind == "train":
-        log.warning("train %s arrived while %s trains; it runs next", msg.get("job_id"), job_id)
-        sess.backlog.append(msg)
-    else:
-        log.warning("ignoring %r while training %s", kind, job_id)
+def on_message_in_job(sess: Session, msg: protocol.Message, job_id: str) -> str:
+    """What a message means while a file trains: the loop's verdict (continue, stop, skip)."""
+    match msg:
+        case protocol.Pause() | protocol.Resume():
+            set_paused(sess, isinstance(msg, protocol.Pause), job_id)
+        case protocol.Stop() | protocol.Shutdown():
+            sess.exit_code = 0
+            return "stop"
+        case protocol.Skip(job_id=target) if target in (None, job_id):
+            return "skip"
+        case protocol.Consolidate():  # the service sends it between files; should one cross a file, it runs after it
+            sess.backlog.append(msg)
+        case protocol.Rollback(version=to):  # the file's progress goes; it starts again on the version rolled back to
+            why = adapters.rollback_refusal(sess.cfg.path("adapters"), to, adapters.generation(sess.manifest))
+            if why is not None:  # refused before the file is touched: it trains on from this step, checkpoints and all
+                log.warning("rollback to v%d refused: %s", to, why)
+                sess.send(protocol.RollbackRefused(version=to, job_id=None, message=why))
+                return "continue"
+            sess.rollback_to = to
+            return "skip"
+        case protocol.Train(job=job):
+            log.warning("train %s arrived while %s trains; it runs next", job.job_id, job_id)
+            sess.backlog.append(msg)
+        case _:
+            log.warning("ignoring %r while training %s", msg.TYPE, job_id)
     return "continue"
 
 
@@ -252,7 +263,7 @@ def wait_for_space_for(sess: Session, job_id: str):  # noqa: ANN201 - returns da
 
     def wait(full: DiskFull) -> str:
         log.warning("%s: %s; holding until the service says space is back", job_id, full)
-        sess.send({"type": "disk_full", "job_id": job_id, **full.to_dict()})
+        sess.send(protocol.DiskFullReport(job_id=job_id, **full.to_dict()))
         sess.paused = True
         return control()
 
@@ -261,59 +272,55 @@ def wait_for_space_for(sess: Session, job_id: str):  # noqa: ANN201 - returns da
 
 def set_paused(sess: Session, paused: bool, job_id: str | None) -> None:
     sess.paused = paused
-    sess.send({"type": "paused" if paused else "resumed", "job_id": job_id})
+    sess.send(protocol.Paused(job_id=job_id) if paused else protocol.Resumed(job_id=job_id))
 
 
 # ---------------------------------------------------------------- one file
 
 
-def handle_train(sess: Session, msg: dict[str, Any]) -> None:
+def handle_train(sess: Session, msg: protocol.Train) -> None:
     """Train one file and answer done / skipped / failed / stopped."""
-    from daemon.train.loop import Job  # imports torch: only after threads.start_threads
-
-    job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"], int(msg.get("recorded_through") or 0))
+    job = msg.job
     if job.job_id in sess.trained_jobs:
         answer_already_trained(sess, job.job_id)
         return
     ranks = sess.ranks
-    ranks.broadcast({"op": "train", "msg": msg, "global_step": int(sess.manifest.get("global_step", 0))})
-    _handle_train(sess, share_file(sess, job), msg)
+    ranks.broadcast(protocol.TrainOrder(job=job, global_step=int(sess.manifest.get("global_step", 0))).to_wire())
+    _handle_train(sess, share_file(sess, job))
     # However the file ended (done, skip, failure, a rollback in its middle), every rank goes on from rank 0's
     # weights. Not after an error rank 0 met alone: that ends the group (the others wait in a collective).
     ranks.sync_tensors(ranks_lora(sess))
 
 
-def follow_train(sess: Session, order: dict[str, Any]) -> None:
+def follow_train(sess: Session, order: protocol.TrainOrder) -> None:
     """Another rank's part of a file rank 0 trains: its share of each step; rank 0 reports and decides."""
-    from daemon.train.loop import Job, train_file
+    from daemon.train.loop import train_file  # imports torch: only after threads.start_threads
 
-    msg = order["msg"]
-    job = Job(msg["job_id"], Path(msg["path"]), msg["format"], msg["sha256"])
-    job = share_file(sess, job)
+    job = share_file(sess, order.job)
     try:
-        train_file(sess.lm, sess.cfg, job, global_step=int(order["global_step"]),
+        train_file(sess.lm, sess.cfg, job, global_step=order.global_step,
                    ckpt_folder=sess.checkpoints(job.job_id), report=lambda m: None, control=lambda: "continue",
                    ranks=sess.ranks)
     except (DataError, GuardTripped) as e:  # met alike by rank 0, which reports it
         log.info("%s: %s", job.job_id, e)
     sess.ranks.sync_tensors(ranks_lora(sess))  # after it every rank of this node is done with the file
-    if job.path != Path(msg["path"]) and sess.ranks.local_rank == 0:  # the copy rank 0 sent this node
-        job.path.unlink(missing_ok=True)
+    if job.path != order.job.path and sess.ranks.local_rank == 0:  # the copy rank 0 sent this node
+        Path(job.path).unlink(missing_ok=True)
 
 
-def share_file(sess: Session, job: Any) -> Any:
+def share_file(sess: Session, job: protocol.Job) -> protocol.Job:
     """The job with the path this rank reads its file from (a copy sent by rank 0 on another node)."""
     import dataclasses
 
-    path = sess.ranks.share_file(job.path, job.sha256, sess.cfg.path("checkpoints") / ".incoming")
-    return dataclasses.replace(job, path=path)
+    path = sess.ranks.share_file(Path(job.path), job.sha256, sess.cfg.path("checkpoints") / ".incoming")
+    return dataclasses.replace(job, path=str(path))
 
 
 def ranks_lora(sess: Session) -> list[Any]:
     return [p for p in sess.lm.model.parameters() if p.requires_grad] if sess.ranks.many else []
 
 
-def _handle_train(sess: Session, job: Any, msg: dict[str, Any]) -> None:
+def _handle_train(sess: Session, job: protocol.Job) -> None:
     from daemon.train.loop import train_file
 
     before = lora_state(sess.lm.model)  # CPU copy: skip and failure put these weights back
@@ -335,7 +342,7 @@ def _handle_train(sess: Session, job: Any, msg: dict[str, Any]) -> None:
             restore(sess, before)
             if isinstance(e, ModelError):  # the config's fault, not the file's: it stays, the queue is held
                 log.error("%s: the config cannot run here: %s", job.job_id, e)
-                sess.send({"type": "config_refused", "problems": [str(e)], "job_id": job.job_id})
+                sess.send(protocol.ConfigRefused(problems=[str(e)], job_id=job.job_id))
                 sess.exit_code = preflight.EXIT_CONFIG
                 return
             full = disk_full_from(e, sess.checkpoints(job.job_id), "trainer")
@@ -349,7 +356,7 @@ def _handle_train(sess: Session, job: Any, msg: dict[str, Any]) -> None:
                 end_without_publishing(sess, job.job_id, verdict, ckpt.latest_step(sess.checkpoints(job.job_id)) or 0)
                 return
     if outcome.status == "done":
-        publish_when_space(sess, job, msg, outcome, before, wait, eval_before)
+        publish_when_space(sess, job, outcome, before, wait, eval_before)
     elif outcome.status == "skipped":
         end_without_publishing(sess, job.job_id, "skip", outcome.steps, before)
     else:
@@ -369,13 +376,13 @@ def end_without_publishing(sess: Session, job_id: str, verdict: str, steps: int 
         if before is not None:
             restore(sess, before)
         ckpt.delete_checkpoints(sess.checkpoints(job_id))
-        sess.send({"type": "skipped", "job_id": job_id, "steps_discarded": steps or 0})
+        sess.send(protocol.Skipped(job_id=job_id, steps_discarded=steps or 0))
     else:
-        sess.send({"type": "stopped", "job_id": job_id, "checkpoint_step": steps})
+        sess.send(protocol.Stopped(job_id=job_id, checkpoint_step=steps))
         sess.exit_code = 0
 
 
-def publish_when_space(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, before: dict[str, Any],
+def publish_when_space(sess: Session, job: protocol.Job, outcome: Any, before: dict[str, Any],
                        wait: Any, eval_before: float | None = None) -> None:
     """Publish the file's adapter; on a full disk hold (the trained weights stay in memory) and try again."""
     moved = moved_by_file(sess, before)
@@ -383,7 +390,7 @@ def publish_when_space(sess: Session, job: Any, msg: dict[str, Any], outcome: An
     while True:
         try:
             require_space(adapters_dir, sess.cfg.service.min_free_bytes, "adapter")
-            publish(sess, job, msg, outcome, moved=moved, eval_before=eval_before)
+            publish(sess, job, outcome, moved=moved, eval_before=eval_before)
             return
         except Exception as e:
             full = disk_full_from(e, adapters_dir, "adapter", writing_unnamed=True)
@@ -414,7 +421,7 @@ def restore(sess: Session, before: dict[str, Any]) -> None:
     sess.probe.forget_previous()  # the last sample's weights are gone: no `change` against them
 
 
-def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: Grid | None,
+def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
             eval_before: float | None = None) -> None:
     """Publish the next adapter version, drop the job's checkpoints, answer done.
 
@@ -425,7 +432,7 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
     version = (sess.version or 0) + 1
     manifest = {
         "version": version, "parent_version": sess.version, **generation_fields(sess),
-        "job_id": job.job_id, "original_name": msg.get("original_name"), "sha256": job.sha256,
+        "job_id": job.job_id, "original_name": job.original_name, "sha256": job.sha256,
         "steps": outcome.steps, "global_step": outcome.global_step, "final_loss": outcome.final_loss,
         "eval_loss": outcome.eval_loss, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trained_jobs": sess.trained_jobs + [job.job_id],
@@ -450,10 +457,10 @@ def publish(sess: Session, job: Any, msg: dict[str, Any], outcome: Any, moved: G
     ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
     prune_versions(sess)
     log.info("%s done in %d steps: adapter v%d", job.job_id, outcome.steps, version)
-    sess.send({"type": "done", "job_id": job.job_id, "steps": outcome.steps, "final_loss": outcome.final_loss,
-               "eval_loss": outcome.eval_loss, "adapter_version": version, "adapter_path": str(published.path),
-               "already_trained": False, "activity_moved": manifest["activity_moved"],
-               "eval_set": manifest.get("eval_set"), "global_step": outcome.global_step})
+    sess.send(protocol.Done(job_id=job.job_id, steps=outcome.steps, final_loss=outcome.final_loss,
+                            eval_loss=outcome.eval_loss, adapter_version=version, adapter_path=str(published.path),
+                            already_trained=False, activity_moved=manifest["activity_moved"],
+                            eval_set=manifest.get("eval_set"), global_step=outcome.global_step))
 
 
 def generation_fields(sess: Session) -> dict[str, Any]:
@@ -492,7 +499,7 @@ def rollback(sess: Session, interrupted: str | None) -> None:
     why = adapters.rollback_refusal(folder, to, adapters.generation(sess.manifest))
     if why is not None:  # an interrupted file keeps its checkpoints: it resumes from them, on the adapter it had
         log.warning("rollback to v%d refused: %s", to, why)
-        sess.send({"type": "rollback_refused", "version": to, "job_id": interrupted, "message": why})
+        sess.send(protocol.RollbackRefused(version=to, job_id=interrupted, message=why))
         return
     if interrupted is not None:
         ckpt.delete_checkpoints(sess.checkpoints(interrupted))
@@ -516,8 +523,8 @@ def rollback(sess: Session, interrupted: str | None) -> None:
     sess.version, sess.manifest = version, manifest
     prune_versions(sess)
     log.info("rolled back to adapter v%d as v%d; %d file(s) no longer in the adapter", to, version, len(undone))
-    sess.send({"type": "rolled_back", "version": version, "rollback_of": to, "job_id": interrupted,
-               "undone": [e.get("original_name") or e["job_id"] for e in undone]})
+    sess.send(protocol.RolledBack(version=version, rollback_of=to, job_id=interrupted,
+                                  undone=[e.get("original_name") or e["job_id"] for e in undone]))
 
 
 def fed_consolidations(cfg: Config) -> set[int]:
@@ -531,7 +538,7 @@ def fed_consolidations(cfg: Config) -> set[int]:
     return out
 
 
-def consolidate_now(sess: Session, msg: dict[str, Any]) -> None:
+def consolidate_now(sess: Session, msg: protocol.Consolidate) -> None:
     """Merge the current adapter into its base, then train on with a fresh adapter on the merged base.
 
     The fresh adapter's publication (its manifest names the new base and generation) is the commit point:
@@ -541,28 +548,28 @@ def consolidate_now(sess: Session, msg: dict[str, Any]) -> None:
     folder = sess.cfg.path("adapters")
     current = adapters.peek_current(folder)
     if current is None:
-        sess.send({"type": "consolidation_refused", "message": "nothing to consolidate: no adapter has been published yet"})
+        sess.send(protocol.ConsolidationRefused(message="nothing to consolidate: no adapter has been published yet"))
         return
-    asked_for = msg.get("adapter_version")
+    asked_for = msg.adapter_version
     if asked_for is not None and current.version != asked_for and current.manifest.get("consolidated_from") == asked_for:
         # done already: a trainer died after the switch, before its answer; the next one answers from the record
         lineage = atomic.read_json(Path(current.manifest["lineage"]))
-        sess.send({"type": "consolidated", "generation": lineage["generation"], "path": lineage["path"],
-                   "adapter_version": current.version, "consolidated_version": asked_for,
-                   "max_logit_diff": lineage["verification"]["max_abs_logit_diff"],
-                   "reload_logit_diff": lineage["verification"]["reloaded_max_abs_logit_diff"], "seconds": 0.0,
-                   "files": len(lineage["files"]), "description": lineage["description"]})
+        sess.send(protocol.Consolidated(
+            generation=lineage["generation"], path=lineage["path"], adapter_version=current.version,
+            consolidated_version=asked_for, max_logit_diff=lineage["verification"]["max_abs_logit_diff"],
+            reload_logit_diff=lineage["verification"]["reloaded_max_abs_logit_diff"], seconds=0.0,
+            files=len(lineage["files"]), description=lineage["description"]))
         return
     generation = adapters.generation(current.manifest)
     if (why := adapters.nothing_learnt(current)) is not None:  # a copy of the base would block every rollback before it
         log.warning("consolidation refused: %s", why)
-        sess.send({"type": "consolidation_refused", "message": why})
+        sess.send(protocol.ConsolidationRefused(message=why))
         return
     try:
-        result = consolidate.consolidate(sess.cfg, current, sess.lm.base_path, msg.get("description") or "", generation)
+        result = consolidate.consolidate(sess.cfg, current, sess.lm.base_path, msg.description, generation)
     except Exception as e:  # a refusal or a failed merge: everything stays as it was
         log.error("consolidation refused: %s", e, exc_info=not isinstance(e, consolidate.ConsolidationRefused))
-        sess.send({"type": "consolidation_refused", "message": str(e) or type(e).__name__})
+        sess.send(protocol.ConsolidationRefused(message=str(e) or type(e).__name__))
         return
     old_lm = sess.lm
     sess.lm = None
@@ -583,11 +590,11 @@ def consolidate_now(sess: Session, msg: dict[str, Any]) -> None:
     publish_adapter(folder, sess.lm.model, manifest)
     sess.version, sess.manifest = version, manifest
     prune_versions(sess)
-    sess.send({"type": "consolidated", "generation": result.generation, "path": str(result.path),
-               "adapter_version": version, "consolidated_version": current.version,
-               "max_logit_diff": result.max_logit_diff, "reload_logit_diff": result.reload_logit_diff,
-               "seconds": result.seconds, "files": len(result.lineage["files"]),
-               "description": result.lineage["description"]})
+    sess.send(protocol.Consolidated(
+        generation=result.generation, path=str(result.path), adapter_version=version,
+        consolidated_version=current.version, max_logit_diff=result.max_logit_diff,
+        reload_logit_diff=result.reload_logit_diff, seconds=result.seconds, files=len(result.lineage["files"]),
+        description=result.lineage["description"]))
 
 
 def answer_already_trained(sess: Session, job_id: str) -> None:
@@ -595,11 +602,12 @@ def answer_already_trained(sess: Session, job_id: str) -> None:
     ckpt.delete_checkpoints(sess.checkpoints(job_id))
     own = sess.manifest.get("job_id") == job_id  # the numbers are known only for the newest job
     log.info("%s is already in adapter v%s; not training it again", job_id, sess.version)
-    sess.send({"type": "done", "job_id": job_id, "steps": sess.manifest.get("steps") if own else None,
-               "final_loss": sess.manifest.get("final_loss") if own else None,
-               "eval_loss": sess.manifest.get("eval_loss") if own else None, "adapter_version": sess.version,
-               "adapter_path": str(sess.cfg.path("adapters") / adapters.version_dir_name(sess.version)),
-               "already_trained": True, "activity_moved": sess.manifest.get("activity_moved") if own else None})
+    sess.send(protocol.Done(job_id=job_id, steps=sess.manifest.get("steps") if own else None,
+                            final_loss=sess.manifest.get("final_loss") if own else None,
+                            eval_loss=sess.manifest.get("eval_loss") if own else None, adapter_version=sess.version,
+                            adapter_path=str(sess.cfg.path("adapters") / adapters.version_dir_name(sess.version)),
+                            already_trained=True,
+                            activity_moved=sess.manifest.get("activity_moved") if own else None))
 
 
 def fail(sess: Session, job_id: str, e: Exception) -> None:
@@ -609,85 +617,87 @@ def fail(sess: Session, job_id: str, e: Exception) -> None:
         ckpt.delete_checkpoints(sess.checkpoints(job_id))
     if isinstance(e, GuardTripped):  # the adapter is back where it was before the file (restore); the daemon pauses
         log.error("%s stopped by a guard: %s; adapter back to v%s", job_id, e, sess.version)
-        sess.send({"type": "failed", "job_id": job_id, "reason": "guard", "step": e.step, "loss": e.loss,
-                   "message": f"{e}; the adapter is back to its state before this file (v{sess.version}), and "
-                              "training is paused", "traceback": None, "errors": []})
+        sess.send(protocol.Failed(job_id=job_id, reason="guard", step=e.step, loss=e.loss,
+                                  message=f"{e}; the adapter is back to its state before this file "
+                                          f"(v{sess.version}), and training is paused"))
         return
     log.error("%s failed: %s", job_id, e, exc_info=not invalid)
     errors = [x.to_dict() if hasattr(x, "to_dict") else x for x in getattr(e, "errors", [])]
-    sess.send({"type": "failed", "job_id": job_id, "reason": "invalid_data" if invalid else "training_error",
-               "message": str(e) or type(e).__name__, "traceback": traceback.format_exc(), "errors": errors})
+    sess.send(protocol.Failed(job_id=job_id, reason="invalid_data" if invalid else "training_error",
+                              message=str(e) or type(e).__name__, traceback=traceback.format_exc(), errors=errors))
 
 
 # ---------------------------------------------------------------- idle: wait for the next message
 
 
-def handle_idle_skip(sess: Session, msg: dict[str, Any]) -> None:
+def handle_idle_skip(sess: Session, msg: protocol.Skip) -> None:
     """A skip for a job not in training (e.g. after a crash): drop its checkpoints."""
-    job_id = msg["job_id"]
-    discarded = ckpt.latest_step(sess.checkpoints(job_id)) or 0
-    ckpt.delete_checkpoints(sess.checkpoints(job_id))
-    sess.send({"type": "skipped", "job_id": job_id, "steps_discarded": discarded})
+    if msg.job_id is None:  # "the file in training", and none is
+        return
+    discarded = ckpt.latest_step(sess.checkpoints(msg.job_id)) or 0
+    ckpt.delete_checkpoints(sess.checkpoints(msg.job_id))
+    sess.send(protocol.Skipped(job_id=msg.job_id, steps_discarded=discarded))
 
 
 def serve(sess: Session) -> int:
     """Answer messages until stop/shutdown (or the service goes away); the exit code."""
     while sess.exit_code is None:
         try:
-            msg = sess.backlog.popleft() if sess.backlog else sess.conn.recv()
+            msg = sess.backlog.popleft() if sess.backlog else sess.receive()
         except (EOFError, OSError):
             log.info("the service closed the connection; leaving")
             return 0
-        kind = msg.get("type")
-        if kind == "train":
-            handle_train(sess, msg)
-        elif kind in ("pause", "resume"):
-            set_paused(sess, kind == "pause", None)
-        elif kind == "skip":
-            handle_idle_skip(sess, msg)
-        elif kind == "rollback":
-            sess.rollback_to = int(msg["version"])
-            rollback(sess, None)
-            sess.ranks.broadcast({"op": "sync_lora"})
-            sess.ranks.sync_tensors(ranks_lora(sess))
-        elif kind == "consolidate":
-            if sess.ranks.nnodes > 1:
-                sess.send({"type": "consolidation_refused", "message": "not with several machines: the merged base "
-                           "would be on this machine only (distributed.nnodes > 1); consolidate with nnodes 1"})
+        match msg:
+            case None:
                 continue
-            lm = sess.lm
-            consolidate_now(sess, msg)
-            if sess.lm is not lm and sess.ranks.many:  # a new base: the other ranks load it too
-                sess.ranks.broadcast({"op": "reload", "base": str(sess.lm.base_path)})
-                sess.probe = prepare_ranks(sess.lm, sess.ranks)
-        elif kind == "stop":
-            sess.send({"type": "stopped", "job_id": None, "checkpoint_step": None})
-            sess.exit_code = 0
-        elif kind == "shutdown":
-            sess.exit_code = 0
-        else:
-            log.warning("ignoring unknown message %r", kind)
-    sess.ranks.broadcast({"op": "exit"})
+            case protocol.Train():
+                handle_train(sess, msg)
+            case protocol.Pause() | protocol.Resume():
+                set_paused(sess, isinstance(msg, protocol.Pause), None)
+            case protocol.Skip():
+                handle_idle_skip(sess, msg)
+            case protocol.Rollback(version=to):
+                sess.rollback_to = to
+                rollback(sess, None)
+                sess.ranks.broadcast(protocol.SyncLora().to_wire())
+                sess.ranks.sync_tensors(ranks_lora(sess))
+            case protocol.Consolidate():
+                if sess.ranks.nnodes > 1:
+                    sess.send(protocol.ConsolidationRefused(
+                        message="not with several machines: the merged base would be on this machine only "
+                                "(distributed.nnodes > 1); consolidate with nnodes 1"))
+                    continue
+                lm = sess.lm
+                consolidate_now(sess, msg)
+                if sess.lm is not lm and sess.ranks.many:  # a new base: the other ranks load it too
+                    sess.ranks.broadcast(protocol.Reload(base=str(sess.lm.base_path)).to_wire())
+                    sess.probe = prepare_ranks(sess.lm, sess.ranks)
+            case protocol.Stop():
+                sess.send(protocol.Stopped(job_id=None, checkpoint_step=None))
+                sess.exit_code = 0
+            case protocol.Shutdown():
+                sess.exit_code = 0
+    sess.ranks.broadcast(protocol.Exit().to_wire())
     return sess.exit_code
 
 
 def follow(sess: Session) -> int:
-    """The other ranks: do what rank 0 broadcasts (`op`, rank to rank; not the service's messages) until exit."""
+    """The other ranks: do what rank 0 broadcasts (daemon.protocol's rank orders, not the service's) until exit."""
     while True:
-        msg = sess.ranks.broadcast()
-        kind = msg.get("op")
-        if kind == "train":
-            follow_train(sess, msg)
-        elif kind == "sync_lora":
-            sess.ranks.sync_tensors(ranks_lora(sess))
-        elif kind == "reload":
-            old, sess.lm = sess.lm, None
-            del old
-            gc.collect()
-            sess.lm = load_for_training(sess.cfg, seed=sess.cfg.training.seed, base=Path(msg["base"]))
-            prepare_ranks(sess.lm, sess.ranks)
-        elif kind == "exit":
-            return 0
+        order = protocol.decode(sess.ranks.broadcast(), protocol.RANK)
+        match order:
+            case protocol.TrainOrder():
+                follow_train(sess, order)
+            case protocol.SyncLora():
+                sess.ranks.sync_tensors(ranks_lora(sess))
+            case protocol.Reload(base=base):
+                old, sess.lm = sess.lm, None
+                del old
+                gc.collect()
+                sess.lm = load_for_training(sess.cfg, seed=sess.cfg.training.seed, base=Path(base))
+                prepare_ranks(sess.lm, sess.ranks)
+            case protocol.Exit():
+                return 0
 
 
 def refuse_config(cfg: Config, problems: list[str], rank: int) -> int:
@@ -697,7 +707,7 @@ def refuse_config(cfg: Config, problems: list[str], rank: int) -> int:
     if rank == 0:
         conn = process.connect()
         try:
-            conn.send({"type": "config_refused", "problems": problems})
+            conn.send(protocol.ConfigRefused(problems=problems).to_wire())
         finally:
             conn.close()
     return preflight.EXIT_CONFIG

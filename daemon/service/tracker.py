@@ -2,7 +2,7 @@
 
     tracker = JobTracker(cfg, queue, db, status)
     tracker.begin(job)                   # the service handed `job` to the child
-    tracker.on_message(msg, now)         # started / step / eval / checkpoint / done / failed / skipped
+    tracker.on_message(msg, now)         # a typed job message (daemon.protocol): started, step, ... done
     tracker.crashed(how, now)            # the child died while training it
 
 The one place that turns the trainer's reports into queue moves (done/ or
@@ -15,15 +15,16 @@ what happened to that file.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import activity, adapters, rank_status
+from daemon import activity, adapters, protocol
+from daemon.protocol import Job
+from daemon.service import rank_status
 from daemon.config import Config
 from daemon.diskspace import DiskFull, disk_full_from
 from daemon.errors import QueueError
-from daemon.finished import FinishedWatch, check_finished
+from daemon.service.finished import FinishedWatch, check_finished
 from daemon.intake import record_job
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
 from daemon.schema import LayerActivitySummary, TrainingStatus
@@ -34,28 +35,16 @@ from daemon.validate import validate_file
 log = logging.getLogger(__name__)
 
 SKIPPED_MESSAGE = "skipped by request; the adapter was restored to its state before this file"
-
-
-@dataclass(frozen=True)
-class ActiveJob:
-    """The file handed to the child: the `train` message of docs/internals.md."""
-
-    job_id: str
-    path: str
-    original_name: str
-    sha256: str
-    format: str
-    n_records: int
-    recorded_through: int = 0  # steps 1..this of the file are in the history (a resume sends what is missing)
-
-    def message(self) -> dict[str, Any]:
-        return {"type": "train", **asdict(self)}
+JOB_MESSAGES = (protocol.Started, protocol.Step, protocol.StepsAgain, protocol.Eval, protocol.Activity,
+                protocol.Checkpoint, protocol.Done, protocol.Failed, protocol.Skipped)  # what the tracker handles
+JOB_ENDS = (protocol.Done, protocol.Failed, protocol.Skipped)
 
 
 class JobTracker:
     def __init__(self, cfg: Config, queue: JobQueue, db: HistoryDB, status: TrainingStatus) -> None:
         self.cfg, self.queue, self.db, self.status = cfg, queue, db, status
-        self.job: ActiveJob | None = None
+        self.job: Job | None = None
+        self.started = False  # the trainer said `started` for the file in training (its data is read)
         self._rate: tuple[float, int] | None = None  # (time, step) of the first step seen this run
         self.on_disk_full: Callable[[DiskFull], None] | None = None  # the service's disk pause
         # Queue moves a full disk refused: (JobQueue method, job_id, args), made again once space is back,
@@ -65,7 +54,7 @@ class JobTracker:
         self.vanished: dict[str, str] = {}  # job_id -> why: its file left processing/ by another hand than ours
 
     # -- life of the current file ------------------------------------------------------
-    def begin(self, job: ActiveJob) -> None:
+    def begin(self, job: Job) -> None:
         self.job = job
         self.clear_fields()
         self.status.current_file, self.status.job_id = job.original_name, job.job_id
@@ -74,22 +63,50 @@ class JobTracker:
         self.job = None
         self.clear_fields()
 
-    def on_message(self, msg: dict[str, Any], now: float) -> bool:
+    def on_message(self, msg: protocol.Message, now: float) -> bool:
         """Apply a job message; True when it ended the file (done, failed, skipped)."""
-        if self.job is None or msg.get("job_id") != self.job.job_id:
-            log.info("ignoring %s about %s: not the file in training", msg.get("type"), msg.get("job_id"))
+        job_id = getattr(msg, "job_id", None)
+        if self.job is None or job_id != self.job.job_id:
+            log.info("ignoring %s about %s: not the file in training", msg.TYPE, job_id)
             return False
-        ends = msg["type"] in ("done", "failed", "skipped")
+        ends = isinstance(msg, JOB_ENDS)
         try:
-            getattr(self, f"_on_{msg['type']}")(msg, now)
+            self._apply(msg, now)
         finally:  # even if recording it failed: the child has left the file
             if ends:
                 self.end()
         return ends
 
-    def _on_started(self, msg: dict, now: float) -> None:
-        job_id, resumed = msg["job_id"], msg.get("resumed_from_step") or 0
-        self.status.total_steps = msg.get("total_steps") or 0
+    def _apply(self, msg: protocol.Message, now: float) -> None:
+        match msg:
+            case protocol.Started():
+                self._on_started(msg, now)
+            case protocol.Step():
+                self._on_step(msg, now)
+            case protocol.StepsAgain():
+                # the step reports a resumed checkpoint kept (since the one before it): recorded again, as they
+                # were (only the missing ones), in case this service or an earlier one died before recording them
+                self.db.record_missed_steps(msg.job_id, msg.steps, now)
+            case protocol.Eval():
+                self.status.eval_loss = msg.eval_loss
+                self.db.record_eval(msg.job_id, msg.step, msg.global_step, msg.eval_loss, now)
+            case protocol.Activity():
+                self._on_activity(msg, now)
+            case protocol.Checkpoint():
+                log.debug("checkpoint of %s at step %s", msg.job_id, msg.step)
+            case protocol.Done():
+                self.finish(msg.job_id, now, msg)
+            case protocol.Failed():
+                self._on_failed(msg, now)
+            case protocol.Skipped():
+                self._on_skipped(msg, now)
+            case _:
+                raise TypeError(f"not a job message: {msg.TYPE}")
+
+    def _on_started(self, msg: protocol.Started, now: float) -> None:
+        self.started = True
+        job_id, resumed = msg.job_id, msg.resumed_from_step
+        self.status.total_steps = msg.total_steps
         self.status.current_step = resumed
         self._rate = None
         self.db.forget_steps_after(job_id, resumed)  # they are trained again; keep what the adapter keeps
@@ -97,66 +114,48 @@ class JobTracker:
         note = f" (resumed from step {resumed})" if resumed else ""
         self.db.event("job_started", f"training {self.job.original_name}{note}", job_id, t=now)
 
-    def _on_step(self, msg: dict, now: float) -> None:
+    def _on_step(self, msg: protocol.Step, now: float) -> None:
         st = self.status
-        st.current_step, st.total_steps = msg["step"], msg.get("total_steps") or st.total_steps
-        st.global_step, st.epoch = msg.get("global_step", st.global_step), msg.get("epoch", st.epoch)
-        st.loss, st.lr, st.tokens_per_sec = msg.get("loss"), msg.get("lr"), msg.get("tokens_per_sec")
-        if msg.get("world_size"):
-            st.world_size = int(msg["world_size"])
-        st.ranks, st.slowest_rank = rank_status.figures(msg)
-        split = int(msg.get("micro_batch_split") or 1)
+        st.current_step, st.total_steps = msg.step, msg.total_steps or st.total_steps
+        st.global_step, st.epoch = msg.global_step, msg.epoch
+        st.loss, st.lr, st.tokens_per_sec = msg.loss, msg.lr, msg.tokens_per_sec
+        if msg.world_size:
+            st.world_size = msg.world_size
+        st.ranks, st.slowest_rank = rank_status.figures(msg.ranks)
+        split = msg.micro_batch_split
         if split != st.micro_batch_split:
             if split > st.micro_batch_split:
-                self.db.event("oom", f"out of memory at step {msg['step']}: each micro-batch now runs in {split} "
-                                     "pieces (the effective batch is unchanged)", msg["job_id"], t=now)
+                self.db.event("oom", f"out of memory at step {msg.step}: each micro-batch now runs in {split} "
+                                     "pieces (the effective batch is unchanged)", msg.job_id, t=now)
             st.micro_batch_split = split
         if self._rate is None:
             self._rate = (now, st.current_step)
         t0, s0 = self._rate
         if st.current_step > s0 and now > t0:
             st.eta_seconds = (st.total_steps - st.current_step) * (now - t0) / (st.current_step - s0)
-        self.db.record_step(msg["job_id"], msg["step"], st.global_step, st.epoch, st.loss, st.lr,
-                            msg.get("grad_norm"), st.tokens_per_sec, now)
+        self.db.record_step(msg.job_id, msg.step, st.global_step, st.epoch, st.loss, st.lr, msg.grad_norm,
+                            st.tokens_per_sec, now)
 
-    def _on_steps_again(self, msg: dict, now: float) -> None:
-        """The step reports a resumed checkpoint kept (since the one before it): recorded again, as they were
-        (only the missing ones), in case this service or an earlier one died before recording them."""
-        self.db.record_missed_steps(msg["job_id"], msg["steps"], now)
+    def _on_activity(self, msg: protocol.Activity, now: float) -> None:
+        wire = msg.to_wire()
+        self.status.layer_activity_summary = activity.summary(wire, now)
+        self.db.record_activity(msg.job_id, msg.step, msg.global_step, now, msg.final, msg.layers, msg.kinds,
+                                activity.per_layer(wire, activity.HISTORY_MEASURES), msg.values)
 
-    def _on_eval(self, msg: dict, now: float) -> None:
-        self.status.eval_loss = msg["eval_loss"]
-        self.db.record_eval(msg["job_id"], msg["step"], msg.get("global_step", self.status.global_step),
-                            msg["eval_loss"], now)
-
-    def _on_activity(self, msg: dict, now: float) -> None:
-        block = activity.summary(msg, now)
-        self.status.layer_activity_summary = block
-        self.db.record_activity(msg["job_id"], msg["step"], msg.get("global_step", self.status.global_step), now,
-                                bool(msg.get("final")), msg["layers"], msg["kinds"],
-                                activity.per_layer(msg, activity.HISTORY_MEASURES), msg["values"])
-
-    def _on_checkpoint(self, msg: dict, now: float) -> None:
-        log.debug("checkpoint of %s at step %s", msg["job_id"], msg["step"])
-
-    def _on_done(self, msg: dict, now: float) -> None:
-        self.finish(msg["job_id"], now, msg)
-
-    def _on_failed(self, msg: dict, now: float) -> None:
-        if msg["job_id"] in self.vanished:  # it failed for want of its file (a new pass found it gone)
-            self._on_skipped(msg, now)
+    def _on_failed(self, msg: protocol.Failed, now: float) -> None:
+        if msg.job_id in self.vanished:  # it failed for want of its file (a new pass found it gone)
+            self.fail(msg.job_id, FailReason.REMOVED, self.vanished.pop(msg.job_id), now)
             return
-        reason = {"invalid_data": FailReason.INVALID_DATA, "guard": FailReason.GUARD}.get(msg.get("reason") or "",
+        reason = {"invalid_data": FailReason.INVALID_DATA, "guard": FailReason.GUARD}.get(msg.reason,
                                                                                          FailReason.TRAINING_ERROR)
-        self.status.last_error = msg.get("message")
-        self.fail(msg["job_id"], reason, msg.get("message") or "training failed", now,
-                  errors=msg.get("errors") or [], traceback=msg.get("traceback"))
+        self.status.last_error = msg.message
+        self.fail(msg.job_id, reason, msg.message or "training failed", now, errors=msg.errors, traceback=msg.traceback)
 
-    def _on_skipped(self, msg: dict, now: float) -> None:
-        if msg["job_id"] in self.vanished:
-            self.fail(msg["job_id"], FailReason.REMOVED, self.vanished.pop(msg["job_id"]), now)
+    def _on_skipped(self, msg: protocol.Skipped, now: float) -> None:
+        if msg.job_id in self.vanished:
+            self.fail(msg.job_id, FailReason.REMOVED, self.vanished.pop(msg.job_id), now)
             return
-        self.fail(msg["job_id"], FailReason.SKIPPED, SKIPPED_MESSAGE, now, steps_discarded=msg.get("steps_discarded"))
+        self.fail(msg.job_id, FailReason.SKIPPED, SKIPPED_MESSAGE, now, steps_discarded=msg.steps_discarded)
 
     def file_vanished(self, now: float) -> bool:
         """Whether the file in training has just been found gone from processing/ (deleted or moved by hand):
@@ -180,7 +179,7 @@ class JobTracker:
         self.end()
         published = self.published()
         if job_id in published["trained_jobs"]:  # it died after publishing: the file is learnt
-            self.finish(job_id, now, {"already_trained": True, "adapter_version": published["version"]})
+            self.finish(job_id, now, None, published["version"])
             return
         if not count:
             log.info("%s stays in processing/ and resumes from its last checkpoint (the trainer died while the "
@@ -194,7 +193,10 @@ class JobTracker:
                      job_id, crashes, self.cfg.service.max_crashes_per_file)
 
     # -- outcomes ------------------------------------------------------------------------
-    def finish(self, job_id: str, now: float, msg: dict) -> None:
+    def finish(self, job_id: str, now: float, msg: protocol.Done | None, version: int | None = None) -> None:
+        """The file is learnt: to done/, with its record. `msg` None: the trainer died after it published
+        `version` (the figures are taken from that version's manifest and step log)."""
+        version = msg.adapter_version if msg is not None else version
         try:
             entry = self._move("finish", job_id)
         except QueueError as e:
@@ -202,23 +204,23 @@ class JobTracker:
             log.error("finished %s but cannot move it to done/: %s", job_id, why or e)
             if why:
                 self.db.event("job_removed", f"{original_name(job_id)} finished before the removal was acted on: the "
-                              f"adapter (v{msg.get('adapter_version')}) learnt it, but no copy of it is in done/", job_id, t=now)
+                              f"adapter (v{version}) learnt it, but no copy of it is in done/", job_id, t=now)
         else:
             if entry is not None:
                 self._check_finished(entry, now)
         self._record_missed_steps(job_id, now)
-        moved = msg.get("activity_moved") or self._moved_from_manifest(job_id)
-        ev = msg.get("eval_set") or {}
-        self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, steps=msg.get("steps"),
-                           final_loss=msg.get("final_loss"), eval_loss=msg.get("eval_loss"),
-                           adapter_version=msg.get("adapter_version"),
+        moved = (msg.activity_moved if msg is not None else None) or self._moved_from_manifest(job_id)
+        ev = (msg.eval_set if msg is not None else None) or {}
+        figures = {"steps": msg.steps, "final_loss": msg.final_loss, "eval_loss": msg.eval_loss} if msg else {}
+        self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, adapter_version=version, **figures,
                            **({"eval_set_before": ev.get("before"), "eval_set_after": ev.get("after"),
-                               "end_global_step": msg.get("global_step")} if ev else {}),
+                               "end_global_step": msg.global_step} if ev else {}),
                            **({"activity": activity.file_moved(moved)} if moved else {}))
-        again = " (already trained before a restart; not trained again)" if msg.get("already_trained") else ""
+        again = (" (already trained before a restart; not trained again)"
+                 if msg is None or msg.already_trained else "")
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
-        if msg.get("adapter_version") is not None:
-            self.status.adapter_version = msg["adapter_version"]
+        if version is not None:
+            self.status.adapter_version = version
         # A file trained through since: an old error no longer describes the daemon (the events keep it).
         self.status.last_error = None
 
@@ -330,6 +332,7 @@ class JobTracker:
     def clear_fields(self) -> None:
         """Forget the previous file's figures, so none is shown as the next one's (or as a dead one's)."""
         st = self.status
+        self.started = False
         st.current_file = st.job_id = None
         st.current_step = st.total_steps = 0
         st.epoch = 0.0

@@ -7,6 +7,15 @@ the child said, act on control requests, take complete files from the inbox,
 hand the next file to the child, write the status. The loop waits on the
 child's socket and a wake-up socket (watchdog events, signals) with a timeout,
 and always rescans the folders: events are hints, the folders are the truth.
+
+What it keeps are facts (a stop asked for, the trainer's state and answers,
+the file in training, the person's desired state, a disk hold); the status
+is derived from them in one place (daemon/service/state.py). The trainer's
+messages are typed (daemon/protocol.py) and dispatched on their type; the
+rollback and consolidation requests wait for their answers in their own
+object (lineage_requests.py); the disk holds are DiskGuard's (diskguard.py).
+`spawn` makes the trainer child: the real process, or a fake that speaks the
+protocol in this process (tests/fake_trainer.py), so `tick()` is testable.
 """
 
 from __future__ import annotations
@@ -21,25 +30,29 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import adapters, atomic, control, diskspace, lockedkeys, logs, rank_status
+from daemon import adapters, atomic, control, diskspace, lockedkeys, logs, protocol
 from daemon.config import Config, resolved_dict
-from daemon.diskguard import DiskGuard, human_bytes
+from daemon.dataset import DatasetLedger
 from daemon.diskspace import DiskFull
 from daemon.errors import LockedKeyError, QueueError
-from daemon.intake import InboxScanner, finish_duplicate, record_job, remove_file, retry_file, take_file
-from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry, original_name
-from daemon.dataset import DatasetLedger
-from daemon.autogen import AutoGenerator
-from daemon.notify import EVENT_OF, Notifier
+from daemon.intake import remove_file, retry_file, take_file
+from daemon.jobqueue import ERROR_SUFFIX, JobQueue, original_name
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
-from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, PauseReason,
-                           Priority, ServiceStatus, TrainerState, check_transition)
+from daemon.service import rank_status, state
+from daemon.service.autogen import AutoGenerator
+from daemon.service.child import TrainerProcess
+from daemon.service.diskguard import DiskGuard
+from daemon.service.dispatch import job_for, next_entry
+from daemon.service.inbox import InboxScanner
+from daemon.service.lineage_requests import LineageRequests
+from daemon.service.notify import EVENT_OF, Notifier
+from daemon.service.supervisor import Supervisor
+from daemon.service.tracker import JOB_MESSAGES, JobTracker, published_adapter
+from daemon.service.wakeup import Wakeup
+from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
+                           ServiceStatus, TrainerState, check_transition)
 from daemon.status import HISTORY_FILE, STATUS_FILE, HistoryDB, StatusWriter
-from daemon.supervisor import Supervisor
-from daemon.tracker import ActiveJob, JobTracker, published_adapter
-from daemon.validate import validate_file
-from daemon.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +60,13 @@ EXIT_OK = 0
 EXIT_LOCKED_KEYS = 2
 EXIT_ALREADY_RUNNING = 3
 RUNNING_CONFIG = "running_config.json"  # the validated config the trainer child is started with
-JOB_MESSAGES = {"started", "step", "steps_again", "eval", "activity", "checkpoint", "done", "failed", "skipped"}
-WRITTEN_FOLDERS = ("queue", "status", "adapters", "checkpoints", "logs")  # watched for free space
-
-
+WRITTEN_FOLDERS = {"queue": "queue", "status": "status", "adapters": "adapter", "checkpoints": "checkpoint",
+                   "logs": "log"}  # watched for free space: folder -> what is written there
 
 
 class Service:
-    def __init__(self, cfg: Config, config_path: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: Config, config_path: str | Path, clock: Callable[[], float] = time.time,
+                 spawn: Callable[..., Any] = TrainerProcess) -> None:
         self.cfg = cfg
         self.clock = clock
         self.queue = JobQueue(cfg.path("queue"))
@@ -66,16 +78,19 @@ class Service:
         self.writer = StatusWriter(cfg.path("status"))
         self.wakeup = Wakeup()
         self.sup = Supervisor(cfg.path("status") / RUNNING_CONFIG, cfg.path("logs"), self.wakeup.wake,
-                              cfg.service.restart_backoff_seconds)
+                              cfg.service.restart_backoff_seconds, spawn=spawn)
+        self.requests = LineageRequests(cfg)
+        self.disk = DiskGuard([cfg.path(n) for n in WRITTEN_FOLDERS], cfg.service.min_free_bytes,
+                              cfg.service.disk_check_seconds, roles={cfg.path(n): r for n, r in WRITTEN_FOLDERS.items()},
+                              on_event=self._disk_event)
         self.db: HistoryDB | None = None
         self.tracker: JobTracker | None = None  # made with the db, at start-up
         self.deferred_skips: list[str] = []  # skips of files left by a dead child, told to the next one
-        self.rollback_pending: int | None = None  # the adapter version a rollback request asks for, until answered
-        self.rollback_sent = False
-        self.consolidation_pending: str | None = None  # a consolidation's description, until the trainer answers
-        self.consolidation_sent = False
-        self.consolidation_of: int | None = None
-        self.stop_requested = False  # warm stop: checkpoint, then exit
+        # facts the status is derived from (daemon/service/state.py)
+        self.stopping: str | None = None  # why a warm stop (checkpoint, then exit) was asked for
+        self.trainer_holds = False  # the trainer confirmed it holds between steps (paused, disk_full)
+        self.restarting: str | None = None  # the trainer died; what the status says until the next one is up
+        self.cannot_start: str | None = None  # it failed to start several times in a row: what the status says
         self.stop_deadline = 0.0
         self.exit_now = False
         self.signals = 0
@@ -83,10 +98,8 @@ class Service:
         self._lock_fd: int | None = None
         self._locked_at = 0.0  # when run() took the instance lock
         self._dirty = True  # the status changed since it was last written
-        self._intake_failures: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) that failed
+        self._intake_failures: dict[Path, tuple[int, int] | None] = {}  # path -> (size, mtime_ns) that failed
         self._log_drops = logs.DROPS["count"]
-        self.disk = DiskGuard([cfg.path(n) for n in WRITTEN_FOLDERS], cfg.service.min_free_bytes,
-                              cfg.service.disk_check_seconds)
 
     # -- life cycle -------------------------------------------------------------
     def run(self) -> int:
@@ -99,12 +112,14 @@ class Service:
                 # Still a true picture of the instance: what is queued and which adapter exists.
                 self.status.queue = self.queue.counts()
                 self.status.adapter_version = published_adapter(self.cfg)["version"]
-                self._set(ServiceStatus.ERROR, last_error=str(err), detail="refused to start: locked keys changed")
+                self._show(ServiceStatus.ERROR, "refused to start: locked keys changed")
+                self.status.last_error = str(err)
                 self._write_status(force=True)
                 log.error("%s", err)
                 print(f"traind: {err}", file=sys.stderr)
                 return EXIT_LOCKED_KEYS
-            self._startup()
+            self.start()
+            self._install_signals()
             while not self.exit_now:
                 self._wait()
                 self._guarded_tick()
@@ -112,7 +127,8 @@ class Service:
         finally:
             self._shutdown()
 
-    def _startup(self) -> None:
+    def start(self) -> None:
+        """Folders, history, records mended, the inbox watched, the trainer started (`run` calls it)."""
         for name in ("inbox", "queue", "status", "adapters", "checkpoints", "logs"):
             self.cfg.path(name).mkdir(parents=True, exist_ok=True)
         self.queue.ensure()
@@ -132,7 +148,7 @@ class Service:
         self.autogen = AutoGenerator(self.cfg)
         self.status.auto_generate = self.autogen.status() if self.cfg.auto_generate.enabled else None
         self.db.on_event = self._notify
-        self.tracker.on_disk_full = lambda full: self._disk_full(full, self.clock())
+        self.tracker.on_disk_full = lambda full: self._hold_for_disk(full, self.clock())
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
         if (in_use := adapters.base_in_use(self.cfg.path("adapters"), adapters.config_base(self.cfg))) is not None:
@@ -143,9 +159,9 @@ class Service:
         self.db.event("start", f"daemon started (pid {os.getpid()})", t=now)
         for entry in self.queue.processing():
             log.info("recovered %s from processing/: it resumes from its last checkpoint", entry.job_id)
-        self._install_signals()
         self.wakeup.watch(self.cfg.path("inbox"), on_renamed_in=self.scanner.renamed_in, on_closed=self.scanner.closed)
         self._start_child(now)
+        self._refresh_status()
         self._write_status(force=True)
 
     def _notify(self, kind: str, message: str, job_id: str | None, t: float) -> None:
@@ -175,7 +191,7 @@ class Service:
             if self.status.status is not ServiceStatus.ERROR:
                 left = self.queue.processing()
                 note = f"; {left[0].original_name} resumes from its checkpoint at the next start" if left else ""
-                self._set(ServiceStatus.STOPPED, detail="stopped" + note)
+                self._show(ServiceStatus.STOPPED, "stopped" + note)
             self.status.trainer_pid = None
             self._write_status(force=True)
             self.db.event("stop", "daemon stopped")
@@ -213,7 +229,7 @@ class Service:
             self.tick()
         except Exception as e:  # the service boundary: record, keep running
             if self._disk_error(e, None, "service"):
-                return  # paused for disk; the next tick writes nothing until space is back
+                return  # held for disk; the next tick writes nothing until space is back
             log.error("service loop error:\n%s", traceback.format_exc())
             self.status.last_error = f"service loop error: {e!r} (see the daemon log)"
             time.sleep(1.0)  # a persistent fault must not spin the loop
@@ -233,10 +249,11 @@ class Service:
         if self.disk.full is None:
             self.tracker.retry_deferred(now)  # moves a full disk refused (done/, failed/)
         if self.tracker.file_vanished(now) and self.sup.connected:
-            self.sup.send({"type": "skip", "job_id": self.tracker.job.job_id})
+            self.sup.send(protocol.Skip(job_id=self.tracker.job.job_id))
         self.tracker.watch_finished(now)
         self._dispatch(now)
         self._maybe_finish_stop(now)
+        self._refresh_status()
         self._write_status()
 
     def _handle_signals(self, now: float) -> None:
@@ -244,12 +261,12 @@ class Service:
             log.warning("second stop signal: stopping now without a checkpoint (resumes from the last one)")
             self.sup.kill()
             self.exit_now = True
-        elif self.signals == 1 and not self.stop_requested:
+        elif self.signals == 1 and self.stopping is None:
             log.info("stop signal: checkpointing, then exiting (send it again to stop at once)")
             self._begin_stop(now, "signal")
         if control.emergency_stop_requested(self.cfg):
             control.emergency_stop_path(self.cfg).unlink(missing_ok=True)
-            if not self.stop_requested:
+            if self.stopping is None:
                 log.warning(".stop found: emergency stop (checkpoint, then exit)")
                 self._begin_stop(now, ".stop file")
 
@@ -257,12 +274,7 @@ class Service:
     def _start_child(self, now: float) -> None:
         self.sup.start(now)
         self.status.trainer_pid = self.sup.pid
-        if self.status.status is not ServiceStatus.ERROR:
-            dc = self.cfg.distributed
-            # Several machines: the group starts only once every node has joined; say what it waits for.
-            joining = (f"; the group starts once all {dc.nnodes} nodes have joined at {dc.master_addr}:{dc.master_port} "
-                       "(`traind worker --node-rank N` on each other node)") if dc.nnodes > 1 else ""
-            self._set(ServiceStatus.IDLE, detail="loading model" + joining)
+        self.trainer_holds = False
 
     def _handle_child(self, now: float) -> None:
         messages, code = self.sup.poll(now)
@@ -270,21 +282,22 @@ class Service:
             self._on_message(msg, now)
         if code is not None:
             self._on_child_exit(code, now)
-        if self.sup.due(now) and not self.stop_requested:
+        if self.sup.due(now) and self.stopping is None:
             self._start_child(now)
 
     def _on_child_exit(self, code: int, now: float) -> None:
         self.status.trainer_pid = None
-        self.rollback_sent = self.consolidation_sent = False  # unanswered: the next child gets them again
+        self.trainer_holds = False
+        self.requests.trainer_gone()  # unanswered: the next child gets them again
         if self.sup.refusal is not None:  # not a crash: the config cannot run here; nothing restarts it
             self.sup.state = TrainerState.REFUSED
             if self.tracker.job is not None:  # it stays in processing/ and resumes once the config is mended
                 self.tracker.end()
-            self.exit_now = self.exit_now or self.stop_requested
+            self.exit_now = self.exit_now or self.stopping is not None
             return
-        if self.sup.state is TrainerState.EXITING or self.stop_requested:
+        if self.sup.state is TrainerState.EXITING or self.stopping is not None:
             self.sup.state = TrainerState.DOWN
-            self.exit_now = self.exit_now or self.stop_requested
+            self.exit_now = self.exit_now or self.stopping is not None
             return
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         before_ready = self.sup.state is TrainerState.STARTING
@@ -299,138 +312,116 @@ class Service:
                                  and diskspace.free_bytes(self.cfg.path("checkpoints")) >= diskspace.NEARLY_FULL_BYTES)
         if self.sup.cannot_start:
             hint = self.sup.last_error_hint()
-            self._set(ServiceStatus.ERROR, detail=f"the trainer cannot start; retrying in {backoff:.0f} s",
-                      last_error=f"trainer failed to start {self.sup.start_failures} times in a row ({how}): {hint}")
+            self.cannot_start = f"the trainer cannot start; retrying in {backoff:.0f} s"
+            self.status.last_error = f"trainer failed to start {self.sup.start_failures} times in a row ({how}): {hint}"
         else:
-            self._set(ServiceStatus.IDLE, detail=f"trainer restarting ({how})", last_error=f"trainer child died ({how})")
+            self.restarting = f"trainer restarting ({how})"
+            self.status.last_error = f"trainer child died ({how})"
 
-    def _on_message(self, msg: dict[str, Any], now: float) -> None:
-        kind = msg.get("type")
-        if kind == "failed" and msg.get("reason") == "guard":  # a guard stopped the file: nothing starts until a person looks
-            control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
-            self.db.event("guard", f"paused by a guard: {msg.get('message')}", msg.get("job_id"), t=now)
-        if kind in JOB_MESSAGES:
-            try:
-                over = self.tracker.on_message(msg, now)
-            except Exception:
-                if self.tracker.job is None:  # the file ended even though recording it failed
-                    self._job_over()
-                raise
-            if over:
-                self._job_over()
-            elif kind in ("started", "step"):
-                self._on_progress(kind)
+    def _on_message(self, msg: protocol.Message, now: float) -> None:
+        """What the trainer said: dispatched on its type."""
+        if isinstance(msg, JOB_MESSAGES):
+            self._on_job_message(msg, now)
             return
-        handler = getattr(self, f"_msg_{kind}", None)
-        if handler is None:
-            log.warning("unknown message from trainer: %r", kind)
-        else:
-            handler(msg, now)
+        match msg:
+            case protocol.Ready():
+                self._on_ready(msg, now)
+            case protocol.ConfigRefused():
+                self._on_config_refused(msg, now)
+            case protocol.Paused():
+                self.trainer_holds = True
+            case protocol.Resumed():
+                self.trainer_holds = False
+            case protocol.DiskFullReport():  # it holds until `resume` (the resume ending the hold goes to it)
+                self.sup.paused = self.trainer_holds = True
+                self._hold_for_disk(DiskFull(msg.folder, msg.free_bytes, msg.site, msg.message, kind=msg.kind), now)
+            case protocol.Stopped():
+                self.sup.state = TrainerState.EXITING
+                if msg.job_id:
+                    self.db.event("job_stopped", f"stopped at step {msg.checkpoint_step}; resumes from there",
+                                  msg.job_id, t=now)
+            case protocol.RolledBack() | protocol.RollbackRefused() | protocol.Consolidated() | \
+                    protocol.ConsolidationRefused():
+                self._on_lineage_answer(msg, now)
+            case _:
+                log.warning("no handler for a %s message from the trainer", msg.TYPE)
 
-    def _on_progress(self, kind: str) -> None:
-        if kind == "step":
+    def _on_job_message(self, msg: protocol.Message, now: float) -> None:
+        if isinstance(msg, protocol.Failed) and msg.reason == "guard":  # nothing starts until a person looks
+            control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
+            self.db.event("guard", f"paused by a guard: {msg.message}", msg.job_id, t=now)
+        try:
+            over = self.tracker.on_message(msg, now)
+        finally:  # the file ended even if recording it failed
+            if self.tracker.job is None:
+                self._job_over()
+        if isinstance(msg, protocol.Step) and not over:
             self.sup.on_step()
             if self.clock() - self.last_status_write >= 0.5:  # live enough for a person, cheap for the disk
                 self._dirty = True
-        elif self.status.status is not ServiceStatus.PAUSED and not self.stop_requested:
-            self._set(ServiceStatus.TRAINING, detail="training")
 
-    def _msg_ready(self, msg: dict, now: float) -> None:
+    def _on_ready(self, msg: protocol.Ready, now: float) -> None:
         self.sup.on_ready()
-        for key in ("device", "compute_dtype", "quantization", "base_model", "adapter_version"):
-            if msg.get(key) is not None:
-                setattr(self.status, key, msg[key])
-        self.status.world_size, self.status.distributed = rank_status.setup(msg)
-        log.info("trainer ready on %s (%s, %s) in %.1f s", msg.get("device"), msg.get("compute_dtype"),
-                 msg.get("quantization"), msg.get("load_seconds") or 0)
-        if self.status.distributed is not None:
-            d = self.status.distributed
-            log.info("trainer runs %d ranks (%s, %s, %d node(s))", self.status.world_size, d.strategy, d.backend, d.nnodes)
-        if msg.get("eval_set_error"):  # training goes on without it; say why where people look
-            self.status.last_error = msg["eval_set_error"]
-            self.db.event("eval_set", msg["eval_set_error"], t=now)
+        self.restarting = self.cannot_start = None
+        s = self.status
+        s.device, s.compute_dtype, s.quantization, s.base_model = (msg.device, msg.compute_dtype, msg.quantization,
+                                                                   msg.base_model)
+        s.adapter_version = msg.adapter_version if msg.adapter_version is not None else s.adapter_version
+        s.world_size, s.distributed = rank_status.setup(msg)
+        log.info("trainer ready on %s (%s, %s) in %.1f s", msg.device, msg.compute_dtype, msg.quantization,
+                 msg.load_seconds)
+        if s.distributed is not None:
+            d = s.distributed
+            log.info("trainer runs %d ranks (%s, %s, %d node(s))", s.world_size, d.strategy, d.backend, d.nnodes)
+        if msg.eval_set_error:  # training goes on without it; say why where people look
+            s.last_error = msg.eval_set_error
+            self.db.event("eval_set", msg.eval_set_error, t=now)
         for job_id in self.deferred_skips:  # so it drops the checkpoints of files skipped while it was down
-            self.sup.send({"type": "skip", "job_id": job_id})
+            self.sup.send(protocol.Skip(job_id=job_id))
         self.deferred_skips.clear()
-        if not self.stop_requested:
-            self._set(ServiceStatus.IDLE, detail="waiting for files")
 
-    def _msg_config_refused(self, msg: dict, now: float) -> None:
+    def _on_config_refused(self, msg: protocol.ConfigRefused, now: float) -> None:
         """The trainer found the config cannot run on this machine: hold the queue and say every reason."""
-        problems = list(msg.get("problems") or [])
-        self.sup.on_refused(problems)
-        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        self.sup.on_refused(msg.problems)
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(msg.problems, 1))
         message = f"the config cannot run on this machine: {listed}"
         log.error("%s; no file is trained until config.json is mended and the daemon restarted", message)
-        self.db.event("config_refused", message, msg.get("job_id"), t=now)
-        if not self.stop_requested:
-            self._set(ServiceStatus.ERROR, detail="the config cannot run on this machine; nothing is trained (mend "
-                      "config.json, then restart: bin/stop_all.sh && bin/start_all.sh)", last_error=message)
+        self.db.event("config_refused", message, msg.job_id, t=now)
+        self.status.last_error = message
 
-    def _msg_paused(self, msg: dict, now: float) -> None:
-        if self.tracker.job is not None and not self.stop_requested:
-            self._set(ServiceStatus.PAUSED, detail=self.disk.detail() or "paused; the model stays loaded")
+    def _on_lineage_answer(self, msg: protocol.Message, now: float) -> None:
+        """The trainer's answer to a rollback or a consolidation (daemon/service/lineage_requests.py)."""
+        self.requests.answered(msg)
+        match msg:
+            case protocol.RolledBack():
+                self.status.adapter_version = msg.version
+                note = (f"; no longer in the adapter (not retrained; drop them again to train them): "
+                        f"{', '.join(msg.undone)}" if msg.undone else "")
+                self.db.event("rollback", f"rolled back to adapter v{msg.rollback_of} (published as v{msg.version})"
+                              f"{note}{self._rollback_interrupted(msg.job_id, refused=False)}", t=now)
+                log.info("rolled back to adapter v%s as v%s", msg.rollback_of, msg.version)
+            case protocol.RollbackRefused():
+                self.db.event("control_refused", f"rollback to v{msg.version}: {msg.message}"
+                              f"{self._rollback_interrupted(msg.job_id, refused=True)}", t=now)
+                log.warning("rollback refused: %s", msg.message)
+            case protocol.Consolidated():
+                self.status.base_model, self.status.adapter_version = msg.path, msg.adapter_version
+                self.db.event("consolidated", f"adapter v{msg.consolidated_version} merged into generation "
+                              f"{msg.generation}'s base {msg.path} ({msg.files} file(s); max |logit diff| "
+                              f"{msg.max_logit_diff:.2e}; {msg.seconds:.1f} s); training goes on with a fresh "
+                              f"adapter v{msg.adapter_version}: {msg.description}", t=now)
+                lockedkeys.note_consolidation(self.cfg, msg.path, msg.generation, now)
+                log.info("consolidated into %s (generation %s)", msg.path, msg.generation)
+            case protocol.ConsolidationRefused():
+                self.db.event("control_refused", f"consolidate: {msg.message}", t=now)
+                self.status.last_error = f"consolidation refused: {msg.message}"
+                log.warning("consolidation refused: %s", msg.message)
 
-    def _msg_disk_full(self, msg: dict, now: float) -> None:
-        """The child could not write (checkpoint, adapter) for lack of space; it holds until `resume`."""
-        self.sup.paused = True  # it paused itself: the resume that ends the disk pause goes to it
-        self._disk_full(DiskFull(msg.get("folder") or self.cfg.path("checkpoints"), msg.get("free_bytes"),
-                                 msg.get("site") or "trainer", msg.get("message") or "no space left",
-                                 kind=msg.get("kind") or diskspace.FULL), now)
-        if self.tracker.job is not None and not self.stop_requested:
-            self._set(ServiceStatus.PAUSED, detail=self.disk.detail())
-
-    def _msg_resumed(self, msg: dict, now: float) -> None:
-        if self.tracker.job is not None and not self.stop_requested:
-            self._set(ServiceStatus.TRAINING, detail="training")
-
-    def _msg_stopped(self, msg: dict, now: float) -> None:
-        self.sup.state = TrainerState.EXITING
-        if msg.get("job_id"):
-            step = msg.get("checkpoint_step")
-            self.db.event("job_stopped", f"stopped at step {step}; resumes from there", msg["job_id"], t=now)
-
-    def _msg_rolled_back(self, msg: dict, now: float) -> None:
-        self.rollback_pending = None
-        self.status.adapter_version = msg["version"]
-        undone = msg.get("undone") or []
-        note = (f"; no longer in the adapter (not retrained; drop them again to train them): {', '.join(undone)}"
-                if undone else "")
-        interrupted = self._rollback_interrupted(msg, now)
-        self.db.event("rollback", f"rolled back to adapter v{msg['rollback_of']} (published as v{msg['version']})"
-                      f"{note}{interrupted}", t=now)
-        log.info("rolled back to adapter v%s as v%s", msg["rollback_of"], msg["version"])
-
-    def _msg_consolidated(self, msg: dict, now: float) -> None:
-        self.consolidation_pending = self.consolidation_of = None
-        self.status.base_model = msg["path"]
-        self.status.adapter_version = msg["adapter_version"]
-        self.db.event("consolidated", f"adapter v{msg['consolidated_version']} merged into generation "
-                      f"{msg['generation']}'s base {msg['path']} ({msg['files']} file(s); max |logit diff| "
-                      f"{msg['max_logit_diff']:.2e}; {msg['seconds']:.1f} s); training goes on with a fresh adapter "
-                      f"v{msg['adapter_version']}: {msg['description']}", t=now)
-        lockedkeys.note_consolidation(self.cfg, msg["path"], msg["generation"], now)
-        log.info("consolidated into %s (generation %s)", msg["path"], msg["generation"])
-        self._set(self.status.status, detail="waiting for files")
-
-    def _msg_consolidation_refused(self, msg: dict, now: float) -> None:
-        self.consolidation_pending = self.consolidation_of = None
-        self.db.event("control_refused", f"consolidate: {msg.get('message')}", t=now)
-        self.status.last_error = f"consolidation refused: {msg.get('message')}"
-        log.warning("consolidation refused: %s", msg.get("message"))
-        self._set(self.status.status, detail="waiting for files")
-
-    def _msg_rollback_refused(self, msg: dict, now: float) -> None:
-        self.rollback_pending = None
-        interrupted = self._rollback_interrupted(msg, now, refused=True)
-        self.db.event("control_refused", f"rollback to v{msg.get('version')}: {msg.get('message')}{interrupted}", t=now)
-        log.warning("rollback refused: %s", msg.get("message"))
-
-    def _rollback_interrupted(self, msg: dict, now: float, refused: bool = False) -> str:
+    def _rollback_interrupted(self, job_id: str | None, refused: bool) -> str:
         """The file a rollback interrupted stays in processing/ and trains again from its start: its steps go.
         (The trainer refuses before it interrupts; should a refusal come after, the file kept its checkpoints.)"""
         job = self.tracker.job
-        if job is None or msg.get("job_id") != job.job_id:
+        if job is None or job_id != job.job_id:
             return ""
         if not refused:
             self.db.discard_steps(job.job_id)
@@ -442,8 +433,6 @@ class Service:
     def _job_over(self) -> None:
         if self.sup.state is TrainerState.BUSY:
             self.sup.state = TrainerState.READY
-        if not self.stop_requested:
-            self._set(ServiceStatus.IDLE, detail="waiting for files")
 
     # -- control --------------------------------------------------------------------
     def _handle_control(self, now: float) -> None:
@@ -452,7 +441,7 @@ class Service:
             log.info("desired state: %s", desired.value)
             self.status.desired_state = desired
             self.db.event("control", f"desired state {desired.value}", t=now)
-        self._converge_pause(desired)
+        self._steer_trainer()
         self._drop_old_stops_and_skips(now)
         for req in control.pending_requests(self.cfg):
             control.consume(req)  # first: a request that cannot be carried out must not come back
@@ -474,36 +463,18 @@ class Service:
                 self.db.event("control_refused", f"{req.action.value} by {req.by}: made while the daemon was not running",
                               req.job_id, t=now)
 
-    def _converge_pause(self, desired: DesiredState) -> None:
-        """Bring the child and the status in line with the desired state.
+    def _want_paused(self) -> bool:
+        return self.status.desired_state is DesiredState.PAUSED or self.disk.full is not None
 
-        The child's own pause outlives a file (a skip while paused leaves it
-        paused), so whether it is paused is tracked apart from the job.
-        """
-        disk = self.disk.full is not None
-        want_paused = desired is DesiredState.PAUSED or disk  # the disk pause is apart from the desired state
-        reason = (self.disk.reason() if disk else PauseReason.USER if want_paused else None)
-        if (reason, self.disk.status()) != (self.status.pause_reason, self.status.disk_full):
-            self.status.pause_reason, self.status.disk_full = reason, self.disk.status()
-            self._dirty = True
-        if self.sup.connected and self.sup.state is not TrainerState.EXITING:
-            if want_paused and self.tracker.job:
-                self.sup.pause()
-            elif not want_paused:
-                self.sup.resume()
-        if self.stop_requested or self.status.status is ServiceStatus.ERROR:
+    def _steer_trainer(self) -> None:
+        """Tell the trainer to hold or go on as the facts say (its own pause outlives a file: a skip while paused
+        leaves it paused, so whether it was told is tracked apart from the job)."""
+        if not self.sup.connected or self.sup.state is TrainerState.EXITING:
             return
-        if self.status.status is ServiceStatus.PAUSED and want_paused:
-            held = "the model stays loaded" if self.tracker.job else "no file is started"
-            detail = self.disk.detail() or f"paused; {held}"
-            if detail != self.status.detail:
-                self._set(ServiceStatus.PAUSED, detail=detail)
-        if self.tracker.job:
-            return
-        if want_paused and self.status.status is ServiceStatus.IDLE:
-            self._set(ServiceStatus.PAUSED, detail=self.disk.detail() or "paused; no file is started")
-        elif not want_paused and self.status.status is ServiceStatus.PAUSED:
-            self._set(ServiceStatus.IDLE, detail="waiting for files")
+        if self._want_paused() and self.tracker.job:
+            self.sup.pause()
+        elif not self._want_paused():
+            self.sup.resume()
 
     def _act(self, req: control.ControlRequest, now: float) -> None:
         log.info("control request %s from %s", req.action.value, req.by)
@@ -518,30 +489,18 @@ class Service:
         elif req.action is ControlAction.REMOVE:
             remove_file(self.queue.find(req.job_id), now, self.queue, self.db)
         elif req.action is ControlAction.CONSOLIDATE:
-            if self.consolidation_pending is not None:
-                raise QueueError("a consolidation is already on its way")
-            if self.tracker.job is None:  # else the file in training publishes first: the trainer decides then
-                current = adapters.peek_current(self.cfg.path("adapters"))
-                why = "no adapter has been published yet" if current is None else adapters.nothing_learnt(current)
-                if why is not None:
-                    raise QueueError(why)
-            self.consolidation_pending = req.description
-            self.consolidation_sent = False
+            self.requests.ask_consolidation(req.description or "", job_in_training=self.tracker.job is not None)
             self.db.event("consolidation", f"consolidation requested by {req.by}: {req.description} (at the next "
                           "boundary between files)", t=now)
-        elif req.action is ControlAction.ROLLBACK:  # refused here, the file in training is never interrupted
-            why = adapters.rollback_refusal(self.cfg.path("adapters"), req.version)
-            if why is not None:
-                raise QueueError(why)
-            self.rollback_pending = req.version
-            self.rollback_sent = False
+        elif req.action is ControlAction.ROLLBACK:
+            self.requests.ask_rollback(req.version)
 
     def _skip(self, job_id: str | None, now: float) -> None:
         job = self.tracker.job
         if job is not None:
             if job_id not in (None, job.job_id):
                 raise QueueError(f"{job_id} is not the file in training ({job.job_id} is)")
-            self.sup.send({"type": "skip", "job_id": job.job_id})
+            self.sup.send(protocol.Skip(job_id=job.job_id))
             return
         left = [e for e in self.queue.processing() if job_id in (None, e.job_id)]
         if not left:
@@ -552,19 +511,18 @@ class Service:
         self.deferred_skips.append(left[0].job_id)
 
     def _begin_stop(self, now: float, why: str) -> None:
-        self.stop_requested = True
+        self.stopping = why
         self.stop_deadline = now + self.cfg.service.stop_timeout_seconds
-        self._set(ServiceStatus.STOPPING, detail=f"stopping ({why})")
         self.db.event("stopping", f"stopping ({why})", t=now)
         if self.sup.child is None:
             self.exit_now = True
         elif self.tracker.job and self.sup.connected:
-            self.sup.send({"type": "stop"})
+            self.sup.send(protocol.Stop())
         else:
             self.sup.exit()
 
     def _maybe_finish_stop(self, now: float) -> None:
-        if not self.stop_requested:
+        if self.stopping is None:
             return
         if self.sup.child is None:
             self.exit_now = True
@@ -599,34 +557,13 @@ class Service:
                 self.status.last_error = f"intake of {path.name} failed; see the daemon log"
                 self._intake_failures[path] = ident
 
-    def _send_rollback(self) -> None:
-        """A rollback goes to the trainer once it is up; no new file starts until it answers."""
-        if self.rollback_pending is None or self.rollback_sent or self.stop_requested:
-            return
-        if self.sup.state in (TrainerState.READY, TrainerState.BUSY) and self.sup.send(
-                {"type": "rollback", "version": self.rollback_pending}):
-            self.rollback_sent = True
-
-    def _send_consolidation(self) -> None:
-        """Between files: no file is in training when the trainer merges; none starts until it answers."""
-        if self.consolidation_pending is None or self.consolidation_sent or self.stop_requested or self.tracker.job:
-            return
-        if self.consolidation_of is None:  # the version merged; kept if the trainer dies and gets it again
-            current = adapters.peek_current(self.cfg.path("adapters"))
-            self.consolidation_of = current.version if current else None
-        if self.sup.state is TrainerState.READY and self.sup.send(
-                {"type": "consolidate", "description": self.consolidation_pending,
-                 "adapter_version": self.consolidation_of}):
-            self.consolidation_sent = True
-            self._set(self.status.status, detail="consolidating the adapter into a new base")
-
     def _auto_generate(self, now: float) -> None:
-        """Data when idle (daemon/autogen.py): the request runs in its own thread; this only looks and starts it."""
+        """Data when idle (daemon/service/autogen.py): the request runs in its own thread; this only looks and starts it."""
         if not self.cfg.auto_generate.enabled:
             return
         counts = self.queue.counts()
         empty = counts["pending"] + counts["processing"] == 0 and not self.scanner.waiting() and self.tracker.job is None
-        paused = self.status.desired_state is DesiredState.PAUSED or self.disk.full is not None or self.stop_requested
+        paused = self._want_paused() or self.stopping is not None
         before = self.status.auto_generate or {}
         self.autogen.tick(now, empty, paused)
         after = self.autogen.status()  # the request's thread changes it too: compared with what the status shows
@@ -637,77 +574,65 @@ class Service:
                 self.db.event("auto_generate", f"generator ({after['source']}) failed: {after['last_error']}", t=now)
 
     def _dispatch(self, now: float) -> None:
-        self._send_rollback()
-        self._send_consolidation()
-        if self.rollback_pending is not None or self.consolidation_pending is not None:
+        for msg in self.requests.due(self.sup.state, self.tracker.job is not None, self.stopping is not None):
+            if self.sup.send(msg):
+                self.requests.sent(msg)
+        if self.requests.blocking or self.tracker.job or self.stopping is not None:
             return
-        if self.tracker.job or self.stop_requested or self.sup.state is not TrainerState.READY:
+        if self.sup.state is not TrainerState.READY or self._want_paused():
             return
-        if self.disk.full is not None:
-            return
-        if self.status.desired_state is DesiredState.PAUSED:
-            return
-        # a crash or stop left it mid-way: resume it first (not one whose move to done/ or failed/ waits for space)
-        leftovers = [e for e in self.queue.processing() if not self.tracker.pending_outcome(e.job_id)]
-        entry = leftovers[0] if leftovers else None
+        entry = next_entry(self.queue, self.tracker)
         if entry is None:
-            nxt = self.queue.next_pending()
-            if nxt is None:
-                return
-            entry = self.queue.start(nxt)
-        job = self._active_job(entry, now)
+            return
+        job = job_for(entry, now, self.cfg, self.queue, self.db, self.ledger, self.tracker)
         if job is None:  # refused on the spot; the next tick takes the next file
             self.wakeup.wake()
             return
         self.tracker.begin(job)
-        self.sup.send(job.message())
+        self.sup.send(protocol.Train(job=job))
         self.sup.state = TrainerState.BUSY
-        self._set(ServiceStatus.TRAINING, detail="preparing data")
         log.info("training %s", entry.job_id)
 
-    def _active_job(self, entry: QueueEntry, now: float) -> ActiveJob | None:
-        """The job to send, or None when the file cannot be trained as it was queued
-        (then it is failed here, with its reason, before the trainer sees it)."""
-        record = self.db.job(entry.job_id) or {}
-        if not record.get("format") or not record.get("sha256"):  # a crash between admit and its record
-            report = validate_file(entry.path, self.cfg.data, 0)
-            if not report.accepted:
-                self.tracker.fail(entry.job_id, FailReason.INVALID_DATA, report.reason or "invalid data", now,
-                                  errors=[e.to_dict() for e in report.errors])
-                return None
-            record_job(self.db, entry, Priority.NORMAL, report, now, JobState.PROCESSING)
-            record = self.db.job(entry.job_id)
-        elif record.get("size") is not None and entry.size != record["size"]:
-            # Written to after the settle window let it in: what would train is not what was checked.
-            self.tracker.fail(entry.job_id, FailReason.INVALID_DATA,
-                              f"the file changed after it was queued ({record['size']} -> {entry.size} bytes); write "
-                              "it under a .part or .tmp name and rename it when complete, then `trainctl queue retry`", now)
-            return None
-        earlier = None if record.get("forced") else self.ledger.earlier(record["sha256"])
-        if earlier is not None and earlier["job_id"] != entry.job_id:  # its twin trained while it waited
-            finish_duplicate(entry, earlier, now, self.queue, self.db)
-            return None
-        return ActiveJob(entry.job_id, str(entry.path), entry.original_name, record["sha256"], record["format"],
-                         record["n_records"], self.db.steps_recorded_through(entry.job_id))
-
     # -- status ------------------------------------------------------------------------
-    def _set(self, status: ServiceStatus, detail: str | None = None, last_error: str | None = None) -> None:
+    def facts(self) -> state.Facts:
+        dc = self.cfg.distributed
+        # Several machines: the group starts only once every node has joined; say what it waits for.
+        joining = (f"; the group starts once all {dc.nnodes} nodes have joined at {dc.master_addr}:{dc.master_port} "
+                   "(`traind worker --node-rank N` on each other node)") if dc.nnodes > 1 else ""
+        return state.Facts(
+            stopping=self.stopping, refusal="; ".join(self.sup.refusal) if self.sup.refusal is not None else None,
+            trainer=self.sup.state, cannot_start=self.cannot_start if self.sup.cannot_start else None,
+            restarting=self.restarting, joining=joining, job=self.tracker is not None and self.tracker.job is not None,
+            started=self.tracker is not None and self.tracker.started, holds=self.trainer_holds,
+            paused_by_user=self.status.desired_state is DesiredState.PAUSED, disk=self.disk.reason(),
+            disk_detail=self.disk.detail(), consolidating=self.requests.consolidating)
+
+    def _refresh_status(self) -> None:
+        """The status, its detail and why it is held, as the facts say (daemon/service/state.py)."""
+        facts = self.facts()
+        status, detail = state.derive(facts)
+        self._show(status, detail)
+        held = (state.pause_reason(facts), self.disk.status())
+        if held != (self.status.pause_reason, self.status.disk_full):
+            self.status.pause_reason, self.status.disk_full = held
+            self._dirty = True
+
+    def _show(self, status: ServiceStatus, detail: str) -> None:
         if status is not self.status.status:
             try:
                 check_transition(SERVICE_TRANSITIONS, self.status.status, status)
             except ValueError as e:  # a bug, not a reason to stop training: say it loudly
                 log.error("status %s (allowed anyway)", e)
             log.info("status %s -> %s", self.status.status.value, status.value)
-        self.status.status = status
-        if status is ServiceStatus.PAUSED:  # no throughput while held, and no time left to tell
-            self.status.eta_seconds = self.status.tokens_per_sec = None
-            if self.tracker is not None:
-                self.tracker.restart_rate()
-        if detail is not None:
+            if status is ServiceStatus.PAUSED:  # no throughput while held, and no time left to tell
+                self.status.eta_seconds = self.status.tokens_per_sec = None
+                if self.tracker is not None:
+                    self.tracker.restart_rate()
+            self.status.status = status
+            self._dirty = True
+        if detail != self.status.detail:
             self.status.detail = detail
-        if last_error is not None:
-            self.status.last_error = last_error
-        self._dirty = True
+            self._dirty = True
 
     def _write_status(self, force: bool = False) -> None:
         now = self.clock()
@@ -722,63 +647,53 @@ class Service:
             self.last_status_write = now  # tried again at the next interval, not at every tick
             if not self._disk_error(e, self.cfg.path("status"), "status"):
                 raise
+            self._refresh_status()
             if not (self.disk.full is not None and self.writer.release_reserve()):
                 return
-            try:  # paused now: say why, in the room kept for it
+            try:  # held now: say why, in the room kept for it
                 self.writer.write(self.status, now)
             except Exception as again:
-                log.debug("the paused status could not be written either: %s", again)
+                log.debug("the held status could not be written either: %s", again)
                 return
         self.last_status_write = now
         self._dirty = False
 
     # -- disk space ------------------------------------------------------------------------
     def _check_disk(self, now: float) -> None:
-        """Free space below the threshold pauses before a write fails; space back ends the pause."""
+        """Free space below the threshold holds before a write fails; space back ends the hold."""
         if logs.DROPS["count"] != self._log_drops:  # the daemon log could not be written
             self._log_drops = logs.DROPS["count"]
-            self._disk_full(DiskFull(logs.DROPS["path"], None, "log", logs.DROPS["error"]), now)
-        was = self.disk.full
-        change = self.disk.check(now)
+            self._hold_for_disk(DiskFull(logs.DROPS["path"], None, "log", logs.DROPS["error"]), now)
+        change = self.disk.tick(now)
         if change == "tripped":
-            self._disk_full(self.disk.full, now, tripped=True)
+            self._hold_for_disk(self.disk.full, now)
         elif change == "cleared":
-            back = (f"{was.folder} can be written again" if was.kind == diskspace.UNWRITABLE
-                    else f"space is back: {human_bytes(was.free_bytes)} free in {was.folder}")
-            log.info("%s; resuming", back)
             self.writer.ensure_reserve()
-            self.db.event("disk_ok", f"{back}; resuming", self.tracker.job.job_id if self.tracker.job else None, t=now)
             self.db.flush()
             self._dirty = True
-        elif was is not None:
+        elif self.disk.full is not None:
             self._dirty = self._dirty or self.disk.status() != self.status.disk_full
 
     def _disk_error(self, e: BaseException, folder: Path | None, site: str) -> bool:
-        """Pause for disk when `e` is a full disk (True); False for any other error."""
-        full = diskspace.disk_full_from(e, folder, site)
+        """Hold for disk when `e` is a write refused for the folder's sake (True); False for any other error."""
+        full = self.disk.failed_write(e, folder, site, self.clock())
         if full is None:
             return False
-        if full.site == "service":  # an error out of the loop: name the site by the folder it was writing
-            roles = {"queue": "queue", "status": "status", "adapters": "adapter", "checkpoints": "checkpoint", "logs": "log"}
-            full.site = next((role for name, role in roles.items() if Path(full.folder).is_relative_to(self.cfg.path(name))),
-                             "service")
-        self._disk_full(full, self.clock())
+        self._after_hold(full)
         return True
 
-    def _disk_full(self, full: DiskFull, now: float, tripped: bool = False) -> None:
+    def _hold_for_disk(self, full: DiskFull, now: float) -> None:
         """Hold training (the child pauses at its next step) until space is back; the file is not at fault."""
-        began = tripped or self.disk.trip(full, now)
-        job = self.tracker.job.job_id if self.tracker and self.tracker.job else None
-        if began:
-            log.warning("%s", self.disk.detail())
-            if self.db is not None:
-                self.db.event(full.kind == diskspace.UNWRITABLE and "unwritable" or "disk_full", self.disk.detail(), job, t=now)
-        else:  # the pause stands; said once, when it began (a write retried every interval must not flood the log)
-            log.debug("still held: %s", full)
-        self.status.last_error = (f"cannot write: {full.site} in {full.folder}: {full.message}"
-                                  if full.kind == diskspace.UNWRITABLE else
-                                  f"disk full: {full.site} in {full.folder}: {full.message}")
-        if self.tracker and self.tracker.job and self.sup.connected:
+        self.disk.hold(full, now)
+        self._after_hold(full)
+
+    def _after_hold(self, full: DiskFull) -> None:
+        self.status.last_error = self.disk.last_error()
+        if self.tracker is not None and self.tracker.job and self.sup.connected:
             self.sup.pause()
-        self._converge_pause(self.status.desired_state)
         self._dirty = True
+
+    def _disk_event(self, kind: str, message: str) -> None:
+        if self.db is not None:
+            job = self.tracker.job.job_id if self.tracker and self.tracker.job else None
+            self.db.event(kind, message, job, t=self.clock())

@@ -2,12 +2,17 @@
 
     sup = Supervisor(config_path, logs_dir, wake, backoff_seconds=2.0)
     sup.start(now)
-    messages, exit_code = sup.poll(now)     # never blocks; exit_code once the child is gone
+    messages, exit_code = sup.poll(now)     # typed messages (daemon.protocol); never blocks; exit_code once gone
+    sup.send(protocol.Pause())
     if sup.due(now): sup.start(now)         # after a crash, once the backoff has passed
 
 The service decides what a message or an exit means for the queue; this
 module only knows the process: whether it is starting, ready, busy or
 exiting, whether it was told to pause, and how often it failed in a row.
+
+`spawn` makes the child: daemon.service.child.TrainerProcess (the real
+process), or a fake that speaks the protocol in the same process, so the
+service's loop is tested in milliseconds (tests/fake_trainer.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.child import TrainerProcess
+from daemon import protocol
+from daemon.service.child import TrainerProcess
 from daemon.states import TrainerState
 
 log = logging.getLogger(__name__)
@@ -27,7 +33,9 @@ START_FAILURES_FOR_ERROR = 3  # crashes in a row before a "ready": the trainer c
 
 
 class Supervisor:
-    def __init__(self, config_path: Path, logs_dir: Path, wake: Callable[[], None], backoff_seconds: float) -> None:
+    def __init__(self, config_path: Path, logs_dir: Path, wake: Callable[[], None], backoff_seconds: float,
+                 spawn: Callable[..., Any] = TrainerProcess) -> None:
+        self.spawn = spawn
         self.config_path = config_path
         self.logs_dir = logs_dir
         self.wake = wake
@@ -50,7 +58,7 @@ class Supervisor:
         return self.child is not None and self.child.connection is not None
 
     def start(self, now: float) -> None:
-        self.child = TrainerProcess(self.config_path, self.logs_dir, wake=self.wake)
+        self.child = self.spawn(self.config_path, self.logs_dir, wake=self.wake)
         self.child.start()
         self.state = TrainerState.STARTING
         self.paused = False
@@ -58,8 +66,8 @@ class Supervisor:
     def due(self, now: float) -> bool:
         return self.state is TrainerState.DOWN and now >= self.restart_at
 
-    def send(self, msg: dict[str, Any]) -> bool:
-        return self.child is not None and self.child.send(msg)
+    def send(self, msg: protocol.Message) -> bool:
+        return self.child is not None and self.child.send(msg.to_wire())
 
     def waitable(self) -> Any:
         return self.child.connection if self.connected else None
@@ -70,16 +78,23 @@ class Supervisor:
             return 0.2
         return None
 
-    def poll(self, now: float) -> tuple[list[dict[str, Any]], int | None]:
-        """Messages waiting, and the exit code if the child is gone (its last words included)."""
+    def poll(self, now: float) -> tuple[list[protocol.Message], int | None]:
+        """Messages waiting, and the exit code if the child is gone (its last words included). One that is not
+        the protocol's is logged and left out: a trainer of another version, or a bug, never stops the loop."""
         if self.child is None:
             return [], None
-        messages = self.child.receive()
+        raw = self.child.receive()
         code = self.child.exited()
         if code is not None:
-            messages += self.child.receive()
+            raw += self.child.receive()
             self.child.close()
             self.child = None
+        messages = []
+        for r in raw:
+            try:
+                messages.append(protocol.decode(r, protocol.TO_SERVICE))
+            except protocol.ProtocolError as e:
+                log.error("ignoring a message from the trainer: %s", e)
         return messages, code
 
     # -- states ----------------------------------------------------------------------
@@ -112,11 +127,11 @@ class Supervisor:
         return self.start_failures >= START_FAILURES_FOR_ERROR
 
     def pause(self) -> None:
-        if not self.paused and self.send({"type": "pause"}):
+        if not self.paused and self.send(protocol.Pause()):
             self.paused = True
 
     def resume(self) -> None:
-        if self.paused and self.send({"type": "resume"}):
+        if self.paused and self.send(protocol.Resume()):
             self.paused = False
 
     def exit(self) -> None:
@@ -126,7 +141,7 @@ class Supervisor:
         if not self.connected:
             self.child.kill()
         else:
-            self.send({"type": "shutdown"})
+            self.send(protocol.Shutdown())
         self.state = TrainerState.EXITING
 
     def kill(self) -> None:
@@ -138,7 +153,7 @@ class Supervisor:
         if self.child is None:
             return
         if self.child.exited() is None:
-            self.send({"type": "shutdown"})
+            self.send(protocol.Shutdown())
             if self.child.wait(timeout) is None:
                 self.child.kill()
         self.child.close()

@@ -3,7 +3,7 @@
     child = TrainerProcess(config_path, logs_dir)
     child.start()                 # spawns `python -m daemon.train --config PATH` (or its ranks under torchrun)
     child.connection              # None until the child has connected
-    child.send({"type": "train", ...})
+    child.send(protocol.Train(job=job).to_wire())   # the supervisor sends typed messages as wire dicts
     for msg in child.receive():   # everything waiting, never blocks
         ...
     child.exited()                # exit code once it is gone, else None

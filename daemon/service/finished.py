@@ -6,7 +6,7 @@
     for change in watch.changes(now):     # ... which then wrote to it: say so
         ...
 
-The intake takes no file a process holds open for writing (daemon.openfiles),
+The intake takes no file a process holds open for writing (daemon.service.openfiles),
 and the service fails a file that changed while it waited in the queue. What
 remains: a writer the kernel does not show us (another user's process when we
 are not root, another machine on a network file system) that keeps the file
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from daemon.openfiles import OpenForWriting, open_for_writing
+from daemon.service.openfiles import OpenForWriting, open_for_writing
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A trainer of several processes (ranks), as the status shows it: world size, setup, per-rank figures.
 
-    world_size, setup = rank_status.setup(ready_msg)            # DistributedSetup, or None with one process
-    figures, slowest = rank_status.figures(step_msg)            # [RankFigures, ...] and the slowest rank, or (None, None)
+    world_size, setup = rank_status.setup(ready)                # DistributedSetup, or None with one process
+    figures, slowest = rank_status.figures(step.ranks)          # [RankFigures, ...] and the slowest rank, or (None, None)
 
 Only rank 0 talks to the service; it sends the world size and setup in `ready`
 and, when there is more than one rank, every rank's figures in each `step`
@@ -14,23 +14,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from daemon import protocol
 from daemon.schema import DistributedSetup, RankFigures
 
 _RANK_KEYS = tuple(f.name for f in dataclasses.fields(RankFigures))
 
 
-def setup(msg: dict[str, Any]) -> tuple[int, DistributedSetup | None]:
-    """World size and setup from a `ready` message (an older trainer's, without them: one process)."""
-    world_size = int(msg.get("world_size") or 1)
-    if world_size <= 1:
+def setup(ready: protocol.Ready) -> tuple[int, DistributedSetup | None]:
+    """World size and setup from a `ready` message."""
+    if ready.world_size <= 1:
         return 1, None
-    return world_size, DistributedSetup(strategy=msg.get("strategy"), backend=msg.get("backend"),
-                                        nnodes=int(msg.get("nnodes") or 1))
+    return ready.world_size, DistributedSetup(strategy=ready.strategy, backend=ready.backend, nnodes=ready.nnodes)
 
 
-def figures(msg: dict[str, Any]) -> tuple[list[RankFigures] | None, int | None]:
-    """Per-rank figures of a `step` message, ordered by rank, and the rank the others waited for."""
-    reported = msg.get("ranks")
+def figures(reported: list[dict[str, Any]] | None) -> tuple[list[RankFigures] | None, int | None]:
+    """Per-rank figures of a `step` message (its `ranks`), ordered by rank, and the rank the others waited for."""
     if not reported or len(reported) < 2:  # one process: the status looks as it always did
         return None, None
     ranks = sorted((RankFigures(**{k: r[k] for k in _RANK_KEYS if r.get(k) is not None}) for r in reported),

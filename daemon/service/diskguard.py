@@ -6,6 +6,12 @@
     guard.check(now)      # "tripped" (free space fell below min_free), "cleared" (write again), or None
     guard.full            # the DiskFull that holds training, or None
 
+What the service does about it goes through here too, so it is said once and
+the same way: `failed_write(exc, folder, site, now)` recognises a write refused
+for the folder's sake (daemon.diskspace) and holds; `hold(full, now)` holds for
+a write the trainer reports; `tick(now)` measures and says when a hold begins
+or ends (the log, and `on_event(kind, message)`: the history's events).
+
 A pause that began with a failed write ends once every watched folder is at
 or above the threshold and either space came back in the folder that was
 full (MARGIN more free than when it failed) or the retry time has passed:
@@ -18,10 +24,11 @@ Standard library only.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
-from daemon.diskspace import UNWRITABLE, DiskFull, free_bytes, writable
+from daemon.diskspace import UNWRITABLE, DiskFull, disk_full_from, free_bytes, human_bytes, writable
 from daemon.schema import DiskFullStatus, iso
 from daemon.states import PauseReason
 
@@ -29,19 +36,16 @@ MAX_BACKOFF_SECONDS = 300.0
 MARGIN_BYTES = 1 << 20  # freed space that ends a pause before its retry time
 FORGET_SECONDS = 60.0  # a failure this long after the last pause ended starts the backoff again
 
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as the dashboard shows them)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+log = logging.getLogger(__name__)
 
 
 class DiskGuard:
     def __init__(self, folders: list[Path], min_free: int, check_seconds: float,
-                 free: Callable[[Path], int] = free_bytes, can_write: Callable[[Path], bool] = writable) -> None:
+                 free: Callable[[Path], int] = free_bytes, can_write: Callable[[Path], bool] = writable,
+                 roles: dict[Path, str] | None = None,
+                 on_event: Callable[[str, str], None] = lambda kind, message: None) -> None:
+        self.roles = roles or {}  # folder -> what is written there (names the site of an error out of the loop)
+        self.on_event = on_event
         self.folders = list(folders)
         self.min_free = min_free
         self.check_seconds = check_seconds
@@ -104,6 +108,53 @@ class DiskGuard:
             self.full, self.cleared_at = None, now
             return "cleared"
         return None
+
+    # -- what the service does about it ----------------------------------------------------------
+    def failed_write(self, exc: BaseException, folder: Path | None, site: str, now: float) -> DiskFull | None:
+        """Hold for `exc` when it is a write refused for the folder's sake (full, or not writable at all); None
+        for any other error (the caller's to handle). `site` "service": an error out of the loop, named by
+        the folder it was writing."""
+        full = disk_full_from(exc, folder, site)
+        if full is None:
+            return None
+        if full.site == "service":
+            full.site = next((role for root, role in self.roles.items() if Path(full.folder).is_relative_to(root)),
+                             "service")
+        self.hold(full, now)
+        return full
+
+    def hold(self, full: DiskFull, now: float) -> bool:
+        """Hold training for `full`; said once, when the hold begins (True then). A write retried during the
+        hold that fails again is not said again: a full disk must not flood the log it may share."""
+        began = self.trip(full, now)
+        if began:
+            log.warning("%s", self.detail())
+            self.on_event("unwritable" if full.kind == UNWRITABLE else "disk_full", self.detail())
+        else:
+            log.debug("still held: %s", full)
+        return began
+
+    def tick(self, now: float) -> str | None:
+        """The periodic look: "tripped" when free space fell below the threshold, "cleared" when the hold is
+        over (both said), None otherwise."""
+        was = self.full
+        change = self.check(now)
+        if change == "tripped":
+            log.warning("%s", self.detail())
+            self.on_event("disk_full", self.detail())
+        elif change == "cleared" and was is not None:
+            back = (f"{was.folder} can be written again" if was.kind == UNWRITABLE
+                    else f"space is back: {human_bytes(was.free_bytes)} free in {was.folder}")
+            log.info("%s; resuming", back)
+            self.on_event("disk_ok", f"{back}; resuming")
+        return change
+
+    def last_error(self) -> str | None:
+        f = self.full
+        if f is None:
+            return None
+        what = "cannot write" if f.kind == UNWRITABLE else "disk full"
+        return f"{what}: {f.site} in {f.folder}: {f.message}"
 
     def reason(self) -> PauseReason | None:
         """The pause reason the status shows for this hold (None when not held)."""

@@ -1,0 +1,94 @@
+"""Rollback and consolidation requests: from the control file to the trainer's answer.
+
+    requests = LineageRequests(cfg)
+    requests.ask_rollback(3)                           # QueueError when it cannot be made (nothing changes then)
+    requests.ask_consolidation("two weeks", job_in_training=False)
+    for msg in requests.due(trainer_state, job_in_training, stopping):   # what to send the trainer now
+        ...
+    requests.answered(msg)                             # rolled_back / rollback_refused / consolidated / ...
+
+Each waits, once asked, until the trainer answers; no file starts meanwhile
+(`blocking`). A request sent to a trainer that then died is sent again to the
+next one (`trainer_gone`): a consolidation carries the version it merges, so a
+trainer that finds it done already answers from the record. Everything a
+refusal can be decided on without the trainer (a version not kept, another
+generation's version, nothing learnt to merge) is refused here, before the file
+in training is touched. Standard library only.
+"""
+
+from __future__ import annotations
+
+from daemon import adapters, protocol
+from daemon.config import Config
+from daemon.errors import QueueError
+from daemon.states import TrainerState
+
+
+class LineageRequests:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rollback: int | None = None  # the version a rollback asks for, until answered
+        self.rollback_sent = False
+        self.consolidation: str | None = None  # a consolidation's description, until answered
+        self.consolidation_sent = False
+        self.consolidation_of: int | None = None  # the version it merges (kept across trainer restarts)
+
+    # -- asking --------------------------------------------------------------------------------
+    def ask_rollback(self, version: int | None) -> None:
+        why = adapters.rollback_refusal(self.cfg.path("adapters"), version) if version is not None else "no version"
+        if why is not None:  # refused here, the file in training is never interrupted
+            raise QueueError(why)
+        self.rollback, self.rollback_sent = version, False
+
+    def ask_consolidation(self, description: str, job_in_training: bool) -> None:
+        if self.consolidation is not None:
+            raise QueueError("a consolidation is already on its way")
+        if not job_in_training:  # else the file in training publishes first: the trainer decides then
+            current = adapters.peek_current(self.cfg.path("adapters"))
+            why = "no adapter has been published yet" if current is None else adapters.nothing_learnt(current)
+            if why is not None:
+                raise QueueError(why)
+        self.consolidation, self.consolidation_sent = description, False
+
+    # -- sending -------------------------------------------------------------------------------
+    @property
+    def blocking(self) -> bool:
+        """A request waits for its answer: no file starts meanwhile."""
+        return self.rollback is not None or self.consolidation is not None
+
+    @property
+    def consolidating(self) -> bool:
+        return self.consolidation is not None and self.consolidation_sent
+
+    def due(self, trainer: TrainerState, job_in_training: bool, stopping: bool) -> list[protocol.Message]:
+        """What to send the trainer now (the caller marks each sent with `sent`). A rollback goes once the
+        trainer is up, mid-file or not; a consolidation only between files."""
+        if stopping:
+            return []
+        out: list[protocol.Message] = []
+        if self.rollback is not None and not self.rollback_sent and trainer in (TrainerState.READY, TrainerState.BUSY):
+            out.append(protocol.Rollback(version=self.rollback))
+        if (self.consolidation is not None and not self.consolidation_sent and not job_in_training
+                and trainer is TrainerState.READY):
+            if self.consolidation_of is None:  # the version merged; kept if the trainer dies and gets it again
+                current = adapters.peek_current(self.cfg.path("adapters"))
+                self.consolidation_of = current.version if current else None
+            out.append(protocol.Consolidate(description=self.consolidation, adapter_version=self.consolidation_of))
+        return out
+
+    def sent(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Rollback):
+            self.rollback_sent = True
+        elif isinstance(msg, protocol.Consolidate):
+            self.consolidation_sent = True
+
+    def trainer_gone(self) -> None:
+        """Unanswered requests go to the next trainer."""
+        self.rollback_sent = self.consolidation_sent = False
+
+    # -- answers -------------------------------------------------------------------------------
+    def answered(self, msg: protocol.Message) -> None:
+        if isinstance(msg, (protocol.RolledBack, protocol.RollbackRefused)):
+            self.rollback = None
+        elif isinstance(msg, (protocol.Consolidated, protocol.ConsolidationRefused)):
+            self.consolidation = self.consolidation_of = None
