@@ -74,7 +74,7 @@ class ModelConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA; on the CPU bfloat16 where it has native bf16 (AVX512-BF16, AMX), else float32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory on large bases.")
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "auto: flash_attention_2 on CUDA where the flash-attn package is installed (packed rows run as variable-length attention), else the model's default (sdpa where it has it); on a CPU computing in bf16, SDPA runs rows of up to 512 tokens in fp32, where the CPU kernel is faster.")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "auto: flash_attention_2 on CUDA where the flash-attn package is installed (packed rows run as variable-length attention), else the model's default (sdpa where it has it); on a CPU computing in bf16, SDPA runs rows of up to 512 tokens in fp32, where the CPU kernel is faster (speed.fp32_short_attention).")
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,24 @@ class TrainingConfig:
     checkpoint_every_steps: int = _f(20, "Write a resumable checkpoint every N optimizer steps (and at stop).")
     keep_checkpoints: int = _f(2, "Checkpoints kept per file in progress.")
     eval_every_steps: int = _f(0, "Eval loss every N steps (0: once at the end of each file).")
-    cpu_threads: int = _f(0, "Torch CPU threads in the trainer; 0: every core, one fewer while other processes want CPU.")
+    cpu_threads: int = _f(0, "Torch CPU threads in the trainer; 0: every core, one fewer while other processes want CPU (speed.thread_governor).")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "AdamW; or bitsandbytes' 8-bit AdamW (CUDA), paged to host memory under pressure (large bases) (locked key).", locked=True)
     compile: bool = _f(False, "Compile the model's decoder blocks with torch.compile once per loaded model (about a minute of compiling on a small CPU; see docs/PERFORMANCE.md for when it pays).")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """The trainer's speed levers. Each is on by default and changes the numbers by rounding at most, so none is
+    locked; the trainer's log says at start what each did (`speed levers on ...`) and so does its `ready`."""
+
+    fused_lora: bool = _f(True, "Each LoRA layer adds its product to the base's output in the same pass (one addmm; on an fp32 base, with its backward written out); false: PEFT's own forward.")
+    norms_backward: bool = _f(True, "The base's RMSNorms keep their output, bit for bit, but take a closed-form backward (fewer passes, no fp32 copy kept); not with training.compile. false: transformers' own.")
+    label_only_logits: bool = _f(True, "The LM head only at positions that have a label, not at every position (checked against the full forward on each loaded model).")
+    last_block: bool = _f(True, "With label_only_logits: the last decoder block computes its queries, attention and MLP only where the loss reads (checked on each loaded model).")
+    lora_in_compute_dtype: bool = _f(True, "Where the model computes in bf16/fp16, the LoRA factors multiply in that dtype too (their weights and AdamW stay fp32); false: PEFT's fp32 route.")
+    fp32_short_attention: bool = _f(True, "On a CPU computing in bf16/fp16 with model.attention auto, rows of up to 512 tokens attend in fp32, where the CPU kernel is faster; false: SDPA in the compute dtype.")
+    width_pieces: bool = _f(True, "On the CPU with packed rows, a micro-batch whose lengths spread runs in pieces of similar length where that saves more padding than a forward costs (same gradient).")
+    thread_governor: bool = _f(True, "With training.cpu_threads 0: one thread fewer while other processes want the CPU; false: every core, always.")
 
 
 @dataclass(frozen=True)
@@ -195,6 +210,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model loading."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
+    speed: SpeedConfig = field(default_factory=SpeedConfig, metadata={"help": "Speed levers: each on by default, each to rounding; turn one off to compare or to work around a problem."})
     activity: ActivityConfig = field(default_factory=ActivityConfig, metadata={"help": "Per-layer LoRA activity."})
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "Published adapter versions."})
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig, metadata={"help": "TensorBoard event files (optional)."})
@@ -244,7 +260,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_model", "root")}
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
-    "lora": LoraConfig, "training": TrainingConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
+    "lora": LoraConfig, "training": TrainingConfig, "speed": SpeedConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
     "eval": EvalConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig,
 }
 

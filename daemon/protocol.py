@@ -279,6 +279,8 @@ class Ready(Message):
     nnodes: int = _f(1, "machines training together")
     eval_set_examples: int = _f(0, "examples of `eval.file` scored before and after every file (0: none)")
     eval_set_error: str | None = _f(None, "why `eval.file` is not used (training goes on without it)")
+    levers: dict = _f({}, "each speed lever by its `speed.*` key (`packed_rows`: `data.packing`), in the start "
+                          "report's order: `{state: on, off or not_used, text, applied, of}` (`daemon/train/levers.py`)")
 
 
 @dataclass(frozen=True)

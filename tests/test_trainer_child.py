@@ -153,6 +153,10 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
         ready = child.until("ready")[-1]
         assert ready["adapter_version"] is None and ready["quantization"] == "nf4" and ready["device"] == "cpu"
         assert 0 < ready["trainable_params"] < ready["total_params"]
+        # the speed levers' start report crosses the process boundary as plain data (daemon/train/levers.py)
+        assert ready["levers"]["fused_lora"]["state"] == "on" and ready["levers"]["packed_rows"]["state"] == "on"
+        assert ready["levers"]["thread_governor"] == {"state": "not_used",
+                                                      "text": "thread governor not used (training.cpu_threads = 1)"}
 
         # two files -> one adapter, versions 1 and 2
         child.conn.send(train_msg("j-a", a, sha_a))
@@ -207,6 +211,7 @@ def test_child_life_of_an_adapter(models_dir: Path, tmp_path: Path) -> None:
         child.close()
     logs = list((root / "logs").glob("trainer_*.log"))
     assert logs and "torch CPU threads: 1 (training.cpu_threads)" in logs[0].read_text()
+    assert "speed levers on tiny-qwen3" in logs[0].read_text()
 
     # v3 = v2 + file a, trained in a process that had skipped j-long: the skip restored v2 exactly,
     # and a job started after other jobs trains as one started in a fresh model.

@@ -50,10 +50,10 @@ from daemon.train.data import IGNORE, Example
 
 Order = Literal["shuffled", "grouped"]
 
-# The cost model of `width_pieces`, in token slots (one token through the step's forward and backward), as
-# measured on the CPU (bench/pieces.py, pieces-20261202T095550Z.json): one more forward and backward costs as
-# much as 66 (25M model) to 122 (5M) more tokens in a piece that runs anyway, and one attended (query, key)
-# pair of a causal row 1/950 (25M) to 1/740 (5M) of a token.
+# The cost model of `width_pieces`, in token slots (one token through the step's forward and backward): what one
+# more forward and backward costs, in tokens of a piece that runs anyway, and what one attended (query, key) pair
+# of a causal row costs, in tokens. Measured on the CPU by bench/pieces.py, between the 5M and the 25M model's
+# figures (docs/PERFORMANCE.md, "Width pieces").
 PIECE_OVERHEAD_TOKENS = 96.0
 ATTENTION_PAIR_TOKENS = 1 / 1024
 
@@ -224,7 +224,7 @@ def _packed(batch: list[Example], pad_id: int, width: int | None = None) -> dict
     token attends to a later position, and the padding has no labels. What it buys:
     a micro-batch whose rows each hold one example (length-grouped batches mostly are) has plain
     0..width-1 positions per row, so transformers builds no block mask and SDPA runs its causal kernel,
-    which skips the upper triangle (on this CPU 1.4-1.8x faster for 900-token rows than the masked one).
+    which skips the upper triangle (docs/PERFORMANCE.md, "Rows of one example attend causally").
     Rows holding several examples still get the block-diagonal mask from the restarting positions."""
     import torch
 

@@ -3,12 +3,13 @@
     from daemon.train.fused import fuse_lora
     fuse_lora(model)        # after the LoRA is attached (and after daemon.train.precision, if used)
 
+daemon.train.levers applies it when the model loads, as `speed.fused_lora` says.
+
 PEFT computes a LoRA layer as `result + lora_B(lora_A(x)) * scaling`. Besides the two
 rank-r products that is two full passes over the layer's output (the scaling, then the
 sum), and a third in backward (the scaling's gradient), each as large as the base
-product's output and, at rank 8, slower than both rank-r products together (one
-25M-model layer, 936 tokens, bf16 on this CPU: 0.29 ms for the scaling, 0.31 ms for the
-sum, 0.28 ms for A and B). Here the scaling is folded into B, an out x r matrix, and
+product's output and, at rank 8, slower than both rank-r products together
+(docs/PERFORMANCE.md, "The fused LoRA forward"). Here the scaling is folded into B, an out x r matrix, and
 the product is accumulated into the base's output by one addmm, which BLAS does in the
 product's own pass. The sum is rounded once instead of up to three times; the gradient
 reaches A and B as before (through the fold, a product with a constant); parameters,
@@ -25,8 +26,8 @@ factors are cast to the input's dtype for the products, as autocast would.
 An fp32 dense base without LoRA dropout (a CPU without native bf16 computes in fp32) goes
 one step further: the layer is one autograd function with its backward written out
 (`_DenseLora`), which accumulates the LoRA branch's input gradient into the base's in
-the same product's pass instead of a second product and a sum (a 25M step on an AVX2 CPU,
-in-process A/B: 1.028x on fixed lengths, 1.023x on realistic ones).
+the same product's pass instead of a second product and a sum (measured on a CPU without
+native bf16: docs/PERFORMANCE.md, "On a CPU without native bf16").
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     b_scaled_t = (b * self.scaling[adapter]).to(h.dtype).t()  # r x out: the scaling costs r per output, not a pass
     if b_scaled_t.dtype == torch.float32:
         # Row-major, so that autograd takes B's gradient as hᵀ·g ((r x tokens) @ (tokens x out)); for the
-        # transposed view it takes (gᵀ·h)ᵀ, which MKL's fp32 product runs 4-5x slower at rank 8 (a 25M realistic
-        # step 1.07x faster on an AVX2 CPU). bf16/fp16 go through oneDNN, not measured: left as they were.
+        # transposed view it takes (gᵀ·h)ᵀ, which MKL's fp32 product runs several times slower at rank 8
+        # (docs/PERFORMANCE.md, "B row-major for its gradient"). bf16/fp16 go through oneDNN, not measured: left
+        # as they were.
         b_scaled_t = b_scaled_t.contiguous()
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b_scaled_t)
     return out.view(result.shape)

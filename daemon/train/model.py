@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import adapters, atomic
-from daemon.config import Config, LoraConfig, ModelConfig
+from daemon.config import Config, LoraConfig, ModelConfig, SpeedConfig
 from daemon.errors import TraindError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,8 +69,8 @@ def capabilities() -> Capabilities:
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX): there oneDNN's bf16
-    matmul runs about twice fp32's (bench: 218 against 95 GFLOP/s a thread); elsewhere torch emulates
-    bf16 and it is slower than fp32. False where the flags cannot be read (not Linux)."""
+    matmul runs about twice fp32's (docs/PERFORMANCE.md); elsewhere torch emulates bf16 and it is slower
+    than fp32. False where the flags cannot be read (not Linux)."""
     try:
         with open(cpuinfo, encoding="ascii", errors="replace") as f:
             for line in f:
@@ -164,10 +164,6 @@ def load_base(path: Path, mc: ModelConfig, device: str, dtype: "torch.dtype", sh
         # bitsandbytes quantises while loading onto the target device: device_map places it.
         kwargs.update(quantization_config=quant, device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if mc.attention == "auto":
-        from daemon.train.precision import fp32_attention_for_short_rows
-
-        fp32_attention_for_short_rows(model, device, dtype)
     if quant is None:
         model.to(device)
     elif device == "cpu":
@@ -236,6 +232,8 @@ class LoadedModel:
     quantization: str
     fast: Any = None  # daemon.train.step.FastPaths, checked on first use
     split: int = 1  # each micro-batch runs in this many pieces (doubled after an out-of-memory; see step.py)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)  # the levers' switches it was loaded with
+    levers: dict[str, Any] = field(default_factory=dict)  # what each model lever did (daemon.train.levers.Lever)
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; 4-bit weights counted as stored elements."""
@@ -246,8 +244,6 @@ class LoadedModel:
 
 def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, base: Path | None = None) -> LoadedModel:
     """Load the base (`base`, else the configured one) and attach a LoRA initialised from `seed`."""
-    import torch
-
     caps = caps or capabilities()
     device = choose_device(cfg.model, caps)
     dtype = choose_dtype(cfg.model, device, caps)
@@ -257,22 +253,14 @@ def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, 
     model, tokenizer = load_base(base_path, cfg.model, device, dtype, sharded)
     model = prepare_for_lora(model, cfg.model)
     model = attach_lora(model, cfg.lora, seed)
-    if dtype != torch.float32:
-        from daemon.train.precision import lora_in_activation_dtype
+    from daemon.train.levers import apply_to_model
 
-        lora_in_activation_dtype(model)
-    from daemon.train.fused import fuse_lora
-
-    fuse_lora(model)
-    if cfg.training.compile:  # inductor fuses the norms' operations itself: they keep transformers' forward
+    applied = apply_to_model(model, cfg, device, dtype)  # precision, fused LoRA, norms: each as `speed.*` says
+    if cfg.training.compile:
         compile_blocks(model.get_base_model().get_decoder())
-    else:
-        from daemon.train.norms import fuse_rms_norms
-
-        fuse_rms_norms(model)
     log.info("loaded %s on %s (%s, quantization %s, attention %s%s)", base_path, device, dtype, cfg.model.quantization,
              model.get_base_model().config._attn_implementation, ", compiled" if cfg.training.compile else "")
-    return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization)
+    return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization, speed=cfg.speed, levers=applied)
 
 
 def compile_blocks(decoder: Any) -> int:
@@ -281,8 +269,7 @@ def compile_blocks(decoder: Any) -> int:
     Block by block ("regional" compiling): the blocks share one class and code, so dynamo traces and
     inductor compiles one block's graph and every block reuses it, with one variant per input kind (see
     the recompile limit below). That compiles in a fraction of the whole decoder's time, and measured
-    faster too (25M model, bf16 CPU: 1.22x over eager against 1.12x for the whole decoder;
-    docs/PERFORMANCE.md). In place, so every path
+    faster too (docs/PERFORMANCE.md, "Compiling"). In place, so every path
     (the model's own forward, the decoder alone for label-only logits) runs compiled; dynamic, because
     lengths change from batch to batch and a recompile per length would never pay. Returns the modules
     compiled."""

@@ -3,6 +3,8 @@
     from daemon.train.norms import fuse_rms_norms
     fuse_rms_norms(model)      # after the LoRA is attached; not with training.compile (inductor fuses them itself)
 
+daemon.train.levers applies it when the model loads, as `speed.norms_backward` says.
+
 transformers' RMSNorm (Llama, Qwen2/3, Mistral and most decoders since) is
 
     y = weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype),   x32 = x.to(float32)
@@ -11,9 +13,8 @@ written as six tensor operations. Eager autograd records each of them, keeps an 
 copy of the input for the backward and differentiates the chain one operation at a
 time: about twenty passes over the activations per norm and step, in fp32 where the
 model computes in bf16. A decoder block has two norms over the hidden states and, in
-Qwen3, two more over every head's queries and keys; in a realistic 25M step on this CPU
-they took about 8% of the time (one norm over 1,024 x 512 bf16 activations, forward and
-backward: 3.1 ms as transformers writes it, 1.9 ms here; `bench/norms.py`).
+Qwen3, two more over every head's queries and keys, so they are a visible share of a small
+model's step (measured by `bench/norms.py`: docs/PERFORMANCE.md, "The norms' closed-form backward").
 
 Here the forward is the same expression (the output is the module's own, bit for bit:
 checked on each module before it is switched), and the backward is its closed form,

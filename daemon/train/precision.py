@@ -4,6 +4,9 @@
     precision.lora_in_activation_dtype(model)          # after the LoRA is attached: A and B compute like the base
     precision.fp32_attention_for_short_rows(base, device, dtype)  # CPU, bf16/fp16: rows up to 512 attend in fp32
 
+daemon.train.levers applies both when the model loads, as `speed.lora_in_compute_dtype` and
+`speed.fp32_short_attention` say (the second only with `model.attention` auto).
+
 Both are used when the model computes in bf16 or fp16 (`model.compute_dtype`, auto: bf16
 on CPUs with AVX512-BF16 or AMX, bf16/fp16 on GPUs). A model in fp32 is left as it is.
 
@@ -17,11 +20,10 @@ a linear layer (transformers' Trainer with bf16=True), confined to the LoRA fact
 the LM head and the loss keep their precision. A base whose activations are fp32 (the
 norms of a 4-bit base prepared by PEFT are fp32) keeps fp32 LoRA products.
 
-Attention. On the CPU, torch's flash-attention kernel is about twice as slow in bf16
-as in fp32 for short rows (measured with torch 2.13 on AVX512-BF16, forward + backward:
-2.0x at 110 tokens, 1.6-1.9x at 130, 1.1-1.3x at 200-256, level at 512, bf16 faster from
-~700; `bench/attention_dtype.py`). So rows of up to FP32_ROWS_UP_TO tokens run their
-attention in fp32 (more precise too) and longer ones in the compute dtype. The rule
+Attention. On the CPU, torch's flash-attention kernel is slower in bf16 than in fp32 for
+short rows, level at about 512 tokens and faster in bf16 beyond (`bench/attention_dtype.py`;
+the figures: docs/PERFORMANCE.md, "The precision levers"). So rows of up to FP32_ROWS_UP_TO
+tokens run their attention in fp32 (more precise too) and longer ones in the compute dtype. The rule
 depends only on the row length, so a resume computes exactly what the first run did.
 """
 

@@ -10,7 +10,7 @@ Rank 0 alone is connected to the service. It broadcasts every message it
 acts on, and at every step boundary its verdict (continue/stop/skip), so the
 ranks pause, skip and stop at the same step. That control channel is a gloo
 group with a timeout of years: a pause can last days, and a rank waiting in
-gloo's receive sleeps (measured: 0.03 CPU-seconds over 5 s). Gradients go over
+gloo's receive sleeps (its CPU time does not move: docs/DISTRIBUTED.md). Gradients go over
 the main group (nccl on CUDA, gloo on the CPU) with `distributed.timeout_seconds`,
 so a hung rank ends the group rather than holding it for ever.
 
@@ -155,7 +155,7 @@ class Ranks:
 
         Splitting each micro-batch, rather than handing whole ones round-robin, keeps the ranks level:
         micro-batches grouped by length differ widely, and the group's step waits for its slowest rank
-        (bench/distributed.py, realistic lengths, 2 ranks: 4,150 against 2,880 tokens/s). A rank may get
+        (bench/distributed.py; docs/DISTRIBUTED.md). A rank may get
         nothing from a micro-batch smaller than the world: it then adds zero gradients."""
         if not self.many:
             return group

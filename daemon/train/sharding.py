@@ -81,3 +81,19 @@ def shard_base(lm: Any, ranks: Any) -> int:
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=lora & set(layer.parameters()))
     log.info("fsdp: %d decoder layers sharded over %d ranks (LoRA replicated)", len(layers), ranks.world_size)
     return len(layers)
+
+
+def reshard(model: Any) -> int:
+    """Free the gathered weights of every FSDP unit of `model` (none: nothing to do); the units resharded.
+
+    Each layer is an FSDP root of its own, and a root keeps its weights gathered after a forward (for the
+    backward that usually follows). After forwards with no backward (the step's probes) they stay so until
+    something reshards them, and a state_dict does: rank 0 alone takes one (the adapter's weights) before a
+    file, and its next forward would then gather weights the other ranks still hold, a collective they never
+    join. So forwards without a backward end here, on every rank alike."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.reshard()
+    return len(units)

@@ -4,9 +4,10 @@
     stats = optimizer_step(lm, group, fast, pack, opt, sched, scaler, max_norm)
     loss = evaluate(lm, examples, micro_batch_size, fast, pack)
 
-Two shortcuts, each checked on the loaded model before it is used (a model
+Shortcuts, each checked on the loaded model before it is used (a model
 whose forward does something they do not reproduce gets the plain path, with
-a warning in the trainer log):
+a warning in the trainer log), each with its switch (`speed.*`, `data.packing`;
+daemon.train.levers reports what each did):
 - packed rows (daemon.train.batching): no compute on padding, no attention
   across examples; checked by comparing a packed probe batch's loss with its
   examples' losses one by one;
@@ -17,7 +18,8 @@ a warning in the trainer log):
   forward, which also catches a final softcap or logit scale;
 - and with it, the last block only where labels are (daemon.train.lastblock):
   keys and values at every position, the rest of the block only at the rows
-  the loss reads; checked against logits only where labels are.
+  the loss reads; checked against logits only where labels are;
+- and, with packed rows on the CPU, width pieces (batching.width_pieces).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ from daemon.train.batching import batches, collate, width_pieces
 from daemon.train.data import IGNORE, Example
 from daemon.train.model import LoadedModel
 from daemon.train.ranks import Ranks, memory_now, step_figures
+from daemon.train.sharding import reshard
 
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,14 @@ AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "outpu
 
 @dataclass(frozen=True)
 class FastPaths:
-    """Which exact shortcuts hold for a loaded model (see the module docstring)."""
+    """Which exact shortcuts hold for a loaded model and are switched on (see the module docstring)."""
 
     pack: bool
     label_only: bool
     one_row: bool = False  # flash attention: the packed micro-batch as one row (varlen attention)
     last_block: bool = False  # with label_only: the last block computes only the rows the loss reads
+    width_pieces: bool = False  # with packed rows: a micro-batch runs in pieces of similar length (batching.width_pieces)
+    why: dict[str, str] = field(default_factory=dict, compare=False)  # lever key -> why its probe refused it
 
 
 @dataclass(frozen=True)
@@ -187,10 +192,9 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
 
 
 def _by_width(lm: LoadedModel, mb: list[Example], pack: bool, fast: FastPaths) -> list[list[Example]]:
-    """`mb` in pieces of similar length where that costs less (batching.width_pieces): packed rows on the
-    CPU, where the cost model was measured. One row per micro-batch (flash attention) has no padding to
-    save, and on a GPU a piece's launch overhead is worth far more tokens than on a CPU."""
-    if pack and fast.pack and not fast.one_row and lm.device == "cpu":
+    """`mb` in pieces of similar length where that costs less (batching.width_pieces), where fast_paths
+    allows it (packed rows on the CPU)."""
+    if pack and fast.pack and fast.width_pieces:
         return width_pieces(mb, packed=True)
     return [mb]
 
@@ -282,50 +286,70 @@ def _after_head(lm: LoadedModel) -> str | None:
 
 
 def fast_paths(lm: LoadedModel) -> FastPaths:
-    """Which shortcuts give this model's exact losses: a probe batch through each, against the plain path."""
+    """Which shortcuts give this model's exact losses: a probe batch through each, against the plain path.
+    A shortcut switched off (`lm.speed`, the config's `speed.*`) is neither probed nor installed; packed rows
+    are probed whatever `data.packing` says (the step asks both). Why a probe refused one: FastPaths.why."""
+    speed, why = lm.speed, {}
     examples = _probe_examples(len(lm.tokenizer), lm.tokenizer.pad_token_id)
     was_training = lm.model.training
     lm.model.eval()  # dropout off: the paths must agree exactly, not in distribution
     try:
         singles = [_losses(lm, [ex], False, False) for ex in examples]
         alone = sum(singles)
-        if (after := _after_head(lm)) is not None:
+        if not speed.label_only_logits:
+            label_only = False
+        elif (after := _after_head(lm)) is not None:
+            why["label_only_logits"] = f"its config sets {after}"
             log.warning("logits only where labels are: not used for %s (its config sets %s)", lm.base_path.name, after)
             label_only = False
         else:
             label_only = _try(lambda: _losses(lm, examples, False, True), _losses(lm, examples, False, False), lm,
-                              "logits only where labels are")
+                              "logits only where labels are", why, "label_only_logits")
         one_row = lm.model.get_base_model().config._attn_implementation == "flash_attention_2"
-        pack = _try(lambda: _losses(lm, examples, True, label_only, one_row), alone, lm, "packed rows")
-        last_block = label_only and _last_block(lm, examples, pack, one_row, singles)
+        pack = _try(lambda: _losses(lm, examples, True, label_only, one_row), alone, lm, "packed rows", why, "packed_rows")
+        last_block = label_only and speed.last_block and _last_block(lm, examples, pack, one_row, singles, why)
     finally:
         lm.model.train(was_training)
+        reshard(lm.model)  # a sharded base as it was before the probes, on every rank (daemon.train.sharding)
+    # One row per micro-batch (flash attention) has no padding to save, and on a GPU a piece's launch overhead is
+    # worth far more tokens than on the CPU, where the cost model was measured.
+    pieces = speed.width_pieces and pack and not one_row and lm.device == "cpu"
+    if speed.width_pieces and pack and not pieces:
+        why["width_pieces"] = "one row per micro-batch (flash attention)" if one_row else f"on {lm.device}: measured for the CPU"
     log.info("fast paths on %s: packed rows %s, logits only where labels are %s, the last block only there %s",
              lm.base_path.name, *("yes" if on else "no" for on in (pack, label_only, last_block)))
-    return FastPaths(pack=pack, label_only=label_only, one_row=one_row, last_block=last_block)
+    return FastPaths(pack=pack, label_only=label_only, one_row=one_row, last_block=last_block, width_pieces=pieces,
+                     why=why)
 
 
-def _last_block(lm: LoadedModel, examples: list[Example], pack: bool, one_row: bool, singles: list[float]) -> bool:
+def _last_block(lm: LoadedModel, examples: list[Example], pack: bool, one_row: bool, singles: list[float],
+                why: dict[str, str]) -> bool:
     """Whether the last block on label rows gives the probe's losses, padded and (where used) packed."""
     what = "the last block only where labels are"
     if not lastblock.install(lm.model.get_base_model()):
+        why["last_block"] = "not a block it knows"
         log.info("%s: not used for %s (not a block it knows)", what, lm.base_path.name)
         return False
     # padded rows (a mask for the padding), and packed: rows of several examples (a block-diagonal mask) and
     # rows of one example each (no mask: causal attention)
     alone, first = sum(singles), examples[0]
-    return _try(lambda: _losses(lm, examples, False, True, last_block=True), alone, lm, what) and (
-        not pack or _try(lambda: _losses(lm, examples, True, True, one_row, last_block=True), alone, lm, what)
-        and _try(lambda: _losses(lm, [first, first], True, True, one_row, last_block=True), 2 * singles[0], lm, what))
+    return _try(lambda: _losses(lm, examples, False, True, last_block=True), alone, lm, what, why, "last_block") and (
+        not pack or _try(lambda: _losses(lm, examples, True, True, one_row, last_block=True), alone, lm, what, why,
+                         "last_block")
+        and _try(lambda: _losses(lm, [first, first], True, True, one_row, last_block=True), 2 * singles[0], lm, what,
+                 why, "last_block"))
 
 
-def _try(fn: Any, reference: float, lm: LoadedModel, what: str) -> bool:
+def _try(fn: Any, reference: float, lm: LoadedModel, what: str, why: dict[str, str], key: str) -> bool:
+    """Whether `fn`'s loss agrees with `reference`; if not, the reason goes to `why[key]` and the log."""
     try:
         got = fn()
     except Exception as e:  # an architecture without the parts the shortcut needs
+        why[key] = f"{type(e).__name__}: {e}"
         log.warning("%s: not used for %s (%s: %s)", what, lm.base_path.name, type(e).__name__, e)
         return False
     if not _agree(got, reference, lm.dtype):
+        why[key] = f"its loss {got:.6g} differs from the plain path's {reference:.6g}"
         log.warning("%s: not used for %s: its loss %.6g differs from the plain path's %.6g", what, lm.base_path.name,
                     got, reference)
         return False

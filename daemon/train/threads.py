@@ -1,17 +1,16 @@
 """The trainer's CPU threads: every core while the machine is otherwise quiet, one fewer while it is not.
 
     n = start_threads(cfg.training.cpu_threads)      # before torch is first imported
-    governor = ThreadGovernor(n) if cfg.training.cpu_threads == 0 else None
+    governor = ThreadGovernor(n)                     # where it applies and is on: daemon.train.levers.thread_governor
     governor.tick()                                  # between optimizer steps: cheap, acts at most once a second
 
 Why: torch's OpenMP threads work in lock step. When another process at the
 same priority wants a core, one of them is preempted and the others wait for
-it at every barrier (spinning first, then sleeping), and a step slows ten- to
-twenty-fold: with 2 threads on 2 cores and a busy neighbour, the 5M model fell
-from 5.5 to 1.7 steps/s; with 1 thread it ran 3.3 either way, and with the
-neighbour at nice 10 the 2 threads kept 4.9 (bench/threads.py). The monitor
-runs at nice 10 for that reason; the governor covers every other neighbour (a
-data generator, a compile): it measures the CPU that other processes used
+it at every barrier (spinning first, then sleeping), and two threads on two
+cores beside a busy neighbour run slower than one thread; a neighbour at nice
+10 costs them little (bench/threads.py; the figures: docs/PERFORMANCE.md,
+"CPU threads"). The monitor runs at nice 10 for that reason; the governor
+covers every other neighbour (a data generator, a compile): it measures the CPU that other processes used
 over the last second, from /proc/stat less this process' own time, and drops
 to one thread fewer while they want about a third of a core or more, coming
 back once they have been quiet for a few seconds.
@@ -27,8 +26,8 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 1.0  # how often the machine is looked at
-# Measured on 2 cores (bench/threads.py): each of our 2 threads waited 0.08 s/s for a CPU on an idle machine,
-# 0.15 beside a niced or a 25 % neighbour (both still faster than 1 thread), 0.39 beside a busy one (3x slower).
+# Between what each of our threads waits for a CPU beside a niced or a part-time neighbour (still faster than one
+# thread) and beside a busy one (far slower), as measured on 2 cores (docs/PERFORMANCE.md, "CPU threads").
 STALLED_WAIT = 0.25  # seconds per second each of our threads waited for a CPU: the team stalls, give a core back
 BUSY_CORES = 0.3  # without schedstat: others using this much (in cores) over a window compete for ours
 QUIET_CORES = 0.3  # others below this for QUIET_WINDOWS windows in a row: take the core back

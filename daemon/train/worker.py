@@ -37,7 +37,7 @@ from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped, TraindError
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
-from daemon.train import consolidate, preflight, process
+from daemon.train import consolidate, levers, preflight, process
 from daemon.train.activity import ActivityProbe, Grid
 from daemon.train.model import (ModelError, capabilities, choose_device, load_adapter, load_for_training, lora_state,
                                 publish_adapter, set_lora_state)
@@ -122,8 +122,8 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
         if swept := ckpt.sweep_published(cfg.path("checkpoints"), set(current.trained_jobs)):
             log.info("removed the checkpoints of %d file(s) adapter v%d already learnt", swept, current.version)
     probe = prepare_ranks(lm, ranks)
-    # More ranks on one machine share its cores: none trims its threads for the others.
-    governor = ThreadGovernor(threads) if cfg.training.cpu_threads == 0 and ranks.local_world_size == 1 else None
+    governor, threads_lever = levers.thread_governor(cfg, threads, ranks.local_world_size)
+    speed = levers.at_start(lm, cfg, threads_lever)  # every rank: the probes are collectives where the base is sharded
     sess = Session(cfg, conn, lm, current.version if current else None, head, probe, governor, ranks=ranks)
     if not ranks.main:
         return sess
@@ -138,7 +138,7 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
         base_model=str(base) if base else cfg.base_model, adapter_version=sess.version, trainable_params=trainable,
         total_params=total, load_seconds=time.monotonic() - t0, world_size=ranks.world_size,
         strategy=ranks.strategy, backend=ranks.backend, nnodes=ranks.nnodes,
-        eval_set_examples=len(sess.eval_set) if sess.eval_set else 0, eval_set_error=eval_error))
+        eval_set_examples=len(sess.eval_set) if sess.eval_set else 0, eval_set_error=eval_error, levers=speed))
     return sess
 
 
