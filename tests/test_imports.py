@@ -60,3 +60,34 @@ def test_the_check_sees_a_heavy_import() -> None:
     """The same probe flags the trainer side, which does import torch: the check can fail."""
     found = imported_after(["daemon.train.loop"])
     assert found["torch"] and found["daemon.train"]
+
+
+def decoy(tmp_path: Path) -> Path:
+    """A regular package named `daemon` (and one named `monitor`), as python-daemon installs one: importing
+    either fails loudly."""
+    for name in ("daemon", "monitor"):
+        (tmp_path / "decoy" / name).mkdir(parents=True)
+        (tmp_path / "decoy" / name / "__init__.py").write_text(f"raise ImportError('the decoy {name} was imported')\n")
+    return tmp_path / "decoy"
+
+
+def test_traind_wins_over_another_installed_package_named_daemon(tmp_path: Path) -> None:
+    """Another distribution's `daemon` (or `monitor`) earlier on the path than site-packages: traind's own are
+    imported, from the repository (how bin/, the systemd unit and the tests run it) and through the console
+    scripts run from anywhere (#27: a namespace package lost to it)."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(decoy(tmp_path)))
+    bin_dir = Path(sys.executable).parent
+    runs = [
+        ([sys.executable, "-m", "daemon", "--help"], REPO, "traind"),
+        ([sys.executable, "-m", "daemon.cli", "--help"], REPO, "trainctl"),
+        ([sys.executable, "-m", "monitor", "--help"], REPO, "traind-monitor"),
+        ([str(bin_dir / "trainctl"), "--help"], tmp_path, "trainctl"),
+        ([str(bin_dir / "traind"), "--help"], tmp_path, "traind"),
+        ([str(bin_dir / "traind-monitor"), "--help"], tmp_path, "traind-monitor"),
+    ]
+    for argv, cwd, prog in runs:
+        out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and f"usage: {prog}" in out.stdout, (argv, cwd, out.stderr[-400:])
+    assert (REPO / "daemon" / "__init__.py").is_file()  # a regular package: a namespace one loses to the decoy
