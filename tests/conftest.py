@@ -41,6 +41,30 @@ def _gpus_asked(config: pytest.Config) -> bool:
     return config.getoption("markexpr", "").strip() == "gpu" or os.environ.get("TRAIND_REQUIRE_GPU") == "1"
 
 
+def _time_scale() -> float:
+    """How much slower than a quiet machine this one is now: the 1-minute load per core, between 1 and 4. The
+    harness's waits and pytest-timeout's limit are multiplied by it, so the end-to-end tests wait on their
+    conditions for longer on a busy machine instead of failing them (a person may also set it)."""
+    if os.environ.get("TRAIND_TEST_TIME_SCALE"):
+        return float(os.environ["TRAIND_TEST_TIME_SCALE"])
+    try:
+        per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 1.0
+    return round(min(4.0, max(1.0, per_core)), 2)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    scale = _time_scale()
+    os.environ["TRAIND_TEST_TIME_SCALE"] = str(scale)  # the harness (and what it starts) reads it
+    if scale > 1 and getattr(config.option, "timeout", None):
+        config.option.timeout = float(config.option.timeout) * scale
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"traind: waits and timeouts scaled x{os.environ.get('TRAIND_TEST_TIME_SCALE')} for this machine's load"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In the default run a `gpu` test on a machine without its GPUs is skipped, with the reason."""
     if _gpus_asked(config):

@@ -25,6 +25,16 @@ from daemon.status import HistoryDB, read_status
 REPO = Path(__file__).resolve().parent.parent
 
 
+def time_scale() -> float:
+    """How much longer than on a quiet machine a wait may take here: `TRAIND_TEST_TIME_SCALE` (tests/conftest.py
+    sets it from the load at the session's start), else 1. Every timeout below is multiplied by it, so a slow
+    or busy machine waits longer on its conditions rather than failing them."""
+    try:
+        return max(1.0, float(os.environ.get("TRAIND_TEST_TIME_SCALE", "1")))
+    except ValueError:
+        return 1.0
+
+
 class Daemon:
     def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
         self.config_path = Path(config_path)
@@ -50,10 +60,10 @@ class Daemon:
 
     def stop(self, timeout: float = 90) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.proc.wait(timeout * time_scale())
 
     def wait_exit(self, timeout: float = 90) -> int:
-        return self.proc.wait(timeout)
+        return self.proc.wait(timeout * time_scale())
 
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -71,7 +81,7 @@ class Daemon:
         return read_status(self.cfg.path("status"))
 
     def wait_for(self, pred: Callable[[dict], bool], timeout: float = 120, what: str = "") -> dict:
-        deadline = time.time() + timeout
+        deadline = time.time() + timeout * time_scale()
         st: dict = {}
         while time.time() < deadline:
             st = self.status() or {}
@@ -114,4 +124,4 @@ class Daemon:
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(self.config_path), *args],
-                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout * time_scale())
