@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.bases import problems_with
 from daemon.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded:tiny-qwen3"
@@ -40,7 +41,7 @@ class PathsConfig:
     adapters: str = _f("adapters", "The adapter trained so far (adapters/current) and archived ones.")
     checkpoints: str = _f("checkpoints", "Mid-file checkpoints used to resume after a crash or stop.")
     logs: str = _f("logs", "Daily logs: daemon_YYYYMMDD.log, trainer_YYYYMMDD.log.")
-    models: str = _f("models", "Cache for the embedded base model built on first start.")
+    models: str = _f("models", "Cache for the embedded base model built on first start, and for GGUF bases converted to Hugging Face folders.")
     consolidated: str = _f("consolidated_models", "Bases made by consolidation, one folder each with lineage.json (never deleted by traind).")
 
 
@@ -187,7 +188,7 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class Config:
-    base_model: str = _f(EMBEDDED_MODEL, f"A local Hugging Face model folder, or {EMBEDDED_MODEL!r} (built locally, no download) (locked key).", locked=True)
+    base_model: str = _f(EMBEDDED_MODEL, f"A local Hugging Face model folder, a .gguf file (converted once into a cached folder under paths.models), or {EMBEDDED_MODEL!r} (built locally, no download) (locked key).", locked=True)
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Runtime folders."})
     intake: IntakeConfig = field(default_factory=IntakeConfig, metadata={"help": "How files are taken from inbox/."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data validation and tokenisation."})
@@ -229,7 +230,7 @@ class Config:
 
     @property
     def base_model_path(self) -> Path | None:
-        """The base model folder, or None for the embedded model."""
+        """The base model folder or .gguf file, or None for the embedded model."""
         if self.base_model == EMBEDDED_MODEL:
             return None
         return self.resolve(self.base_model)
@@ -365,7 +366,7 @@ def config_from_dict(raw: Any, root: Path, source: str = "config") -> Config:
             problems.append(f"`{key}` is not a known key (known: {', '.join(sorted(known))})")
     base_model = raw.get("base_model", EMBEDDED_MODEL)
     if not isinstance(base_model, str) or not base_model:
-        problems.append(f"`base_model` = {base_model!r} must be a local model folder or {EMBEDDED_MODEL!r}")
+        problems.append(f"`base_model` = {base_model!r} must be a local model folder, a .gguf file or {EMBEDDED_MODEL!r}")
         base_model = EMBEDDED_MODEL
     sections = {name: _build_section(name, cls, raw.get(name, {}), problems) for name, cls in _SECTION_TYPES.items()}
     cfg = Config(base_model=base_model, root=root.resolve(), **sections)
@@ -378,11 +379,10 @@ def config_from_dict(raw: Any, root: Path, source: str = "config") -> Config:
 def _cross_checks(cfg: Config) -> list[str]:
     problems = []
     bmp = cfg.base_model_path
-    if bmp is not None and not (bmp / "config.json").is_file():
-        problems.append(
-            f"`base_model` = {cfg.base_model!r}: {bmp} is not a Hugging Face model folder (no config.json); "
-            f"use a local folder or {EMBEDDED_MODEL!r}"
-        )
+    if bmp is not None:
+        for problem in problems_with(bmp):  # what can be known without loading it (daemon/bases.py)
+            problems.append(f"`base_model` = {cfg.base_model!r}: {problem}; use a local Hugging Face model folder, "
+                            f"a .gguf file or {EMBEDDED_MODEL!r}")
     dc = cfg.distributed
     if dc.node_rank >= dc.nnodes:
         problems.append(f"`distributed.node_rank` = {dc.node_rank} must be below `distributed.nnodes` = {dc.nnodes}")

@@ -280,16 +280,18 @@ class Service:
         backoff = self.sup.crashed(now, before_ready)
         log.error("trainer child died (%s); restarting in %.1f s", how, backoff)
         job = self.tracker.job
-        self.db.event("trainer_crash", f"trainer died ({how}); restarting in {backoff:.0f} s",
-                      job.job_id if job else None, t=now)
+        # A trainer that died loading says why in its log: the whole error goes to the event and the status.
+        hint = self.sup.last_error_hint() if before_ready else None
+        self.db.event("trainer_crash", f"trainer died ({how}); restarting in {backoff:.0f} s"
+                      + (f": {hint}" if hint else ""), job.job_id if job else None, t=now)
         if job is not None:
             # A trainer that dies while the disk is full died of it, not of the file: not counted against it.
             self.tracker.crashed(how, now, count=self.disk.full is None and self.disk.lowest() is None
                                  and diskspace.free_bytes(self.cfg.path("checkpoints")) >= diskspace.NEARLY_FULL_BYTES)
         if self.sup.cannot_start:
-            hint = self.sup.last_error_hint()
             self._set(ServiceStatus.ERROR, detail=f"the trainer cannot start; retrying in {backoff:.0f} s",
-                      last_error=f"trainer failed to start {self.sup.start_failures} times in a row ({how}): {hint}")
+                      last_error=f"trainer failed to start {self.sup.start_failures} times in a row ({how}): "
+                                 f"{hint or self.sup.last_error_hint()}")
         else:
             self._set(ServiceStatus.IDLE, detail=f"trainer restarting ({how})", last_error=f"trainer child died ({how})")
 
