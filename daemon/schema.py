@@ -128,9 +128,11 @@ class TrainingStatus:
                                    "processing, done, failed")
     device: str | None = _f(None, "cpu or cuda")
     compute_dtype: str | None = _f(None, "float32, bfloat16 or float16")
-    quantization: str | None = _f(None, "nf4, fp4 or none")
+    quantization: str | None = _f(None, "nf4, fp4 or none (model.quantization auto resolved)")
     base_model: str | None = _f(None, "the configured base model")
     adapter_version: int | None = _f(None, "the adapter version published last (adapters/current.json)")
+    settings_notes: list[str] = _f([], "settings traind chose for this base and why: model.quantization auto's choice, "
+                                      "what nf4 costs on the CPU, the embedded model's own learning rate")
     desired_state: DesiredState = _f(DesiredState.RUNNING, "the desired state the daemon has seen")
     pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused) or disk_full "
                                                 "(resumes by itself once space is back); null when not held")

@@ -326,12 +326,20 @@ class Service:
         elif self.status.status is not ServiceStatus.PAUSED and not self.stop_requested:
             self._set(ServiceStatus.TRAINING, detail="training")
 
+    def _msg_loading(self, msg: dict, now: float) -> None:
+        """Progress of a long load before `ready` (a GGUF base converted on first use): said in the status."""
+        self.status.detail = f"loading model: {msg.get('detail')}"
+        self._dirty = True
+
     def _msg_ready(self, msg: dict, now: float) -> None:
         self.sup.on_ready()
         for key in ("device", "compute_dtype", "quantization", "base_model", "adapter_version"):
             if msg.get(key) is not None:
                 setattr(self.status, key, msg[key])
         self.status.world_size, self.status.distributed = rank_status.setup(msg)
+        self.status.settings_notes = [*self.cfg.tuned, *(msg.get("notes") or [])]
+        for note in self.status.settings_notes:
+            log.info("setting: %s", note)
         log.info("trainer ready on %s (%s, %s) in %.1f s", msg.get("device"), msg.get("compute_dtype"),
                  msg.get("quantization"), msg.get("load_seconds") or 0)
         if self.status.distributed is not None:

@@ -81,3 +81,11 @@ def test_a_file_that_is_not_a_readable_gguf_is_refused(tmp_path, content, needle
 def test_a_missing_gguf_is_refused(tmp_path):
     assert "does not exist" in str(_validate(tmp_path, tmp_path / "gone.gguf"))
     assert problems_with(_gguf(tmp_path / "empty.gguf", tensors=0)) == [f"{tmp_path / 'empty.gguf'} holds no tensors (a vocabulary-only GGUF?)"]
+
+
+def test_a_gguf_without_the_suffix_is_recognised_by_its_magic(tmp_path):
+    # Ollama keeps a model as ~/.ollama/models/blobs/sha256-<digest>, with no suffix
+    blob = _gguf(tmp_path / "sha256-0123abcd")
+    assert config_from_dict({"base_model": str(blob)}, tmp_path).base_model_path == blob
+    (tmp_path / "notes").write_text("not a model")
+    assert "not a Hugging Face model folder" in str(_validate(tmp_path, tmp_path / "notes"))
