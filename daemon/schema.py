@@ -129,7 +129,8 @@ class TrainingStatus:
     device: str | None = _f(None, "cpu or cuda")
     compute_dtype: str | None = _f(None, "float32, bfloat16 or float16")
     quantization: str | None = _f(None, "nf4, fp4 or none (model.quantization auto resolved)")
-    base_model: str | None = _f(None, "the configured base model")
+    base_model: str | None = _f(None, "the base in use: the configured one (generation 0) or a consolidated folder")
+    generation: int = _f(0, "the base's generation: 0 for the configured base, N after N consolidations")
     adapter_version: int | None = _f(None, "the adapter version published last (adapters/current.json)")
     settings_notes: list[str] = _f([], "settings traind chose for this base and why: model.quantization auto's choice, "
                                       "what nf4 costs on the CPU, the embedded model's own learning rate")

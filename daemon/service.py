@@ -135,6 +135,7 @@ class Service:
         current = adapters.peek_current(self.cfg.path("adapters"))
         if current is not None and current.manifest.get("base_path"):  # a consolidated base is in use
             self.status.base_model = current.manifest["base_path"]
+            self.status.generation = int(current.manifest.get("generation", 0))
         self.status.layer_activity_summary = self.tracker.last_activity()
         now = self.clock()
         self.status.started_at = now
@@ -333,7 +334,7 @@ class Service:
 
     def _msg_ready(self, msg: dict, now: float) -> None:
         self.sup.on_ready()
-        for key in ("device", "compute_dtype", "quantization", "base_model", "adapter_version"):
+        for key in ("device", "compute_dtype", "quantization", "base_model", "generation", "adapter_version"):
             if msg.get(key) is not None:
                 setattr(self.status, key, msg[key])
         self.status.world_size, self.status.distributed = rank_status.setup(msg)
@@ -390,6 +391,7 @@ class Service:
     def _msg_consolidated(self, msg: dict, now: float) -> None:
         self.consolidation_pending = self.consolidation_of = None
         self.status.base_model = msg["path"]
+        self.status.generation = int(msg["generation"])
         self.status.adapter_version = msg["adapter_version"]
         self.db.event("consolidated", f"adapter v{msg['consolidated_version']} merged into generation "
                       f"{msg['generation']}'s base {msg['path']} ({msg['files']} file(s); max |logit diff| "

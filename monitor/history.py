@@ -27,7 +27,7 @@ from fastapi import APIRouter, Query
 from daemon.status import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.history_index import FINE, HistoryIndex
-from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint
+from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint, Marker
 
 router = APIRouter(tags=["history"], dependencies=[ReadAuth])
 
@@ -111,6 +111,20 @@ def metrics_series(conn: sqlite3.Connection, index: HistoryIndex, since: int, un
     return Series(rows, whole + n_head + n_tail, per * FINE, rows[0]["global_step"], rows[-1]["global_step"])
 
 
+MARKED_EVENTS = {"consolidated": "consolidation", "rollback": "rollback"}
+
+
+def markers(conn: sqlite3.Connection) -> list[Marker]:
+    """Every consolidation and rollback (a handful: the whole list each time), at the last global step trained
+    before it: the steps the events table does not keep come from the metrics' times."""
+    rows = conn.execute("SELECT t, kind, message FROM events WHERE kind IN (?, ?) ORDER BY t", tuple(MARKED_EVENTS))
+    out = []
+    for t, kind, message in rows.fetchall():
+        (step,) = conn.execute("SELECT MAX(global_step) FROM metrics WHERE t <= ?", (t,)).fetchone()
+        out.append(Marker(global_step=step or 0, kind=MARKED_EVENTS[kind], message=message, t=t))
+    return out
+
+
 def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | None, max_points: int) -> History:
     if not db_path.exists():
         return History(points=[], evals=[], total_rows=0, downsampled=False, bucket_width=1,
@@ -123,11 +137,12 @@ def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | No
             eval_set = db.eval_set_points(since, until)
         except sqlite3.OperationalError:  # a database from before the eval set
             eval_set = []
+        marks = markers(db.conn)
     finally:
         db.close()
     return History(
         points=[HistoryPoint(**r) for r in m.rows], evals=[EvalPoint(**r) for r in e.rows],
-        eval_set=[EvalSetPoint(**r) for r in eval_set],
+        eval_set=[EvalSetPoint(**r) for r in eval_set], markers=marks,
         total_rows=m.total, downsampled=m.bucket_width > 1, bucket_width=m.bucket_width,
         first_global_step=m.first, last_global_step=m.last,
     )

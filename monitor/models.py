@@ -114,10 +114,18 @@ class EvalSetPoint(BaseModel):
     t: float | None
 
 
+class Marker(BaseModel):
+    global_step: int = Field(description="the last step trained before it (the charts draw a line there)")
+    kind: str = Field(description="consolidation or rollback")
+    message: str = Field(description="what the event said")
+    t: float = Field(description="when it happened (unix seconds)")
+
+
 class History(BaseModel):
     points: list[HistoryPoint]
     evals: list[EvalPoint]
     eval_set: list[EvalSetPoint] = Field(default_factory=list, description="the fixed eval set (eval.file) before/after each file")
+    markers: list[Marker] = Field(default_factory=list, description="every consolidation and rollback, at its global step")
     total_rows: int = Field(description="metric rows in the requested range before downsampling")
     downsampled: bool
     bucket_width: int = Field(description="global steps per bucket (1: every row)")

@@ -136,7 +136,7 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
                "quantization": lm.quantization, "base_model": str(base) if base else cfg.base_model, "adapter_version": sess.version,
                "trainable_params": trainable, "total_params": total, "load_seconds": time.monotonic() - t0,
                "world_size": ranks.world_size, "strategy": ranks.strategy, "backend": ranks.backend,
-               "nnodes": ranks.nnodes, "notes": lm.notes})
+               "nnodes": ranks.nnodes, "notes": lm.notes, "generation": int(sess.manifest.get("generation", 0))})
     return sess
 
 
