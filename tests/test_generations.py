@@ -48,3 +48,14 @@ def test_the_base_is_named_by_its_generation(tmp_path):
     assert generation_label(cfg, pick_adapter(cfg, "current")) == \
         'generation 1, consolidated 2026-12-06T19:30:00+00:00 ("two weeks of chats")'
     assert generation_label(cfg, None) == generation_label(cfg, pick_adapter(cfg, "2"))  # --adapter none: the base in use
+
+
+def test_trainctl_status_says_the_generation_and_the_chosen_settings():
+    from daemon.cli.status_cmds import render_status
+
+    note = "model.quantization auto: none on the CPU: the base takes 0.25 GiB in bfloat16 of 24 GiB"
+    text = render_status({"status": "idle", "base_model": "/x/consolidated_models/20261206T193000Z", "generation": 2,
+                          "device": "cpu", "quantization": "none", "adapter_version": 7, "settings_notes": [note],
+                          "queue": {}}, None)
+    assert "/x/consolidated_models/20261206T193000Z   generation 2   cpu / none   adapter v7" in text, text
+    assert f"  setting  {note}" in text, text

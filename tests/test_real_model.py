@@ -224,8 +224,8 @@ def test_the_smollm2_instance_end_to_end(smollm2, tmp_path):
     try:
         d.start()
         seen: set[str] = set()
-        st = d.wait_for(lambda s: seen.add(s.get("detail") or "") or s.get("trainer_pid") and s["status"] == "idle"
-                        and s.get("quantization"), timeout=600, what="ready on SmolLM2")
+        st = d.wait_for(lambda s: seen.add(s.get("detail") or "") or s["status"] == "idle" and s.get("settings_notes"),
+                        timeout=600, what="ready on SmolLM2")  # the notes come with `ready`
         assert any("dequantizing" in x or "converting" in x for x in seen), seen
         assert st["quantization"] == "none" and any("auto: none on the CPU" in n for n in st["settings_notes"]), st
         d.drop("zorblat.jsonl", FACT_FILE.read_text())
@@ -248,8 +248,8 @@ def test_the_smollm2_instance_end_to_end(smollm2, tmp_path):
         logs = "".join(p.read_text() for p in d.cfg.path("logs").glob("trainer_2*.log"))
         assert logs.count("converted SmolLM2-135M-Instruct.Q4_1.gguf") == 1
         d.start()  # on generation 1 now; and the GGUF is not converted again
-        d.wait_for(lambda s: s.get("trainer_pid") and s["status"] == "idle" and s.get("quantization"), timeout=300,
-                   what="ready again")
+        st = d.wait_for(lambda s: s["status"] == "idle" and s.get("settings_notes"), timeout=300, what="ready again")
+        assert st["generation"] == 1 and st["quantization"] == "none", st
         logs = "".join(p.read_text() for p in d.cfg.path("logs").glob("trainer_2*.log"))
         assert logs.count("converted SmolLM2-135M-Instruct.Q4_1.gguf") == 1
     finally:

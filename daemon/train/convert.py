@@ -91,19 +91,23 @@ def source_of(folder: Path) -> dict[str, Any] | None:
             "tensor_types": m.get("tensor_types"), "converted": str(folder)}
 
 
-def _cached(root: Path, source: Path) -> tuple[Path | None, str | None]:
-    """A complete converted folder of `source` (by its path, size and mtime; else by content), and its sha256."""
+def _by_stat(root: Path, source: Path) -> Path | None:
+    """A complete converted folder made from this very file (same path, size and mtime)."""
     key = _stat_key(source)
     for marker_file in sorted(root.glob(f"*/{MARKER}")):
         m = read_marker(marker_file.parent)
         if m and m.get("convert_version") == CONVERT_VERSION and m.get("source") == key:
-            return marker_file.parent, m["sha256"]
-    sha = file_sha256(source)
+            return marker_file.parent
+    return None
+
+
+def _by_content(root: Path, sha: str) -> Path | None:
+    """A complete converted folder of a file with these bytes (another path, a copy, a touched file)."""
     for marker_file in sorted(root.glob(f"{sha[:16]}-*/{MARKER}")):
         m = read_marker(marker_file.parent)
         if m and m.get("convert_version") == CONVERT_VERSION and m.get("sha256") == sha:
-            return marker_file.parent, sha
-    return None, sha
+            return marker_file.parent
+    return None
 
 
 def ensure_converted(source: Path, models_dir: Path, progress: Progress | None = None) -> Path:
@@ -111,18 +115,18 @@ def ensure_converted(source: Path, models_dir: Path, progress: Progress | None =
     say = progress or (lambda text: None)
     root = models_dir / SUBDIR
     root.mkdir(parents=True, exist_ok=True)
-    folder, _ = _cached(root, source)
-    if folder is not None:
+    if (folder := _by_stat(root, source)) is not None:
         return folder
-    say(f"hashing {source.name}")
     fd = lock.take(root / ".convert.lock", LOCK_WAIT_SECONDS, poll=0.5)
     if fd is None:
         raise ConversionError(f"another process has held {root / '.convert.lock'} for {LOCK_WAIT_SECONDS:.0f} s")
     try:
-        folder, sha = _cached(root, source)  # converted by whoever held the lock before us
-        if folder is not None:
+        if (folder := _by_stat(root, source)) is not None:  # converted by whoever held the lock before us
             return folder
-        assert sha is not None
+        say(f"hashing {source.name} ({source.stat().st_size / 2**20:.0f} MiB)")
+        sha = file_sha256(source)
+        if (folder := _by_content(root, sha)) is not None:
+            return folder
         return convert(source, root / f"{sha[:16]}-{_name(source)}", sha, say)
     finally:
         os.close(fd)
@@ -145,6 +149,7 @@ def convert(source: Path, dest: Path, sha: str, say: Progress) -> Path:
     reader = gguf.GGUFReader(source)
     types = sorted({t.tensor_type.name for t in reader.tensors})
     check_types(reader, types)
+    check_disk(reader, dest.parent, source)
     say(f"converting {source.name} ({header.architecture}, {', '.join(types)}; {source.stat().st_size / 2**20:.0f} MiB)")
     with _one_reader(gguf, source, reader):
         model, tokenizer, dtype = build(source, reader, say)
@@ -171,6 +176,18 @@ def convert(source: Path, dest: Path, sha: str, say: Progress) -> Path:
         raise
     say(f"converted {source.name} in {seconds:.1f} s: {size / 2**20:.0f} MiB in {dest}")
     return dest
+
+
+def check_disk(reader: Any, root: Path, source: Path) -> None:
+    """Refuse, with the numbers, a conversion the disk under `paths.models` cannot hold."""
+    import numpy as np
+
+    dtype = _saved_dtype(reader)
+    need = int(sum(int(np.prod(t.shape)) for t in reader.tensors) * (4 if dtype == "float32" else 2) * 1.05) + 2**26
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise ConversionError(f"not enough disk in {root} to convert {source.name}: the folder needs about "
+                              f"{need / 2**30:.2f} GiB ({dtype}) and {free / 2**30:.2f} GiB is free")
 
 
 def check_types(reader: Any, types: list[str]) -> None:
