@@ -221,6 +221,7 @@ def build(source: Path, reader: Any, say: Progress) -> tuple[Any, Any, str]:
     transformers.utils.logging.disable_progress_bar()  # progress is said through `say`, not drawn on stderr
 
     folder, name = str(source.parent), source.name
+    say(f"reading {name}'s architecture from its metadata")
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except ValueError as e:  # "GGUF model with architecture X is not supported yet."
@@ -258,6 +259,7 @@ def build(source: Path, reader: Any, say: Progress) -> tuple[Any, Any, str]:
     if result.unexpected_keys:
         log.warning("%s: %d tensor(s) not used by the model: %s", source.name, len(result.unexpected_keys),
                     ", ".join(result.unexpected_keys[:5]))
+    say(f"building the tokenizer and chat template from {name}")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not getattr(tokenizer, "chat_template", None):
         log.warning("%s has no chat template: chat files are refused on this base; text and "

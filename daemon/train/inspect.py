@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,24 @@ def quiet_loading() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def command_threads(window: float = 0.3) -> int:
+    """CPU threads for `sample`/`eval`: every core on a quiet machine; one beside a busy neighbour (a training
+    daemon keeps its cores busy), where OpenMP threads in lock step thrash and run many times slower
+    (daemon/train/threads.py; measured here: `sample` 2m41s with 2 threads beside a loading trainer)."""
+    from daemon.train.threads import BUSY_CORES, machine_busy_seconds, usable_cores
+
+    before = machine_busy_seconds()
+    time.sleep(window)
+    others = (machine_busy_seconds() - before) / window  # cores in use by other processes (we were asleep)
+    return 1 if others >= BUSY_CORES else usable_cores()
+
+
 def load_view(cfg: Config, which: str = "current", device: str = "cpu") -> View:
     adapter = pick_adapter(cfg, which)  # a bad choice is refused before torch is even imported
+    if device == "cpu":
+        from daemon.train.threads import start_threads
+
+        start_threads(cfg.training.cpu_threads or command_threads())  # before torch is imported
     quiet_loading()
 
     import torch
