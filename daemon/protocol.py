@@ -262,6 +262,13 @@ class Rollback(Message):
 
 
 @dataclass(frozen=True)
+class Loading(Message):
+    TYPE, DIRECTION = "loading", TO_SERVICE
+    DOC = "progress of a long load before `ready` (a GGUF base converted on first use): said in the status's detail"
+    detail: str = _req("what it is doing, for a person (\"converting SmolLM2...gguf: 120/272 tensors\")")
+
+
+@dataclass(frozen=True)
 class Ready(Message):
     TYPE, DIRECTION = "ready", TO_SERVICE
     DOC = "the model is loaded: files may be sent"
@@ -279,6 +286,9 @@ class Ready(Message):
     nnodes: int = _f(1, "machines training together")
     eval_set_examples: int = _f(0, "examples of `eval.file` scored before and after every file (0: none)")
     eval_set_error: str | None = _f(None, "why `eval.file` is not used (training goes on without it)")
+    generation: int = _f(0, "the base's generation: 0 for the configured base, N after N consolidations")
+    notes: list[str] = _f([], "settings the trainer chose for this base and why (`model.quantization` auto's "
+                              "choice, what nf4 costs on the CPU)")
     levers: dict = _f({}, "each speed lever by its `speed.*` key (`packed_rows`: `data.packing`), in the start "
                           "report's order: `{state: on, off or not_used, text, applied, of}` (`daemon/train/levers.py`)")
 

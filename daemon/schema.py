@@ -130,9 +130,12 @@ class TrainingStatus:
                                    "processing, done, failed")
     device: str | None = _f(None, "cpu or cuda")
     compute_dtype: str | None = _f(None, "float32, bfloat16 or float16")
-    quantization: str | None = _f(None, "nf4, fp4 or none")
-    base_model: str | None = _f(None, "the configured base model")
+    quantization: str | None = _f(None, "nf4, fp4 or none (model.quantization auto resolved)")
+    base_model: str | None = _f(None, "the base in use: the configured one (generation 0) or a consolidated folder")
+    generation: int = _f(0, "the base's generation: 0 for the configured base, N after N consolidations")
     adapter_version: int | None = _f(None, "the adapter version published last (adapters/current.json)")
+    settings_notes: list[str] = _f([], "settings traind chose for this base and why: model.quantization auto's choice, "
+                                      "what nf4 costs on the CPU, the embedded model's own learning rate")
     desired_state: DesiredState = _f(DesiredState.RUNNING, "the desired state the daemon has seen")
     pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused), disk_full "
                                                 "(resumes by itself once space is back) or unwritable (a runtime "

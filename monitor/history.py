@@ -31,7 +31,7 @@ from fastapi import APIRouter, HTTPException, Query
 from daemon.status import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.history_index import FINE, HistoryIndex
-from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint, SeriesInfo
+from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint, Marker, SeriesInfo
 
 router = APIRouter(tags=["history"], dependencies=[ReadAuth])
 
@@ -120,9 +120,25 @@ def metrics_series(conn: sqlite3.Connection, index: HistoryIndex, since: int, un
     return Series(rows, whole + n_head + n_tail, per * FINE, rows[0]["global_step"], rows[-1]["global_step"])
 
 
+MARKED_EVENTS = {"consolidated": "consolidation", "rollback": "rollback"}
+
+
+def markers(conn: sqlite3.Connection, since_t: float | None) -> list[Marker]:
+    """Every consolidation and rollback of the current series (a handful: the whole list each time), at the last
+    global step trained before it: the steps the events table does not keep come from the metrics' times."""
+    rows = conn.execute("SELECT t, kind, message FROM events WHERE kind IN (?, ?) AND t >= ? ORDER BY t",
+                        (*MARKED_EVENTS, since_t or 0.0))
+    out = []
+    for t, kind, message in rows.fetchall():
+        (step,) = conn.execute("SELECT MAX(global_step) FROM metrics WHERE t <= ?", (t,)).fetchone()
+        out.append(Marker(global_step=step or 0, kind=MARKED_EVENTS[kind], message=message, t=t))
+    return out
+
+
 def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | None, max_points: int,
                  series: int | None = None) -> History:
-    """The current series of steps, or `series` (LookupError when there is no such series)."""
+    """The current series of steps, or `series` (LookupError when there is no such series), with the current
+    series' consolidations and rollbacks as markers."""
     if not db_path.exists():
         if series:
             raise LookupError(f"no series {series} in the history")
@@ -144,12 +160,13 @@ def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | No
             eval_set = db.eval_set_points(since, until, shown.id)
         except sqlite3.OperationalError:  # a database from before the eval set
             eval_set = []
+        marks = markers(db.conn, shown.started_at) if shown.id == db.series else []
     finally:
         db.close()
     return History(
         series=shown, all_series=every,
         points=[HistoryPoint(**r) for r in m.rows], evals=[EvalPoint(**r) for r in e.rows],
-        eval_set=[EvalSetPoint(**r) for r in eval_set],
+        eval_set=[EvalSetPoint(**r) for r in eval_set], markers=marks,
         total_rows=m.total, downsampled=m.bucket_width > 1, bucket_width=m.bucket_width,
         first_global_step=m.first, last_global_step=m.last,
     )

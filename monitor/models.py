@@ -123,6 +123,13 @@ class SeriesInfo(BaseModel):
     reason: str | None = Field(None, description="why it began (the approved change)")
 
 
+class Marker(BaseModel):
+    global_step: int = Field(description="the last step trained before it (the charts draw a line there)")
+    kind: str = Field(description="consolidation or rollback")
+    message: str = Field(description="what the event said")
+    t: float = Field(description="when it happened (unix seconds)")
+
+
 class History(BaseModel):
     series: SeriesInfo = Field(default_factory=lambda: SeriesInfo(id=0),
                                description="the series of steps these points belong to (one adapter's, from global step 0)")
@@ -131,6 +138,7 @@ class History(BaseModel):
     points: list[HistoryPoint]
     evals: list[EvalPoint]
     eval_set: list[EvalSetPoint] = Field(default_factory=list, description="the fixed eval set (eval.file) before/after each file")
+    markers: list[Marker] = Field(default_factory=list, description="every consolidation and rollback, at its global step")
     total_rows: int = Field(description="metric rows in the requested range before downsampling")
     downsampled: bool
     bucket_width: int = Field(description="global steps per bucket (1: every row)")

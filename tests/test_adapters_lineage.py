@@ -116,21 +116,24 @@ def test_sample_and_eval_beside_a_running_daemon(daemon, tmp_path, capsys):
     train(d, "one.jsonl", data, 1)
     # two real `trainctl` processes while the daemon runs (each loads torch and the model: seconds)
     r = d.ctl("sample", "Tell me something", "--max-new-tokens", "8")
-    assert r.returncode == 0 and r.stdout.startswith("[adapter v1]"), r.stdout + r.stderr
+    # it names the base's generation, and says nothing else: no loading bars, warnings or hub attempts
+    assert r.returncode == 0 and r.stdout.startswith("[adapter v1 on generation 0 (embedded:tiny-qwen3)]\n"), r.stdout
+    assert r.stderr == "", r.stderr
     f = tmp_path / "probe.jsonl"
     f.write_text(data)
     r = d.ctl("eval", str(f), "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
     figures = json.loads(r.stdout)
     base, tuned = figures["base"], figures["adapter"]
     print(f"eval on the trained file: base loss {base['loss']:.3f} acc {base['token_accuracy']:.3f}; "
           f"adapter loss {tuned['loss']:.3f} acc {tuned['token_accuracy']:.3f}")
-    assert base["tokens"] == tuned["tokens"] > 0 and tuned["label"] == "adapter v1"
+    assert base["tokens"] == tuned["tokens"] > 0 and tuned["label"] == "adapter v1 on generation 0 (embedded:tiny-qwen3)"
+    assert base["label"] == "base: generation 0 (embedded:tiny-qwen3)"
     assert tuned["loss"] < base["loss"]  # it learnt the file it trained on
     # the rest in this process (torch is loaded here already)
     assert d.ctl("sample", "x", "--adapter", "v9").returncode == 1  # refused before loading anything
     view = load_view(d.cfg, "none")
-    assert view.label == "base" and isinstance(sample(view, "Tell me something", max_new_tokens=4), str)
+    assert view.label == "base: generation 0 (embedded:tiny-qwen3)" and isinstance(sample(view, "Tell me something", max_new_tokens=4), str)
     assert trainctl(["--config", str(d.config_path), "eval", str(f), "--max-examples", "4"]) == 0
     table = capsys.readouterr().out
     assert "adapter v1" in table and "changes the loss by" in table

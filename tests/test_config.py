@@ -67,3 +67,27 @@ def test_readme_table_lists_every_key_with_its_default():
     readme = (REPO / "README.md").read_text()
     for key, default, _ in explain():
         assert f"| `{key}` | `{json.dumps(default)}` |" in readme, key
+
+
+def test_the_shipped_config_has_the_documented_defaults():
+    raw = json.loads((REPO / "config.json").read_text())
+    defaults = {k: v for k, v, _ in explain()}
+    shipped = {"base_model": raw["base_model"]} | {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict)
+                                                   for k, v in sec.items()}
+    assert {k: v for k, v in shipped.items() if v != defaults[k]} == {}
+
+
+def test_the_embedded_model_gets_its_own_learning_rate_and_says_so(tmp_path):
+    from daemon.config import EMBEDDED_LEARNING_RATE
+
+    shipped = load_config(REPO / "config.json")  # the default written out, as shipped
+    assert shipped.training.learning_rate == EMBEDDED_LEARNING_RATE == 0.002
+    assert len(shipped.tuned) == 1 and "training.learning_rate 0.002 for the embedded model" in shipped.tuned[0]
+    own = config_from_dict({"training": {"learning_rate": 0.0005}}, tmp_path)  # a value of one's own is kept
+    assert own.training.learning_rate == 0.0005 and own.tuned == ()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name, text in (("config.json", '{"model_type": "llama"}'), ("model.safetensors", ""), ("tokenizer.json", "{}")):
+        (folder / name).write_text(text)
+    real = config_from_dict({"base_model": str(folder)}, tmp_path)  # a real base keeps the documented default
+    assert real.training.learning_rate == 0.0002 and real.tuned == ()

@@ -245,3 +245,18 @@ def test_a_base_larger_than_memory_is_refused_with_the_numbers(tmp_path):
         preflight(tmp_path, tmp_path / "out", 2)
     assert "not enough memory" in str(e.value) and "40,000,000,000 parameters" in str(e.value) and "GiB" in str(e.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_merge_check_scales_with_the_logits():
+    import torch
+
+    from daemon.train.consolidate import merge_check
+
+    # SmolLM2-135M's figures (issue 28): logits up to about 35, fp32 rounding of a right merge 9.2e-5
+    expected = torch.linspace(-35.0, 35.0, 1000).reshape(2, 500)
+    right = merge_check(expected, expected + 9.2e-5)
+    assert right["max_abs_logit_diff"] <= right["tolerance"] and right["headroom"] >= 10, right
+    wrong = merge_check(expected, expected * 1.02)  # an adapter applied with the wrong scale moves logits by percents
+    assert wrong["max_abs_logit_diff"] > wrong["tolerance"], wrong
+    small = merge_check(torch.full((1, 4), 0.5), torch.full((1, 4), 0.5 + 5e-6))  # scale floors at 1
+    assert small["tolerance"] == pytest.approx(1e-4) and small["headroom"] == pytest.approx(20, rel=0.01)

@@ -578,3 +578,32 @@ def test_dashboard_drives_the_real_daemon(browser, tmp_path, models_dir):
             tab.assert_clean()
     finally:
         d.close()
+
+
+def test_the_charts_mark_consolidations_and_rollbacks_and_the_base_is_named_whole(browser, tmp_path):
+    """Issue 28, item 7: a consolidation and a rollback are lines on the charts at their steps; the Base field
+    shows the generation and the consolidated folder's whole stamp."""
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    fake.steps(120)
+    fake.db.event("consolidated", "adapter v3 merged into generation 1's base", t=time.time())
+    time.sleep(0.01)
+    fake.steps(60)
+    fake.db.event("rollback", "rolled back to adapter v4 (published as v6)", t=time.time())
+    time.sleep(0.01)
+    fake.steps(30)
+    stamp = "20261206T193000Z-2"
+    base = str(cfg.path("consolidated") / stamp)
+    with monitor_process(cfg) as url, Heartbeat(fake, status="idle", detail="waiting for files", base_model=base,
+                                                generation=1, adapter_version=6):
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.wait_badge("idle")
+        tab.wait_points_above(0)
+        wait_until(lambda: tab.page.get_attribute("#chart-loss", "data-markers") == "consolidation@119,rollback@179",
+                   what="markers at steps 119 and 179")
+        shown = tab.page.inner_text("#base-model")
+        assert shown == f"generation 1 · {stamp}", shown
+        assert tab.page.evaluate("(() => { const e = document.getElementById('base-model');"
+                                 " return e.scrollWidth <= e.clientWidth; })()"), "the Base field is cut"
+        tab.shot("monitor_generation_markers.png")

@@ -14,6 +14,7 @@ import pytest
 
 from daemon import control
 from daemon.states import ControlAction
+from daemon.supervisor import last_logged_error
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 
@@ -62,13 +63,23 @@ def wait_until(pred, timeout: float, what: str) -> None:
 def test_unloadable_base_model_is_reported_as_error(daemon_factory, tmp_path):
     bad = tmp_path / "badmodel"
     bad.mkdir()
-    (bad / "config.json").write_text('{"model_type": "llama"}')  # passes config validation, no weights
+    # passes config validation (a model type, a weights file, a tokenizer file) and does not load
+    (bad / "config.json").write_text('{"model_type": "llama"}')
+    (bad / "model.safetensors").write_bytes(b"\0" * 64)
+    (bad / "tokenizer.json").write_text("{}")
     d = daemon_factory(base_model=str(bad), service={"restart_backoff_seconds": 0.1}).start()
     d.drop("a.jsonl", lines_of("text.jsonl", 12))
     wait_until(lambda: event_kinds(d).count("trainer_crash") >= 3, 120, "three trainer crashes")
     # the status file follows the history within one write
     st = d.wait_for(lambda s: s["status"] == "error", timeout=10, what="status error")
     assert "failed to start 3 times" in st["last_error"] and "cannot start" in st["detail"], st
+    # the whole error, as the trainer logged it, in the status and in each crash's event
+    whole = last_logged_error(sorted(d.cfg.path("logs").glob("trainer_2*.log"))[-1])
+    assert whole and st["last_error"].endswith(whole), (st["last_error"], whole)
+    db = d.history()
+    crashes = [e for e in db.events(limit=100) if e["kind"] == "trainer_crash"]
+    db.close()
+    assert all(e["message"].endswith(whole) for e in crashes), crashes
 
 
 def test_status_after_trainer_crash_has_no_stale_file(daemon_factory):

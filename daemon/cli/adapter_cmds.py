@@ -63,7 +63,8 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
             "pinned": v.version in pins, "file": m.get("original_name"), "job_id": m.get("job_id"),
             "steps": m.get("steps"), "global_step": m.get("global_step"), "final_loss": m.get("final_loss"),
             "eval_loss": m.get("eval_loss"), "created_at": m.get("created_at"), "bytes": adapters.folder_bytes(v.path),
-            "rollback_of": m.get("rollback_of"), "path": str(v.path),
+            "rollback_of": m.get("rollback_of"), "path": str(v.path), "generation": int(m.get("generation", 0)),
+            "consolidated_from": m.get("consolidated_from"), "description": m.get("description"),
         })
     return out_rows
 
@@ -80,9 +81,13 @@ def cmd_adapters_list(cfg: Config, args: argparse.Namespace) -> int:
     for r in listed:
         mark = ("*" if r["current"] else " ") + ("p" if r["pinned"] else " ")
         what = r["file"] or ""
+        steps = number(r["steps"], "d")
         if r["rollback_of"]:
             what = f"rollback to v{r['rollback_of']}"
-        out(f"{mark}{('v' + str(r['version'])):>7}  {number(r['steps'], 'd'):>6}  {number(r['final_loss'], '.4f'):>7}  "
+        if r["consolidated_from"] is not None:  # a fresh adapter on a merged base: a start, not a file of 0 steps
+            desc = f' ("{r["description"]}")' if r["description"] else ""
+            what, steps = f"generation {r['generation']} starts: v{r['consolidated_from']} merged into the base{desc}", "-"
+        out(f"{mark}{('v' + str(r['version'])):>7}  {steps:>6}  {number(r['final_loss'], '.4f'):>7}  "
             f"{number(r['eval_loss'], '.4f'):>7}  {r['bytes'] / 1e6:>7.2f}MB  {r['created_at'] or '':<20} {what}")
     keep = cfg.adapters.keep_last
     out(f"* current, p pinned; retention keeps {'every version' if keep == 0 else f'the newest {keep}'}, "

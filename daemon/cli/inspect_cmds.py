@@ -91,11 +91,11 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
         out(json.dumps(figures, indent=2))
         return 0
     out(f"{figures['file']}: {figures['examples']} examples ({figures['format']}), {figures['base']['tokens']:,} scored tokens")
-    out(f"  {'':<12} {'loss':>8} {'token acc':>10}")
-    for key in ("base", "adapter"):
-        if key in figures:
-            f = figures[key]
-            out(f"  {f.get('label', key):<12} {f['loss']:>8.4f} {f['token_accuracy']:>9.1%}")
+    rows = [(figures[key].get("label", key), figures[key]) for key in ("base", "adapter") if key in figures]
+    width = max(len(label) for label, _ in rows)
+    out(f"  {'':<{width}} {'loss':>8} {'token acc':>10}")
+    for label, f in rows:
+        out(f"  {label:<{width}} {f['loss']:>8.4f} {f['token_accuracy']:>9.1%}")
     if "adapter" in figures:
         out(f"  the adapter changes the loss by {figures['adapter']['loss'] - figures['base']['loss']:+.4f}")
     return 0

@@ -80,7 +80,9 @@ def render_status(st: dict | None, running_pid: int | None,
     age = _age(st.get("updated_at"))
     lines = [_headline(st, running_pid, age, trouble), f"  detail   {st.get('detail') or '-'}"]
     dev = " / ".join(str(x) for x in (st.get("device"), st.get("compute_dtype"), st.get("quantization")) if x)
-    lines.append(f"  model    {st.get('base_model')}   {dev}   adapter v{st.get('adapter_version') or 0}")
+    gen = f"   generation {st['generation']}" if st.get("generation") else ""
+    lines.append(f"  model    {st.get('base_model')}{gen}   {dev}   adapter v{st.get('adapter_version') or 0}")
+    lines += [f"  setting  {note}" for note in st.get("settings_notes") or []]  # what traind chose, and why
     if st.get("current_file"):
         lines += _training_lines(st)
     if (st.get("world_size") or 1) > 1:

@@ -91,6 +91,7 @@ class Service:
         self.trainer_holds = False  # the trainer confirmed it holds between steps (paused, disk_full)
         self.restarting: str | None = None  # the trainer died; what the status says until the next one is up
         self.cannot_start: str | None = None  # it failed to start several times in a row: what the status says
+        self.loading: str | None = None  # what the trainer said it is doing before `ready` (converting a GGUF)
         self.stop_deadline = 0.0
         self.exit_now = False
         self.signals = 0
@@ -152,7 +153,7 @@ class Service:
         self.tracker.reconcile(self.clock())
         self.status.adapter_version = self.tracker.published()["version"]
         if (in_use := adapters.base_in_use(self.cfg.path("adapters"), adapters.config_base(self.cfg))) is not None:
-            self.status.base_model = in_use["base_path"]
+            self.status.base_model, self.status.generation = in_use["base_path"], in_use["generation"]
         self.status.layer_activity_summary = self.tracker.last_activity()
         now = self.clock()
         self.status.started_at = now
@@ -273,6 +274,7 @@ class Service:
     # -- the child ------------------------------------------------------------------
     def _start_child(self, now: float) -> None:
         self.sup.start(now)
+        self.loading = None
         self.status.trainer_pid = self.sup.pid
         self.trainer_holds = False
 
@@ -304,16 +306,18 @@ class Service:
         backoff = self.sup.crashed(now, before_ready)
         log.error("trainer child died (%s); restarting in %.1f s", how, backoff)
         job = self.tracker.job
-        self.db.event("trainer_crash", f"trainer died ({how}); restarting in {backoff:.0f} s",
-                      job.job_id if job else None, t=now)
+        # A trainer that died loading says why in its log: the whole error goes to the event and the status.
+        hint = self.sup.last_error_hint() if before_ready else None
+        self.db.event("trainer_crash", f"trainer died ({how}); restarting in {backoff:.0f} s"
+                      + (f": {hint}" if hint else ""), job.job_id if job else None, t=now)
         if job is not None:
             # A trainer that dies while the disk is full died of it, not of the file: not counted against it.
             self.tracker.crashed(how, now, count=self.disk.full is None and self.disk.lowest() is None
                                  and diskspace.free_bytes(self.cfg.path("checkpoints")) >= diskspace.NEARLY_FULL_BYTES)
         if self.sup.cannot_start:
-            hint = self.sup.last_error_hint()
             self.cannot_start = f"the trainer cannot start; retrying in {backoff:.0f} s"
-            self.status.last_error = f"trainer failed to start {self.sup.start_failures} times in a row ({how}): {hint}"
+            self.status.last_error = (f"trainer failed to start {self.sup.start_failures} times in a row ({how}): "
+                                      f"{hint or self.sup.last_error_hint()}")
         else:
             self.restarting = f"trainer restarting ({how})"
             self.status.last_error = f"trainer child died ({how})"
@@ -324,6 +328,8 @@ class Service:
             self._on_job_message(msg, now)
             return
         match msg:
+            case protocol.Loading():  # a long load before `ready` (a GGUF base converted on first use)
+                self.loading = msg.detail
             case protocol.Ready():
                 self._on_ready(msg, now)
             case protocol.ConfigRefused():
@@ -367,6 +373,10 @@ class Service:
         s.device, s.compute_dtype, s.quantization, s.base_model = (msg.device, msg.compute_dtype, msg.quantization,
                                                                    msg.base_model)
         s.adapter_version = msg.adapter_version if msg.adapter_version is not None else s.adapter_version
+        s.generation, self.loading = msg.generation, None
+        s.settings_notes = [*self.cfg.tuned, *msg.notes]
+        for note in s.settings_notes:
+            log.info("setting: %s", note)
         s.world_size, s.distributed = rank_status.setup(msg)
         log.info("trainer ready on %s (%s, %s) in %.1f s", msg.device, msg.compute_dtype, msg.quantization,
                  msg.load_seconds)
@@ -406,6 +416,7 @@ class Service:
                 log.warning("rollback refused: %s", msg.message)
             case protocol.Consolidated():
                 self.status.base_model, self.status.adapter_version = msg.path, msg.adapter_version
+                self.status.generation = msg.generation
                 self.db.event("consolidated", f"adapter v{msg.consolidated_version} merged into generation "
                               f"{msg.generation}'s base {msg.path} ({msg.files} file(s); max |logit diff| "
                               f"{msg.max_logit_diff:.2e}; {msg.seconds:.1f} s); training goes on with a fresh "
@@ -602,7 +613,7 @@ class Service:
         return state.Facts(
             stopping=self.stopping, refusal="; ".join(self.sup.refusal) if self.sup.refusal is not None else None,
             trainer=self.sup.state, cannot_start=self.cannot_start if self.sup.cannot_start else None,
-            restarting=self.restarting, joining=joining, job=self.tracker is not None and self.tracker.job is not None,
+            restarting=self.restarting, joining=joining, loading=self.loading, job=self.tracker is not None and self.tracker.job is not None,
             started=self.tracker is not None and self.tracker.started, holds=self.trainer_holds,
             paused_by_user=self.status.desired_state is DesiredState.PAUSED, disk=self.disk.reason(),
             disk_detail=self.disk.detail(), consolidating=self.requests.consolidating)

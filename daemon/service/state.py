@@ -25,6 +25,7 @@ class Facts:
     cannot_start: str | None = None  # the trainer failed to start several times in a row: what is said
     restarting: str | None = None  # the trainer died; it restarts after its backoff: what is said
     joining: str = ""  # several machines: what the trainer waits for before it is ready
+    loading: str | None = None  # what the trainer said it is doing while it loads (converting a GGUF base)
     job: bool = False  # a file is in training
     started: bool = False  # ...and the trainer said `started` (its data is read)
     holds: bool = False  # the trainer confirmed it holds between steps (`paused`, `disk_full`)
@@ -58,7 +59,7 @@ def derive(f: Facts) -> tuple[ServiceStatus, str]:
     if f.trainer is TrainerState.DOWN and f.restarting is not None:
         return ServiceStatus.IDLE, f.restarting
     if f.trainer is TrainerState.STARTING:
-        return ServiceStatus.IDLE, "loading model" + f.joining
+        return ServiceStatus.IDLE, "loading model" + (f": {f.loading}" if f.loading else "") + f.joining
     if f.consolidating:
         return ServiceStatus.IDLE, "consolidating the adapter into a new base"
     return ServiceStatus.IDLE, "waiting for files"

@@ -161,14 +161,51 @@ class Supervisor:
 
     # -- diagnosis --------------------------------------------------------------------
     def last_error_hint(self) -> str:
-        """The trainer's last logged error (or the last line it wrote to stderr), for the status."""
+        """The trainer's last logged error, whole (a traceback's final exception, every line of it), or the last
+        error line it wrote to stderr, for the status and the events; the traceback itself stays in the log."""
         logs = sorted(self.logs_dir.glob("trainer_2*.log"))
-        for path in reversed(logs[-1:] + [self.logs_dir / "trainer_stderr.log"]):
-            try:
-                lines = path.read_text(errors="replace").splitlines()[-200:]
-            except OSError:
-                continue
-            for line in reversed(lines):
-                if re.search(r"\b(ERROR|CRITICAL)\b|Error:|Exception:", line):
-                    return line.strip()[-300:]
+        if logs and (error := last_logged_error(logs[-1])):
+            return error
+        try:
+            lines = (self.logs_dir / "trainer_stderr.log").read_text(errors="replace").splitlines()[-200:]
+        except OSError:
+            lines = []
+        for line in reversed(lines):
+            if re.search(r"\b(ERROR|CRITICAL)\b|Error:|Exception:", line):
+                return _capped(line.strip())
         return "see logs/trainer_*.log"
+
+
+RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\w+)\s+\d+ \S+: ")  # daemon.logs.FORMAT
+MAX_ERROR_CHARS = 4000  # the status stays small; past this the log has the rest
+
+
+def last_logged_error(path: Path, tail_bytes: int = 1 << 20) -> str | None:
+    """The last ERROR/CRITICAL record of a daemon.logs log: its exception (type and whole message) when it
+    carries a traceback, else its message; None when the tail of the file has none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail_bytes))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    start = next((i for i in range(len(lines) - 1, -1, -1)
+                  if (m := RECORD_START.match(lines[i])) and m.group(1) in ("ERROR", "CRITICAL")), None)
+    if start is None:
+        return None
+    end = next((j for j in range(start + 1, len(lines)) if RECORD_START.match(lines[j])), len(lines))
+    record = lines[start:end]
+    frames = [i for i, line in enumerate(record) if line.startswith('  File "')]
+    if not frames:
+        return _capped("\n".join([RECORD_START.sub("", record[0], count=1), *record[1:]]).strip())
+    # after the last frame: its indented source lines (and ^^^ markers), then the exception, every line of it
+    rest = record[frames[-1] + 1:]
+    while rest and rest[0].startswith("    "):
+        rest = rest[1:]
+    return _capped("\n".join(rest).strip()) or None
+
+
+def _capped(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return text[:MAX_ERROR_CHARS] + f"... ({len(text) - MAX_ERROR_CHARS} more characters in the trainer log)"

@@ -9,7 +9,7 @@ merged, and the merged model is saved as a standard Hugging Face folder
 (safetensors, config, tokenizer with its chat template) under
 `consolidated_models/<stamp>/` with `lineage.json`. Before it is published, two
 checks: the merged model's logits equal base + adapter's on a probe batch
-within MERGE_TOLERANCE (fp32), and the saved folder, loaded back with plain
+within MERGE_TOLERANCE of their scale (fp32; the headroom is recorded), and the saved folder, loaded back with plain
 `AutoModelForCausalLM`, gives the merged model's logits again (SAVE_TOLERANCE in
 the saved dtype). A failed check, or too little memory or disk (checked first,
 with the numbers), raises ConsolidationRefused and leaves everything as it was.
@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 
 LINEAGE = "lineage.json"
 # fp32 logits of the merged model against base + adapter: a merge is W + B·A·scale computed once instead of
-# per forward, so the two differ by float rounding only (measured on the embedded model: about 1e-6).
-MERGE_TOLERANCE = 1e-4
+# per forward, so the two differ by float rounding only, which grows with the logits' size: relative to their
+# scale (the largest |logit| of the probe, at least 1). Measured: 5e-6 on the embedded model (logits about 10),
+# 9.2e-5 on SmolLM2-135M (logits up to 35, 2.6e-6 of the scale), where an absolute 1e-4 left 1.1x headroom.
+# A wrong merge (the adapter missing, scaled twice) moves logits by the adapter's effect, 1e-2 to 1 of the scale.
+MERGE_TOLERANCE = 1e-4  # relative: the allowed max |logit diff| is MERGE_TOLERANCE * scale
 SAVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 1e-2}  # the saved folder reloaded, per saved dtype
 PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.",
                "Consolidation folds the adapter into the base model.",
@@ -199,10 +202,12 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
         expected = peft_model(**ids).logits
         merged = peft_model.merge_and_unload()
         got = merged(**ids).logits
-    max_diff = float((got - expected).abs().max())
-    if not max_diff <= MERGE_TOLERANCE:
+    check = merge_check(expected, got)
+    max_diff = check["max_abs_logit_diff"]
+    if not max_diff <= check["tolerance"]:
         raise ConsolidationRefused(f"the merged model's logits differ from base + adapter by {max_diff:.3g} "
-                                   f"(tolerance {MERGE_TOLERANCE:g}): nothing was saved")
+                                   f"(tolerance {check['tolerance']:.3g}: {MERGE_TOLERANCE:g} of the logits' scale "
+                                   f"{check['logit_scale']:.3g}): nothing was saved")
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     final = root / stamp
@@ -225,7 +230,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
         if not reload_diff <= tolerance:
             raise ConsolidationRefused(f"the saved model, loaded back, differs from the merged one by {reload_diff:.3g} "
                                        f"(tolerance {tolerance:.3g} in {save_dtype}): nothing was published")
-        lineage = _lineage(cfg, current, base, description, generation, final, max_diff, reload_diff,
+        lineage = _lineage(cfg, current, base, description, generation, final, check, reload_diff,
                            save_dtype, figures, int(ids["input_ids"].numel()))
         atomic.write_json(tmp / LINEAGE, lineage)
         tmp.chmod(0o755)
@@ -234,9 +239,19 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.monotonic() - t0
-    log.info("consolidated into %s in %.1f s (max |logit diff| %.2e merged, %.2e reloaded)", final, seconds,
-             max_diff, reload_diff)
+    log.info("consolidated into %s in %.1f s (max |logit diff| %.2e merged, %.0fx headroom; %.2e reloaded)", final,
+             seconds, max_diff, check["headroom"], reload_diff)
     return Consolidated(final, generation + 1, max_diff, reload_diff, seconds, lineage)
+
+
+def merge_check(expected: Any, got: Any) -> dict[str, float]:
+    """The merged model's logits (`got`) against base + adapter's: max |diff|, the tolerance at these logits'
+    scale, and the headroom (tolerance / diff: how far inside it the merge is)."""
+    max_diff = float((got.float() - expected.float()).abs().max())
+    scale = max(1.0, float(expected.float().abs().max()))
+    tolerance = MERGE_TOLERANCE * scale
+    return {"max_abs_logit_diff": max_diff, "logit_scale": scale, "tolerance": tolerance,
+            "relative_tolerance": MERGE_TOLERANCE, "headroom": tolerance / max_diff if max_diff > 0 else float("inf")}
 
 
 def _probe_ids(tokenizer: Any) -> dict[str, Any]:
@@ -246,22 +261,27 @@ def _probe_ids(tokenizer: Any) -> dict[str, Any]:
 
 
 def _lineage(cfg: Config, current: adapters.AdapterVersion, base: Path, description: str, generation: int,
-             final: Path, max_diff: float, reload_diff: float, save_dtype: str, figures: dict[str, int],
+             final: Path, check: dict[str, float], reload_diff: float, save_dtype: str, figures: dict[str, int],
              probe_tokens: int) -> dict[str, Any]:
+    from daemon.train.convert import source_of
+
     ledger = current.dataset
     parent_lineage = base / LINEAGE
+    gguf = source_of(base)  # generation 0 converted from a GGUF: that file's hash is the root of the lineage
+    headroom = check["headroom"]
     return {
         "generation": generation + 1,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "description": description,
         "path": str(final),
         "parent_base": {"path": str(base), "sha256": folder_sha256(base), "generation": generation,
-                        "lineage": str(parent_lineage) if parent_lineage.is_file() else None},
+                        "lineage": str(parent_lineage) if parent_lineage.is_file() else None,
+                        **({"gguf": gguf} if gguf else {})},
         "adapter": {"version": current.version, "path": str(current.path), "global_step": current.manifest.get("global_step")},
         # what this generation learnt (the files merged now); `dataset` is every generation's, carried on
         "files": [e for e in ledger if e.get("generation", 0) == generation],
         "dataset": ledger,
-        "verification": {"probe_tokens": probe_tokens, "max_abs_logit_diff": max_diff, "tolerance": MERGE_TOLERANCE,
+        "verification": {"probe_tokens": probe_tokens, **check, "headroom": headroom if headroom != float("inf") else None,
                          "reloaded_max_abs_logit_diff": reload_diff, "saved_dtype": save_dtype},
         "resources": figures,
         "config": resolved_dict(cfg),

@@ -8,13 +8,18 @@
 These run in their own process (`trainctl sample`, `trainctl eval`), on the CPU
 by default, so they work while the daemon trains: they only read the adapter
 store, and the base is loaded as the trainer loads it (the base in use, the
-configured quantization; fp32 compute) so the adapter sees the weights it was
-trained against. An adapter folder is read with PEFT, as any user would.
+quantization as resolved for that adapter, the trainer's compute dtype) so the
+adapter sees the weights it was trained against; offline and quiet, as the
+trainer is. An adapter folder is read with PEFT, as any user would. Every
+answer names the base's generation (`generation_label`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,10 @@ log = logging.getLogger(__name__)
 class View:
     model: Any
     tokenizer: Any
-    label: str  # "base", "adapter v7"
+    label: str  # "base: generation 0 (…)", "adapter v7 on generation 1, consolidated …"
     has_adapter: bool
     device: str
+    base_label: str = "base"  # which base: generation_label()
 
 
 def pick_adapter(cfg: Config, which: str) -> adapters.AdapterVersion | None:
@@ -59,31 +65,85 @@ def base_for(cfg: Config, adapter: adapters.AdapterVersion | None) -> Path:
     """The base an adapter trained on: its manifest's consolidated base, else the current one's, else the config's."""
     from daemon.train.model import resolve_base
 
-    for source in (adapter, adapters.peek_current(cfg.path("adapters"))):
-        if source is not None and source.manifest.get("base_path"):
-            return Path(source.manifest["base_path"])
-        if source is not None:
-            break  # generation 0: the configured base
+    source = _manifest_source(cfg, adapter)
+    if source is not None and source.manifest.get("base_path"):
+        return Path(source.manifest["base_path"])
     return resolve_base(cfg)
+
+
+def _manifest_source(cfg: Config, adapter: adapters.AdapterVersion | None) -> adapters.AdapterVersion | None:
+    """The version whose manifest says which base is meant: the adapter's own, else (none asked) the current one."""
+    return adapter if adapter is not None else adapters.peek_current(cfg.path("adapters"))
+
+
+def generation_label(cfg: Config, adapter: adapters.AdapterVersion | None) -> str:
+    """Which base, said plainly: "generation 0 (SmolLM2-135M-Instruct.Q4_1.gguf)", or for a consolidated one
+    "generation 2, consolidated 2026-12-06T19:30:00+00:00 ("two weeks of chats")"."""
+    source = _manifest_source(cfg, adapter)
+    m = source.manifest if source is not None else {}
+    generation = int(m.get("generation", 0))
+    if generation == 0 or not m.get("base_path"):
+        return f"generation 0 ({Path(cfg.base_model).name})"
+    try:
+        lineage = json.loads((Path(m["base_path"]) / "lineage.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"generation {generation} ({m['base_path']})"
+    desc = f' ("{lineage["description"]}")' if lineage.get("description") else ""
+    return f"generation {generation}, consolidated {lineage.get('created_at', '?')}{desc}"
+
+
+def quiet_loading() -> None:
+    """As the trainer loads (daemon.train.process): offline, no progress bars, no library chatter on stderr;
+    what concerns the user is printed by the command, and warnings go to the log, not to the screen."""
+    from daemon.train.process import quiet_hugging_face
+
+    quiet_hugging_face()
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "kernels", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def command_threads(window: float = 0.3) -> int:
+    """CPU threads for `sample`/`eval`: every core on a quiet machine; one beside a busy neighbour (a training
+    daemon keeps its cores busy), where OpenMP threads in lock step thrash and run many times slower
+    (daemon/train/threads.py; measured here: `sample` 2m41s with 2 threads beside a loading trainer)."""
+    from daemon.train.threads import BUSY_CORES, machine_busy_seconds, usable_cores
+
+    before = machine_busy_seconds()
+    time.sleep(window)
+    others = (machine_busy_seconds() - before) / window  # cores in use by other processes (we were asleep)
+    return 1 if others >= BUSY_CORES else usable_cores()
 
 
 def load_view(cfg: Config, which: str = "current", device: str = "cpu") -> View:
     adapter = pick_adapter(cfg, which)  # a bad choice is refused before torch is even imported
+    if device == "cpu":
+        from daemon.train.threads import start_threads
+
+        start_threads(cfg.training.cpu_threads or command_threads())  # before torch is imported
+    quiet_loading()
 
     import torch
     from peft import PeftModel
 
-    from daemon.train.model import keep_cpu_4bit_layout, load_base
+    from daemon.train.model import capabilities, choose_dtype, keep_cpu_4bit_layout, load_base, resolve_quantization
 
-    model, tokenizer = load_base(base_for(cfg, adapter), cfg.model, device, torch.float32)
-    if device == "cpu" and cfg.model.quantization != "none":
+    base = base_for(cfg, adapter)
+    caps = capabilities()
+    dtype = choose_dtype(cfg.model, device, caps)  # the trainer's: the numerics the adapter was trained in
+    source = _manifest_source(cfg, adapter)
+    recorded = source.manifest.get("quantization") if source is not None else None
+    quant, _ = resolve_quantization(cfg.model, device, caps, base, dtype, recorded)
+    mc = dataclasses.replace(cfg.model, quantization=quant)
+    model, tokenizer = load_base(base, mc, device, dtype)
+    if device == "cpu" and quant != "none":
         keep_cpu_4bit_layout(model)
-    label = "base"
+    base_label = generation_label(cfg, adapter)
+    label = f"base: {base_label}"
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter.path))
-        label = f"adapter v{adapter.version}"
+        label = f"adapter v{adapter.version} on {base_label}"
     model.eval()
-    return View(model, tokenizer, label, adapter is not None, device)
+    return View(model, tokenizer, label, adapter is not None, device, base_label)
 
 
 def sample(view: View, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
@@ -131,6 +191,7 @@ def compare_on_file(cfg: Config, view: View, path: Path, max_examples: int = 0) 
         out["adapter"]["label"] = view.label
     else:
         out["base"] = _score(view, examples)
+    out["base"]["label"] = f"base: {view.base_label}"
     return out
 
 

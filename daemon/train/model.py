@@ -15,14 +15,16 @@ path on CUDA and on the CPU alike (bitsandbytes >= 0.45 has CPU kernels).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from daemon import adapters, atomic
+from daemon.bases import is_gguf
 from daemon.config import Config, LoraConfig, ModelConfig, SpeedConfig
 from daemon.errors import TraindError
 
@@ -106,9 +108,14 @@ def choose_dtype(mc: ModelConfig, device: str, caps: Capabilities) -> "torch.dty
     return torch.bfloat16 if caps.cpu_bf16 else torch.float32
 
 
-def resolve_base(cfg: Config) -> Path:
-    """The base model folder: the configured one, or the embedded model (built on first use)."""
+def resolve_base(cfg: Config, progress: Callable[[str], None] | None = None) -> Path:
+    """The base model folder: the configured one, the folder converted from a configured .gguf file (converted
+    on first use, `progress` told how it goes), or the embedded model (built on first use)."""
     path = cfg.base_model_path
+    if path is not None and is_gguf(path):
+        from daemon.train.convert import ensure_converted
+
+        return ensure_converted(path, cfg.path("models"), progress)
     if path is not None:
         return path
     from daemon.train.tinymodel import ensure_embedded
@@ -116,11 +123,62 @@ def resolve_base(cfg: Config) -> Path:
     return ensure_embedded(cfg.path("models"))
 
 
+# model.quantization auto on the CPU: the base stays in full precision while its weights in the compute dtype take at
+# most this share of the machine's memory (the rest: activations, the optimizer, the OS, a consolidation's merge).
+AUTO_FIT_FRACTION = 0.5
+QUANT_NOTE_CPU = ("nf4 on the CPU dequantizes every weight at every step: measured on SmolLM2-135M here, slower than "
+                  "none and no memory saved (docs/PERFORMANCE.md); model.quantization auto picks none where the base fits")
+
+
+def base_weight_bytes(base: Path, dtype: "torch.dtype") -> int:
+    """The base's weights in `dtype`, from the safetensors headers (the files' sizes for other formats)."""
+    import torch
+
+    from daemon.train.consolidate import ConsolidationRefused, base_params
+
+    try:
+        return base_params(base) * torch.finfo(dtype).bits // 8
+    except (ConsolidationRefused, OSError, ValueError):
+        return sum(p.stat().st_size for p in base.glob("*.bin"))
+
+
+def total_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def resolve_quantization(mc: ModelConfig, device: str, caps: Capabilities, base: Path, dtype: "torch.dtype",
+                         recorded: str | None = None) -> tuple[str, str | None]:
+    """(quantization to load with, a note for the status) for `model.quantization`.
+
+    auto resolves to what the current adapter was trained with (`recorded`, from its manifest), so it stays
+    the same for the adapter's life whatever the machine; for a new adapter: nf4 on CUDA (with bitsandbytes),
+    and on the CPU none where the base's weights take at most AUTO_FIT_FRACTION of the memory, else nf4."""
+    if mc.quantization != "auto":
+        cpu_4bit = device == "cpu" and mc.quantization != "none"
+        return mc.quantization, (f"model.quantization {mc.quantization}: {QUANT_NOTE_CPU}" if cpu_4bit else None)
+    if recorded in ("nf4", "fp4", "none"):
+        return recorded, f"model.quantization auto: {recorded}, as the current adapter was trained"
+    if device == "cuda":
+        if caps.bitsandbytes:
+            return "nf4", "model.quantization auto: nf4 on CUDA (QLoRA)"
+        return "none", "model.quantization auto: none (bitsandbytes is not installed)"
+    need, have = base_weight_bytes(base, dtype), total_memory()
+    if need <= AUTO_FIT_FRACTION * have:
+        return "none", (f"model.quantization auto: none on the CPU: the base takes {need / 2**30:.2f} GiB in "
+                        f"{str(dtype).removeprefix('torch.')} of {have / 2**30:.0f} GiB; {QUANT_NOTE_CPU}")
+    return "nf4", (f"model.quantization auto: nf4 on the CPU: the base would take {need / 2**30:.1f} GiB in "
+                   f"{str(dtype).removeprefix('torch.')}, over {AUTO_FIT_FRACTION:.0%} of {have / 2**30:.0f} GiB")
+
+
 def quantization_config(mc: ModelConfig, dtype: "torch.dtype", sharded: bool = False) -> Any | None:
     """A BitsAndBytesConfig for 4-bit nf4/fp4 (QLoRA), or None when quantization is 'none'. `sharded` (FSDP):
     the packed 4-bit weights are stored in the compute dtype, so FSDP can flatten them with the rest."""
     if mc.quantization == "none":
         return None
+    if mc.quantization == "auto":
+        raise ModelError("model.quantization 'auto' must be resolved first (resolve_quantization)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"`model.quantization` = {mc.quantization!r} needs bitsandbytes; install it or use 'none'")
     from transformers import BitsAndBytesConfig
@@ -229,11 +287,12 @@ class LoadedModel:
     device: str
     dtype: "torch.dtype"
     base_path: Path
-    quantization: str
+    quantization: str  # as loaded: model.quantization with auto resolved
     fast: Any = None  # daemon.train.step.FastPaths, checked on first use
     split: int = 1  # each micro-batch runs in this many pieces (doubled after an out-of-memory; see step.py)
     speed: SpeedConfig = field(default_factory=SpeedConfig)  # the levers' switches it was loaded with
     levers: dict[str, Any] = field(default_factory=dict)  # what each model lever did (daemon.train.levers.Lever)
+    notes: list = field(default_factory=list)  # what was chosen for this base and why (the status shows it)
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; 4-bit weights counted as stored elements."""
@@ -242,25 +301,33 @@ class LoadedModel:
         return trainable, total
 
 
-def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, base: Path | None = None) -> LoadedModel:
-    """Load the base (`base`, else the configured one) and attach a LoRA initialised from `seed`."""
+def load_for_training(cfg: Config, seed: int, caps: Capabilities | None = None, base: Path | None = None,
+                      recorded_quantization: str | None = None) -> LoadedModel:
+    """Load the base (`base`, else the configured one) and attach a LoRA initialised from `seed`.
+    `recorded_quantization`: what the current adapter was trained with (model.quantization auto keeps it)."""
     caps = caps or capabilities()
     device = choose_device(cfg.model, caps)
     dtype = choose_dtype(cfg.model, device, caps)
     base_path = base or resolve_base(cfg)
+    quant, note = resolve_quantization(cfg.model, device, caps, base_path, dtype, recorded_quantization)
+    mc = dataclasses.replace(cfg.model, quantization=quant)
+    if note:
+        log.info("%s", note)
     dc = cfg.distributed
     sharded = dc.strategy == "fsdp" and dc.nproc_per_node * dc.nnodes > 1
-    model, tokenizer = load_base(base_path, cfg.model, device, dtype, sharded)
-    model = prepare_for_lora(model, cfg.model)
+    model, tokenizer = load_base(base_path, mc, device, dtype, sharded)
+    model = prepare_for_lora(model, mc)
     model = attach_lora(model, cfg.lora, seed)
     from daemon.train.levers import apply_to_model
 
-    applied = apply_to_model(model, cfg, device, dtype)  # precision, fused LoRA, norms: each as `speed.*` says
+    # precision, fused LoRA, norms: each as `speed.*` says (with model.quantization auto resolved)
+    applied = apply_to_model(model, dataclasses.replace(cfg, model=mc), device, dtype)
     if cfg.training.compile:
         compile_blocks(model.get_base_model().get_decoder())
-    log.info("loaded %s on %s (%s, quantization %s, attention %s%s)", base_path, device, dtype, cfg.model.quantization,
+    log.info("loaded %s on %s (%s, quantization %s, attention %s%s)", base_path, device, dtype, quant,
              model.get_base_model().config._attn_implementation, ", compiled" if cfg.training.compile else "")
-    return LoadedModel(model, tokenizer, device, dtype, base_path, cfg.model.quantization, speed=cfg.speed, levers=applied)
+    return LoadedModel(model, tokenizer, device, dtype, base_path, quant, speed=cfg.speed, levers=applied,
+                       notes=[note] if note else [])
 
 
 def compile_blocks(decoder: Any) -> int:

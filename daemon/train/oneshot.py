@@ -44,6 +44,7 @@ def sha256_of(path: Path) -> str:
 def run(cfg: Config, file: Path, output_dir: Path, epochs: int | None = None) -> int:
     from daemon.train import checkpoint as ckpt
     from daemon.train.loop import Job, train_file
+    from daemon.train.convert import source_of
     from daemon.train.model import load_for_training, save_adapter
 
     if epochs is not None:
@@ -103,7 +104,8 @@ def run(cfg: Config, file: Path, output_dir: Path, epochs: int | None = None) ->
     atomic.write_json(output_dir / "manifest.json", {
         "file": str(file), "sha256": sha, "format": report.format.value, "records": report.n_valid,
         "bad_lines": report.n_bad, "steps": outcome.steps, "final_loss": outcome.final_loss,
-        "eval_loss": outcome.eval_loss, "base_model": str(lm.base_path), "seconds": round(time.monotonic() - t0, 1),
+        "eval_loss": outcome.eval_loss, "base_model": str(lm.base_path), "quantization": lm.quantization,
+        **({"base_gguf": gguf} if (gguf := source_of(lm.base_path)) else {}), "seconds": round(time.monotonic() - t0, 1),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": resolved_dict(cfg),
     })
     ckpt.delete_checkpoints(folder)

@@ -49,12 +49,12 @@ def check_fsdp(cfg: Config, device: str) -> None:
         from torch.distributed.fsdp import fully_shard  # noqa: F401 - FSDP2, torch >= 2.6
     except ImportError as e:
         raise ShardingError(f"`distributed.strategy` = 'fsdp' needs torch >= 2.6 (FSDP2's fully_shard): {e}") from e
-    if cfg.model.quantization != "none" and device != "cuda":
+    if cfg.model.quantization not in ("none", "auto") and device != "cuda":  # auto is none on the CPU (where it fits)
         raise ShardingError(
             f"`distributed.strategy` = 'fsdp' with a 4-bit base (`model.quantization` = {cfg.model.quantization!r}) runs "
             "on CUDA only: bitsandbytes' CPU 4-bit layers cannot be sharded. On the CPU use strategy 'ddp', or "
             "quantization 'none'")
-    if cfg.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+    if cfg.model.quantization not in ("none", "auto") and importlib.util.find_spec("bitsandbytes") is None:
         raise ShardingError("`distributed.strategy` = 'fsdp' with a 4-bit base needs bitsandbytes")
 
 

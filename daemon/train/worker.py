@@ -40,7 +40,7 @@ from daemon.train import checkpoint as ckpt
 from daemon.train import consolidate, levers, preflight, process
 from daemon.train.activity import ActivityProbe, Grid
 from daemon.train.model import (ModelError, capabilities, choose_device, load_adapter, load_for_training, lora_state,
-                                publish_adapter, set_lora_state)
+                                publish_adapter, resolve_base, set_lora_state)
 from daemon.train.ranks import Ranks
 from daemon.train.tboard import Board
 from daemon.train.threads import ThreadGovernor, start_threads
@@ -115,7 +115,18 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
     if base is not None and not base.is_dir():
         raise TraindError(f"rank {ranks.rank}: the base {base} (a consolidated generation) is not on this machine; "
                           "every node needs the base it continues")
-    lm = load_for_training(cfg, seed=cfg.training.seed, base=base)
+    if base is None:  # generation 0: the configured base, converted from a GGUF on first use (minutes for a large one)
+        def loading(text: str) -> None:
+            log.info("base model: %s", text)
+            if conn is not None:
+                conn.send(protocol.Loading(detail=text).to_wire())
+
+        base_path = resolve_base(cfg, loading)
+    else:
+        base_path = base
+    # model.quantization auto stays what the current adapter was trained with (its manifest says)
+    recorded = current.manifest.get("quantization") if current is not None else None
+    lm = load_for_training(cfg, seed=cfg.training.seed, base=base_path, recorded_quantization=ranks.broadcast(recorded))
     if current is not None:
         load_adapter(lm.model, current.path)
         log.info("adapter v%d loaded from %s", current.version, current.path)
@@ -138,7 +149,8 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
         base_model=str(base) if base else cfg.base_model, adapter_version=sess.version, trainable_params=trainable,
         total_params=total, load_seconds=time.monotonic() - t0, world_size=ranks.world_size,
         strategy=ranks.strategy, backend=ranks.backend, nnodes=ranks.nnodes,
-        eval_set_examples=len(sess.eval_set) if sess.eval_set else 0, eval_set_error=eval_error, levers=speed))
+        eval_set_examples=len(sess.eval_set) if sess.eval_set else 0, eval_set_error=eval_error,
+        generation=adapters.generation(sess.manifest), notes=list(lm.notes), levers=speed))
     return sess
 
 
@@ -466,9 +478,14 @@ def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
 def generation_fields(sess: Session) -> dict[str, Any]:
     """The base a new version continues: the config's (generation 0) or a consolidated one."""
     m = sess.manifest
+    quant = {"quantization": sess.lm.quantization}  # as loaded (auto resolved): auto keeps it for this adapter
     if m.get("base_path"):
-        return {"base_model": m["base_path"], "base_path": m["base_path"], "generation": m.get("generation", 0)}
-    return {"base_model": sess.cfg.base_model, "generation": m.get("generation", 0)}
+        return {"base_model": m["base_path"], "base_path": m["base_path"], "generation": m.get("generation", 0), **quant}
+    from daemon.train.convert import source_of
+
+    gguf = source_of(sess.lm.base_path)  # a GGUF base: the file's hash, not only the folder it was converted to
+    return {"base_model": sess.cfg.base_model, "generation": m.get("generation", 0), **quant,
+            **({"base_gguf": gguf} if gguf else {})}
 
 
 def prune_versions(sess: Session) -> None:

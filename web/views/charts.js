@@ -49,7 +49,7 @@ export function update(s, prev) {
 export async function load() {
   try {
     const h = await api(`/api/history?max_points=${MAX_POINTS}`);
-    state.overview = { points: h.points, evals: h.evals, evalSet: h.eval_set || [], total_rows: h.total_rows, downsampled: h.downsampled, bucket_width: h.bucket_width };
+    state.overview = { points: h.points, evals: h.evals, evalSet: h.eval_set || [], markers: h.markers || [], total_rows: h.total_rows, downsampled: h.downsampled, bucket_width: h.bucket_width };
     state.series = { shown: h.series, all: h.all_series || [] };
     state.detail = null;
     state.lastStep = h.last_global_step == null ? -1 : h.last_global_step;
@@ -67,6 +67,7 @@ async function appendHistory() {
     const o = state.overview;
     o.points = o.points.concat(h.points); o.evals = o.evals.concat(h.evals); o.total_rows += h.total_rows;
     o.evalSet = (o.evalSet || []).concat(h.eval_set || []);
+    o.markers = h.markers || o.markers;  // every marker comes each time (a handful)
     if (h.last_global_step != null) state.lastStep = h.last_global_step;
     draw();
   } catch (e) { /* next status event retries */ } finally { state.historyBusy = false; }
@@ -84,7 +85,8 @@ function makeChart(id, series, yFmt, hooks = {}) {
       axis({ size: 64, values: (u, vals) => yFmt(vals) }),
     ],
     series: [{ label: 'step' }].concat(series),
-    hooks: { setScale: [(u, key) => { if (key === 'x') onZoom(u); }], ...hooks },
+    // consolidations and rollbacks are marked on every chart; a chart may draw more of its own (`hooks.draw`)
+    hooks: { setScale: [(u, key) => { if (key === 'x') onZoom(u); }], draw: [drawMarkers, ...(hooks.draw || [])] },
   };
   const empty = [[]].concat(series.map(() => []));
   const chart = new uPlot(opts, empty, host);
@@ -92,8 +94,30 @@ function makeChart(id, series, yFmt, hooks = {}) {
   return chart;
 }
 
+// Consolidations and rollbacks: a dashed line at the last step trained before each, labelled on the loss chart.
+const MARKER_COLOR = { consolidation: '#ffd43b', rollback: '#ff6b6b' };
+function drawMarkers(u) {
+  const marks = (state.overview && state.overview.markers) || [];
+  const { ctx } = u;
+  const { top, height } = u.bbox;
+  ctx.save();
+  ctx.setLineDash([5, 4]);
+  ctx.lineWidth = Math.max(1, devicePixelRatio);
+  ctx.font = `${11 * devicePixelRatio}px sans-serif`;
+  for (const m of marks) {
+    const x = Math.round(u.valToPos(m.global_step, 'x', true));
+    if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+    ctx.strokeStyle = ctx.fillStyle = MARKER_COLOR[m.kind] || '#ced4da';
+    ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+    if (u.root.parentElement && u.root.parentElement.id === 'chart-loss') ctx.fillText(m.kind, x + 4, top + 12 * devicePixelRatio);
+  }
+  ctx.restore();
+}
+
 function draw() {
   const d = chartData();
+  const marks = (state.overview && state.overview.markers) || [];
+  $('chart-loss').dataset.markers = marks.map((m) => `${m.kind}@${m.global_step}`).join(',');
   const keep = state.zoomed;  // a zoomed view stays where the person put it
   state.syncing = true;
   try {

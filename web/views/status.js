@@ -55,8 +55,10 @@ export function update(s) {
   $('adapter').textContent = s.adapter_version == null ? '—' : 'v' + s.adapter_version;
   $('device').textContent = [s.device, s.compute_dtype, s.quantization].filter(Boolean).join(' · ') || '—';
   $('updated').textContent = s.updated_at ? new Date(s.updated_at).toLocaleTimeString() : '—';
+  // The whole name of the base in use: for a consolidated one its generation and stamp (the folder's name)
   const base = s.base_model || '';
-  $('base-model').textContent = base ? base.split('/').slice(-2).join('/') : '—';
+  const name = base.split('/').filter(Boolean).pop() || '';
+  $('base-model').textContent = !base ? '—' : s.generation ? `generation ${s.generation} · ${name}` : name;
   $('base-model').title = base;
   const g = s.auto_generate;  // the idle-time generator, when enabled
   $('gen-row').hidden = !g;
