@@ -28,7 +28,9 @@ SERVICE_TRANSITIONS: dict[ServiceStatus, frozenset[ServiceStatus]] = {
     ServiceStatus.PAUSED: frozenset({ServiceStatus.IDLE, ServiceStatus.TRAINING, ServiceStatus.STOPPING, ServiceStatus.STOPPED, ServiceStatus.ERROR}),
     ServiceStatus.STOPPING: frozenset({ServiceStatus.STOPPED, ServiceStatus.ERROR}),
     ServiceStatus.STOPPED: frozenset({ServiceStatus.IDLE}),  # a new start
-    ServiceStatus.ERROR: frozenset({ServiceStatus.IDLE, ServiceStatus.STOPPING, ServiceStatus.STOPPED}),
+    # ERROR to TRAINING or PAUSED: a trainer that came up in the end is handed a file (or held) in the same tick.
+    ServiceStatus.ERROR: frozenset({ServiceStatus.IDLE, ServiceStatus.TRAINING, ServiceStatus.PAUSED,
+                                    ServiceStatus.STOPPING, ServiceStatus.STOPPED}),
 }
 
 

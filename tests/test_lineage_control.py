@@ -429,3 +429,49 @@ def test_the_history_api_shows_the_current_series_and_where_it_began(cfg, monkey
         assert [s.id for s in h.all_series] == [0, 1]
     old = history.read_history(path, HistoryIndex(), -1, None, 2000, series=0)
     assert {p.job_id for p in old.points} == {"old"} and old.total_rows == 100 and old.series.id == 0
+
+
+def test_a_rollback_whose_version_cannot_be_published_changes_nothing(tmp_path, models_dir, monkeypatch):
+    """A full disk at the rolled-back version's publication: the adapter keeps the weights it had, the file it
+    interrupted keeps its checkpoints, and the answer is a refusal, not a crash that comes back (#27 review)."""
+    import errno
+
+    torch = pytest.importorskip("torch")
+    from daemon.train import worker
+    from daemon.train.activity import ActivityProbe
+    from daemon.train.model import load_for_training, lora_state, publish_adapter
+
+    cfg = load_config(write_instance(tmp_path / "i", models_dir))
+    threads = torch.get_num_threads()
+    try:
+        lm = load_for_training(cfg, seed=cfg.training.seed)
+    finally:
+        torch.set_num_threads(threads)
+    folder = cfg.path("adapters")
+    m1 = {"version": 1, "parent_version": None, "generation": 0, "job_id": "job-one", "sha256": sha("one"),
+          "original_name": "one", "trained_jobs": ["job-one"], "global_step": 3}
+    publish_adapter(folder, lm.model, m1)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # the second file moved the weights
+    m2 = {**m1, "version": 2, "parent_version": 1, "job_id": "job-two", "trained_jobs": ["job-one", "job-two"]}
+    publish_adapter(folder, lm.model, m2)
+    mine, theirs = Pipe()
+    sess = worker.Session(cfg, mine, lm, 2, m2, ActivityProbe(lm.model))
+    kept = sess.checkpoints("job-long") / "step_000003"
+    kept.mkdir(parents=True)
+    before = lora_state(lm.model)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(worker, "publish_adapter", full)
+    sess.rollback_to = 1
+    worker.rollback(sess, "job-long")
+    said = answer(theirs)
+    assert said["type"] == "rollback_refused" and said["job_id"] == "job-long" and "No space left" in said["message"]
+    assert kept.is_dir()  # the interrupted file resumes from its checkpoint
+    assert sess.version == 2 and adapters.read_current(folder).version == 2
+    after = lora_state(lm.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the weights it had

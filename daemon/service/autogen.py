@@ -91,6 +91,19 @@ class AutoGenerator:
         d.pop("day")
         return d
 
+    def follow(self, now: float, queue_empty: bool, paused: bool, status: Any, db: Any) -> bool:
+        """`tick`, then what it changed into the service's status (and a new error into the history); True when
+        the status changed. The request's thread changes the state too: compared with what the status shows."""
+        before = status.auto_generate or {}
+        self.tick(now, queue_empty, paused)
+        after = self.status()
+        if after == before:
+            return False
+        status.auto_generate = after
+        if after.get("last_error") and after.get("last_error") != before.get("last_error"):
+            db.event("auto_generate", f"generator ({after['source']}) failed: {after['last_error']}", t=now)
+        return True
+
     def tick(self, now: float, queue_empty: bool, paused: bool) -> None:
         if not self.ac.enabled or (self._thread is not None and self._thread.is_alive()):
             return

@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from daemon import logs
 from daemon.diskspace import UNWRITABLE, DiskFull, disk_full_from, free_bytes, human_bytes, writable
 from daemon.schema import DiskFullStatus, iso
 from daemon.states import PauseReason
@@ -45,6 +46,7 @@ class DiskGuard:
                  roles: dict[Path, str] | None = None,
                  on_event: Callable[[str, str], None] = lambda kind, message: None) -> None:
         self.roles = roles or {}  # folder -> what is written there (names the site of an error out of the loop)
+        self._log_drops = logs.DROPS["count"]  # log records dropped so far (the service's log, by daemon.logs)
         self.on_event = on_event
         self.folders = list(folders)
         self.min_free = min_free
@@ -135,8 +137,13 @@ class DiskGuard:
         return began
 
     def tick(self, now: float) -> str | None:
-        """The periodic look: "tripped" when free space fell below the threshold, "cleared" when the hold is
-        over (both said), None otherwise."""
+        """The periodic look: "tripped" when free space fell below the threshold, or the daemon's log dropped
+        records (daemon.logs counts them: it could not be written), "cleared" when the hold is over (both said),
+        None otherwise."""
+        if logs.DROPS["count"] != self._log_drops:
+            self._log_drops = logs.DROPS["count"]
+            if self.hold(DiskFull(logs.DROPS["path"], None, "log", logs.DROPS["error"]), now):
+                return "tripped"
         was = self.full
         change = self.check(now)
         if change == "tripped":

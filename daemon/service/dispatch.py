@@ -2,6 +2,7 @@
 
     entry = next_entry(queue, tracker)                      # a crashed or stopped file first, then pending/
     job = job_for(entry, now, cfg, queue, db, ledger, tracker)   # protocol.Job, or None (failed or done here)
+    hand_next(now, sup, tracker, cfg, queue, db, ledger)    # both, and the job to the trainer
 
 A file is handed over only as it was checked at intake: one whose record is
 missing (a crash between its move and its record) is validated again; one that
@@ -12,15 +13,40 @@ duplicate. Standard library only.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from daemon import protocol
 from daemon.config import Config
 from daemon.dataset import DatasetLedger
 from daemon.intake import finish_duplicate, record_job
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.protocol import Job
 from daemon.service.tracker import JobTracker
-from daemon.states import FailReason, JobState, Priority
+from daemon.states import FailReason, JobState, Priority, TrainerState
 from daemon.status import HistoryDB
 from daemon.validate import validate_file
+
+log = logging.getLogger(__name__)
+
+
+def hand_next(now: float, sup: Any, tracker: JobTracker, cfg: Config, queue: JobQueue, db: HistoryDB,
+              ledger: DatasetLedger) -> str | None:
+    """Hand the next file to the (ready) trainer: "sent", "refused" (failed or done on the spot: look again at
+    once), or None (nothing to train, or the trainer is going: not a crash of the file)."""
+    entry = next_entry(queue, tracker)
+    if entry is None:
+        return None
+    job = job_for(entry, now, cfg, queue, db, ledger, tracker)
+    if job is None:
+        return "refused"
+    tracker.begin(job)
+    if not sup.send(protocol.Train(job=job)):
+        tracker.end()
+        return None
+    sup.state = TrainerState.BUSY
+    log.info("training %s", entry.job_id)
+    return "sent"
 
 
 def next_entry(queue: JobQueue, tracker: JobTracker) -> QueueEntry | None:

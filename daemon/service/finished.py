@@ -1,6 +1,6 @@
 """Files that changed under traind: checked when a file finishes, and watched after it where a writer remains.
 
-    verdict = check_finished(entry, queued_size, queued_sha256, queued_at)   # None, or what changed
+    verdict = check_finished(path, queued_size, queued_sha256, queued_at)    # None, or what changed
     watch = FinishedWatch()
     watch.add(job_id, path, now)          # a file finished while a process still holds it open for writing
     for change in watch.changes(now):     # ... which then wrote to it: say so

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import stat
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,6 +69,7 @@ class InboxScanner:
         self._first_scan = True  # files already waiting at start: their mtime tells how long they have held still
         self._renamed_in: set[Path] = set()  # told by the inbox watcher (another thread): complete by protocol
         self._closed: set[Path] = set()  # told by the inbox watcher: a writer closed it (look again at once)
+        self._failures: dict[Path, tuple[int, int] | None] = {}  # path -> (size, mtime_ns) that could not be taken
         self._told_lock = threading.Lock()
 
     def ensure(self) -> None:
@@ -215,6 +217,34 @@ class InboxScanner:
         self.forget(path)
         self._told.discard(path)
         self._taken[path] = now
+
+    def take_ready(self, now: float, take: Callable[[Path, Priority], object],
+                   held_for_disk: Callable[[BaseException], bool]) -> str | None:
+        """`take(path, priority)` each ready file (daemon.intake.take_file), each at its own boundary: one that
+        fails stays in the inbox, logged once while it is unchanged; a full disk stops the round
+        (`held_for_disk(e)`: the caller holds). The last failure's line for the status, or None."""
+        said = None
+        for path, prio in self.ready(now):
+            self.forget(path)
+            ident = None
+            try:
+                st = path.stat()
+                ident = (st.st_size, st.st_mtime_ns)
+                if self._failures.get(path) == ident:
+                    continue  # failed before and unchanged since: once in the log is enough
+                take(path, prio)
+                self.taken(path, now)
+                self._failures.pop(path, None)
+            except FileNotFoundError:
+                continue  # taken away by its writer
+            except Exception as e:  # a job boundary: record, keep the file, keep running
+                if held_for_disk(e):
+                    log.warning("%s stays in the inbox until space is back (not the file's fault)", path.name)
+                    return said
+                log.error("could not take %s from the inbox:\n%s", path, traceback.format_exc())
+                said = f"intake of {path.name} failed; see the daemon log"
+                self._failures[path] = ident
+        return said
 
     def waiting(self) -> int:
         """Files seen but not yet settled (for the status detail)."""

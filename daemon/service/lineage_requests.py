@@ -35,6 +35,8 @@ class LineageRequests:
 
     # -- asking --------------------------------------------------------------------------------
     def ask_rollback(self, version: int | None) -> None:
+        if self.rollback is not None:
+            raise QueueError(f"a rollback to v{self.rollback} is already on its way")
         why = adapters.rollback_refusal(self.cfg.path("adapters"), version) if version is not None else "no version"
         if why is not None:  # refused here, the file in training is never interrupted
             raise QueueError(why)
@@ -56,14 +58,21 @@ class LineageRequests:
         """A request waits for its answer: no file starts meanwhile."""
         return self.rollback is not None or self.consolidation is not None
 
-    @property
-    def consolidating(self) -> bool:
-        return self.consolidation is not None and self.consolidation_sent
+    def doing(self) -> str | None:
+        """What a request waiting for its answer means for the status (no file starts meanwhile)."""
+        if self.rollback is not None:
+            return (f"rolling back to adapter v{self.rollback}" if self.rollback_sent
+                    else f"a rollback to adapter v{self.rollback} waits for the trainer")
+        if self.consolidation is not None:
+            return ("consolidating the adapter into a new base" if self.consolidation_sent
+                    else "a consolidation waits for the trainer, between files")
+        return None
 
-    def due(self, trainer: TrainerState, job_in_training: bool, stopping: bool) -> list[protocol.Message]:
+    def due(self, trainer: TrainerState, job_in_training: bool, stopping: bool, disk_held: bool) -> list[protocol.Message]:
         """What to send the trainer now (the caller marks each sent with `sent`). A rollback goes once the
-        trainer is up, mid-file or not; a consolidation only between files."""
-        if stopping:
+        trainer is up, mid-file or not; a consolidation only between files; neither while the disk is held (each
+        publishes a version, and a full disk would only refuse it)."""
+        if stopping or disk_held:
             return []
         out: list[protocol.Message] = []
         if self.rollback is not None and not self.rollback_sent and trainer in (TrainerState.READY, TrainerState.BUSY):
@@ -88,7 +97,28 @@ class LineageRequests:
 
     # -- answers -------------------------------------------------------------------------------
     def answered(self, msg: protocol.Message) -> None:
-        if isinstance(msg, (protocol.RolledBack, protocol.RollbackRefused)):
+        if isinstance(msg, protocol.RolledBack) and msg.rollback_of == self.rollback:
+            self.rollback = None
+        elif isinstance(msg, protocol.RollbackRefused) and msg.version == self.rollback:
             self.rollback = None
         elif isinstance(msg, (protocol.Consolidated, protocol.ConsolidationRefused)):
             self.consolidation = self.consolidation_of = None
+
+
+def answer_said(msg: protocol.Message) -> tuple[str, str]:
+    """The history event (kind, message) of the trainer's answer to a rollback or a consolidation."""
+    match msg:
+        case protocol.RolledBack():
+            note = (f"; no longer in the adapter (not retrained; drop them again to train them): {', '.join(msg.undone)}"
+                    if msg.undone else "")
+            return "rollback", f"rolled back to adapter v{msg.rollback_of} (published as v{msg.version}){note}"
+        case protocol.RollbackRefused():
+            return "control_refused", f"rollback to v{msg.version}: {msg.message}"
+        case protocol.Consolidated():
+            return "consolidated", (f"adapter v{msg.consolidated_version} merged into generation {msg.generation}'s "
+                                    f"base {msg.path} ({msg.files} file(s); max |logit diff| {msg.max_logit_diff:.2e}; "
+                                    f"{msg.seconds:.1f} s); training goes on with a fresh adapter "
+                                    f"v{msg.adapter_version}: {msg.description}")
+        case protocol.ConsolidationRefused():
+            return "control_refused", f"consolidate: {msg.message}"
+    raise TypeError(f"not an answer to a rollback or a consolidation: {msg.TYPE}")

@@ -10,10 +10,13 @@ and always rescans the folders: events are hints, the folders are the truth.
 
 What it keeps are facts (a stop asked for, the trainer's state and answers,
 the file in training, the person's desired state, a disk hold); the status
-is derived from them in one place (daemon/service/state.py). The trainer's
-messages are typed (daemon/protocol.py) and dispatched on their type; the
-rollback and consolidation requests wait for their answers in their own
-object (lineage_requests.py); the disk holds are DiskGuard's (diskguard.py).
+is derived from them in one place (daemon/service/state.py) and written by
+its one writer (publisher.py). The trainer's messages are typed
+(daemon/protocol.py) and dispatched on their type, each on its own (one that
+fails is logged; the rest of the batch, and the child's exit, still count);
+the person's requests are the ControlDesk's (controls.py); rollback and
+consolidation requests wait for their answers in their own object
+(lineage_requests.py); the disk holds are DiskGuard's (diskguard.py).
 `spawn` makes the trainer child: the real process, or a fake that speaks the
 protocol in this process (tests/fake_trainer.py), so `tick()` is testable.
 """
@@ -30,28 +33,31 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import adapters, atomic, control, diskspace, lockedkeys, logs, protocol
+from daemon import adapters, atomic, control, diskspace, lockedkeys, protocol
 from daemon.config import Config, resolved_dict
 from daemon.dataset import DatasetLedger
 from daemon.diskspace import DiskFull
-from daemon.errors import LockedKeyError, QueueError
-from daemon.intake import remove_file, retry_file, take_file
-from daemon.jobqueue import ERROR_SUFFIX, JobQueue, original_name
+from daemon.errors import LockedKeyError
+from daemon.intake import take_file
+from daemon.jobqueue import ERROR_SUFFIX, JobQueue
 from daemon.lock import acquire
 from daemon.schema import TrainingStatus
-from daemon.service import rank_status, state
+from daemon.service import state
 from daemon.service.autogen import AutoGenerator
 from daemon.service.child import TrainerProcess
+from daemon.service.controls import ControlDesk
 from daemon.service.diskguard import DiskGuard
-from daemon.service.dispatch import job_for, next_entry
+from daemon.service.dispatch import hand_next
 from daemon.service.inbox import InboxScanner
-from daemon.service.lineage_requests import LineageRequests
-from daemon.service.notify import EVENT_OF, Notifier
+from daemon.service.lineage_requests import LineageRequests, answer_said
+from daemon.service.notify import Notifier, job_details
+from daemon.service.publisher import StatusPublisher
+from daemon.service.stopping import Stopping
 from daemon.service.supervisor import Supervisor
+from daemon.service.trainer_said import refusal_said, take_ready
 from daemon.service.tracker import JOB_MESSAGES, JobTracker, published_adapter
 from daemon.service.wakeup import Wakeup
-from daemon.states import (SERVICE_TRANSITIONS, ControlAction, DesiredState, FailReason, JobState, Priority,
-                           ServiceStatus, TrainerState, check_transition)
+from daemon.states import DesiredState, JobState, ServiceStatus, TrainerState
 from daemon.status import HISTORY_FILE, STATUS_FILE, HistoryDB, StatusWriter
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,8 @@ class Service:
         self.status = TrainingStatus(pid=os.getpid(), write_interval_seconds=cfg.service.status_interval_seconds,
                                      base_model=cfg.base_model, quantization=cfg.model.quantization)
         self.writer = StatusWriter(cfg.path("status"))
+        self.publisher = StatusPublisher(self.status, self.writer, cfg.service.status_interval_seconds,
+                                         on_paused=lambda: self.tracker and self.tracker.restart_rate())
         self.wakeup = Wakeup()
         self.sup = Supervisor(cfg.path("status") / RUNNING_CONFIG, cfg.path("logs"), self.wakeup.wake,
                               cfg.service.restart_backoff_seconds, spawn=spawn)
@@ -85,22 +93,12 @@ class Service:
                               on_event=self._disk_event)
         self.db: HistoryDB | None = None
         self.tracker: JobTracker | None = None  # made with the db, at start-up
-        self.deferred_skips: list[str] = []  # skips of files left by a dead child, told to the next one
-        # facts the status is derived from (daemon/service/state.py)
-        self.stopping: str | None = None  # why a warm stop (checkpoint, then exit) was asked for
-        self.trainer_holds = False  # the trainer confirmed it holds between steps (paused, disk_full)
-        self.restarting: str | None = None  # the trainer died; what the status says until the next one is up
-        self.cannot_start: str | None = None  # it failed to start several times in a row: what the status says
-        self.loading: str | None = None  # what the trainer said it is doing before `ready` (converting a GGUF)
-        self.stop_deadline = 0.0
-        self.exit_now = False
-        self.signals = 0
-        self.last_status_write = 0.0
+        self.controls: ControlDesk | None = None  # likewise
+        # the facts the status is derived from (daemon/service/state.py) are these, the trainer's (self.sup),
+        # the file in training (self.tracker), the person's desired state, the disk's hold and the requests'
+        self.stop = Stopping(cfg.service.stop_timeout_seconds)  # warm or at once (daemon/service/stopping.py)
         self._lock_fd: int | None = None
         self._locked_at = 0.0  # when run() took the instance lock
-        self._dirty = True  # the status changed since it was last written
-        self._intake_failures: dict[Path, tuple[int, int] | None] = {}  # path -> (size, mtime_ns) that failed
-        self._log_drops = logs.DROPS["count"]
 
     # -- life cycle -------------------------------------------------------------
     def run(self) -> int:
@@ -113,15 +111,15 @@ class Service:
                 # Still a true picture of the instance: what is queued and which adapter exists.
                 self.status.queue = self.queue.counts()
                 self.status.adapter_version = published_adapter(self.cfg)["version"]
-                self._show(ServiceStatus.ERROR, "refused to start: locked keys changed")
                 self.status.last_error = str(err)
+                self.publisher.show(ServiceStatus.ERROR, "refused to start: locked keys changed")
                 self._write_status(force=True)
                 log.error("%s", err)
                 print(f"traind: {err}", file=sys.stderr)
                 return EXIT_LOCKED_KEYS
             self.start()
             self._install_signals()
-            while not self.exit_now:
+            while not self.stop.exit_now:
                 self._wait()
                 self._guarded_tick()
             return EXIT_OK
@@ -144,6 +142,8 @@ class Service:
         self.db = HistoryDB(self.cfg.path("status") / HISTORY_FILE)
         self.db.on_disk_full = lambda e: self._disk_error(e, self.cfg.path("status"), "history")
         self.tracker = JobTracker(self.cfg, self.queue, self.db, self.status)
+        self.controls = ControlDesk(self.cfg, self.queue, self.db, self.tracker, self.requests, self.sup,
+                                    lambda now, why: self.stop.begin(now, why, self.sup, self.tracker, self.db))
         self.ledger = DatasetLedger(self.cfg.path("adapters"), self.db, adapters.config_base(self.cfg))
         self.notifier = Notifier(self.cfg)
         self.autogen = AutoGenerator(self.cfg)
@@ -167,13 +167,7 @@ class Service:
 
     def _notify(self, kind: str, message: str, job_id: str | None, t: float) -> None:
         """Webhooks of a history event, with the file's record (name, steps, losses, reason)."""
-        details: dict[str, Any] = {}
-        if job_id and kind in EVENT_OF:
-            record = self.db.job(job_id) or {}
-            details = {k: record.get(k) for k in ("original_name", "steps", "final_loss", "eval_loss", "reason",
-                                                  "adapter_version", "eval_set_before", "eval_set_after")}
-            details["file"] = details.pop("original_name") or original_name(job_id)
-        self.notifier.event(kind, message, job_id, t, details)
+        self.notifier.event(kind, message, job_id, t, job_details(self.db, kind, job_id))
 
     def _sweep_temps(self) -> None:
         """Temp files of atomic writes a killed service left (the status file, the running config,
@@ -192,7 +186,7 @@ class Service:
             if self.status.status is not ServiceStatus.ERROR:
                 left = self.queue.processing()
                 note = f"; {left[0].original_name} resumes from its checkpoint at the next start" if left else ""
-                self._show(ServiceStatus.STOPPED, "stopped" + note)
+                self.publisher.show(ServiceStatus.STOPPED, "stopped" + note)
             self.status.trainer_pid = None
             self._write_status(force=True)
             self.db.event("stop", "daemon stopped")
@@ -218,7 +212,7 @@ class Service:
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, frame: Any) -> None:  # only sets flags (huey, rq)
-            self.signals += 1
+            self.stop.signal()
             self.wakeup.wake()
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -241,7 +235,7 @@ class Service:
 
     def tick(self) -> None:
         now = self.clock()
-        self._handle_signals(now)
+        self.stop.look(now, self.sup, self.tracker, self.db, self.cfg)
         self._handle_child(now)
         self._check_disk(now)
         self._handle_control(now)
@@ -253,57 +247,53 @@ class Service:
             self.sup.send(protocol.Skip(job_id=self.tracker.job.job_id))
         self.tracker.watch_finished(now)
         self._dispatch(now)
-        self._maybe_finish_stop(now)
+        self.stop.finish(now, self.sup)
         self._refresh_status()
         self._write_status()
-
-    def _handle_signals(self, now: float) -> None:
-        if self.signals >= 2 and not self.exit_now:
-            log.warning("second stop signal: stopping now without a checkpoint (resumes from the last one)")
-            self.sup.kill()
-            self.exit_now = True
-        elif self.signals == 1 and self.stopping is None:
-            log.info("stop signal: checkpointing, then exiting (send it again to stop at once)")
-            self._begin_stop(now, "signal")
-        if control.emergency_stop_requested(self.cfg):
-            control.emergency_stop_path(self.cfg).unlink(missing_ok=True)
-            if self.stopping is None:
-                log.warning(".stop found: emergency stop (checkpoint, then exit)")
-                self._begin_stop(now, ".stop file")
 
     # -- the child ------------------------------------------------------------------
     def _start_child(self, now: float) -> None:
         self.sup.start(now)
-        self.loading = None
         self.status.trainer_pid = self.sup.pid
-        self.trainer_holds = False
 
     def _handle_child(self, now: float) -> None:
+        """Each message on its own: one whose handling fails is logged (a full disk held for), and the rest of
+        the batch and the child's exit still count (else a reaped child would leave the service waiting)."""
         messages, code = self.sup.poll(now)
-        for msg in messages:
-            self._on_message(msg, now)
-        if code is not None:
-            self._on_child_exit(code, now)
-        if self.sup.due(now) and self.stopping is None:
+        try:
+            for msg in messages:
+                try:
+                    self._on_message(msg, now)
+                except Exception as e:
+                    if not self._disk_error(e, None, "service"):
+                        log.error("handling the trainer's %s message failed:\n%s", msg.TYPE, traceback.format_exc())
+                        self.status.last_error = f"handling the trainer's {msg.TYPE} message failed: {e!r}"
+        finally:
+            if code is not None:
+                self._on_child_exit(code, now)
+        if self.sup.dropped_job_end(self.tracker.job):  # a `done`/`failed` that could not be read: a crash of it
+            log.error("the trainer's last word on %s could not be read; ending the trainer (it restarts and "
+                      "resumes)", self.tracker.job.job_id)
+            self.sup.kill()
+        if self.sup.due(now) and self.stop.why is None:
             self._start_child(now)
 
     def _on_child_exit(self, code: int, now: float) -> None:
         self.status.trainer_pid = None
-        self.trainer_holds = False
         self.requests.trainer_gone()  # unanswered: the next child gets them again
         if self.sup.refusal is not None:  # not a crash: the config cannot run here; nothing restarts it
             self.sup.state = TrainerState.REFUSED
             if self.tracker.job is not None:  # it stays in processing/ and resumes once the config is mended
                 self.tracker.end()
-            self.exit_now = self.exit_now or self.stopping is not None
+            self.stop.child_gone()
             return
-        if self.sup.state is TrainerState.EXITING or self.stopping is not None:
+        if self.sup.state is TrainerState.EXITING or self.stop.why is not None:
             self.sup.state = TrainerState.DOWN
-            self.exit_now = self.exit_now or self.stopping is not None
+            self.stop.child_gone()
             return
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         before_ready = self.sup.state is TrainerState.STARTING
-        backoff = self.sup.crashed(now, before_ready)
+        backoff = self.sup.crashed(now, before_ready, how)
         log.error("trainer child died (%s); restarting in %.1f s", how, backoff)
         job = self.tracker.job
         # A trainer that died loading says why in its log: the whole error goes to the event and the status.
@@ -314,119 +304,72 @@ class Service:
             # A trainer that dies while the disk is full died of it, not of the file: not counted against it.
             self.tracker.crashed(how, now, count=self.disk.full is None and self.disk.lowest() is None
                                  and diskspace.free_bytes(self.cfg.path("checkpoints")) >= diskspace.NEARLY_FULL_BYTES)
-        if self.sup.cannot_start:
-            self.cannot_start = f"the trainer cannot start; retrying in {backoff:.0f} s"
-            self.status.last_error = (f"trainer failed to start {self.sup.start_failures} times in a row ({how}): "
-                                      f"{hint or self.sup.last_error_hint()}")
-        else:
-            self.restarting = f"trainer restarting ({how})"
-            self.status.last_error = f"trainer child died ({how})"
+        self.status.last_error = (f"trainer failed to start {self.sup.start_failures} times in a row ({how}): "
+                                  f"{hint or self.sup.last_error_hint()}" if self.sup.cannot_start
+                                  else f"trainer child died ({how})")
 
     def _on_message(self, msg: protocol.Message, now: float) -> None:
-        """What the trainer said: dispatched on its type."""
-        if isinstance(msg, JOB_MESSAGES):
-            self._on_job_message(msg, now)
+        """What the trainer said: what it says of itself is the supervisor's; the rest dispatched on its type."""
+        if self.sup.on_message(msg):
             return
         match msg:
-            case protocol.Loading():  # a long load before `ready` (a GGUF base converted on first use)
-                self.loading = msg.detail
+            case _ if isinstance(msg, JOB_MESSAGES):
+                self._on_job_message(msg, now)
             case protocol.Ready():
                 self._on_ready(msg, now)
             case protocol.ConfigRefused():
-                self._on_config_refused(msg, now)
-            case protocol.Paused():
-                self.trainer_holds = True
-            case protocol.Resumed():
-                self.trainer_holds = False
+                self.status.last_error = refusal_said(msg)
+                self.db.event("config_refused", self.status.last_error, msg.job_id, t=now)
             case protocol.DiskFullReport():  # it holds until `resume` (the resume ending the hold goes to it)
-                self.sup.paused = self.trainer_holds = True
                 self._hold_for_disk(DiskFull(msg.folder, msg.free_bytes, msg.site, msg.message, kind=msg.kind), now)
+            case protocol.Stopped() if msg.job_id:
+                self.db.event("job_stopped", f"stopped at step {msg.checkpoint_step}; resumes from there",
+                              msg.job_id, t=now)
             case protocol.Stopped():
-                self.sup.state = TrainerState.EXITING
-                if msg.job_id:
-                    self.db.event("job_stopped", f"stopped at step {msg.checkpoint_step}; resumes from there",
-                                  msg.job_id, t=now)
+                pass
             case protocol.RolledBack() | protocol.RollbackRefused() | protocol.Consolidated() | \
                     protocol.ConsolidationRefused():
+                self.requests.answered(msg)
                 self._on_lineage_answer(msg, now)
             case _:
                 log.warning("no handler for a %s message from the trainer", msg.TYPE)
 
     def _on_job_message(self, msg: protocol.Message, now: float) -> None:
-        if isinstance(msg, protocol.Failed) and msg.reason == "guard":  # nothing starts until a person looks
-            control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
-            self.db.event("guard", f"paused by a guard: {msg.message}", msg.job_id, t=now)
         try:
             over = self.tracker.on_message(msg, now)
         finally:  # the file ended even if recording it failed
             if self.tracker.job is None:
                 self._job_over()
+        if isinstance(msg, protocol.Failed) and msg.reason == "guard":  # nothing starts until a person looks
+            self.db.event("guard", f"paused by a guard: {msg.message}", msg.job_id, t=now)
+            control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
         if isinstance(msg, protocol.Step) and not over:
             self.sup.on_step()
-            if self.clock() - self.last_status_write >= 0.5:  # live enough for a person, cheap for the disk
-                self._dirty = True
+            if self.clock() - self.publisher.last_write >= 0.5:  # live enough for a person, cheap for the disk
+                self.publisher.dirty = True
 
     def _on_ready(self, msg: protocol.Ready, now: float) -> None:
-        self.sup.on_ready()
-        self.restarting = self.cannot_start = None
-        s = self.status
-        s.device, s.compute_dtype, s.quantization, s.base_model = (msg.device, msg.compute_dtype, msg.quantization,
-                                                                   msg.base_model)
-        s.adapter_version = msg.adapter_version if msg.adapter_version is not None else s.adapter_version
-        s.generation, self.loading = msg.generation, None
-        s.settings_notes = [*self.cfg.tuned, *msg.notes]
-        for note in s.settings_notes:
-            log.info("setting: %s", note)
-        s.world_size, s.distributed = rank_status.setup(msg)
-        log.info("trainer ready on %s (%s, %s) in %.1f s", msg.device, msg.compute_dtype, msg.quantization,
-                 msg.load_seconds)
-        if s.distributed is not None:
-            d = s.distributed
-            log.info("trainer runs %d ranks (%s, %s, %d node(s))", s.world_size, d.strategy, d.backend, d.nnodes)
+        self.sup.on_ready()  # ...and it sends what was owed to this trainer (skips while it was down)
+        take_ready(self.status, msg, self.cfg.tuned)
         if msg.eval_set_error:  # training goes on without it; say why where people look
-            s.last_error = msg.eval_set_error
             self.db.event("eval_set", msg.eval_set_error, t=now)
-        for job_id in self.deferred_skips:  # so it drops the checkpoints of files skipped while it was down
-            self.sup.send(protocol.Skip(job_id=job_id))
-        self.deferred_skips.clear()
-
-    def _on_config_refused(self, msg: protocol.ConfigRefused, now: float) -> None:
-        """The trainer found the config cannot run on this machine: hold the queue and say every reason."""
-        self.sup.on_refused(msg.problems)
-        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(msg.problems, 1))
-        message = f"the config cannot run on this machine: {listed}"
-        log.error("%s; no file is trained until config.json is mended and the daemon restarted", message)
-        self.db.event("config_refused", message, msg.job_id, t=now)
-        self.status.last_error = message
 
     def _on_lineage_answer(self, msg: protocol.Message, now: float) -> None:
-        """The trainer's answer to a rollback or a consolidation (daemon/service/lineage_requests.py)."""
-        self.requests.answered(msg)
+        """The trainer's answer to a rollback or a consolidation: the status, the event, the locked keys' record."""
+        s = self.status
         match msg:
             case protocol.RolledBack():
-                self.status.adapter_version = msg.version
-                note = (f"; no longer in the adapter (not retrained; drop them again to train them): "
-                        f"{', '.join(msg.undone)}" if msg.undone else "")
-                self.db.event("rollback", f"rolled back to adapter v{msg.rollback_of} (published as v{msg.version})"
-                              f"{note}{self._rollback_interrupted(msg.job_id, refused=False)}", t=now)
-                log.info("rolled back to adapter v%s as v%s", msg.rollback_of, msg.version)
-            case protocol.RollbackRefused():
-                self.db.event("control_refused", f"rollback to v{msg.version}: {msg.message}"
-                              f"{self._rollback_interrupted(msg.job_id, refused=True)}", t=now)
-                log.warning("rollback refused: %s", msg.message)
+                s.adapter_version = msg.version
             case protocol.Consolidated():
-                self.status.base_model, self.status.adapter_version = msg.path, msg.adapter_version
-                self.status.generation = msg.generation
-                self.db.event("consolidated", f"adapter v{msg.consolidated_version} merged into generation "
-                              f"{msg.generation}'s base {msg.path} ({msg.files} file(s); max |logit diff| "
-                              f"{msg.max_logit_diff:.2e}; {msg.seconds:.1f} s); training goes on with a fresh "
-                              f"adapter v{msg.adapter_version}: {msg.description}", t=now)
+                s.base_model, s.adapter_version, s.generation = msg.path, msg.adapter_version, msg.generation
                 lockedkeys.note_consolidation(self.cfg, msg.path, msg.generation, now)
-                log.info("consolidated into %s (generation %s)", msg.path, msg.generation)
             case protocol.ConsolidationRefused():
-                self.db.event("control_refused", f"consolidate: {msg.message}", t=now)
-                self.status.last_error = f"consolidation refused: {msg.message}"
-                log.warning("consolidation refused: %s", msg.message)
+                s.last_error = f"consolidation refused: {msg.message}"
+        kind, said = answer_said(msg)
+        interrupted = (self._rollback_interrupted(msg.job_id, refused=isinstance(msg, protocol.RollbackRefused))
+                       if isinstance(msg, (protocol.RolledBack, protocol.RollbackRefused)) else "")
+        self.db.event(kind, said + interrupted, t=now)
+        (log.warning if kind == "control_refused" else log.info)("%s", said)
 
     def _rollback_interrupted(self, job_id: str | None, refused: bool) -> str:
         """The file a rollback interrupted stays in processing/ and trains again from its start: its steps go.
@@ -453,26 +396,7 @@ class Service:
             self.status.desired_state = desired
             self.db.event("control", f"desired state {desired.value}", t=now)
         self._steer_trainer()
-        self._drop_old_stops_and_skips(now)
-        for req in control.pending_requests(self.cfg):
-            control.consume(req)  # first: a request that cannot be carried out must not come back
-            try:
-                self._act(req, now)
-            except QueueError as e:
-                log.warning("request %s refused: %s", req.action.value, e)
-                self.db.event("control_refused", f"{req.action.value}{f' {req.job_id}' if req.job_id else ''}: {e}",
-                              req.job_id, t=now)
-
-    def _drop_old_stops_and_skips(self, now: float) -> None:
-        """A stop or skip made while no daemon ran (trainctl and the monitor refuse them
-        then, but one can race a crash) must not stop or skip this run as it starts."""
-        for req in control.pending_requests(self.cfg):
-            if req.action in (ControlAction.STOP, ControlAction.SKIP) and req.at < self._locked_at:
-                control.consume(req)
-                log.warning("dropped a %s request from %s made while the daemon was not running",
-                            req.action.value, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(req.at)))
-                self.db.event("control_refused", f"{req.action.value} by {req.by}: made while the daemon was not running",
-                              req.job_id, t=now)
+        self.controls.take(now, self._locked_at)
 
     def _want_paused(self) -> bool:
         return self.status.desired_state is DesiredState.PAUSED or self.disk.full is not None
@@ -487,86 +411,14 @@ class Service:
         elif not self._want_paused():
             self.sup.resume()
 
-    def _act(self, req: control.ControlRequest, now: float) -> None:
-        log.info("control request %s from %s", req.action.value, req.by)
-        self.db.event("control", f"{req.action.value} requested by {req.by}", req.job_id, t=now)
-        if req.action is ControlAction.STOP:
-            self._begin_stop(now, f"requested by {req.by}")
-        elif req.action is ControlAction.SKIP:
-            self._skip(req.job_id, now)
-        elif req.action is ControlAction.RETRY:
-            prio = Priority(req.priority or Priority.NORMAL.value)
-            retry_file(self.queue.find(req.job_id), prio, now, self.cfg, self.queue, self.db)
-        elif req.action is ControlAction.REMOVE:
-            remove_file(self.queue.find(req.job_id), now, self.queue, self.db)
-        elif req.action is ControlAction.CONSOLIDATE:
-            self.requests.ask_consolidation(req.description or "", job_in_training=self.tracker.job is not None)
-            self.db.event("consolidation", f"consolidation requested by {req.by}: {req.description} (at the next "
-                          "boundary between files)", t=now)
-        elif req.action is ControlAction.ROLLBACK:
-            self.requests.ask_rollback(req.version)
-
-    def _skip(self, job_id: str | None, now: float) -> None:
-        job = self.tracker.job
-        if job is not None:
-            if job_id not in (None, job.job_id):
-                raise QueueError(f"{job_id} is not the file in training ({job.job_id} is)")
-            self.sup.send(protocol.Skip(job_id=job.job_id))
-            return
-        left = [e for e in self.queue.processing() if job_id in (None, e.job_id)]
-        if not left:
-            raise QueueError("no file is training")
-        # Its trainer died: fail it here; the next child drops its checkpoints.
-        self.tracker.fail(left[0].job_id, FailReason.SKIPPED, "skipped by request while the trainer was restarting; "
-                          "the adapter keeps nothing from this file", now)
-        self.deferred_skips.append(left[0].job_id)
-
-    def _begin_stop(self, now: float, why: str) -> None:
-        self.stopping = why
-        self.stop_deadline = now + self.cfg.service.stop_timeout_seconds
-        self.db.event("stopping", f"stopping ({why})", t=now)
-        if self.sup.child is None:
-            self.exit_now = True
-        elif self.tracker.job and self.sup.connected:
-            self.sup.send(protocol.Stop())
-        else:
-            self.sup.exit()
-
-    def _maybe_finish_stop(self, now: float) -> None:
-        if self.stopping is None:
-            return
-        if self.sup.child is None:
-            self.exit_now = True
-        elif now > self.stop_deadline:
-            log.error("trainer did not stop within %.0f s; killing it (it resumes from its last checkpoint)",
-                      self.cfg.service.stop_timeout_seconds)
-            self.sup.kill()
-            self.exit_now = True
-
     # -- intake and dispatch -------------------------------------------------------------
     def _intake(self, now: float) -> None:
         if self.disk.full is not None:
             return  # files wait in the inbox, untouched, until space is back
-        for path, prio in self.scanner.ready(now):
-            self.scanner.forget(path)
-            ident = None
-            try:
-                st = path.stat()
-                ident = (st.st_size, st.st_mtime_ns)
-                if self._intake_failures.get(path) == ident:
-                    continue  # failed before and unchanged since: once in the log is enough
-                take_file(path, prio, now, self.cfg, self.queue, self.db, self.ledger)
-                self.scanner.taken(path, now)
-                self._intake_failures.pop(path, None)
-            except FileNotFoundError:
-                continue  # taken away by its writer
-            except Exception as e:  # a job boundary: record, keep the file, keep running
-                if self._disk_error(e, self.cfg.path("queue"), "intake"):
-                    log.warning("%s stays in the inbox until space is back (not the file's fault)", path.name)
-                    return
-                log.error("could not take %s from the inbox:\n%s", path, traceback.format_exc())
-                self.status.last_error = f"intake of {path.name} failed; see the daemon log"
-                self._intake_failures[path] = ident
+        take = lambda path, prio: take_file(path, prio, now, self.cfg, self.queue, self.db, self.ledger)  # noqa: E731
+        failed = self.scanner.take_ready(now, take, lambda e: self._disk_error(e, self.cfg.path("queue"), "intake"))
+        if failed:
+            self.status.last_error = failed
 
     def _auto_generate(self, now: float) -> None:
         """Data when idle (daemon/service/autogen.py): the request runs in its own thread; this only looks and starts it."""
@@ -574,137 +426,74 @@ class Service:
             return
         counts = self.queue.counts()
         empty = counts["pending"] + counts["processing"] == 0 and not self.scanner.waiting() and self.tracker.job is None
-        paused = self._want_paused() or self.stopping is not None
-        before = self.status.auto_generate or {}
-        self.autogen.tick(now, empty, paused)
-        after = self.autogen.status()  # the request's thread changes it too: compared with what the status shows
-        if after != before:
-            self.status.auto_generate = after
-            self._dirty = True
-            if after.get("last_error") and after.get("last_error") != before.get("last_error"):
-                self.db.event("auto_generate", f"generator ({after['source']}) failed: {after['last_error']}", t=now)
+        if self.autogen.follow(now, empty, self._want_paused() or self.stop.why is not None, self.status, self.db):
+            self.publisher.dirty = True
 
     def _dispatch(self, now: float) -> None:
-        for msg in self.requests.due(self.sup.state, self.tracker.job is not None, self.stopping is not None):
+        for msg in self.requests.due(self.sup.state, self.tracker.job is not None, self.stop.why is not None,
+                                     self.disk.full is not None):
             if self.sup.send(msg):
                 self.requests.sent(msg)
-        if self.requests.blocking or self.tracker.job or self.stopping is not None:
+        if (self.requests.blocking or self.tracker.job or self.stop.why is not None or self._want_paused()
+                or self.sup.state is not TrainerState.READY):
             return
-        if self.sup.state is not TrainerState.READY or self._want_paused():
-            return
-        entry = next_entry(self.queue, self.tracker)
-        if entry is None:
-            return
-        job = job_for(entry, now, self.cfg, self.queue, self.db, self.ledger, self.tracker)
-        if job is None:  # refused on the spot; the next tick takes the next file
-            self.wakeup.wake()
-            return
-        self.tracker.begin(job)
-        self.sup.send(protocol.Train(job=job))
-        self.sup.state = TrainerState.BUSY
-        log.info("training %s", entry.job_id)
+        if hand_next(now, self.sup, self.tracker, self.cfg, self.queue, self.db, self.ledger) == "refused":
+            self.wakeup.wake()  # refused on the spot: the next tick takes the next file
 
     # -- status ------------------------------------------------------------------------
     def facts(self) -> state.Facts:
-        dc = self.cfg.distributed
-        # Several machines: the group starts only once every node has joined; say what it waits for.
-        joining = (f"; the group starts once all {dc.nnodes} nodes have joined at {dc.master_addr}:{dc.master_port} "
-                   "(`traind worker --node-rank N` on each other node)") if dc.nnodes > 1 else ""
+        job = self.tracker is not None and self.tracker.job is not None
         return state.Facts(
-            stopping=self.stopping, refusal="; ".join(self.sup.refusal) if self.sup.refusal is not None else None,
-            trainer=self.sup.state, cannot_start=self.cannot_start if self.sup.cannot_start else None,
-            restarting=self.restarting, joining=joining, loading=self.loading, job=self.tracker is not None and self.tracker.job is not None,
-            started=self.tracker is not None and self.tracker.started, holds=self.trainer_holds,
+            stopping=self.stop.why, refused=self.sup.refusal is not None, trainer=self.sup.state,
+            cannot_start=self.sup.said if self.sup.cannot_start else None,
+            restarting=None if self.sup.cannot_start else self.sup.said, joining=state.joining(self.cfg.distributed), loading=self.sup.loading,
+            job=job, started=job and self.tracker.started, holds=self.sup.holds,
             paused_by_user=self.status.desired_state is DesiredState.PAUSED, disk=self.disk.reason(),
-            disk_detail=self.disk.detail(), consolidating=self.requests.consolidating)
+            disk_detail=self.disk.detail(), lineage=self.requests.doing())
 
     def _refresh_status(self) -> None:
-        """The status, its detail and why it is held, as the facts say (daemon/service/state.py)."""
-        facts = self.facts()
-        status, detail = state.derive(facts)
-        self._show(status, detail)
-        held = (state.pause_reason(facts), self.disk.status())
-        if held != (self.status.pause_reason, self.status.disk_full):
-            self.status.pause_reason, self.status.disk_full = held
-            self._dirty = True
-
-    def _show(self, status: ServiceStatus, detail: str) -> None:
-        if status is not self.status.status:
-            try:
-                check_transition(SERVICE_TRANSITIONS, self.status.status, status)
-            except ValueError as e:  # a bug, not a reason to stop training: say it loudly
-                log.error("status %s (allowed anyway)", e)
-            log.info("status %s -> %s", self.status.status.value, status.value)
-            if status is ServiceStatus.PAUSED:  # no throughput while held, and no time left to tell
-                self.status.eta_seconds = self.status.tokens_per_sec = None
-                if self.tracker is not None:
-                    self.tracker.restart_rate()
-            self.status.status = status
-            self._dirty = True
-        if detail != self.status.detail:
-            self.status.detail = detail
-            self._dirty = True
+        self.publisher.refresh(self.facts(), self.disk.status())
 
     def _write_status(self, force: bool = False) -> None:
-        now = self.clock()
-        due = now - self.last_status_write >= self.cfg.service.status_interval_seconds
-        if not (force or due or self._dirty):
-            return
         if self.db is not None:
             self.status.queue = self.queue.counts()
-        try:
-            self.writer.write(self.status, now)
-        except Exception as e:  # the previous status file stays whole (atomic write)
-            self.last_status_write = now  # tried again at the next interval, not at every tick
-            if not self._disk_error(e, self.cfg.path("status"), "status"):
-                raise
-            self._refresh_status()
-            if not (self.disk.full is not None and self.writer.release_reserve()):
-                return
-            try:  # held now: say why, in the room kept for it
-                self.writer.write(self.status, now)
-            except Exception as again:
-                log.debug("the held status could not be written either: %s", again)
-                return
-        self.last_status_write = now
-        self._dirty = False
+        self.publisher.write(self.clock(), force, on_error=self._status_write_failed)
+
+    def _status_write_failed(self, e: Exception) -> bool:
+        """A status write refused for the folder's sake: held for (True), the hold said before the retry."""
+        if not self._disk_error(e, self.cfg.path("status"), "status"):
+            return False
+        self.publisher.held(self.facts(), self.disk.status())  # the hold only: a STOPPED or ERROR stays as it is
+        return True
 
     # -- disk space ------------------------------------------------------------------------
     def _check_disk(self, now: float) -> None:
         """Free space below the threshold holds before a write fails; space back ends the hold."""
-        if logs.DROPS["count"] != self._log_drops:  # the daemon log could not be written
-            self._log_drops = logs.DROPS["count"]
-            self._hold_for_disk(DiskFull(logs.DROPS["path"], None, "log", logs.DROPS["error"]), now)
         change = self.disk.tick(now)
         if change == "tripped":
-            self._hold_for_disk(self.disk.full, now)
+            self._after_hold()
         elif change == "cleared":
             self.writer.ensure_reserve()
             self.db.flush()
-            self._dirty = True
-        elif self.disk.full is not None:
-            self._dirty = self._dirty or self.disk.status() != self.status.disk_full
+            self.publisher.dirty = True
 
     def _disk_error(self, e: BaseException, folder: Path | None, site: str) -> bool:
         """Hold for disk when `e` is a write refused for the folder's sake (True); False for any other error."""
-        full = self.disk.failed_write(e, folder, site, self.clock())
-        if full is None:
+        if self.disk.failed_write(e, folder, site, self.clock()) is None:
             return False
-        self._after_hold(full)
+        self._after_hold()
         return True
 
     def _hold_for_disk(self, full: DiskFull, now: float) -> None:
         """Hold training (the child pauses at its next step) until space is back; the file is not at fault."""
         self.disk.hold(full, now)
-        self._after_hold(full)
+        self._after_hold()
 
-    def _after_hold(self, full: DiskFull) -> None:
+    def _after_hold(self) -> None:
         self.status.last_error = self.disk.last_error()
-        if self.tracker is not None and self.tracker.job and self.sup.connected:
-            self.sup.pause()
-        self._dirty = True
+        self._steer_trainer()
+        self.publisher.dirty = True
 
     def _disk_event(self, kind: str, message: str) -> None:
         if self.db is not None:
-            job = self.tracker.job.job_id if self.tracker and self.tracker.job else None
-            self.db.event(kind, message, job, t=self.clock())
+            self.db.event(kind, message, self.tracker.job.job_id if self.tracker.job else None, t=self.clock())

@@ -29,6 +29,7 @@ import urllib.request
 from typing import Any
 
 from daemon.config import Config
+from daemon.jobqueue import original_name
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +118,14 @@ def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
     """For receivers (and tests): does `header` sign `body` with `secret`?"""
     expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return header is not None and hmac.compare_digest(expected, header)
+
+
+def job_details(db: Any, kind: str, job_id: str | None) -> dict[str, Any]:
+    """What a webhook of a history event says of its file: the job record's name, steps, losses, reason."""
+    if not job_id or kind not in EVENT_OF:
+        return {}
+    record = db.job(job_id) or {}
+    details = {k: record.get(k) for k in ("original_name", "steps", "final_loss", "eval_loss", "reason",
+                                          "adapter_version", "eval_set_before", "eval_set_after")}
+    details["file"] = details.pop("original_name") or original_name(job_id)
+    return details

@@ -13,6 +13,7 @@ disagree. Standard library only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from daemon.states import PauseReason, ServiceStatus, TrainerState
 
@@ -20,7 +21,7 @@ from daemon.states import PauseReason, ServiceStatus, TrainerState
 @dataclass(frozen=True)
 class Facts:
     stopping: str | None = None  # why a stop was asked for, once it was
-    refusal: str | None = None  # the config cannot run on this machine (the trainer said so): held for good
+    refused: bool = False  # the config cannot run on this machine (the trainer said so): held for good
     trainer: TrainerState = TrainerState.DOWN
     cannot_start: str | None = None  # the trainer failed to start several times in a row: what is said
     restarting: str | None = None  # the trainer died; it restarts after its backoff: what is said
@@ -32,7 +33,15 @@ class Facts:
     paused_by_user: bool = False  # the desired state is paused
     disk: PauseReason | None = None  # a disk hold (disk_full or unwritable)
     disk_detail: str = ""  # its line for the detail
-    consolidating: bool = False  # the trainer merges the adapter into a new base
+    lineage: str | None = None  # a rollback or consolidation waits for its answer: what it is doing
+
+
+def joining(dc: Any) -> str:
+    """Several machines (`distributed.nnodes` > 1): the group starts only once every node has joined; what for."""
+    if dc.nnodes <= 1:
+        return ""
+    return (f"; the group starts once all {dc.nnodes} nodes have joined at {dc.master_addr}:{dc.master_port} "
+            "(`traind worker --node-rank N` on each other node)")
 
 
 def pause_reason(f: Facts) -> PauseReason | None:
@@ -44,11 +53,13 @@ def derive(f: Facts) -> tuple[ServiceStatus, str]:
     """The status and its detail line."""
     if f.stopping is not None:
         return ServiceStatus.STOPPING, f"stopping ({f.stopping})"
-    if f.refusal is not None:
+    if f.refused:
         return ServiceStatus.ERROR, ("the config cannot run on this machine; nothing is trained (mend config.json, "
                                      "then restart: bin/stop_all.sh && bin/start_all.sh)")
+    loading = "loading model" + (f": {f.loading}" if f.loading else "") + f.joining
     if f.cannot_start is not None and f.trainer in (TrainerState.DOWN, TrainerState.STARTING):
-        return ServiceStatus.ERROR, f.cannot_start
+        # the next try may be loading already: say so, with why it is an error
+        return ServiceStatus.ERROR, f.cannot_start + (f" ({loading})" if f.trainer is TrainerState.STARTING else "")
     held = pause_reason(f) is not None
     if f.job:
         if f.holds and held:
@@ -59,7 +70,7 @@ def derive(f: Facts) -> tuple[ServiceStatus, str]:
     if f.trainer is TrainerState.DOWN and f.restarting is not None:
         return ServiceStatus.IDLE, f.restarting
     if f.trainer is TrainerState.STARTING:
-        return ServiceStatus.IDLE, "loading model" + (f": {f.loading}" if f.loading else "") + f.joining
-    if f.consolidating:
-        return ServiceStatus.IDLE, "consolidating the adapter into a new base"
+        return ServiceStatus.IDLE, loading
+    if f.lineage is not None:
+        return ServiceStatus.IDLE, f.lineage
     return ServiceStatus.IDLE, "waiting for files"

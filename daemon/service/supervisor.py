@@ -8,7 +8,14 @@
 
 The service decides what a message or an exit means for the queue; this
 module only knows the process: whether it is starting, ready, busy or
-exiting, whether it was told to pause, and how often it failed in a row.
+exiting, whether it was told to pause and whether it says it holds, what it
+says while it loads, how often it failed in a row and what that means for
+the status, and the messages owed to the next one that comes up. The
+trainer's messages about itself (`loading`, `paused`, `resumed`, `stopped`,
+`config_refused`) are taken here (`on_message`); the rest are the service's.
+A `done`, `failed` or `skipped` that could not be read at all (not the
+protocol's) is remembered, so that a file does not wait for ever for an
+answer the service will never read (`dropped_job_end`).
 
 `spawn` makes the child: daemon.service.child.TrainerProcess (the real
 process), or a fake that speaks the protocol in the same process, so the
@@ -47,6 +54,11 @@ class Supervisor:
         self.start_failures = 0  # crashes before "ready" in a row: reset by "ready"
         self.restart_at = 0.0
         self.refusal: list[str] | None = None  # why the config cannot run here, as the child said
+        self.holds = False  # the child said it holds between steps (paused, disk_full), until it says resumed
+        self.loading: str | None = None  # what it said it is doing before `ready` (converting a GGUF base)
+        self.said: str | None = None  # what its last unexpected exit means for the status, until the next ready
+        self.owed: list[protocol.Message] = []  # sent at the next ready (skips of files left by a dead child)
+        self._unread_ends: set[str] = set()  # job ids of `done`/`failed`/`skipped` that could not be decoded
 
     # -- process ---------------------------------------------------------------------
     @property
@@ -61,7 +73,8 @@ class Supervisor:
         self.child = self.spawn(self.config_path, self.logs_dir, wake=self.wake)
         self.child.start()
         self.state = TrainerState.STARTING
-        self.paused = False
+        self.paused = self.holds = False
+        self.loading = None
 
     def due(self, now: float) -> bool:
         return self.state is TrainerState.DOWN and now >= self.restart_at
@@ -95,13 +108,53 @@ class Supervisor:
                 messages.append(protocol.decode(r, protocol.TO_SERVICE))
             except protocol.ProtocolError as e:
                 log.error("ignoring a message from the trainer: %s", e)
+                if isinstance(r, dict) and r.get("type") in ("done", "failed", "skipped") and r.get("job_id"):
+                    self._unread_ends.add(str(r["job_id"]))
+        if code is not None:
+            self.holds = False
         return messages, code
+
+    def dropped_job_end(self, job: Any) -> bool:
+        """Whether the end of `job` (the file in training, or None) came in a message that could not be read: then
+        only the crash path can end it (the trainer is ended, and the file resumes or is found published)."""
+        return job is not None and job.job_id in self._unread_ends and self.child is not None
+
+    def on_message(self, msg: protocol.Message) -> bool:
+        """Take a message about the trainer itself; False for one that is the service's (about files, lineage)."""
+        match msg:
+            case protocol.Loading():
+                self.loading = msg.detail
+            case protocol.Paused():
+                self.holds = True
+            case protocol.Resumed():
+                self.holds = False
+            case protocol.DiskFullReport():  # it paused itself: the resume that ends the hold goes to it
+                self.paused = self.holds = True
+                return False  # ...and the hold is the service's
+            case protocol.Stopped():
+                self.state = TrainerState.EXITING
+                return False  # the service records where the file stopped
+            case protocol.ConfigRefused():
+                self.on_refused(msg.problems)
+                return False  # the service says why
+            case _:
+                return False
+        return True
 
     # -- states ----------------------------------------------------------------------
     def on_ready(self) -> None:
         if self.state is not TrainerState.EXITING:
             self.state = TrainerState.READY
         self.start_failures = 0
+        self.said = self.loading = None
+        owed, self.owed = self.owed, []
+        for msg in owed:
+            self.send(msg)
+
+    def send_when_ready(self, msg: protocol.Message) -> None:
+        """Send `msg` now if the child is ready (idle), else at the next `ready` (a child that died owes it)."""
+        if not (self.state is TrainerState.READY and self.send(msg)):
+            self.owed.append(msg)
 
     def on_refused(self, problems: list[str]) -> None:
         """The child said the config cannot run here (daemon/train/preflight.py): it leaves, and no restart
@@ -112,14 +165,17 @@ class Supervisor:
     def on_step(self) -> None:
         self.crashes_in_a_row = 0
 
-    def crashed(self, now: float, before_ready: bool) -> float:
-        """Count an unexpected exit; returns the backoff before the restart."""
+    def crashed(self, now: float, before_ready: bool, how: str) -> float:
+        """Count an unexpected exit (`how`: "signal 9", "exit code 1"); returns the backoff before the restart,
+        and `said` is what the status says of it until the next ready."""
         self.state = TrainerState.DOWN
         self.crashes_in_a_row += 1
         if before_ready:
             self.start_failures += 1
         backoff = min(self.backoff_seconds * 2 ** (self.crashes_in_a_row - 1), MAX_BACKOFF_SECONDS)
         self.restart_at = now + backoff
+        self.said = (f"the trainer cannot start; retrying in {backoff:.0f} s" if self.cannot_start
+                     else f"trainer restarting ({how})")
         return backoff
 
     @property

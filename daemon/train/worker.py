@@ -509,7 +509,8 @@ def rollback(sess: Session, interrupted: str | None) -> None:
     after it are no longer in the lineage (listed as `undone`, not retrained: a copy dropped again trains).
     A file interrupted for it stays in processing/, loses its checkpoints (they continue a state that is
     gone) and trains again from its start on the rolled-back adapter. A refusal (adapters.rollback_refusal,
-    asked again here) changes nothing: not the adapter, and not the interrupted file's checkpoints.
+    asked again here, or a publication that fails: a full disk) changes nothing: not the adapter, and not the
+    interrupted file's checkpoints, which are dropped only once the new version is published.
     """
     to, sess.rollback_to = sess.rollback_to, None
     folder = sess.cfg.path("adapters")
@@ -518,11 +519,9 @@ def rollback(sess: Session, interrupted: str | None) -> None:
         log.warning("rollback to v%d refused: %s", to, why)
         sess.send(protocol.RollbackRefused(version=to, job_id=interrupted, message=why))
         return
-    if interrupted is not None:
-        ckpt.delete_checkpoints(sess.checkpoints(interrupted))
     target = next(v for v in adapters.versions(folder) if v.version == to)
+    kept_weights = lora_state(sess.lm.model)  # put back if the rolled-back version cannot be published
     load_adapter(sess.lm.model, target.path)
-    sess.probe.forget_previous()
     kept = {e["job_id"] for e in target.dataset}
     current_ledger = adapters.AdapterVersion(sess.version, folder, sess.manifest).dataset if sess.version else []
     undone = [e for e in current_ledger if e["job_id"] not in kept]
@@ -536,7 +535,18 @@ def rollback(sess: Session, interrupted: str | None) -> None:
         "trained_jobs": list(m.get("trained_jobs", [])), "activity_moved": None,
         "dataset": target.dataset, "undone": undone,
     }
-    publish_adapter(folder, sess.lm.model, manifest)
+    try:
+        require_space(folder, sess.cfg.service.min_free_bytes, "adapter")
+        publish_adapter(folder, sess.lm.model, manifest)
+    except Exception as e:  # nothing changed: the adapter it had, the checkpoints it had
+        set_lora_state(sess.lm.model, kept_weights)
+        log.error("rollback to v%d not made: adapter v%d could not be published: %s", to, version, e)
+        sess.send(protocol.RollbackRefused(version=to, job_id=interrupted,
+                                           message=f"adapter v{version} could not be published ({e}); nothing changed"))
+        return
+    sess.probe.forget_previous()
+    if interrupted is not None:  # they continue a state that is gone now
+        ckpt.delete_checkpoints(sess.checkpoints(interrupted))
     sess.version, sess.manifest = version, manifest
     prune_versions(sess)
     log.info("rolled back to adapter v%d as v%d; %d file(s) no longer in the adapter", to, version, len(undone))
@@ -639,7 +649,9 @@ def fail(sess: Session, job_id: str, e: Exception) -> None:
                                           f"(v{sess.version}), and training is paused"))
         return
     log.error("%s failed: %s", job_id, e, exc_info=not invalid)
-    errors = [x.to_dict() if hasattr(x, "to_dict") else x for x in getattr(e, "errors", [])]
+    # every item a {line, field, reason} object: one of another shape would make the whole answer unreadable
+    errors = [x.to_dict() if hasattr(x, "to_dict") else x if isinstance(x, dict) else {"reason": str(x)}
+              for x in getattr(e, "errors", [])]
     sess.send(protocol.Failed(job_id=job_id, reason="invalid_data" if invalid else "training_error",
                               message=str(e) or type(e).__name__, traceback=traceback.format_exc(), errors=errors))
 
