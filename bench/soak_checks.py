@@ -193,11 +193,10 @@ def ledgers(adapters_dir: Path) -> dict[str, dict]:
     """original name -> (version, job_id, steps, ledger) for each version in the current adapter's lineage."""
     out: dict[str, dict] = {}
     for m in adapters.lineage(adapters_dir):
-        name = m.get("original_name")
+        name = m.original_name
         if name in out:
             out[name]["twice"] = True
-        out.setdefault(name, {"version": m["version"], "job_id": m["job_id"], "steps": m["steps"],
-                              "ledger": m.get("ledger")})
+        out.setdefault(name, {"version": m.version, "job_id": m.job_id, "steps": m.steps, "ledger": m.ledger})
     return out
 
 

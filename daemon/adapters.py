@@ -4,7 +4,7 @@
     cur = adapters.read_current(cfg.path("adapters"))      # AdapterVersion, or None before the first file
     cur = adapters.peek_current(cfg.path("adapters"))      # the same, None also when unreadable (readers)
     adapters.lineage(cfg.path("adapters"))                  # manifests from the first version to the current one
-    cur.version, cur.path, cur.manifest["trained_jobs"]
+    cur.version, cur.path, cur.manifest.trained_jobs          # AdapterManifest: the one shape of manifest.json
     adapters.publish(cfg.path("adapters"), manifest, write_weights)   # the trainer child only
     adapters.rollback_refusal(cfg.path("adapters"), 3)     # why a rollback to v3 cannot be made, or None
     adapters.nothing_learnt(cur)                            # why consolidating cur would add nothing, or None
@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,39 +41,96 @@ def version_dir_name(version: int) -> str:
     return f"v{version:04d}"
 
 
+# Written even when null, as manifests always had them; the other fields only when they say something.
+_ALWAYS = ("version", "parent_version", "generation", "base_model", "job_id", "original_name", "sha256", "steps",
+           "global_step", "final_loss", "eval_loss", "created_at", "trained_jobs", "activity_moved")
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """A version's `manifest.json`: what it continues, what it learnt, how. The one shape every reader and the one
+    writer (the trainer) use; keys this traind does not know (a later one's) are kept in `extra` as they were.
+
+    A version after a file has the file's `job_id`, `original_name`, `sha256`, its `steps` and losses and its
+    sample `ledger`; the first of a generation has `consolidated_from` and `lineage`; a rollback `rollback_of`
+    and `undone`. `dataset` is every file the lineage learnt (None in a manifest older than the dataset ledger).
+    A START record (`trainctl config approve`'s `start.json`) reads as version 0."""
+
+    version: int
+    parent_version: int | None = None
+    generation: int = 0  # of the base trained on: 0 is the config's base_model
+    base_model: str | None = None
+    base_path: str | None = None  # the consolidated base (generation 1 on); None: the config's base_model
+    base_gguf: dict | None = None  # generation 0 on a GGUF base: {path, sha256, architecture, tensor_types, converted}
+    quantization: str | None = None  # what the base was loaded with (model.quantization auto resolved, then kept)
+    job_id: str | None = None
+    original_name: str | None = None
+    sha256: str | None = None
+    steps: int | None = 0
+    global_step: int = 0
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    created_at: str | None = None
+    trained_jobs: list[str] = field(default_factory=list)
+    activity_moved: dict | None = None
+    ledger: dict | None = None  # the samples every step of the file consumed (daemon.ledger)
+    dataset: list[dict] | None = None
+    eval_set: dict | None = None  # eval.file's loss before and after the file
+    rollback_of: int | None = None
+    undone: list[dict] = field(default_factory=list)
+    consolidated_from: int | None = None
+    lineage: str | None = None  # the consolidated base's lineage.json
+    description: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AdapterManifest:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        args = {k: v for k, v in raw.items() if k in known}
+        args["generation"] = int(raw.get("generation") or 0)
+        args["global_step"] = int(raw.get("global_step") or 0)
+        for key in ("trained_jobs", "undone"):
+            args[key] = list(raw.get(key) or [])
+        return cls(**args, extra={k: v for k, v in raw.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "extra" and (f.name in _ALWAYS or getattr(self, f.name) not in (None, []))}
+        return {**out, **self.extra}
+
+    def learnt(self) -> list[dict[str, Any]]:
+        """Every file this adapter's lineage learnt, oldest first: `sha256`, `job_id`, `original_name`, `version`
+        (the adapter version it went into), `generation` (of the base it trained on). A manifest written before
+        the dataset ledger existed knows only its own file's content."""
+        if self.dataset is not None:
+            return list(self.dataset)
+        return [self.entry()] if self.sha256 else []
+
+    def entry(self) -> dict[str, Any]:
+        """The dataset-ledger line of the file this version learnt (its own fields)."""
+        return {"sha256": self.sha256, "job_id": self.job_id, "original_name": self.original_name,
+                "version": self.version, "generation": self.generation, "steps": self.steps}
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
-    """The adapter `adapters/current.json` points at."""
+    """A published version: its number, its folder, its manifest."""
 
     version: int
     path: Path
-    manifest: dict[str, Any]
+    manifest: AdapterManifest
 
     @property
     def trained_jobs(self) -> list[str]:
-        return list(self.manifest.get("trained_jobs", []))
+        return list(self.manifest.trained_jobs)
 
     @property
     def dataset(self) -> list[dict[str, Any]]:
-        """Every file this adapter's lineage learnt, oldest first: `sha256`, `job_id`, `original_name`,
-        `version` (the adapter version it went into), `generation` (of the base it trained on).
-        A manifest written before the dataset ledger existed knows only its own file's content."""
-        if "dataset" in self.manifest:
-            return list(self.manifest["dataset"])
-        m = self.manifest
-        return [{"sha256": m.get("sha256"), "job_id": m.get("job_id"), "original_name": m.get("original_name"),
-                 "version": self.version, "generation": m.get("generation", 0)}] if m.get("sha256") else []
+        return self.manifest.learnt()
 
 
-def dataset_entry(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The dataset-ledger line of the file a new version learns (its manifest's own fields)."""
-    return {"sha256": manifest["sha256"], "job_id": manifest["job_id"], "original_name": manifest.get("original_name"),
-            "version": manifest["version"], "generation": manifest.get("generation", 0), "steps": manifest.get("steps")}
-
-
-def generation(manifest: dict[str, Any]) -> int:
-    """The base generation a manifest (or a START record) trained on: 0 is the config's base_model."""
-    return int(manifest.get("generation") or 0)
+def read_manifest(folder: Path) -> AdapterManifest:
+    return AdapterManifest.from_dict(atomic.read_json(folder / MANIFEST))
 
 
 def read_current(adapters: Path) -> AdapterVersion | None:
@@ -83,19 +140,19 @@ def read_current(adapters: Path) -> AdapterVersion | None:
         return None
     cur = atomic.read_json(pointer)
     path = adapters / cur["path"]
-    return AdapterVersion(int(cur["version"]), path, atomic.read_json(path / MANIFEST))
+    return AdapterVersion(int(cur["version"]), path, read_manifest(path))
 
 
-def lineage(adapters: Path) -> list[dict[str, Any]]:
+def lineage(adapters: Path) -> list[AdapterManifest]:
     """The manifests of the current version and its ancestors (`parent_version`), oldest first: each
     holds the job it trained and that job's sample ledger (daemon.ledger). Empty before the first file."""
     current = read_current(adapters)
-    chain: list[dict[str, Any]] = []
+    chain: list[AdapterManifest] = []
     manifest = current.manifest if current else None
     while manifest is not None:
         chain.append(manifest)
-        parent = manifest.get("parent_version")
-        manifest = atomic.read_json(adapters / version_dir_name(parent) / MANIFEST) if parent else None
+        parent = manifest.parent_version
+        manifest = read_manifest(adapters / version_dir_name(parent)) if parent else None
     return chain[::-1]
 
 
@@ -107,30 +164,33 @@ def peek_current(adapters: Path) -> AdapterVersion | None:
         return None
 
 
-def publish(adapters: Path, manifest: dict[str, Any], write_weights: Callable[[Path], None]) -> AdapterVersion:
+def publish(adapters: Path, manifest: AdapterManifest | dict[str, Any],
+            write_weights: Callable[[Path], None]) -> AdapterVersion:
     """Write `adapters/v000N/` (weights, config, manifest) in one rename, then point current.json at it.
 
     `manifest` must hold `version`; `write_weights(folder)` writes the adapter
     files into a temp folder. current.json is replaced last, so it is the commit
     point: a crash before it leaves the previous version current.
     """
+    if isinstance(manifest, dict):  # (tests write a store by hand)
+        manifest = AdapterManifest.from_dict(manifest)
     adapters.mkdir(parents=True, exist_ok=True)
     # A crash mid-publication leaves its temp (or moved-aside) folder, a full adapter each;
     # sweep them here (one trainer holds the lock) so they never pile up.
     for left in [*adapters.glob(".v*.tmp"), *adapters.glob(".v*.old-*")]:
         shutil.rmtree(left, ignore_errors=True)
-    name = version_dir_name(manifest["version"])
+    name = version_dir_name(manifest.version)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=adapters))
     try:
         write_weights(tmp)
-        atomic.write_json(tmp / MANIFEST, manifest, site="adapter")
+        atomic.write_json(tmp / MANIFEST, manifest.to_dict(), site="adapter")
         tmp.chmod(0o755)  # mkdtemp makes 0700; readers (monitor) run as other tools
         atomic.publish_dir(tmp, adapters / name, site="adapter")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic.write_json(adapters / CURRENT, {"version": manifest["version"], "path": name}, site="adapter")
-    return AdapterVersion(manifest["version"], adapters / name, manifest)
+    atomic.write_json(adapters / CURRENT, {"version": manifest.version, "path": name}, site="adapter")
+    return AdapterVersion(manifest.version, adapters / name, manifest)
 
 
 def versions(adapters: Path) -> list[AdapterVersion]:
@@ -139,8 +199,8 @@ def versions(adapters: Path) -> list[AdapterVersion]:
     found = [f for f in adapters.glob("v[0-9][0-9][0-9][0-9]*") if f.name[1:].isdigit() and f.is_dir()]
     for folder in sorted(found, key=lambda f: int(f.name[1:])):
         try:
-            manifest = atomic.read_json(folder / MANIFEST)
-        except (OSError, ValueError):
+            manifest = read_manifest(folder)
+        except (OSError, ValueError, TypeError):
             continue
         out.append(AdapterVersion(int(folder.name[1:]), folder, manifest))
     return out
@@ -216,20 +276,23 @@ def write_start(adapters: Path, record: dict[str, Any]) -> None:
     atomic.write_json(adapters / START, record)
 
 
-def _head(adapters: Path, base: str) -> tuple[AdapterVersion | None, dict[str, Any]]:
-    """The current version and the manifest the next version continues (the START record before the first)."""
+def head(adapters: Path, base: str) -> tuple[AdapterVersion | None, AdapterManifest]:
+    """The current version and the manifest the next version continues: the current one's, else the START record
+    (version 0) `config approve` left, else an empty one (version 0, generation 0)."""
     current = read_current(adapters)
-    return current, (current.manifest if current is not None else read_start(adapters, base) or {})
+    if current is not None:
+        return current, current.manifest
+    return None, AdapterManifest.from_dict({**(read_start(adapters, base) or {}), "version": 0})
 
 
 def base_in_use(adapters: Path, base: str) -> dict[str, Any] | None:
     """`{"base_path", "generation"}` of the consolidated base training continues; None: the config's base_model
     (`base`, config_base)."""
     try:
-        _, m = _head(adapters, base)
+        _, m = head(adapters, base)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {"base_path": m["base_path"], "generation": generation(m)} if m.get("base_path") else None
+    return {"base_path": m.base_path, "generation": m.generation} if m.base_path else None
 
 
 def carry_over(adapters: Path, base: str) -> dict[str, Any] | None:
@@ -237,13 +300,11 @@ def carry_over(adapters: Path, base: str) -> dict[str, Any] | None:
     entries of the files merged into it (they are in the base's weights, so they stay learnt). Files learnt
     on that base by the adapter itself go with it. None at generation 0 (the new adapter starts on base_model).
     `base` (config_base) is the lineage's root, kept in the record."""
-    current, m = _head(adapters, base)
-    if not m.get("base_path"):
+    _, m = head(adapters, base)
+    if not m.base_path:
         return None
-    gen = generation(m)
-    dataset = current.dataset if current is not None else list(m.get("dataset", []))
-    return {"base_path": m["base_path"], "generation": gen, "config_base": base,
-            "dataset": [e for e in dataset if int(e.get("generation") or 0) < gen]}
+    return {"base_path": m.base_path, "generation": m.generation, "config_base": base,
+            "dataset": [e for e in m.learnt() if int(e.get("generation") or 0) < m.generation]}
 
 
 def rollback_refusal(adapters: Path, version: int, here: int | None = None) -> str | None:
@@ -257,8 +318,8 @@ def rollback_refusal(adapters: Path, version: int, here: int | None = None) -> s
                 f"(kept: {', '.join(f'v{v.version}' for v in kept) or 'none'}; see `trainctl adapters list`)")
     if here is None:
         current = peek_current(adapters)
-        here = generation(current.manifest) if current is not None else 0
-    there = generation(target.manifest)
+        here = current.manifest.generation if current is not None else 0
+    there = target.manifest.generation
     if there != here:
         return (f"adapter v{version} trained on generation {there}'s base, and training is on generation {here}'s: "
                 "a rollback stays within a generation")
@@ -270,12 +331,12 @@ def nothing_learnt(current: AdapterVersion) -> str | None:
     ledger was learnt on its generation. So it is with the fresh adapter a consolidation publishes and with
     a rollback to it: the merge would be a copy of the base, a new generation that blocks every rollback
     before it and that traind never deletes."""
-    gen = generation(current.manifest)
+    gen = current.manifest.generation
     if any(int(e.get("generation") or 0) == gen for e in current.dataset):
         return None
     m, v = current.manifest, current.version
-    how = (f" (adapter v{v} is the fresh adapter published when v{m['consolidated_from']} was consolidated)"
-           if m.get("consolidated_from") is not None else
-           f" (adapter v{v} is a rollback to v{m['rollback_of']})" if m.get("rollback_of") is not None else "")
+    how = (f" (adapter v{v} is the fresh adapter published when v{m.consolidated_from} was consolidated)"
+           if m.consolidated_from is not None else
+           f" (adapter v{v} is a rollback to v{m.rollback_of})" if m.rollback_of is not None else "")
     return (f"no file has trained on generation {gen}'s base yet{how}; "
             "a new generation would be a copy of that base")

@@ -54,7 +54,7 @@ class DatasetLedger:
 
     def _build(self, current: adapters.AdapterVersion) -> dict[str, dict[str, Any]]:
         entries = current.dataset
-        if "dataset" not in current.manifest:
+        if current.manifest.dataset is None:
             # Written before the ledger existed: the history knows the content of the files it lists.
             known = {e["job_id"] for e in entries}
             for job_id in current.trained_jobs:

@@ -142,8 +142,8 @@ def _adapter(cfg: Config) -> Check:
     missing = [n for n in ("adapter_model.safetensors", "adapter_config.json") if not (cur.path / n).is_file()]
     if missing:
         return Check("adapter", "problem", f"v{cur.version} lacks {', '.join(missing)}")
-    return Check("adapter", "ok", f"v{cur.version} ({cur.manifest.get('original_name') or 'no file'}; generation "
-                                  f"{cur.manifest.get('generation', 0)})")
+    return Check("adapter", "ok", f"v{cur.version} ({cur.manifest.original_name or 'no file'}; generation "
+                                  f"{cur.manifest.generation})")
 
 
 def step_dirs(folder: Path) -> list[Path]:

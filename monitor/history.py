@@ -123,22 +123,24 @@ def metrics_series(conn: sqlite3.Connection, index: HistoryIndex, since: int, un
 MARKED_EVENTS = {"consolidated": "consolidation", "rollback": "rollback"}
 
 
-def markers(conn: sqlite3.Connection, since_t: float | None) -> list[Marker]:
-    """Every consolidation and rollback of the current series (a handful: the whole list each time), at the last
+def markers(conn: sqlite3.Connection, shown: SeriesInfo, every: list[SeriesInfo], current: bool) -> list[Marker]:
+    """Every consolidation and rollback of the series shown (a handful: the whole list each time), at the last
     global step trained before it: the steps the events table does not keep come from the metrics' times."""
-    rows = conn.execute("SELECT t, kind, message FROM events WHERE kind IN (?, ?) AND t >= ? ORDER BY t",
-                        (*MARKED_EVENTS, since_t or 0.0))
+    later = [s.started_at for s in every if s.started_at is not None and s.id > shown.id]
+    lo, hi = shown.started_at or 0.0, min(later) if later else float("inf")
+    table, head, args = ("metrics", "", []) if current else ("metrics_archive", "series = ? AND ", [shown.id])
+    rows = conn.execute("SELECT t, kind, message FROM events WHERE kind IN (?, ?) AND t >= ? AND t < ? ORDER BY t",
+                        (*MARKED_EVENTS, lo, hi if hi != float("inf") else 1e18))
     out = []
     for t, kind, message in rows.fetchall():
-        (step,) = conn.execute("SELECT MAX(global_step) FROM metrics WHERE t <= ?", (t,)).fetchone()
+        (step,) = conn.execute(f"SELECT MAX(global_step) FROM {table} WHERE {head}t <= ?", (*args, t)).fetchone()
         out.append(Marker(global_step=step or 0, kind=MARKED_EVENTS[kind], message=message, t=t))
     return out
 
 
 def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | None, max_points: int,
                  series: int | None = None) -> History:
-    """The current series of steps, or `series` (LookupError when there is no such series), with the current
-    series' consolidations and rollbacks as markers."""
+    """The current series of steps, or `series` (LookupError when there is no such series)."""
     if not db_path.exists():
         if series:
             raise LookupError(f"no series {series} in the history")
@@ -160,7 +162,7 @@ def read_history(db_path: Path, index: HistoryIndex, since: int, until: int | No
             eval_set = db.eval_set_points(since, until, shown.id)
         except sqlite3.OperationalError:  # a database from before the eval set
             eval_set = []
-        marks = markers(db.conn, shown.started_at) if shown.id == db.series else []
+        marks = markers(db.conn, shown, every, shown.id == db.series)
     finally:
         db.close()
     return History(

@@ -65,8 +65,8 @@ def test_pin_retention_and_rollback(daemon):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "as v5" in r.stdout and "two.jsonl, three.jsonl, four.jsonl" in r.stdout
     cur = read_current(d.cfg.path("adapters"))
-    assert cur.version == 5 and cur.manifest["rollback_of"] == 1
-    assert [e["original_name"] for e in cur.manifest["dataset"]] == ["one.jsonl"]
+    assert cur.version == 5 and cur.manifest.rollback_of == 1
+    assert [e["original_name"] for e in cur.manifest.dataset] == ["one.jsonl"]
     assert all((weights(cur.path)[k] == v).all() for k, v in v1.items())  # exactly v1's weights
     assert any(e["kind"] == "rollback" for e in d.history().events())
     assert d.ctl("rollback", "2").returncode == 1  # pruned: refused before asking the daemon
@@ -74,7 +74,7 @@ def test_pin_retention_and_rollback(daemon):
     # what the rollback undid is no longer learnt: the same bytes train again, on top of v1
     train(d, "two-again.jsonl", text(13), 6)
     cur = read_current(d.cfg.path("adapters"))
-    assert [e["original_name"] for e in cur.manifest["dataset"]] == ["one.jsonl", "two-again.jsonl"]
+    assert [e["original_name"] for e in cur.manifest.dataset] == ["one.jsonl", "two-again.jsonl"]
     assert not d.queue.read_duplicate(d.queue.find("two-again.jsonl").job_id)
 
 

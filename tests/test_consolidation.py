@@ -84,8 +84,8 @@ def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
         assert (new_base / "tokenizer_config.json").is_file()
 
         cur = read_current(d.cfg.path("adapters"))
-        assert (cur.version, cur.manifest["generation"], cur.manifest["consolidated_from"]) == (2, 1, 1)
-        assert cur.manifest["base_path"] == str(new_base) and d.status()["base_model"] == str(new_base)
+        assert (cur.version, cur.manifest.generation, cur.manifest.consolidated_from) == (2, 1, 1)
+        assert cur.manifest.base_path == str(new_base) and d.status()["base_model"] == str(new_base)
 
         # nothing learnt on generation 1 yet: another consolidation would only copy its base (#26)
         r = d.ctl("consolidate", "--description", "again", timeout=120)
@@ -117,8 +117,8 @@ def test_consolidate_then_train_on_the_new_base(tmp_path, models_dir):
 
         train(d, "two.jsonl", text(13), 3)  # on the new base, with the fresh adapter
         cur = read_current(d.cfg.path("adapters"))
-        assert cur.manifest["base_path"] == str(new_base) and cur.manifest["generation"] == 1
-        assert [(e["original_name"], e["generation"]) for e in cur.manifest["dataset"]] == [("one.jsonl", 0), ("two.jsonl", 1)]
+        assert cur.manifest.base_path == str(new_base) and cur.manifest.generation == 1
+        assert [(e["original_name"], e["generation"]) for e in cur.manifest.dataset] == [("one.jsonl", 0), ("two.jsonl", 1)]
         kept = [r["version"] for r in json.loads(d.ctl("adapters", "list", "--json").stdout)]
         assert kept == [1, 3]  # keep_last 1 keeps the current; v1 fed the consolidation and stays
         d.drop("one-again.jsonl", text(12))  # learnt by generation 0: still a duplicate
@@ -161,9 +161,9 @@ def test_approve_of_another_rank_after_a_consolidation_trains_on_the_consolidate
         assert st["base_model"] == str(new_base)
         train(d2, "three.jsonl", text(14), 1)
         cur = read_current(d2.cfg.path("adapters"))
-        assert (cur.version, cur.manifest["generation"], cur.manifest["base_path"]) == (1, 1, str(new_base))
+        assert (cur.version, cur.manifest.generation, cur.manifest.base_path) == (1, 1, str(new_base))
         # one.jsonl is in the base's weights and stays learnt; two.jsonl went with the archived adapter
-        assert [(e["original_name"], e["generation"]) for e in cur.manifest["dataset"]] == [("one.jsonl", 0), ("three.jsonl", 1)]
+        assert [(e["original_name"], e["generation"]) for e in cur.manifest.dataset] == [("one.jsonl", 0), ("three.jsonl", 1)]
         d2.drop("one-again.jsonl", text(12))
         d2.wait_counts(done=4)
         assert d2.queue.read_duplicate(d2.queue.find("one-again.jsonl").job_id)
@@ -202,8 +202,8 @@ def test_kill9_during_consolidation_leaves_one_whole_generation(tmp_path, models
         assert r.returncode == 0, r.stdout + r.stderr + d.log_tail()
         assert any(e["kind"] == "trainer_crash" for e in d.history().events())
         cur = read_current(d.cfg.path("adapters"))
-        assert cur.manifest["generation"] == 1 and cur.manifest["consolidated_from"] == 1
-        in_use = Path(cur.manifest["base_path"])
+        assert cur.manifest.generation == 1 and cur.manifest.consolidated_from == 1
+        in_use = Path(cur.manifest.base_path)
         assert (in_use / LINEAGE).is_file() and (in_use / "model.safetensors").is_file()
         assert not list(d.cfg.path("consolidated").glob(".*.tmp"))  # swept
         folders = consolidated(d)  # one folder published before the crash may stay (never deleted), whole

@@ -39,7 +39,7 @@ def test_a_learnt_file_is_not_trained_again_unless_forced(daemon, tmp_path):
     d.wait_counts(done=1)
     d.wait_for(lambda s: s["status"] == "idle", what="idle")
     steps_before = d.losses()
-    ledger = read_current(d.cfg.path("adapters")).manifest["dataset"]
+    ledger = read_current(d.cfg.path("adapters")).manifest.dataset
     assert [(e["original_name"], e["version"]) for e in ledger] == [("first.jsonl", 1)]
 
     d.drop("again.jsonl", DATA)  # the same bytes under another name

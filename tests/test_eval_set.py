@@ -32,7 +32,7 @@ def test_each_file_is_scored_on_the_eval_set_before_and_after(tmp_path, models_d
         assert b["eval_set_before"] == a["eval_set_after"]  # the same adapter, scored once
         assert b["end_global_step"] > a["end_global_step"] > 0
         manifest = read_current(d.cfg.path("adapters")).manifest
-        assert manifest["eval_set"]["examples"] == 12 and manifest["eval_set"]["after"] == b["eval_set_after"]
+        assert manifest.eval_set["examples"] == 12 and manifest.eval_set["after"] == b["eval_set_after"]
         h = read_history(d.cfg.path("status") / "history.db", HistoryIndex(), -1, None, 2000)
         assert [(p.original_name, p.after) for p in h.eval_set] == [("a.jsonl", a["eval_set_after"]), ("b.jsonl", b["eval_set_after"])]
         r = d.ctl("queue", "status", "b.jsonl")

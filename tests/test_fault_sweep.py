@@ -177,7 +177,7 @@ def check_invariants(d: Daemon, crashed_ok: bool) -> dict:
     assert errors == sorted(j + ERROR_SUFFIX for j in failed.values()), f"error files without their file: {errors}"
 
     current = read_current(d.cfg.path("adapters"))
-    trained = list(current.manifest["trained_jobs"]) if current else []
+    trained = list(current.manifest.trained_jobs) if current else []
     assert sorted(trained) == sorted(done.values()), f"adapter trained_jobs {trained} != done {sorted(done.values())}"
     assert len(trained) == len(set(trained)), f"a job twice in the adapter: {trained}"
 
@@ -203,7 +203,7 @@ def check_invariants(d: Daemon, crashed_ok: bool) -> dict:
     finally:
         db.close()
     if current:
-        assert current.manifest["global_step"] == global_step
+        assert current.manifest.global_step == global_step
     return {"done": sorted(done), "failed": {n: reasons[n] for n in sorted(failed)},
             "adapter_version": current.version if current else None, "global_step": global_step,
             "crashes": crashes}

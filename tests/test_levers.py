@@ -184,12 +184,12 @@ def test_the_thread_governor_has_its_switch_and_says_why_it_is_not_used(models_d
 
 def test_the_start_report_is_one_line_and_the_ready_message_carries_it(models_dir: Path, tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    from daemon.train import worker
+    from daemon.train.session import load_session
 
     cfg = dataclasses.replace(with_speed(make_cfg(models_dir, tmp_path), "bfloat16", width_pieces=False), root=tmp_path)
     service, trainer = Pipe()
     with caplog.at_level(logging.INFO, logger="daemon.train.levers"):
-        sess = worker.load_session(cfg, trainer, threads=2)
+        sess = load_session(cfg, trainer, threads=2)
     ready = service.recv()
     assert ready["type"] == "ready" and sess.lm.fast is not None  # the probes ran before `ready`, once
     n, m = len(lora_layers(sess.lm.model)), len(rms_norms(sess.lm.model))

@@ -99,7 +99,7 @@ def refusals(svc) -> list[str]:
 
 def session(cfg):
     """The trainer's session over the current version, its connection a real Pipe; (session, service end)."""
-    from daemon.train.worker import Session
+    from daemon.train.session import Session
 
     mine, theirs = Pipe()
     cur = adapters.read_current(cfg.path("adapters"))
@@ -136,7 +136,7 @@ def test_the_service_refuses_a_rollback_to_another_generation_before_the_trainer
 
 
 def test_the_trainer_refuses_a_rollback_to_another_generation_and_the_file_trains_on(cfg):
-    from daemon.train.worker import on_message_in_job
+    from daemon.train.session import on_message_in_job
 
     two_generations(cfg)
     sess, conn = session(cfg)
@@ -152,7 +152,7 @@ def test_the_trainer_refuses_a_rollback_to_another_generation_and_the_file_train
 
 
 def test_a_rollback_refused_after_the_file_stopped_keeps_its_checkpoints(cfg):
-    from daemon.train.worker import rollback
+    from daemon.train.lineage import rollback
 
     two_generations(cfg)
     sess, conn = session(cfg)
@@ -179,18 +179,19 @@ def test_trainctl_rollback_refuses_another_generation_without_leaving_a_request(
 
 def test_nothing_learnt_on_a_generation_is_named(cfg):
     v1, v2, v3 = two_generations(cfg)
-    why = adapters.nothing_learnt(adapters.AdapterVersion(2, cfg.path("adapters") / "v0002", v2))
+    published = {v.version: v for v in adapters.versions(cfg.path("adapters"))}  # as the store reads them back
+    why = adapters.nothing_learnt(published[2])
     assert "no file has trained on generation 1" in why and "v2" in why
-    assert adapters.nothing_learnt(adapters.AdapterVersion(3, cfg.path("adapters") / "v0003", v3)) is None
-    assert adapters.nothing_learnt(adapters.AdapterVersion(1, cfg.path("adapters") / "v0001", v1)) is None
+    assert adapters.nothing_learnt(published[3]) is None
+    assert adapters.nothing_learnt(published[1]) is None
     # a rollback to a generation's first version has learnt nothing on it either
-    v4 = publish(cfg, 4, 1, parent=v2, rollback_of=2)
-    why = adapters.nothing_learnt(adapters.AdapterVersion(4, cfg.path("adapters") / "v0004", v4))
+    publish(cfg, 4, 1, parent=v2, rollback_of=2)
+    why = adapters.nothing_learnt(adapters.read_current(cfg.path("adapters")))
     assert "no file has trained on generation 1" in why and "rollback" in why
 
 
 def test_the_trainer_refuses_to_consolidate_a_fresh_adapter(cfg):
-    from daemon.train.worker import consolidate_now
+    from daemon.train.lineage import consolidate_now
 
     two_generations(cfg, trained_on_1=False)
     sess, conn = session(cfg)
@@ -352,7 +353,8 @@ def test_the_trainer_starts_on_the_base_approve_carried_over(tmp_path, models_di
     torch = pytest.importorskip("torch")
     from daemon.dataset import DatasetLedger
     from daemon.train.model import resolve_base
-    from daemon.train.worker import generation_fields, load_session
+    from daemon.train.lineage import base_fields
+    from daemon.train.session import load_session
 
     cfg = load_config(write_instance(tmp_path / "i", models_dir))
     merged = cfg.path("consolidated") / "20260101T000001Z"  # a real model folder stands for generation 1's base
@@ -373,7 +375,8 @@ def test_the_trainer_starts_on_the_base_approve_carried_over(tmp_path, models_di
     ready = answer(theirs)
     assert ready["type"] == "ready" and ready["base_model"] == str(merged) and ready["adapter_version"] is None
     assert Path(sess.lm.base_path) == merged
-    assert generation_fields(sess) == {"base_model": str(merged), "base_path": str(merged), "generation": 1}
+    assert base_fields(sess) == {"base_model": str(merged), "base_path": str(merged), "generation": 1,
+                                "quantization": sess.lm.quantization}
     db = HistoryDB(cfg.path("status") / HISTORY_FILE)
     ledger = DatasetLedger(cfg.path("adapters"), db, adapters.config_base(cfg))
     assert ledger.earlier(sha("one.jsonl"))["original_name"] == "one.jsonl"  # merged into the base: still learnt
@@ -437,7 +440,7 @@ def test_a_rollback_whose_version_cannot_be_published_changes_nothing(tmp_path, 
     import errno
 
     torch = pytest.importorskip("torch")
-    from daemon.train import worker
+    from daemon.train import lineage, session
     from daemon.train.activity import ActivityProbe
     from daemon.train.model import load_for_training, lora_state, publish_adapter
 
@@ -458,7 +461,7 @@ def test_a_rollback_whose_version_cannot_be_published_changes_nothing(tmp_path, 
     m2 = {**m1, "version": 2, "parent_version": 1, "job_id": "job-two", "trained_jobs": ["job-one", "job-two"]}
     publish_adapter(folder, lm.model, m2)
     mine, theirs = Pipe()
-    sess = worker.Session(cfg, mine, lm, 2, m2, ActivityProbe(lm.model))
+    sess = session.Session(cfg, mine, lm, 2, adapters.AdapterManifest.from_dict(m2), ActivityProbe(lm.model))
     kept = sess.checkpoints("job-long") / "step_000003"
     kept.mkdir(parents=True)
     before = lora_state(lm.model)
@@ -466,9 +469,9 @@ def test_a_rollback_whose_version_cannot_be_published_changes_nothing(tmp_path, 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(worker, "publish_adapter", full)
+    monkeypatch.setattr(lineage, "publish_adapter", full)
     sess.rollback_to = 1
-    worker.rollback(sess, "job-long")
+    lineage.rollback(sess, "job-long")
     said = answer(theirs)
     assert said["type"] == "rollback_refused" and said["job_id"] == "job-long" and "No space left" in said["message"]
     assert kept.is_dir()  # the interrupted file resumes from its checkpoint

@@ -12,11 +12,23 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parent.parent
+MUTANTS = sorted(p.stem for p in (REPO / "bench" / "mutants").glob("*.patch"))
 
 
+@pytest.mark.parametrize("mutant", MUTANTS)
+def test_every_mutant_still_applies_to_the_tree(mutant: str) -> None:
+    """A refactor that moves the code a mutant changes must bring the mutant along: one that no longer
+    applies is a proof (the sweep, the soak) silently gone. Fast, so in the default suite."""
+    patch = (REPO / "bench" / "mutants" / f"{mutant}.patch").read_text()
+    proc = subprocess.run(["patch", "-p1", "--dry-run", "-s", "--no-backup-if-mismatch"], input=patch, text=True,
+                          cwd=REPO, capture_output=True)
+    assert proc.returncode == 0, f"bench/mutants/{mutant}.patch no longer applies:\n{proc.stdout}{proc.stderr}"
+    assert "MUTANT" in patch  # the product never holds a mutant: each says where it is
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("mutant, marks, select", [
     ("done-before-publish", "not slow", "publish v0002"),  # done/ before the version is current
     ("pointer-before-folder", "not slow", "current.json"),  # current.json names a folder not yet there

@@ -64,7 +64,7 @@ def test_nf4_adapter_loads_onto_4bit_and_full_base(trained):
     d = trained["nf4"]
     current = read_current(d.cfg.path("adapters"))
     saved = load_file(str(current.path / "adapter_model.safetensors"))
-    assert current.manifest["base_model"] == d.cfg.base_model
+    assert current.manifest.base_model == d.cfg.base_model
     nf4 = load_config(d.config_path)
     full = dataclasses.replace(nf4, model=dataclasses.replace(nf4.model, quantization="none"))
     for cfg in (nf4, full):

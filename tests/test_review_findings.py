@@ -14,7 +14,7 @@ import pytest
 
 from daemon import control
 from daemon.states import ControlAction
-from daemon.supervisor import last_logged_error
+from daemon.service.supervisor import last_logged_error
 from tests.conftest import lines_of, write_instance
 from tests.daemon_harness import Daemon
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from daemon.logs import FORMAT, DailyFileHandler
-from daemon.supervisor import Supervisor
+from daemon.service.supervisor import Supervisor
 from daemon.train.model import ModelError
 
 LONG = ("`base_model` /data/models/llama-3-8b-instruct-finetuned-on-support-chats: the safetensors header of "

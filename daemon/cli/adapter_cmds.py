@@ -60,11 +60,11 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
         m = v.manifest
         out_rows.append({
             "version": v.version, "current": current is not None and v.version == current.version,
-            "pinned": v.version in pins, "file": m.get("original_name"), "job_id": m.get("job_id"),
-            "steps": m.get("steps"), "global_step": m.get("global_step"), "final_loss": m.get("final_loss"),
-            "eval_loss": m.get("eval_loss"), "created_at": m.get("created_at"), "bytes": adapters.folder_bytes(v.path),
-            "rollback_of": m.get("rollback_of"), "path": str(v.path), "generation": int(m.get("generation", 0)),
-            "consolidated_from": m.get("consolidated_from"), "description": m.get("description"),
+            "pinned": v.version in pins, "file": m.original_name, "job_id": m.job_id, "steps": m.steps,
+            "global_step": m.global_step, "final_loss": m.final_loss, "eval_loss": m.eval_loss,
+            "created_at": m.created_at, "bytes": adapters.folder_bytes(v.path), "rollback_of": m.rollback_of,
+            "path": str(v.path), "generation": m.generation, "consolidated_from": m.consolidated_from,
+            "description": m.description,
         })
     return out_rows
 
@@ -126,8 +126,8 @@ def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
     deadline = time.time() + WAIT_SECONDS
     while time.time() < deadline:
         now = adapters.peek_current(folder)
-        if now is not None and now.manifest.get("rollback_of") == args.version and (before is None or now.version > before.version):
-            undone = [e.get("original_name") or e["job_id"] for e in now.manifest.get("undone", [])]
+        if now is not None and now.manifest.rollback_of == args.version and (before is None or now.version > before.version):
+            undone = [e.get("original_name") or e["job_id"] for e in now.manifest.undone]
             out(f"rollback: adapter v{args.version} is current again, as v{now.version}")
             if undone:
                 out(f"rollback: no longer in the adapter (not retrained; drop them again to train them): {', '.join(undone)}")

@@ -356,10 +356,10 @@ class JobTracker:
         """Steps of a file this service (or one before it) never recorded, taken from the step log of the
         version the file published: a service that died while behind the trainer loses no step history."""
         current = adapters.peek_current(self.cfg.path("adapters"))
-        if current is None or current.manifest.get("job_id") != job_id:
+        if current is None or current.manifest.job_id != job_id:
             return
         have = self.db.steps_recorded_through(job_id)
-        if have >= (current.manifest.get("steps") or 0):
+        if have >= (current.manifest.steps or 0):
             return
         added = self.db.record_missed_steps(job_id, [m for m in adapters.read_step_log(current.path)
                                                      if m.get("step", 0) > have], now)
@@ -369,9 +369,9 @@ class JobTracker:
     def _moved_from_manifest(self, job_id: str) -> dict | None:
         """What a file moved, from the adapter it published (the child died before saying `done`)."""
         current = adapters.peek_current(self.cfg.path("adapters"))
-        if current is None or current.manifest.get("job_id") != job_id:
+        if current is None or current.manifest.job_id != job_id:
             return None
-        return current.manifest.get("activity_moved")
+        return current.manifest.activity_moved
 
 
 def published_adapter(cfg: Config) -> dict[str, Any]:

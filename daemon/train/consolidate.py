@@ -17,7 +17,7 @@ with the numbers), raises ConsolidationRefused and leaves everything as it was.
 The folder is written under a temp name and renamed when complete; temp folders
 left by a crash are swept here. Consolidated folders are never deleted or
 overwritten by traind (each has its own stamp). Switching training to the new
-base is the caller's (daemon/train/worker.py): it publishes a fresh adapter
+base is the caller's (daemon/train/lineage.py): it publishes a fresh adapter
 whose manifest names the new base, the commit point.
 """
 
@@ -277,7 +277,7 @@ def _lineage(cfg: Config, current: adapters.AdapterVersion, base: Path, descript
         "parent_base": {"path": str(base), "sha256": folder_sha256(base), "generation": generation,
                         "lineage": str(parent_lineage) if parent_lineage.is_file() else None,
                         **({"gguf": gguf} if gguf else {})},
-        "adapter": {"version": current.version, "path": str(current.path), "global_step": current.manifest.get("global_step")},
+        "adapter": {"version": current.version, "path": str(current.path), "global_step": current.manifest.global_step},
         # what this generation learnt (the files merged now); `dataset` is every generation's, carried on
         "files": [e for e in ledger if e.get("generation", 0) == generation],
         "dataset": ledger,

@@ -66,8 +66,8 @@ def base_for(cfg: Config, adapter: adapters.AdapterVersion | None) -> Path:
     from daemon.train.model import resolve_base
 
     source = _manifest_source(cfg, adapter)
-    if source is not None and source.manifest.get("base_path"):
-        return Path(source.manifest["base_path"])
+    if source is not None and source.manifest.base_path:
+        return Path(source.manifest.base_path)
     return resolve_base(cfg)
 
 
@@ -80,14 +80,14 @@ def generation_label(cfg: Config, adapter: adapters.AdapterVersion | None) -> st
     """Which base, said plainly: "generation 0 (SmolLM2-135M-Instruct.Q4_1.gguf)", or for a consolidated one
     "generation 2, consolidated 2026-12-06T19:30:00+00:00 ("two weeks of chats")"."""
     source = _manifest_source(cfg, adapter)
-    m = source.manifest if source is not None else {}
-    generation = int(m.get("generation", 0))
-    if generation == 0 or not m.get("base_path"):
+    generation = source.manifest.generation if source is not None else 0
+    base_path = source.manifest.base_path if source is not None else None
+    if generation == 0 or not base_path:
         return f"generation 0 ({Path(cfg.base_model).name})"
     try:
-        lineage = json.loads((Path(m["base_path"]) / "lineage.json").read_text(encoding="utf-8"))
+        lineage = json.loads((Path(base_path) / "lineage.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"generation {generation} ({m['base_path']})"
+        return f"generation {generation} ({base_path})"
     desc = f' ("{lineage["description"]}")' if lineage.get("description") else ""
     return f"generation {generation}, consolidated {lineage.get('created_at', '?')}{desc}"
 
@@ -131,7 +131,7 @@ def load_view(cfg: Config, which: str = "current", device: str = "cpu") -> View:
     caps = capabilities()
     dtype = choose_dtype(cfg.model, device, caps)  # the trainer's: the numerics the adapter was trained in
     source = _manifest_source(cfg, adapter)
-    recorded = source.manifest.get("quantization") if source is not None else None
+    recorded = source.manifest.quantization if source is not None else None
     quant, _ = resolve_quantization(cfg.model, device, caps, base, dtype, recorded)
     mc = dataclasses.replace(cfg.model, quantization=quant)
     model, tokenizer = load_base(base, mc, device, dtype)

@@ -400,7 +400,7 @@ def lora_max_abs_diff(a: dict[str, "torch.Tensor"], b: dict[str, "torch.Tensor"]
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a else 0.0
 
 
-def publish_adapter(adapters_dir: Path, model: Any, manifest: dict[str, Any],
+def publish_adapter(adapters_dir: Path, model: Any, manifest: adapters.AdapterManifest | dict[str, Any],
                     steps: list[dict[str, Any]] | None = None) -> adapters.AdapterVersion:
     """Publish the live LoRA of `model` as the next adapter version (daemon.adapters.publish),
     with the file's step reports (`steps.jsonl`, its training log) beside the weights."""
