@@ -54,3 +54,12 @@ def test_a_4bit_base_chosen_on_a_cpu_is_kept_and_its_cost_said(tmp_path, chosen)
     quant, note = m.resolve_quantization(ModelConfig(quantization=chosen), "cpu", CPU, base_of(tmp_path, 1000), torch.float32)
     assert quant == chosen and "slower than none" in note
     assert m.resolve_quantization(ModelConfig(quantization="none"), "cpu", CPU, base_of(tmp_path, 1000), torch.float32) == ("none", None)
+
+
+def test_auto_needs_no_bitsandbytes_on_a_cpu(tmp_path):
+    from daemon.config import config_from_dict
+    from daemon.train.preflight import problems
+
+    no_bnb = m.Capabilities(cuda=False, bf16=False, bitsandbytes=False, cuda_name=None)
+    assert problems(config_from_dict({}, tmp_path), no_bnb) == []  # auto: none there
+    assert any("needs bitsandbytes" in p for p in problems(config_from_dict({"model": {"quantization": "nf4"}}, tmp_path), no_bnb))

@@ -33,7 +33,7 @@ def problems(cfg: Config, caps: Any) -> list[str]:
     if tc.optimizer != "adamw" and device != "cuda":
         out.append(f"`training.optimizer` = {tc.optimizer!r} runs on CUDA only (bitsandbytes' 8-bit states) and this "
                    "trainer runs on the CPU; use 'adamw'")
-    if mc.quantization != "none" and not caps.bitsandbytes:
+    if mc.quantization not in ("none", "auto") and not caps.bitsandbytes:  # auto is none without bitsandbytes
         out.append(f"`model.quantization` = {mc.quantization!r} needs bitsandbytes, which is not installed; "
                    "install it or use 'none'")
     if mc.compute_dtype == "bfloat16" and device == "cuda" and not caps.bf16:
@@ -46,7 +46,7 @@ def problems(cfg: Config, caps: Any) -> list[str]:
             out.append("`model.attention` = 'flash_attention_2' needs the flash-attn package; install it or use 'auto'")
     if dc.backend == "nccl" and device != "cuda":
         out.append("`distributed.backend` = 'nccl' needs CUDA GPUs; use 'auto' (gloo on the CPU)")
-    if dc.strategy == "fsdp" and mc.quantization != "none" and device != "cuda":
+    if dc.strategy == "fsdp" and mc.quantization not in ("none", "auto") and device != "cuda":
         out.append(f"`distributed.strategy` = 'fsdp' with a 4-bit base (`model.quantization` = {mc.quantization!r}) "
                    "runs on CUDA only; on the CPU use strategy 'ddp', or quantization 'none'")
     if tc.compile and device == "cpu" and not any(shutil.which(c) for c in COMPILERS):
