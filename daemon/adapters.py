@@ -130,7 +130,11 @@ class AdapterVersion:
 
 
 def read_manifest(folder: Path) -> AdapterManifest:
-    return AdapterManifest.from_dict(atomic.read_json(folder / MANIFEST))
+    """`folder`'s manifest; one without its `version` (written by hand) has its folder's number."""
+    raw = atomic.read_json(folder / MANIFEST)
+    if "version" not in raw and folder.name[1:].isdigit():
+        raw = {**raw, "version": int(folder.name[1:])}
+    return AdapterManifest.from_dict(raw)
 
 
 def read_current(adapters: Path) -> AdapterVersion | None:

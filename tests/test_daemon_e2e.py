@@ -56,7 +56,7 @@ def test_file_in_to_done_with_adapter_and_falling_loss(daemon_factory):
     assert [e["epoch"] for e in ledger["epochs"]] == [0, 1] and ledger["steps"] == manifest["steps"]
     assert all(e["samples"] == count_lines(e["lines"]) and e["lines"] == ledger["epochs"][0]["lines"]
                for e in ledger["epochs"])
-    assert [m["version"] for m in lineage(d.cfg.path("adapters"))] == [1]
+    assert [m.version for m in lineage(d.cfg.path("adapters"))] == [1]
     db = d.history()
     job = db.job(done.job_id)
     assert job["state"] == "done" and job["format"] == "chat" and job["eval_loss"] is not None

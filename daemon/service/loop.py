@@ -339,7 +339,7 @@ class Service:
             over = self.tracker.on_message(msg, now)
         finally:  # the file ended even if recording it failed
             if self.tracker.job is None:
-                self._job_over()
+                self.sup.job_over()
         if isinstance(msg, protocol.Failed) and msg.reason == "guard":  # nothing starts until a person looks
             self.db.event("guard", f"paused by a guard: {msg.message}", msg.job_id, t=now)
             control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
@@ -380,13 +380,9 @@ class Service:
         if not refused:
             self.db.discard_steps(job.job_id)
         self.tracker.end()
-        self._job_over()
+        self.sup.job_over()
         how = "resumes from its last checkpoint" if refused else "trains again from its start"
         return f"; {job.original_name} was interrupted and {how}"
-
-    def _job_over(self) -> None:
-        if self.sup.state is TrainerState.BUSY:
-            self.sup.state = TrainerState.READY
 
     # -- control --------------------------------------------------------------------
     def _handle_control(self, now: float) -> None:
@@ -463,7 +459,10 @@ class Service:
         """A status write refused for the folder's sake: held for (True), the hold said before the retry."""
         if not self._disk_error(e, self.cfg.path("status"), "status"):
             return False
-        self.publisher.held(self.facts(), self.disk.status())  # the hold only: a STOPPED or ERROR stays as it is
+        if self.status.status in (ServiceStatus.STOPPED, ServiceStatus.ERROR):  # said for good: only why it is held
+            self.publisher.held(self.facts(), self.disk.status())
+        else:  # paused for the disk, and the status says so
+            self._refresh_status()
         return True
 
     # -- disk space ------------------------------------------------------------------------

@@ -114,6 +114,11 @@ class Supervisor:
             self.holds = False
         return messages, code
 
+    def job_over(self) -> None:
+        """The file it was training has ended: it is free for the next one."""
+        if self.state is TrainerState.BUSY:
+            self.state = TrainerState.READY
+
     def dropped_job_end(self, job: Any) -> bool:
         """Whether the end of `job` (the file in training, or None) came in a message that could not be read: then
         only the crash path can end it (the trainer is ended, and the file resumes or is found published)."""
