@@ -127,7 +127,7 @@ def sample_cost(probe: Any, n: int = 30) -> float:
 
 
 def bench_model(name: str, base: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from daemon.train.activity import ActivityProbe
+    from daemon.train.activity_probe import ActivityProbe
     from daemon.train.model import load_for_training, lora_state
 
     cfgs = {m: make_config(root, base, *(v or (0, 0.0)), args.quantization) for m, v in MODES.items()}

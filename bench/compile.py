@@ -36,7 +36,7 @@ def one_point(args: argparse.Namespace, prep: dict, model: str, kind: str) -> di
     import dataclasses
 
     import perf_runs
-    from perf_daemon import matmul_peak, model_flops_per_token
+    from flops import matmul_peak, model_flops_per_token
 
     from daemon.train.batching import micro_batches
     from daemon.train.loop import build_optimizer, make_scaler

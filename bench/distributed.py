@@ -49,7 +49,7 @@ def real_tokens(path: Path, base: Path) -> int:
 
 
 def run(root: Path, base: Path, data: Path, ranks: int, threads: int) -> dict:
-    from daemon.status import HISTORY_FILE, HistoryDB
+    from daemon.history_db import HISTORY_FILE, HistoryDB
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

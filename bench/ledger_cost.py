@@ -4,7 +4,7 @@
 
 One epoch of a file of `--lines` lines with a hole every 20,000 lines (as held-out
 lines make), consumed in the order of traind's shuffle window, `--micro-batch`
-samples per step, recorded by daemon.ledger.SampleLedger.
+samples per step, recorded by daemon.sample_ledger.SampleLedger.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.ledger import SampleLedger  # noqa: E402
+from daemon.sample_ledger import SampleLedger  # noqa: E402
 
 
 def stream(n: int, window: int, seed: int = 1) -> list[int]:

@@ -118,7 +118,7 @@ def prefill_history(path: Path, n: int) -> None:
     """A month of earlier training (n rows of an old job), so /api/history downsamples for real."""
     import math
 
-    from daemon.status import HistoryDB
+    from daemon.history_db import HistoryDB
 
     db = HistoryDB(path)
     t0 = time.time() - 30 * 86400

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,19 +94,10 @@ def _subset(work: Path, kind: str, lines: list[str], n: int) -> Path:
     return path
 
 
-def one_run(runner: str, base: Path, data: Path, heldout: Path, quant: str, threads: int, out: Path,
-            device: str = "cpu") -> dict:
-    cmd = [sys.executable, str(REPO / "bench" / "perf_runs.py"), runner, "--base", str(base), "--data", str(data),
-           "--heldout", str(heldout), "--quant", quant, "--threads", str(threads), "--out", str(out), "--device", device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0 or not out.exists():
-        return {"runner": runner, "error": (proc.stderr or proc.stdout)[-2000:]}
-    return json.loads(out.read_text())
-
-
 def compare(args: argparse.Namespace, prep: dict, work: Path) -> list[dict]:
     """Every asked point: runs interleaved per pair; ratios of traind over each other runner, pair by pair."""
-    from bench.perf_daemon import matmul_peak
+    from bench import perf_runs
+    from bench.flops import matmul_peak
 
     rows = []
     runners = args.runners.split(",")
@@ -119,7 +109,7 @@ def compare(args: argparse.Namespace, prep: dict, work: Path) -> list[dict]:
                     for r in runners:
                         out = work / "runs" / f"{model}-{kind}-{quant}-{r}-{pair}-{time.time_ns()}.json"
                         out.parent.mkdir(exist_ok=True)
-                        res = one_run(r, prep["bases"][model], prep["data"][kind][model], prep["data"][kind]["heldout"],
+                        res = perf_runs.one_run(r, prep["bases"][model], prep["data"][kind][model], prep["data"][kind]["heldout"],
                                       quant, args.threads, out, args.device)
                         if r == "traind" and "error" not in res and args.device == "cpu":
                             # the peak right after the run it divides: the machine's speed drifts over a run
@@ -165,7 +155,7 @@ def summarise(model: str, kind: str, quant: str, runs: dict[str, list[dict]]) ->
 def flops(args: argparse.Namespace, prep: dict, rows: list[dict]) -> list[dict]:
     """Model FLOP/s of traind's measured rate over this machine's matmul peak in the dtype traind computed in
     (bf16 has about twice fp32's peak where the CPU has native bf16), per compared point; fp32's peak beside it."""
-    from bench.perf_daemon import matmul_peak, model_flops_per_token
+    from bench.flops import matmul_peak, model_flops_per_token
 
     peaks: dict[str, float] = {}
     out = []

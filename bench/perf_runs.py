@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
+
+
+def one_run(runner: str, base: Path, data: Path, heldout: Path, quant: str, threads: int, out: Path,
+            device: str = "cpu") -> dict:
+    """One runner's measured run in its own process (this script), as its JSON result; `error` when it failed."""
+    cmd = [sys.executable, __file__, runner, "--base", str(base), "--data", str(data),
+           "--heldout", str(heldout), "--quant", quant, "--threads", str(threads), "--out", str(out), "--device", device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0 or not out.exists():
+        return {"runner": runner, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(out.read_text())
 
 
 def traind_config(args: argparse.Namespace, root: Path, grouped: bool, packed: bool, dtype: str = "auto") -> Any:

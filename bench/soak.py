@@ -32,7 +32,7 @@ After the last kill the daemon runs to the end and stops cleanly; then
 (bench/soak_checks.py): every input file is in exactly one of done/ and failed/,
 byte-identical to what was dropped, the broken one failed as invalid_data;
 nothing left in inbox/, pending/, processing/; the final adapter's lineage
-lists each done file once and each version's sample ledger (daemon.ledger)
+lists each done file once and each version's sample ledger (daemon.sample_ledger)
 holds every train line of its file exactly once per epoch, in the reference's
 steps (same digest); the final adapter equals the reference within 1e-5; the
 history has each kept step once; no temp file or folder is left anywhere in
@@ -78,8 +78,8 @@ import psutil  # noqa: E402
 from bench.soak_checks import (adapter_tensors, check_progress_kept, check_seed, ledgers,  # noqa: E402,F401
                                progress_at_kill, temp_debris)
 from daemon import adapters  # noqa: E402
-from tests.conftest import lines_of, write_instance  # noqa: E402
-from tests.daemon_harness import Daemon  # noqa: E402
+from bench.harness import lines_of, write_instance  # noqa: E402
+from bench.harness import Daemon  # noqa: E402
 
 log = logging.getLogger("soak")
 

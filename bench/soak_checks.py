@@ -18,9 +18,9 @@ from typing import Any
 
 from daemon import adapters
 from daemon.jobqueue import ERROR_SUFFIX
-from daemon.ledger import check_ledger
-from tests.conftest import write_instance
-from tests.daemon_harness import Daemon
+from daemon.sample_ledger import check_ledger
+from bench.harness import write_instance
+from bench.harness import Daemon
 
 TOL = 1e-5
 _TOKENIZERS: dict[str, Any] = {}

@@ -73,7 +73,7 @@ class AdapterManifest:
     created_at: str | None = None
     trained_jobs: list[str] = field(default_factory=list)
     activity_moved: dict | None = None
-    ledger: dict | None = None  # the samples every step of the file consumed (daemon.ledger)
+    ledger: dict | None = None  # the samples every step of the file consumed (daemon.sample_ledger)
     dataset: list[dict] | None = None
     eval_set: dict | None = None  # eval.file's loss before and after the file
     rollback_of: int | None = None
@@ -149,7 +149,7 @@ def read_current(adapters: Path) -> AdapterVersion | None:
 
 def lineage(adapters: Path) -> list[AdapterManifest]:
     """The manifests of the current version and its ancestors (`parent_version`), oldest first: each
-    holds the job it trained and that job's sample ledger (daemon.ledger). Empty before the first file."""
+    holds the job it trained and that job's sample ledger (daemon.sample_ledger). Empty before the first file."""
     current = read_current(adapters)
     chain: list[AdapterManifest] = []
     manifest = current.manifest if current else None

@@ -273,7 +273,7 @@ _SECTION_TYPES = {
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
-_NOTIFY_EVENTS = set(_NOTIFY_EVENTS_SORTED)  # daemon/notify.py EVENTS (it checks they agree)
+_NOTIFY_EVENTS = set(_NOTIFY_EVENTS_SORTED)  # daemon/service/notify.py EVENTS (it checks they agree)
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
 _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {

@@ -18,9 +18,9 @@ from daemon import atomic
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.jobqueue import JobQueue, QueueEntry
-from daemon.dataset import DatasetLedger, duplicate_message
+from daemon.dataset_ledger import DatasetLedger, duplicate_message
 from daemon.states import FailReason, JobState, Priority
-from daemon.status import HistoryDB
+from daemon.history_db import HistoryDB
 from daemon.validate import ValidationReport, validate_file
 
 log = logging.getLogger(__name__)

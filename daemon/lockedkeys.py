@@ -32,7 +32,7 @@ from typing import Any
 from daemon import adapters, atomic
 from daemon.config import Config, locked_values
 from daemon.errors import TraindError
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.history_db import HISTORY_FILE, HistoryDB
 
 log = logging.getLogger(__name__)
 

@@ -19,34 +19,14 @@ imports it, and it never imports torch.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import sys
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from daemon.errors import TraindError
+from daemon.wire import ProtocolError, Record, checked, opt, req
 
 TO_TRAINER, TO_SERVICE, RANK = "to_trainer", "to_service", "rank"
 DIRECTIONS = {TO_TRAINER: "Service → trainer", TO_SERVICE: "Trainer → service",
               RANK: "Rank 0 → the other ranks (torch.distributed broadcast, under torchrun)"}
-
-
-class ProtocolError(TraindError):
-    """A message that is not one of the protocol's, or not well formed."""
-
-
-def _f(default: Any = dataclasses.MISSING, help: str = "") -> Any:  # noqa: A002 - the field's help text
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _req(help: str) -> Any:  # noqa: A002
-    return field(metadata={"help": help})
-
-
 _REGISTRY: dict[str, dict[str, type[Message]]] = {TO_TRAINER: {}, TO_SERVICE: {}, RANK: {}}
 
 
@@ -72,86 +52,7 @@ class Message:
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Message:
-        return cls(**_checked(cls, {k: v for k, v in raw.items() if k != "type"}, f"{cls.TYPE!r} message"))
-
-
-@dataclass(frozen=True)
-class Record:
-    """A typed value carried inside messages (a job)."""
-
-    def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_wire(cls, raw: Any, what: str = "") -> Record:
-        if isinstance(raw, cls):
-            return raw
-        if not isinstance(raw, dict):
-            raise ProtocolError(f"{what or cls.__name__}: expected an object, got {type(raw).__name__}")
-        return cls(**_checked(cls, raw, what or cls.__name__))
-
-
-def _basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(sys.modules[__name__]))
-
-
-def _checked(cls: type, raw: dict[str, Any], what: str) -> dict[str, Any]:
-    """`raw` as keyword arguments of `cls`, every field of the right type; ProtocolError naming what is wrong."""
-    hints = _hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    extra = sorted(set(raw) - set(known))
-    if extra:
-        raise ProtocolError(f"{what}: unknown field(s) {', '.join(extra)}")
-    out: dict[str, Any] = {}
-    for name, f in known.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{what}, field {name!r} is missing")
-            continue
-        out[name] = _value(hints[name], raw[name], f"{what}, field {name!r}")
-    return out
-
-
-def _value(hint: Any, v: Any, what: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _value(a, v, what)
-            except ProtocolError:
-                continue
-        raise ProtocolError(f"{what}: {v!r} is not {_name(hint)}")
-    if isinstance(hint, type) and issubclass(hint, Record):
-        return hint.from_wire(v, what)
-    base = origin or hint
-    if base is Any:
-        return v
-    if base is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    if base is int and isinstance(v, bool) or not isinstance(v, base):
-        raise ProtocolError(f"{what}: {v!r} is not {_name(hint)}")
-    if base is list and args:  # list[T]: every item a T
-        return [_value(args[0], item, f"{what}, item {i}") for i, item in enumerate(v)]
-    return v
-
-
-def _name(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is list and typing.get_args(hint):
-        return f"a list of {_name(typing.get_args(hint)[0])}"
-    return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+        return cls(**checked(cls, {k: v for k, v in raw.items() if k != "type"}, f"{cls.TYPE!r} message"))
 
 
 def decode(raw: Any, direction: str) -> Message:
@@ -177,19 +78,19 @@ class Job(Record):
     """The file the service hands to the trainer: one shape on both sides (the tracker's job in training,
     the trainer loop's job)."""
 
-    job_id: str = _req("the queue name `<UTC stamp>-<seq>--<original name>`")
-    path: str = _req("absolute path of the file in `queue/processing/`")
-    original_name: str = _req("the name it arrived with")
-    sha256: str = _req("of the whole file, as validated at intake")
-    format: str = _req("`chat`, `prompt_completion`, `text` or `alpaca`")
-    n_records: int = _req("valid records found at intake")
-    recorded_through: int = _f(0, "steps 1..n of the file are in the service's history (a resume sends what is missing)")
+    job_id: str = req("the queue name `<UTC stamp>-<seq>--<original name>`")
+    path: str = req("absolute path of the file in `queue/processing/`")
+    original_name: str = req("the name it arrived with")
+    sha256: str = req("of the whole file, as validated at intake")
+    format: str = req("`chat`, `prompt_completion`, `text` or `alpaca`")
+    n_records: int = req("valid records found at intake")
+    recorded_through: int = opt(0, "steps 1..n of the file are in the service's history (a resume sends what is missing)")
 
     @classmethod
     def for_file(cls, job_id: str, path: Any, format: str, sha256: str, recorded_through: int = 0,  # noqa: A002
                  n_records: int = 0) -> Job:
         """A job for a file trained outside the queue (`traind train`, tests): named after the file itself."""
-        return cls(job_id, str(path), _basename(str(path)), sha256, format, n_records, recorded_through)
+        return cls(job_id, str(path), str(path).rstrip("/").rsplit("/", 1)[-1], sha256, format, n_records, recorded_through)
 
 
 # ---------------------------------------------------------------- service -> trainer
@@ -200,7 +101,7 @@ class Train(Message):
     TYPE, DIRECTION = "train", TO_TRAINER
     DOC = ("train this file (resume from `checkpoints/<job_id>/` if a checkpoint exists; answer `done` with "
            "`already_trained` if the current adapter's manifest lists this job)")
-    job: Job = _req("the file (fields of `Job`: job_id, path, original_name, sha256, format, n_records, recorded_through)")
+    job: Job = req("the file (fields of `Job`: job_id, path, original_name, sha256, format, n_records, recorded_through)")
 
 
 @dataclass(frozen=True)
@@ -220,7 +121,7 @@ class Skip(Message):
     TYPE, DIRECTION = "skip", TO_TRAINER
     DOC = ("abandon the file: restore the adapter to its state before the file, delete the job's checkpoints, "
            "answer `skipped` (also for a job not in training: its checkpoints go)")
-    job_id: str | None = _f(None, "the file to abandon (null: the one in training)")
+    job_id: str | None = opt(None, "the file to abandon (null: the one in training)")
 
 
 @dataclass(frozen=True)
@@ -242,8 +143,8 @@ class Consolidate(Message):
            "`consolidated_models/`, reload on it with a fresh adapter published as the next version (the commit "
            "point), answer `consolidated` or `consolidation_refused`. Sent only between files; no `train` until "
            "the answer")
-    description: str = _req("the person's words for it, kept in lineage.json")
-    adapter_version: int | None = _f(None, "the version to merge; kept when the request is sent again to a "
+    description: str = req("the person's words for it, kept in lineage.json")
+    adapter_version: int | None = opt(None, "the version to merge; kept when the request is sent again to a "
                                            "restarted trainer, which then answers from the record if the switch "
                                            "already happened")
 
@@ -255,7 +156,7 @@ class Rollback(Message):
            "it drops); a refusal changes nothing (`rollback_refused`, checked before a file in training is touched); "
            "otherwise a file in training ends at the next step boundary, loses its checkpoints and stays in "
            "`processing/` to train again from its start; answer `rolled_back`. No `train` until the answer")
-    version: int = _req("the adapter version to go back to")
+    version: int = req("the adapter version to go back to")
 
 
 # ---------------------------------------------------------------- trainer -> service
@@ -265,31 +166,31 @@ class Rollback(Message):
 class Loading(Message):
     TYPE, DIRECTION = "loading", TO_SERVICE
     DOC = "progress of a long load before `ready` (a GGUF base converted on first use): said in the status's detail"
-    detail: str = _req("what it is doing, for a person (\"converting SmolLM2...gguf: 120/272 tensors\")")
+    detail: str = req("what it is doing, for a person (\"converting SmolLM2...gguf: 120/272 tensors\")")
 
 
 @dataclass(frozen=True)
 class Ready(Message):
     TYPE, DIRECTION = "ready", TO_SERVICE
     DOC = "the model is loaded: files may be sent"
-    device: str = _req("`cpu` or `cuda`")
-    compute_dtype: str = _req("`float32`, `bfloat16` or `float16`")
-    quantization: str = _req("`nf4`, `fp4` or `none`")
-    base_model: str = _req("the base trained on: the config's, or a consolidated generation's folder")
-    adapter_version: int | None = _req("the current adapter version (null: none published yet)")
-    trainable_params: int = _req("LoRA parameters")
-    total_params: int = _req("all parameters")
-    load_seconds: float = _req("time to load base and adapter")
-    world_size: int = _f(1, "trainer processes (ranks); 1 = a single process")
-    strategy: str | None = _f(None, "`ddp`, `fsdp`, or null")
-    backend: str | None = _f(None, "`gloo`, `nccl`, or null")
-    nnodes: int = _f(1, "machines training together")
-    eval_set_examples: int = _f(0, "examples of `eval.file` scored before and after every file (0: none)")
-    eval_set_error: str | None = _f(None, "why `eval.file` is not used (training goes on without it)")
-    generation: int = _f(0, "the base's generation: 0 for the configured base, N after N consolidations")
-    notes: list[str] = _f([], "settings the trainer chose for this base and why (`model.quantization` auto's "
+    device: str = req("`cpu` or `cuda`")
+    compute_dtype: str = req("`float32`, `bfloat16` or `float16`")
+    quantization: str = req("`nf4`, `fp4` or `none`")
+    base_model: str = req("the base trained on: the config's, or a consolidated generation's folder")
+    adapter_version: int | None = req("the current adapter version (null: none published yet)")
+    trainable_params: int = req("LoRA parameters")
+    total_params: int = req("all parameters")
+    load_seconds: float = req("time to load base and adapter")
+    world_size: int = opt(1, "trainer processes (ranks); 1 = a single process")
+    strategy: str | None = opt(None, "`ddp`, `fsdp`, or null")
+    backend: str | None = opt(None, "`gloo`, `nccl`, or null")
+    nnodes: int = opt(1, "machines training together")
+    eval_set_examples: int = opt(0, "examples of `eval.file` scored before and after every file (0: none)")
+    eval_set_error: str | None = opt(None, "why `eval.file` is not used (training goes on without it)")
+    generation: int = opt(0, "the base's generation: 0 for the configured base, N after N consolidations")
+    notes: list[str] = opt([], "settings the trainer chose for this base and why (`model.quantization` auto's "
                               "choice, what nf4 costs on the CPU)")
-    levers: dict = _f({}, "each speed lever by its `speed.*` key (`packed_rows`: `data.packing`), in the start "
+    levers: dict = opt({}, "each speed lever by its `speed.*` key (`packed_rows`: `data.packing`), in the start "
                           "report's order: `{state: on, off or not_used, text, applied, of}` (`daemon/train/levers.py`)")
 
 
@@ -297,34 +198,34 @@ class Ready(Message):
 class Started(Message):
     TYPE, DIRECTION = "started", TO_SERVICE
     DOC = "the file's first step (or its resumed one) is next"
-    job_id: str = _req("the file")
-    total_steps: int = _req("optimizer steps the file takes over its epochs")
-    resumed_from_step: int = _req("the checkpoint's step it resumes from (0: from the start)")
-    n_train: int = _req("examples trained per epoch")
-    n_eval: int = _req("examples held out for its eval loss")
-    n_dropped: int = _req("valid records with no trainable token after truncation")
-    epochs: int = _req("passes over the file")
+    job_id: str = req("the file")
+    total_steps: int = req("optimizer steps the file takes over its epochs")
+    resumed_from_step: int = req("the checkpoint's step it resumes from (0: from the start)")
+    n_train: int = req("examples trained per epoch")
+    n_eval: int = req("examples held out for its eval loss")
+    n_dropped: int = req("valid records with no trainable token after truncation")
+    epochs: int = req("passes over the file")
 
 
 @dataclass(frozen=True)
 class Step(Message):
     TYPE, DIRECTION = "step", TO_SERVICE
     DOC = "one optimizer step done (also kept in the file's step log, and sent again by `steps_again`)"
-    job_id: str = _req("the file")
-    step: int = _req("the file's step, from 1")
-    total_steps: int = _req("the file's steps")
-    global_step: int = _req("the adapter's step over every file")
-    epoch: float = _req("epochs done, as a fraction (1.5: half-way through the second)")
-    loss: float = _req("the step's token-mean training loss")
-    lr: float = _req("the learning rate it used")
-    grad_norm: float | None = _req("the gradient norm before clipping")
-    tokens: int = _req("tokens trained in the step")
-    slots: int = _req("token slots computed (tokens plus padding)")
-    tokens_per_sec: float = _req("tokens / the step's wall time")
-    elapsed: float = _req("seconds since the file (or its resume) began")
-    micro_batch_split: int = _f(1, "pieces each micro-batch runs in (more than 1 after running out of memory)")
-    world_size: int | None = _f(None, "only with several ranks: how many")
-    ranks: list[dict] | None = _f(None, "only with several ranks: each rank's figures in the step (rank, node, host, "
+    job_id: str = req("the file")
+    step: int = req("the file's step, from 1")
+    total_steps: int = req("the file's steps")
+    global_step: int = req("the adapter's step over every file")
+    epoch: float = req("epochs done, as a fraction (1.5: half-way through the second)")
+    loss: float = req("the step's token-mean training loss")
+    lr: float = req("the learning rate it used")
+    grad_norm: float | None = req("the gradient norm before clipping")
+    tokens: int = req("tokens trained in the step")
+    slots: int = req("token slots computed (tokens plus padding)")
+    tokens_per_sec: float = req("tokens / the step's wall time")
+    elapsed: float = req("seconds since the file (or its resume) began")
+    micro_batch_split: int = opt(1, "pieces each micro-batch runs in (more than 1 after running out of memory)")
+    world_size: int | None = opt(None, "only with several ranks: how many")
+    ranks: list[dict] | None = opt(None, "only with several ranks: each rank's figures in the step (rank, node, host, "
                                   "device, tokens, compute_seconds, tokens_per_sec, rss_bytes, gpu_memory_bytes)")
 
 
@@ -333,91 +234,91 @@ class StepsAgain(Message):
     TYPE, DIRECTION = "steps_again", TO_SERVICE
     DOC = ("the `step` messages up to a resumed checkpoint's step after `recorded_through`, from the file's step "
            "log: a service that died while behind the trainer gets them again; it records those it is missing")
-    job_id: str = _req("the file")
-    steps: list[dict] = _req("the `step` messages, as they were sent")
+    job_id: str = req("the file")
+    steps: list[dict] = req("the `step` messages, as they were sent")
 
 
 @dataclass(frozen=True)
 class Eval(Message):
     TYPE, DIRECTION = "eval", TO_SERVICE
     DOC = "the held-out loss of the file's eval examples"
-    job_id: str = _req("the file")
-    step: int = _req("the file's step")
-    global_step: int = _req("the adapter's step")
-    eval_loss: float = _req("token-mean loss on the held-out examples")
+    job_id: str = req("the file")
+    step: int = req("the file's step")
+    global_step: int = req("the adapter's step")
+    eval_loss: float = req("token-mean loss on the held-out examples")
 
 
 @dataclass(frozen=True)
 class Activity(Message):
     TYPE, DIRECTION = "activity", TO_SERVICE
     DOC = "a per-layer LoRA activity sample (docs/internals.md, \"Layer activity\")"
-    job_id: str = _req("the file")
-    step: int = _req("the file's step")
-    global_step: int = _req("the adapter's step")
-    final: bool = _req("the file's last step")
-    layers: list[int] = _req("layer indices, in order")
-    kinds: list[str] = _req("module kinds (q_proj, ...), in order")
-    values: dict = _req("measure -> layers x kinds grid")
+    job_id: str = req("the file")
+    step: int = req("the file's step")
+    global_step: int = req("the adapter's step")
+    final: bool = req("the file's last step")
+    layers: list[int] = req("layer indices, in order")
+    kinds: list[str] = req("module kinds (q_proj, ...), in order")
+    values: dict = req("measure -> layers x kinds grid")
 
 
 @dataclass(frozen=True)
 class Checkpoint(Message):
     TYPE, DIRECTION = "checkpoint", TO_SERVICE
     DOC = "a resumable checkpoint is written"
-    job_id: str = _req("the file")
-    step: int = _req("the step it resumes from")
-    path: str = _req("its folder")
+    job_id: str = req("the file")
+    step: int = req("the step it resumes from")
+    path: str = req("its folder")
 
 
 @dataclass(frozen=True)
 class Paused(Message):
     TYPE, DIRECTION = "paused", TO_SERVICE
     DOC = "it holds between steps, model resident"
-    job_id: str | None = _f(None, "the file it holds in (null: between files)")
+    job_id: str | None = opt(None, "the file it holds in (null: between files)")
 
 
 @dataclass(frozen=True)
 class Resumed(Message):
     TYPE, DIRECTION = "resumed", TO_SERVICE
     DOC = "it carries on"
-    job_id: str | None = _f(None, "the file (null: between files)")
+    job_id: str | None = opt(None, "the file (null: between files)")
 
 
 @dataclass(frozen=True)
 class Done(Message):
     TYPE, DIRECTION = "done", TO_SERVICE
     DOC = "the file is learnt: its adapter version is published (the commit point); the service moves it to done/"
-    job_id: str = _req("the file")
-    steps: int | None = _req("steps it trained (null: an already-trained file that is not the newest)")
-    final_loss: float | None = _req("its last step's loss")
-    eval_loss: float | None = _req("its held-out loss at the end")
-    adapter_version: int | None = _req("the version it published")
-    adapter_path: str = _req("that version's folder")
-    already_trained: bool = _req("it was in the adapter already (a crash after the publication): not trained again")
-    activity_moved: dict | None = _req("what the file moved, per module (null where not measured)")
-    eval_set: dict | None = _f(None, "eval.file's loss before and after it (`file`, `examples`, `before`, `after`)")
-    global_step: int | None = _f(None, "the adapter's step after it")
+    job_id: str = req("the file")
+    steps: int | None = req("steps it trained (null: an already-trained file that is not the newest)")
+    final_loss: float | None = req("its last step's loss")
+    eval_loss: float | None = req("its held-out loss at the end")
+    adapter_version: int | None = req("the version it published")
+    adapter_path: str = req("that version's folder")
+    already_trained: bool = req("it was in the adapter already (a crash after the publication): not trained again")
+    activity_moved: dict | None = req("what the file moved, per module (null where not measured)")
+    eval_set: dict | None = opt(None, "eval.file's loss before and after it (`file`, `examples`, `before`, `after`)")
+    global_step: int | None = opt(None, "the adapter's step after it")
 
 
 @dataclass(frozen=True)
 class Skipped(Message):
     TYPE, DIRECTION = "skipped", TO_SERVICE
     DOC = "the file was abandoned: adapter restored, checkpoints dropped"
-    job_id: str = _req("the file")
-    steps_discarded: int = _f(0, "steps of it that the adapter no longer holds")
+    job_id: str = req("the file")
+    steps_discarded: int = opt(0, "steps of it that the adapter no longer holds")
 
 
 @dataclass(frozen=True)
 class Failed(Message):
     TYPE, DIRECTION = "failed", TO_SERVICE
     DOC = "the file could not be trained: adapter restored; the service moves it to failed/"
-    job_id: str = _req("the file")
-    reason: str = _req("`invalid_data`, `training_error` or `guard` (a guard stopped it: the daemon pauses)")
-    message: str = _req("why, for a person")
-    traceback: str | None = _f(None, "where a training error came from")
-    errors: list[dict] = _f([], "bad lines: `{line, field, reason}` each")
-    step: int | None = _f(None, "with `guard`: the step it stopped at")
-    loss: float | None = _f(None, "with `guard`: that step's loss")
+    job_id: str = req("the file")
+    reason: str = req("`invalid_data`, `training_error` or `guard` (a guard stopped it: the daemon pauses)")
+    message: str = req("why, for a person")
+    traceback: str | None = opt(None, "where a training error came from")
+    errors: list[dict] = opt([], "bad lines: `{line, field, reason}` each")
+    step: int | None = opt(None, "with `guard`: the step it stopped at")
+    loss: float | None = opt(None, "with `guard`: that step's loss")
 
 
 @dataclass(frozen=True)
@@ -426,61 +327,61 @@ class DiskFullReport(Message):
     DOC = ("a write failed for lack of space (or free space is below `service.min_free_bytes`), or the folder "
            "cannot be written; the trainer now holds as paused (no `paused` message) until `resume`, then writes "
            "again from scratch")
-    job_id: str = _req("the file")
-    site: str = _req("`checkpoint`, `adapter`, or `trainer` for any other write of the file")
-    folder: str = _req("where it wrote")
-    free_bytes: int = _req("free there")
-    message: str = _req("the error, as the writer got it")
-    kind: str = _f("full", "`full` or `unwritable`")
+    job_id: str = req("the file")
+    site: str = req("`checkpoint`, `adapter`, or `trainer` for any other write of the file")
+    folder: str = req("where it wrote")
+    free_bytes: int = req("free there")
+    message: str = req("the error, as the writer got it")
+    kind: str = opt("full", "`full` or `unwritable`")
 
 
 @dataclass(frozen=True)
 class Stopped(Message):
     TYPE, DIRECTION = "stopped", TO_SERVICE
     DOC = "it checkpointed (when a file was in training) and exits 0"
-    job_id: str | None = _req("the file it stopped in (null: none)")
-    checkpoint_step: int | None = _req("the step that file resumes from")
+    job_id: str | None = req("the file it stopped in (null: none)")
+    checkpoint_step: int | None = req("the step that file resumes from")
 
 
 @dataclass(frozen=True)
 class RolledBack(Message):
     TYPE, DIRECTION = "rolled_back", TO_SERVICE
     DOC = "the version rolled back to is current again, as a new version"
-    version: int = _req("the new version")
-    rollback_of: int = _req("the version it copies")
-    job_id: str | None = _req("the file it interrupted (null: none)")
-    undone: list[str] = _req("names of the files no longer in the adapter")
+    version: int = req("the new version")
+    rollback_of: int = req("the version it copies")
+    job_id: str | None = req("the file it interrupted (null: none)")
+    undone: list[str] = req("names of the files no longer in the adapter")
 
 
 @dataclass(frozen=True)
 class RollbackRefused(Message):
     TYPE, DIRECTION = "rollback_refused", TO_SERVICE
     DOC = "nothing changed"
-    version: int = _req("the version asked for")
-    job_id: str | None = _req("a file it interrupted before refusing (null: none)")
-    message: str = _req("why")
+    version: int = req("the version asked for")
+    job_id: str | None = req("a file it interrupted before refusing (null: none)")
+    message: str = req("why")
 
 
 @dataclass(frozen=True)
 class Consolidated(Message):
     TYPE, DIRECTION = "consolidated", TO_SERVICE
     DOC = "training goes on from the new base with a fresh adapter"
-    generation: int = _req("the new base's generation")
-    path: str = _req("its folder under `consolidated_models/`")
-    adapter_version: int = _req("the fresh adapter's version")
-    consolidated_version: int = _req("the version merged")
-    max_logit_diff: float = _req("merged against base + adapter on the probe batch")
-    reload_logit_diff: float = _req("the saved folder reloaded against the merged model")
-    seconds: float = _req("how long it took")
-    files: int = _req("files the merged adapter had learnt")
-    description: str = _req("as asked")
+    generation: int = req("the new base's generation")
+    path: str = req("its folder under `consolidated_models/`")
+    adapter_version: int = req("the fresh adapter's version")
+    consolidated_version: int = req("the version merged")
+    max_logit_diff: float = req("merged against base + adapter on the probe batch")
+    reload_logit_diff: float = req("the saved folder reloaded against the merged model")
+    seconds: float = req("how long it took")
+    files: int = req("files the merged adapter had learnt")
+    description: str = req("as asked")
 
 
 @dataclass(frozen=True)
 class ConsolidationRefused(Message):
     TYPE, DIRECTION = "consolidation_refused", TO_SERVICE
     DOC = "nothing changed"
-    message: str = _req("why: memory or disk short (with the numbers), a failed check, nothing learnt to merge")
+    message: str = req("why: memory or disk short (with the numbers), a failed check, nothing learnt to merge")
 
 
 @dataclass(frozen=True)
@@ -489,8 +390,8 @@ class ConfigRefused(Message):
     DOC = ("the config cannot run on this machine (`daemon/train/preflight.py`, before the model loads; or a "
            "`ModelError` met while a file trains): the trainer exits 78; the service neither restarts it nor counts "
            "a crash, says every reason in the status (`error`) and holds the queue until the daemon restarts")
-    problems: list[str] = _req("every reason, for a person")
-    job_id: str | None = _f(None, "the file in training when it was met (it stays in `processing/`)")
+    problems: list[str] = req("every reason, for a person")
+    job_id: str | None = opt(None, "the file in training when it was met (it stays in `processing/`)")
 
 
 # ---------------------------------------------------------------- rank 0 -> the other ranks
@@ -500,8 +401,8 @@ class ConfigRefused(Message):
 class TrainOrder(Message):
     TYPE, DIRECTION = "train", RANK
     DOC = "train your share of each step of this file; rank 0 reports and decides"
-    job: Job = _req("the file")
-    global_step: int = _req("the adapter's step before it")
+    job: Job = req("the file")
+    global_step: int = req("the adapter's step before it")
 
 
 @dataclass(frozen=True)
@@ -514,7 +415,7 @@ class SyncLora(Message):
 class Reload(Message):
     TYPE, DIRECTION = "reload", RANK
     DOC = "load this base again (a consolidation made it)"
-    base: str = _req("the consolidated base's folder")
+    base: str = req("the consolidated base's folder")
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class LineError:
 
 @dataclass(frozen=True)
 class Record:
-    """One valid line, normalised (see the module docstring of `daemon.data` for how each is trained).
+    """One valid line, normalised (see the module docstring of `daemon.train.data` for how each is trained).
 
     chat -> {"messages": [{"role", "content", "weight"}]} (weight 0|1; 1 by default for assistant, 0 for others)
     prompt_completion -> {"prompt", "completion"}; text -> {"text"}; alpaca -> {"instruction", "input", "output"}

@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from daemon import control
 from daemon.status import STATUS_FILE
 from monitor.deps import MonitorState, ReadAuth, StateDep
-from monitor.status import current_status
+from monitor.status_api import current_status
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["status"], dependencies=[ReadAuth])

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Iterable
 
 from fastapi import APIRouter, HTTPException, Query
 
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.history_db import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.history_index import FINE, HistoryIndex
 from monitor.models import EvalPoint, EvalSetPoint, History, HistoryPoint, Marker, SeriesInfo

@@ -17,7 +17,7 @@ from daemon.status import read_status
 from monitor.deps import ReadAuth, StateDep
 from monitor.host import memory_view
 from monitor.models import GpuView, MemoryView, Status
-from monitor.status import current_status
+from monitor.status_api import current_status
 
 router = APIRouter(tags=["metrics"], dependencies=[ReadAuth])
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

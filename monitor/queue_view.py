@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query
 
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.states import PRIORITY_ORDER
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.history_db import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.models import QueueItem, QueueView
 

@@ -1,25 +1,23 @@
-"""Shared fixtures: temporary traind instances and a driver for the real daemon process."""
+"""Shared fixtures (the embedded model built once, a fast instance, a lock holder) and the run's hooks (the `gpu`
+marker, waits scaled to the machine's load). The daemon driver and instance writer are bench/harness.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
+from bench.harness import REPO, write_instance
 from daemon.config import Config, load_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
 
 
 def _cuda_devices() -> int:
@@ -82,25 +80,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(f"{reason} (GPU tests were asked for)", pytrace=False)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
-# Small and quick: a few seconds of training per file on 2 shared cores.
-FAST: dict[str, Any] = {
-    "intake": {"settle_seconds": 0.3, "scan_interval_seconds": 0.5},
-    "data": {"max_length": 64, "eval_fraction": 0.1, "eval_max_examples": 8},
-    "model": {"quantization": "none"},
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "training": {"micro_batch_size": 4, "learning_rate": 0.02, "warmup_steps": 2, "checkpoint_every_steps": 5, "cpu_threads": 1},
-    "activity": {"every_steps": 10, "min_interval_seconds": 0.0},
-    "service": {"status_interval_seconds": 0.5, "restart_backoff_seconds": 0.2, "stop_timeout_seconds": 60.0},
-}
-
-
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache of the embedded model for the whole session, built up front so that
@@ -119,28 +98,11 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def write_instance(folder: Path, models_dir: Path | None = None, **overrides: Any) -> Path:
-    """Write a config.json into `folder` (relative runtime paths) and return its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    raw = _merge(FAST, overrides)
-    if models_dir is not None:
-        raw = _merge(raw, {"paths": {"models": str(models_dir)}})
-    path = folder / "config.json"
-    path.write_text(json.dumps(raw, indent=2))
-    return path
-
-
 @pytest.fixture
 def instance(tmp_path: Path, models_dir: Path) -> tuple[Config, Path]:
     """A fresh instance folder with the fast test config."""
     path = write_instance(tmp_path / "inst", models_dir)
     return load_config(path), path
-
-
-def lines_of(name: str, n: int | None = None) -> str:
-    text = (EXAMPLES / name).read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    return "".join(lines[:n] if n else lines)
 
 
 @pytest.fixture

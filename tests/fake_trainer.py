@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from daemon import protocol
 from daemon.config import load_config
-from tests.conftest import write_instance
+from bench.harness import write_instance
 
 NOW = 1_800_000_000.0
 FAST = {"intake": {"settle_seconds": 0.0, "scan_interval_seconds": 0.5},

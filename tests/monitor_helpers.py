@@ -18,12 +18,13 @@ from typing import Any, Iterator
 import httpx
 import psutil
 
-from daemon import activity
+from daemon import activity_summary
 from daemon.config import Config, load_config
 from daemon.jobqueue import JobQueue
 from daemon.schema import TrainingStatus
 from daemon.states import DesiredState, ServiceStatus
-from daemon.status import HISTORY_FILE, HistoryDB, StatusWriter
+from daemon.history_db import HISTORY_FILE, HistoryDB
+from daemon.status import StatusWriter
 
 REPO = Path(__file__).resolve().parent.parent
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,8 +82,8 @@ class FakeDaemon:
         msg = synthetic_activity(step, self.global_step, n_layers, kinds, self.rng, job_id, final)
         now = time.time() if t is None else t
         self.db.record_activity(job_id, step, self.global_step, now, final, msg["layers"], msg["kinds"],
-                                activity.per_layer(msg, activity.HISTORY_MEASURES), msg["values"])
-        return activity.summary(msg, now)
+                                activity_summary.per_layer(msg, activity_summary.HISTORY_MEASURES), msg["values"])
+        return activity_summary.summary(msg, now)
 
 
 

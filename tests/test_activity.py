@@ -1,4 +1,4 @@
-"""daemon.train.activity: per-layer LoRA activity equals a direct computation, on the plain and the nf4 base.
+"""daemon.train.activity_probe: per-layer LoRA activity equals a direct computation, on the plain and the nf4 base.
 
 The direct computation forms ΔW = scaling·B·A (out × in) and takes its norms;
 the probe never forms it. Also: when samples are taken, what a file moved
@@ -15,11 +15,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from daemon import activity  # noqa: E402
+from daemon import activity_summary  # noqa: E402
 from daemon.config import ActivityConfig, LoraConfig  # noqa: E402
 from daemon.schema import TrainingStatus  # noqa: E402
 from daemon.status import StatusWriter  # noqa: E402
-from daemon.train.activity import ADAPTER, ActivityProbe, locate  # noqa: E402
+from daemon.train.activity_probe import ADAPTER, ActivityProbe, locate  # noqa: E402
 from daemon.train.loop import Job, train_file  # noqa: E402
 from daemon.train.model import load_for_training, lora_state  # noqa: E402
 from tests.test_loop import Crash, make_cfg, one_thread, sha, small_file  # noqa: E402, F401 - one_thread: autouse
@@ -180,7 +180,7 @@ def test_status_block_stays_small_for_an_80_layer_model(tmp_path: Path) -> None:
     probe.sample()
     grid = probe.sample()  # the second has `change` too
     msg = {"job_id": "20261201T000000Z-000001--x.jsonl", "step": 40, "global_step": 1040, **grid.to_dict()}
-    block = activity.summary(msg, 1.8e9)
+    block = activity_summary.summary(msg, 1.8e9)
     assert len(block.layers) == 80 and all(len(v) == 80 for v in block.per_layer.values())
     writer = StatusWriter(tmp_path)
     writer.write(TrainingStatus(layer_activity_summary=block))

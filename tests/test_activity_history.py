@@ -7,8 +7,8 @@ import math
 import random
 import sqlite3
 
-from daemon import activity
-from daemon.status import HistoryDB
+from daemon import activity_summary
+from daemon.history_db import HistoryDB
 from tests.monitor_helpers import ALL_LINEAR, synthetic_activity
 
 GRID = {
@@ -22,35 +22,35 @@ GRID = {
 
 
 def test_totals_are_frobenius_norms_and_relative_totals_a_ratio_of_them() -> None:
-    layers = activity.per_layer(GRID)
+    layers = activity_summary.per_layer(GRID)
     assert layers["update"] == [5.0, 1.0]  # sqrt(3² + 4²); the missing module is not a zero
     assert math.isclose(layers["relative"][0], 5.0 / math.sqrt(200)) and layers["relative"][1] == 0.2
-    kinds = activity.per_kind(GRID)
+    kinds = activity_summary.per_kind(GRID)
     assert kinds["update"] == [3.0, math.sqrt(17)] and math.isclose(kinds["relative"][1], math.sqrt(17) / math.sqrt(125))
     assert set(layers) == {"update", "relative", "change"}  # grad_a/grad_b absent from this grid, not invented
 
 
 def test_top_movers_rank_recent_change_relative_to_the_base() -> None:
-    movers = activity.top_movers(GRID, k=2)
+    movers = activity_summary.top_movers(GRID, k=2)
     assert [(m.layer, m.kind, m.measure) for m in movers] == [(1, "v_proj", "relative_change"), (0, "q_proj", "relative_change")]
     assert math.isclose(movers[0].value, 0.4 / 5.0)
     first = {**GRID, "values": {k: v for k, v in GRID["values"].items() if k != "change"}}
-    assert activity.top_movers(first, k=1)[0].measure == "relative"  # no change yet at a first sample
+    assert activity_summary.top_movers(first, k=1)[0].measure == "relative"  # no change yet at a first sample
 
 
 def test_status_block_is_rounded_and_complete() -> None:
     msg = synthetic_activity(40, 1040, 80, ALL_LINEAR, random.Random(1), job_id="j")
-    block = activity.summary(msg, 1.8e9)
+    block = activity_summary.summary(msg, 1.8e9)
     assert (block.job_id, block.step, block.global_step) == ("j", 40, 1040) and block.sampled_at.startswith("2027-")
-    assert set(block.per_layer) == set(activity.MEASURES) and all(len(v) == 80 for v in block.per_layer.values())
-    assert all(len(v) == 7 for v in block.per_kind.values()) and len(block.top_movers) == activity.TOP_MOVERS
-    exact = activity.per_layer(msg)["update"][5]
+    assert set(block.per_layer) == set(activity_summary.MEASURES) and all(len(v) == 80 for v in block.per_layer.values())
+    assert all(len(v) == 7 for v in block.per_kind.values()) and len(block.top_movers) == activity_summary.TOP_MOVERS
+    exact = activity_summary.per_layer(msg)["update"][5]
     assert block.per_layer["update"][5] == float(f"{exact:.3e}") and math.isclose(block.per_layer["update"][5], exact, rel_tol=1e-3)
 
 
 def record(db: HistoryDB, job: str, step: int, g: int, final: bool = False, n_layers: int = 2) -> None:
     msg = synthetic_activity(step, g, n_layers, ALL_LINEAR[:4], random.Random(step), job_id=job, final=final)
-    db.record_activity(job, step, g, float(g), final, msg["layers"], msg["kinds"], activity.per_layer(msg), msg["values"])
+    db.record_activity(job, step, g, float(g), final, msg["layers"], msg["kinds"], activity_summary.per_layer(msg), msg["values"])
 
 
 def test_series_is_every_kth_sample_and_always_the_last(tmp_path) -> None:

@@ -23,8 +23,9 @@ from daemon.jobqueue import ERROR_SUFFIX, JobQueue, QueueEntry
 from daemon.lock import holder_pid
 from daemon.states import FailReason, JobState, Priority, ServiceStatus
 from daemon.schema import DistributedSetup, RankFigures, TrainingStatus
-from daemon.status import HistoryDB, StatusWriter
-from tests.conftest import EXAMPLES, REPO, write_instance
+from daemon.history_db import HistoryDB
+from daemon.status import StatusWriter
+from bench.harness import EXAMPLES, REPO, write_instance
 
 TEXT = '{"text": "hello"}\n'
 SIZE = len(TEXT) * 3  # bytes of each queued file
@@ -382,7 +383,7 @@ def test_retry_leaves_no_reason_file_listed_as_a_job(cfg: Config, tmp_path: Path
 
 
 def test_queue_status_of_one_file_shows_its_record(cfg: Config, tmp_path: Path) -> None:
-    from daemon.status import HistoryDB
+    from daemon.history_db import HistoryDB
     e = populate(cfg, tmp_path)
     db = HistoryDB(cfg.path("status") / "history.db")
     db.upsert_job(e["done"].job_id, format="chat", n_records=40, n_bad=12, final_loss=1.25, adapter_version=3,

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import activity
+from daemon import activity_summary
 from daemon.config import Config, load_config
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.states import FailReason, Priority
-from daemon.status import HistoryDB
-from tests.conftest import REPO, write_instance
+from daemon.history_db import HistoryDB
+from bench.harness import REPO, write_instance
 
 KINDS7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NO_DATA = ("trainctl activity: no activity sampled yet "
@@ -71,7 +71,7 @@ def record_sample(cfg: Config, job_id: str, layers: list[int], kinds: list[str],
     msg = {"layers": layers, "kinds": kinds, "values": values}
     db = history(cfg)
     db.record_activity(job_id, global_step, global_step, time.time() - 90, False, layers, kinds,
-                       activity.per_layer(msg), values)
+                       activity_summary.per_layer(msg), values)
     db.close()
     return values
 
@@ -225,7 +225,7 @@ def test_job_what_a_file_moved(cfg: Config, tmp_path: Path) -> None:
     e = place(cfg, tmp_path, "big.jsonl", "done")
     db = history(cfg)  # as the tracker records a finished file
     db.upsert_job(e.job_id, state="done", steps=120, adapter_version=4, finished_at=time.time() - 3600,
-                  activity=activity.file_moved(grid))
+                  activity=activity_summary.file_moved(grid))
     db.close()
     body = json_of(trainctl(cfg, "--job", "big.jsonl", "--json", "--top", "7"))
     assert (body["source"], body["job_id"], body["measure"]) == ("file", e.job_id, "moved_relative")
@@ -249,7 +249,7 @@ def test_job_record_as_the_trainer_writes_it_now(cfg: Config, tmp_path: Path) ->
     grid = moved_grid([0, 1], ["q_proj", "v_proj"], seed=7, with_base=False)
     e = place(cfg, tmp_path, "tiny.jsonl", "done")
     db = history(cfg)
-    db.upsert_job(e.job_id, state="done", activity=activity.file_moved(grid))
+    db.upsert_job(e.job_id, state="done", activity=activity_summary.file_moved(grid))
     db.close()
     body = json_of(trainctl(cfg, "--job", "tiny.jsonl", "--json"))
     assert body["layer_totals"] is None and tops(body) == expected_top([0, 1], ["q_proj", "v_proj"],

@@ -15,8 +15,8 @@ from daemon import control
 from daemon.adapters import read_current
 from daemon.states import ControlAction, DesiredState
 from daemon.train.consolidate import LINEAGE, MERGE_TOLERANCE
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 

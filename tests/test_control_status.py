@@ -11,8 +11,9 @@ from daemon.errors import AlreadyRunningError
 from daemon.lock import acquire, holder_pid
 from daemon.schema import TrainingStatus
 from daemon.states import ControlAction, DesiredState, ServiceStatus
-from daemon.status import HistoryDB, StatusWriter, read_status
-from tests.conftest import write_instance
+from daemon.history_db import HistoryDB
+from daemon.status import StatusWriter, read_status
+from bench.harness import write_instance
 
 
 def test_desired_state_round_trip_and_damaged_file(instance):

@@ -12,10 +12,10 @@ import pytest
 
 from daemon import control
 from daemon.adapters import lineage
-from daemon.ledger import count_lines
+from daemon.sample_ledger import count_lines
 from daemon.states import ControlAction
-from tests.conftest import REPO, lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import REPO, lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 

@@ -31,9 +31,9 @@ from daemon import atomic, diskspace
 from daemon.service.diskguard import DiskGuard
 from daemon.diskspace import DiskFull
 from daemon.logs import DailyFileHandler
-from daemon.status import HistoryDB
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from daemon.history_db import HistoryDB
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 TOL = 1e-5
 

@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from daemon.config import config_from_dict, load_config
 from daemon.errors import ConfigError
-from tests.conftest import REPO, lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import REPO, lines_of, write_instance
+from bench.harness import Daemon
 
 TOLERANCE = 1e-5  # largest |difference| of a LoRA weight against the one-process reference
 FILE = lines_of("chat.jsonl") * 3  # 648 training examples: 81 steps of 8 (micro-batch 4 x accumulation 2), a few seconds

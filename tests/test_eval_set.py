@@ -8,8 +8,8 @@ import pytest
 from daemon.adapters import read_current
 from monitor.history import read_history
 from monitor.history_index import HistoryIndex
-from tests.conftest import EXAMPLES, lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import EXAMPLES, lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 

@@ -24,8 +24,8 @@ import pytest
 
 from daemon.adapters import read_current
 from daemon.jobqueue import ERROR_SUFFIX
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ def reference(tmp_path_factory, models_dir):
     from types import SimpleNamespace
 
     from bench.soak_checks import adapter_tensors, ledgers, train_lines_of
-    from daemon.ledger import check_ledger
+    from daemon.sample_ledger import check_ledger
 
     d = Daemon(write_instance(tmp_path_factory.mktemp("sweep-ref") / "inst", models_dir, **SETTINGS))
     try:

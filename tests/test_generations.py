@@ -8,7 +8,7 @@ from pathlib import Path
 
 from daemon import adapters
 from daemon.cli.dispatch import main as trainctl
-from tests.conftest import write_instance
+from bench.harness import write_instance
 from daemon.config import load_config
 
 

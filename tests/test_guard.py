@@ -6,8 +6,8 @@ import pytest
 
 from daemon.errors import GuardTripped
 from daemon.train.loop import SpikeGuard
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 
 def test_the_spike_guard_judges_against_the_recent_mean_after_its_warm_up():

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from daemon.health import run_checks
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 

@@ -91,3 +91,43 @@ def test_traind_wins_over_another_installed_package_named_daemon(tmp_path: Path)
         out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and f"usage: {prog}" in out.stdout, (argv, cwd, out.stderr[-400:])
     assert (REPO / "daemon" / "__init__.py").is_file()  # a regular package: a namespace one loses to the decoy
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules a file imports (at any depth in it: lazy imports count), as written."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def reaching_into(folder: Path, forbidden: str, root: Path = REPO) -> dict[str, list[str]]:
+    """Each module of `folder` (its path from `root`) that imports `forbidden` or a module under it: what."""
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        bad = sorted(m for m in imports_of(path) if m == forbidden or m.startswith(forbidden + "."))
+        if bad:
+            found[str(path.relative_to(root))] = bad
+    return found
+
+
+def test_the_trainer_and_the_shared_modules_never_import_the_service() -> None:
+    """docs/internals.md's layout: `daemon/service/` is the daemon process alone. The trainer child talks to it
+    only through `daemon.protocol`; the shared modules (`daemon/*.py`) are used by all four parts, so one that
+    reached into the service would drag it into the CLI, the monitor and the trainer. `daemon/__main__.py`
+    starts the service: the one exception."""
+    assert reaching_into(REPO / "daemon" / "train", "daemon.service") == {}
+    shared = reaching_into(REPO / "daemon", "daemon.service")
+    assert shared == {"daemon/__main__.py": ["daemon.service", "daemon.service.EXIT_ALREADY_RUNNING",
+                                             "daemon.service.Service"]}
+
+
+def test_the_layering_check_sees_an_import(tmp_path: Path) -> None:
+    (tmp_path / "leaky.py").write_text("def f():\n    from daemon.service.tracker import JobTracker\n")
+    assert reaching_into(tmp_path, "daemon.service", root=tmp_path) == {
+        "leaky.py": ["daemon.service.tracker", "daemon.service.tracker.JobTracker"]}

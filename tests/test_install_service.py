@@ -10,7 +10,7 @@ import subprocess
 
 from daemon.config import load_config
 from daemon.lock import acquire
-from tests.conftest import REPO, write_instance
+from bench.harness import REPO, write_instance
 
 SCRIPT = REPO / "bin" / "install_service.sh"
 

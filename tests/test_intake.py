@@ -90,8 +90,8 @@ def test_a_file_renamed_in_is_taken_at_once_and_one_written_in_place_waits(tmp_p
     """The `.part` protocol needs no settle window; a file written in place still gets it (#9: inbox latency)."""
     import time
 
-    from tests.conftest import lines_of, write_instance
-    from tests.daemon_harness import Daemon
+    from bench.harness import lines_of, write_instance
+    from bench.harness import Daemon
 
     d = Daemon(write_instance(tmp_path / "inst", models_dir, intake={"settle_seconds": 30.0, "scan_interval_seconds": 0.5}))
     try:

@@ -1,10 +1,10 @@
-"""daemon.ledger: the sample ledger a checkpoint and an adapter manifest carry."""
+"""daemon.sample_ledger: the sample ledger a checkpoint and an adapter manifest carry."""
 
 from __future__ import annotations
 
 import random
 
-from daemon.ledger import SampleLedger, check_ledger, count_lines, ranges_of
+from daemon.sample_ledger import SampleLedger, check_ledger, count_lines, ranges_of
 
 
 def test_ranges_coalesce_in_any_order_and_stay_compact() -> None:

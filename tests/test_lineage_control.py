@@ -25,8 +25,8 @@ from daemon.cli.dispatch import main as trainctl
 from daemon.config import load_config
 from daemon.lock import acquire
 from daemon.states import ControlAction
-from daemon.status import HISTORY_FILE, HistoryDB
-from tests.conftest import write_instance
+from daemon.history_db import HISTORY_FILE, HistoryDB
+from bench.harness import write_instance
 from tests.fake_trainer import FakeTrainer, drop, service_with_fake, stop_service
 
 NOW = 1_800_000_000.0
@@ -351,7 +351,7 @@ def test_approve_refuses_to_continue_on_a_base_that_is_gone(cfg, capsys):
 
 def test_the_trainer_starts_on_the_base_approve_carried_over(tmp_path, models_dir):
     torch = pytest.importorskip("torch")
-    from daemon.dataset import DatasetLedger
+    from daemon.dataset_ledger import DatasetLedger
     from daemon.train.model import resolve_base
     from daemon.train.lineage import base_fields
     from daemon.train.session import load_session
@@ -441,7 +441,7 @@ def test_a_rollback_whose_version_cannot_be_published_changes_nothing(tmp_path, 
 
     torch = pytest.importorskip("torch")
     from daemon.train import lineage, session
-    from daemon.train.activity import ActivityProbe
+    from daemon.train.activity_probe import ActivityProbe
     from daemon.train.model import load_for_training, lora_state, publish_adapter
 
     cfg = load_config(write_instance(tmp_path / "i", models_dir))

@@ -16,7 +16,7 @@ from pathlib import Path
 from daemon.cli.status_cmds import cmd_logs
 from daemon.config import load_config
 from daemon.logs import prune_logs
-from tests.conftest import REPO, write_instance
+from bench.harness import REPO, write_instance
 
 
 def test_old_and_oversized_logs_go_and_the_current_one_stays(tmp_path):

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from daemon.config import Config, DataConfig, LoraConfig, ModelConfig, PathsConfig, TrainingConfig  # noqa: E402
 from daemon.train import checkpoint as ckpt  # noqa: E402
-from daemon.ledger import check_ledger  # noqa: E402
+from daemon.sample_ledger import check_ledger  # noqa: E402
 from daemon.train.data import train_lines  # noqa: E402
 from daemon.train.loop import Job, job_seed, lr_factor, steps_per_epoch, train_file  # noqa: E402
 from daemon.validate import DataFormat  # noqa: E402

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 
 from daemon import control
 from daemon.states import ControlAction, DesiredState, FailReason, Priority
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.history_db import HISTORY_FILE, HistoryDB
 from monitor import auth, events
 from monitor.app import create_app
 from monitor.gpu import GpuProbe
@@ -775,7 +775,7 @@ def test_activity_serves_the_latest_grid_and_per_layer_series(client, daemon):
 
     for k in range(1, 61):
         daemon.steps(10)
-        block = daemon.activity(10 * k, n_layers=80, kinds=ALL_LINEAR, final=k == 60)
+        block = daemon.activity_summary(10 * k, n_layers=80, kinds=ALL_LINEAR, final=k == 60)
     daemon.status(layer_activity_summary=block)
     body = client.get("/api/activity?max_points=20&top=5&measure=change").json()
     latest = body["latest"]
@@ -793,18 +793,18 @@ def test_activity_serves_the_latest_grid_and_per_layer_series(client, daemon):
 
 
 def test_activity_of_a_finished_file_and_bounded_metrics(client, daemon, cfg):
-    from daemon import activity
+    from daemon import activity_summary
 
     moved = {"layers": [0, 1], "kinds": ["q_proj", "v_proj"],
              "values": {"moved": [[0.3, 0.4], [0.1, 0.2]], "moved_relative": [[0.03, 0.04], [0.01, 0.04]],
                         "base": [[10.0, 10.0], [10.0, 5.0]]}}
-    daemon.db.upsert_job(JOB, original_name="data.jsonl", state="done", steps=40, activity=activity.file_moved(moved))
+    daemon.db.upsert_job(JOB, original_name="data.jsonl", state="done", steps=40, activity=activity_summary.file_moved(moved))
     body = client.get(f"/api/activity/jobs/{JOB}").json()
     assert body["per_layer"]["moved"] == pytest.approx([0.5, math.sqrt(0.05)]) and body["top"][0]["value"] == 0.04
     assert body["original_name"] == "data.jsonl" and body["values"]["moved"] == moved["values"]["moved"]
     daemon.db.upsert_job("other.jsonl", state="failed")
     assert "no activity record" in client.get("/api/activity/jobs/other.jsonl").json()["detail"]
-    block = daemon.activity(10, n_layers=80)
+    block = daemon.activity_summary(10, n_layers=80)
     daemon.status(layer_activity_summary=block)
     lines = client.get("/metrics").text.splitlines()
     per_kind = [line for line in lines if line.startswith("traind_lora_relative_update{")]

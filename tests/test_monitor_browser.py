@@ -19,12 +19,12 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from daemon import activity, control
+from daemon import activity_summary, control
 from daemon.jobqueue import JobQueue
 from daemon.lock import acquire
 from daemon.states import ControlAction, DesiredState, FailReason, Priority
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 from tests.monitor_helpers import (ALL_LINEAR, ATTENTION, REPO, FakeDaemon, make_instance, monitor_process,
                                    synthetic_activity, token_of)
 
@@ -408,7 +408,7 @@ def _done_file_with_moved(cfg, fake: FakeDaemon, name: str, n_layers: int, kinds
     v = synthetic_activity(3000, 3000, n_layers, kinds, random.Random(3))["values"]
     grid = {"layers": list(range(n_layers)), "kinds": list(kinds),
             "values": {"moved": v["update"], "moved_relative": v["relative"], "base": v["base"]}}
-    record = activity.file_moved(grid)
+    record = activity_summary.file_moved(grid)
     fake.db.upsert_job(done.job_id, original_name=name, state="done", steps=3000, adapter_version=3,
                        finished_at=time.time(), activity=record)
     return record
@@ -488,8 +488,8 @@ def _sample_with_head(fake: FakeDaemon, step: int) -> Any:
         msg["values"][m] = [[None] * len(ATTENTION) + [head * (step + 1) ** 0.5]] + [row + [None] for row in rows]
     now = time.time()
     fake.db.record_activity(JOB, step, fake.global_step, now, False, msg["layers"], msg["kinds"],
-                            activity.per_layer(msg), msg["values"])
-    return activity.summary(msg, now)
+                            activity_summary.per_layer(msg), msg["values"])
+    return activity_summary.summary(msg, now)
 
 
 def test_layer_activity_of_a_small_model(browser, tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, lines_of, write_instance
+from bench.harness import REPO, lines_of, write_instance
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import pytest
 from daemon.config import Config, load_config
 from daemon.train.model import Capabilities
 from daemon.train.preflight import problems
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 CPU = Capabilities(cuda=False, bf16=False, bitsandbytes=True, cuda_name=None)
 OLD_GPU = Capabilities(cuda=True, bf16=False, bitsandbytes=False, cuda_name="Tesla T4")

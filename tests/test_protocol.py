@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from daemon import protocol as p
-from tests.conftest import REPO
+from bench.harness import REPO
 
 EXAMPLES: dict[str, dict] = {  # a value for each field type, to build every message
     "str": "x", "int": 3, "float": 0.5, "bool": True, "list": [1], "dict": {"a": 1},

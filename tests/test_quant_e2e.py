@@ -13,8 +13,8 @@ import json
 import pytest
 
 from daemon.config import load_config
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 torch = pytest.importorskip("torch")

@@ -20,7 +20,7 @@ import pytest
 
 from daemon.bases import package_file
 from daemon.config import Config, load_config
-from tests.conftest import REPO
+from bench.harness import REPO
 
 INSTANCE = REPO / "instances" / "smollm2" / "config.json"
 FACT_FILE = REPO / "examples" / "real" / "zorblat.jsonl"
@@ -211,7 +211,7 @@ def test_the_smollm2_instance_end_to_end(smollm2, tmp_path):
     """The real daemon on the smollm2 instance: conversion on the first start (progress in the status), a fact
     file trained, `trainctl sample` answering with it, a consolidation with 10x headroom, a restart that does not
     convert again."""
-    from tests.daemon_harness import Daemon
+    from bench.harness import Daemon
 
     raw = json.loads(INSTANCE.read_text())
     raw["paths"] = {**raw["paths"], "models": str(tmp_path / "models")}  # a fresh cache: this start converts

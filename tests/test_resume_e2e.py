@@ -11,10 +11,10 @@ import pytest
 
 from daemon.adapters import STEP_LOG
 from daemon.states import JobState
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.history_db import HISTORY_FILE, HistoryDB
 from daemon.train.checkpoint import read_step_log
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 

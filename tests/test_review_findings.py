@@ -15,8 +15,8 @@ import pytest
 from daemon import control
 from daemon.states import ControlAction
 from daemon.service.supervisor import last_logged_error
-from tests.conftest import lines_of, write_instance
-from tests.daemon_harness import Daemon
+from bench.harness import lines_of, write_instance
+from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ import pytest
 
 from daemon.config import load_config
 from daemon.lock import holder_pid
-from tests.conftest import REPO, write_instance
+from bench.harness import REPO, write_instance
 
 BIN = REPO / "bin"
 SCRIPTS = ("start_all.sh", "stop_all.sh", "launch_training_daemon.sh", "install_service.sh")

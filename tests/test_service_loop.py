@@ -13,7 +13,7 @@ from daemon import adapters, control, diskspace, protocol
 from daemon.service import state
 from daemon.states import ControlAction, DesiredState, PauseReason, ServiceStatus, TrainerState
 from daemon.status import read_status
-from tests.conftest import lines_of
+from bench.harness import lines_of
 from tests.fake_trainer import Clock, FakeTrainer, drop, service_with_fake, stop_service
 
 

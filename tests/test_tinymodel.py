@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from daemon.train import tinymodel
-from tests.conftest import REPO
+from bench.harness import REPO
 
 # One process that asks for the embedded model: ready once imported, it waits for "go" on stdin (so that
 # all of them ask at the same moment), then loads what it got and reports it. The warm-up is cut short:

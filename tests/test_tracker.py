@@ -6,11 +6,11 @@ from daemon.config import load_config
 from daemon.jobqueue import JobQueue
 from daemon.schema import TrainingStatus
 from daemon.states import FailReason, JobState, Priority
-from daemon.status import HistoryDB
+from daemon.history_db import HistoryDB
 from daemon import protocol as p
 from daemon.protocol import Job
 from daemon.service.tracker import JobTracker
-from tests.conftest import lines_of, write_instance
+from bench.harness import lines_of, write_instance
 
 NOW = 1_800_000_000.0
 

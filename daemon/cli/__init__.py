@@ -22,7 +22,7 @@ failed, 2 timed out waiting for the daemon to act.
 # `queue_cmds`, `activity_cmds`, `adapter_cmds`, `inspect_cmds`, `config_cmds`), each with one `register(subparsers, common)`; what
 # more than one group uses lives in `shared`. A new group is a new module plus one
 # entry in `dispatch.GROUPS`. The `_cmds` suffix keeps the names apart from the
-# service's own modules (`daemon.status`, `daemon.control`, `daemon.config`) and
+# shared modules (`daemon.status`, `daemon.control`, `daemon.config`) and
 # from the standard library's `queue`.
 
 from daemon.cli.dispatch import main

@@ -11,7 +11,7 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
-from daemon import activity
+from daemon import activity_summary
 from daemon.cli.shared import duration, from_history, number, out, scaled_chars, with_config
 from daemon.config import Config
 from daemon.errors import TraindError
@@ -22,7 +22,7 @@ from daemon.states import JobState
 if TYPE_CHECKING:
     from daemon.cli.shared import Subparsers
 
-# What each measure is (daemon/train/activity.py): a sample's, then a finished file's.
+# What each measure is (daemon/train/activity_probe.py): a sample's, then a finished file's.
 MEANING = {
     "relative": "‖ΔW‖ / ‖W₀‖, the LoRA update relative to the frozen weight",
     "update": "‖ΔW‖, the LoRA update",
@@ -56,7 +56,7 @@ class View:
     """What to show: the header lines, the grid ({layers, kinds, values}), the --json body (top-K added later)."""
 
     header: list[str]
-    grid: activity.Grid
+    grid: activity_summary.Grid
     body: dict[str, Any]
 
 
@@ -83,11 +83,11 @@ def cmd_activity(cfg: Config, args: argparse.Namespace) -> int:
     view = _file_view(cfg, args.job, measure) if args.job else _sample_view(cfg, measure)
     if view is None:
         return 1
-    if measure not in activity.present(view.grid, (measure,)):
+    if measure not in activity_summary.present(view.grid, (measure,)):
         out(f"trainctl activity: no {measure} here (there is {', '.join(sorted(view.grid['values']))})")
         return 1
-    top = activity.top_movers(view.grid, args.top, measure)
-    totals = activity.per_layer(view.grid, (measure,)).get(measure)
+    top = activity_summary.top_movers(view.grid, args.top, measure)
+    totals = activity_summary.per_layer(view.grid, (measure,)).get(measure)
     if args.json:
         out(json.dumps({**view.body, "layer_totals": totals, "top": [dataclasses.asdict(m) for m in top]}, indent=2))
         return 0
@@ -156,10 +156,10 @@ def _file_view(cfg: Config, name: str, measure: str) -> View | None:
 
 
 # -- drawing ---------------------------------------------------------------------------
-def render_grid(grid: activity.Grid, measure: str, totals: list[float | None] | None, width: int) -> list[str]:
+def render_grid(grid: activity_summary.Grid, measure: str, totals: list[float | None] | None, width: int) -> list[str]:
     """Kinds down, layers across, one shade per module; a layer ruler above and the layer totals below,
     in as many blocks of columns as `width` needs."""
-    cells = activity.cell_values(grid, measure)
+    cells = activity_summary.cell_values(grid, measure)
     layers, kinds = grid["layers"], grid["kinds"]
     shades = [scaled_chars(row, _peak(cells), SHADES) for row in cells]  # [layer][kind]
     spark = scaled_chars(totals, _peak([totals]), SPARK) if totals else None
@@ -217,9 +217,9 @@ def _ruler(block: list[int], layers: list[int]) -> str:
     return text
 
 
-def _summary(grid: activity.Grid, measure: str, totals: list[float | None] | None, top: list[Mover]) -> list[str]:
+def _summary(grid: activity_summary.Grid, measure: str, totals: list[float | None] | None, top: list[Mover]) -> list[str]:
     """The legend, the busiest layers and the top modules, with their numbers."""
-    peak = _peak(activity.cell_values(grid, measure))
+    peak = _peak(activity_summary.cell_values(grid, measure))
     lines = ["", f"{measure}: {MEANING[measure]}"]
     if peak is None:
         lines.append("  no module has a value of it here (change is measured from the second sample on)")

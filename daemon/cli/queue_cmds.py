@@ -19,7 +19,7 @@ from daemon.intake import force_marker, plural, remove_file, retry_file
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.lock import acquire
 from daemon.states import ControlAction, JobState, Priority
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon.history_db import HISTORY_FILE, HistoryDB
 from daemon.validate import validate_file
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from daemon.config import Config, PathsConfig, load_config
 from daemon.errors import ConfigError
 from daemon.lock import holder_pid
-from daemon.status import HISTORY_FILE, HistoryDB, read_status
+from daemon.history_db import HISTORY_FILE, HistoryDB
+from daemon.status import read_status
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

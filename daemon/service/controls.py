@@ -26,7 +26,7 @@ from daemon.service.lineage_requests import LineageRequests
 from daemon.service.supervisor import Supervisor
 from daemon.service.tracker import JobTracker
 from daemon.states import ControlAction, FailReason, Priority
-from daemon.status import HistoryDB
+from daemon.history_db import HistoryDB
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from typing import Any
 
 from daemon import protocol
 from daemon.config import Config
-from daemon.dataset import DatasetLedger
+from daemon.dataset_ledger import DatasetLedger
 from daemon.intake import finish_duplicate, record_job
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.protocol import Job
 from daemon.service.tracker import JobTracker
 from daemon.states import FailReason, JobState, Priority, TrainerState
-from daemon.status import HistoryDB
+from daemon.history_db import HistoryDB
 from daemon.validate import validate_file
 
 log = logging.getLogger(__name__)

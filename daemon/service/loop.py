@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from daemon import adapters, atomic, control, diskspace, lockedkeys, protocol
 from daemon.config import Config, resolved_dict
-from daemon.dataset import DatasetLedger
+from daemon.dataset_ledger import DatasetLedger
 from daemon.diskspace import DiskFull
 from daemon.errors import LockedKeyError
 from daemon.intake import take_file
@@ -58,7 +58,8 @@ from daemon.service.trainer_said import refusal_said, take_ready
 from daemon.service.tracker import JOB_MESSAGES, JobTracker, published_adapter
 from daemon.service.wakeup import Wakeup
 from daemon.states import DesiredState, JobState, ServiceStatus, TrainerState
-from daemon.status import HISTORY_FILE, STATUS_FILE, HistoryDB, StatusWriter
+from daemon.history_db import HISTORY_FILE, HistoryDB
+from daemon.status import STATUS_FILE, StatusWriter
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import activity, adapters, protocol
+from daemon import activity_summary, adapters, protocol
 from daemon.protocol import Job
 from daemon.service import rank_status
 from daemon.config import Config
@@ -29,7 +29,7 @@ from daemon.intake import record_job
 from daemon.jobqueue import JobQueue, QueueEntry, original_name
 from daemon.schema import LayerActivitySummary, TrainingStatus
 from daemon.states import FailReason, JobState, Priority
-from daemon.status import HistoryDB
+from daemon.history_db import HistoryDB
 from daemon.validate import validate_file
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,9 @@ class JobTracker:
 
     def _on_activity(self, msg: protocol.Activity, now: float) -> None:
         wire = msg.to_wire()
-        self.status.layer_activity_summary = activity.summary(wire, now)
+        self.status.layer_activity_summary = activity_summary.summary(wire, now)
         self.db.record_activity(msg.job_id, msg.step, msg.global_step, now, msg.final, msg.layers, msg.kinds,
-                                activity.per_layer(wire, activity.HISTORY_MEASURES), msg.values)
+                                activity_summary.per_layer(wire, activity_summary.HISTORY_MEASURES), msg.values)
 
     def _on_failed(self, msg: protocol.Failed, now: float) -> None:
         if msg.job_id in self.vanished:  # it failed for want of its file (a new pass found it gone)
@@ -215,7 +215,7 @@ class JobTracker:
         self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, adapter_version=version, **figures,
                            **({"eval_set_before": ev.get("before"), "eval_set_after": ev.get("after"),
                                "end_global_step": msg.global_step} if ev else {}),
-                           **({"activity": activity.file_moved(moved)} if moved else {}))
+                           **({"activity": activity_summary.file_moved(moved)} if moved else {}))
         again = (" (already trained before a restart; not trained again)"
                  if msg is None or msg.already_trained else "")
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
@@ -350,7 +350,7 @@ class JobTracker:
     def last_activity(self) -> LayerActivitySummary | None:
         """The status block of the newest activity sample in the history (shown again after a restart)."""
         row = self.db.latest_activity()
-        return activity.summary({**row, "values": row["grid"]}, row["t"]) if row else None
+        return activity_summary.summary({**row, "values": row["grid"]}, row["t"]) if row else None
 
     def _record_missed_steps(self, job_id: str, now: float) -> None:
         """Steps of a file this service (or one before it) never recorded, taken from the step log of the

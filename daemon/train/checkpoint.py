@@ -9,7 +9,7 @@
 Layout (docs/internals.md): `<checkpoints>/<job_id>/step_NNNNNN/` holds
 `adapter_model.safetensors` (LoRA), `optimizer.pt` (optimizer, scheduler and
 grad-scaler states), `rng.pt` (python, numpy, torch CPU and CUDA RNG states)
-`ledger.json` (the samples the steps so far consumed, daemon.ledger) and
+`ledger.json` (the samples the steps so far consumed, daemon.sample_ledger) and
 `state.json` (Position: step, global step, data position, file sha256),
 written last inside the folder. The folder is written under a temp name and
 published with one rename; `latest.json` then points at it. A folder that is
@@ -70,7 +70,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
     rng: dict[str, Any]
-    ledger: dict[str, Any] | None = None  # the samples the steps so far consumed (daemon.ledger); None: older checkpoint
+    ledger: dict[str, Any] | None = None  # the samples the steps so far consumed (daemon.sample_ledger); None: older checkpoint
 
 
 def step_dir_name(step: int) -> str:
@@ -113,7 +113,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`.
 
-    `ledger`: the samples consumed by the steps the weights hold (daemon.ledger), in the same folder rename."""
+    `ledger`: the samples consumed by the steps the weights hold (daemon.sample_ledger), in the same folder rename."""
     import torch
     from safetensors.torch import save_file
 

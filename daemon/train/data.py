@@ -350,7 +350,7 @@ def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg
 
 def train_lines(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[int]:
     """The file lines that train (not held out, not dropped), in file order: what each epoch must consume
-    once (the sample ledger, daemon.ledger, is checked against it)."""
+    once (the sample ledger, daemon.sample_ledger, is checked against it)."""
     return [ex.line for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed) if kind == "train" and ex]
 
 

@@ -27,7 +27,7 @@ from daemon.config import Config
 from daemon.diskspace import require_space
 from daemon.train import checkpoint as ckpt
 from daemon.train import consolidate
-from daemon.train.activity import ActivityProbe, Grid
+from daemon.train.activity_probe import ActivityProbe, Grid
 from daemon.train.evalset import eval_set_loss
 from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
 from daemon.train.session import Session

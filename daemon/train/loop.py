@@ -21,7 +21,7 @@ job would have to hold another job's history.
 
 Resume: the checkpoint holds LoRA, optimizer, scheduler, RNG states, the data
 position (epoch, micro-batches consumed) and the ledger of the samples those
-steps consumed (daemon.ledger; the published adapter's manifest keeps it). The data iterator is deterministic
+steps consumed (daemon.sample_ledger; the published adapter's manifest keeps it). The data iterator is deterministic
 per (seed, epoch), so it is re-created and the consumed micro-batches skipped;
 the steps after the checkpoint then repeat exactly what an uninterrupted run does.
 """
@@ -45,9 +45,9 @@ from daemon.config import Config, TrainingConfig
 from daemon.diskspace import DiskFull, disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped
 from daemon.protocol import Job
-from daemon.ledger import SampleLedger
+from daemon.sample_ledger import SampleLedger
 from daemon.train import checkpoint as ckpt
-from daemon.train.activity import ActivityProbe, Sampler
+from daemon.train.activity_probe import ActivityProbe, Sampler
 from daemon.train.batching import micro_batches
 from daemon.train.data import plan_file, train_examples
 from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
@@ -105,7 +105,7 @@ class Outcome:
     final_loss: float | None
     eval_loss: float | None
     checkpoint_step: int | None  # the checkpoint written at stop
-    ledger: dict[str, Any] | None = None  # done: the samples every step of the file consumed (daemon.ledger)
+    ledger: dict[str, Any] | None = None  # done: the samples every step of the file consumed (daemon.sample_ledger)
 
 
 class Steering:

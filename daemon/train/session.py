@@ -27,7 +27,7 @@ from daemon.diskspace import DiskFull
 from daemon.errors import TraindError
 from daemon.train import levers
 from daemon.train import checkpoint as ckpt
-from daemon.train.activity import ActivityProbe
+from daemon.train.activity_probe import ActivityProbe
 from daemon.train.evalset import load_eval_set
 from daemon.train.model import load_adapter, load_for_training, resolve_base
 from daemon.train.ranks import Ranks

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from daemon.errors import GuardTripped
 from daemon.train import lastblock
-from daemon.train.activity import ActivityProbe
+from daemon.train.activity_probe import ActivityProbe
 from daemon.train.batching import batches, collate, width_pieces
 from daemon.train.data import IGNORE, Example
 from daemon.train.model import LoadedModel

@@ -34,7 +34,7 @@ from daemon.errors import DataError, GuardTripped
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
 from daemon.train import preflight, process
-from daemon.train.activity import Grid
+from daemon.train.activity_probe import Grid
 from daemon.train.evalset import eval_set_loss
 from daemon.train.follower import follow, ranks_lora, share_file
 from daemon.train.lineage import answer_already_trained, consolidate_now, publish, rollback

@@ -3,7 +3,7 @@
 The latest sample comes with its full grid (every LoRA module: layer × kind),
 the history as per-layer totals over global steps, every k-th sample so that
 at most `max_points` come back (the history keeps its own bound: see
-daemon/status.py, ACTIVITY_MAX_ROWS). A finished file's record says what that
+daemon/history_db.py, ACTIVITY_MAX_ROWS). A finished file's record says what that
 file moved. Measures: docs/internals.md, "Layer activity".
 """
 
@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 
-from daemon import activity
-from daemon.status import HISTORY_FILE, HistoryDB
+from daemon import activity_summary
+from daemon.history_db import HISTORY_FILE, HistoryDB
 from monitor.deps import ReadAuth, StateDep
 from monitor.models import ActivitySample, ActivitySeries, ActivityView, FileActivity, MoverModel
 
@@ -29,20 +29,20 @@ GRID_MEASURES = ("update", "relative", "change", "relative_change", "grad_a", "g
 
 def _rounded(lists: list) -> list:
     """Nested lists of numbers to 4 significant digits: for drawing (the history keeps full precision)."""
-    return [_rounded(x) if isinstance(x, list) else activity.rounded(x) for x in lists]
+    return [_rounded(x) if isinstance(x, list) else activity_summary.rounded(x) for x in lists]
 
 
 def sample_view(row: dict[str, Any]) -> ActivitySample:
     """A history row with its grid, the derived relative change and its totals."""
     grid = {"layers": row["layers"], "kinds": row["kinds"], "values": row["grid"]}
-    measures = activity.present(grid, GRID_MEASURES)
+    measures = activity_summary.present(grid, GRID_MEASURES)
     return ActivitySample(
         job_id=row["job_id"], step=row["step"], global_step=row["global_step"], t=row["t"], final=row["final"],
         layers=row["layers"], kinds=row["kinds"],
-        values={m: _rounded(activity.cell_values(grid, m)) for m in measures},
-        per_layer={m: _rounded(v) for m, v in activity.per_layer(grid, measures).items()},
-        per_kind={m: _rounded(v) for m, v in activity.per_kind(grid, measures).items()},
-        top_movers=[MoverModel(**dataclasses.asdict(m)) for m in activity.top_movers(grid, 10)],
+        values={m: _rounded(activity_summary.cell_values(grid, m)) for m in measures},
+        per_layer={m: _rounded(v) for m, v in activity_summary.per_layer(grid, measures).items()},
+        per_kind={m: _rounded(v) for m, v in activity_summary.per_kind(grid, measures).items()},
+        top_movers=[MoverModel(**dataclasses.asdict(m)) for m in activity_summary.top_movers(grid, 10)],
     )
 
 
@@ -59,7 +59,7 @@ def series_view(rows: list[dict[str, Any]], latest: ActivitySample | None, measu
     return ActivitySeries(
         layers=[latest.layers[i] for i in keep], measure=measure, global_steps=[r["global_step"] for r in same],
         t=[r["t"] for r in same], job_ids=[r["job_id"] for r in same],
-        values=[[activity.rounded(r["per_layer"][measure][i]) for i in keep] for r in same],
+        values=[[activity_summary.rounded(r["per_layer"][measure][i]) for i in keep] for r in same],
     )
 
 

@@ -1,6 +1,6 @@
 """The dataset ledger: which file contents the adapter's lineage has already learnt.
 
-    from daemon.dataset import DatasetLedger
+    from daemon.dataset_ledger import DatasetLedger
     ledger = DatasetLedger(cfg.path("adapters"), db, adapters.config_base(cfg))
     earlier = ledger.earlier(sha256)     # the ledger entry of the file with these bytes, or None
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import adapters
-from daemon.status import HistoryDB
+from daemon.history_db import HistoryDB
 
 
 class DatasetLedger:

@@ -1,6 +1,6 @@
 """Which samples an adapter learnt from: per file and epoch, the lines its optimizer steps consumed.
 
-    from daemon.ledger import SampleLedger, check_ledger
+    from daemon.sample_ledger import SampleLedger, check_ledger
     ledger = SampleLedger()                        # a file's first step; SampleLedger.from_dict(d) on resume
     ledger.add_step(epoch=0, lines=[12, 3, 40, 7]) # the file lines of one optimizer step's examples
     ledger.to_dict()

@@ -1,10 +1,15 @@
-"""Drive the real daemon as a subprocess on a temporary instance.
+"""A real traind instance driven from outside, as a user would: its config, the daemon as a process, its files.
 
-    d = Daemon(config_path)
-    d.start()
+    path = write_instance(tmp / "inst", models_dir, training={"learning_rate": 0.01})   # a fast config.json
+    d = Daemon(path).start()
+    d.drop("a.jsonl", lines_of("chat.jsonl", 20))          # into the inbox: temp name, then rename
     d.wait_for(lambda st: st["status"] == "training", timeout=60)
-    d.ctl("pause")                       # trainctl as a subprocess
-    d.kill9()                            # or d.stop() for a graceful stop
+    d.ctl("pause")                                         # trainctl as a subprocess
+    d.kill9()                                              # or d.stop() for a graceful stop
+
+The tests (tests/) and the benchmarks that run the daemon (the soak, perf's
+daemon runs) share it. Every wait is scaled by TRAIND_TEST_TIME_SCALE (a busy
+machine waits longer on its conditions rather than failing them).
 """
 
 from __future__ import annotations
@@ -19,10 +24,48 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon.config import load_config
+from daemon.history_db import HistoryDB
 from daemon.jobqueue import JobQueue
-from daemon.status import HistoryDB, read_status
+from daemon.status import read_status
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+# Small and quick: a few seconds of training per file on 2 shared cores.
+FAST: dict[str, Any] = {
+    "intake": {"settle_seconds": 0.3, "scan_interval_seconds": 0.5},
+    "data": {"max_length": 64, "eval_fraction": 0.1, "eval_max_examples": 8},
+    "model": {"quantization": "none"},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "training": {"micro_batch_size": 4, "learning_rate": 0.02, "warmup_steps": 2, "checkpoint_every_steps": 5, "cpu_threads": 1},
+    "activity": {"every_steps": 10, "min_interval_seconds": 0.0},
+    "service": {"status_interval_seconds": 0.5, "restart_backoff_seconds": 0.2, "stop_timeout_seconds": 60.0},
+}
+
+
+def write_instance(folder: Path, models_dir: Path | None = None, **overrides: Any) -> Path:
+    """Write a config.json into `folder` (relative runtime paths) and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = _merge(FAST, overrides)
+    if models_dir is not None:
+        raw = _merge(raw, {"paths": {"models": str(models_dir)}})
+    path = folder / "config.json"
+    path.write_text(json.dumps(raw, indent=2))
+    return path
+
+
+def lines_of(name: str, n: int | None = None) -> str:
+    text = (EXAMPLES / name).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[:n] if n else lines)
 
 
 def time_scale() -> float:

@@ -1,12 +1,12 @@
 """Per-layer LoRA activity, service side: totals per layer and per module kind, top movers, the status block.
 
-    from daemon import activity
+    from daemon import activity_summary
     totals = activity.per_layer(grid)                  # {"update": [one value per layer], ...}
     block = activity.summary(msg, now)                 # the status' layer_activity_summary
     activity.top_movers(grid, k=5)                     # [Mover(layer, kind, measure, value)]
     activity.file_moved(done_msg["activity_moved"])   # what one file moved, for its job record
 
-A grid is what the trainer measures (daemon/train/activity.py): `layers`,
+A grid is what the trainer measures (daemon/train/activity_probe.py): `layers`,
 `kinds` and `values[measure][i][j]` for layers[i] × kinds[j], None where no
 LoRA sits. Totals over a layer (or a kind) are the Frobenius norm of the
 modules taken together, sqrt(Σ v²); a relative measure is the total of its
