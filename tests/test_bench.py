@@ -23,6 +23,7 @@ def perf(tmp_path: Path, *extra: str) -> dict:
     return result
 
 
+@pytest.mark.slow  # a benchmark's run: `-m slow` (the default run keeps the suite under 15 minutes)
 def test_the_suite_compares_traind_with_trainer_on_a_tiny_budget(tmp_path: Path) -> None:
     result = perf(tmp_path, "--sections", "compare,flops")
     [row] = result["compare"]
@@ -44,6 +45,7 @@ def test_the_daemon_section_runs(tmp_path: Path) -> None:
     assert d["api_daemon + 10 Hz"]["/api/status"]["p99"] > 0
 
 
+@pytest.mark.slow  # a benchmark's run: `-m slow` (the default run keeps the suite under 15 minutes)
 def test_padding_waste_by_policy(tmp_path: Path) -> None:
     out = tmp_path / "padding.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "padding.py"), "--data", "realistic", "--sizes", "64",
@@ -59,6 +61,7 @@ def test_padding_waste_by_policy(tmp_path: Path) -> None:
     assert w["traind"] < w["traind-whole"] <= w["traind-grouped"] < w["trainer"]
 
 
+@pytest.mark.slow  # a benchmark's run: `-m slow` (the default run keeps the suite under 15 minutes)
 def test_pieces_bench_fits_the_cost_of_a_piece(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "pieces.py"), "--models", "5m", "--reps", "1",
                            "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
@@ -72,6 +75,7 @@ def test_pieces_bench_fits_the_cost_of_a_piece(tmp_path: Path) -> None:
     assert out["in_use"]["overhead_tokens"] > 0
 
 
+@pytest.mark.slow  # a benchmark's run: `-m slow` (the default run keeps the suite under 15 minutes)
 def test_norms_bench_times_both_norms_and_the_step(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "norms.py"), "--models", "5m", "--reps", "1",
                            "--rounds", "1", "--examples", "16", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],

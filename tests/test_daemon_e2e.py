@@ -157,7 +157,7 @@ def test_pause_resume_skip_stop_through_trainctl(daemon_factory):
     assert list((d.cfg.path("checkpoints")).glob("*/step_*"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])  # one path
 def test_a_stop_signal_to_every_process_at_once_still_checkpoints_at_the_step_reached(daemon_factory, sig):
     """What systemd's default stop (SIGTERM to every process of the unit) and Ctrl-C in a terminal (SIGINT to
     the foreground group) do: the trainer must not die of it before its stop checkpoint (#27, defect 1)."""

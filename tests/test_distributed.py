@@ -167,7 +167,7 @@ def test_traind_worker_refuses_a_config_without_several_nodes(tmp_path: Path, mo
 # ---------------------------------------------------------------- the real daemon, two ranks
 
 
-@pytest.mark.slow  # the default run compares two ranks with one process after a kill -9, and over two nodes
+@pytest.mark.slow  # the default run compares two ranks with one process after a kill -9 and on the 4-bit base
 def test_two_ranks_train_the_adapter_one_process_trains(tmp_path: Path, models_dir: Path, reference: dict) -> None:
     d = Daemon(instance(tmp_path / "two", models_dir, nproc_per_node=2)).start()
     try:
@@ -184,6 +184,7 @@ def test_two_ranks_train_the_adapter_one_process_trains(tmp_path: Path, models_d
     assert list(d.cfg.path("logs").glob("trainer_rank1_*.log")), "rank 1 keeps its own log"
 
 
+@pytest.mark.slow
 def test_pause_skip_and_stop_act_on_every_rank(tmp_path: Path, models_dir: Path) -> None:
     d = Daemon(instance(tmp_path / "ctl", models_dir, nproc_per_node=2)).start()
     try:
@@ -272,6 +273,7 @@ def test_a_restart_with_another_world_size_continues_with_the_same_global_batch(
     assert_close(adapter(d.cfg.root), reference, "another world size")
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_a_file(tmp_path: Path, models_dir: Path, reference: dict) -> None:
     port = free_port()
     node0 = instance(tmp_path / "node0", models_dir, nnodes=2, master_port=port)
