@@ -39,21 +39,32 @@ def _gpus_asked(config: pytest.Config) -> bool:
     return config.getoption("markexpr", "").strip() == "gpu" or os.environ.get("TRAIND_REQUIRE_GPU") == "1"
 
 
-def _time_scale() -> float:
-    """How much slower than a quiet machine this one is now: the 1-minute load per core, between 1 and 4. The
-    harness's waits and pytest-timeout's limit are multiplied by it, so the end-to-end tests wait on their
-    conditions for longer on a busy machine instead of failing them (a person may also set it)."""
+def _time_scale(workers: int) -> float:
+    """How much slower than a quiet machine this one is now: the 1-minute load per core, counting the xdist
+    workers about to start as one more each, between 1 and 4. The harness's waits and pytest-timeout's limit
+    are multiplied by it, so the end-to-end tests wait on their conditions for longer on a busy machine
+    instead of failing them (a person may also set it)."""
     if os.environ.get("TRAIND_TEST_TIME_SCALE"):
         return float(os.environ["TRAIND_TEST_TIME_SCALE"])
     try:
-        per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+        per_core = (os.getloadavg()[0] + workers) / (os.cpu_count() or 1)
     except OSError:
         return 1.0
     return round(min(4.0, max(1.0, per_core)), 2)
 
 
+def _xdist_workers(config: pytest.Config) -> int:
+    """The workers pytest-xdist will start (0 without it, or in a worker: the controller already counted them)."""
+    if hasattr(config, "workerinput"):
+        return 0
+    n = getattr(config.option, "numprocesses", None)
+    if n in ("auto", "logical"):
+        return os.cpu_count() or 1
+    return int(n or 0)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    scale = _time_scale()
+    scale = _time_scale(_xdist_workers(config))
     os.environ["TRAIND_TEST_TIME_SCALE"] = str(scale)  # the harness (and what it starts) reads it
     if scale > 1 and getattr(config.option, "timeout", None):
         config.option.timeout = float(config.option.timeout) * scale

@@ -26,7 +26,7 @@ def run_pytest(folder: Path, *args: str, **env: str) -> subprocess.CompletedProc
 
 
 def test_a_gpu_test_skips_by_default_and_fails_when_gpus_are_asked_for(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text("from bench.harness import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401\n")
+    (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401\n")
     (tmp_path / "test_needs_gpus.py").write_text(NEEDS_99)
     reason = "needs 99 NVIDIA GPUs with CUDA; torch sees"
     default = run_pytest(tmp_path)

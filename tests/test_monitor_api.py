@@ -775,7 +775,7 @@ def test_activity_serves_the_latest_grid_and_per_layer_series(client, daemon):
 
     for k in range(1, 61):
         daemon.steps(10)
-        block = daemon.activity_summary(10 * k, n_layers=80, kinds=ALL_LINEAR, final=k == 60)
+        block = daemon.activity(10 * k, n_layers=80, kinds=ALL_LINEAR, final=k == 60)
     daemon.status(layer_activity_summary=block)
     body = client.get("/api/activity?max_points=20&top=5&measure=change").json()
     latest = body["latest"]
@@ -804,7 +804,7 @@ def test_activity_of_a_finished_file_and_bounded_metrics(client, daemon, cfg):
     assert body["original_name"] == "data.jsonl" and body["values"]["moved"] == moved["values"]["moved"]
     daemon.db.upsert_job("other.jsonl", state="failed")
     assert "no activity record" in client.get("/api/activity/jobs/other.jsonl").json()["detail"]
-    block = daemon.activity_summary(10, n_layers=80)
+    block = daemon.activity(10, n_layers=80)
     daemon.status(layer_activity_summary=block)
     lines = client.get("/metrics").text.splitlines()
     per_kind = [line for line in lines if line.startswith("traind_lora_relative_update{")]
