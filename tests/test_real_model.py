@@ -99,7 +99,6 @@ def answers(folder: Path, adapter: Path | None, questions: list[str]) -> dict[st
     return out
 
 
-@pytest.mark.slow  # 1.5 minutes of real-model training; the default run converts the GGUF and checks its template
 def test_smollm2_from_its_gguf_learns_a_fact_and_answers_a_paraphrase(smollm2, tmp_path):
     from daemon.train import oneshot
     from daemon.train.convert import ensure_converted, source_of
