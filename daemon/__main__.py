@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-
-from daemon.config import default_config_path, load_config
-from daemon.errors import AlreadyRunningError, ConfigError
-from daemon.logs import setup_logging
-from daemon.service import EXIT_ALREADY_RUNNING, Service
+from types import FrameType
 
 log = logging.getLogger("daemon")
+
+
+class StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT before the service installed its own handlers: it holds nothing yet (no lock, no
+    child, no file), so it ends there with exit 0 instead of the signal's default death."""
+
+
+def _stopped_while_starting(signum: int, frame: FrameType | None) -> None:
+    raise StoppedWhileStarting(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +39,25 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.train.launch import worker_main
 
         return worker_main(argv[1:])
+    # Until Service.run installs its own handlers (its first act); put back on return, for an in-process caller.
+    before = {signum: signal.signal(signum, _stopped_while_starting) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _daemon(argv)
+    except StoppedWhileStarting as e:
+        print(f"traind: stopped ({e}) while starting, before it took anything", file=sys.stderr)
+        return 0
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _daemon(argv: list[str]) -> int:
+    # Imported here, after the stop handlers: the service's imports are most of a start's first second.
+    from daemon.config import default_config_path, load_config
+    from daemon.errors import AlreadyRunningError, ConfigError
+    from daemon.logs import setup_logging
+    from daemon.service import EXIT_ALREADY_RUNNING, Service
+
     parser = argparse.ArgumentParser(
         prog="traind", description="Train a LoRA adapter from JSONL files dropped into inbox/.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -8,13 +8,17 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from daemon import control
 from daemon.adapters import lineage
+from daemon.lock import holder_pid
 from daemon.sample_ledger import count_lines
 from daemon.states import ControlAction
-from bench.harness import REPO, lines_of, write_instance
+from pathlib import Path
+
+from bench.harness import REPO, lines_of, time_scale, write_instance
 from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -173,6 +177,39 @@ def test_a_stop_signal_to_every_process_at_once_still_checkpoints_at_the_step_re
     step = int(stopped[-1]["message"].split("stopped at step ")[1].split(";")[0])
     latest = json.loads((d.cfg.path("checkpoints") / entry.job_id / "latest.json").read_text())
     assert latest["path"] == f"step_{step:06d}" and step >= 3
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for the signal (Linux: the SigCgt mask of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("when", ["first handler", "trainer child started"])
+def test_a_stop_while_the_daemon_starts_exits_cleanly_and_leaves_nothing(daemon_factory, tmp_path, when):
+    """systemd's stop right after its start, or stop_all.sh right after start_all.sh: a SIGTERM as soon as the
+    daemon can hear it (still importing), or the moment its trainer child appears, ends it with exit 0, its
+    lock and the child's socket folder gone (the soak on main saw a clean stop exit -15 with the folder left)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    d = daemon_factory(env={"TMPDIR": str(tmp)}).start()
+    deadline = time.monotonic() + 60 * time_scale()
+    children: list[psutil.Process] = []
+    while time.monotonic() < deadline and d.proc.poll() is None:
+        if when == "first handler" and catches(d.proc.pid, signal.SIGTERM):
+            break
+        if when != "first handler" and (children := psutil.Process(d.proc.pid).children()):
+            break
+        time.sleep(0.002)
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.wait_exit() == 0, d.log_tail(30)
+    left = [p.name for p in tmp.iterdir() if p.name.startswith("traind-")]
+    assert left == [], f"{left}\n{d.log_tail(30)}"
+    _, alive = psutil.wait_procs(children, timeout=30 * time_scale())
+    assert not alive, f"the trainer child outlived the daemon: {alive}\n{d.log_tail(30)}"
+    assert holder_pid(d.cfg.path("status") / "daemon.lock") is None
 
 
 def test_emergency_stop_file(daemon_factory):

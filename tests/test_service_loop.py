@@ -462,3 +462,35 @@ def test_a_failed_status_write_at_the_end_keeps_saying_stopped(svc, monkeypatch)
     monkeypatch.setattr(svc.writer, "write", full)
     svc._write_status(force=True)
     assert svc.status.status is ServiceStatus.STOPPED and svc.status.pause_reason is PauseReason.DISK_FULL
+
+
+def test_the_stop_signals_are_the_services_before_it_starts_anything(tmp_path, monkeypatch):
+    """The service's SIGTERM/SIGINT handlers are in place before `start` spawns the trainer child: a stop that
+    lands while it starts is a warm stop, not the signal's default death with the child's folder left behind
+    (what the kill -9 soak on main found: a clean stop right after a restart exited -15)."""
+    import signal
+
+    from bench.harness import FAST, write_instance
+    from daemon.config import load_config
+    from daemon.service import Service
+    from tests.fake_trainer import Clock
+
+    path = write_instance(tmp_path / "inst", **FAST)
+    svc = Service(load_config(path), path, clock=Clock(), spawn=FakeTrainer)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    seen: dict = {}
+
+    def start() -> None:
+        seen.update({s: signal.getsignal(s) for s in before})
+        raise RuntimeError("enough: the handlers at start are what this test is about")
+
+    monkeypatch.setattr(svc, "start", start)
+    try:
+        with pytest.raises(RuntimeError, match="enough"):
+            svc.run()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert set(seen) == set(before)
+    for s, handler in seen.items():
+        assert callable(handler) and handler is not before[s] and handler is not signal.default_int_handler, s

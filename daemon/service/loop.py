@@ -103,6 +103,10 @@ class Service:
 
     # -- life cycle -------------------------------------------------------------
     def run(self) -> int:
+        # The handlers first: a stop that arrives while the service starts (systemd's stop right after its
+        # start, stop_all.sh right after start_all.sh, a busy machine) is a warm stop like any other, never the
+        # signal's default death with the trainer child started and its socket folder left behind.
+        self._install_signals()
         self._locked_at = time.time()  # wall clock, as control requests are stamped
         self._lock_fd = acquire(self.cfg.path("status") / "daemon.lock", wait=2.0)
         try:
@@ -119,7 +123,6 @@ class Service:
                 print(f"traind: {err}", file=sys.stderr)
                 return EXIT_LOCKED_KEYS
             self.start()
-            self._install_signals()
             while not self.stop.exit_now:
                 self._wait()
                 self._guarded_tick()
