@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger("daemon")
 
@@ -40,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker_main(argv[1:])
     # Until Service.run installs its own handlers (its first act); put back on return, for an in-process caller.
-    before = {signum: signal.signal(signum, _stopped_while_starting) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    before: dict[int, Any] = {}
+    try:  # a signal may land as soon as the first handler is in: inside the try
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            before[signum] = signal.signal(signum, _stopped_while_starting)
         return _daemon(argv)
     except StoppedWhileStarting as e:
         print(f"traind: stopped ({e}) while starting, before it took anything", file=sys.stderr)

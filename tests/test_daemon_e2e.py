@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import psutil
@@ -188,12 +190,12 @@ def catches(pid: int, sig: signal.Signals) -> bool:
 
 
 @pytest.mark.parametrize("when", ["first handler", "trainer child started"])
-def test_a_stop_while_the_daemon_starts_exits_cleanly_and_leaves_nothing(daemon_factory, tmp_path, when):
+def test_a_stop_while_the_daemon_starts_exits_cleanly_and_leaves_nothing(daemon_factory, request, when):
     """systemd's stop right after its start, or stop_all.sh right after start_all.sh: a SIGTERM as soon as the
     daemon can hear it (still importing), or the moment its trainer child appears, ends it with exit 0, its
     lock and the child's socket folder gone (the soak on main saw a clean stop exit -15 with the folder left)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="tds-", dir="/tmp"))  # short: the socket path must fit 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     d = daemon_factory(env={"TMPDIR": str(tmp)}).start()
     deadline = time.monotonic() + 60 * time_scale()
     children: list[psutil.Process] = []
@@ -203,6 +205,7 @@ def test_a_stop_while_the_daemon_starts_exits_cleanly_and_leaves_nothing(daemon_
         if when != "first handler" and (children := psutil.Process(d.proc.pid).children()):
             break
         time.sleep(0.002)
+    assert d.proc.poll() is None, f"the daemon exited ({d.proc.returncode}) before it was stopped\n{d.log_tail(30)}"
     os.kill(d.proc.pid, signal.SIGTERM)
     assert d.wait_exit() == 0, d.log_tail(30)
     left = [p.name for p in tmp.iterdir() if p.name.startswith("traind-")]

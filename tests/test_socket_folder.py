@@ -37,3 +37,22 @@ def test_a_folder_of_that_name_open_to_others_is_not_used(tmpdir_env: Path) -> N
     os.chmod(squatted, 0o777)  # as another user could have made it
     fresh = socket_folder(config)
     assert fresh != squatted and stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+
+
+def test_a_tmpdir_too_long_for_a_socket_gives_way_to_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A deep $TMPDIR (a CI job's, pytest-xdist's) would make the socket path longer than a unix socket takes:
+    the daemon failed to start with "AF_UNIX path too long". Its folder goes under /tmp instead, said once."""
+    import shutil
+    import tempfile
+    from multiprocessing.connection import Listener
+
+    deep = tmp_path / ("d" * 60) / ("e" * 30)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    folder = socket_folder(tmp_path / "inst" / "status" / "running_config.json")
+    try:
+        assert Path(folder).parent == Path("/tmp") and "too long for the trainer's socket path" in caplog.text
+        Listener(os.path.join(folder, "trainer.sock"), family="AF_UNIX").close()  # binds: the path fits
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -42,6 +42,10 @@ def ranks_configured(config_path: Path) -> int:
     return dc.nproc_per_node * dc.nnodes
 
 
+SOCKET_NAME = "trainer.sock"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes on Linux, the last a NUL
+
+
 def socket_folder(config_path: Path) -> str:
     """A private folder (0700) for the child's socket, named after the instance and user: `$TMPDIR/traind-<hash>`.
 
@@ -51,9 +55,15 @@ def socket_folder(config_path: Path) -> str:
     lock). A folder of that name that is not ours (another owner, a symlink, open to
     others) is left alone and a fresh random one is used.
     """
-    # short: a unix socket's path must fit 107 bytes ($TMPDIR/traind-<12 hex>/trainer.sock)
+    # short: a unix socket's path must fit 107 bytes ($TMPDIR/traind-<12 hex>/trainer.sock); a $TMPDIR too long
+    # for that (a deep per-job or per-test folder) gives way to /tmp rather than a start that fails on bind
     key = f"{os.getuid()}:{Path(config_path).resolve().parent}"
-    path = os.path.join(tempfile.gettempdir(), "traind-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    base = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(base, "traind-" + "0" * 12, SOCKET_NAME))) > SOCKET_PATH_MAX:
+        log.warning("$TMPDIR %s is too long for the trainer's socket path (%d bytes at most): using /tmp",
+                    base, SOCKET_PATH_MAX)
+        base = "/tmp"
+    path = os.path.join(base, "traind-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     try:
         os.mkdir(path, 0o700)
         return path
@@ -84,7 +94,7 @@ class TrainerProcess:
 
     def start(self) -> None:
         self._sockdir = socket_folder(self.config_path)
-        address = os.path.join(self._sockdir, "trainer.sock")
+        address = os.path.join(self._sockdir, SOCKET_NAME)
         authkey = secrets.token_bytes(32)
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         env = dict(os.environ, TRAIND_CONNECT=address, TRAIND_AUTHKEY=authkey.hex(), HF_HUB_OFFLINE="1",
