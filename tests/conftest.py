@@ -66,8 +66,14 @@ def _xdist_workers(config: pytest.Config) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     scale = _time_scale(_xdist_workers(config))
     os.environ["TRAIND_TEST_TIME_SCALE"] = str(scale)  # the harness (and what it starts) reads it
-    if scale > 1 and getattr(config.option, "timeout", None):
-        config.option.timeout = float(config.option.timeout) * scale
+    # pytest-timeout takes --timeout, else the ini's `timeout`: scale whichever applies (the ini's alone left
+    # option.timeout None, so the limit stayed 300 s on a busy machine)
+    try:
+        limit = getattr(config.option, "timeout", None) or config.getini("timeout")
+    except ValueError:  # pytest-timeout not installed
+        limit = None
+    if scale > 1 and limit:
+        config.option.timeout = float(limit) * scale
 
 
 def pytest_report_header(config: pytest.Config) -> str:
