@@ -75,7 +75,9 @@ def run_sweep(tree: Path, timeout: float, select: str | None = None, marks: str 
                           cwd=tree, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
     failed = sorted(set(re.findall(r"^FAILED (\S+)", proc.stdout, re.M)))
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error)", proc.stdout.splitlines()[-1] if proc.stdout else "")}
-    return {"caught": proc.returncode != 0, "exit": proc.returncode, "failed": failed, "counts": counts,
+    # caught: a test of the sweep failed (pytest's 1); 2-5 (interrupted, internal error, a bad -k, nothing
+    # selected) mean the sweep did not run, which must not pass for a catch
+    return {"caught": proc.returncode == 1 and bool(failed), "exit": proc.returncode, "failed": failed, "counts": counts,
             "seconds": round(time.monotonic() - t0, 1),
             "first_failure": _first_assertion(proc.stdout)}
 

@@ -219,6 +219,10 @@ def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike, site: 
             with open(p, "rb") as f:
                 _fsync(f.fileno(), site, p)
     fsync_dir(tmp_dir)
+    # A writer killed after its rename but before removing the old folder left `.<name>.old-<its pid>`; each
+    # such kill of a later one (another pid) would add one more. The one writer of this name removes them.
+    for stale in final_dir.parent.glob(f".{final_dir.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")

@@ -71,3 +71,21 @@ def test_sweep_temps_removes_only_the_named_files_temps(tmp_path) -> None:  # no
     assert sweep_temps(tmp_path, "training_status.json") == 1
     assert sweep_temps(tmp_path, "*.error.json") == 1
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+def test_publish_dir_removes_what_killed_writers_left_of_the_old_folder(tmp_path):
+    """A trainer killed right after a checkpoint's rename, before removing the folder it replaced, left
+    `.step_000004.old-<pid>`; every restart killed there added one (the slow crash-point sweep, trainer op 4,
+    found 8 after six crashes). The next publication of that name removes them all."""
+    final = tmp_path / "step_000004"
+    final.mkdir()
+    for pid in (11, 12, 13):
+        (tmp_path / f".step_000004.old-{pid}").mkdir()
+        (tmp_path / f".step_000004.old-{pid}" / "weights").write_bytes(b"x")
+    (tmp_path / ".step_000005.old-11").mkdir()  # another name's: not this writer's to remove
+    new = tmp_path / ".tmp-new"
+    new.mkdir()
+    (new / "weights").write_bytes(b"new")
+    atomic.publish_dir(new, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_000005.old-11", "step_000004"]
+    assert (final / "weights").read_bytes() == b"new"

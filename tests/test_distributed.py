@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from daemon.config import config_from_dict, load_config
 from daemon.errors import ConfigError
-from bench.harness import REPO, lines_of, write_instance
+from bench.harness import REPO, lines_of, time_scale, write_instance
 from bench.harness import Daemon
 
 TOLERANCE = 1e-5  # largest |difference| of a LoRA weight against the one-process reference
@@ -74,7 +74,7 @@ def rank_processes(d: Daemon) -> list[psutil.Process]:
 
 
 def wait_ranks(d: Daemon, n: int, timeout: float = 60) -> list[psutil.Process]:
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout * time_scale()
     while time.time() < deadline:
         found = rank_processes(d)
         if len(found) == n:

@@ -24,7 +24,7 @@ import pytest
 
 from daemon.adapters import read_current
 from daemon.jobqueue import ERROR_SUFFIX
-from bench.harness import lines_of, write_instance
+from bench.harness import lines_of, time_scale, write_instance
 from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -116,7 +116,7 @@ def settled(d: Daemon) -> bool:
 def run_until_crash_or_settled(d: Daemon, timeout: float = 240) -> int:
     """The exit code: 86 when the armed op came, else 0 after a stop once all is settled
     (the stop's own status writes may still reach the armed op: 86 again)."""
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout * time_scale()
     while time.time() < deadline:
         code = d.proc.poll()
         if code is not None:
@@ -128,6 +128,7 @@ def run_until_crash_or_settled(d: Daemon, timeout: float = 240) -> int:
 
 
 def run_to_the_end(d: Daemon, timeout: float = 240) -> None:
+    timeout *= time_scale()  # a point whose every trainer child crashes restarts 18 of them: slow when the machine is
     deadline = time.time() + timeout
     while not settled(d):
         if d.proc.poll() is not None:

@@ -23,7 +23,7 @@ from daemon import activity_summary, control
 from daemon.jobqueue import JobQueue
 from daemon.lock import acquire
 from daemon.states import ControlAction, DesiredState, FailReason, Priority
-from bench.harness import lines_of, write_instance
+from bench.harness import lines_of, time_scale, write_instance
 from bench.harness import Daemon
 from tests.monitor_helpers import (ALL_LINEAR, ATTENTION, REPO, FakeDaemon, make_instance, monitor_process,
                                    synthetic_activity, token_of)
@@ -75,7 +75,7 @@ class Page:
         return self.points()
 
     def wait_badge(self, state: str, timeout: float = 30) -> None:
-        self.page.wait_for_selector(f"#state-badge[data-state='{state}']", timeout=timeout * 1000)
+        self.page.wait_for_selector(f"#state-badge[data-state='{state}']", timeout=timeout * time_scale() * 1000)
 
     def wait_button(self, name: str, label: str, enabled: bool, timeout: float = 30) -> None:
         b = self.page.locator(f"#btn-{name}")
@@ -117,7 +117,7 @@ class Page:
 
 
 def wait_until(pred, timeout: float = 15, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * time_scale()
     while not pred():
         assert time.monotonic() < deadline, f"timed out: {what}"
         time.sleep(0.1)

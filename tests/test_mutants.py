@@ -30,9 +30,9 @@ def test_every_mutant_still_applies_to_the_tree(mutant: str) -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant, marks, select", [
-    ("done-before-publish", "not slow", "publish v0002"),  # done/ before the version is current
+    ("done-before-publish", "slow", "publish and v0002"),  # done/ before the version is current
     ("pointer-before-folder", "not slow", "current.json"),  # current.json names a folder not yet there
-    ("position-apart-from-weights", "slow", "trainer_crash_sweep and 11"),  # after latest.json, before position.json
+    ("position-apart-from-weights", "slow", "trainer_crash_sweep and (9 or 10 or 11 or 12 or 13)"),  # after the 2nd latest.json, before its position.json
 ])
 def test_the_sweep_catches_a_seeded_protocol_bug(tmp_path: Path, mutant: str, marks: str, select: str) -> None:
     out = tmp_path / "mutants.json"

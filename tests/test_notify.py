@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from daemon.service.notify import signature_ok
-from bench.harness import lines_of, write_instance
+from bench.harness import lines_of, time_scale, write_instance
 from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +52,7 @@ class Receiver:
 
 
 def wait_until(pred, timeout: float = 60) -> None:  # noqa: ANN001
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout * time_scale()
     while time.time() < deadline:
         if pred():
             return

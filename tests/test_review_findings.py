@@ -15,7 +15,7 @@ import pytest
 from daemon import control
 from daemon.states import ControlAction
 from daemon.service.supervisor import last_logged_error
-from bench.harness import lines_of, write_instance
+from bench.harness import lines_of, time_scale, write_instance
 from bench.harness import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def event_kinds(d: Daemon) -> list[str]:
 
 
 def wait_until(pred, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout * time_scale()
     while time.time() < deadline:
         if pred():
             return

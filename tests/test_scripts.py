@@ -18,7 +18,7 @@ import pytest
 
 from daemon.config import load_config
 from daemon.lock import holder_pid
-from bench.harness import REPO, write_instance
+from bench.harness import REPO, time_scale, write_instance
 
 BIN = REPO / "bin"
 SCRIPTS = ("start_all.sh", "stop_all.sh", "launch_training_daemon.sh", "install_service.sh")
@@ -49,7 +49,7 @@ def end(pid: int | None, timeout: float = 90) -> None:
     if not pid or pid < 0 or not alive(pid):
         return
     os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout * time_scale()
     while alive(pid) and time.time() < deadline:
         time.sleep(0.1)
     if alive(pid):
