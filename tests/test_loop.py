@@ -308,6 +308,17 @@ def test_sweep_removes_only_unfinished_checkpoint_folders(tmp_path: Path) -> Non
     assert ckpt.sweep_temp(root) == 0
 
 
+def test_sweep_temp_also_removes_the_old_step_folders_killed_publications_left(tmp_path: Path) -> None:
+    """A trainer killed after a step folder's rename, before removing the one it replaced, leaves
+    `.step_NNNNNN.old-<pid>` (a full checkpoint); a job failed as crashed is never published again under that
+    name, so the next trainer's start removes it (the slow sweep's trainer op 4 left one per job)."""
+    job = tmp_path / "checkpoints" / "j1"
+    (job / "step_000004").mkdir(parents=True)
+    (job / ".step_000004.old-4242").mkdir()
+    (job / ".step_000004.old-4242" / "optimizer.pt").write_bytes(b"x" * 100)
+    assert ckpt.sweep_temp(tmp_path / "checkpoints") == 1 and [p.name for p in job.iterdir()] == ["step_000004"]
+
+
 def test_schedule_and_step_budget() -> None:
     tc = TrainingConfig(warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
     f = lr_factor(tc, total_steps=10)

@@ -153,19 +153,20 @@ def prune(folder: Path, keep: int) -> None:
     """Keep the newest `keep` step folders; remove older ones and leftover temp folders."""
     for old in step_dirs(folder)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in folder.glob(".step_*.tmp"):
+    for tmp in [*folder.glob(".step_*.tmp"), *folder.glob(".step_*.old-*")]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sweep_temp(root: Path) -> int:
-    """Remove temp folders a killed trainer left in any job's checkpoint folder.
+    """Remove temp and moved-aside folders a killed trainer left in any job's checkpoint folder.
 
     Only safe under the trainer lock (no other trainer is writing); a job that
     failed as `crashed` keeps its published checkpoints for a retry, but its temp
     folders would otherwise stay forever. Returns how many were removed.
     """
     removed = 0
-    for tmp in root.glob("*/.step_*.tmp"):
+    # .tmp: killed while writing a step folder; .old-<pid>: killed after replacing one, before removing the old
+    for tmp in [*root.glob("*/.step_*.tmp"), *root.glob("*/.step_*.old-*")]:
         shutil.rmtree(tmp, ignore_errors=True)
         removed += 1
     for job in (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
