@@ -32,7 +32,7 @@ from daemon.service.diskguard import DiskGuard
 from daemon.diskspace import DiskFull
 from daemon.logs import DailyFileHandler
 from daemon.history_db import HistoryDB
-from bench.harness import lines_of, write_instance
+from bench.harness import lines_of, time_scale, write_instance
 from bench.harness import Daemon
 
 TOL = 1e-5
@@ -565,7 +565,11 @@ def test_a_disk_filled_to_its_last_byte_by_another_program_still_gets_the_pause_
     st = d.wait_for(lambda s: s.get("pause_reason") == "disk_full", timeout=60, what="the pause in the status")
     assert st["status"] == "paused" and st["disk_full"]["site"] in ("status", "history"), st
     assert not (small_fs / ".status_reserve").exists()
-    out = d.ctl("status").stdout
+    # The guard retries at its backoff time (the status says idle, with the disk-full error, until the next write
+    # fails again): read until the pause is back rather than race one retry on a busy machine.
+    deadline = time.time() + 30 * time_scale()
+    while "paused (disk full)" not in (out := d.ctl("status").stdout) and time.time() < deadline:
+        time.sleep(0.2)
     assert "paused (disk full)" in out and "DISK     FULL" in out and "not responding" not in out, out
     filler.unlink()
     d.wait_for(lambda s: s["status"] == "idle" and s.get("pause_reason") is None, timeout=60, what="space back")
