@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 CHUNK = 1 << 18  # read size (256 KiB); also the largest piece of an over-long line held at once
@@ -156,3 +157,12 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: jso
 def decode(text: str) -> Any:
     """Strict RFC 8259 JSON: raises ValueError (json.JSONDecodeError with a column, or for NaN/Infinity)."""
     return _DECODER.decode(text)
+
+
+def sha256_of(path: str | Path) -> str:
+    """The sha256 of a whole file, read in 1 MiB chunks (a job's identity, a GGUF's content key)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,18 +19,17 @@ file is watched for BLIND_WATCH_SECONDS. Standard library only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from daemon.jsonl import sha256_of
 from daemon.service.openfiles import OpenForWriting, open_for_writing
 
 log = logging.getLogger(__name__)
 
 BLIND_WATCH_SECONDS = 3600.0  # where writers cannot be seen, a finished file is watched this long
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -56,14 +55,6 @@ class Change:
         return (f"{name} {what} after it was trained: the adapter did not learn what was written after it finished "
                 "(it was written in place while held open); drop the new lines as a file of their own, and write "
                 "files under a .part name, renamed when complete")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_finished(path: Path, queued_size: int | None, queued_sha256: str | None, queued_at: float | None) -> str | None:

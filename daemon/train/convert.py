@@ -31,7 +31,6 @@ directly in fp32 (logits up to 35; bfloat16 would be 0.18).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from typing import Any, Callable, Iterable
 from daemon import atomic, lock
 from daemon.bases import GgufError, gguf_header
 from daemon.errors import TraindError
+from daemon.jsonl import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ Progress = Callable[[str], None]
 
 class ConversionError(TraindError):
     """The GGUF cannot be converted; the message names what (an architecture, a tensor type) and why."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stat_key(path: Path) -> dict[str, Any]:
@@ -124,7 +116,7 @@ def ensure_converted(source: Path, models_dir: Path, progress: Progress | None =
         if (folder := _by_stat(root, source)) is not None:  # converted by whoever held the lock before us
             return folder
         say(f"hashing {source.name} ({source.stat().st_size / 2**20:.0f} MiB)")
-        sha = file_sha256(source)
+        sha = sha256_of(source)
         if (folder := _by_content(root, sha)) is not None:
             return folder
         return convert(source, root / f"{sha[:16]}-{_name(source)}", sha, say)

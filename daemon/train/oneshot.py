@@ -15,7 +15,6 @@ removed once the adapter is saved.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import signal
@@ -28,17 +27,10 @@ from typing import Any
 from daemon import atomic, protocol
 from daemon.config import Config, resolved_dict
 from daemon.errors import TraindError
+from daemon.jsonl import sha256_of
 from daemon.validate import validate_file
 
 log = logging.getLogger(__name__)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(cfg: Config, file: Path, output_dir: Path, epochs: int | None = None) -> int:
