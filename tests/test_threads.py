@@ -140,7 +140,9 @@ def test_the_wait_reading_grows_when_every_core_is_contended() -> None:
 
     try:
         alone = waited_while_working()
-        hogs = [spinning([]) for _ in range(os.cpu_count() or 2)]
+        # three spinners a core: under pytest-xdist another worker may already be loading the cores during
+        # `alone`, so the crowd must outweigh that, not merely match the core count
+        hogs = [spinning([]) for _ in range(3 * (os.cpu_count() or 2))]
         time.sleep(0.2)
         crowded = waited_while_working()
         for h in hogs:
