@@ -66,7 +66,9 @@ def start_threads(configured: int, sharing: int = 1) -> int:
 def machine_busy_seconds() -> float:
     """CPU seconds used by work at normal priority on the cores this process may run on (/proc/stat's
     per-CPU lines); 0 where they cannot be read. Niced processes (the monitor at nice 10) are left out:
-    they yield to the trainer and do not stall it; so are cores outside our affinity (containers, taskset)."""
+    they yield to the trainer and do not stall it; so are cores outside our affinity (containers, taskset). The
+    kernel books only user time to the nice column: a niced process's system time is counted, which is fine for the
+    monitor (it mostly sleeps in its system calls)."""
     try:
         ours = {f"cpu{k}" for k in os.sched_getaffinity(0)}
     except AttributeError:  # not on Linux
