@@ -134,8 +134,20 @@ class AdaptersConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    file: str = _f("", "A JSONL file evaluated before and after every file (loss on the same examples each time; relative paths from the config's folder); empty: none.")
-    max_examples: int = _f(200, "Examples of eval.file scored (its first N), so each evaluation stays short.")
+    file: str = _f("", "Kept for older configs: a probe file (see forgetting.probe_files), scored before and after every file; empty: none.")
+    max_examples: int = _f(200, "Kept for older configs: examples of eval.file scored (its first N).")
+
+
+@dataclass(frozen=True)
+class ForgettingConfig:
+    enabled: bool = _f(True, "After every file, before its version becomes current, score the probe files and the keep-sets of the files learnt before it (loss and token accuracy on the same tokens each time): the forgetting matrix.")
+    keep_examples: int = _f(16, "Each trained file leaves its first N held-out examples (data.eval_fraction picks them; never trained on) as its keep-set: what the model must keep of it.")
+    probe_files: list = _f([], "JSONL files the model must not get worse on (general knowledge, style, safety), scored after every file (relative paths from the config's folder); eval.file is one too.")
+    probe_max_examples: int = _f(200, "Examples of each probe file scored (its first N).")
+    budget_fraction: float = _f(0.15, "Scoring may take at most this share of the file's training time; when the sets outgrow it, the same first examples of every set are scored (said in the figures).")
+    max_probe_increase: float = _f(0.10, "The gate: a probe whose loss rose by more than this fraction against the version before the file trips it.")
+    max_keep_increase: float = _f(0.25, "The gate: an earlier file's keep-set whose loss rose by more than this fraction against right after it was learnt trips it.")
+    action: Literal["warn", "hold", "rollback"] = _f("warn", "What a tripped gate does: warn (the version becomes current; an event, a webhook and the status say what was forgotten); hold (the version is kept aside, training pauses until `trainctl adapters accept|reject VERSION`); rollback (the adapter goes back, the file fails with reason forgetting, training pauses).")
 
 
 @dataclass(frozen=True)
@@ -166,7 +178,7 @@ class GuardConfig:
 @dataclass(frozen=True)
 class NotifyConfig:
     webhooks: list = _f([], "URLs that get a JSON POST for each event below (empty: none).")
-    events: list = _f(["file_done", "file_failed", "paused", "daemon_error", "consolidation_done", "rollback"], "Which events are posted.")
+    events: list = _f(["file_done", "file_failed", "paused", "daemon_error", "consolidation_done", "rollback", "forgetting"], "Which events are posted (forgetting: the gate tripped).")
     secret: str = _f("", "Signs each body: X-Traind-Signature: sha256=HMAC-SHA256(secret, body) (empty: unsigned).")
     timeout_seconds: float = _f(5.0, "A delivery that takes longer has failed.")
     max_attempts: int = _f(5, "Tries per delivery, with back-off (1, 2, 4... s); then it is logged and dropped.")
@@ -218,7 +230,8 @@ class Config:
     auto_generate: AutoGenerateConfig = field(default_factory=AutoGenerateConfig, metadata={"help": "Data generated when idle."})
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "Guard rails that stop a file that goes wrong."})
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "A fixed eval set: did a file help or hurt what was learnt before?"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Kept for older configs: one probe file (forgetting.probe_files)."})
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig, metadata={"help": "What the model must keep: probes and earlier files scored after every file, and a gate."})
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "Several trainer processes and machines (torchrun)."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
@@ -249,6 +262,14 @@ class Config:
         return self.resolve(self.eval.file)
 
     @property
+    def probe_paths(self) -> list[Path]:
+        """forgetting.probe_files then eval.file (an older config's one probe), absolute, each once."""
+        paths = [self.resolve(p) for p in self.forgetting.probe_files]
+        if self.eval_file is not None and self.eval_file not in paths:
+            paths.append(self.eval_file)
+        return paths
+
+    @property
     def base_model_path(self) -> Path | None:
         """The base model folder or .gguf file, or None for the embedded model."""
         if self.base_model == EMBEDDED_MODEL:
@@ -269,10 +290,10 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "speed": SpeedConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "forgetting": ForgettingConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig,
 }
 
-_NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "paused", "rollback")
+_NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "forgetting", "paused", "rollback")
 _NOTIFY_EVENTS = set(_NOTIFY_EVENTS_SORTED)  # daemon/service/notify.py EVENTS (it checks they agree)
 
 # Bounds checked after types: (section, key) -> (predicate, what is allowed)
@@ -288,6 +309,12 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("data", "eval_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data", "eval_max_examples"): (lambda v: v >= 0, ">= 0"),
     ("data", "shuffle_buffer"): (lambda v: v >= 1, ">= 1"),
+    ("forgetting", "keep_examples"): (lambda v: v >= 0, ">= 0"),
+    ("forgetting", "probe_files"): (lambda v: all(isinstance(x, str) and x for x in v), "a list of file paths"),
+    ("forgetting", "probe_max_examples"): (lambda v: v >= 1, ">= 1"),
+    ("forgetting", "budget_fraction"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("forgetting", "max_probe_increase"): (lambda v: v > 0, "> 0"),
+    ("forgetting", "max_keep_increase"): (lambda v: v > 0, "> 0"),
     ("lora", "r"): (lambda v: v >= 1, ">= 1"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0"),
     ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -465,6 +492,7 @@ def resolved_dict(cfg: Config) -> dict[str, Any]:
         d["base_model"] = str(cfg.base_model_path)
     if cfg.eval_file is not None:
         d["eval"]["file"] = str(cfg.eval_file)
+    d["forgetting"]["probe_files"] = [str(cfg.resolve(p)) for p in cfg.forgetting.probe_files]
     d["tensorboard"]["dir"] = str(cfg.tensorboard_dir)
     return d
 

@@ -147,6 +147,8 @@ class Consolidate(Message):
     adapter_version: int | None = opt(None, "the version to merge; kept when the request is sent again to a "
                                            "restarted trainer, which then answers from the record if the switch "
                                            "already happened")
+    force: bool = opt(False, "merge even while a probe is over `forgetting.max_probe_increase` since the "
+                             "generation began (refused otherwise)")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,22 @@ class Rollback(Message):
            "otherwise a file in training ends at the next step boundary, loses its checkpoints and stays in "
            "`processing/` to train again from its start; answer `rolled_back`. No `train` until the answer")
     version: int = req("the adapter version to go back to")
+
+
+@dataclass(frozen=True)
+class Accept(Message):
+    TYPE, DIRECTION = "accept", TO_TRAINER
+    DOC = ("make the version the forgetting gate held (`held`) current: its file is learnt; answer `done` for its "
+           "file, or `held_refused` when that version is not held")
+    version: int = req("the held version")
+
+
+@dataclass(frozen=True)
+class Reject(Message):
+    TYPE, DIRECTION = "reject", TO_TRAINER
+    DOC = ("drop the version the forgetting gate held: its folder goes, the adapter stays as it was before the "
+           "file; answer `failed` with reason `forgetting` for its file")
+    version: int = req("the held version")
 
 
 # ---------------------------------------------------------------- trainer -> service
@@ -298,6 +316,29 @@ class Done(Message):
     activity_moved: dict | None = req("what the file moved, per module (null where not measured)")
     eval_set: dict | None = opt(None, "eval.file's loss before and after it (`file`, `examples`, `before`, `after`)")
     global_step: int | None = opt(None, "the adapter's step after it")
+    forgetting: dict | None = opt(None, "the forgetting report after it (daemon/train/forgetting.py: the probes' and "
+                                        "earlier keep-sets' scores, backward transfer, the gate); null when not scored")
+
+
+@dataclass(frozen=True)
+class Held(Message):
+    TYPE, DIRECTION = "held", TO_SERVICE
+    DOC = ("the file trained but the forgetting gate (`forgetting.action` hold) kept its version aside: published, "
+           "not current; the adapter is as before the file. The service pauses (reason `forgetting`) and keeps the "
+           "file in `processing/` until `accept` (then `done`) or `reject` (then `failed`). Sent again for the same "
+           "file after a restart, without training it")
+    job_id: str = req("the file")
+    version: int = req("the held version")
+    forgetting: dict = req("the forgetting report (as in `done`)")
+    message: str = req("what was forgotten, by how much, for a person")
+
+
+@dataclass(frozen=True)
+class HeldRefused(Message):
+    TYPE, DIRECTION = "held_refused", TO_SERVICE
+    DOC = "an `accept` or `reject` for a version that is not held: nothing changed"
+    version: int = req("the version asked for")
+    message: str = req("why")
 
 
 @dataclass(frozen=True)
@@ -313,12 +354,14 @@ class Failed(Message):
     TYPE, DIRECTION = "failed", TO_SERVICE
     DOC = "the file could not be trained: adapter restored; the service moves it to failed/"
     job_id: str = req("the file")
-    reason: str = req("`invalid_data`, `training_error` or `guard` (a guard stopped it: the daemon pauses)")
+    reason: str = req("`invalid_data`, `training_error`, `guard` (a guard stopped it) or `forgetting` (the "
+                      "forgetting gate rolled it back, or its held version was rejected): the last two pause")
     message: str = req("why, for a person")
     traceback: str | None = opt(None, "where a training error came from")
     errors: list[dict] = opt([], "bad lines: `{line, field, reason}` each")
     step: int | None = opt(None, "with `guard`: the step it stopped at")
     loss: float | None = opt(None, "with `guard`: that step's loss")
+    forgetting: dict | None = opt(None, "with `forgetting`: the report (as in `done`)")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 EVENT_OF = {
     "job_done": "file_done", "job_failed": "file_failed", "job_rejected": "file_failed",
     "disk_full": "paused", "unwritable": "paused", "guard": "paused", "trainer_crash": "daemon_error", "consolidated": "consolidation_done",
-    "rollback": "rollback",
+    "rollback": "rollback", "forgetting": "forgetting",
 }
 EVENTS = tuple(sorted(set(EVENT_OF.values())))
 MAX_QUEUED = 1000
