@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +81,8 @@ class AdapterManifest:
     consolidated_from: int | None = None
     lineage: str | None = None  # the consolidated base's lineage.json
     description: str | None = None
+    forgetting: dict | None = None  # the forgetting report after its file (daemon.train.forgetting)
+    held: bool = False  # the forgetting gate kept it aside: published, not current, until accepted or rejected
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -95,7 +97,8 @@ class AdapterManifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name != "extra" and (f.name in _ALWAYS or getattr(self, f.name) not in (None, []))}
+               if f.name != "extra" and (f.name in _ALWAYS or getattr(self, f.name) not in (None, []))
+               and not (f.name == "held" and not self.held)}
         return {**out, **self.extra}
 
     def learnt(self) -> list[dict[str, Any]]:
@@ -169,12 +172,13 @@ def peek_current(adapters: Path) -> AdapterVersion | None:
 
 
 def publish(adapters: Path, manifest: AdapterManifest | dict[str, Any],
-            write_weights: Callable[[Path], None]) -> AdapterVersion:
+            write_weights: Callable[[Path], None], make_current: bool = True) -> AdapterVersion:
     """Write `adapters/v000N/` (weights, config, manifest) in one rename, then point current.json at it.
 
     `manifest` must hold `version`; `write_weights(folder)` writes the adapter
     files into a temp folder. current.json is replaced last, so it is the commit
-    point: a crash before it leaves the previous version current.
+    point: a crash before it leaves the previous version current. `make_current` False (a version the
+    forgetting gate holds) leaves current.json as it was.
     """
     if isinstance(manifest, dict):  # (tests write a store by hand)
         manifest = AdapterManifest.from_dict(manifest)
@@ -193,8 +197,36 @@ def publish(adapters: Path, manifest: AdapterManifest | dict[str, Any],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic.write_json(adapters / CURRENT, {"version": manifest.version, "path": name}, site="adapter")
+    if make_current:
+        atomic.write_json(adapters / CURRENT, {"version": manifest.version, "path": name}, site="adapter")
     return AdapterVersion(manifest.version, adapters / name, manifest)
+
+
+def held_versions(adapters: Path) -> list[AdapterVersion]:
+    """Versions the forgetting gate holds: published after the current one, not current, `held` in their
+    manifest. At most one while the daemon runs (it pauses on the first)."""
+    current = peek_current(adapters)
+    floor = current.version if current else 0
+    return [v for v in versions(adapters) if v.manifest.held and v.version > floor]
+
+
+def accept_held(adapters: Path, version: int) -> AdapterVersion:
+    """A held version becomes current: its manifest loses `held` (rewritten in place), then current.json
+    points at it (the commit point)."""
+    held = next(v for v in held_versions(adapters) if v.version == version)
+    manifest = replace(held.manifest, held=False)
+    atomic.write_json(held.path / MANIFEST, manifest.to_dict(), site="adapter")
+    atomic.write_json(adapters / CURRENT, {"version": version, "path": held.path.name}, site="adapter")
+    return AdapterVersion(version, held.path, manifest)
+
+
+def drop_version(adapters: Path, version: int) -> None:
+    """Remove a version's folder (a rejected held version): a rename aside, then a delete."""
+    folder = adapters / version_dir_name(version)
+    aside = adapters / f".{folder.name}.old-{os.getpid()}"
+    os.replace(folder, aside)
+    atomic.fsync_dir(adapters)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def versions(adapters: Path) -> list[AdapterVersion]:
@@ -320,6 +352,12 @@ def rollback_refusal(adapters: Path, version: int, here: int | None = None) -> s
     if target is None:
         return (f"there is no adapter v{version} to roll back to "
                 f"(kept: {', '.join(f'v{v.version}' for v in kept) or 'none'}; see `trainctl adapters list`)")
+    if target.manifest.held:
+        return (f"adapter v{version} is held by the forgetting gate: `trainctl adapters accept {version}` makes it "
+                f"current, `trainctl adapters reject {version}` drops it")
+    if held_versions(adapters):
+        held = held_versions(adapters)[0].version
+        return f"adapter v{held} is held by the forgetting gate: accept or reject it first"
     if here is None:
         current = peek_current(adapters)
         here = current.manifest.generation if current is not None else 0

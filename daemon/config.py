@@ -145,6 +145,7 @@ class ForgettingConfig:
     probe_files: list = _f([], "JSONL files the model must not get worse on (general knowledge, style, safety), scored after every file (relative paths from the config's folder); eval.file is one too.")
     probe_max_examples: int = _f(200, "Examples of each probe file scored (its first N).")
     budget_fraction: float = _f(0.15, "Scoring may take at most this share of the file's training time; when the sets outgrow it, the same first examples of every set are scored (said in the figures).")
+    min_budget_seconds: float = _f(2.0, "...but never less than this many seconds (a file that trains in a second may still be scored whole).")
     max_probe_increase: float = _f(0.10, "The gate: a probe whose loss rose by more than this fraction against the version before the file trips it.")
     max_keep_increase: float = _f(0.25, "The gate: an earlier file's keep-set whose loss rose by more than this fraction against right after it was learnt trips it.")
     action: Literal["warn", "hold", "rollback"] = _f("warn", "What a tripped gate does: warn (the version becomes current; an event, a webhook and the status say what was forgotten); hold (the version is kept aside, training pauses until `trainctl adapters accept|reject VERSION`); rollback (the adapter goes back, the file fails with reason forgetting, training pauses).")
@@ -313,6 +314,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("forgetting", "probe_files"): (lambda v: all(isinstance(x, str) and x for x in v), "a list of file paths"),
     ("forgetting", "probe_max_examples"): (lambda v: v >= 1, ">= 1"),
     ("forgetting", "budget_fraction"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("forgetting", "min_budget_seconds"): (lambda v: v >= 0, ">= 0"),
     ("forgetting", "max_probe_increase"): (lambda v: v > 0, "> 0"),
     ("forgetting", "max_keep_increase"): (lambda v: v > 0, "> 0"),
     ("lora", "r"): (lambda v: v >= 1, ">= 1"),

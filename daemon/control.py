@@ -45,11 +45,16 @@ def set_desired_state(cfg: Config, state: DesiredState, by: str = "cli", now: fl
 
 def read_desired_state(cfg: Config) -> DesiredState:
     """RUNNING unless a valid file says PAUSED (a damaged file must not freeze training)."""
+    return read_desired(cfg)[0]
+
+
+def read_desired(cfg: Config) -> tuple[DesiredState, str | None]:
+    """The desired state and who set it (`cli`, `monitor`, `guard`, `forgetting`...)."""
     try:
         raw = atomic.read_json(control_dir(cfg) / "desired_state.json")
-        return DesiredState(raw["state"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return DesiredState.RUNNING
+        return DesiredState(raw["state"]), str(raw.get("by")) if raw.get("by") is not None else None
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        return DesiredState.RUNNING, None
 
 
 def pins_path(cfg: Config) -> Path:
@@ -81,11 +86,12 @@ class ControlRequest:
     priority: str | None
     version: int | None = None  # rollback: the adapter version
     description: str | None = None  # consolidate: what was trained (required)
+    force: bool = False  # consolidate: even while a probe is over its limit
 
 
 def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | None = None,
             priority: str | None = None, now: float | None = None, version: int | None = None,
-            description: str | None = None) -> Path:
+            description: str | None = None, force: bool = False) -> Path:
     """Leave a one-shot request for the service; returns its file (gone once the service acted).
 
     `job_id` names the queue file for retry/remove (and, optionally, guards a
@@ -95,7 +101,7 @@ def request(cfg: Config, action: ControlAction, by: str = "cli", job_id: str | N
     name = f"{now:017.6f}-{uuid.uuid4().hex[:8]}-{action.value}.json"
     path = requests_dir(cfg) / name
     atomic.write_json(path, {"action": action.value, "by": by, "at": now, "job_id": job_id, "priority": priority,
-                             "version": version, "description": description})
+                             "version": version, "description": description, "force": force})
     return path
 
 
@@ -127,14 +133,16 @@ def _parse_request(path: Path, raw: dict) -> ControlRequest:
     if action in (ControlAction.RETRY, ControlAction.REMOVE) and not job_id:
         raise ValueError(f"{action.value} needs a job_id")
     version = raw.get("version")
-    if action is ControlAction.ROLLBACK and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
-        raise ValueError(f"rollback needs an adapter version >= 1, got {version!r}")
+    with_version = (ControlAction.ROLLBACK, ControlAction.ACCEPT, ControlAction.REJECT)
+    if action in with_version and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+        raise ValueError(f"{action.value} needs an adapter version >= 1, got {version!r}")
     description = raw.get("description")
     if action is ControlAction.CONSOLIDATE and (not isinstance(description, str) or not description.strip()):
         raise ValueError("consolidate needs a description of what was trained")
     return ControlRequest(path, action, str(raw.get("by", "?")), float(raw.get("at", 0)), job_id, priority,
-                          version if action is ControlAction.ROLLBACK else None,
-                          description if action is ControlAction.CONSOLIDATE else None)
+                          version if action in with_version else None,
+                          description if action is ControlAction.CONSOLIDATE else None,
+                          raw.get("force") is True and action is ControlAction.CONSOLIDATE)
 
 
 def consume(req: ControlRequest) -> None:

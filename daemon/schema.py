@@ -137,7 +137,8 @@ class TrainingStatus:
     settings_notes: list[str] = _f([], "settings traind chose for this base and why: model.quantization auto's choice, "
                                       "what nf4 costs on the CPU, the embedded model's own learning rate")
     desired_state: DesiredState = _f(DesiredState.RUNNING, "the desired state the daemon has seen")
-    pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused), disk_full "
+    pause_reason: PauseReason | None = _f(None, "why training is held: user (desired state paused), forgetting "
+                                                "(the forgetting gate held a version or rolled a file back), disk_full "
                                                 "(resumes by itself once space is back) or unwritable (a runtime "
                                                 "folder cannot be written; resumes once it can); null when not held")
     disk_full: DiskFullStatus | None = _f(None, "folder, free bytes and failed write of a disk_full or unwritable "
@@ -160,6 +161,9 @@ class TrainingStatus:
                                                "process, and cleared with the other live figures")
     slowest_rank: int | None = _f(None, "the rank with the longest compute_seconds in the latest step (the others "
                                         "wait for it); null with one process")
+    held: dict | None = _f(None, "the adapter version the forgetting gate holds (forgetting.action hold): version, "
+                                 "job_id, file, message; `trainctl adapters accept|reject VERSION` decides; null "
+                                 "when none")
     layer_activity_summary: LayerActivitySummary | None = _f(None, "per-layer LoRA activity at the latest sample "
                                                                    "(every activity.every_steps steps and at each file's end)")
 

@@ -89,6 +89,7 @@ class PauseReason(str, Enum):
     """
 
     USER = "user"  # trainctl pause / the dashboard (status/control/desired_state.json)
+    FORGETTING = "forgetting"  # the forgetting gate held a version (accept or reject it) or rolled a file back
     DISK_FULL = "disk_full"  # a write failed for lack of space, or free space is below service.min_free_bytes
     UNWRITABLE = "unwritable"  # a runtime folder cannot be written (read-only, permissions): resumes once it can
 
@@ -102,6 +103,8 @@ class ControlAction(str, Enum):
     REMOVE = "remove"  # pending/<job_id> -> failed/ (reason removed)
     ROLLBACK = "rollback"  # adapter `version` becomes current again (as a new version), at the next step boundary
     CONSOLIDATE = "consolidate"  # merge the adapter into a new base (`description`), between files
+    ACCEPT = "accept"  # the version the forgetting gate holds (`version`) becomes current; training resumes
+    REJECT = "reject"  # the version the forgetting gate holds (`version`) is dropped, its file fails; training resumes
 
 
 class FailReason(str, Enum):
@@ -113,6 +116,7 @@ class FailReason(str, Enum):
     TRAINING_ERROR = "training_error"  # an exception while training it
     REMOVED = "removed"  # taken out of pending by `trainctl queue remove`
     GUARD = "guard"  # a guard stopped it: a non-finite loss or gradient, a loss spike (the daemon paused)
+    FORGETTING = "forgetting"  # the forgetting gate rolled it back, or its held version was rejected
 
 
 def check_transition(table: dict, old: Enum, new: Enum) -> None:

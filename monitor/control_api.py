@@ -35,6 +35,7 @@ class RetryBody(BaseModel):
 
 class ConsolidateBody(BaseModel):
     description: str = Field(min_length=1, max_length=2000, description="what was trained (kept in lineage.json)")
+    force: bool = Field(False, description="merge even while a probe is over forgetting.max_probe_increase")
 
 
 class RollbackBody(BaseModel):
@@ -104,7 +105,8 @@ def consolidate(state: StateDep, body: ConsolidateBody) -> ControlResult:
         raise HTTPException(422, "consolidate: the description must say what was trained")
     if adapters.peek_current(state.cfg.path("adapters")) is None:
         raise HTTPException(409, "consolidate: no adapter has been published yet")
-    path = control.request(state.cfg, ControlAction.CONSOLIDATE, by=BY, description=body.description.strip())
+    path = control.request(state.cfg, ControlAction.CONSOLIDATE, by=BY, description=body.description.strip(),
+                           force=body.force)
     return ControlResult(action="consolidate", requested_state=control.read_desired_state(state.cfg).value,
                          request_id=path.name, note="the events say when it is done (kind consolidated)")
 
@@ -122,3 +124,28 @@ def rollback(state: StateDep, body: RollbackBody) -> ControlResult:
         raise HTTPException(409, f"rollback: {why}")
     path = control.request(state.cfg, ControlAction.ROLLBACK, by=BY, version=body.version)
     return ControlResult(action="rollback", requested_state=control.read_desired_state(state.cfg).value, request_id=path.name)
+
+
+def _decide_held(state: StateDep, body: RollbackBody, action: ControlAction) -> ControlResult:
+    _need_running_daemon(state, action.value)
+    held = [v.version for v in adapters.held_versions(state.cfg.path("adapters"))]
+    if body.version not in held:
+        raise HTTPException(409, f"{action.value}: adapter v{body.version} is not held"
+                                 + (f" (v{held[0]} is)" if held else " (no version is held)"))
+    path = control.request(state.cfg, action, by=BY, version=body.version)
+    return ControlResult(action=action.value, requested_state=control.read_desired_state(state.cfg).value,
+                         request_id=path.name)
+
+
+@router.post("/api/control/accept", response_model=ControlResult,
+             summary="Make the version the forgetting gate holds current (its file is learnt); training resumes",
+             responses={409: {"description": "the daemon is not running, or that version is not held"}})
+def accept(state: StateDep, body: RollbackBody) -> ControlResult:
+    return _decide_held(state, body, ControlAction.ACCEPT)
+
+
+@router.post("/api/control/reject", response_model=ControlResult,
+             summary="Drop the version the forgetting gate holds (its file fails, reason forgetting); training resumes",
+             responses={409: {"description": "the daemon is not running, or that version is not held"}})
+def reject(state: StateDep, body: RollbackBody) -> ControlResult:
+    return _decide_held(state, body, ControlAction.REJECT)

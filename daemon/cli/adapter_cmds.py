@@ -1,4 +1,5 @@
-"""trainctl adapters list / pin / unpin: the published adapter versions, and which ones retention keeps."""
+"""trainctl adapters list / pin / unpin / accept / reject: the published adapter versions, which ones retention
+keeps, and the version the forgetting gate holds."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, parents=[common], help=what)
         p.add_argument("version", type=_version)
         p.set_defaults(handler=with_config(cmd_adapters_pin), pinned=name == "pin")
+    for name, what in (("accept", "make the VERSION the forgetting gate holds current (its file is learnt); training resumes"),
+                       ("reject", "drop the VERSION the forgetting gate holds (its file fails, reason forgetting); training resumes")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("version", type=_version)
+        p.add_argument("--no-wait", action="store_true", help="leave the request and return")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the result (default 120)")
+        p.set_defaults(handler=with_config(cmd_decide_held), accept=name == "accept")
     rb = subparsers.add_parser("rollback", parents=[common],
                                help="make adapter VERSION current again (a file in training starts over on it)")
     rb.add_argument("version", type=_version)
@@ -35,6 +43,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     c = subparsers.add_parser("consolidate", parents=[common],
                               help="merge the adapter into a new base (between files) and train on from it")
     c.add_argument("--description", required=True, help="what was trained (kept in the new base's lineage.json)")
+    c.add_argument("--force", action="store_true",
+                   help="merge even while a probe is over forgetting.max_probe_increase since the generation began")
     c.add_argument("--no-wait", action="store_true", help="leave the request and return")
     c.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
     c.set_defaults(handler=with_config(cmd_consolidate))
@@ -64,7 +74,8 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
             "global_step": m.global_step, "final_loss": m.final_loss, "eval_loss": m.eval_loss,
             "created_at": m.created_at, "bytes": adapters.folder_bytes(v.path), "rollback_of": m.rollback_of,
             "path": str(v.path), "generation": m.generation, "consolidated_from": m.consolidated_from,
-            "description": m.description,
+            "description": m.description, "held": m.held,
+            "forgetting": _forgetting_line(m.forgetting),
         })
     return out_rows
 
@@ -84,13 +95,15 @@ def cmd_adapters_list(cfg: Config, args: argparse.Namespace) -> int:
         steps = number(r["steps"], "d")
         if r["rollback_of"]:
             what = f"rollback to v{r['rollback_of']}"
+        if r["held"]:
+            mark, what = "h ", f"{what} (held by the forgetting gate: accept or reject it)"
         if r["consolidated_from"] is not None:  # a fresh adapter on a merged base: a start, not a file of 0 steps
             desc = f' ("{r["description"]}")' if r["description"] else ""
             what, steps = f"generation {r['generation']} starts: v{r['consolidated_from']} merged into the base{desc}", "-"
         out(f"{mark}{('v' + str(r['version'])):>7}  {steps:>6}  {number(r['final_loss'], '.4f'):>7}  "
             f"{number(r['eval_loss'], '.4f'):>7}  {r['bytes'] / 1e6:>7.2f}MB  {r['created_at'] or '':<20} {what}")
     keep = cfg.adapters.keep_last
-    out(f"* current, p pinned; retention keeps {'every version' if keep == 0 else f'the newest {keep}'}, "
+    out(f"* current, p pinned, h held; retention keeps {'every version' if keep == 0 else f'the newest {keep}'}, "
         "the current one and the pinned ones")
     return 0
 
@@ -158,6 +171,44 @@ def _reason(message: str, action: str) -> str:
     return rest if sep and head.split(" ")[0] == action else message
 
 
+def _forgetting_line(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What `adapters list --json` says of a version's forgetting report: the gate and the worst change."""
+    if not report:
+        return None
+    return {"tripped": (report.get("gate") or {}).get("tripped", False), "worst": report.get("worst"),
+            "backward_transfer": report.get("backward_transfer"), "message": (report.get("gate") or {}).get("message")}
+
+
+def cmd_decide_held(cfg: Config, args: argparse.Namespace) -> int:
+    """accept / reject the version the forgetting gate holds."""
+    verb = "accept" if args.accept else "reject"
+    folder = cfg.path("adapters")
+    held = [v.version for v in adapters.held_versions(folder)]
+    if args.version not in held:
+        out(f"{verb}: refused: adapter v{args.version} is not held"
+            + (f" (v{held[0]} is)" if held else " (no version is held)"))
+        return 1
+    control.request(cfg, ControlAction.ACCEPT if args.accept else ControlAction.REJECT, by="cli", version=args.version)
+    if daemon_pid(cfg) is None:
+        out(f"{verb}: v{args.version} requested; the daemon is not running, it acts at its next start")
+        return 0
+    if args.no_wait:
+        out(f"{verb}: v{args.version} requested")
+        return 0
+    deadline = time.time() + args.timeout
+    while time.time() < deadline:
+        now = adapters.peek_current(folder)
+        if args.accept and now is not None and now.version == args.version:
+            out(f"accept: adapter v{args.version} is current; training resumes")
+            return 0
+        if not args.accept and not (folder / adapters.version_dir_name(args.version)).exists():
+            out(f"reject: adapter v{args.version} dropped; its file is in failed/ (reason forgetting); training resumes")
+            return 0
+        time.sleep(0.3)
+    out(f"{verb}: requested, but the daemon has not acted yet (see `trainctl status`)")
+    return 2
+
+
 def cmd_consolidate(cfg: Config, args: argparse.Namespace) -> int:
     if not args.description.strip():
         raise TraindError("consolidate: --description must say what was trained")
@@ -171,7 +222,7 @@ def cmd_consolidate(cfg: Config, args: argparse.Namespace) -> int:
         out(f"consolidate: refused: {why}")
         return 1
     asked = time.time()
-    control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description=args.description)
+    control.request(cfg, ControlAction.CONSOLIDATE, by="cli", description=args.description, force=args.force)
     if not running:
         out("consolidate: requested; the daemon is not running, it acts at its next start")
         return 0

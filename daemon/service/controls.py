@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Callable
 
-from daemon import control, protocol
+from daemon import adapters, control, protocol
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.intake import remove_file, retry_file
@@ -25,7 +25,7 @@ from daemon.jobqueue import JobQueue
 from daemon.service.lineage_requests import LineageRequests
 from daemon.service.supervisor import Supervisor
 from daemon.service.tracker import JobTracker
-from daemon.states import ControlAction, FailReason, Priority
+from daemon.states import ControlAction, DesiredState, FailReason, Priority
 from daemon.history_db import HistoryDB
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,27 @@ class ControlDesk:
         elif req.action is ControlAction.REMOVE:
             remove_file(self.queue.find(req.job_id), now, self.queue, self.db)
         elif req.action is ControlAction.CONSOLIDATE:
-            self.requests.ask_consolidation(req.description or "", job_in_training=self.tracker.job is not None)
+            self.requests.ask_consolidation(req.description or "", job_in_training=self.tracker.job is not None,
+                                            force=req.force)
             self.db.event("consolidation", f"consolidation requested by {req.by}: {req.description} (at the next "
                           "boundary between files)", t=now)
         elif req.action is ControlAction.ROLLBACK:
             self.requests.ask_rollback(req.version)
+        elif req.action in (ControlAction.ACCEPT, ControlAction.REJECT):
+            self.decide_held(req, now)
+
+    def decide_held(self, req: control.ControlRequest, now: float) -> None:
+        """Accept or reject the version the forgetting gate holds: the trainer answers `done` or `failed` for
+        its file, and training resumes (the person has looked)."""
+        held = [v.version for v in adapters.held_versions(self.cfg.path("adapters"))]
+        if req.version not in held:
+            raise QueueError(f"adapter v{req.version} is not held"
+                             + (f" (v{held[0]} is)" if held else " (no version is held)"))
+        msg = protocol.Accept(version=req.version) if req.action is ControlAction.ACCEPT \
+            else protocol.Reject(version=req.version)
+        if not self.sup.send(msg):  # the trainer is down: the next one gets it once ready (it holds the file again)
+            self.sup.owed.append(msg)
+        control.set_desired_state(self.cfg, DesiredState.RUNNING, by=req.action.value)
 
     def skip(self, job_id: str | None, now: float) -> None:
         """The file in training ends at its next step (adapter restored); a file a dead trainer left in

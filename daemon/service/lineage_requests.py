@@ -32,6 +32,7 @@ class LineageRequests:
         self.consolidation: str | None = None  # a consolidation's description, until answered
         self.consolidation_sent = False
         self.consolidation_of: int | None = None  # the version it merges (kept across trainer restarts)
+        self.consolidation_force = False  # even while a probe is over its limit
 
     # -- asking --------------------------------------------------------------------------------
     def ask_rollback(self, version: int | None) -> None:
@@ -42,7 +43,7 @@ class LineageRequests:
             raise QueueError(why)
         self.rollback, self.rollback_sent = version, False
 
-    def ask_consolidation(self, description: str, job_in_training: bool) -> None:
+    def ask_consolidation(self, description: str, job_in_training: bool, force: bool = False) -> None:
         if self.consolidation is not None:
             raise QueueError("a consolidation is already on its way")
         if not job_in_training:  # else the file in training publishes first: the trainer decides then
@@ -50,7 +51,7 @@ class LineageRequests:
             why = "no adapter has been published yet" if current is None else adapters.nothing_learnt(current)
             if why is not None:
                 raise QueueError(why)
-        self.consolidation, self.consolidation_sent = description, False
+        self.consolidation, self.consolidation_sent, self.consolidation_force = description, False, force
 
     # -- sending -------------------------------------------------------------------------------
     @property
@@ -82,7 +83,8 @@ class LineageRequests:
             if self.consolidation_of is None:  # the version merged; kept if the trainer dies and gets it again
                 current = adapters.peek_current(self.cfg.path("adapters"))
                 self.consolidation_of = current.version if current else None
-            out.append(protocol.Consolidate(description=self.consolidation, adapter_version=self.consolidation_of))
+            out.append(protocol.Consolidate(description=self.consolidation, adapter_version=self.consolidation_of,
+                                            force=self.consolidation_force))
         return out
 
     def sent(self, msg: protocol.Message) -> None:

@@ -89,6 +89,7 @@ class Service:
         self.sup = Supervisor(cfg.path("status") / RUNNING_CONFIG, cfg.path("logs"), self.wakeup.wake,
                               cfg.service.restart_backoff_seconds, spawn=spawn)
         self.requests = LineageRequests(cfg)
+        self.paused_for_forgetting = False  # the desired pause was set by the forgetting gate (pause_reason)
         self.disk = DiskGuard([cfg.path(n) for n in WRITTEN_FOLDERS], cfg.service.min_free_bytes,
                               cfg.service.disk_check_seconds, roles={cfg.path(n): r for n, r in WRITTEN_FOLDERS.items()},
                               on_event=self._disk_event)
@@ -331,6 +332,10 @@ class Service:
                               msg.job_id, t=now)
             case protocol.Stopped():
                 pass
+            case protocol.Held():
+                self._on_held(msg, now)
+            case protocol.HeldRefused():
+                self.db.event("control_refused", f"accept/reject v{msg.version}: {msg.message}", t=now)
             case protocol.RolledBack() | protocol.RollbackRefused() | protocol.Consolidated() | \
                     protocol.ConsolidationRefused():
                 self.requests.answered(msg)
@@ -347,10 +352,40 @@ class Service:
         if isinstance(msg, protocol.Failed) and msg.reason == "guard":  # nothing starts until a person looks
             self.db.event("guard", f"paused by a guard: {msg.message}", msg.job_id, t=now)
             control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
+        if isinstance(msg, (protocol.Done, protocol.Failed)):
+            self._forgetting_said(msg, now)
         if isinstance(msg, protocol.Step) and not over:
             self.sup.on_step()
             if self.clock() - self.publisher.last_write >= 0.5:  # live enough for a person, cheap for the disk
                 self.publisher.dirty = True
+
+    def _on_held(self, msg: protocol.Held, now: float) -> None:
+        """The forgetting gate held the file's version: the file stays in processing/ and nothing trains until
+        `trainctl adapters accept|reject` (said again by a restarted trainer: not a second event)."""
+        if self.tracker.job is None or self.tracker.job.job_id != msg.job_id:
+            log.info("ignoring held about %s: not the file in training", msg.job_id)
+            return
+        again = (self.status.held or {}).get("version") == msg.version or any(  # a restarted service: said before
+            e["kind"] == "forgetting" and e["job_id"] == msg.job_id for e in self.db.events(limit=200))
+        self.status.held = {"version": msg.version, "job_id": msg.job_id, "file": self.tracker.job.original_name,
+                            "message": msg.message}
+        if not again:
+            self.db.event("forgetting", msg.message, msg.job_id, t=now)
+            log.warning("%s", msg.message)
+        self.publisher.dirty = True
+
+    def _forgetting_said(self, msg: protocol.Done | protocol.Failed, now: float) -> None:
+        """A tripped forgetting gate is an event (and a webhook) whatever it did; a rollback it made pauses."""
+        if self.status.held and self.status.held.get("job_id") == msg.job_id:
+            self.status.held = None
+        gate = (msg.forgetting or {}).get("gate") or {}
+        if isinstance(msg, protocol.Failed) and msg.reason == "forgetting":
+            if gate.get("action") == "rollback":  # a rejected held version resumes (the person decided)
+                self.db.event("forgetting", f"paused by the forgetting gate: {msg.message}", msg.job_id, t=now)
+                control.set_desired_state(self.cfg, DesiredState.PAUSED, by="forgetting")
+        elif isinstance(msg, protocol.Done) and gate.get("tripped") and gate.get("action") == "warn":
+            self.db.event("forgetting", f"{msg.adapter_version and f'adapter v{msg.adapter_version}: '}"
+                                        f"{gate.get('message')}", msg.job_id, t=now)
 
     def _on_ready(self, msg: protocol.Ready, now: float) -> None:
         self.sup.on_ready()  # ...and it sends what was owed to this trainer (skips while it was down)
@@ -390,7 +425,8 @@ class Service:
 
     # -- control --------------------------------------------------------------------
     def _handle_control(self, now: float) -> None:
-        desired = control.read_desired_state(self.cfg)
+        desired, by = control.read_desired(self.cfg)
+        self.paused_for_forgetting = desired is DesiredState.PAUSED and by == "forgetting"
         if desired is not self.status.desired_state:
             log.info("desired state: %s", desired.value)
             self.status.desired_state = desired
@@ -449,7 +485,9 @@ class Service:
             restarting=None if self.sup.cannot_start else self.sup.said, joining=state.joining(self.cfg.distributed), loading=self.sup.loading,
             job=job, started=job and self.tracker.started, holds=self.sup.holds,
             paused_by_user=self.status.desired_state is DesiredState.PAUSED, disk=self.disk.reason(),
-            disk_detail=self.disk.detail(), lineage=self.requests.doing())
+            disk_detail=self.disk.detail(), lineage=self.requests.doing(),
+            held=(self.status.held or {}).get("message") if job else None,
+            paused_for_forgetting=self.paused_for_forgetting)
 
     def _refresh_status(self) -> None:
         self.publisher.refresh(self.facts(), self.disk.status())

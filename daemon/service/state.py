@@ -34,6 +34,8 @@ class Facts:
     disk: PauseReason | None = None  # a disk hold (disk_full or unwritable)
     disk_detail: str = ""  # its line for the detail
     lineage: str | None = None  # a rollback or consolidation waits for its answer: what it is doing
+    held: str | None = None  # the forgetting gate holds a version: what is said (accept or reject it)
+    paused_for_forgetting: bool = False  # the desired pause is the forgetting gate's (a rollback it made)
 
 
 def joining(dc: Any) -> str:
@@ -46,7 +48,11 @@ def joining(dc: Any) -> str:
 
 def pause_reason(f: Facts) -> PauseReason | None:
     """Why training is held, whatever the trainer has confirmed: the disk first (it is over by itself)."""
-    return f.disk or (PauseReason.USER if f.paused_by_user else None)
+    if f.disk:
+        return f.disk
+    if f.held is not None or (f.paused_by_user and f.paused_for_forgetting):
+        return PauseReason.FORGETTING
+    return PauseReason.USER if f.paused_by_user else None
 
 
 def derive(f: Facts) -> tuple[ServiceStatus, str]:
@@ -61,6 +67,8 @@ def derive(f: Facts) -> tuple[ServiceStatus, str]:
         # the next try may be loading already: say so, with why it is an error
         return ServiceStatus.ERROR, f.cannot_start + (f" ({loading})" if f.trainer is TrainerState.STARTING else "")
     held = pause_reason(f) is not None
+    if f.job and f.held is not None:  # trained, its version held aside: nothing trains until it is decided
+        return ServiceStatus.PAUSED, f.held
     if f.job:
         if f.holds and held:
             return ServiceStatus.PAUSED, f.disk_detail or "paused; the model stays loaded"

@@ -146,7 +146,8 @@ class JobTracker:
         if msg.job_id in self.vanished:  # it failed for want of its file (a new pass found it gone)
             self.fail(msg.job_id, FailReason.REMOVED, self.vanished.pop(msg.job_id), now)
             return
-        reason = {"invalid_data": FailReason.INVALID_DATA, "guard": FailReason.GUARD}.get(msg.reason,
+        reason = {"invalid_data": FailReason.INVALID_DATA, "guard": FailReason.GUARD,
+                  "forgetting": FailReason.FORGETTING}.get(msg.reason,
                                                                                          FailReason.TRAINING_ERROR)
         self.status.last_error = msg.message
         self.fail(msg.job_id, reason, msg.message or "training failed", now, errors=msg.errors, traceback=msg.traceback)

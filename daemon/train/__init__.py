@@ -11,7 +11,7 @@ Modules, leaf first:
   packed rows), `step` (one optimizer step, the held-out loss), `loop` (the explicit training loop over one
   file), `checkpoint` (mid-file checkpoints), `activity_probe` (per-layer LoRA activity), `tboard`, `threads`
 - the child process: `process` (set-up), `preflight` (can this config run here), `session` (what is kept
-  across files, loading, messages mid-file), `evalset` (the fixed set scored around every file), `lineage`
+  across files, loading, messages mid-file), `forgetting` (probes and earlier files' keep-sets scored after every file, the gate), `lineage`
   (publish, roll back, consolidate: the one writer of the adapter store), `follower` (the other ranks),
   `worker` (rank 0's messages and one file from start to answer; `main`)
 - beside the daemon: `consolidate` (merge into a new base), `inspect` (`trainctl sample`/`eval`), `oneshot`

@@ -1,6 +1,7 @@
 """The adapter's lineage, as the trainer (the store's one writer) extends it: publish, roll back, consolidate, prune.
 
-    publish(sess, job, outcome, moved, eval_before)   # the next version after a file; answers `done`
+    publish(sess, job, outcome, moved, probes_before, check, hold)   # the next version after a file; `done`/`held`
+    accept_held(sess, version) / reject_held(sess, version)           # a version the forgetting gate held
     rollback(sess, interrupted)                       # an old version current again, as a new one
     consolidate_now(sess, msg)                        # merged into a new base; a fresh adapter on it
     answer_already_trained(sess, job_id)              # a file the current version has learnt
@@ -28,7 +29,7 @@ from daemon.diskspace import require_space
 from daemon.train import checkpoint as ckpt
 from daemon.train import consolidate
 from daemon.train.activity_probe import ActivityProbe, Grid
-from daemon.train.evalset import eval_set_loss
+from daemon.train import forgetting
 from daemon.train.model import load_adapter, load_for_training, lora_state, publish_adapter, set_lora_state
 from daemon.train.session import Session
 
@@ -57,39 +58,111 @@ def next_manifest(sess: Session, **what: Any) -> AdapterManifest:
 
 
 def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
-            eval_before: float | None = None) -> None:
-    """Publish the next adapter version, drop the job's checkpoints, answer done.
+            probes_before: dict[str, list] | None = None, check: forgetting.FileCheck | None = None,
+            hold: bool = False) -> None:
+    """Publish the next adapter version, drop the job's checkpoints, answer done (or `held`).
 
     What the file moved (per module ‖ΔW after − ΔW before‖, from the weights before
     the file, so a resume in between counts nothing twice) goes into the manifest,
-    which survives a crash between publication and the `done` answer.
+    which survives a crash between publication and the `done` answer; so does the
+    forgetting report (`check`). With `hold` (the forgetting gate, action hold) the
+    version is published but not made current: the caller puts the weights back.
     """
-    eval_after = eval_set_loss(sess, cached=False) if sess.eval_set else None
-    eval_set = ({"file": str(sess.cfg.eval_file), "examples": len(sess.eval_set or []), "before": eval_before,
-                 "after": eval_after} if eval_after is not None or eval_before is not None else None)
+    version = (sess.version or 0) + 1
+    report = {**check.report, "version": version} if check is not None else None
+    eval_set = forgetting.eval_set_figures(sess.cfg, sess.probes or [], probes_before or {}, check)
     manifest = next_manifest(
         sess, job_id=job.job_id, original_name=job.original_name, sha256=job.sha256, steps=outcome.steps,
         global_step=outcome.global_step, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss,
         trained_jobs=sess.trained_jobs + [job.job_id], activity_moved=moved.to_dict() if moved is not None else None,
-        ledger=outcome.ledger, eval_set=eval_set)
+        ledger=outcome.ledger, eval_set=eval_set, forgetting=report, held=hold)
     # The dataset ledger: what the lineage has learnt, by content (the service refuses a second copy); before the
     # first version, the files merged into the base a START record carried over.
     manifest = dataclasses.replace(manifest, dataset=sess.manifest.learnt() + [manifest.entry()])
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
-    published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log)
-    sess.version, sess.manifest = manifest.version, manifest
+    if check is not None:  # before the publication: a crash in between trains the file again and writes it again
+        forgetting.save_keep_set(sess.cfg, check, version)
+    published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log, make_current=not hold)
     if sess.board is not None:
         sess.board.flush()
-    if eval_after is not None:
-        sess.eval_cache = (manifest.version, eval_after)
+    if hold:
+        log.warning("%s: adapter v%d held by the forgetting gate: %s", job.job_id, version,
+                    report["gate"]["message"] if report else "")
+        send_held(sess, published.manifest)
+        return
+    sess.version, sess.manifest = manifest.version, manifest
+    if check is not None and check.after:  # the next file's `before`, when every probe example was scored
+        sess.probe_rows = (manifest.version, check.after)
     ckpt.delete_checkpoints(sess.checkpoints(job.job_id))
     prune_versions(sess)
     log.info("%s done in %d steps: adapter v%d", job.job_id, outcome.steps, manifest.version)
+    if report is not None and report["gate"]["tripped"]:
+        log.warning("%s: %s", job.job_id, report["gate"]["message"])
     sess.send(protocol.Done(job_id=job.job_id, steps=outcome.steps, final_loss=outcome.final_loss,
                             eval_loss=outcome.eval_loss, adapter_version=manifest.version,
                             adapter_path=str(published.path), already_trained=False,
                             activity_moved=manifest.activity_moved, eval_set=eval_set,
-                            global_step=outcome.global_step))
+                            global_step=outcome.global_step, forgetting=report))
+
+
+def send_held(sess: Session, manifest: AdapterManifest) -> None:
+    """Say that `manifest`'s version is held (again, after a restart): its file waits for accept or reject."""
+    report = manifest.forgetting or {}
+    message = (f"adapter v{manifest.version} ({manifest.original_name}) is held: "
+               f"{(report.get('gate') or {}).get('message') or 'the forgetting gate tripped'}; "
+               f"`trainctl adapters accept {manifest.version}` makes it current, "
+               f"`trainctl adapters reject {manifest.version}` drops it")
+    sess.send(protocol.Held(job_id=manifest.job_id or "", version=manifest.version, forgetting=report,
+                            message=message))
+
+
+def held_for(sess: Session, job_id: str) -> AdapterManifest | None:
+    """The held version of this file, if the gate held it (a restart sends `held` again, without training)."""
+    for v in adapters.held_versions(sess.cfg.path("adapters")):
+        if v.manifest.job_id == job_id:
+            return v.manifest
+    return None
+
+
+def accept_held(sess: Session, version: int) -> None:
+    """A held version becomes current; its file is learnt: answer `done` for it."""
+    folder = sess.cfg.path("adapters")
+    held = next((v for v in adapters.held_versions(folder) if v.version == version), None)
+    if held is None:
+        sess.send(protocol.HeldRefused(version=version, message=f"adapter v{version} is not held"))
+        return
+    load_adapter(sess.lm.model, held.path)
+    accepted = adapters.accept_held(folder, version)
+    sess.probe.forget_previous()
+    m = accepted.manifest
+    sess.version, sess.manifest, sess.probe_rows = m.version, m, None
+    if m.job_id:
+        ckpt.delete_checkpoints(sess.checkpoints(m.job_id))
+    prune_versions(sess)
+    log.info("adapter v%d accepted: current; %s is learnt", version, m.original_name)
+    sess.send(protocol.Done(job_id=m.job_id or "", steps=m.steps, final_loss=m.final_loss, eval_loss=m.eval_loss,
+                            adapter_version=m.version, adapter_path=str(accepted.path), already_trained=False,
+                            activity_moved=m.activity_moved, eval_set=m.eval_set, global_step=m.global_step,
+                            forgetting=m.forgetting))
+
+
+def reject_held(sess: Session, version: int) -> None:
+    """A held version is dropped; its file fails with reason `forgetting` (its keep-set goes too)."""
+    folder = sess.cfg.path("adapters")
+    held = next((v for v in adapters.held_versions(folder) if v.version == version), None)
+    if held is None:
+        sess.send(protocol.HeldRefused(version=version, message=f"adapter v{version} is not held"))
+        return
+    m = held.manifest
+    adapters.drop_version(folder, version)
+    if m.job_id:
+        ckpt.delete_checkpoints(sess.checkpoints(m.job_id))
+        forgetting.keep_path(sess.cfg, m.job_id).unlink(missing_ok=True)
+    log.info("adapter v%d rejected: dropped; %s fails (forgetting)", version, m.original_name)
+    report = m.forgetting or {}
+    sess.send(protocol.Failed(job_id=m.job_id or "", reason="forgetting", forgetting=report,
+                              message=f"adapter v{version} was rejected: "
+                                      f"{(report.get('gate') or {}).get('message') or 'held by the forgetting gate'}"))
 
 
 def answer_already_trained(sess: Session, job_id: str) -> None:
@@ -197,6 +270,13 @@ def consolidate_now(sess: Session, msg: protocol.Consolidate) -> None:
             files=len(lineage["files"]), description=lineage["description"]))
         return
     if (why := adapters.nothing_learnt(current)) is not None:  # a copy of the base would block every rollback before it
+        log.warning("consolidation refused: %s", why)
+        sess.send(protocol.ConsolidationRefused(message=why))
+        return
+    over = forgetting.probes_over_since_generation(current.manifest.forgetting, sess.cfg.forgetting.max_probe_increase)
+    if over and not msg.force:  # the damage would become the next generation's base
+        why = (f"a probe is over forgetting.max_probe_increase: {'; '.join(over)}; merging would bake that into the "
+               "new base (`trainctl consolidate --force` merges anyway)")
         log.warning("consolidation refused: %s", why)
         sess.send(protocol.ConsolidationRefused(message=why))
         return

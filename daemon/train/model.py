@@ -401,11 +401,11 @@ def lora_max_abs_diff(a: dict[str, "torch.Tensor"], b: dict[str, "torch.Tensor"]
 
 
 def publish_adapter(adapters_dir: Path, model: Any, manifest: adapters.AdapterManifest | dict[str, Any],
-                    steps: list[dict[str, Any]] | None = None) -> adapters.AdapterVersion:
+                    steps: list[dict[str, Any]] | None = None, make_current: bool = True) -> adapters.AdapterVersion:
     """Publish the live LoRA of `model` as the next adapter version (daemon.adapters.publish),
     with the file's step reports (`steps.jsonl`, its training log) beside the weights."""
     def write(folder: Path) -> None:
         save_adapter(model, folder)
         if steps:
             atomic.write_text(folder / adapters.STEP_LOG, "".join(json.dumps(m) + "\n" for m in steps))
-    return adapters.publish(adapters_dir, manifest, write)
+    return adapters.publish(adapters_dir, manifest, write, make_current)

@@ -28,7 +28,7 @@ from daemon.errors import TraindError
 from daemon.train import levers
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity_probe import ActivityProbe
-from daemon.train.evalset import load_eval_set
+from daemon.train.forgetting import Scorer, load_probes
 from daemon.train.model import load_adapter, load_for_training, resolve_base
 from daemon.train.ranks import Ranks
 from daemon.train.tboard import Board
@@ -52,8 +52,10 @@ class Session:
     exit_code: int | None = None  # set once the child must leave
     backlog: collections.deque = field(default_factory=collections.deque)
     rollback_to: int | None = None  # a rollback asked for while a file trains, done once the loop has let go
-    eval_set: list | None = None  # eval.file's examples (tokenised once), scored before and after every file
-    eval_cache: tuple[int | None, float] | None = None  # (adapter version, its eval-set loss)
+    probes: list | None = None  # forgetting.probe_files and eval.file, tokenised once (daemon.train.forgetting)
+    probe_rows: tuple[int | None, dict] | None = None  # (adapter version, the probes' rows under it)
+    scorer: Scorer = field(default_factory=Scorer)  # scores sets, and knows what a scored token costs here
+    forgetting_off: str | None = None  # why the forgetting checks do not run here (None: they do when enabled)
     board: Any = None  # daemon.train.tboard.Board when tensorboard.enabled
     ranks: Ranks = field(default_factory=Ranks)  # this process among the trainer's ranks (one by default)
 
@@ -122,10 +124,13 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
     sess = Session(cfg, conn, lm, current.version if current else None, head, probe, governor, ranks=ranks)
     if not ranks.main:
         return sess
-    sess.eval_set, eval_error = load_eval_set(cfg, lm)
-    if ranks.sharded and sess.eval_set:  # scoring it would be a collective rank 0 runs alone, between files
-        sess.eval_set, eval_error = None, "eval.file is not scored with distributed.strategy 'fsdp'"
+    sess.probes, problems = load_probes(cfg, lm.tokenizer)
+    eval_error = "; ".join(problems) or None
+    if ranks.sharded and (cfg.forgetting.enabled or sess.probes):  # scoring would be a collective rank 0 runs alone
+        sess.probes, sess.forgetting_off = [], "the forgetting checks do not run with distributed.strategy 'fsdp'"
+        eval_error = sess.forgetting_off
         log.warning("%s", eval_error)
+    eval_probe = next((p for p in sess.probes if p.path == str(cfg.eval_file)), None) if cfg.eval_file else None
     sess.board = Board.open(cfg)
     trainable, total = lm.param_counts()
     sess.send(protocol.Ready(
@@ -133,7 +138,7 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
         base_model=str(base) if base else cfg.base_model, adapter_version=sess.version, trainable_params=trainable,
         total_params=total, load_seconds=time.monotonic() - t0, world_size=ranks.world_size,
         strategy=ranks.strategy, backend=ranks.backend, nnodes=ranks.nnodes,
-        eval_set_examples=len(sess.eval_set) if sess.eval_set else 0, eval_set_error=eval_error,
+        eval_set_examples=len(eval_probe.examples) if eval_probe else 0, eval_set_error=eval_error,
         generation=sess.manifest.generation, notes=list(lm.notes), levers=speed))
     return sess
 

@@ -35,9 +35,10 @@ from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
 from daemon.train import preflight, process
 from daemon.train.activity_probe import Grid
-from daemon.train.evalset import eval_set_loss
+from daemon.train import forgetting
 from daemon.train.follower import follow, ranks_lora, share_file
-from daemon.train.lineage import answer_already_trained, consolidate_now, publish, rollback
+from daemon.train.lineage import (accept_held, answer_already_trained, consolidate_now, held_for, publish,
+                                  reject_held, rollback, send_held)
 from daemon.train.model import ModelError, capabilities, choose_device, lora_state, set_lora_state
 from daemon.train.ranks import Ranks
 from daemon.train.session import Session, control_for, load_session, prepare_ranks, set_paused, wait_for_space_for
@@ -54,6 +55,9 @@ def handle_train(sess: Session, msg: protocol.Train) -> None:
     if job.job_id in sess.trained_jobs:
         answer_already_trained(sess, job.job_id)
         return
+    if (held := held_for(sess, job.job_id)) is not None:  # trained, held by the forgetting gate: said again
+        send_held(sess, held)
+        return
     ranks = sess.ranks
     ranks.broadcast(protocol.TrainOrder(job=job, global_step=sess.manifest.global_step).to_wire())
     _handle_train(sess, share_file(sess, job))
@@ -66,7 +70,7 @@ def _handle_train(sess: Session, job: protocol.Job) -> None:
     from daemon.train.loop import train_file
 
     before = lora_state(sess.lm.model)  # CPU copy: skip and failure put these weights back
-    eval_before = eval_set_loss(sess)
+    probes_before = forgetting.probes_before(sess)  # the version before the file (the previous file's `after`)
     wait = wait_for_space_for(sess, job.job_id)
     while True:
         try:
@@ -98,11 +102,34 @@ def _handle_train(sess: Session, job: protocol.Job) -> None:
                 end_without_publishing(sess, job.job_id, verdict, ckpt.latest_step(sess.checkpoints(job.job_id)) or 0)
                 return
     if outcome.status == "done":
-        publish_when_space(sess, job, outcome, before, wait, eval_before)
+        check = check_forgetting(sess, job, probes_before)
+        action = check.report["gate"]["action"] if check is not None and check.tripped else None
+        if action == "rollback":
+            roll_back_for_forgetting(sess, job.job_id, before, check)
+            return
+        publish_when_space(sess, job, outcome, before, wait, probes_before, check, hold=action == "hold")
     elif outcome.status == "skipped":
         end_without_publishing(sess, job.job_id, "skip", outcome.steps, before)
     else:
         end_without_publishing(sess, job.job_id, "stop", outcome.checkpoint_step)
+
+
+def check_forgetting(sess: Session, job: protocol.Job, probes_before: dict) -> forgetting.FileCheck | None:
+    """The forgetting checks after the file, before its version becomes current (daemon.train.forgetting)."""
+    steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
+    return forgetting.check_file(sess, job, steps_log, probes_before)
+
+
+def roll_back_for_forgetting(sess: Session, job_id: str, before: dict[str, Any], check: forgetting.FileCheck) -> None:
+    """forgetting.action rollback: as a guard trip, the adapter goes back to before the file, the file fails
+    (reason `forgetting`) and the service pauses."""
+    restore(sess, before)
+    ckpt.delete_checkpoints(sess.checkpoints(job_id))
+    message = check.report["gate"]["message"]
+    log.error("%s rolled back by the forgetting gate: %s; adapter back to v%s", job_id, message, sess.version)
+    sess.send(protocol.Failed(job_id=job_id, reason="forgetting", forgetting=check.report,
+                              message=f"{message}; the adapter is back to its state before this file "
+                                      f"(v{sess.version}), and training is paused"))
 
 
 def end_without_publishing(sess: Session, job_id: str, verdict: str, steps: int | None,
@@ -125,14 +152,18 @@ def end_without_publishing(sess: Session, job_id: str, verdict: str, steps: int 
 
 
 def publish_when_space(sess: Session, job: protocol.Job, outcome: Any, before: dict[str, Any],
-                       wait: Any, eval_before: float | None = None) -> None:
-    """Publish the file's adapter; on a full disk hold (the trained weights stay in memory) and try again."""
+                       wait: Any, probes_before: dict | None = None, check: forgetting.FileCheck | None = None,
+                       hold: bool = False) -> None:
+    """Publish the file's adapter; on a full disk hold (the trained weights stay in memory) and try again.
+    A version the forgetting gate holds is published aside, and the weights go back to before the file."""
     moved = moved_by_file(sess, before)
     adapters_dir = sess.cfg.path("adapters")
     while True:
         try:
             require_space(adapters_dir, sess.cfg.service.min_free_bytes, "adapter")
-            publish(sess, job, outcome, moved=moved, eval_before=eval_before)
+            publish(sess, job, outcome, moved=moved, probes_before=probes_before, check=check, hold=hold)
+            if hold:
+                restore(sess, before)
             return
         except Exception as e:
             full = disk_full_from(e, adapters_dir, "adapter", writing_unnamed=True)
@@ -211,6 +242,12 @@ def serve(sess: Session) -> int:
                 set_paused(sess, isinstance(msg, protocol.Pause), None)
             case protocol.Skip():
                 handle_idle_skip(sess, msg)
+            case protocol.Accept(version=v):
+                accept_held(sess, v)
+                sess.ranks.broadcast(protocol.SyncLora().to_wire())
+                sess.ranks.sync_tensors(ranks_lora(sess))
+            case protocol.Reject(version=v):
+                reject_held(sess, v)
             case protocol.Rollback(version=to):
                 sess.rollback_to = to
                 rollback(sess, None)
