@@ -125,7 +125,7 @@ def test_every_job_message_reaches_a_handler():
 
     sent = {cls for cls in p.messages(p.TO_SERVICE) if "job_id" in cls.__dataclass_fields__}
     assert sent - set(JOB_MESSAGES) == {p.Paused, p.Resumed, p.DiskFullReport, p.Stopped, p.ConfigRefused,
-                                        p.RolledBack, p.RollbackRefused}  # the service's own, not the file's
+                                        p.RolledBack, p.RollbackRefused, p.Held}  # the service's own, not the file's
 
 
 # ---------------------------------------------------------------- several trainer processes (ranks)
