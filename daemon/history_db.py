@@ -60,6 +60,20 @@ CREATE TABLE IF NOT EXISTS activity_archive (
     series INTEGER NOT NULL, job_id TEXT NOT NULL, step INTEGER NOT NULL, global_step INTEGER NOT NULL, t REAL NOT NULL,
     final INTEGER NOT NULL DEFAULT 0, layers TEXT NOT NULL, kinds TEXT NOT NULL, per_layer TEXT NOT NULL,
     grid TEXT, PRIMARY KEY (series, job_id, step));
+CREATE TABLE IF NOT EXISTS forgetting_files (
+    job_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, version INTEGER, t REAL NOT NULL, original_name TEXT,
+    outcome TEXT NOT NULL, seconds REAL, train_seconds REAL, budget_seconds REAL, sampled INTEGER NOT NULL DEFAULT 0,
+    examples_per_set INTEGER, bwt_loss REAL, bwt_accuracy REAL, bwt_sets INTEGER, worst_id TEXT, worst_name TEXT,
+    worst_change REAL,
+    gate_action TEXT, gate_tripped INTEGER NOT NULL DEFAULT 0, gate_over TEXT, gate_message TEXT);
+CREATE INDEX IF NOT EXISTS forgetting_files_generation ON forgetting_files (generation, t);
+CREATE TABLE IF NOT EXISTS forgetting (
+    job_id TEXT NOT NULL, set_id TEXT NOT NULL, generation INTEGER NOT NULL, version INTEGER, t REAL NOT NULL,
+    kind TEXT NOT NULL, name TEXT, set_job_id TEXT, examples INTEGER, tokens INTEGER, loss REAL, accuracy REAL,
+    reference_loss REAL, reference_accuracy REAL, baseline_loss REAL, baseline_accuracy REAL,
+    change REAL, drift REAL, limit_increase REAL, over INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, set_id));
+CREATE INDEX IF NOT EXISTS forgetting_generation ON forgetting (generation, t);
 """
 
 # A series of steps is the history of one adapter from global step 0. `trainctl config approve` of another
@@ -314,6 +328,15 @@ class HistoryDB:
         self.series = old + 1
         return self.series
 
+    def record_forgetting(self, report: dict[str, Any], outcome: str, t: float) -> None:
+        """A file's forgetting report (daemon/train/forgetting.py; `outcome` done, held or failed): its summary
+        in `forgetting_files`, one `forgetting` row per set scored, replacing what an earlier report of the same
+        file said (a held version accepted or rejected reports again). ValueError names a field it lacks."""
+        row, cells = forgetting_rows(report, outcome, t)
+        self._write(("DELETE FROM forgetting WHERE job_id=?", (row[0],)),
+                    (f"INSERT OR REPLACE INTO forgetting_files VALUES ({','.join('?' * len(row))})", row),
+                    *((f"INSERT OR REPLACE INTO forgetting VALUES ({','.join('?' * len(c))})", c) for c in cells))
+
     def event(self, kind: str, message: str, job_id: str | None = None, t: float | None = None) -> None:
         t = time.time() if t is None else t
         self._write(("INSERT INTO events (t, kind, job_id, message) VALUES (?,?,?,?)", (t, kind, job_id, message)))
@@ -405,6 +428,35 @@ class HistoryDB:
                 "(ORDER BY global_step, t) AS rn FROM activity WHERE global_step>? AND global_step<=?) "
                 "WHERE (rn - 1) % ? = 0 OR rn = ? ORDER BY global_step, t", (since, until, k, n)).fetchall()
         return [_activity_row(r) for r in rows], n
+
+
+def forgetting_rows(report: dict[str, Any], outcome: str, t: float) -> tuple[tuple, list[tuple]]:
+    """The `forgetting_files` row and the `forgetting` rows of a report; ValueError naming the missing field."""
+    def need(d: dict, key: str, where: str) -> Any:
+        if not isinstance(d, dict) or d.get(key) is None:
+            raise ValueError(f"forgetting report: {where}{key} is missing")
+        return d[key]
+
+    def pair(d: dict | None) -> tuple[Any, Any]:
+        return (d.get("loss"), d.get("accuracy")) if isinstance(d, dict) else (None, None)
+
+    job_id, generation = need(report, "job_id", ""), int(need(report, "generation", ""))
+    version = report.get("version")
+    gate, worst, bwt = report.get("gate") or {}, report.get("worst") or {}, report.get("backward_transfer")
+    row = (job_id, generation, version, t, report.get("original_name"), outcome, report.get("seconds"),
+           report.get("train_seconds"), report.get("budget_seconds"), int(bool(report.get("sampled"))),
+           report.get("examples_per_set"), *pair(bwt), bwt.get("sets") if isinstance(bwt, dict) else None,
+           worst.get("id"), worst.get("name"), worst.get("change"),
+           gate.get("action"), int(bool(gate.get("tripped"))), json.dumps(list(gate.get("over") or [])),
+           gate.get("message"))
+    cells = []
+    for i, s in enumerate(report.get("sets") or []):
+        where = f"sets[{i}]."
+        cells.append((job_id, need(s, "id", where), generation, version, t, need(s, "kind", where), s.get("name"),
+                      s.get("job_id"), s.get("examples"), s.get("tokens"), s.get("loss"), s.get("accuracy"),
+                      *pair(s.get("reference")), *pair(s.get("baseline")), s.get("change"), s.get("drift"),
+                      s.get("limit"), int(bool(s.get("over")))))
+    return row, cells
 
 
 def _activity_row(row: sqlite3.Row) -> dict[str, Any]:
