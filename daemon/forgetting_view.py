@@ -3,6 +3,7 @@
     matrix(db.conn, generation=None, files=50, current_generation=2)   # the document the API and `--json` give
     report_of(db.conn, job_id)                                          # one file's report, as the trainer sent it
     summary(report, outcome)                                            # the status' `forgetting` block
+    rows_of(report, outcome, t)                                         # what HistoryDB.record_forgetting writes
 
 The trainer scores, after every file, the probe files and the keep-sets of the files learnt before it
 (daemon/train/forgetting.py); the service records each report (HistoryDB.record_forgetting): a row per file in
@@ -25,6 +26,79 @@ MAX_PROBES = 20  # probes in the matrix, the status block and the Prometheus gau
 MAX_MARKERS = 200
 MARKED_EVENTS = {"consolidated": "consolidation", "rollback": "rollback"}  # events kind -> marker kind
 _IN_CHUNK = 900  # under SQLite's default limit of host parameters
+
+
+def rows_of(report: dict[str, Any], outcome: str, t: float) -> tuple[tuple, list[tuple]]:
+    """The `forgetting_files` row and the `forgetting` rows of a report (HistoryDB.record_forgetting);
+    ValueError naming the field that is missing or not of its type."""
+    if not isinstance(report, dict):
+        raise ValueError("forgetting report: not an object")
+    gate, worst, bwt = (_obj(report, k, "") for k in ("gate", "worst", "backward_transfer"))
+    job_id, generation = _text(report, "job_id", "", need=True), _int(report, "generation", "", need=True)
+    version = _int(report, "version", "")
+    row = (job_id, generation, version, t, _text(report, "original_name", ""), outcome,
+           *(_num(report, k, "") for k in ("seconds", "train_seconds", "budget_seconds")),
+           int(bool(report.get("sampled"))), _int(report, "examples_per_set", ""),
+           _num(bwt, "loss", "backward_transfer."), _num(bwt, "accuracy", "backward_transfer."),
+           _int(bwt, "sets", "backward_transfer."), _text(worst, "id", "worst."), _text(worst, "name", "worst."),
+           _num(worst, "change", "worst."), _text(gate, "action", "gate."), int(bool(gate.get("tripped"))),
+           json.dumps([str(x) for x in _list(gate, "over", "gate.")]), _text(gate, "message", "gate."))
+    cells = []
+    for i, s in enumerate(_list(report, "sets", "")):
+        at = f"sets[{i}]."
+        if not isinstance(s, dict):
+            raise ValueError(f"forgetting report: sets[{i}] is not an object")
+        ref, base = _obj(s, "reference", at), _obj(s, "baseline", at)
+        cells.append((job_id, _text(s, "id", at, need=True), generation, version, t, _text(s, "kind", at, need=True),
+                      _text(s, "name", at), _text(s, "job_id", at), _int(s, "examples", at), _int(s, "tokens", at),
+                      _num(s, "loss", at), _num(s, "accuracy", at), _num(ref, "loss", at + "reference."),
+                      _num(ref, "accuracy", at + "reference."), _num(base, "loss", at + "baseline."),
+                      _num(base, "accuracy", at + "baseline."), _num(s, "change", at), _num(s, "drift", at),
+                      _num(s, "limit", at), int(bool(s.get("over")))))
+    return row, cells
+
+
+def _bad(where: str, key: str, what: str) -> ValueError:
+    return ValueError(f"forgetting report: {where}{key} {what}")
+
+
+def _text(d: dict, key: str, where: str, need: bool = False) -> str | None:
+    v = d.get(key)
+    if v is None and need:
+        raise _bad(where, key, "is missing")
+    if v is not None and not isinstance(v, str):
+        raise _bad(where, key, f"is not a string: {v!r}")
+    return v
+
+
+def _num(d: dict, key: str, where: str) -> float | None:
+    v = d.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise _bad(where, key, f"is not a number: {v!r}")
+    return v
+
+
+def _int(d: dict, key: str, where: str, need: bool = False) -> int | None:
+    v = d.get(key)
+    if v is None and need:
+        raise _bad(where, key, "is missing")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise _bad(where, key, f"is not a whole number: {v!r}")
+    return v
+
+
+def _obj(d: dict, key: str, where: str) -> dict:
+    v = d.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise _bad(where, key, f"is not an object: {v!r}")
+    return v or {}
+
+
+def _list(d: dict, key: str, where: str) -> list:
+    v = d.get(key)
+    if v is not None and not isinstance(v, list):
+        raise _bad(where, key, f"is not a list: {v!r}")
+    return v or []
 
 
 def _pair(loss: float | None, accuracy: float | None) -> dict[str, float | None] | None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import atomic
+from daemon import atomic, forgetting_view
 from daemon.diskspace import is_disk_full, is_unwritable, writable
 
 HISTORY_FILE = "history.db"
@@ -332,7 +332,7 @@ class HistoryDB:
         """A file's forgetting report (daemon/train/forgetting.py; `outcome` done, held or failed): its summary
         in `forgetting_files`, one `forgetting` row per set scored, replacing what an earlier report of the same
         file said (a held version accepted or rejected reports again). ValueError names a field it lacks."""
-        row, cells = forgetting_rows(report, outcome, t)
+        row, cells = forgetting_view.rows_of(report, outcome, t)
         self._write(("DELETE FROM forgetting WHERE job_id=?", (row[0],)),
                     (f"INSERT OR REPLACE INTO forgetting_files VALUES ({','.join('?' * len(row))})", row),
                     *((f"INSERT OR REPLACE INTO forgetting VALUES ({','.join('?' * len(c))})", c) for c in cells))
@@ -428,35 +428,6 @@ class HistoryDB:
                 "(ORDER BY global_step, t) AS rn FROM activity WHERE global_step>? AND global_step<=?) "
                 "WHERE (rn - 1) % ? = 0 OR rn = ? ORDER BY global_step, t", (since, until, k, n)).fetchall()
         return [_activity_row(r) for r in rows], n
-
-
-def forgetting_rows(report: dict[str, Any], outcome: str, t: float) -> tuple[tuple, list[tuple]]:
-    """The `forgetting_files` row and the `forgetting` rows of a report; ValueError naming the missing field."""
-    def need(d: dict, key: str, where: str) -> Any:
-        if not isinstance(d, dict) or d.get(key) is None:
-            raise ValueError(f"forgetting report: {where}{key} is missing")
-        return d[key]
-
-    def pair(d: dict | None) -> tuple[Any, Any]:
-        return (d.get("loss"), d.get("accuracy")) if isinstance(d, dict) else (None, None)
-
-    job_id, generation = need(report, "job_id", ""), int(need(report, "generation", ""))
-    version = report.get("version")
-    gate, worst, bwt = report.get("gate") or {}, report.get("worst") or {}, report.get("backward_transfer")
-    row = (job_id, generation, version, t, report.get("original_name"), outcome, report.get("seconds"),
-           report.get("train_seconds"), report.get("budget_seconds"), int(bool(report.get("sampled"))),
-           report.get("examples_per_set"), *pair(bwt), bwt.get("sets") if isinstance(bwt, dict) else None,
-           worst.get("id"), worst.get("name"), worst.get("change"),
-           gate.get("action"), int(bool(gate.get("tripped"))), json.dumps(list(gate.get("over") or [])),
-           gate.get("message"))
-    cells = []
-    for i, s in enumerate(report.get("sets") or []):
-        where = f"sets[{i}]."
-        cells.append((job_id, need(s, "id", where), generation, version, t, need(s, "kind", where), s.get("name"),
-                      s.get("job_id"), s.get("examples"), s.get("tokens"), s.get("loss"), s.get("accuracy"),
-                      *pair(s.get("reference")), *pair(s.get("baseline")), s.get("change"), s.get("drift"),
-                      s.get("limit"), int(bool(s.get("over")))))
-    return row, cells
 
 
 def _activity_row(row: sqlite3.Row) -> dict[str, Any]:

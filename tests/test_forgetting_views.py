@@ -91,15 +91,23 @@ def test_tracker_records_each_report_and_the_status_says_the_last(tmp_path):
     assert JobTracker(cfg, q, db, TrainingStatus()).status.forgetting == tracker.status.forgetting
 
 
-def test_a_report_that_cannot_be_read_is_said_and_the_file_is_still_done(tmp_path):
+@pytest.mark.parametrize("spoil, said", [
+    (lambda r: r["sets"][0].pop("kind"), "sets[0].kind is missing"),
+    (lambda r: r["sets"][0].update(loss="0.6"), "sets[0].loss is not a number: '0.6'"),
+    (lambda r: r["sets"][0].update(reference=[0.6]), "sets[0].reference is not an object: [0.6]"),
+    (lambda r: r.update(generation=None), "generation is missing"),
+    (lambda r: r.update(gate={"over": "keep:x"}), "gate.over is not a list: 'keep:x'"),
+])
+def test_a_report_that_cannot_be_read_is_said_and_the_file_is_still_done(tmp_path, spoil, said):
     cfg, q, db, tracker = setup(tmp_path)
     a = start(q, tracker, tmp_path, "a.jsonl")
     bad = report(a, "a.jsonl", 1, own=(a, 0.6))
-    del bad["sets"][0]["kind"]
+    spoil(bad)
     assert tracker.on_message(done(a, 1, bad), NOW) is True
     assert db.job(a)["state"] == "done" and tracker.status.forgetting is None
-    said = [e["message"] for e in db.events() if e["kind"] == "forgetting_report"]
-    assert said == ["not recorded: forgetting report: sets[0].kind is missing"]
+    events = [e["message"] for e in db.events() if e["kind"] == "forgetting_report"]
+    assert events == [f"not recorded: forgetting report: {said}"]
+    assert db.conn.execute("SELECT COUNT(*) FROM forgetting_files").fetchone()[0] == 0
 
 
 def test_the_matrix_of_a_generation(tmp_path):
