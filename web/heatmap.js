@@ -175,7 +175,12 @@ export function drawSigned(canvas, g, { colLabels, rowLabels, cell, span, hover,
   ctx.fillStyle = TEXT; ctx.textAlign = 'right'; ctx.textBaseline = 'middle';
   rowLabels.forEach((s, j) => ctx.fillText(s, g.x0 - 8, g.y0 + (j + 0.5) * g.h));
   ctx.textAlign = 'center'; ctx.textBaseline = 'top';
-  colLabels.forEach((s, i) => ctx.fillText(s, g.x0 + (i + 0.5) * g.w, g.y0 + g.rows * g.h + 4));
+  let right = -Infinity;  // a label only where it does not overlap the one before (many narrow columns)
+  colLabels.forEach((s, i) => {
+    const x = g.x0 + (i + 0.5) * g.w, half = ctx.measureText(s).width / 2;
+    if (x - half < right + 4) return;
+    ctx.fillText(s, x, g.y0 + g.rows * g.h + 4); right = x + half;
+  });
   for (const { row, label } of lines || []) {
     const y = g.y0 + (row + 1) * g.h - 0.5;
     ctx.strokeStyle = '#b197fc'; ctx.lineWidth = 1.5; ctx.setLineDash([6, 4]);

@@ -95,7 +95,10 @@ function render() {
     + (last.sampled ? ' · sampled (budget)' : '');
   draw();
   drawChart();
-  $('forgetting-sets').replaceChildren(...heads(doc.sets).map((h, i) => el('span', { class: 'mover', text: `${h} ${doc.sets[i].kind === 'probe' ? 'probe' : 'keep-set of'} ${doc.sets[i].name}` })));
+  // The probes by name; a keep-set's column K<i> is the file of row i (its name is on that row).
+  const probeHeads = heads(doc.sets).filter((_, i) => doc.sets[i].kind === 'probe');
+  $('forgetting-sets').replaceChildren(...probeHeads.map((h, i) => el('span', { class: 'mover', text: `${h} probe ${doc.probes[i].name}` })),
+    el('span', { class: 'mover muted', text: 'K<i>: the keep-set of file i (row i), scored against right after it was learnt' }));
   $('forgetting-omitted').textContent = doc.omitted_sets ? `${doc.omitted_sets} more set(s) scored: keep-sets of files before these, or probes past the first 20 (trainctl forgetting --json).` : '';
 }
 
@@ -121,7 +124,8 @@ function draw() {
   if (!doc || !doc.files.length) return;
   const canvas = $('forgetting-heatmap');
   const rowLabels = doc.files.map(fileLabel);
-  grid = heat.layout(canvas.parentElement.clientWidth - MARK_ROOM, doc.sets.length, rowLabels, doc.files.length, 24);
+  grid = heat.layout(canvas.parentElement.clientWidth - MARK_ROOM, doc.sets.length, rowLabels, doc.files.length,
+    doc.files.length > 20 ? 16 : 24);  // 50 files stay a screen tall
   const lines = doc.markers.filter((m) => m.after != null).map((m) => ({ row: m.after - doc.first_index, label: m.kind }));
   if (lines.length) grid.width += MARK_ROOM;
   const sp = span();
