@@ -191,6 +191,7 @@ def test_api_serves_the_matrix_and_the_cli_the_same_document(live):
     cfg, url = live
     empty = httpx.get(url + "/api/forgetting").json()
     assert empty["files"] == [] and empty["sets"] == [] and empty["generations"] == []
+    assert json.loads(trainctl(cfg, "forgetting", "--json").stdout) == empty  # no history.db yet
     fill(cfg)
     body = httpx.get(url + "/api/forgetting").json()
     assert [f["job_id"] for f in body["files"]] == ["j1", "j2", "j3"]

@@ -52,9 +52,11 @@ def current_generation(cfg: Config) -> int | None:
 
 def cmd_forgetting(cfg: Config, args: argparse.Namespace) -> int:
     files = args.files or (forgetting_view.DEFAULT_FILES if args.json else TABLE_FILES)
-    doc = from_history(cfg, lambda db: forgetting_view.matrix(db.conn, args.generation, files, current_generation(cfg)))
-    if args.json:
-        out(json.dumps(doc if doc is not None else forgetting_view.empty(args.generation or 0, files), indent=2))
+    here = current_generation(cfg)
+    doc = from_history(cfg, lambda db: forgetting_view.matrix(db.conn, args.generation, files, here))
+    if args.json:  # what GET /api/forgetting answers, with no history.db yet too
+        gen = args.generation if args.generation is not None else here or 0
+        out(json.dumps(doc if doc is not None else forgetting_view.empty(gen, files), indent=2))
         return 0
     if doc is None or not doc["generations"]:
         out(NOTHING)
