@@ -291,6 +291,14 @@ def summary(report: dict[str, Any], outcome: str) -> dict[str, Any]:
     }
 
 
+def set_said(s: dict[str, Any]) -> str:
+    """A set as people read it: "probe general.jsonl", "keep-set of a.jsonl" (its id where it has no name)."""
+    kind = (s.get("id") or "").partition(":")[0]
+    if not s.get("name"):
+        return s.get("id") or "?"
+    return f"probe {s['name']}" if kind == "probe" else f"keep-set of {s['name']}"
+
+
 def signed_percent(x: float | None) -> str:
     """A relative change as people read it: +12.3%, -0.4%; '-' when unknown."""
     return "-" if x is None else f"{x * 100:+.1f}%"
@@ -304,7 +312,7 @@ def one_line(block: dict[str, Any]) -> str:
     parts = [f"after {block.get('original_name') or block.get('job_id')}"
              + (f" (v{block['version']})" if block.get("version") is not None else "")]
     if worst.get("id"):
-        parts.append(f"worst {worst['id']} {signed_percent(worst.get('change'))}")
+        parts.append(f"worst {set_said(worst)} {signed_percent(worst.get('change'))}")
     if bwt.get("loss") is not None:
         parts.append(f"backward transfer loss {bwt['loss']:+.4g}")
     if block.get("probes_over"):

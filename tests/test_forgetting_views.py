@@ -283,6 +283,6 @@ def test_status_says_what_was_forgotten_in_one_line(tmp_path):
     d.status(forgetting=forgetting_view.summary(sequence()[2], "done"))
     out = trainctl(cfg, "status").stdout
     line = next(x for x in out.splitlines() if x.lstrip().startswith("forgetting"))
-    assert "c.jsonl (v3)" in line and "worst keep:j1 +50.0%" in line and "probes over: probe:general.jsonl" in line
+    assert "c.jsonl (v3)" in line and "worst keep-set of a.jsonl +50.0%" in line and "probes over: probe:general.jsonl" in line
     assert "GATE warn" in line
     d.db.close()

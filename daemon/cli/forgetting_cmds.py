@@ -109,7 +109,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  {f['index']:>3}  {_short(f['name'] or f['job_id']):<{NAME_WIDTH}} "
                      f"{'v' + str(f['version']) if f['version'] is not None else '-':<5} {f['outcome']:<8}{cells}"
                      f"  {format(bwt['loss'], '+.4g') if bwt and bwt['loss'] is not None else '-':>9}  "
-                     + (f"{worst['id']} {signed_percent(worst['change'])}" if worst else "-")
+                     + (f"{forgetting_view.set_said(worst)} {signed_percent(worst['change'])}" if worst else "-")
                      + ("  (sampled)" if f["sampled"] else ""))
         lines += [_marker(m) for m in marks.get(f["index"], [])]
     for f in doc["files"]:
@@ -156,7 +156,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     said = [f"backward transfer loss {bwt['loss']:+.4g} accuracy {bwt['accuracy']:+.4g}"
             if bwt and bwt.get("loss") is not None and bwt.get("accuracy") is not None else "no earlier file"]
     if worst:
-        said.append(f"worst {worst['id']} {signed_percent(worst['change'])}")
+        said.append(f"worst {forgetting_view.set_said(worst)} {signed_percent(worst['change'])}")
     if report["sampled"]:
         said.append(f"sampled: the first {report['examples_per_set']} examples of each set (budget)")
     lines = [f"  forgetting after it ({', '.join(head)}): {'; '.join(said)}"]

@@ -91,7 +91,7 @@ function render() {
   const bwt = last.backward_transfer;
   $('forgetting-info').textContent = `generation ${doc.generation} · files ${doc.first_index}–${last.index} of ${doc.total_files}`
     + ` · after ${last.name}: backward transfer ${bwt ? `${bwt.loss >= 0 ? '+' : ''}${fmt.sig(bwt.loss)} loss` : '—'}`
-    + (last.worst ? `, worst ${setName(last.worst.id)} ${pct(last.worst.change)}` : '')
+    + (last.worst ? `, worst ${last.worst.name ? `${last.worst.id.startsWith('probe:') ? 'probe' : 'keep-set'} ${last.worst.name}` : setName(last.worst.id)} ${pct(last.worst.change)}` : '')
     + (last.sampled ? ' · sampled (budget)' : '');
   draw();
   drawChart();
