@@ -286,3 +286,41 @@ def test_status_says_what_was_forgotten_in_one_line(tmp_path):
     assert "c.jsonl (v3)" in line and "worst keep-set of a.jsonl +50.0%" in line and "probes over: probe:general.jsonl" in line
     assert "GATE warn" in line
     d.db.close()
+
+
+# ---------------------------------------------------------------- the real trainer's reports, end to end
+
+@pytest.mark.e2e
+def test_the_real_trainers_reports_reach_the_matrix_and_the_cli_reads_it_with_the_daemon_stopped(tmp_path, models_dir):
+    """The seam: the trainer's reports (done) through the service into history.db, as the manifests keep them."""
+    from bench.harness import Daemon
+    from daemon import adapters
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(lines_of("chat.jsonl").splitlines(keepends=True)[200:216]), encoding="utf-8")
+    d = Daemon(write_instance(tmp_path / "inst", models_dir, data={"eval_fraction": 0.2},
+                              forgetting={"probe_files": [str(probe)], "keep_examples": 4,
+                                          "max_probe_increase": 10.0, "max_keep_increase": 10.0}))
+    try:
+        d.start()
+        for k, (name, src) in enumerate((("a.jsonl", "chat.jsonl"), ("b.jsonl", "text.jsonl")), 1):
+            d.drop(name, lines_of(src, 40))
+            d.wait_counts(done=k)
+        st = d.wait_for(lambda s: (s.get("forgetting") or {}).get("original_name") == "b.jsonl",
+                        what="the status saying b.jsonl's scoring")
+        assert st["forgetting"]["outcome"] == "done" and st["forgetting"]["version"] == 2
+    finally:
+        d.close()
+    sent = [adapters.read_manifest(d.cfg.path("adapters") / adapters.version_dir_name(v)).forgetting for v in (1, 2)]
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(d.cfg.root / "config.json"), "forgetting",
+                        "--json"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    a, b = (s["job_id"] for s in sent)
+    assert [f["job_id"] for f in m["files"]] == [a, b] and [f["version"] for f in m["files"]] == [1, 2]
+    assert [s["id"] for s in m["sets"]] == ["probe:probe.jsonl", f"keep:{a}", f"keep:{b}"]
+    later_a = next(s for s in sent[1]["sets"] if s["id"] == f"keep:{a}")
+    assert m["cells"][1][1]["loss"] == later_a["loss"] and m["cells"][1][1]["change"] == later_a["change"]
+    assert m["cells"][0][2] is None  # b's keep-set did not exist when a was scored
+    assert m["files"][1]["backward_transfer"] == sent[1]["backward_transfer"]
+    assert m["probes"][0]["loss"] == [next(s["loss"] for s in r_["sets"] if s["kind"] == "probe") for r_ in sent]
