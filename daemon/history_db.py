@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import atomic
+from daemon import atomic, forgetting_view
 from daemon.diskspace import is_disk_full, is_unwritable, writable
 
 HISTORY_FILE = "history.db"
@@ -60,6 +60,20 @@ CREATE TABLE IF NOT EXISTS activity_archive (
     series INTEGER NOT NULL, job_id TEXT NOT NULL, step INTEGER NOT NULL, global_step INTEGER NOT NULL, t REAL NOT NULL,
     final INTEGER NOT NULL DEFAULT 0, layers TEXT NOT NULL, kinds TEXT NOT NULL, per_layer TEXT NOT NULL,
     grid TEXT, PRIMARY KEY (series, job_id, step));
+CREATE TABLE IF NOT EXISTS forgetting_files (
+    job_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, version INTEGER, t REAL NOT NULL, original_name TEXT,
+    outcome TEXT NOT NULL, seconds REAL, train_seconds REAL, budget_seconds REAL, sampled INTEGER NOT NULL DEFAULT 0,
+    examples_per_set INTEGER, bwt_loss REAL, bwt_accuracy REAL, bwt_sets INTEGER, worst_id TEXT, worst_name TEXT,
+    worst_change REAL,
+    gate_action TEXT, gate_tripped INTEGER NOT NULL DEFAULT 0, gate_over TEXT, gate_message TEXT);
+CREATE INDEX IF NOT EXISTS forgetting_files_generation ON forgetting_files (generation, t);
+CREATE TABLE IF NOT EXISTS forgetting (
+    job_id TEXT NOT NULL, set_id TEXT NOT NULL, generation INTEGER NOT NULL, version INTEGER, t REAL NOT NULL,
+    kind TEXT NOT NULL, name TEXT, set_job_id TEXT, examples INTEGER, tokens INTEGER, loss REAL, accuracy REAL,
+    reference_loss REAL, reference_accuracy REAL, baseline_loss REAL, baseline_accuracy REAL,
+    change REAL, drift REAL, limit_increase REAL, over INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, set_id));
+CREATE INDEX IF NOT EXISTS forgetting_generation ON forgetting (generation, t);
 """
 
 # A series of steps is the history of one adapter from global step 0. `trainctl config approve` of another
@@ -313,6 +327,15 @@ class HistoryDB:
             self.conn.execute("INSERT INTO series (id, started_at, reason) VALUES (?,?,?)", (old + 1, t, reason))
         self.series = old + 1
         return self.series
+
+    def record_forgetting(self, report: dict[str, Any], outcome: str, t: float) -> None:
+        """A file's forgetting report (daemon/train/forgetting.py; `outcome` done, held or failed): its summary
+        in `forgetting_files`, one `forgetting` row per set scored, replacing what an earlier report of the same
+        file said (a held version accepted or rejected reports again). ValueError names a field it lacks."""
+        row, cells = forgetting_view.rows_of(report, outcome, t)
+        self._write(("DELETE FROM forgetting WHERE job_id=?", (row[0],)),
+                    (f"INSERT OR REPLACE INTO forgetting_files VALUES ({','.join('?' * len(row))})", row),
+                    *((f"INSERT OR REPLACE INTO forgetting VALUES ({','.join('?' * len(c))})", c) for c in cells))
 
     def event(self, kind: str, message: str, job_id: str | None = None, t: float | None = None) -> None:
         t = time.time() if t is None else t

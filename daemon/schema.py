@@ -166,6 +166,11 @@ class TrainingStatus:
                                  "when none")
     layer_activity_summary: LayerActivitySummary | None = _f(None, "per-layer LoRA activity at the latest sample "
                                                                    "(every activity.every_steps steps and at each file's end)")
+    forgetting: dict | None = _f(None, "what the last file's forgetting scoring found (daemon/forgetting_view.py summary): "
+                                       "job_id, original_name, version, generation, outcome (done, held, failed), "
+                                       "worst {id, change}, backward_transfer {loss, accuracy}, gate {action, "
+                                       "tripped, over, message}, probes [{id, name, loss, change, drift, over}] "
+                                       "(at most 20), probes_over, sets_over, sampled; null before the first")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body: enums as their values, `unix_time` fields as ISO 8601 UTC strings."""

@@ -12,6 +12,7 @@ import math
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
+from daemon import forgetting_view
 from daemon.states import ServiceStatus
 from daemon.status import read_status
 from monitor.deps import ReadAuth, StateDep
@@ -99,6 +100,25 @@ def _activity(x: _Exposition, s: Status) -> None:
             x.gauge(name, help_text, values[j] if j < len(values) else None, kind=kind)
 
 
+def _forgetting(x: _Exposition, s: Status) -> None:
+    """The last file's forgetting figures (the status block): a handful of gauges, and per probe (at most
+    daemon.forgetting_view.MAX_PROBES series, as many as the status block carries) its loss and drift."""
+    block = s.forgetting
+    if not block:
+        return
+    bwt, worst, gate = block.get("backward_transfer") or {}, block.get("worst") or {}, block.get("gate") or {}
+    x.gauge("traind_forgetting_backward_transfer_loss", "last file: mean over earlier files' keep-sets of loss now "
+            "minus right after learnt (positive: forgotten)", bwt.get("loss"))
+    x.gauge("traind_forgetting_backward_transfer_accuracy", "last file: mean over earlier files' keep-sets of token "
+            "accuracy now minus right after learnt (negative: forgotten)", bwt.get("accuracy"))
+    x.gauge("traind_forgetting_worst_change", "last file: the largest relative loss increase of a set", worst.get("change"))
+    x.gauge("traind_forgetting_gate_tripped", "1 when the last file tripped the forgetting gate", bool(gate.get("tripped")))
+    for p in (block.get("probes") or [])[:forgetting_view.MAX_PROBES]:
+        x.gauge("traind_forgetting_probe_loss", "a probe's loss after the last file", p.get("loss"), probe=p.get("id"))
+        x.gauge("traind_forgetting_probe_drift", "a probe's relative loss change since the generation began",
+                p.get("drift"), probe=p.get("id"))
+
+
 def _queue(x: _Exposition, counts: dict[str, int]) -> None:
     for key in ("pending_high", "pending_normal", "pending_low", "processing", "done", "failed"):
         state, _, prio = key.partition("_")
@@ -139,6 +159,7 @@ def metrics(state: StateDep) -> PlainTextResponse:
     _training(x, s)
     _ranks(x, s)
     _activity(x, s)
+    _forgetting(x, s)
     _queue(x, state.queue.counts())
     _gpu(x, state.gpu.read())
     _host(x, memory_view(state.cfg, read_status(state.cfg.path("status")), state.procs))

@@ -178,6 +178,9 @@ class QueueItem(BaseModel):
     duplicate_of: dict | None = Field(None, description="done without training: the ledger entry of the earlier "
                                       "file with the same content (sha256, job_id, original_name, version)")
     forced: bool = Field(False, description="added with `trainctl queue add --force`: trained even if its content was learnt before")
+    forgetting: dict | None = Field(None, description="what its forgetting scoring found: outcome, version, generation, "
+                                    "backward_transfer, worst, gate, sampled, seconds (every set: GET "
+                                    "/api/forgetting/jobs/{job_id})")
 
 
 class QueueView(BaseModel):

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Iterable
 
 from fastapi import APIRouter, Query
 
+from daemon import forgetting_view
 from daemon.jobqueue import JobQueue, QueueEntry
 from daemon.states import PRIORITY_ORDER
 from daemon.history_db import HISTORY_FILE, HistoryDB
@@ -51,6 +52,8 @@ def job_records(db_path: Path, job_ids: Iterable[str]) -> dict[str, dict[str, An
             chunk = ids[i:i + _IN_CHUNK]
             for r in db.conn.execute(f"SELECT * FROM jobs WHERE job_id IN ({','.join('?' * len(chunk))})", chunk):
                 out[r["job_id"]] = dict(r)
+        for job_id, summary in forgetting_view.file_summaries(db.conn, ids).items():  # the figures of its scoring
+            out.setdefault(job_id, {"job_id": job_id})["forgetting"] = summary
     except sqlite3.Error as e:  # an older database without the table, or locked past the timeout
         log.warning("job records unavailable: %s", e)
     finally:
@@ -73,6 +76,7 @@ def _item(e: QueueEntry, job: dict[str, Any] | None = None, **extra: Any) -> Que
         d["bad_lines"] = _bad_lines(job.get("bad_lines"))
         d["has_activity"] = bool(job.get("activity"))
         d["forced"] = bool(job.get("forced"))
+        d["forgetting"] = job.get("forgetting")
         if d.get("priority") is None:
             d["priority"] = job.get("priority")  # the folder says it only while pending
     return QueueItem(**d, **extra)

@@ -607,3 +607,70 @@ def test_the_charts_mark_consolidations_and_rollbacks_and_the_base_is_named_whol
         assert tab.page.evaluate("(() => { const e = document.getElementById('base-model');"
                                  " return e.scrollWidth <= e.clientWidth; })()"), "the Base field is cut"
         tab.shot("monitor_generation_markers.png")
+
+
+def _forgetting_history(fake: FakeDaemon) -> dict:
+    """Five files of one generation as the service records their forgetting reports: the fourth forgets the
+    first file (+50%) and the general probe (+20%), a rollback after the third, a consolidation after the last.
+    Returns the status block of the last report."""
+    from daemon import forgetting_view
+    from tests.forgetting_helpers import report
+
+    names = ["facts.jsonl", "chat_examples.jsonl", "support.jsonl", "style_guide.jsonl", "more_facts.jsonl"]
+    ids = [f"20261122T02030{i}Z-00000{i}--{n}" for i, n in enumerate(names)]
+    right_after = [0.60, 0.50, 0.45, 0.40, 0.42]
+    now_of = [  # each earlier file's keep-set loss after file k
+        [], [0.63], [0.64, 0.52], [0.90, 0.56, 0.47], [0.80, 0.52, 0.46, 0.41]]
+    general = [1.05, 1.07, 1.06, 1.272, 1.20]
+    style = [2.00, 1.96, 1.90, 1.80, 1.82]
+    t0, out = time.time() - 600, None
+    for k, (job_id, name) in enumerate(zip(ids, names)):
+        r = report(job_id, name, k + 1, 0,
+                   keep=[(ids[i], names[i], now_of[k][i], right_after[i]) for i in range(k)],
+                   probes=[("general.jsonl", general[k], general[k - 1] if k else 1.0, 1.0),
+                           ("style.jsonl", style[k], style[k - 1] if k else 2.0, 2.0)],
+                   own=(job_id, right_after[k]))
+        fake.db.record_forgetting(r, "done", t0 + 60 * k)
+        out = forgetting_view.summary(r, "done")
+        if k == 2:
+            fake.db.event("rollback", "rolled back to adapter v2 (published as v4)", t=t0 + 60 * k + 30)
+    fake.db.event("consolidated", "adapter v5 merged into generation 1's base", t=t0 + 60 * 4 + 30)
+    return out
+
+
+def test_the_forgetting_view_shows_the_matrix_the_probes_and_the_gate(browser, tmp_path):
+    """Files × sets coloured by the change since learnt, over-limit cells outlined, probes as lines over files,
+    the rollback and the consolidation marked, the gate's message when the last file tripped it."""
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    fake.steps(20)
+    with monitor_process(cfg) as url, Heartbeat(fake, status="idle", detail="waiting for files") as beat:
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.page.wait_for_selector("#forgetting-generation option", state="attached")  # the first answer came
+        assert tab.page.locator("#forgetting-empty").is_visible() and not tab.page.locator("#forgetting-body").is_visible()
+        block = _forgetting_history(fake)
+        block["gate"] = {"action": "warn", "tripped": True, "over": ["probe:general.jsonl"],
+                         "message": "general.jsonl loss +20.0% against the version before (limit +10.0%)"}
+        beat.set(forgetting=block)
+        tab.page.wait_for_selector("#forgetting-heatmap[data-rows='5']", timeout=15_000)
+        canvas = tab.page.locator("#forgetting-heatmap")
+        attrs = {k: canvas.get_attribute("data-" + k) for k in ("cells", "cols", "over", "markers", "x0", "y0", "cell-w", "cell-h")}
+        assert attrs["cols"] == "7" and attrs["markers"] == "2", attrs  # 2 probes + 5 keep-sets
+        assert int(attrs["cells"]) == 2 * 5 + 10 and int(attrs["over"]) >= 2, attrs  # probes every row; keep below the diagonal
+        banner = tab.page.locator("#forgetting-gate")
+        banner.wait_for(state="visible", timeout=15_000)  # from the status, which may come after the matrix
+        assert "general.jsonl loss +20.0%" in banner.text_content()
+        assert "style_guide.jsonl" not in (tab.page.text_content("#forgetting-info") or "")
+        assert tab.page.get_attribute("#forgetting-probes", "data-series") == "2"
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        tab.page.mouse.move(box["x"] + float(attrs["x0"]) + 2.5 * float(attrs["cell-w"]),   # K0: facts.jsonl's keep-set
+                            box["y"] + float(attrs["y0"]) + 3.5 * float(attrs["cell-h"]))   # after file 3
+        said = tab.page.text_content("#forgetting-hover")
+        assert "after style_guide.jsonl (v4)" in said and "keep-set facts.jsonl" in said and "+50.0%" in said
+        assert "over its limit" in said
+        path = tab.shot_of(".forgetting-panel", "monitor_forgetting.png")
+        assert path.stat().st_size > 10_000
+        tab.assert_clean()
+    fake.db.close()

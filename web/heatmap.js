@@ -128,3 +128,69 @@ export function drawBars(canvas, g, { layers, values, fill, hover }) {
   layerLabels(ctx, g, layers);
   return max;
 }
+
+// ---------------------------------------------------------------- a signed change (the forgetting matrix)
+// Diverging, dark in the middle so "no change" recedes into the panel: blue where the loss fell, red where it
+// rose (forgotten), lighter the further from zero. Lightness grows both ways, so it reads in grey too.
+const DIVERGING = ['#a5d8ff', '#4dabf7', '#1c6fb8', '#2b3036', '#c92a2a', '#fa5252', '#ffc9c9']
+  .map((h) => [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16)));
+export const OVER = '#ffd43b';  // the outline of a cell over its limit
+
+// t in [-1, 1] -> a colour (clamped).
+export function diverging(t) {
+  const x = (Math.max(-1, Math.min(1, t)) + 1) / 2 * (DIVERGING.length - 1);
+  const i = Math.min(DIVERGING.length - 2, Math.floor(x)), f = x - i;
+  const c = DIVERGING[i].map((a, k) => Math.round(a + (DIVERGING[i + 1][k] - a) * f));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+export const divergingCss = () => `linear-gradient(to right, ${DIVERGING.map((c) => `rgb(${c.join(',')})`).join(', ')})`;
+
+// Rows × columns of signed values: cell(i, j) -> {value, over, text} | 'self' (the row's own column, a dot) |
+// undefined (not scored: left empty). `span`: the |value| drawn at full colour. `lines`: row indices under which
+// a dashed rule is drawn, its label right of the grid (consolidations, rollbacks). Returns how many cells got a colour.
+export function drawSigned(canvas, g, { colLabels, rowLabels, cell, span, hover, lines }) {
+  const ctx = context(canvas, g);
+  const gap = g.w >= 6 ? 1 : 0;
+  const showText = g.w >= 52 && g.h >= 18;
+  let n = 0;
+  for (let j = 0; j < g.rows; j++) {
+    for (let i = 0; i < g.cols; i++) {
+      const c = cell(i, j), x = g.x0 + i * g.w, y = g.y0 + j * g.h, w = g.w - gap, h = g.h - gap;
+      if (c === 'self') {
+        ctx.fillStyle = EMPTY; ctx.fillRect(x, y, w, h);
+        ctx.fillStyle = TEXT; ctx.beginPath(); ctx.arc(x + w / 2, y + h / 2, 2.5, 0, 2 * Math.PI); ctx.fill();
+        continue;
+      }
+      if (!c || c.value == null) { ctx.fillStyle = c ? HATCH : EMPTY; ctx.fillRect(x, y, w, h); continue; }
+      const t = span > 0 ? c.value / span : 0;
+      ctx.fillStyle = diverging(t); ctx.fillRect(x, y, w, h); n++;
+      if (c.over) { ctx.strokeStyle = OVER; ctx.lineWidth = 2; ctx.strokeRect(x + 1.5, y + 1.5, w - 3, h - 3); }
+      if (showText) {
+        ctx.fillStyle = Math.abs(t) > 0.75 ? '#11161c' : '#e6edf3'; ctx.textAlign = 'center'; ctx.textBaseline = 'middle';
+        ctx.fillText(c.text, x + w / 2, y + h / 2);
+      }
+    }
+  }
+  ctx.fillStyle = TEXT; ctx.textAlign = 'right'; ctx.textBaseline = 'middle';
+  rowLabels.forEach((s, j) => ctx.fillText(s, g.x0 - 8, g.y0 + (j + 0.5) * g.h));
+  ctx.textAlign = 'center'; ctx.textBaseline = 'top';
+  let right = -Infinity;  // a label only where it does not overlap the one before (many narrow columns)
+  colLabels.forEach((s, i) => {
+    const x = g.x0 + (i + 0.5) * g.w, half = ctx.measureText(s).width / 2;
+    if (x - half < right + 4) return;
+    ctx.fillText(s, x, g.y0 + g.rows * g.h + 4); right = x + half;
+  });
+  for (const { row, label } of lines || []) {
+    const y = g.y0 + (row + 1) * g.h - 0.5;
+    ctx.strokeStyle = '#b197fc'; ctx.lineWidth = 1.5; ctx.setLineDash([6, 4]);
+    const right = g.x0 + g.cols * g.w;  // the label goes right of the grid: the caller leaves room (g.width)
+    ctx.beginPath(); ctx.moveTo(g.x0, y); ctx.lineTo(right, y); ctx.stroke(); ctx.setLineDash([]);
+    ctx.fillStyle = '#b197fc'; ctx.textAlign = 'left'; ctx.textBaseline = 'middle'; ctx.fillText(label, right + 6, y);
+  }
+  if (hover) {
+    ctx.strokeStyle = '#ffffff'; ctx.lineWidth = 2;
+    ctx.strokeRect(g.x0 + hover.i * g.w + 1, g.y0 + hover.j * g.h + 1, g.w - gap - 2, g.h - gap - 2);
+  }
+  return n;
+}

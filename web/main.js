@@ -17,11 +17,12 @@ import * as status from './views/status.js';
 import * as controls from './views/controls.js';
 import * as charts from './views/charts.js';
 import * as activity from './views/activity.js';
+import * as forgetting from './views/forgetting.js';
 import * as resources from './views/resources.js';
 import * as ranks from './views/ranks.js';
 import * as queue from './views/queue.js';
 
-const views = [status, controls, charts, activity, resources, ranks, queue];  // the order they hear each event in
+const views = [status, controls, charts, activity, forgetting, resources, ranks, queue];  // the order they hear each event in
 
 window.traind = state;  // for people poking at the console, and for the browser test
 

@@ -3,6 +3,7 @@
     trainctl status [--watch [SECONDS]] [--json]
     trainctl health [--deep] [--json] | logs [-f] [-n N] [--trainer]
     trainctl activity [--job NAME] [--top K] [--measure M] [--json]
+    trainctl forgetting [--generation G] [--files N] [--json]
     trainctl pause | resume | skip | stop [--no-wait]
     trainctl queue add FILE [--priority high|normal|low] [--force]
     trainctl queue list [--json] | queue status | queue retry NAME [--priority P] | queue remove NAME
@@ -19,7 +20,7 @@ failed, 2 timed out waiting for the daemon to act.
 
 # Layout, as git and pip lay theirs out: `dispatch` builds the parser and runs the
 # chosen command; one module per command group (`status_cmds`, `control_cmds`,
-# `queue_cmds`, `activity_cmds`, `adapter_cmds`, `inspect_cmds`, `config_cmds`), each with one `register(subparsers, common)`; what
+# `queue_cmds`, `activity_cmds`, `forgetting_cmds`, `adapter_cmds`, `inspect_cmds`, `config_cmds`), each with one `register(subparsers, common)`; what
 # more than one group uses lives in `shared`. A new group is a new module plus one
 # entry in `dispatch.GROUPS`. The `_cmds` suffix keeps the names apart from the
 # shared modules (`daemon.status`, `daemon.control`, `daemon.config`) and

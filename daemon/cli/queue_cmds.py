@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon import atomic, control
+from daemon import atomic, control, forgetting_view
+from daemon.cli import forgetting_cmds
 from daemon.cli.shared import (WAIT_SECONDS, daemon_pid, from_history, line_error, lock_path, out, print_line_errors,
                                wait_consumed, with_config)
 from daemon.config import Config
@@ -145,6 +146,9 @@ def cmd_queue_status(cfg: Config, args: argparse.Namespace) -> int:
         _print_record(record)
         if record.get("changed"):  # written to in place after it was queued: what was learnt is not the file
             out(f"  CHANGED   {record['changed']}")
+    report = from_history(cfg, lambda db: forgetting_view.report_of(db.conn, entry.job_id))
+    for line in forgetting_cmds.report_lines(report) if report else []:
+        out(line)
     return 0
 
 

@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
+from daemon import forgetting_view
 from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config, with_running_config
 from daemon.diskspace import human_bytes
 from daemon.diskspace import write_trouble
@@ -88,6 +89,8 @@ def render_status(st: dict | None, running_pid: int | None,
     if (st.get("world_size") or 1) > 1:
         lines += _rank_lines(st)
     lines.append(_queue_line(st.get("queue") or {}))
+    if st.get("forgetting"):  # what the last file's scoring found (trainctl forgetting: the matrix)
+        lines.append(f"  forgetting {forgetting_view.one_line(st['forgetting'])}")
     if st.get("pause_reason") in (PauseReason.DISK_FULL.value, PauseReason.UNWRITABLE.value) and st.get("disk_full"):
         lines += _disk_lines(st)
     if st.get("desired_state") == DesiredState.PAUSED.value and st["status"] != "paused":

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import activity_summary, adapters, protocol
+from daemon import activity_summary, adapters, forgetting_view, protocol
 from daemon.protocol import Job
 from daemon.service import rank_status
 from daemon.config import Config
@@ -52,6 +52,7 @@ class JobTracker:
         self.deferred: list[tuple[str, str, tuple]] = []
         self.finished_watch = FinishedWatch(every_seconds=cfg.intake.scan_interval_seconds)
         self.vanished: dict[str, str] = {}  # job_id -> why: its file left processing/ by another hand than ours
+        self.status.forgetting = self.last_forgetting()  # what the last scoring found, said again after a restart
 
     # -- life of the current file ------------------------------------------------------
     def begin(self, job: Job) -> None:
@@ -143,6 +144,8 @@ class JobTracker:
                                 activity_summary.per_layer(wire, activity_summary.HISTORY_MEASURES), msg.values)
 
     def _on_failed(self, msg: protocol.Failed, now: float) -> None:
+        if msg.forgetting is not None:
+            self.record_forgetting(msg.forgetting, "failed", now, None)
         if msg.job_id in self.vanished:  # it failed for want of its file (a new pass found it gone)
             self.fail(msg.job_id, FailReason.REMOVED, self.vanished.pop(msg.job_id), now)
             return
@@ -210,6 +213,8 @@ class JobTracker:
             if entry is not None:
                 self._check_finished(entry, now)
         self._record_missed_steps(job_id, now)
+        if msg is not None and msg.forgetting is not None:
+            self.record_forgetting(msg.forgetting, "done", now, version)
         moved = (msg.activity_moved if msg is not None else None) or self._moved_from_manifest(job_id)
         ev = (msg.eval_set if msg is not None else None) or {}
         figures = {"steps": msg.steps, "final_loss": msg.final_loss, "eval_loss": msg.eval_loss} if msg else {}
@@ -224,6 +229,32 @@ class JobTracker:
             self.status.adapter_version = version
         # A file trained through since: an old error no longer describes the daemon (the events keep it).
         self.status.last_error = None
+
+    def on_held(self, msg: protocol.Held, now: float) -> None:
+        """The forgetting gate held the file's version aside: its report is recorded (the file stays in training
+        until `accept` or `reject`; the service pauses)."""
+        self.record_forgetting(msg.forgetting, "held", now, msg.version)
+
+    def record_forgetting(self, report: dict, outcome: str, now: float, version: int | None) -> None:
+        """A forgetting report into the history and the status; `version`: the one the message published or held
+        (the report, scored before it was published, may not know it). One that cannot be read is said in the
+        events and the log: the file's outcome stands."""
+        if isinstance(report, dict) and report.get("version") is None and version is not None:
+            report = {**report, "version": version}
+        try:
+            self.db.record_forgetting(report, outcome, now)
+        except (ValueError, TypeError) as e:
+            job_id = report.get("job_id") if isinstance(report, dict) else None
+            log.error("forgetting report of %s not recorded: %s", job_id, e)
+            self.db.event("forgetting_report", f"not recorded: {e}", job_id, t=now)
+            return
+        self.status.forgetting = forgetting_view.summary(report, outcome)
+
+    def last_forgetting(self) -> dict | None:
+        """The status block of the newest forgetting report in the history."""
+        row = self.db.conn.execute("SELECT job_id, outcome FROM forgetting_files ORDER BY t DESC LIMIT 1").fetchone()
+        report = forgetting_view.report_of(self.db.conn, row[0]) if row else None
+        return forgetting_view.summary(report, row[1]) if report else None
 
     def _check_finished(self, entry: QueueEntry, now: float) -> None:
         """The bytes again, before the file is recorded done: a writer that kept it open past the settle window
