@@ -674,3 +674,35 @@ def test_the_forgetting_view_shows_the_matrix_the_probes_and_the_gate(browser, t
         assert path.stat().st_size > 10_000
         tab.assert_clean()
     fake.db.close()
+
+
+def test_a_held_version_shows_what_it_forgot_and_accept_asks_the_daemon(browser, tmp_path):
+    """forgetting.action hold: the controls say what the held version forgot and offer accept and reject; a click
+    leaves the request the service carries out (version 2 held aside, version 1 current)."""
+    from daemon import adapters
+
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    fake.steps(10)
+    folder = cfg.path("adapters")
+    adapters.publish(folder, {"version": 1, "job_id": "j1", "original_name": "a.jsonl"}, lambda d: None)
+    adapters.publish(folder, {"version": 2, "parent_version": 1, "job_id": "j2", "original_name": "b.jsonl",
+                              "held": True}, lambda d: None, make_current=False)
+    message = ("adapter v2 (b.jsonl) is held: forgot the keep-set of a.jsonl: loss 0.60 -> 0.90 (+50.0%, limit 25% "
+               "since learnt)")
+    lock_fd = acquire(cfg.path("status") / "daemon.lock")  # a running daemon holds it: the request is for it
+    with monitor_process(cfg) as url, Heartbeat(fake, status="paused", detail=message, pause_reason="forgetting",
+                                                adapter_version=1, held={"version": 2, "job_id": "j2",
+                                                                         "file": "b.jsonl", "message": message}):
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.page.locator("#held-box").wait_for(state="visible", timeout=15_000)
+        assert "+50.0%" in tab.page.text_content("#held-message")
+        assert tab.page.text_content("#btn-accept") == "Accept v2" and tab.page.is_enabled("#btn-reject")
+        tab.page.click("#btn-accept")
+        wait_until(lambda: [(r.action, r.version) for r in control.pending_requests(cfg)] == [(ControlAction.ACCEPT, 2)],
+                   what="the accept request")
+        tab.shot_of(".controls-panel", "monitor_held.png")
+        tab.assert_clean()
+    os.close(lock_fd)
+    fake.db.close()

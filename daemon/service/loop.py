@@ -369,6 +369,7 @@ class Service:
             e["kind"] == "forgetting" and e["job_id"] == msg.job_id for e in self.db.events(limit=200))
         self.status.held = {"version": msg.version, "job_id": msg.job_id, "file": self.tracker.job.original_name,
                             "message": msg.message}
+        self.tracker.on_held(msg, now)  # its report into the history now, not only once it is decided
         if not again:
             self.db.event("forgetting", msg.message, msg.job_id, t=now)
             log.warning("%s", msg.message)

@@ -10,6 +10,8 @@ const ACTIONS = ['pause', 'resume', 'skip', 'stop'];
 export function init() {
   for (const a of ACTIONS) $('btn-' + a).addEventListener('click', () => onControl(a));
   $('btn-consolidate').addEventListener('click', onConsolidate);
+  $('btn-accept').addEventListener('click', () => onHeld('accept'));
+  $('btn-reject').addEventListener('click', () => onHeld('reject'));
   $('token-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const t = $('token-input').value.trim();
@@ -78,6 +80,15 @@ function render() {
   }
   $('btn-consolidate').textContent = v.consolidate.label;
   $('btn-consolidate').disabled = locked || !v.consolidate.on;
+  // a version the forgetting gate holds: what it forgot, and the two decisions
+  const held = state.status && state.status.held;
+  $('held-box').hidden = !held;
+  if (held) {
+    $('held-message').textContent = held.message || `adapter v${held.version} is held by the forgetting gate`;
+    $('btn-accept').textContent = `Accept v${held.version}`;
+    $('btn-reject').textContent = `Reject v${held.version}`;
+    $('btn-accept').disabled = $('btn-reject').disabled = locked || state.conn === 'down';
+  }
   $('upload-btn').disabled = locked;
   $('token-form').hidden = !locked;
   $('control-hint').textContent = locked
@@ -94,6 +105,19 @@ async function onControl(action) {
     await api('/api/control/' + action, { method: 'POST', body, headers: body ? { 'Content-Type': 'application/json' } : {} });
     state.tokenOk = true;
     setStatus(await api('/api/status'));  // the files as they are now, not a guess
+  } catch (e) {
+    showError(`${action} failed: ${e.message}`);
+  }
+}
+
+async function onHeld(action) {
+  const held = (state.status || {}).held;
+  if (!held) return;
+  if (action === 'reject' && !(await confirmDialog(`Reject adapter v${held.version}? It is dropped and "${held.file}" goes to failed/ (reason forgetting).`))) return;
+  try {
+    await api('/api/control/' + action, { method: 'POST', body: JSON.stringify({ version: held.version }),
+      headers: { 'Content-Type': 'application/json' } });
+    setStatus(await api('/api/status'));
   } catch (e) {
     showError(`${action} failed: ${e.message}`);
   }
