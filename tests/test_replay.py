@@ -7,6 +7,7 @@ dataset ledger (AdapterManifest.learnt) names them with their sha256. The embedd
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from fractions import Fraction
@@ -141,6 +142,37 @@ def test_resume_with_replay_is_exact(models_dir: Path, tmp_path: Path) -> None:
     assert lora_max_abs_diff(lora_state(full_lm.model), lora_state(lm.model)) <= MAX_RESUME_DIFF
 
 
+def test_an_earlier_file_gone_before_a_resume_is_left_out_and_the_file_finishes(models_dir: Path, tmp_path: Path,
+                                                                                caplog) -> None:  # noqa: ANN001
+    from daemon.train.replay import sources_from
+
+    cfg = with_replay(make_cfg(models_dir, tmp_path, checkpoint_every_steps=3), 0.4)
+    done = tmp_path / "done"
+    _, a = earlier_file(done, "20260101T000000Z-000001--a.jsonl", "chat.jsonl", 0, 20)
+    c_path, c = earlier_file(done, "20260101T000000Z-000002--c.jsonl", "text.jsonl", 0, 20)
+    path = small_file(tmp_path)
+    job = Job.for_file("j", path, "alpaca", sha(path))
+    calls = {"n": 0}
+
+    def crash_after_5() -> str:
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise Crash()
+        return "continue"
+
+    with pytest.raises(Crash):
+        train(cfg, job, sources_from([a, c], done), control=crash_after_5)
+    c_path.unlink()  # between the kill and the resume
+    with caplog.at_level(logging.WARNING):
+        out, _ = train(cfg, job, sources_from([a, c], done))
+    assert out.status == "done"
+    replay = out.ledger["replay"]
+    assert [s["original_name"] for s in replay["sources"]] == ["chat.jsonl", "text.jsonl"]  # as the file began
+    assert [x["job_id"] for x in replay["left_out"]] == [c["job_id"]] and "not in done/" in replay["left_out"][0]["reason"]
+    assert "replays less" in caplog.text
+    assert replay["samples"] > 0
+
+
 def test_a_missing_or_changed_earlier_file_is_left_out_and_said(models_dir: Path, tmp_path: Path,
                                                                 caplog) -> None:  # noqa: ANN001
     from daemon.train.replay import sources_from
@@ -202,3 +234,41 @@ def test_the_trainer_replays_what_the_lineage_learnt_from_done_and_the_manifest_
     replay = adapters.read_current(cfg.path("adapters")).manifest.ledger["replay"]
     assert replay["fraction"] == 0.25 and replay["samples"] > 0
     assert [(s["job_id"], s["original_name"]) for s in replay["sources"]] == [(a["job_id"], "text.jsonl")]
+
+
+@pytest.mark.slow  # two real daemons (one of two ranks under torchrun) each train two files: about a minute
+def test_two_ranks_replay_what_one_process_replays(models_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 makes the plan and every rank trains the same replayed examples: the adapter and the ledger are
+    one process's (daemon/train/ranks.py shards each step's micro-batches, replayed ones included)."""
+    from bench.harness import Daemon, lines_of
+    from daemon import adapters
+    from tests.test_distributed import adapter, assert_close, instance
+
+    def two_files(path: Path) -> Daemon:
+        d = Daemon(path).start()
+        try:
+            d.drop("a.jsonl", lines_of("text.jsonl", 60))
+            d.wait_counts(done=1, timeout=300)
+            d.drop("b.jsonl", lines_of("alpaca.jsonl", 60))
+            d.wait_counts(done=2, timeout=300)
+            assert d.stop() == 0
+        finally:
+            d.close()
+        return d
+
+    def replaying(folder: Path, **distributed: object) -> Path:
+        path = instance(folder, models_dir, **distributed)
+        raw = json.loads(path.read_text())
+        raw.setdefault("data", {})["replay_fraction"] = 0.25
+        path.write_text(json.dumps(raw))
+        return path
+
+    one = two_files(replaying(tmp_path / "one"))
+    two = two_files(replaying(tmp_path / "two", nproc_per_node=2))
+    ledgers = [adapters.read_current(d.cfg.path("adapters")).manifest.ledger for d in (one, two)]
+    assert ledgers[0]["replay"]["samples"] > 0 and ledgers[0]["replay"]["sources"][0]["original_name"] == "a.jsonl"
+    for ledger in ledgers:  # the job ids name the arrival time: each daemon its own
+        for source in ledger["replay"]["sources"]:
+            source.pop("job_id")
+    assert ledgers[1] == ledgers[0]
+    assert_close(adapter(two.cfg.root, 2), adapter(one.cfg.root, 2), "two ranks with replay")

@@ -52,7 +52,7 @@ from typing import Any, Callable
 from daemon.config import DataConfig
 from daemon.errors import DataError
 from daemon.sample_ledger import ReplayLedger
-from daemon.train.data import Example, RecordError, _classified, tokenize_record
+from daemon.train.data import Example, RecordError, tokenize_record, train_lines
 from daemon.validate import DataFormat, iter_records, validate_file
 
 log = logging.getLogger(__name__)
@@ -136,16 +136,6 @@ def _check(source: ReplaySource, data_cfg: DataConfig) -> tuple[DataFormat | Non
     return report.format, None
 
 
-def _train_lines(path: str, fmt: DataFormat, tok: Any, data_cfg: DataConfig, seed: int,
-                 tick: Callable[[], None]) -> list[int]:
-    out = []
-    for kind, ex in _classified(path, fmt, tok, data_cfg, seed):
-        tick()
-        if kind == "train" and ex is not None:
-            out.append(ex.line)
-    return out
-
-
 def _tokenised(path: str, fmt: DataFormat, tok: Any, data_cfg: DataConfig, wanted: set[int],
                tick: Callable[[], None]) -> dict[int, Example]:
     """The examples of the `wanted` lines (train lines found before: the tokenizer takes each)."""
@@ -190,7 +180,7 @@ def plan_replay(sources: list[ReplaySource], job_sha256: str, tok: Any, data_cfg
         fmt, why = _check(source, data_cfg) if source.path else (None, "no longer in the lineage's dataset ledger")
         if fmt is not None:
             try:
-                lines = _train_lines(source.path, fmt, tok, data_cfg, seed_of(source.sha256), tick)
+                lines = train_lines(source.path, fmt, tok, data_cfg, seed_of(source.sha256), tick)
                 why = None if lines else "no train lines"
             except (DataError, OSError) as e:
                 why = f"cannot be read as it was trained: {e}"
