@@ -149,6 +149,9 @@ def _tokenised(path: str, fmt: DataFormat, tok: Any, data_cfg: DataConfig, wante
     return out
 
 
+Usable = tuple[ReplaySource, DataFormat, list[int]]  # a source that can be replayed: its format and train lines
+
+
 def plan_replay(sources: list[ReplaySource], job_sha256: str, tok: Any, data_cfg: DataConfig,
                 seed_of: Callable[[str], int], seed: int, n_own: int, kept: ReplayLedger | None = None,
                 tick: Callable[[], None] = lambda: None) -> tuple[ReplayPlan, ReplayLedger]:
@@ -161,34 +164,18 @@ def plan_replay(sources: list[ReplaySource], job_sha256: str, tok: Any, data_cfg
     """
     fraction = kept.fraction if kept is not None else data_cfg.replay_fraction
     left_out = list(kept.left_out) if kept is not None else []
-    if kept is not None:
-        by_sha = {s.sha256: s for s in sources}
-        candidates = [by_sha.get(s["sha256"]) or ReplaySource(s["job_id"], s["original_name"], s["sha256"], "")
-                      for s in kept.sources]
-    else:
-        candidates = [s for s in sources if s.sha256 != job_sha256]  # never the file into itself
 
     def leave_out(source: ReplaySource, why: str) -> None:
         log.warning("replay: %s (%s) left out: %s", source.original_name, source.job_id, why)
         if kept is not None:
             log.warning("replay: so the resumed run replays less than the run it continues")
-        left_out.append({"job_id": source.job_id, "original_name": source.original_name,
-                         "sha256": source.sha256, "reason": why})
+        if not any(x["sha256"] == source.sha256 for x in left_out):  # once, however often the file resumes
+            left_out.append({"job_id": source.job_id, "original_name": source.original_name,
+                             "sha256": source.sha256, "reason": why})
 
-    usable: list[tuple[ReplaySource, DataFormat, list[int]]] = []
-    for source in candidates:
-        fmt, why = _check(source, data_cfg) if source.path else (None, "no longer in the lineage's dataset ledger")
-        if fmt is not None:
-            try:
-                lines = train_lines(source.path, fmt, tok, data_cfg, seed_of(source.sha256), tick)
-                why = None if lines else "no train lines"
-            except (DataError, OSError) as e:
-                why = f"cannot be read as it was trained: {e}"
-        if why is not None:
-            leave_out(source, why)
-        else:
-            usable.append((source, fmt, lines))  # type: ignore[arg-type]
+    usable = _readable(_candidates(sources, job_sha256, kept), tok, data_cfg, seed_of, tick, leave_out)
     while True:  # again without a file that changed between its check and its reading
+        # a source's index in the ledger: kept, the one it had at the file's start
         index = ({s["sha256"]: i for i, s in enumerate(kept.sources)} if kept is not None
                  else {source.sha256: i for i, (source, _, _) in enumerate(usable)})
         plan = ReplayPlan(fraction, seed, [(index[src.sha256], line) for src, _, lines in usable for line in lines])
@@ -210,7 +197,37 @@ def plan_replay(sources: list[ReplaySource], job_sha256: str, tok: Any, data_cfg
     return plan, ledger
 
 
-def _fill(plan: ReplayPlan, index: int, usable: tuple[ReplaySource, DataFormat, list[int]],
+def _candidates(sources: list[ReplaySource], job_sha256: str, kept: ReplayLedger | None) -> list[ReplaySource]:
+    """Fresh: every source but the file itself. Resumed: the sources the file began with, in their order (one
+    no longer in `sources` has no path: it is left out)."""
+    if kept is None:
+        return [s for s in sources if s.sha256 != job_sha256]
+    by_sha = {s.sha256: s for s in sources}
+    return [by_sha.get(s["sha256"]) or ReplaySource(s["job_id"], s["original_name"], s["sha256"], "")
+            for s in kept.sources]
+
+
+def _readable(candidates: list[ReplaySource], tok: Any, data_cfg: DataConfig, seed_of: Callable[[str], int],
+              tick: Callable[[], None], leave_out: Callable[[ReplaySource, str], None]) -> list[Usable]:
+    """The candidates whose bytes are there, unchanged, with train lines; `leave_out` told of the others."""
+    usable: list[Usable] = []
+    for source in candidates:
+        fmt, why = _check(source, data_cfg) if source.path else (None, "no longer in the lineage's dataset ledger")
+        lines: list[int] = []
+        if fmt is not None:
+            try:
+                lines = train_lines(source.path, fmt, tok, data_cfg, seed_of(source.sha256), tick)
+                why = None if lines else "no train lines"
+            except (DataError, OSError) as e:
+                why = f"cannot be read as it was trained: {e}"
+        if fmt is None or why is not None:
+            leave_out(source, why or "unreadable")
+        else:
+            usable.append((source, fmt, lines))
+    return usable
+
+
+def _fill(plan: ReplayPlan, index: int, usable: Usable,
           wanted: set[tuple[int, int]], tok: Any, data_cfg: DataConfig, tick: Callable[[], None]) -> bool:
     """Put the wanted examples of one source into the plan; False when they are not all there any more."""
     source, fmt, _ = usable
