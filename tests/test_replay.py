@@ -272,3 +272,17 @@ def test_two_ranks_replay_what_one_process_replays(models_dir: Path, tmp_path: P
             source.pop("job_id")
     assert ledgers[1] == ledgers[0]
     assert_close(adapter(two.cfg.root, 2), adapter(one.cfg.root, 2), "two ranks with replay")
+
+
+@pytest.mark.slow  # a benchmark's run: `-m slow`
+def test_the_replay_bench_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "replay.py"), "--fractions", "0", "0.25", "--lines", "40",
+                           "--epochs", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("replay-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["fraction"] for r in rows] == [0, 0.25] and rows[0]["replayed"] == 0 < rows[1]["replayed"]
