@@ -66,6 +66,7 @@ class DataConfig:
     shuffle_buffer: int = _f(1024, "Examples shuffled within a window of this size (streaming, seeded).")
     group_by_length: bool = _f(True, "Within each shuffle window, put examples of similar length in the same micro-batch (almost no padding); the order is seeded and kept in checkpoints.")
     packing: bool = _f(True, "Pack a micro-batch's examples into rows as wide as its longest, with no attention across examples (same loss as padding, less compute).")
+    replay_fraction: float = _f(0.0, "Share of each optimizer step's examples replayed from files the adapter learnt before (their train lines, never their held-out ones; bytes from queue/done/), added to the file's own: 0.25 adds one replayed example per three of the file's; 0: off.")
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("data", "eval_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data", "eval_max_examples"): (lambda v: v >= 0, ">= 0"),
     ("data", "shuffle_buffer"): (lambda v: v >= 1, ">= 1"),
+    ("data", "replay_fraction"): (lambda v: 0 <= v <= 0.9, "in [0, 0.9] (0.9 already adds nine replayed examples to each of the file's own)"),
     ("forgetting", "keep_examples"): (lambda v: v >= 0, ">= 0"),
     ("forgetting", "probe_files"): (lambda v: all(isinstance(x, str) and x for x in v), "a list of file paths"),
     ("forgetting", "probe_max_examples"): (lambda v: v >= 1, ">= 1"),

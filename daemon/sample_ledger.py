@@ -22,6 +22,12 @@ the number of samples consumed (a line consumed twice makes it exceed the
 number of lines in the ranges) and a digest chained over the steps' line
 lists in order (two runs that trained the same samples in the same steps
 have the same digest; a resume that repeated or skipped a step does not).
+With `data.replay_fraction` > 0 the examples replayed from earlier files
+(daemon.train.replay) are kept apart, under `replay`: per source file the
+lines replayed and how many samples, and the files left out and why. The
+file's own `epochs`, `steps` and `samples` are what they would be without
+replay, so `check_ledger` (every train line of the file once per epoch)
+holds as before.
 Standard library only: the service, the CLI and tests read it without torch.
 """
 
@@ -89,12 +95,55 @@ def count_lines(ranges: list[list[int]]) -> int:
     return sum(b - a + 1 for a, b in ranges)
 
 
+class ReplayLedger:
+    """The examples of earlier files that the steps replayed (daemon.train.replay, `data.replay_fraction`), kept
+    apart from the file's own lines: per source file the lines replayed (ranges) and how many samples, a digest
+    chained over the steps' (source, line) lists, and the earlier files left out with the reason.
+
+    `fraction` and the sources are the ones the file began with: a resume replays from them whatever the config
+    says now (as a checkpoint keeps the batch order), so it replays what an uninterrupted run does."""
+
+    def __init__(self, fraction: float, sources: list[dict[str, Any]], left_out: list[dict[str, Any]]) -> None:
+        self.fraction = fraction
+        # job_id, original_name, sha256, train_lines (what could be replayed), then samples and lines replayed
+        self.sources = [{**s, "samples": int(s.get("samples", 0)), "lines": [list(r) for r in s.get("lines", [])]}
+                        for s in sources]
+        self.left_out = list(left_out)  # job_id, original_name, sha256, reason
+        self.samples = 0
+        self.steps = 0  # steps that replayed anything
+        self.digest = ""
+
+    def add_step(self, picks: list[tuple[int, int]]) -> None:
+        """One optimizer step's replayed examples: (index into `sources`, line of that file)."""
+        if not picks:
+            return
+        self.steps += 1
+        self.samples += len(picks)
+        for source, line in picks:
+            self.sources[source]["samples"] += 1
+            _insert(self.sources[source]["lines"], line)
+        text = f"{self.digest}|{','.join(f'{s}:{x}' for s, x in picks)}".encode()
+        self.digest = hashlib.blake2b(text, digest_size=_DIGEST_BYTES).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "samples": self.samples, "steps": self.steps, "digest": self.digest,
+                "sources": [dict(s, lines=[list(r) for r in s["lines"]]) for s in self.sources],
+                "left_out": list(self.left_out)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReplayLedger":
+        replay = cls(float(d["fraction"]), list(d["sources"]), list(d.get("left_out", [])))
+        replay.samples, replay.steps, replay.digest = int(d["samples"]), int(d["steps"]), str(d["digest"])
+        return replay
+
+
 class SampleLedger:
     """The samples of one file consumed by the optimizer steps so far (see the module docstring)."""
 
     def __init__(self, complete: bool = True) -> None:
         self.complete = complete  # False: resumed from a checkpoint made before ledgers existed
         self.epochs: list[_Epoch] = []
+        self.replay: ReplayLedger | None = None  # with data.replay_fraction > 0 at the file's start
 
     def add_step(self, epoch: int, lines: list[int]) -> None:
         if not self.epochs or self.epochs[-1].epoch != epoch:
@@ -105,15 +154,22 @@ class SampleLedger:
     def steps(self) -> int:
         return sum(e.steps for e in self.epochs)
 
+    @property
+    def samples(self) -> int:
+        """The file's own samples consumed so far (replayed ones not counted)."""
+        return sum(e.samples for e in self.epochs)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"complete": self.complete, "steps": self.steps, "samples": sum(e.samples for e in self.epochs),
-                "epochs": [e.to_dict() for e in self.epochs]}
+        out = {"complete": self.complete, "steps": self.steps, "samples": self.samples,
+               "epochs": [e.to_dict() for e in self.epochs]}
+        return out if self.replay is None else {**out, "replay": self.replay.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SampleLedger":
         ledger = cls(bool(d.get("complete", True)))
         ledger.epochs = [_Epoch(int(e["epoch"]), int(e["steps"]), int(e["samples"]),
                                 [[int(a), int(b)] for a, b in e["lines"]], str(e["digest"])) for e in d["epochs"]]
+        ledger.replay = ReplayLedger.from_dict(d["replay"]) if d.get("replay") else None
         return ledger
 
 

@@ -48,10 +48,11 @@ from daemon.protocol import Job
 from daemon.sample_ledger import SampleLedger
 from daemon.train import checkpoint as ckpt
 from daemon.train.activity_probe import ActivityProbe, Sampler
-from daemon.train.batching import micro_batches
+from daemon.train.batching import batches, micro_batches
 from daemon.train.data import plan_file, train_examples
 from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
 from daemon.train.ranks import Ranks
+from daemon.train.replay import ReplayPlan, ReplaySource, plan_replay
 from daemon.train.step import evaluate, fast_paths, optimizer_step
 from daemon.validate import DataFormat
 
@@ -244,9 +245,12 @@ def train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
     activity: ActivityProbe | None = None, wait_for_space: WaitForSpaceFn | None = None,
-    ranks: Ranks | None = None,
+    ranks: Ranks | None = None, replay_from: list[ReplaySource] | None = None,
 ) -> Outcome:
     """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint).
+
+    With `data.replay_fraction` > 0, examples of the earlier files in `replay_from` (daemon.train.replay:
+    rank 0's list, the lineage's dataset ledger) are added to each step; the ledger says which.
 
     With an `activity` probe, per-layer LoRA activity is reported (`activity`
     messages) every `activity.every_steps` steps and at the file's last step.
@@ -266,7 +270,8 @@ def train_file(
     try:
         return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
                            report=report, control=control, clock=clock, probe=activity if ranks.main else None,
-                           steplog=steplog, wait_for_space=wait_for_space, ranks=ranks, steer=steer)
+                           steplog=steplog, wait_for_space=wait_for_space, ranks=ranks, steer=steer,
+                           replay_from=replay_from or [])
     except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
         steer.release(e.verdict)
         log.info("%s: %s while its data was being read", job.job_id, e.verdict)
@@ -275,6 +280,25 @@ def train_file(
         return Outcome(status, kept or 0, global_step + (kept or 0), None, None, kept)
     finally:
         steplog.close()
+
+
+def _replay_plan(cfg: Config, job: Job, tok: Any, n_own: int, ledger: SampleLedger, resumed: bool,
+                 sources: list[ReplaySource], tick: Callable[[], None], ranks: Ranks,
+                 steer: Steering) -> ReplayPlan | None:
+    """The file's replay (daemon.train.replay), made by rank 0 and shared with the others; None: no replay.
+
+    A fresh file replays at `data.replay_fraction`; a resumed one as it began (the ledger its checkpoint
+    kept says with what, or that it did not replay), whatever the config says now."""
+    plan = None
+    on = ledger.replay is not None if resumed else cfg.data.replay_fraction > 0
+    if ranks.main and on:
+        plan, ledger.replay = plan_replay(sources, job.sha256, tok, cfg.data,
+                                          lambda sha: job_seed(cfg.training.seed, sha),
+                                          job_seed(cfg.training.seed, job.sha256), n_own,
+                                          ledger.replay, tick)
+    if ranks.many:  # the same replayed examples on every rank (the others cannot read rank 0's done/)
+        plan = steer.share(plan)
+    return plan
 
 
 class _NoStepLog:
@@ -291,7 +315,7 @@ def _train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
     steplog: ckpt.StepLog,
-    wait_for_space: WaitForSpaceFn | None, ranks: Ranks, steer: Steering,
+    wait_for_space: WaitForSpaceFn | None, ranks: Ranks, steer: Steering, replay_from: list[ReplaySource],
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok = lm.tokenizer
@@ -333,6 +357,8 @@ def _train_file(
         # The ledger of the steps these weights hold; a checkpoint from before ledgers: marked incomplete.
         ledger = SampleLedger.from_dict(ck.ledger) if ck.ledger is not None else SampleLedger(complete=False)
         log.info("%s: resuming from step %d (%s)", job.job_id, pos.step, ck.path.name)
+    replay = _replay_plan(cfg, job, tok, plan.n_train * tc.epochs_per_file, ledger, ck is not None, replay_from,
+                          tick, ranks, steer)
     saved_step = pos.step if ck is not None else None
     # Reports of steps the checkpoint keeps that the service never recorded (it died while behind): sent again.
     missed = [m for m in steplog.resume(pos.step) if m["step"] > job.recorded_through] if ck is not None else []
@@ -398,15 +424,21 @@ def _train_file(
             sample = sampler.due(pos.step + 1, total_steps)
             if ranks.many:
                 torch.manual_seed(step_seed(seed, pos.step + 1, ranks.rank))
+            own = [ex.line for mb in group for ex in mb]
+            picks = replay.picks(ledger.samples, ledger.samples + len(own)) if replay is not None else []
+            # replayed examples are added after the file's own micro-batches, in micro-batches of the same size
+            replayed = list(batches([replay.examples[p] for p in picks], tc.micro_batch_size)) if replay else []
             try:
-                stats = optimizer_step(lm, group, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
+                stats = optimizer_step(lm, group + replayed, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
                                        probe if sample else None, ranks)
             except GuardTripped as e:
                 e.step = pos.step + 1
                 raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
             spike.judge(stats.loss, stats.grad_norm, pos.step + 1)
             consumed += len(group)
-            ledger.add_step(epoch, [ex.line for mb in group for ex in mb])
+            ledger.add_step(epoch, own)
+            if ledger.replay is not None:
+                ledger.replay.add_step(picks)
             pos = ckpt.Position(job.job_id, job.sha256, pos.step + 1, pos.global_step + 1,
                                 total_steps, epoch, consumed, stats.loss, pos.order)
             dt = max(clock() - t0, 1e-9)
@@ -428,4 +460,7 @@ def _train_file(
 
     # --- end of file: final eval; the caller publishes the adapter
     eval_loss = run_eval()
+    if ledger.replay is not None:
+        log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
+                 sum(1 for s in ledger.replay.sources if s["samples"]))
     return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict())

@@ -31,12 +31,15 @@ from daemon.atomic import sweep_temps
 from daemon.config import Config, load_config
 from daemon.diskspace import disk_full_from, require_space
 from daemon.errors import DataError, GuardTripped
+from daemon.jobqueue import JobQueue
+from daemon.states import JobState
 from daemon.logs import setup_logging
 from daemon.train import checkpoint as ckpt
 from daemon.train import preflight, process
 from daemon.train.activity_probe import Grid
 from daemon.train import forgetting
 from daemon.train.follower import follow, ranks_lora, share_file
+from daemon.train.replay import ReplaySource, sources_from
 from daemon.train.lineage import (accept_held, answer_already_trained, consolidate_now, held_for, publish,
                                   reject_held, rollback, send_held)
 from daemon.train.model import ModelError, capabilities, choose_device, lora_state, set_lora_state
@@ -77,7 +80,7 @@ def _handle_train(sess: Session, job: protocol.Job) -> None:
             outcome = train_file(sess.lm, sess.cfg, job, global_step=sess.manifest.global_step,
                                  ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
                                  control=control_for(sess, job.job_id), activity=sess.probe, wait_for_space=wait,
-                                 ranks=sess.ranks)
+                                 ranks=sess.ranks, replay_from=replay_sources(sess))
             break
         except Exception as e:  # a job boundary: record it with the job, stay alive for the next one
             if sess.ranks.many and not isinstance(e, (DataError, GuardTripped)):
@@ -130,6 +133,13 @@ def roll_back_for_forgetting(sess: Session, job_id: str, before: dict[str, Any],
     sess.send(protocol.Failed(job_id=job_id, reason="forgetting", forgetting=check.report,
                               message=f"{message}; the adapter is back to its state before this file "
                                       f"(v{sess.version}), and training is paused"))
+
+
+def replay_sources(sess: Session) -> list[ReplaySource]:
+    """The earlier files replay (data.replay_fraction) may take from: the current version's dataset ledger, with
+    the bytes the queue keeps in done/ (rank 0 reads them; daemon.train.replay checks each against its sha256).
+    Named even with replay off: a file that began with replay resumes with it. Paths only: nothing is read here."""
+    return sources_from(sess.manifest.learnt(), JobQueue(sess.cfg.path("queue")).folder(JobState.DONE))
 
 
 def end_without_publishing(sess: Session, job_id: str, verdict: str, steps: int | None,
