@@ -243,3 +243,25 @@ def test_the_rollback_action_puts_the_adapter_back_fails_the_file_and_pauses(tmp
         d.wait_for(lambda s: s["status"] == "idle" and s["pause_reason"] is None, what="resumed")
     finally:
         d.close()
+
+
+@pytest.mark.e2e
+def test_a_skipped_held_file_drops_its_version_and_the_next_file_takes_the_number(tmp_path: Path,
+                                                                                   models_dir: Path) -> None:
+    d = forgetting_instance(tmp_path, models_dir, action="hold", max_probe_increase=100.0, max_keep_increase=1e-9)
+    try:
+        d.start()
+        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+        d.wait_counts(done=1)
+        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        d.wait_for(lambda s: s.get("held"), what="the gate holding b's version")
+        assert d.ctl("skip").returncode == 0
+        d.wait_counts(done=1, failed=1)
+        assert failed_reason(d) == "skipped" and not (d.cfg.path("adapters") / "v0002").exists()
+        d.wait_for(lambda s: s["status"] == "idle" and not s.get("held"), what="training goes on")
+        d.drop("c.jsonl", lines_of("chat.jsonl", 80)[len(lines_of("chat.jsonl", 40)):])  # like a: nothing to hold
+        d.wait_counts(done=2, failed=1)
+        current = adapters.read_current(d.cfg.path("adapters"))
+        assert current.version == 2 and current.manifest.original_name == "c.jsonl" and not current.manifest.held
+    finally:
+        d.close()

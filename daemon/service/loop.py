@@ -349,6 +349,8 @@ class Service:
         finally:  # the file ended even if recording it failed
             if self.tracker.job is None:
                 self.sup.job_over()
+            if self.status.held and (self.tracker.job is None or self.tracker.job.job_id != self.status.held["job_id"]):
+                self.status.held = None  # accepted, rejected or skipped: decided
         if isinstance(msg, protocol.Failed) and msg.reason == "guard":  # nothing starts until a person looks
             self.db.event("guard", f"paused by a guard: {msg.message}", msg.job_id, t=now)
             control.set_desired_state(self.cfg, DesiredState.PAUSED, by="guard")
@@ -377,8 +379,6 @@ class Service:
 
     def _forgetting_said(self, msg: protocol.Done | protocol.Failed, now: float) -> None:
         """A tripped forgetting gate is an event (and a webhook) whatever it did; a rollback it made pauses."""
-        if self.status.held and self.status.held.get("job_id") == msg.job_id:
-            self.status.held = None
         gate = (msg.forgetting or {}).get("gate") or {}
         if isinstance(msg, protocol.Failed) and msg.reason == "forgetting":
             if gate.get("action") == "rollback":  # a rejected held version resumes (the person decided)

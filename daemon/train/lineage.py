@@ -80,6 +80,10 @@ def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
     # first version, the files merged into the base a START record carried over.
     manifest = dataclasses.replace(manifest, dataset=sess.manifest.learnt() + [manifest.entry()])
     steps_log = ckpt.read_step_log(sess.checkpoints(job.job_id) / ckpt.StepLog.NAME)
+    for stale in adapters.held_versions(sess.cfg.path("adapters")):  # a held file that left another way: its number
+        log.warning("dropping adapter v%d, held for %s, which is no longer in training", stale.version,
+                    stale.manifest.original_name)
+        drop_held(sess, stale.manifest)
     if check is not None:  # before the publication: a crash in between trains the file again and writes it again
         forgetting.save_keep_set(sess.cfg, check, version)
     published = publish_adapter(sess.cfg.path("adapters"), sess.lm.model, manifest, steps_log, make_current=not hold)
@@ -146,6 +150,14 @@ def accept_held(sess: Session, version: int) -> None:
                             forgetting=m.forgetting))
 
 
+def drop_held(sess: Session, m: AdapterManifest) -> None:
+    """A held version's folder goes, with its file's checkpoints and keep-set (rejected or skipped)."""
+    adapters.drop_version(sess.cfg.path("adapters"), m.version)
+    if m.job_id:
+        ckpt.delete_checkpoints(sess.checkpoints(m.job_id))
+        forgetting.keep_path(sess.cfg, m.job_id).unlink(missing_ok=True)
+
+
 def reject_held(sess: Session, version: int) -> None:
     """A held version is dropped; its file fails with reason `forgetting` (its keep-set goes too)."""
     folder = sess.cfg.path("adapters")
@@ -154,10 +166,7 @@ def reject_held(sess: Session, version: int) -> None:
         sess.send(protocol.HeldRefused(version=version, message=f"adapter v{version} is not held"))
         return
     m = held.manifest
-    adapters.drop_version(folder, version)
-    if m.job_id:
-        ckpt.delete_checkpoints(sess.checkpoints(m.job_id))
-        forgetting.keep_path(sess.cfg, m.job_id).unlink(missing_ok=True)
+    drop_held(sess, m)
     log.info("adapter v%d rejected: dropped; %s fails (forgetting)", version, m.original_name)
     report = m.forgetting or {}
     sess.send(protocol.Failed(job_id=m.job_id or "", reason="forgetting", forgetting=report,

@@ -40,8 +40,8 @@ from daemon.train.activity_probe import Grid
 from daemon.train import forgetting
 from daemon.train.follower import follow, ranks_lora, share_file
 from daemon.train.replay import ReplaySource, sources_from
-from daemon.train.lineage import (accept_held, answer_already_trained, consolidate_now, held_for, publish,
-                                  reject_held, rollback, send_held)
+from daemon.train.lineage import (accept_held, answer_already_trained, consolidate_now, drop_held, held_for,
+                                  publish, reject_held, rollback, send_held)
 from daemon.train.model import ModelError, capabilities, choose_device, lora_state, set_lora_state
 from daemon.train.ranks import Ranks
 from daemon.train.session import Session, control_for, load_session, prepare_ranks, set_paused, wait_for_space_for
@@ -232,6 +232,9 @@ def handle_idle_skip(sess: Session, msg: protocol.Skip) -> None:
         return
     discarded = ckpt.latest_step(sess.checkpoints(msg.job_id)) or 0
     ckpt.delete_checkpoints(sess.checkpoints(msg.job_id))
+    if (held := held_for(sess, msg.job_id)) is not None:  # a skip of a held file drops its version, as reject does
+        drop_held(sess, held)
+        discarded = held.steps or discarded
     sess.send(protocol.Skipped(job_id=msg.job_id, steps_discarded=discarded))
 
 
