@@ -105,7 +105,7 @@ class ReplayLedger:
 
     def __init__(self, fraction: float, sources: list[dict[str, Any]], left_out: list[dict[str, Any]]) -> None:
         self.fraction = fraction
-        # job_id, original_name, sha256, train_lines (what could be replayed), then samples and lines replayed
+        # job_id, original_name, sha256, replayable (lines it may draw), then samples and lines replayed
         self.sources = [{**s, "samples": int(s.get("samples", 0)), "lines": [list(r) for r in s.get("lines", [])]}
                         for s in sources]
         self.left_out = list(left_out)  # job_id, original_name, sha256, reason

@@ -114,6 +114,32 @@ def test_replayed_examples_are_earlier_train_lines_in_their_share_and_repeat(mod
     assert lora_max_abs_diff(lora_state(lm.model), lora_state(lm3.model)) > 0
 
 
+def test_lines_that_make_no_example_are_passed_over_and_the_share_holds(models_dir: Path, tmp_path: Path) -> None:
+    """An earlier file whose every other prompt is longer than data.max_length: those lines are dropped when it
+    trains (nothing left to learn), so replay passes over them when it draws them, and still replays its share."""
+    import json as _json
+
+    from daemon.train.replay import sources_from
+
+    f = 0.5
+    cfg = with_replay(make_cfg(models_dir, tmp_path, epochs_per_file=1), f)
+    done = tmp_path / "done"
+    done.mkdir()
+    earlier = done / "20260101T000000Z-000001--long.jsonl"
+    rows = [{"prompt": ("word " * 200 if i % 2 else "Say hi.") + f" ({i})", "completion": f"hi {i}"} for i in range(16)]
+    earlier.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    entry = {"sha256": sha(earlier), "job_id": earlier.name, "original_name": "long.jsonl"}
+    path = small_file(tmp_path, n=24)
+    out, lm = train(cfg, Job.for_file("b", path, "alpaca", sha(path)), sources_from([entry], done))
+    trainable = set(train_lines(earlier, DataFormat.PROMPT_COMPLETION, lm.tokenizer, cfg.data,
+                                job_seed(cfg.training.seed, entry["sha256"])))
+    assert trainable and all(line % 2 == 1 for line in trainable)  # line i + 1 holds row i: the short prompts
+    replay = out.ledger["replay"]
+    replayed = {x for lo, hi in replay["sources"][0]["lines"] for x in range(lo, hi + 1)}
+    assert replayed <= trainable
+    assert replay["samples"] == out.ledger["samples"] > len(trainable)  # f 0.5: one per own example, with repeats
+
+
 def test_resume_with_replay_is_exact(models_dir: Path, tmp_path: Path) -> None:
     from daemon.train.replay import sources_from
 

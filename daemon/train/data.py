@@ -348,17 +348,10 @@ def plan_file(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg
     return FilePlan(counts["train"], counts["eval"], counts["dropped"], tokens, tuple(held_out), tuple(bad.first))
 
 
-def train_lines(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,
-                tick: Callable[[], None] = lambda: None) -> list[int]:
+def train_lines(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int) -> list[int]:
     """The file lines that train (not held out, not dropped), in file order: what each epoch must consume
-    once (the sample ledger, daemon.sample_ledger, is checked against it), and what replay may take from
-    a file learnt before (daemon.train.replay). `tick()` is called once per record, as in plan_file."""
-    out = []
-    for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed):
-        tick()
-        if kind == "train" and ex is not None:
-            out.append(ex.line)
-    return out
+    once (the sample ledger, daemon.sample_ledger, is checked against it)."""
+    return [ex.line for kind, ex in _classified(path, fmt, tokenizer, data_cfg, seed) if kind == "train" and ex]
 
 
 def eval_examples(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_cfg: DataConfig, seed: int,

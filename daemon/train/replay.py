@@ -18,22 +18,29 @@ per step (1 / (1 - f) times as many). They go into the step as extra
 micro-batches of `training.micro_batch_size`, so memory per forward is as
 before, and the loss is the mean over every target of the step, replayed or not.
 
-Which examples: the train lines (never the held-out lines, data.is_eval_line
-with each file's own job seed: they are the keep-sets the forgetting checks
-score) of every earlier file whose bytes are still in `queue/done/` with the
-sha256 the dataset ledger recorded, tokenised with the live tokenizer and the
-current data config. The j-th replayed example of the file is entry j mod P of
-a seeded permutation of those P lines (a new permutation each time the pool is
-used up): a function of (seed, job, position) alone, so a resume replays what
-an uninterrupted run does. A missing or changed file is left out, logged, and
-listed in the ledger (`replay.left_out`); the file trains anyway.
+Which examples: lines of every earlier file whose bytes are still in
+`queue/done/` with the sha256 the dataset ledger recorded, except every line
+`data.eval_fraction` selects for eval with that file's own job seed
+(data.is_eval_line): the held-out examples, which the forgetting checks score
+as the file's keep-set, are all among those, so none is ever replayed (nor
+are the few selected ones that trained because the eval cap was reached).
+They are tokenised with the live tokenizer and the current data config, like
+the file's own. The replay sequence draws from those P lines in a seeded
+permutation (a new one each time all P were drawn), passing over a line that
+makes no example (cut to nothing by max_length, refused by the tokenizer),
+until it holds floor(n_own * f / (1 - f)) examples (n_own: the file's own
+examples over its epochs); the steps take it in order. A function of (seed,
+job, the earlier files) alone, so a resume replays what an uninterrupted run
+does. A missing or changed file is left out, logged, and listed in the ledger
+(`replay.left_out`); the file trains anyway.
 
 The plan (the sources and the fraction) is fixed when the file begins and kept
 in the sample ledger (daemon.sample_ledger.ReplayLedger), in every checkpoint:
 a resume replays from the same sources at the same fraction, whatever the
-config says now. Only the examples the file will replay are kept in memory
-(at most floor(n_own * epochs * f / (1 - f))); finding the train lines costs
-one tokenising pass over every earlier file at each new file's start.
+config says now. Cost at each new file's start: every earlier file is read
+(its sha256, then its lines parsed as JSON; no tokenising), and only the
+lines drawn are tokenised and kept in memory (the replay sequence's distinct
+examples).
 Where several ranks train, rank 0 makes the plan and every rank gets it
 (daemon.train.loop), so each step's replayed examples are the same everywhere.
 """
@@ -52,7 +59,7 @@ from typing import Any, Callable
 from daemon.config import DataConfig
 from daemon.errors import DataError
 from daemon.sample_ledger import ReplayLedger
-from daemon.train.data import Example, RecordError, tokenize_record, train_lines
+from daemon.train.data import Example, is_eval_line, tokenize_record
 from daemon.validate import DataFormat, iter_records, validate_file
 
 log = logging.getLogger(__name__)
@@ -89,11 +96,12 @@ def _ratio(fraction: float) -> Fraction:
 
 @dataclass
 class ReplayPlan:
-    """What one file replays: the pool of (source index, line) and the examples its steps will take."""
+    """What one file replays: the pool of (source index, line), and the sequence its steps take in order."""
 
     fraction: float
     seed: int
-    pool: list[tuple[int, int]]  # every replayable train line: (index into the ledger's sources, line)
+    pool: list[tuple[int, int]]  # every replayable line: (index into the ledger's sources, line)
+    sequence: list[tuple[int, int]] = field(default_factory=list)  # the file's replayed examples, in order
     examples: dict[tuple[int, int], Example] = field(default_factory=dict)
     _perm: tuple[int, list[int]] | None = field(default=None, repr=False)
 
@@ -101,15 +109,16 @@ class ReplayPlan:
         self.ratio = _ratio(self.fraction)
 
     def total(self, own: int) -> int:
-        """Replayed examples once the file's steps have consumed `own` of its own examples."""
-        return math.floor(own * self.ratio) if self.pool else 0
+        """Replayed examples once the file's steps have consumed `own` of its own examples (fewer only where the
+        earlier files hold fewer trainable examples than that, counted with repeats)."""
+        return min(math.floor(own * self.ratio), len(self.sequence))
 
     def picks(self, own_before: int, own_after: int) -> list[tuple[int, int]]:
         """The (source, line) pairs of the step that takes the file's own examples own_before..own_after."""
-        return [self.pick(j) for j in range(self.total(own_before), self.total(own_after))]
+        return self.sequence[self.total(own_before):self.total(own_after)]
 
-    def pick(self, j: int) -> tuple[int, int]:
-        """The j-th replayed example of the file: entry j mod P of the seeded permutation of pass j // P."""
+    def draw(self, j: int) -> tuple[int, int]:
+        """The j-th draw from the pool: entry j mod P of the seeded permutation of pass j // P."""
         n = len(self.pool)
         round_, i = divmod(j, n)
         if self._perm is None or self._perm[0] != round_:
@@ -136,20 +145,36 @@ def _check(source: ReplaySource, data_cfg: DataConfig) -> tuple[DataFormat | Non
     return report.format, None
 
 
-def _tokenised(path: str, fmt: DataFormat, tok: Any, data_cfg: DataConfig, wanted: set[int],
-               tick: Callable[[], None]) -> dict[int, Example]:
-    """The examples of the `wanted` lines (train lines found before: the tokenizer takes each)."""
-    out: dict[int, Example] = {}
+def replayable_lines(path: str | Path, fmt: DataFormat, data_cfg: DataConfig, seed: int,
+                     tick: Callable[[], None] = lambda: None) -> list[int]:
+    """The valid lines of an earlier file that replay may draw: every one that `data.eval_fraction` does not
+    select for eval with the file's own job seed (data.is_eval_line). A superset of nothing held out: its held-out
+    examples (the forgetting checks' keep-sets) are all among the selected ones, which are never replayed,
+    not even those that trained because the eval cap was reached. Read without tokenising (the costly part
+    on a long lineage); a drawn line the tokenizer drops or refuses is passed over when drawn."""
+    out = []
     for record in iter_records(path, fmt, data_cfg.max_line_bytes):
         tick()
-        if record.line in wanted:
-            ex = tokenize_record(record, tok, data_cfg.max_length)
-            if ex is not None:
-                out[record.line] = ex
+        if not is_eval_line(record.line, seed, data_cfg.eval_fraction):
+            out.append(record.line)
     return out
 
 
-Usable = tuple[ReplaySource, DataFormat, list[int]]  # a source that can be replayed: its format and train lines
+def _tokenised(path: str, fmt: DataFormat, tok: Any, data_cfg: DataConfig, wanted: set[int],
+               tick: Callable[[], None]) -> dict[int, Example | None]:
+    """The examples of the `wanted` lines; None for one the tokenizer drops or refuses, or no longer there."""
+    out: dict[int, Example | None] = dict.fromkeys(wanted)
+    for record in iter_records(path, fmt, data_cfg.max_line_bytes):
+        tick()
+        if record.line in wanted:
+            try:
+                out[record.line] = tokenize_record(record, tok, data_cfg.max_length)
+            except DataError:  # RecordError, TokenizerUnfit: not an example to replay
+                out[record.line] = None
+    return out
+
+
+Usable = tuple[ReplaySource, DataFormat, list[int]]  # a source that can be replayed: its format and lines
 
 
 def plan_replay(sources: list[ReplaySource], job_sha256: str, tok: Any, data_cfg: DataConfig,
@@ -173,26 +198,20 @@ def plan_replay(sources: list[ReplaySource], job_sha256: str, tok: Any, data_cfg
             left_out.append({"job_id": source.job_id, "original_name": source.original_name,
                              "sha256": source.sha256, "reason": why})
 
-    usable = _readable(_candidates(sources, job_sha256, kept), tok, data_cfg, seed_of, tick, leave_out)
-    while True:  # again without a file that changed between its check and its reading
-        # a source's index in the ledger: kept, the one it had at the file's start
-        index = ({s["sha256"]: i for i, s in enumerate(kept.sources)} if kept is not None
-                 else {source.sha256: i for i, (source, _, _) in enumerate(usable)})
-        plan = ReplayPlan(fraction, seed, [(index[src.sha256], line) for src, _, lines in usable for line in lines])
-        wanted = {plan.pick(j) for j in range(plan.total(n_own))}
-        failed = next((u for u in usable if not _fill(plan, index[u[0].sha256], u, wanted, tok, data_cfg, tick)), None)
-        if failed is None:
-            break
-        leave_out(failed[0], "changed while it was read")
-        usable.remove(failed)
+    usable = _readable(_candidates(sources, job_sha256, kept), data_cfg, seed_of, tick, leave_out)
+    # a source's index in the ledger: resumed, the one it had at the file's start
+    index = ({s["sha256"]: i for i, s in enumerate(kept.sources)} if kept is not None
+             else {source.sha256: i for i, (source, _, _) in enumerate(usable)})
+    plan = ReplayPlan(fraction, seed, [(index[src.sha256], line) for src, _, lines in usable for line in lines])
+    _draw_sequence(plan, math.floor(n_own * plan.ratio), {index[u[0].sha256]: u for u in usable}, tok, data_cfg, tick)
     if kept is not None:
         ledger = kept
         ledger.left_out = left_out
     else:
         ledger = ReplayLedger(fraction, [{"job_id": s.job_id, "original_name": s.original_name, "sha256": s.sha256,
-                                          "train_lines": len(lines)} for s, _, lines in usable], left_out)
-    log.info("replay: %s of each step's examples from %d earlier file(s) (%d train lines), %d example(s) over the "
-             "file%s", fraction, len(usable), len(plan.pool), plan.total(n_own),
+                                          "replayable": len(lines)} for s, _, lines in usable], left_out)
+    log.info("replay: %s of each step's examples from %d earlier file(s) (%d lines to draw from), %d example(s) "
+             "over the file%s", fraction, len(usable), len(plan.pool), len(plan.sequence),
              f"; {len(left_out)} file(s) left out" if left_out else "")
     return plan, ledger
 
@@ -207,19 +226,19 @@ def _candidates(sources: list[ReplaySource], job_sha256: str, kept: ReplayLedger
             for s in kept.sources]
 
 
-def _readable(candidates: list[ReplaySource], tok: Any, data_cfg: DataConfig, seed_of: Callable[[str], int],
+def _readable(candidates: list[ReplaySource], data_cfg: DataConfig, seed_of: Callable[[str], int],
               tick: Callable[[], None], leave_out: Callable[[ReplaySource, str], None]) -> list[Usable]:
-    """The candidates whose bytes are there, unchanged, with train lines; `leave_out` told of the others."""
+    """The candidates whose bytes are there, unchanged, with lines to draw; `leave_out` told of the others."""
     usable: list[Usable] = []
     for source in candidates:
         fmt, why = _check(source, data_cfg) if source.path else (None, "no longer in the lineage's dataset ledger")
         lines: list[int] = []
         if fmt is not None:
             try:
-                lines = train_lines(source.path, fmt, tok, data_cfg, seed_of(source.sha256), tick)
-                why = None if lines else "no train lines"
-            except (DataError, OSError) as e:
-                why = f"cannot be read as it was trained: {e}"
+                lines = replayable_lines(source.path, fmt, data_cfg, seed_of(source.sha256), tick)
+                why = None if lines else "no lines outside its held-out ones"
+            except OSError as e:
+                why = f"unreadable: {e}"
         if fmt is None or why is not None:
             leave_out(source, why or "unreadable")
         else:
@@ -227,16 +246,26 @@ def _readable(candidates: list[ReplaySource], tok: Any, data_cfg: DataConfig, se
     return usable
 
 
-def _fill(plan: ReplayPlan, index: int, usable: Usable,
-          wanted: set[tuple[int, int]], tok: Any, data_cfg: DataConfig, tick: Callable[[], None]) -> bool:
-    """Put the wanted examples of one source into the plan; False when they are not all there any more."""
-    source, fmt, _ = usable
-    lines = {line for i, line in wanted if i == index}
-    if not lines:
-        return True
-    try:
-        got = _tokenised(source.path, fmt, tok, data_cfg, lines, tick)
-    except (DataError, RecordError, OSError):
-        return False
-    plan.examples.update({(index, line): ex for line, ex in got.items()})
-    return set(got) == lines
+def _draw_sequence(plan: ReplayPlan, needed: int, by_index: dict[int, Usable], tok: Any, data_cfg: DataConfig,
+                   tick: Callable[[], None]) -> None:
+    """Draw from the pool in order until `needed` examples are found, passing over lines that make none (dropped
+    by truncation, refused by the tokenizer): the file's replay sequence, a function of the files and the seed.
+    Each round tokenises only the lines it drew (one read of each source drawn from)."""
+    unfit: set[tuple[int, int]] = set()
+    j = 0
+    while len(plan.sequence) < needed and len(unfit) < len(plan.pool):
+        drawn = []
+        while len(drawn) < needed - len(plan.sequence):
+            pick = plan.draw(j)
+            j += 1
+            if pick not in unfit:
+                drawn.append(pick)
+        for index in sorted({i for i, _ in drawn}):
+            source, fmt, _ = by_index[index]
+            lines = {line for i, line in drawn if i == index and (i, line) not in plan.examples}
+            for line, ex in _tokenised(source.path, fmt, tok, data_cfg, lines, tick).items():
+                if ex is None:
+                    unfit.add((index, line))
+                else:
+                    plan.examples[(index, line)] = ex
+        plan.sequence += [pick for pick in drawn if pick not in unfit]
