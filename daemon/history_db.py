@@ -90,7 +90,8 @@ SERIES_TABLES = (
 _ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"),
                   ("jobs", "eval_set_before", "REAL"), ("jobs", "eval_set_after", "REAL"), ("jobs", "end_global_step", "INTEGER"),
                   ("jobs", "changed", "TEXT"),
-                  ("jobs", "series", "INTEGER"))  # the series its end_global_step counts in (NULL: 0)
+                  ("jobs", "series", "INTEGER"),  # the series its end_global_step counts in (NULL: 0)
+                  ("jobs", "replay", "TEXT"))  # data.replay_fraction: fraction, samples, sources (JSON)  # the series its end_global_step counts in (NULL: 0)
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
@@ -107,7 +108,7 @@ JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
     "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
-    "eval_set_before", "eval_set_after", "end_global_step", "changed", "series",
+    "eval_set_before", "eval_set_after", "end_global_step", "changed", "series", "replay",
 )
 
 

@@ -318,6 +318,8 @@ class Done(Message):
     global_step: int | None = opt(None, "the adapter's step after it")
     forgetting: dict | None = opt(None, "the forgetting report after it (daemon/train/forgetting.py: the probes' and "
                                         "earlier keep-sets' scores, backward transfer, the gate); null when not scored")
+    replay: dict | None = opt(None, "with `data.replay_fraction`: `fraction`, `samples` replayed, `steps`, `sources` "
+                                    "(`original_name`, `samples` each) and `left_out`; null without replay")
 
 
 @dataclass(frozen=True)

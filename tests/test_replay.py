@@ -312,3 +312,28 @@ def test_the_replay_bench_runs(tmp_path: Path) -> None:
     [path] = tmp_path.glob("replay-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [r["fraction"] for r in rows] == [0, 0.25] and rows[0]["replayed"] == 0 < rows[1]["replayed"]
+
+
+@pytest.mark.e2e
+def test_the_job_record_says_what_a_file_replayed(tmp_path, models_dir):
+    """The Done message carries the file's replay figures (without the line lists) into the job record."""
+    import json as _json
+
+    from bench.harness import Daemon, lines_of, write_instance
+
+    d = Daemon(write_instance(tmp_path / "inst", models_dir, data={"replay_fraction": 0.25}))
+    try:
+        d.start()
+        d.drop("a.jsonl", lines_of("text.jsonl", 40))
+        d.wait_counts(done=1)
+        d.drop("b.jsonl", lines_of("alpaca.jsonl", 40))
+        d.wait_counts(done=2)
+        jobs = {j["original_name"]: j for j in d.history().jobs()}
+        first = _json.loads(jobs["a.jsonl"]["replay"])  # nothing learnt before it to replay
+        assert first["samples"] == 0 and first["sources"] == []
+        replay = _json.loads(jobs["b.jsonl"]["replay"])
+        assert replay["fraction"] == 0.25 and replay["samples"] > 0
+        assert [s["original_name"] for s in replay["sources"]] == ["a.jsonl"] and "lines" not in replay["sources"][0]
+        assert '"samples"' in d.ctl("queue", "status", "b.jsonl").stdout
+    finally:
+        d.close()

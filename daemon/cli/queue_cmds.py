@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 PRIORITIES = [p.value for p in Priority]
 # What `queue status NAME` shows from the job's history record, in this order.
 RECORD_KEYS = ("format", "n_records", "n_bad", "steps", "total_steps", "final_loss", "eval_loss", "eval_set_before",
-               "eval_set_after", "adapter_version", "crashes")
+               "eval_set_after", "adapter_version", "crashes", "replay")
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:

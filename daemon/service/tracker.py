@@ -14,6 +14,7 @@ what happened to that file.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -221,7 +222,8 @@ class JobTracker:
         self.db.upsert_job(job_id, state=JobState.DONE.value, finished_at=now, adapter_version=version, **figures,
                            **({"eval_set_before": ev.get("before"), "eval_set_after": ev.get("after"),
                                "end_global_step": msg.global_step} if ev else {}),
-                           **({"activity": activity_summary.file_moved(moved)} if moved else {}))
+                           **({"activity": activity_summary.file_moved(moved)} if moved else {}),
+                           **({"replay": json.dumps(msg.replay)} if msg is not None and msg.replay else {}))
         again = (" (already trained before a restart; not trained again)"
                  if msg is None or msg.already_trained else "")
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)

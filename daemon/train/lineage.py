@@ -106,7 +106,17 @@ def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
                             eval_loss=outcome.eval_loss, adapter_version=manifest.version,
                             adapter_path=str(published.path), already_trained=False,
                             activity_moved=manifest.activity_moved, eval_set=eval_set,
-                            global_step=outcome.global_step, forgetting=report))
+                            global_step=outcome.global_step, forgetting=report,
+                            replay=replay_figures(outcome.ledger)))
+
+
+def replay_figures(ledger: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a file replayed (its sample ledger's `replay`), without the line lists, for the job record."""
+    replay = (ledger or {}).get("replay")
+    if not replay:
+        return None
+    return {**{k: v for k, v in replay.items() if k != "sources"},
+            "sources": [{k: v for k, v in s.items() if k != "lines"} for s in replay.get("sources") or []]}
 
 
 def send_held(sess: Session, manifest: AdapterManifest) -> None:
