@@ -111,13 +111,14 @@ def test_the_scores_are_the_training_codes_own_loss_on_the_embedded_model(tmp_pa
 pytestmark_e2e = pytest.mark.e2e
 
 
-def forgetting_instance(tmp_path: Path, models_dir: Path, **fg: object) -> Daemon:
+def forgetting_instance(tmp_path: Path, models_dir: Path, env: dict[str, str] | None = None, **fg: object) -> Daemon:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(lines_of("chat.jsonl").splitlines(keepends=True)[200:224]), encoding="utf-8")
     return Daemon(write_instance(tmp_path / "inst", models_dir,
                                  data={"eval_fraction": 0.2},
                                  training={"epochs_per_file": 3},
-                                 forgetting={"probe_files": [str(probe)], "keep_examples": 4, **fg}))
+                                 forgetting={"probe_files": [str(probe)], "keep_examples": 4, **fg}), env=env)
 
 
 def failed_reason(d: Daemon) -> str:
@@ -265,3 +266,30 @@ def test_a_skipped_held_file_drops_its_version_and_the_next_file_takes_the_numbe
         assert current.version == 2 and current.manifest.original_name == "c.jsonl" and not current.manifest.held
     finally:
         d.close()
+
+
+@pytest.mark.e2e
+def test_a_trainer_killed_after_scoring_scores_the_same_again(tmp_path: Path, models_dir: Path) -> None:
+    """The trainer dies right after it wrote b's keep-set (scored, not yet published): the restarted one trains
+    b's last steps again from its checkpoint and publishes the same report as a run that never crashed."""
+    def run(where: Path, env: dict[str, str] | None) -> dict:
+        d = forgetting_instance(where, models_dir, env, max_probe_increase=100.0, max_keep_increase=100.0)
+        try:
+            d.start()
+            d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+            d.wait_counts(done=1)
+            d.drop("b.jsonl", lines_of("text.jsonl", 40))
+            d.wait_counts(done=2)
+            return manifest(d, 2).forgetting
+        finally:
+            d.close()
+
+    calm = run(tmp_path / "calm", None)
+    marker = tmp_path / "crashed-once"
+    crashed = run(tmp_path / "crash", {"TRAIND_TRAINER_CRASH_AFTER_OP": "match:--b.jsonl.json",
+                                       "TRAIND_CRASH_ONCE": str(marker)})
+    assert marker.read_text().startswith("write ") and "--b.jsonl.json" in marker.read_text()  # it did die there
+    assert [s["id"].split("--")[-1] for s in crashed["sets"]] == [s["id"].split("--")[-1] for s in calm["sets"]]
+    for c, k in zip(crashed["sets"], calm["sets"]):
+        assert c["examples"] == k["examples"] and c["tokens"] == k["tokens"]
+        assert c["loss"] == pytest.approx(k["loss"], rel=1e-3) and c["accuracy"] == pytest.approx(k["accuracy"], abs=0.02)
