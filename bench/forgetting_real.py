@@ -97,7 +97,17 @@ def ctl(cfg_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def one_run(work: Path, models: Path, f: float, action: str, timeout: float) -> dict[str, Any]:
+QUESTIONS = ["What is the capital of France?", "Who founded Zorblat Industries?"]
+
+
+def answers(cfg_path: Path, adapter: str) -> dict[str, str]:
+    """The version's greedy answers to a general and a learnt question (trainctl sample)."""
+    return {q: ctl(cfg_path, "sample", "--adapter", adapter, "--max-new-tokens", "24", q).stdout.strip()
+            for q in QUESTIONS}
+
+
+def one_run(work: Path, models: Path, f: float, action: str, timeout: float,
+            limits: dict[str, float]) -> dict[str, Any]:
     from daemon import adapters
     from daemon.status import read_status
 
@@ -108,8 +118,8 @@ def one_run(work: Path, models: Path, f: float, action: str, timeout: float) -> 
     raw["data"]["replay_fraction"] = f
     probe = work / "probe_general.jsonl"
     probe.write_text("".join(chat(q, a) for q, a in PROBE), encoding="utf-8")
-    raw["forgetting"] = {"probe_files": [str(probe)], "action": action}
-    inst = work / f"run-f{f}"
+    raw["forgetting"] = {"probe_files": [str(probe)], "action": action, **limits}
+    inst = work / f"run-{action}-f{f}"
     inst.mkdir(parents=True)
     cfg_path = inst / "config.json"
     cfg_path.write_text(json.dumps(raw, indent=2))
@@ -134,7 +144,10 @@ def one_run(work: Path, models: Path, f: float, action: str, timeout: float) -> 
                     h = st["held"]
                     version = h["version"]
                     m = adapters.read_manifest(inst / "adapters" / adapters.version_dir_name(version))
-                    held.append({"file": name, "version": version, "message": h["message"], "report": m.forgetting})
+                    held.append({"file": name, "version": version, "message": h["message"], "report": m.forgetting,
+                                 "answers_held": answers(cfg_path, str(version)),
+                                 "answers_current": answers(cfg_path, "current")})
+                    print(f"  held v{version}: {held[-1]['answers_held']}\n  current: {held[-1]['answers_current']}")
                     r = ctl(cfg_path, "adapters", "reject", str(version))
                     print(f"  held v{version} ({name}); {r.stdout.strip()}")
                     while (read_status(inst / "status") or {}).get("held"):
@@ -151,7 +164,9 @@ def one_run(work: Path, models: Path, f: float, action: str, timeout: float) -> 
         proc.terminate()
         proc.wait(120)
         log.close()
-    return {"replay_fraction": f, "action": action, "matrix": matrix, "table": text, "held": held,
+    final = answers(cfg_path, "current")
+    print(f"  the current version answers: {final}")
+    return {"replay_fraction": f, "action": action, "limits": limits, "answers_final": final, "matrix": matrix, "table": text, "held": held,
             "reports": manifests, "seconds": time.monotonic() - t0}
 
 
@@ -161,13 +176,17 @@ def main() -> int:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25])
     ap.add_argument("--action", default="hold", choices=["warn", "hold", "rollback"])
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--max-probe-increase", type=float, default=None, help="forgetting.max_probe_increase")
+    ap.add_argument("--max-keep-increase", type=float, default=None, help="forgetting.max_keep_increase")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="forgetting-real-"))
     models = Path(args.models) if args.models else work / "models"
     runs = []
     for f in args.fractions:
         print(f"replay_fraction {f}:")
-        run = one_run(work, models, f, args.action, args.timeout)
+        limits = {k: v for k, v in (("max_probe_increase", args.max_probe_increase),
+                                    ("max_keep_increase", args.max_keep_increase)) if v is not None}
+        run = one_run(work, models, f, args.action, args.timeout, limits)
         print(run["table"])
         runs.append(run)
     path = write_result(REPO / "bench" / "results", "forgetting-real", {"work": str(work), "runs": runs})

@@ -324,3 +324,13 @@ def test_the_real_trainers_reports_reach_the_matrix_and_the_cli_reads_it_with_th
     assert m["cells"][0][2] is None  # b's keep-set did not exist when a was scored
     assert m["files"][1]["backward_transfer"] == sent[1]["backward_transfer"]
     assert m["probes"][0]["loss"] == [next(s["loss"] for s in r_["sets"] if s["kind"] == "probe") for r_ in sent]
+
+
+def test_the_probe_line_gives_the_drift_of_the_last_version_that_became_current():
+    """A held or rolled-back file's probe figures are not the model's: the line's span and drift skip them."""
+    from daemon.cli.forgetting_cmds import _probe_line
+
+    p = {"name": "general.jsonl", "baseline": {"loss": 1.0}, "loss": [0.5, 0.45, 4.0], "drift": [-0.5, -0.55, 3.0]}
+    line = _probe_line("P1", p, ["done", "done", "failed"])
+    assert "loss 0.5 -> 0.45" in line and "drift -55.0%" in line, line
+    assert "drift +300.0%" in _probe_line("P1", p, ["done", "done", "done"])

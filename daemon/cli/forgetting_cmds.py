@@ -123,18 +123,22 @@ def render(doc: dict[str, Any]) -> list[str]:
     if doc["probes"]:
         lines.append("probes (loss per file; drift since the generation began):")
     for h, p in zip([h for h, s in zip(heads, sets) if s["kind"] == "probe"], doc["probes"]):
-        lines.append(_probe_line(h, p))
+        lines.append(_probe_line(h, p, [f["outcome"] for f in doc["files"]]))
     return lines
 
 
-def _probe_line(head: str, p: dict[str, Any]) -> str:
+def _probe_line(head: str, p: dict[str, Any], outcomes: list[str]) -> str:
+    """The probe over the files (the sparkline: every file scored); the span and the drift of the versions that
+    became current (a held or rolled-back file's figures are not the model's)."""
     losses = [x for x in p["loss"] if x is not None]
     lo = min(losses, default=0.0)
     spark = "".join(scaled_chars([None if x is None else x - lo for x in p["loss"]],
                                  (max(losses) - lo) if losses else None, SPARK))
-    drift = next((d for d in reversed(p["drift"]) if d is not None), None)
+    kept = [k for k, o in enumerate(outcomes) if o == "done"] or list(range(len(p["loss"])))
+    learnt = [p["loss"][k] for k in kept if k < len(p["loss"]) and p["loss"][k] is not None]
+    drift = next((p["drift"][k] for k in reversed(kept) if k < len(p["drift"]) and p["drift"][k] is not None), None)
     base = p["baseline"]["loss"] if p["baseline"] else None
-    span = f"{losses[0]:.4g} -> {losses[-1]:.4g}" if losses else "-"
+    span = f"{learnt[0]:.4g} -> {learnt[-1]:.4g}" if learnt else "-"
     return (f"  {head:<4} {p['name']}  {spark}  loss {span}  drift {signed_percent(drift)}"
             + (f" (baseline {base:.4g})" if base is not None else ""))
 
