@@ -293,3 +293,31 @@ def test_a_trainer_killed_after_scoring_scores_the_same_again(tmp_path: Path, mo
     for c, k in zip(crashed["sets"], calm["sets"]):
         assert c["examples"] == k["examples"] and c["tokens"] == k["tokens"]
         assert c["loss"] == pytest.approx(k["loss"], rel=1e-3) and c["accuracy"] == pytest.approx(k["accuracy"], abs=0.02)
+
+
+@pytest.mark.e2e
+def test_consolidation_is_refused_while_a_probe_is_over_its_limit_unless_forced(tmp_path: Path,
+                                                                                models_dir: Path) -> None:
+    """The embedded model is too small to damage a probe on purpose, so the current version's report is given a
+    probe 40% above its generation baseline by hand (the daemon stopped), as a damaging file would leave it."""
+    d = forgetting_instance(tmp_path, models_dir, max_probe_increase=0.1)
+    try:
+        d.start()
+        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+        d.wait_counts(done=1)
+        d.stop()
+        path = d.cfg.path("adapters") / "v0001" / "manifest.json"
+        raw = json.loads(path.read_text())
+        probe = next(s for s in raw["forgetting"]["sets"] if s["kind"] == "probe")
+        probe["drift"] = 0.4
+        path.write_text(json.dumps(raw))
+        d.start()
+        d.wait_for(lambda s: s["status"] == "idle" and s.get("trainer_pid"), what="ready again")
+        r = d.ctl("consolidate", "--description", "the chat file")
+        assert r.returncode == 1 and "probe.jsonl (+40.0% since the generation began" in r.stdout, r.stdout
+        assert "--force" in r.stdout and d.status()["generation"] == 0
+        r = d.ctl("consolidate", "--description", "the chat file", "--force", timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        d.wait_for(lambda s: s["generation"] == 1, what="generation 1")
+    finally:
+        d.close()
