@@ -146,7 +146,7 @@ class ForgettingConfig:
     probe_files: list = _f([], "JSONL files the model must not get worse on (general knowledge, style, safety), scored after every file (relative paths from the config's folder); eval.file is one too.")
     probe_max_examples: int = _f(200, "Examples of each probe file scored (its first N).")
     budget_fraction: float = _f(0.15, "Scoring may take at most this share of the file's training time; when the sets outgrow it, the same first examples of every set are scored (said in the figures).")
-    min_budget_seconds: float = _f(2.0, "...but never less than this many seconds (a file that trains in a second may still be scored whole).")
+    min_budget_seconds: float = _f(10.0, "...but never less than this many seconds (a file that trains in a second may still be scored whole).")
     max_probe_increase: float = _f(0.10, "The gate: a probe whose loss rose by more than this fraction against the version before the file trips it.")
     max_keep_increase: float = _f(0.25, "The gate: an earlier file's keep-set whose loss rose by more than this fraction against right after it was learnt trips it.")
     action: Literal["warn", "hold", "rollback"] = _f("warn", "What a tripped gate does: warn (the version becomes current; an event, a webhook and the status say what was forgotten); hold (the version is kept aside, training pauses until `trainctl adapters accept|reject VERSION`); rollback (the adapter goes back, the file fails with reason forgetting, training pauses).")

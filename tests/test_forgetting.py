@@ -321,3 +321,28 @@ def test_consolidation_is_refused_while_a_probe_is_over_its_limit_unless_forced(
         d.wait_for(lambda s: s["generation"] == 1, what="generation 1")
     finally:
         d.close()
+
+
+@pytest.mark.e2e
+def test_over_budget_the_same_first_examples_of_every_set_are_scored_and_compared(tmp_path: Path,
+                                                                                 models_dir: Path) -> None:
+    d = forgetting_instance(tmp_path, models_dir, budget_fraction=1e-4, min_budget_seconds=0.0,
+                            max_probe_increase=100.0, max_keep_increase=100.0)
+    try:
+        d.start()
+        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+        d.wait_counts(done=1)
+        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        d.wait_counts(done=2)
+        r = manifest(d, 2).forgetting
+        n = r["examples_per_set"]
+        assert r["sampled"] and n is not None and n >= 1 and r["budget_seconds"] < 0.01
+        a = next(s for s in r["sets"] if s["kind"] == "keep" and s["job_id"] != r["job_id"])
+        kept = json.loads(forgetting.keep_path(d.cfg, a["job_id"]).read_text())
+        assert a["examples"] == min(n, len(kept["examples"]))
+        # its reference is its score right after it was learnt over the same first n examples
+        assert a["reference"] == pytest.approx(forgetting.summary([tuple(x) for x in kept["learnt"]], n))
+        own = next(s for s in r["sets"] if s["job_id"] == r["job_id"])
+        assert own["examples"] == 4  # the file's own keep-set is always scored whole: later files compare with it
+    finally:
+        d.close()
