@@ -111,14 +111,16 @@ def test_the_scores_are_the_training_codes_own_loss_on_the_embedded_model(tmp_pa
 pytestmark_e2e = pytest.mark.e2e
 
 
-def forgetting_instance(tmp_path: Path, models_dir: Path, env: dict[str, str] | None = None, **fg: object) -> Daemon:
+def forgetting_instance(tmp_path: Path, models_dir: Path, env: dict[str, str] | None = None,
+                        notify: dict | None = None, **fg: object) -> Daemon:
     tmp_path.mkdir(parents=True, exist_ok=True)
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(lines_of("chat.jsonl").splitlines(keepends=True)[200:224]), encoding="utf-8")
     return Daemon(write_instance(tmp_path / "inst", models_dir,
                                  data={"eval_fraction": 0.2},
                                  training={"epochs_per_file": 3},
-                                 forgetting={"probe_files": [str(probe)], "keep_examples": 4, **fg}), env=env)
+                                 forgetting={"probe_files": [str(probe)], "keep_examples": 4, **fg},
+                                 **({"notify": notify} if notify else {})), env=env)
 
 
 def failed_reason(d: Daemon) -> str:
@@ -229,7 +231,11 @@ def test_accept_makes_the_held_version_current(tmp_path: Path, models_dir: Path)
 
 @pytest.mark.e2e
 def test_the_rollback_action_puts_the_adapter_back_fails_the_file_and_pauses(tmp_path: Path, models_dir: Path) -> None:
-    d = forgetting_instance(tmp_path, models_dir, action="rollback", max_probe_increase=100.0, max_keep_increase=1e-9)
+    from tests.test_notify import Receiver, wait_until
+
+    rx = Receiver()
+    d = forgetting_instance(tmp_path, models_dir, notify={"webhooks": [rx.url], "events": ["forgetting"]},
+                            action="rollback", max_probe_increase=100.0, max_keep_increase=1e-9)
     try:
         d.start()
         d.drop("a.jsonl", lines_of("chat.jsonl", 40))
@@ -240,10 +246,14 @@ def test_the_rollback_action_puts_the_adapter_back_fails_the_file_and_pauses(tmp
         assert st["pause_reason"] == "forgetting" and failed_reason(d) == "forgetting"
         assert adapters.read_current(d.cfg.path("adapters")).version == 1
         assert [v.version for v in adapters.versions(d.cfg.path("adapters"))] == [1]
+        wait_until(lambda: len(rx.got) == 1)  # the forgetting webhook, with what was forgotten
+        body = rx.got[0][0]
+        assert body["event"] == "forgetting" and "the keep-set of a.jsonl" in json.dumps(body), body
         assert d.ctl("resume").returncode == 0
         d.wait_for(lambda s: s["status"] == "idle" and s["pause_reason"] is None, what="resumed")
     finally:
         d.close()
+        rx.close()
 
 
 @pytest.mark.e2e
