@@ -6,7 +6,8 @@
 
 Events (`notify.events`): file_done, file_failed, paused (a guard paused
 training: a full disk), daemon_error (the trainer died), consolidation_done,
-rollback. The body: `{"event", "message", "job_id", "file", "t", "instance",
+rollback, forgetting (the forgetting gate tripped: warned, held or rolled
+back). The body: `{"event", "message", "job_id", "file", "t", "instance",
 ...details}` (steps, losses, reason). With `notify.secret` set, the header
 `X-Traind-Signature: sha256=<hex HMAC-SHA256 of the body>` lets the receiver
 check it came from this daemon. A failed delivery (a connection error, a
