@@ -356,3 +356,20 @@ def test_over_budget_the_same_first_examples_of_every_set_are_scored_and_compare
         assert own["examples"] == 4  # the file's own keep-set is always scored whole: later files compare with it
     finally:
         d.close()
+
+
+def test_the_cost_estimate_follows_a_faster_reading_at_once_and_a_slower_one_half_way() -> None:
+    now = [0.0]
+    per_token = iter([1.0, 0.1, 0.3])  # seconds a token: cold after a load, then warm, then a busy moment
+
+    def scored(lm: object, examples: tuple, mbs: int) -> list:
+        now[0] += next(per_token) * sum(len(e.input_ids) for e in examples)
+        return [(0.0, 1, 0)] * len(examples)
+
+    scorer = forgetting.Scorer(clock=lambda: now[0], score_fn=scored)
+    s = sset("a", [10, 10])
+    seen = []
+    for _ in range(3):
+        scorer.score(None, s, None, 4)
+        seen.append(scorer.seconds_per_token)
+    assert seen == pytest.approx([1.0, 0.1, 0.2])  # the first; a faster one at once; a slower one half-way

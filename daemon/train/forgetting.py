@@ -232,17 +232,22 @@ def relative(now: float, ref: float) -> float | None:
 class Scorer:
     """Scores sets and learns what a scored token costs on this machine (the budget's estimate)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.monotonic, score_fn: Any = None) -> None:
         self.seconds_per_token: float | None = None
+        self.clock = clock
+        self.score_fn = score_fn or score_examples
 
     def score(self, lm: Any, s: ScoreSet, n: int | None, micro_batch_size: int) -> list[Row]:
         examples = s.examples[:n] if n is not None else s.examples
-        t0 = time.monotonic()
-        rows = score_examples(lm, examples, micro_batch_size)
+        t0 = self.clock()
+        rows = self.score_fn(lm, examples, micro_batch_size)
         tokens = sum(len(e.input_ids) for e in examples)
         if tokens:
-            rate = (time.monotonic() - t0) / tokens
-            self.seconds_per_token = rate if self.seconds_per_token is None else 0.5 * (self.seconds_per_token + rate)
+            # A mean that never rises above the newest reading: the first scoring after a load runs cold (several
+            # times slower), and one slow reading must not sample every later file.
+            rate = (self.clock() - t0) / tokens
+            old = self.seconds_per_token
+            self.seconds_per_token = rate if old is None else min(rate, 0.5 * (old + rate))
         return rows
 
 
