@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.harness import EXAMPLES, Daemon, lines_of, write_instance
+from bench.harness import Daemon, lines_of, write_instance
 from daemon import adapters
 from daemon.config import Config, DataConfig, ModelConfig, PathsConfig
 from daemon.train import forgetting
@@ -108,7 +108,6 @@ def test_the_scores_are_the_training_codes_own_loss_on_the_embedded_model(tmp_pa
 
 # ---------------------------------------------------------------- with the real daemon
 
-pytestmark_e2e = pytest.mark.e2e
 
 
 def forgetting_instance(tmp_path: Path, models_dir: Path, env: dict[str, str] | None = None,

@@ -66,12 +66,6 @@ class ScoreSet:
     path: str | None = None  # probe: where it is
     learnt: tuple = ()  # keep: its rows right after the file was learnt
 
-    @property
-    def tokens(self) -> list[int]:
-        from daemon.train.step import example_targets
-
-        return [example_targets(ex) for ex in self.examples]
-
 
 @dataclass
 class FileCheck:
@@ -372,7 +366,7 @@ def check_file(sess: Session, job: protocol.Job, steps_log: list[dict[str, Any]]
     sets += [keep_entry(s, scored[s.id], n, fc.max_keep_increase) for s in earlier]
     if own is not None and keep_rows:
         mine = summary(keep_rows)
-        sets.append({**set_head(own, keep_rows, None), **(mine or {}), "reference": mine, "baseline": mine,
+        sets.append({**set_head(own, keep_rows), **(mine or {}), "reference": mine, "baseline": mine,
                      "change": 0.0, "drift": None, "limit": fc.max_keep_increase, "over": False})
     report = {"job_id": job.job_id, "original_name": job.original_name, "version": None,
               "generation": sess.manifest.generation, "seconds": round(seconds, 3), "train_seconds": train_seconds,
@@ -386,7 +380,7 @@ def check_file(sess: Session, job: protocol.Job, steps_log: list[dict[str, Any]]
     return FileCheck(report, own, keep_rows, after)
 
 
-def set_head(s: ScoreSet, rows: list[Row], n: int | None) -> dict[str, Any]:
+def set_head(s: ScoreSet, rows: list[Row]) -> dict[str, Any]:
     used = list(rows)
     return {"id": s.id, "kind": s.kind, "name": s.name, "job_id": s.job_id, "examples": len(used),
             "tokens": sum(r[1] for r in used)}
@@ -399,7 +393,7 @@ def probe_entry(sess: Session, p: ScoreSet, rows: list[Row], before: list[Row] |
     base = summary(base_rows, n) if base_rows else None
     change = relative(now["loss"], ref["loss"]) if now and ref else None
     limit = sess.cfg.forgetting.max_probe_increase
-    return {**set_head(p, rows, n), **now, "reference": ref, "baseline": base, "change": change,
+    return {**set_head(p, rows), **now, "reference": ref, "baseline": base, "change": change,
             "drift": relative(now["loss"], base["loss"]) if now and base else None, "limit": limit,
             "over": change is not None and change > limit}
 
@@ -408,7 +402,7 @@ def keep_entry(s: ScoreSet, rows: list[Row], n: int | None, limit: float) -> dic
     now = summary(rows) or {}
     ref = summary(s.learnt, n)
     change = relative(now["loss"], ref["loss"]) if now and ref else None
-    return {**set_head(s, rows, n), **now, "reference": ref, "baseline": ref, "change": change, "drift": None,
+    return {**set_head(s, rows), **now, "reference": ref, "baseline": ref, "change": change, "drift": None,
             "limit": limit, "over": change is not None and change > limit}
 
 
