@@ -107,6 +107,7 @@ def find_version(cfg: Config, version: int) -> adapters.AdapterVersion:
 
 def base_of(cfg: Config, v: adapters.AdapterVersion, say: Say) -> Base:
     """The base the version trained on: its consolidated base, or the config's (converted from GGUF if so)."""
+    from daemon.bases import is_gguf
     from daemon.train.convert import source_of
     from daemon.train.model import resolve_base
 
@@ -123,7 +124,12 @@ def base_of(cfg: Config, v: adapters.AdapterVersion, say: Say) -> Base:
         label = configured
     if not folder.is_dir():
         raise ExportError(f"adapter v{v.version}'s base {folder} is not there any more")
-    source = _existing((source_of(folder) or {}).get("path"))
+    source = None
+    if not m.base_path:  # generation 0: the config's own file (the converted folder's marker names the first path
+        # it was converted from, which may be another copy of the same bytes)
+        configured_path = cfg.base_model_path
+        source = configured_path if configured_path is not None and is_gguf(configured_path) else None
+        source = source or _existing((source_of(folder) or {}).get("path"))
     root = source or _lineage_gguf(folder)
     return Base(folder, source, root, label)
 
