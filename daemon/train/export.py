@@ -42,11 +42,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 REPORT = "traind_export.json"
 LINEAGE = "traind_lineage.json"
 # The merged GGUF read back by transformers against the merged fp32 model: max |logit diff| relative to the
-# logits' scale (the largest |logit| of the probe, at least 1), per tensor type. Measured (README, "Using a
-# version outside traind"): f16 6e-5 of the scale on the embedded model, 1.4e-3 on SmolLM2-135M; q8_0 4e-3 and
-# 2.4e-2. A wrong name or permutation moves logits by the scale itself.
+# logits' scale (the largest |logit| of the probe, at least 1), per tensor type: the cost of the precision chosen.
+# Measured (README, "Using a version outside traind"): f16 8.7e-4 of the scale on SmolLM2-135M (logits up to 35),
+# 4e-4 to 1e-3 on the embedded Qwen3 and a tiny Llama; q8_0 4.1e-2 on SmolLM2, 1.2e-2 to 2e-2 on the tiny ones.
 GGUF_TOLERANCE = {"f16": 2e-2, "q8_0": 1e-1}
-# ... and against the merged model with its weights rounded as the file holds them (fp32 arithmetic only).
+# ... and against the merged model with its weights rounded as the file holds them: measured 0 (the same fp32
+# arithmetic); a wrong name, permutation or hyperparameter moves logits by a good part of the scale.
 FILE_TOLERANCE = 1e-4
 # The GGUF LoRA applied to the base's tensors against the merged weights, max |diff| relative to the largest
 # |weight|: fp32 arithmetic where the base is the folder itself; the base GGUF's own (quantized) tensors differ
@@ -219,6 +220,10 @@ def export(cfg: Config, version: int, fmt: str, out: Path, force: bool = False, 
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         atomic.publish_dir(tmp, out)
+    except FileNotFoundError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"{e.filename} disappeared while exporting (did retention prune v{version}? "
+                          "`trainctl adapters pin` keeps it): nothing written") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -350,8 +355,8 @@ class _Exporter:
                               f"(tolerance {tolerance:.3g}: {GGUF_TOLERANCE[kind]:g} of the scale {scale:.3g} "
                               f"for {kind}): nothing written")
         if not same_ids:
-            self.report.notes.append(f"{name}: transformers' tokenizer read from the GGUF splits the probe texts "
-                                     "differently from the base's tokenizer")
+            raise ExportError(f"{name}: the tokenizer written to the GGUF, read back by transformers, splits the probe "
+                              "texts differently from the base's tokenizer: nothing written")
         return path
 
     def gguf_lora(self, name: str) -> Path:

@@ -148,9 +148,10 @@ def _metadata_from_folder(writer: Any, config: Any, folder: Path, name: str) -> 
 
     tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GgufExportError(f"{folder / 'tokenizer.json'}: model.type {model.get('type')!r}: only a byte-level BPE "
-                              "tokenizer is written to GGUF from a folder (a base converted from GGUF keeps its own)")
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "a SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else repr(model.get("type"))
+        raise GgufExportError(f"{folder / 'tokenizer.json'}: the tokenizer is {kind}: only a byte-level BPE tokenizer "
+                              "is written to GGUF from a folder (a base converted from a GGUF keeps that file's own)")
     vocab: dict[str, int] = dict(model["vocab"])
     special = {a["content"]: a["id"] for a in tok.get("added_tokens") or []}
     vocab.update(special)
@@ -177,7 +178,9 @@ def _pre_tokenizer(tok: dict[str, Any], arch: str) -> str:
     pre = tok.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"
-    return "qwen2" if arch.startswith("qwen") else "default"
+    if pre.get("type") == "Sequence" and any(p.get("type") == "Split" for p in pre.get("pretokenizers") or []):
+        return "qwen2" if arch.startswith("qwen") else "llama-bpe"  # the regex each family's own models split by
+    raise GgufExportError(f"tokenizer.json: pre-tokenizer {pre.get('type')!r} has no llama.cpp name known here")
 
 
 def _chat_template(folder: Path) -> str | None:
