@@ -358,3 +358,20 @@ def test_smollm2_exports_check_against_its_own_gguf(smollm2_store, capsys, tmp_p
         with capsys.disabled():
             print(said + text)
         assert f"\nFROM {source}\nADAPTER ./adapter.gguf\n" in text and 'SYSTEM """' in text and "TEMPLATE" in text
+
+
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path):
+    """A folder base's tokenizer is written as llama.cpp's `gpt2` BPE only where it is one: a SentencePiece-style
+    BPE (byte_fallback, Llama 2) or an unknown pre-tokenizer would load, and split text differently."""
+    from transformers import LlamaConfig
+
+    from daemon.train.gguf_export import GgufExportError, write_model
+
+    config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+    cases = {"SentencePiece-style BPE": {"model": {"type": "BPE", "byte_fallback": True, "vocab": {}}},
+             "pre-tokenizer 'Metaspace'": {"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Metaspace"}},
+             "the tokenizer is 'Unigram'": {"model": {"type": "Unigram"}}}
+    for message, tokenizer in cases.items():
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+        with pytest.raises(GgufExportError, match=message):
+            write_model(tmp_path / "m.gguf", {}, config, tmp_path, None, "f16")
