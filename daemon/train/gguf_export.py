@@ -33,7 +33,7 @@ ARCHITECTURES = {"llama": ("llama", True), "qwen3": ("qwen3", False)}
 TYPES = ("f16", "q8_0")
 Q8_BLOCK = 32
 # Keys the writer sets itself, or that no longer hold once the tensors are re-encoded.
-_NOT_COPIED = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+_NOT_COPIED = ("GGUF.", "general.architecture", "general.type", "general.file_type", "general.quantization_version")
 
 
 class GgufExportError(TraindError):
