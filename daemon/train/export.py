@@ -322,10 +322,9 @@ class _Exporter:
         merged, tokenizer, ids, got = self.merge()
         path = self.tmp / name
         self.say(f"writing {name} ({kind})")
-        state = {k: t for k, t in merged.state_dict().items()}
-        # the tokenizer's files for a base that has no GGUF to take them from
-        folder = self.base.folder
-        n = gguf_export.write_model(path, state, self.config, folder, self.base.metadata_gguf, kind)
+        # metadata from the lineage's GGUF where there is one, else the config and tokenizer of the base folder
+        n = gguf_export.write_model(path, merged.state_dict(), self.config, self.base.folder, self.base.metadata_gguf,
+                                    kind)
         self.say(f"reading {name} back with transformers")
         back = AutoModelForCausalLM.from_pretrained(str(self.tmp), gguf_file=name, dtype=torch.float32,
                                                     **gguf_export.read_back_kwargs(path, self.config))
