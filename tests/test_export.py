@@ -174,6 +174,8 @@ def test_export_merged_gguf_reads_back_as_the_merged_model(stores, capsys, tmp_p
     assert keys["general.architecture"] == arch and keys["general.type"] == "model"
     assert keys["general.file_type"] == (7 if kind == "q8_0" else 1)  # llama.cpp's MOSTLY_Q8_0, MOSTLY_F16
     assert "<|im_start|>" in keys["tokenizer.chat_template"]
+    # llama.cpp's name for GPT-2's split (llama-vocab.cpp refuses to load an unknown one, e.g. "gpt2")
+    assert keys["tokenizer.ggml.model"] == "gpt2" and keys["tokenizer.ggml.pre"] == "gpt-2"
     ids, expected, merged = reference(cfg)
     # transformers reads no head size for qwen3 GGUFs (it takes Qwen3's default 128): the file's own key_length
     extra = {"head_dim": keys["qwen3.attention.key_length"]} if arch == "qwen3" else {}

@@ -174,10 +174,11 @@ def _metadata_from_folder(writer: Any, config: Any, folder: Path, name: str) -> 
 
 
 def _pre_tokenizer(tok: dict[str, Any], arch: str) -> str:
-    """llama.cpp's name for the pre-tokenizer: a plain ByteLevel split is GPT-2's regex."""
+    """llama.cpp's name for the pre-tokenizer (llama-vocab.cpp refuses to load a name it does not know): a plain
+    ByteLevel split is GPT-2's regex."""
     pre = tok.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if pre.get("type") == "Sequence" and any(p.get("type") == "Split" for p in pre.get("pretokenizers") or []):
         return "qwen2" if arch.startswith("qwen") else "llama-bpe"  # the regex each family's own models split by
     raise GgufExportError(f"tokenizer.json: pre-tokenizer {pre.get('type')!r} has no llama.cpp name known here")
