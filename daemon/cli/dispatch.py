@@ -6,13 +6,14 @@ import argparse
 import os
 import signal
 
-from daemon.cli import (activity_cmds, adapter_cmds, config_cmds, control_cmds, forgetting_cmds, inspect_cmds, queue_cmds,
-                        status_cmds)
+from daemon.cli import (activity_cmds, adapter_cmds, config_cmds, control_cmds, export_cmds, forgetting_cmds, inspect_cmds,
+                        queue_cmds, status_cmds)
 from daemon.cli.shared import Handler, out
 from daemon.errors import TraindError
 
 # Each group registers its subcommands; this order is the order of `trainctl --help`.
-GROUPS = (status_cmds, activity_cmds, forgetting_cmds, control_cmds, queue_cmds, adapter_cmds, inspect_cmds, config_cmds)
+GROUPS = (status_cmds, activity_cmds, forgetting_cmds, control_cmds, queue_cmds, adapter_cmds, export_cmds, inspect_cmds,
+          config_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:
