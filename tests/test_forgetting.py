@@ -305,7 +305,7 @@ def test_a_trainer_killed_after_scoring_scores_the_same_again(tmp_path: Path, mo
 
 
 @pytest.mark.e2e
-def test_consolidation_is_refused_while_a_probe_is_over_its_limit_unless_forced(tmp_path: Path,
+def test_consolidation_is_refused_while_a_probe_is_over_its_limit_unless_forced_and_exports_after_it(tmp_path: Path,
                                                                                 models_dir: Path) -> None:
     """The embedded model is too small to damage a probe on purpose, so the current version's report is given a
     probe 40% above its generation baseline by hand (the daemon stopped), as a damaging file would leave it."""
@@ -328,8 +328,32 @@ def test_consolidation_is_refused_while_a_probe_is_over_its_limit_unless_forced(
         r = d.ctl("consolidate", "--description", "the chat file", "--force", timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         d.wait_for(lambda s: s["generation"] == 1, what="generation 1")
+        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        d.wait_counts(done=2)
+        exported_from_a_consolidated_base(d, tmp_path / "export")
     finally:
         d.close()
+
+
+def exported_from_a_consolidated_base(d: Daemon, out: Path) -> None:
+    """trainctl export of a generation-1 version: the merged folder gives the consolidated base + the adapter's
+    logits (PEFT, fp32, computed here)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    current = adapters.read_current(d.cfg.path("adapters"))
+    assert current.manifest.generation == 1 and current.manifest.base_path
+    r = d.ctl("export", str(current.version), "--format", "merged-hf", "--out", str(out), "--dtype", "float32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    base = current.manifest.base_path
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok(["Hello there, how are you?", "The capital of France is"], return_tensors="pt", padding=True)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      str(current.path)).eval()
+    with torch.no_grad():
+        expected = model(**ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(**ids).logits
+    assert float((got - expected).abs().max()) / max(1.0, float(expected.abs().max())) <= 1e-4
 
 
 @pytest.mark.e2e
