@@ -177,8 +177,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
                 generation: int) -> Consolidated:
     """Merge `current` into `base` (generation `generation`) and publish generation + 1's base folder."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not description.strip():
         raise ConsolidationRefused("a consolidation needs a description of what was trained")
@@ -192,17 +191,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
     log.info("consolidating adapter v%d into %s (%s parameters; %s)", current.version, base,
              f"{figures['params']:,}", description)
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_kernels=False)  # no hub kernels: model.load_base
-    model.eval()
-    peft_model = PeftModel.from_pretrained(model, str(current.path))
-    peft_model.eval()
-    ids = _probe_ids(tokenizer)
-    with torch.no_grad():
-        expected = peft_model(**ids).logits
-        merged = peft_model.merge_and_unload()
-        got = merged(**ids).logits
-    check = merge_check(expected, got)
+    merged, tokenizer, ids, got, check = merge_in_fp32(base, current.path)
     max_diff = check["max_abs_logit_diff"]
     if not max_diff <= check["tolerance"]:
         raise ConsolidationRefused(f"the merged model's logits differ from base + adapter by {max_diff:.3g} "
@@ -219,7 +208,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
     try:
         merged.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # with its chat template
-        del merged, peft_model, model
+        del merged
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_kernels=False)
         reloaded.eval()
         with torch.no_grad():
@@ -242,6 +231,27 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
     log.info("consolidated into %s in %.1f s (max |logit diff| %.2e merged, %.0fx headroom; %.2e reloaded)", final,
              seconds, max_diff, check["headroom"], reload_diff)
     return Consolidated(final, generation + 1, max_diff, reload_diff, seconds, lineage)
+
+
+def merge_in_fp32(base: Path, adapter: Path) -> tuple[Any, Any, dict[str, Any], Any, dict[str, float]]:
+    """`adapter` merged into the base folder `base` in fp32: (the merged model, the base's tokenizer, the probe
+    batch, the merged model's logits on it, merge_check against base + adapter). Consolidation and export judge
+    the check, each with its own refusal."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_kernels=False)  # no hub kernels: model.load_base
+    model.eval()
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    peft_model.eval()
+    ids = _probe_ids(tokenizer)
+    with torch.no_grad():
+        expected = peft_model(**ids).logits
+        merged = peft_model.merge_and_unload()
+        got = merged(**ids).logits
+    return merged, tokenizer, ids, got, merge_check(expected, got)
 
 
 def merge_check(expected: Any, got: Any) -> dict[str, float]:

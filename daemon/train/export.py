@@ -261,24 +261,10 @@ class _Exporter:
     def merge(self) -> tuple[Any, Any, Any]:
         if self._merged is not None:
             return self._merged
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from daemon.train.consolidate import MERGE_TOLERANCE, _probe_ids, merge_check
+        from daemon.train.consolidate import MERGE_TOLERANCE, merge_in_fp32
 
         self.say(f"merging v{self.v.version} into {self.base.folder.name} (fp32)")
-        tokenizer = AutoTokenizer.from_pretrained(self.base.folder)
-        model = AutoModelForCausalLM.from_pretrained(self.base.folder, dtype=torch.float32, use_kernels=False)
-        model.eval()
-        peft_model = PeftModel.from_pretrained(model, str(self.v.path))
-        peft_model.eval()
-        ids = _probe_ids(tokenizer)
-        with torch.no_grad():
-            expected = peft_model(**ids).logits
-            merged = peft_model.merge_and_unload()
-            got = merged(**ids).logits
-        check = merge_check(expected, got)
+        merged, tokenizer, ids, got, check = merge_in_fp32(self.base.folder, self.v.path)
         if not check["max_abs_logit_diff"] <= check["tolerance"]:
             raise ExportError(f"the merged model's logits differ from base + adapter by {check['max_abs_logit_diff']:.3g}"
                               f" (tolerance {check['tolerance']:.3g}: {MERGE_TOLERANCE:g} of the scale): nothing written")
