@@ -111,6 +111,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def uvicorn_on_loopback(app: Any) -> Iterator[str]:
+    """`app` on a real uvicorn at 127.0.0.1 (a free port), in a thread, for the block; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
 def token_of(cfg: Config) -> str:
     return (cfg.path("status") / "monitor_token").read_text().strip()
 

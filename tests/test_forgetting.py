@@ -122,6 +122,13 @@ def forgetting_instance(tmp_path: Path, models_dir: Path, env: dict[str, str] | 
                                  **({"notify": notify} if notify else {})), env=env)
 
 
+def chat_then_text(d: Daemon) -> None:
+    """File a (chat) learnt, then file b (text) dropped: what the gate judges, b forgetting a."""
+    d.drop("a.jsonl", lines_of("chat.jsonl", 40))
+    d.wait_counts(done=1)
+    d.drop("b.jsonl", lines_of("text.jsonl", 40))
+
+
 def failed_reason(d: Daemon) -> str:
     (error,) = d.cfg.path("queue").glob("failed/*.error.json")
     return json.loads(error.read_text())["reason"]
@@ -172,9 +179,7 @@ def test_a_held_version_survives_a_kill_and_reject_fails_its_file(tmp_path: Path
     d = forgetting_instance(tmp_path, models_dir, action="hold", max_probe_increase=100.0, max_keep_increase=1e-9)
     try:
         d.start(new_session=True)
-        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
-        d.wait_counts(done=1)
-        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        chat_then_text(d)
         st = d.wait_for(lambda s: s.get("held"), what="the gate holding b's version")
         assert st["held"]["version"] == 2 and st["pause_reason"] == "forgetting" and st["status"] == "paused"
         assert "the keep-set of a.jsonl" in st["held"]["message"] and "accept 2" in st["held"]["message"]
@@ -214,9 +219,7 @@ def test_accept_makes_the_held_version_current(tmp_path: Path, models_dir: Path)
     d = forgetting_instance(tmp_path, models_dir, action="hold", max_probe_increase=100.0, max_keep_increase=1e-9)
     try:
         d.start()
-        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
-        d.wait_counts(done=1)
-        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        chat_then_text(d)
         d.wait_for(lambda s: s.get("held"), what="the gate holding b's version")
         r = d.ctl("adapters", "accept", "v2")
         assert r.returncode == 0 and "current" in r.stdout, r.stdout + r.stderr
@@ -237,9 +240,7 @@ def test_the_rollback_action_puts_the_adapter_back_fails_the_file_and_pauses(tmp
                             action="rollback", max_probe_increase=100.0, max_keep_increase=1e-9)
     try:
         d.start()
-        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
-        d.wait_counts(done=1)
-        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        chat_then_text(d)
         d.wait_counts(done=1, failed=1)
         st = d.wait_for(lambda s: s["status"] == "paused", what="paused by the gate")
         assert st["pause_reason"] == "forgetting" and failed_reason(d) == "forgetting"
@@ -261,9 +262,7 @@ def test_a_skipped_held_file_drops_its_version_and_the_next_file_takes_the_numbe
     d = forgetting_instance(tmp_path, models_dir, action="hold", max_probe_increase=100.0, max_keep_increase=1e-9)
     try:
         d.start()
-        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
-        d.wait_counts(done=1)
-        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        chat_then_text(d)
         d.wait_for(lambda s: s.get("held"), what="the gate holding b's version")
         assert d.ctl("skip").returncode == 0
         d.wait_counts(done=1, failed=1)
@@ -285,9 +284,7 @@ def test_a_trainer_killed_after_scoring_scores_the_same_again(tmp_path: Path, mo
         d = forgetting_instance(where, models_dir, env, max_probe_increase=100.0, max_keep_increase=100.0)
         try:
             d.start()
-            d.drop("a.jsonl", lines_of("chat.jsonl", 40))
-            d.wait_counts(done=1)
-            d.drop("b.jsonl", lines_of("text.jsonl", 40))
+            chat_then_text(d)
             d.wait_counts(done=2)
             return manifest(d, 2).forgetting
         finally:
@@ -363,9 +360,7 @@ def test_over_budget_the_same_first_examples_of_every_set_are_scored_and_compare
                             max_probe_increase=100.0, max_keep_increase=100.0)
     try:
         d.start()
-        d.drop("a.jsonl", lines_of("chat.jsonl", 40))
-        d.wait_counts(done=1)
-        d.drop("b.jsonl", lines_of("text.jsonl", 40))
+        chat_then_text(d)
         d.wait_counts(done=2)
         r = manifest(d, 2).forgetting
         n = r["examples_per_set"]

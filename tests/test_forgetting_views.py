@@ -11,16 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from bench.harness import lines_of, write_instance
 from daemon import forgetting_view, protocol as p
-from daemon.config import load_config
 from daemon.history_db import HistoryDB
 from daemon.jobqueue import JobQueue
 from daemon.protocol import Job
@@ -30,23 +26,11 @@ from daemon.service.tracker import JobTracker
 from monitor import auth
 from monitor.app import create_app
 from tests.forgetting_helpers import report, sequence
-from tests.monitor_helpers import REPO, FakeDaemon, free_port, make_instance, token_of
-
-NOW = 1_800_000_000.0
-
-
-def setup(tmp_path):
-    cfg = load_config(write_instance(tmp_path / "i"))
-    q = JobQueue(cfg.path("queue"))
-    q.ensure()
-    db = HistoryDB(cfg.path("status") / "history.db")
-    return cfg, q, db, JobTracker(cfg, q, db, TrainingStatus())
-
+from tests.monitor_helpers import REPO, FakeDaemon, make_instance, token_of, uvicorn_on_loopback
+from tests.test_tracker import NOW, admit, setup
 
 def start(q, tracker, tmp_path, name):
-    src = tmp_path / name
-    src.write_text(lines_of("text.jsonl", 5))
-    entry = q.start(q.admit(src, Priority.NORMAL, NOW))
+    entry = q.start(admit(q, tmp_path, name, lines_of("text.jsonl", 5)))
     tracker.begin(Job(entry.job_id, str(entry.path), name, "s" * 64, "text", 5))
     return entry.job_id
 
@@ -168,18 +152,8 @@ def fill(cfg) -> list[dict]:
 @pytest.fixture
 def live(tmp_path):
     cfg = make_instance(tmp_path)
-    app = create_app(cfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield cfg, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    t.join(10)
+    with uvicorn_on_loopback(create_app(cfg)) as url:
+        yield cfg, url
 
 
 def trainctl(cfg, *args):

@@ -124,6 +124,19 @@ class Crash(Exception):
     """Stands in for a kill: the loop dies between steps, leaving only its checkpoints."""
 
 
+def crash_after(n: int):  # noqa: ANN201
+    """A control callback that lets `n` steps through, then raises Crash (a kill between steps)."""
+    calls = {"n": 0}
+
+    def control() -> str:
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Crash()
+        return "continue"
+
+    return control
+
+
 def test_resume_after_crash_is_exact(models_dir: Path, tmp_path: Path) -> None:
     # dropout > 0 (RNG must be restored) and grad_accum > 1 (position counts micro-batches)
     cfg = make_cfg(models_dir, tmp_path, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3)

@@ -24,7 +24,7 @@ from daemon.train.data import train_lines, eval_examples  # noqa: E402
 from daemon.train.loop import Job, job_seed, train_file  # noqa: E402
 from daemon.train.model import load_for_training, lora_max_abs_diff, lora_state  # noqa: E402
 from daemon.validate import DataFormat  # noqa: E402
-from tests.test_loop import MAX_RESUME_DIFF, Crash, make_cfg, one_thread, sha, small_file  # noqa: E402,F401
+from tests.test_loop import MAX_RESUME_DIFF, Crash, crash_after, make_cfg, one_thread, sha, small_file  # noqa: E402,F401
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -152,16 +152,8 @@ def test_resume_with_replay_is_exact(models_dir: Path, tmp_path: Path) -> None:
     full, full_lm = train(cfg, dataclasses.replace(job, job_id="straight"), sources_from([a, c], done))
     assert full.steps >= 8 and full.ledger["replay"]["samples"] > 0
 
-    calls = {"n": 0}
-
-    def crash_after_5() -> str:
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise Crash()
-        return "continue"
-
     with pytest.raises(Crash):
-        train(cfg, job, sources_from([a, c], done), control=crash_after_5)
+        train(cfg, job, sources_from([a, c], done), control=crash_after(5))
     assert ckpt.latest_step(cfg.path("checkpoints") / "j") == 3
     resumed, lm = train(cfg, job, sources_from([a, c], done))
     assert resumed.ledger == full.ledger
@@ -178,16 +170,8 @@ def test_an_earlier_file_gone_before_a_resume_is_left_out_and_the_file_finishes(
     c_path, c = earlier_file(done, "20260101T000000Z-000002--c.jsonl", "text.jsonl", 0, 20)
     path = small_file(tmp_path)
     job = Job.for_file("j", path, "alpaca", sha(path))
-    calls = {"n": 0}
-
-    def crash_after_5() -> str:
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise Crash()
-        return "continue"
-
     with pytest.raises(Crash):
-        train(cfg, job, sources_from([a, c], done), control=crash_after_5)
+        train(cfg, job, sources_from([a, c], done), control=crash_after(5))
     c_path.unlink()  # between the kill and the resume
     with caplog.at_level(logging.WARNING):
         out, _ = train(cfg, job, sources_from([a, c], done))
