@@ -303,7 +303,11 @@ def earlier_keep_sets(sess: Session, job_id: str) -> list[ScoreSet]:
     out = []
     for entry in sess.manifest.learnt():
         jid = entry.get("job_id")
-        if jid and jid != job_id and (s := load_keep_set(sess.cfg, jid)) is not None:
+        if not jid or jid == job_id:
+            continue
+        if jid not in sess.keep_sets:  # read once per process: a learnt file's keep-set never changes
+            sess.keep_sets[jid] = load_keep_set(sess.cfg, jid)
+        if (s := sess.keep_sets[jid]) is not None:
             out.append(s)
     return out
 

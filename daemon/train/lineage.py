@@ -166,6 +166,7 @@ def drop_held(sess: Session, m: AdapterManifest) -> None:
     if m.job_id:
         ckpt.delete_checkpoints(sess.checkpoints(m.job_id))
         forgetting.keep_path(sess.cfg, m.job_id).unlink(missing_ok=True)
+        sess.keep_sets.pop(m.job_id, None)
 
 
 def reject_held(sess: Session, version: int) -> None:

@@ -55,6 +55,7 @@ class Session:
     probes: list | None = None  # forgetting.probe_files and eval.file, tokenised once (daemon.train.forgetting)
     probe_rows: tuple[int | None, dict] | None = None  # (adapter version, the probes' rows under it)
     scorer: Scorer = field(default_factory=Scorer)  # scores sets, and knows what a scored token costs here
+    keep_sets: dict = field(default_factory=dict)  # job_id -> its keep-set (ScoreSet, or None: it has none), read once
     forgetting_off: str | None = None  # why the forgetting checks do not run here (None: they do when enabled)
     board: Any = None  # daemon.train.tboard.Board when tensorboard.enabled
     ranks: Ranks = field(default_factory=Ranks)  # this process among the trainer's ranks (one by default)
