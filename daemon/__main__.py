@@ -2,6 +2,7 @@
 
     python -m daemon --config config.json        # or the console script: traind --config config.json
     traind train FILE --output-dir DIR [--config config.json] [--epochs N]   # one run, no daemon
+    traind serve [--config config.json] [--port 8090]                         # an OpenAI-compatible endpoint
     traind worker --node-rank 1 [--config config.json] [--master-addr HOST]   # another machine's ranks
 
 Logs go to `<paths.logs>/daemon_YYYYMMDD.log` and to stderr. SIGTERM or
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.train.oneshot import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["serve"]:  # the model as an OpenAI-compatible endpoint: its own torch-side process
+        from daemon.serve.__main__ import main as serve_main
+
+        return serve_main(argv[1:])
     if argv[:1] == ["worker"]:  # distributed.nnodes > 1: this machine's trainer ranks (daemon.train.launch)
         from daemon.train.launch import worker_main
 
@@ -67,6 +72,7 @@ def _daemon(argv: list[str]) -> int:
         epilog=("commands:\n"
                 "  traind [--config PATH]                  run the daemon in the foreground\n"
                 "  traind train FILE --output-dir DIR ...  one run on one file, no daemon (traind train --help)\n"
+                "  traind serve [--port N]                 the model as an OpenAI-compatible endpoint (traind serve --help)\n"
                 "  traind worker --node-rank N ...         this machine's trainer ranks when distributed.nnodes > 1\n"
                 "                                          (traind worker --help)\n"
                 "\nexit codes: 0 stopped, 1 bad config, 2 locked keys changed, 3 already running"))

@@ -43,6 +43,7 @@ class PathsConfig:
     logs: str = _f("logs", "Daily logs: daemon_YYYYMMDD.log, trainer_YYYYMMDD.log.")
     models: str = _f("models", "Cache for the embedded base model built on first start, and for GGUF bases converted to Hugging Face folders.")
     consolidated: str = _f("consolidated_models", "Bases made by consolidation, one folder each with lineage.json (never deleted by traind).")
+    preferences: str = _f("preferences", "Preference pairs saved from the dashboard's playground, one JSONL file per day: drop one into inbox/ to train on it.")
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,25 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    enabled: bool = _f(True, "bin/start_all.sh starts `traind serve` beside the daemon: an OpenAI-compatible endpoint that answers with the current version (and the dashboard's playground).")
+    host: str = _f("127.0.0.1", "Address `traind serve` binds; off loopback is reachable from other machines (every call needs the token in any case).")
+    port: int = _f(8090, "Port of `traind serve` (`--port` overrides it).")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where it generates: auto is CUDA when a GPU is present (a second copy of the base beside the trainer's), else the CPU.")
+    cpu_threads: int = _f(1, "CPU threads for generation (0: every core). One leaves the cores to a training daemon beside it.")
+    nice: int = _f(10, "CPU niceness increment of the serving process: on a busy CPU the trainer comes first.")
+    max_concurrent: int = _f(2, "Requests generating at once (their tokens interleave); more wait in the queue.")
+    max_queue: int = _f(16, "Requests waiting for a slot; beyond this a request is refused at once (429).")
+    queue_timeout_seconds: float = _f(120.0, "A request that waited this long for a slot is refused (503).")
+    max_tokens: int = _f(1024, "The largest max_tokens a request may ask for (400 above it).")
+    default_max_tokens: int = _f(256, "Tokens generated when a request names no max_tokens.")
+    max_prompt_tokens: int = _f(4096, "The longest prompt accepted, in tokens after the chat template (400 above it; never beyond the model's context).")
+    follow_seconds: float = _f(1.0, "How often it looks at adapters/current.json for a newly published version (a request also looks when it starts).")
+    max_bases: int = _f(2, "Bases held in memory at once: the current generation's, and one more for a version of another generation asked by name.")
+    max_adapters: int = _f(8, "Adapter versions held in memory at once (the least recently used idle ones are let go).")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     status_interval_seconds: float = _f(2.0, "Rewrite training_status.json at least this often.")
     max_crashes_per_file: int = _f(3, "After this many trainer crashes on one file it goes to failed/.")
@@ -237,6 +257,7 @@ class Config:
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig, metadata={"help": "Merging the adapter into a new base."})
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "Several trainer processes and machines (torchrun)."})
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"help": "The daemon process."})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "`traind serve`: the model as an OpenAI-compatible endpoint, following each new version."})
     # Not a key: where the config was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), compare=False, metadata={"internal": True})
     # Not a key: values traind chose itself for this base (the embedded model's own learning rate), each said
@@ -292,7 +313,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "speed": SpeedConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "forgetting": ForgettingConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig,
+    "eval": EvalConfig, "forgetting": ForgettingConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig, "serve": ServeConfig,
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "forgetting", "paused", "rollback")
@@ -365,6 +386,18 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("service", "stop_timeout_seconds"): (lambda v: v > 0, "> 0"),
     ("service", "min_free_bytes"): (lambda v: v >= 0, ">= 0"),
     ("service", "disk_check_seconds"): (lambda v: 0 < v <= 600, "in (0, 600]"),
+    ("serve", "port"): (lambda v: 1 <= v <= 65535, "a TCP port (1-65535)"),
+    ("serve", "cpu_threads"): (lambda v: v >= 0, ">= 0"),
+    ("serve", "nice"): (lambda v: 0 <= v <= 19, "between 0 and 19"),
+    ("serve", "max_concurrent"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
+    ("serve", "max_queue"): (lambda v: v >= 0, ">= 0"),
+    ("serve", "queue_timeout_seconds"): (lambda v: v > 0, "> 0"),
+    ("serve", "max_tokens"): (lambda v: v >= 1, ">= 1"),
+    ("serve", "default_max_tokens"): (lambda v: v >= 1, ">= 1"),
+    ("serve", "max_prompt_tokens"): (lambda v: v >= 1, ">= 1"),
+    ("serve", "follow_seconds"): (lambda v: 0 < v <= 10, "in (0, 10] (a new version must be served within 10 s)"),
+    ("serve", "max_bases"): (lambda v: v >= 1, ">= 1"),
+    ("serve", "max_adapters"): (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -466,6 +499,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append("`distributed.master_addr` must name node 0 (an address or host name)")
     if cfg.service.status_interval_seconds > 10:
         problems.append("`service.status_interval_seconds` must be <= 10 so the status never looks stale while training")
+    if cfg.serve.default_max_tokens > cfg.serve.max_tokens:
+        problems.append(f"`serve.default_max_tokens` = {cfg.serve.default_max_tokens} must not exceed `serve.max_tokens` = {cfg.serve.max_tokens}")
     return problems
 
 

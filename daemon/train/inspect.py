@@ -121,10 +121,21 @@ def load_view(cfg: Config, which: str = "current", device: str = "cpu") -> View:
 
         start_threads(cfg.training.cpu_threads or command_threads())  # before torch is imported
     quiet_loading()
-
-    import torch
     from peft import PeftModel
 
+    model, tokenizer, base_label = load_base_as_trained(cfg, adapter, device)
+    label = f"base: {base_label}"
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter.path))
+        label = f"adapter v{adapter.version} on {base_label}"
+    model.eval()
+    return View(model, tokenizer, label, adapter is not None, device, base_label)
+
+
+def load_base_as_trained(cfg: Config, adapter: adapters.AdapterVersion | None, device: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, generation label) of the base `adapter` trained on (the current one's when None), loaded
+    as the trainer loaded it: the quantization resolved for that adapter and the trainer's compute dtype, so an
+    adapter sees the weights it was trained against. `trainctl sample`/`eval` and `traind serve` load through it."""
     from daemon.train.model import capabilities, choose_dtype, keep_cpu_4bit_layout, load_base, resolve_quantization
 
     base = base_for(cfg, adapter)
@@ -137,13 +148,7 @@ def load_view(cfg: Config, which: str = "current", device: str = "cpu") -> View:
     model, tokenizer = load_base(base, mc, device, dtype)
     if device == "cpu" and quant != "none":
         keep_cpu_4bit_layout(model)
-    base_label = generation_label(cfg, adapter)
-    label = f"base: {base_label}"
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter.path))
-        label = f"adapter v{adapter.version} on {base_label}"
-    model.eval()
-    return View(model, tokenizer, label, adapter is not None, device, base_label)
+    return model, tokenizer, generation_label(cfg, adapter)
 
 
 def sample(view: View, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
