@@ -47,3 +47,74 @@ def expected_answer(cfg: Config, version: int | None, messages: list[dict[str, s
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class ServeProcess:
+    """`traind serve` as a real process on a free loopback port, for a `with` block: `.url` ("http://127.0.0.1:N"),
+    `.token`, `.client()` (an OpenAI client), `.log()` (its stderr so far)."""
+
+    def __init__(self, config_path: Path, ready_timeout: float = 120.0, args: tuple[str, ...] = ()) -> None:
+        self.config_path = Path(config_path)
+        self.ready_timeout = ready_timeout
+        self.args = args
+        self.proc: Any = None
+
+    def __enter__(self) -> "ServeProcess":
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        from bench.harness import time_scale
+        from daemon.config import load_config
+        from tests.monitor_helpers import free_port
+
+        cfg = load_config(self.config_path)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.err_path = cfg.path("logs").parent / f"serve-{self.port}.stderr"
+        self.err_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--config", str(self.config_path),
+                                      "--port", str(self.port), *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.err_path, "wb"), env=env,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.monotonic() + self.ready_timeout * time_scale()
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"traind serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if b'"ready"' in r.read():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise AssertionError(f"traind serve was not ready in time:\n{self.log()}")
+            time.sleep(0.2)
+        self.token = (cfg.path("status") / "monitor_token").read_text().strip()
+        return self
+
+    def client(self, **kw: Any) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.token, **kw)
+
+    def log(self) -> str:
+        try:
+            return self.err_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc: Any) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
