@@ -31,8 +31,9 @@ def publish_version(cfg: Config, version: int, seed: int | None = None, make_cur
                             make_current=make_current).path
 
 
-def expected_answer(cfg: Config, version: int | None, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """What `traind:vN` (the base for None) answers greedily, computed here with PEFT and transformers' generate."""
+def expected_answer(cfg: Config, version: int | None, messages: list[dict[str, str]] | str, max_tokens: int) -> str:
+    """What `traind:vN` (the base for None) answers greedily, computed here with PEFT and transformers' generate:
+    to chat `messages` through the chat template, or to a raw prompt string as /v1/completions takes it."""
     import torch
     from peft import PeftModel
 
@@ -42,8 +43,11 @@ def expected_answer(cfg: Config, version: int | None, messages: list[dict[str, s
     if version is not None:
         model = PeftModel.from_pretrained(model, str(cfg.path("adapters") / adapters.version_dir_name(version)))
     model.eval()
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    if isinstance(messages, str):
+        ids = tok(messages, return_tensors="pt")
+    else:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -100,7 +104,7 @@ class ServeProcess:
     def client(self, **kw: Any) -> Any:
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.url}/v1", api_key=self.token, **kw)
+        return OpenAI(**{"base_url": f"{self.url}/v1", "api_key": self.token, **kw})
 
     def log(self) -> str:
         try:

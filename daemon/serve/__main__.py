@@ -82,7 +82,7 @@ def serve(cfg, host: str, port: int, sockets: list) -> int:  # noqa: ANN001 (Con
     if device == "cpu":
         from daemon.train.threads import start_threads
 
-        start_threads(cfg.serve.cpu_threads)  # before torch is imported
+        start_threads(cfg.serve.cpu_threads, key="serve.cpu_threads")  # before torch is imported
     from daemon.train.inspect import quiet_loading
 
     quiet_loading()

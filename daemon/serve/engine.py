@@ -295,7 +295,7 @@ class Engine:
         job.budget -= 1
         job.counts[token] = job.counts.get(token, 0) + 1
         self.stats["tokens"] += 1
-        if token in job.loaded.eos_ids:
+        if token in job.loaded.eos_ids and not job.req.ignore_eos:
             self._finish(job, "stop")
             return
         delta = job.stream.push(token)

@@ -60,6 +60,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,6 +123,9 @@ def _common(body: Any, kind: str, limits: Limits) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise bad("stream_options", "stream_options must be an object")
     user = body.get("user")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos", f"ignore_eos must be true or false, got {_shown(ignore_eos)}")
     return {
         "model": model, "kind": kind, "max_tokens": max_tokens, "stop": stops,
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
@@ -129,7 +133,7 @@ def _common(body: Any, kind: str, limits: Limits) -> dict[str, Any]:
         "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
         "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         "seed": seed, "stream": bool(stream), "include_usage": bool(options.get("include_usage")),
-        "user": user if isinstance(user, str) else None,
+        "user": user if isinstance(user, str) else None, "ignore_eos": ignore_eos,
     }
 
 

@@ -49,7 +49,7 @@ def cpu_thread_count(configured: int, sharing: int = 1) -> int:
     return configured if configured > 0 else max(1, usable_cores() // max(1, sharing))
 
 
-def start_threads(configured: int, sharing: int = 1) -> int:
+def start_threads(configured: int, sharing: int = 1, key: str = "training.cpu_threads") -> int:
     """Set the torch CPU threads, and the OpenMP/MKL environment before torch is first imported (call this
     first), so every runtime and thread starts with the same count. Returns the count."""
     n = cpu_thread_count(configured, sharing)
@@ -58,7 +58,7 @@ def start_threads(configured: int, sharing: int = 1) -> int:
     import torch
 
     torch.set_num_threads(n)
-    how = "training.cpu_threads" if configured > 0 else "auto: every core, one fewer while other processes want CPU"
+    how = key if configured > 0 else "auto: every core, one fewer while other processes want CPU"
     log.info("torch CPU threads: %d (%s)", torch.get_num_threads(), how)
     return n
 
