@@ -48,6 +48,7 @@ FAST: dict[str, Any] = {
     "training": {"micro_batch_size": 4, "learning_rate": 0.02, "warmup_steps": 2, "checkpoint_every_steps": 5, "cpu_threads": 1},
     "activity": {"every_steps": 10, "min_interval_seconds": 0.0},
     "service": {"status_interval_seconds": 0.5, "restart_backoff_seconds": 0.2, "stop_timeout_seconds": 60.0},
+    "serve": {"enabled": False},  # start_all.sh starts it only where a test or bench asks for it
 }
 
 

@@ -10,6 +10,9 @@
 # (status/monitor.port), else 8080 (8081 for --model). A config that does not load, or a port that
 # another program holds, is refused before anything starts.
 #
+# With serve.enabled (the default) it also starts `traind serve`, an OpenAI-compatible endpoint on the model as it
+# learns (serve.port, 8090), whose port, when taken, is said and left out.
+#
 # On the first start of an instance the bundled example data is dropped into
 # its inbox, so training begins at once on the embedded tiny model (built
 # locally on first use; nothing is downloaded). Stop everything with bin/stop_all.sh.
@@ -68,6 +71,8 @@ except ConfigError as e:  # every problem, as `trainctl config validate` lists t
     sys.exit(1)
 for name in ("inbox", "status", "logs"):
     print(f"{name.upper()}_DIR={shlex.quote(str(cfg.path(name)))}")
+print(f"SERVE_ENABLED={int(cfg.serve.enabled)}")
+print(f"SERVE_URL={shlex.quote(f'http://{cfg.serve.host}:{cfg.serve.port}/v1')}")
 PYEOF
 ) || exit 1
 eval "$paths"
@@ -141,6 +146,25 @@ if [ -z "$mon_pid" ]; then
   [ $up = 1 ] || echo "start_all: the monitor (pid $mon_pid) is not answering on port $PORT yet; see $LOGS_DIR/monitor_stdout.log" >&2
 fi
 echo "$PORT" > "$MON_PORT_FILE"
+
+# traind serve (serve.enabled): the model as an OpenAI-compatible endpoint, and the dashboard's playground. An add-on:
+# a port another program holds is said, with the way out, and the rest of the stack runs without it.
+SERVE_LINE=""
+if [ "$SERVE_ENABLED" = 1 ]; then
+  SERVE_PID_FILE=$STATUS_DIR/serve.pid
+  serve_pid=$(cat "$SERVE_PID_FILE" 2>/dev/null || true)
+  if [ -n "$serve_pid" ] && kill -0 "$serve_pid" 2>/dev/null && grep -q serve "/proc/$serve_pid/cmdline" 2>/dev/null; then
+    echo "start_all: traind serve already running (pid $serve_pid)"
+    SERVE_LINE="start_all: OpenAI API $SERVE_URL  (model traind; api key: the token in $STATUS_DIR/monitor_token)"
+  elif serve_err=$("$PY" -m daemon serve --config "$CONFIG" --check-port 2>&1); then
+    nohup "$PY" -m daemon serve --config "$CONFIG" >>"$LOGS_DIR/serve_stdout.log" 2>&1 </dev/null &
+    echo $! > "$SERVE_PID_FILE"
+    SERVE_LINE="start_all: OpenAI API $SERVE_URL  (model traind; api key: the token in $STATUS_DIR/monitor_token; loading the model)"
+  else
+    echo "start_all: traind serve not started: ${serve_err#traind serve: } (or set serve.enabled false)" >&2
+  fi
+fi
 TOKEN=$(cat "$STATUS_DIR/monitor_token" 2>/dev/null || true)
 echo "start_all: dashboard  http://127.0.0.1:$PORT/#token=$TOKEN"
+[ -z "$SERVE_LINE" ] || echo "$SERVE_LINE"
 echo "start_all: status     $ROOT/.venv/bin/trainctl --config $CONFIG status --watch"

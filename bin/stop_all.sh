@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the traind stack gracefully: the daemon checkpoints and exits, then the monitor stops.
+# Stop the traind stack gracefully: the daemon checkpoints and exits, then traind serve and the monitor stop.
 #
 #   bin/stop_all.sh [--config PATH]
 #
@@ -33,6 +33,15 @@ PY=${TRAIND_PYTHON:-$ROOT/.venv/bin/python}
 # loads: then from the file's paths.status, else the default (where trainctl stop finds the daemon too).
 STATUS_DIR=$("$PY" -c 'import sys; from daemon.cli.shared import status_folder; print(status_folder(sys.argv[1]))' "$CONFIG")
 "$PY" -m daemon.cli --config "$CONFIG" stop || true
+
+SERVE_PID_FILE=$STATUS_DIR/serve.pid
+serve_pid=$(cat "$SERVE_PID_FILE" 2>/dev/null || true)
+if [ -n "$serve_pid" ] && kill -0 "$serve_pid" 2>/dev/null && grep -q serve "/proc/$serve_pid/cmdline" 2>/dev/null; then
+  kill -TERM "$serve_pid"  # requests in flight get up to 10 s to finish
+  for _ in $(seq 1 150); do kill -0 "$serve_pid" 2>/dev/null || break; sleep 0.1; done
+  echo "stop_all: traind serve stopped (pid $serve_pid)"
+fi
+rm -f "$SERVE_PID_FILE"
 
 MON_PID_FILE=$STATUS_DIR/monitor.pid
 mon_pid=$(cat "$MON_PID_FILE" 2>/dev/null || true)

@@ -141,7 +141,8 @@ def test_the_monitor_reads_the_config_in_the_current_folder_by_default(tmp_path:
 def test_traind_help_lists_every_command() -> None:
     r = subprocess.run([sys.executable, "-m", "daemon", "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0
-    for usage in ("traind [--config PATH]", "traind train FILE --output-dir DIR", "traind worker --node-rank N"):
+    for usage in ("traind [--config PATH]", "traind train FILE --output-dir DIR", "traind serve [--port N]",
+                  "traind worker --node-rank N"):
         assert usage in r.stdout, r.stdout
 
 
@@ -203,3 +204,60 @@ def test_start_and_stop_from_the_instance_folder_also_with_a_broken_config(tmp_p
     finally:
         end(holder_pid(status / "daemon.lock"))
         end(monitor_pid(status))
+
+
+def pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.e2e
+def test_start_all_starts_traind_serve_when_enabled_and_stop_all_stops_it(tmp_path: Path, models_dir: Path) -> None:
+    """Issue 30: serve.enabled starts `traind serve` beside the daemon and the monitor; the OpenAI client gets an
+    answer from it; stop_all.sh stops it. A serve port another program holds is said, and the rest starts."""
+    from openai import OpenAI
+
+    inst = tmp_path / "inst"
+    serve_port = free_port()
+    cfg = load_config(write_instance(inst, models_dir, serve={"enabled": True, "port": serve_port}))
+    status, port = cfg.path("status"), free_port()
+    try:
+        r = run("start_all.sh", "--config", str(inst / "config.json"), "--no-examples", "--port", str(port), cwd=inst)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"start_all: OpenAI API http://127.0.0.1:{serve_port}/v1" in r.stdout, r.stdout
+        serve = pid_in(status / "serve.pid")
+        assert serve and alive(serve)
+        client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=(status / "monitor_token").read_text().strip(),
+                        max_retries=0)
+        deadline = time.monotonic() + 120 * time_scale()
+        while True:  # it loads the model after start_all returns
+            try:
+                answer = client.chat.completions.create(model="traind", messages=[{"role": "user", "content": "Hi"}],
+                                                        max_tokens=4, temperature=0)
+                break
+            except Exception:  # 503 while loading, or not listening yet
+                assert time.monotonic() < deadline, (status / "serve.json").read_text() if (status / "serve.json").exists() else ""
+                time.sleep(0.5)
+        assert answer.model == "traind:base"  # nothing trained yet: the base answers
+        # a second start finds it running
+        r = run("start_all.sh", "--config", str(inst / "config.json"), "--no-examples", cwd=inst)
+        assert f"traind serve already running (pid {serve})" in r.stdout, r.stdout
+        r = run("stop_all.sh", "--config", str(inst / "config.json"), cwd=inst)
+        assert f"stop_all: traind serve stopped (pid {serve})" in r.stdout, r.stdout
+        assert not alive(serve) and not (status / "serve.pid").exists()
+        assert json.loads((status / "serve.json").read_text())["state"] == "stopped"
+
+        with socket.socket() as s:  # the serve port taken by another program: said, and the rest runs
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the stopped server's TIME_WAIT
+            s.bind(("127.0.0.1", serve_port))
+            s.listen()
+            r = run("start_all.sh", "--config", str(inst / "config.json"), "--no-examples", cwd=inst)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert f"traind serve not started: port {serve_port} on 127.0.0.1 is in use" in r.stderr, r.stderr
+            assert "serve.port" in r.stderr and holder_pid(status / "daemon.lock") and answers(port)
+    finally:
+        end(holder_pid(status / "daemon.lock"))
+        end(monitor_pid(status))
+        end(pid_in(status / "serve.pid"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -105,6 +106,10 @@ def serve(cfg, host: str, port: int, sockets: list) -> int:  # noqa: ANN001 (Con
              status_dir / auth.TOKEN_FILE)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
                                            access_log=False, timeout_graceful_shutdown=10))
+    # uvicorn handles SIGTERM/SIGINT while it serves, then raises them again under the handlers it found: with
+    # these (which only note the signal), that ends here instead of killing the process before it says "stopped".
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, f: log.info("stopping (%s)", signal.Signals(s).name))
     try:
         server.run(sockets=sockets)
     finally:
