@@ -239,3 +239,31 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut_the_answer(served):
     _, ev = run(engine, {"model": "traind", "messages": HELLO, "max_tokens": 12, "temperature": 0, "stop": [word]})
     drain(engine)
     assert text_of(ev) == greedy[:greedy.index(word)] and ev[-1].finish_reason == "stop"
+
+
+def test_a_consolidation_new_base_is_loaded_beside_the_old_and_the_least_used_idle_one_let_go(served, tmp_path):
+    cfg, engine = served
+    from daemon.train.model import resolve_base
+
+    generation1 = tmp_path / "consolidated" / "g1"  # the same weights in another folder: a new generation's base
+    shutil.copytree(resolve_base(cfg), generation1)
+    publish_version(cfg, 2, generation=1, base_path=str(generation1), parent_version=None)
+    _, on_v1 = run(engine, {"model": "traind:v1", "messages": HELLO, "max_tokens": 8, "temperature": 0})
+    engine.run_once()  # v1 (generation 0) is running when the follower loads generation 1's base
+    engine.follow(force=True)
+    assert engine.following == 2
+    assert {b["generation"] for b in engine.host.loaded_summary()} == {0, 1}
+    drain(engine)
+    assert text_of(on_v1) == expected_answer(cfg, 1, HELLO, 8)
+    _, on_v2 = run(engine, {"model": "traind", "messages": HELLO, "max_tokens": 8, "temperature": 0})
+    drain(engine)
+    assert on_v2[0].model == "traind:v2" and text_of(on_v2) == expected_answer(cfg, 2, HELLO, 8)
+    _, base = run(engine, {"model": "traind:base", "messages": HELLO, "max_tokens": 8, "temperature": 0})
+    drain(engine)
+    assert text_of(base) == expected_answer(cfg, None, HELLO, 8)
+    # a third base: the least recently used idle one (generation 0's) goes (serve.max_bases = 2)
+    generation2 = tmp_path / "consolidated" / "g2"
+    shutil.copytree(resolve_base(cfg), generation2)
+    publish_version(cfg, 3, generation=2, base_path=str(generation2), parent_version=None)
+    engine.follow(force=True)
+    assert sorted(b["generation"] for b in engine.host.loaded_summary()) == [1, 2]
