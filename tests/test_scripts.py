@@ -241,6 +241,14 @@ def test_start_all_starts_traind_serve_when_enabled_and_stop_all_stops_it(tmp_pa
                 assert time.monotonic() < deadline, (status / "serve.json").read_text() if (status / "serve.json").exists() else ""
                 time.sleep(0.5)
         assert answer.model == "traind:base"  # nothing trained yet: the base answers
+        deadline = time.monotonic() + 30 * time_scale()
+        while True:  # serve.json is rewritten every 2 s
+            shown = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(inst / "config.json"), "status"],
+                                   capture_output=True, text=True, timeout=60, cwd=REPO).stdout
+            if "answered" in shown or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert f"  serve    http://127.0.0.1:{serve_port}/v1 ready, traind is the base; 1 answered" in shown, shown
         # a second start finds it running
         r = run("start_all.sh", "--config", str(inst / "config.json"), "--no-examples", cwd=inst)
         assert f"traind serve already running (pid {serve})" in r.stdout, r.stdout

@@ -267,3 +267,18 @@ def test_a_consolidation_new_base_is_loaded_beside_the_old_and_the_least_used_id
     publish_version(cfg, 3, generation=2, base_path=str(generation2), parent_version=None)
     engine.follow(force=True)
     assert sorted(b["generation"] for b in engine.host.loaded_summary()) == [1, 2]
+
+
+def test_the_status_line_says_what_serve_does_and_a_dead_one_is_not_taken_for_running(tmp_path):
+    import os
+
+    from daemon import serve_view
+
+    assert "not started" in serve_view.one_line(serve_view.read_serve(tmp_path))
+    record = {"pid": os.getpid(), "host": "127.0.0.1", "port": 8090, "state": "ready", "following": 7, "completed": 12,
+              "active": 1, "waiting": 0}
+    (tmp_path / "serve.json").write_text(json.dumps(record))
+    assert serve_view.one_line(serve_view.read_serve(tmp_path)) == \
+        "http://127.0.0.1:8090/v1 ready, traind is v7; 12 answered, 1 running, 0 waiting"
+    (tmp_path / "serve.json").write_text(json.dumps({**record, "pid": 2**22 + 12345}))  # no such process
+    assert serve_view.one_line(serve_view.read_serve(tmp_path)).startswith("not running (it was killed")

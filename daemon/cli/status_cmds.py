@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from daemon import forgetting_view
+from daemon import forgetting_view, serve_view
 from daemon.cli.shared import daemon_pid, duration, number, out, progress_bar, with_config, with_running_config
 from daemon.diskspace import human_bytes
 from daemon.diskspace import write_trouble
@@ -64,7 +64,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                     sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
                 elif args.watch:
                     out(f"--- {time.strftime('%H:%M:%S')}")
-                out(render_status(st, daemon_pid(cfg), lambda: write_trouble(cfg.path("status"))))
+                screen = render_status(st, daemon_pid(cfg), lambda: write_trouble(cfg.path("status")))
+                serving = serve_view.read_serve(cfg.path("status"))
+                if serving is not None and st is not None:  # traind serve's own status file, beside the daemon's
+                    screen = screen.replace("\n  updated ", f"\n  serve    {serve_view.one_line(serving)}\n  updated ", 1)
+                out(screen)
             if not args.watch:
                 return 0
             time.sleep(args.watch)

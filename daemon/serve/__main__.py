@@ -24,8 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+from daemon.serve_view import STATUS_FILE
+
 log = logging.getLogger("daemon.serve")
-STATUS_FILE = "serve.json"
 PID_FILE = "serve.pid"
 EXIT_BAD_CONFIG = 2
 EXIT_CANNOT_LISTEN = 3
