@@ -282,3 +282,28 @@ def test_the_status_line_says_what_serve_does_and_a_dead_one_is_not_taken_for_ru
         "http://127.0.0.1:8090/v1 ready, traind is v7; 12 answered, 1 running, 0 waiting"
     (tmp_path / "serve.json").write_text(json.dumps({**record, "pid": 2**22 + 12345}))  # no such process
     assert serve_view.one_line(serve_view.read_serve(tmp_path)).startswith("not running (it was killed")
+
+
+@pytest.mark.gpu
+def test_on_cuda_each_name_answers_as_its_version(tmp_path, models_dir):
+    """serve.device cuda (what auto picks on a GPU box): the base in 4 bits as the trainer loads it there, the
+    versions as PEFT adapters on it; greedy answers equal PEFT + generate on the same CUDA model."""
+    import torch
+    from peft import PeftModel
+
+    from daemon.train.inspect import load_base_as_trained
+
+    cfg = load_config(write_instance(tmp_path / "inst", models_dir, model={"quantization": "nf4"}))
+    publish_version(cfg, 1)
+    engine = Engine(cfg, ModelHost(cfg, "cuda"))
+    engine.warm_up()
+    _, events = run(engine, {"model": "traind", "messages": HELLO, "max_tokens": 12, "temperature": 0})
+    drain(engine)
+    model, tok, _ = load_base_as_trained(cfg, adapters.read_current(cfg.path("adapters")), "cuda")
+    model = PeftModel.from_pretrained(model, str(cfg.path("adapters") / "v0001")).eval()
+    text = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).to("cuda")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert events[0].model == "traind:v1"
+    assert text_of(events) == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
