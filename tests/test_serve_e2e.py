@@ -155,3 +155,27 @@ def test_overload_is_refused_with_429_at_once(tmp_path, models_dir):
             client.chat.completions.create(model="traind", messages=HELLO, max_tokens=4)
         assert e.value.response.headers.get("retry-after") == "1"
         long.close()
+
+
+def test_trainctl_sample_asks_a_running_serve(inst):
+    import subprocess
+    import sys
+
+    from bench.harness import REPO
+
+    cfg, path = inst
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(path), "sample", "Hello there",
+                               "--max-new-tokens", "12", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    with ServeProcess(path):
+        deadline = time.monotonic() + 30
+        while json.loads((cfg.path("status") / "serve.json").read_text())["state"] != "ready":  # written every 2 s
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        served = sample()
+        assert served.returncode == 0 and not served.stderr, served.stderr
+        assert served.stdout == f"[adapter v1, answered by traind serve]\n{expected_answer(cfg, 1, HELLO, 12)}\n"
+        missing = sample("--adapter", "9")
+        assert missing.returncode == 1 and "version 9 is not kept" in missing.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     s.add_argument("--max-new-tokens", type=_positive, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--local", action="store_true",
+                   help="load the model in this process even where traind serve runs (which answers at once otherwise)")
     s.set_defaults(handler=with_config(cmd_sample))
     e = subparsers.add_parser("eval", parents=[common], help="loss and token accuracy of base vs adapter on FILE")
     e.add_argument("file")
@@ -51,12 +54,55 @@ def _quiet() -> None:
 
 
 def cmd_sample(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.local and args.device == "cpu":
+        answered = _sample_via_serve(cfg, args)
+        if answered is not None:
+            return answered
     from daemon.train.inspect import load_view, sample
 
     _quiet()
     view = load_view(cfg, args.adapter, args.device)
     out(f"[{view.label}]")
     out(sample(view, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def _sample_via_serve(cfg: Config, args: argparse.Namespace) -> int | None:
+    """Ask a running `traind serve` (its model is loaded already: an answer in a moment, not a model load per
+    call); None where none runs or it cannot be reached, and the model is loaded here instead."""
+    import urllib.error
+    import urllib.request
+
+    from daemon import serve_view
+    info = serve_view.read_serve(cfg.path("status"))
+    if info is None or not info["running"] or info.get("state") != "ready":
+        return None
+    which = args.adapter.lower()
+    model = {"current": "traind", "none": "traind:base"}.get(which, f"traind:v{which.removeprefix('v')}")
+    body = {"model": model, "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_new_tokens, "temperature": args.temperature}
+    try:
+        token = (cfg.path("status") / "monitor_token").read_text(encoding="ascii").strip()
+        request = urllib.request.Request(f"{serve_view.url(info)}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {e.code}"
+        if e.code in (400, 404):  # the question or the version is wrong: loading the model here would not help
+            print(f"trainctl sample: {message}", file=sys.stderr)
+            return 1
+        print(f"trainctl sample: traind serve said {e.code} ({message}); loading the model here instead", file=sys.stderr)
+        return None
+    except (OSError, ValueError) as e:
+        print(f"trainctl sample: traind serve did not answer ({e}); loading the model here instead", file=sys.stderr)
+        return None
+    name = answer["model"]
+    out(f"[{'base' if name == 'traind:base' else 'adapter ' + name.removeprefix('traind:')}, answered by traind serve]")
+    out(answer["choices"][0]["message"]["content"])
     return 0
 
 
