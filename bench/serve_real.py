@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -79,8 +80,10 @@ def main() -> int:
     finally:
         daemon.stop(600)
         daemon.close()
-    write_result(args.out, "serve-real", {"transcript": transcript, "serve_status": status,
-                                          "seconds": round(time.time() - t0, 1)})
+    logs = sorted((work / "inst" / "logs").glob("serve_*.log"))
+    serve_log = [line for line in logs[-1].read_text().splitlines() if "daemon.serve" in line] if logs else []
+    write_result(args.out, "serve-real", {"transcript": transcript, "serve_status": status, "serve_log": serve_log,
+                                          "loadavg_end": os.getloadavg(), "seconds": round(time.time() - t0, 1)})
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
