@@ -307,3 +307,23 @@ def test_on_cuda_each_name_answers_as_its_version(tmp_path, models_dir):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     assert events[0].model == "traind:v1"
     assert text_of(events) == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_a_failure_loading_what_a_request_needs_fails_that_request_and_the_engine_goes_on(served, monkeypatch):
+    cfg, engine = served
+    publish_version(cfg, 2)
+    real = engine.host._load_adapter
+
+    def broken(loaded, target):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(engine.host, "_load_adapter", broken)
+    engine.follow(force=True)  # the follower cannot load v2: logged, the old one still serves
+    assert engine.following == 1
+    _, failed = run(engine, {"model": "traind", "messages": HELLO, "max_tokens": 4, "temperature": 0})
+    drain(engine)
+    assert failed[0].kind == "error" and failed[0].error.status == 500 and "out of memory (injected)" in failed[0].error.message
+    monkeypatch.setattr(engine.host, "_load_adapter", real)
+    _, ok = run(engine, {"model": "traind", "messages": HELLO, "max_tokens": 4, "temperature": 0})
+    drain(engine)
+    assert ok[0].model == "traind:v2" and ok[-1].kind == "done"

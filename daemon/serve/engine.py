@@ -155,8 +155,11 @@ class Engine:
                     break
                 if not self.waiting and not self.active:
                     self._wake.wait(self.sc.follow_seconds)
-            if not self.run_once():
-                continue
+            try:
+                self.run_once()
+            except Exception:  # never leave the requests waiting on a dead thread: log it and go on
+                log.exception("the engine's turn failed; going on")
+                time.sleep(0.5)
 
     def run_once(self) -> bool:
         """One turn: follow current.json, start what can start, one token (or prompt chunk) for each running
@@ -194,6 +197,9 @@ class Engine:
             self.host.release(target)
         except ApiError as e:  # pruned or unreadable for a moment: looked at again next time
             log.warning("could not load the new current version: %s", e.message)
+            return
+        except Exception:  # a base that does not load (memory, a broken folder): requests still get the old one
+            log.exception("could not load the new current version %s; trying again in %g s", version, self.sc.follow_seconds)
             return
         self._note_swap(target, current)
 
@@ -233,6 +239,11 @@ class Engine:
                 self._begin(job)
             except ApiError as e:
                 self._end(job, e)
+                continue
+            except Exception as e:  # loading what it asked for failed: this request fails, the others go on
+                log.exception("request %d could not start", job.id)
+                self._end(job, ApiError(500, f"could not start: {type(e).__name__}: {e}", kind="server_error",
+                                        code="generation_failed"))
                 continue
             with self._lock:
                 self.active.append(job)

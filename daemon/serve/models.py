@@ -243,8 +243,9 @@ class ModelHost:
         log.info("let go of adapter v%d (least recently used; serve.max_adapters = %d)", version, self.cfg.serve.max_adapters)
 
     def loaded_summary(self) -> list[dict[str, Any]]:
+        # Read by the HTTP and status threads while the engine thread changes it: copies, never live iteration.
         return [{"base": str(b.path), "generation": b.generation, "label": b.label,
-                 "versions": sorted(b.adapters), "running": sum(b.pins.values())} for b in self.bases.values()]
+                 "versions": sorted(list(b.adapters)), "running": sum(list(b.pins.values()))} for b in list(self.bases.values())]
 
 
 def _model(name: str, created: int, meta: dict[str, Any]) -> dict[str, Any]:
