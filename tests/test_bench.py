@@ -113,3 +113,17 @@ def test_compile_bench_runs(tmp_path: Path) -> None:
     [row] = json.loads(path.read_text())["results"]
     assert row["eager_tokens_per_sec"] > 0 and row["compiled_tokens_per_sec"] > 0 and row["compile_seconds"] > 0
     assert 0 < row["efficiency_eager"] < 1.5 and 0 < row["efficiency_compiled"] < 1.5
+
+
+@pytest.mark.slow
+def test_serve_load_bench_measures_training_with_and_without_requests(tmp_path: Path, models_dir: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "serve_load.py"), "--files", "2", "--lines", "24",
+                           "--models", str(models_dir), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result] = [json.loads(p.read_text()) for p in out.glob("serve-load-*.json")]
+    quiet, loaded = result["files"]
+    assert not quiet["under_load"] and loaded["under_load"] and loaded["failed"] == 0 and loaded["requests"] >= 1
+    assert quiet["train_tokens_per_sec"] > 0 and loaded["train_tokens_per_sec"] > 0
+    assert len(result["training_slowdown_by_pair"]) == 1
