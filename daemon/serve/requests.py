@@ -91,7 +91,9 @@ def _common(body: Any, kind: str, limits: Limits) -> dict[str, Any]:
         raise bad("n", f"n must be 1 (one answer per request), got {_shown(n)}")
     for unsupported in ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "response_format", "suffix", "echo", "best_of"):
         value = body.get(unsupported)
-        if value not in (None, False, [], {}) and not (unsupported == "response_format" and value == {"type": "text"}):
+        plain_text = unsupported == "response_format" and isinstance(value, dict) and set(value) == {"type"} \
+            and value.get("type") == "text"  # OpenAI's default, which some clients always send
+        if value not in (None, False, [], {}) and not plain_text:
             raise bad(unsupported, f"{unsupported} is not supported by traind serve")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
