@@ -258,3 +258,68 @@ def test_the_day_file_is_named_by_the_utc_date_and_never_left_torn(tmp_path: Pat
     assert sorted(p.name for p in (tmp_path / "prefs").iterdir()) == [
         ".lock", "playground-2026-12-01.jsonl", "playground-2026-12-02.jsonl"]
     assert [(f.name, f.records) for f in store.files()] == [("playground-2026-12-02.jsonl", 1), ("playground-2026-12-01.jsonl", 2)]
+
+
+# -- the page ---------------------------------------------------------------------------------------------------
+
+def test_the_playground_page_asks_both_and_saves_the_better_answer(served: dict[str, Any], tmp_path: Path) -> None:
+    """Headless chromium: both answers stream side by side, each labelled with the version that answered; "this
+    one is better" under the right one writes the pair, the left answer rejected, into the day's file."""
+    from tests.test_monitor_browser import CHROMIUM, CHROMIUM_ARGS, Page, wait_until
+
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; bin/test.sh does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        p = Page(browser, served["url"])
+        page = p.page
+        p.open(served["token"])
+        wait_until(lambda: page.locator("#pg-ask").is_enabled(), 30, "the Ask button enabled (serve ready, models listed)")
+        assert page.get_attribute("#pg-serve", "data-state") == "ready"
+        assert (page.input_value("#pg-model-left"), page.input_value("#pg-model-right")) == ("traind:base", "traind")
+        page.fill("#pg-prompt", PROMPT)
+        page.fill("#pg-max-tokens", "16")
+        page.fill("#pg-temperature", "0")
+        page.click("#pg-ask")
+        done = lambda: [page.get_attribute(f"#pg-answer-{s}", "data-state") for s in ("left", "right")] == ["done", "done"]
+        wait_until(done, 90, "both answers streamed to the end")
+        answers = {s: page.text_content(f"#pg-answer-{s}") for s in ("left", "right")}
+        assert {s: page.get_attribute(f"#pg-answer-{s}", "data-model") for s in answers} == {"left": "traind:base", "right": "traind:v2"}
+        assert page.text_content("#pg-label-right").startswith("answered by traind:v2 (asked: traind)")
+        assert page.text_content("#pg-label-left").startswith("answered by traind:base")
+        assert answers["left"].strip() and answers["right"].strip() and answers["left"] != answers["right"], answers
+        chunks = {s: int(page.get_attribute(f"#pg-answer-{s}", "data-chunks")) for s in answers}
+        # piece by piece as serve sent them (the tiny base may stop after one token; v2 runs to max_tokens)
+        assert chunks["right"] > 1 and sum(chunks.values()) > 2, (chunks, answers)
+        direct = served["serve"].client().chat.completions.create(**_chat("traind:v2", False, 16))
+        assert answers["right"] == direct.choices[0].message.content
+        page.click("#pg-better-right")
+        wait_until(lambda: page.get_attribute("#pg-saved", "data-count") == "1", 15, "the saved count at 1")
+        assert page.locator("#pg-better-left").is_disabled(), "one pair is saved once"
+        files = list(served["cfg"].path("preferences").glob("playground-*.jsonl"))
+        assert len(files) == 1
+        record = json.loads(files[0].read_text())
+        assert record["messages"] == [{"role": "user", "content": PROMPT}]
+        assert record["chosen"] == {"role": "assistant", "content": answers["right"]}
+        assert record["rejected"] == {"role": "assistant", "content": answers["left"]}
+        assert (record["meta"]["chosen_model"], record["meta"]["rejected_model"]) == ("traind:v2", "traind:base")
+        page.locator(f".pg-file[data-file='{files[0].name}'] .pg-queue").click()
+        wait_until(lambda: (served["cfg"].path("inbox") / files[0].name).exists(), 15, "the file copied into the inbox")
+        p.shot_of("#playground-panel", "playground.png")
+        p.assert_clean()
+
+        # an instance whose serve does not run: the panel says why and how to start it, and asks nothing
+        cfg = make_instance(tmp_path)
+        app = create_app(cfg)
+        with uvicorn_on_loopback(app) as url:
+            q = Page(browser, url)
+            q.open(token_of(cfg))
+            wait_until(lambda: q.page.get_attribute("#pg-serve", "data-state") == "not_started", 15, "serve reported absent")
+            assert "bin/start_all.sh" in q.page.text_content("#pg-serve")
+            assert q.page.locator("#pg-ask").is_disabled()
+            assert q.page.text_content("#pg-hint") == "traind serve is not running."
+            q.shot_of("#playground-panel", "playground_no_serve.png")
+            q.assert_clean()
+        browser.close()
