@@ -105,6 +105,22 @@ def test_chat_streams_through_the_proxy_as_serve_sends_it(served: dict[str, Any]
     assert _streamed_text(events) == direct.choices[0].message.content
 
 
+def test_a_page_that_goes_away_cancels_the_generation(served: dict[str, Any]) -> None:
+    """The browser stops reading (Stop, a closed tab): the proxy closes its stream to serve, which cancels the
+    request and frees its slot instead of generating 1000 tokens for nobody."""
+    from tests.test_monitor_browser import wait_until
+
+    def stats() -> dict[str, Any]:
+        return json.loads((served["cfg"].path("status") / "serve.json").read_text())
+
+    before = stats()["cancelled"]
+    with httpx.stream("POST", served["url"] + "/api/serve/chat/completions", json=_chat("traind:v2", True, 1000),
+                      headers=_auth(served["token"]), timeout=TIMEOUT) as r:
+        assert r.status_code == 200
+        assert b'"role": "assistant"' in next(r.iter_raw())
+    wait_until(lambda: stats()["cancelled"] == before + 1, 20, "serve counted the request cancelled")
+
+
 def test_versions_answer_differently_through_the_proxy(served: dict[str, Any]) -> None:
     answers = {}
     for model in ("traind:base", "traind:v1"):
