@@ -28,7 +28,9 @@ from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from daemon import atomic, diskspace
+from daemon import diskspace
+from daemon.serve_view import read_serve
+from daemon.serve_view import url as serve_url
 from daemon.states import Priority
 from monitor import auth
 from monitor.deps import MonitorState, ReadAuth, StateDep, WriteAuth
@@ -40,7 +42,6 @@ from monitor.upload import inbox_folder, insufficient_storage, publish
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["playground"])
 
-SERVE_FILE = "serve.json"  # written by `traind serve` (daemon/serve/__main__.py), its one writer
 HEALTH_TIMEOUT_SECONDS = 2.0
 MAX_BODY_BYTES = 8 * 2**20  # as serve's own limit
 START_HINT = "start it with bin/start_all.sh (serve.enabled in config.json)"
@@ -57,31 +58,23 @@ def _base_url(host: str, port: int) -> str:
 def serve_record(state: MonitorState) -> dict[str, Any]:
     """What serve.json says, checked against its process: running, state, url (None when not reachable), message."""
     cfg = state.cfg
-    path = cfg.path("status") / SERVE_FILE
-    try:
-        rec = atomic.read_json(path)
-    except FileNotFoundError:
-        rec = None
-    except (OSError, ValueError) as e:
-        return {"running": False, "state": "unreadable", "url": None, "enabled": cfg.serve.enabled,
-                "message": f"{path} cannot be read ({e}); {START_HINT}"}
-    if not isinstance(rec, dict) or not isinstance(rec.get("port"), int):
+    info = read_serve(cfg.path("status"))
+    if info is None or not isinstance(info.get("port"), int):
         why = ("serve.enabled is false in config.json: set it to true and run bin/start_all.sh" if not cfg.serve.enabled
                else f"traind serve is not running for this instance: {START_HINT}")
         return {"running": False, "state": "not_started", "url": None, "enabled": cfg.serve.enabled, "message": why}
-    url = _base_url(str(rec.get("host", "")), rec["port"])
-    out = {"running": False, "state": str(rec.get("state", "unknown")), "url": None, "serve_url": url + "/v1",
-           "pid": rec.get("pid"), "enabled": cfg.serve.enabled, "following": rec.get("following"),
-           "device": rec.get("device"), "started_at": rec.get("started_at")}
-    started = rec.get("started_at") if isinstance(rec.get("started_at"), (int, float)) else None
+    out = {"running": False, "state": str(info.get("state", "unknown")), "url": None, "serve_url": serve_url(info),
+           "pid": info.get("pid"), "enabled": cfg.serve.enabled, "following": info.get("following"),
+           "device": info.get("device"), "started_at": info.get("started_at")}
+    started = info.get("started_at") if isinstance(info.get("started_at"), (int, float)) else None
     if out["state"] == "stopped":
         out["message"] = f"traind serve stopped; {START_HINT}"
-    elif not pid_alive(rec.get("pid"), started):
+    elif not (info["running"] and pid_alive(info.get("pid"), started)):  # pid_alive: not a later process on that pid
         out["state"] = "gone"
-        out["message"] = (f"traind serve (pid {rec.get('pid')}) is gone without stopping cleanly "
+        out["message"] = (f"traind serve (pid {info.get('pid')}) is gone without stopping cleanly "
                           f"(logs/serve_*.log says why); {START_HINT}")
     else:
-        out.update(running=True, url=url)
+        out.update(running=True, url=_base_url(str(info.get("host") or ""), info["port"]))
     return out
 
 
