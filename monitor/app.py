@@ -23,8 +23,8 @@ from fastapi.staticfiles import StaticFiles
 from daemon.config import Config
 from daemon.jobqueue import JobQueue
 from daemon.history_db import HISTORY_FILE, HistoryDB
-from monitor import (activity_api, auth, control_api, events, forgetting_api, history, metrics, queue_view, resources,
-                     status_api, upload)
+from monitor import (activity_api, auth, control_api, events, forgetting_api, history, metrics, playground_api,
+                     queue_view, resources, status_api, upload)
 from monitor.deps import MonitorState, ReadAuth
 from monitor.gpu import GpuProbe
 from monitor.host import ProcessSampler
@@ -54,7 +54,8 @@ def create_app(config: Config, settings: MonitorSettings | None = None) -> FastA
                     f"State-changing endpoints need the token from status/{auth.TOKEN_FILE} in the {auth.HEADER} header.",
     )
     app.state.monitor = state
-    for module in (status_api, history, activity_api, forgetting_api, queue_view, resources, events, metrics, control_api, upload):
+    for module in (status_api, history, activity_api, forgetting_api, queue_view, resources, events, metrics, control_api, upload,
+                   playground_api):
         app.include_router(module.router)
     _add_docs(app)
     app.add_middleware(SecurityHeaders, loopback_only=not settings.token_for_reads)

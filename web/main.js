@@ -21,8 +21,9 @@ import * as forgetting from './views/forgetting.js';
 import * as resources from './views/resources.js';
 import * as ranks from './views/ranks.js';
 import * as queue from './views/queue.js';
+import * as playground from './views/playground.js';
 
-const views = [status, controls, charts, activity, forgetting, resources, ranks, queue];  // the order they hear each event in
+const views = [status, controls, charts, activity, forgetting, resources, ranks, queue, playground];  // the order they hear each event in
 
 window.traind = state;  // for people poking at the console, and for the browser test
 
