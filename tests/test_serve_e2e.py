@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from bench.harness import write_instance
+from bench.harness import time_scale, write_instance
 from daemon.config import load_config
 from tests.serve_helpers import ServeProcess, expected_answer, publish_version
 
@@ -56,10 +56,12 @@ def test_several_clients_while_a_version_is_published_fail_nothing_and_each_name
     answers = {1: expected_answer(cfg, 1, HELLO, 24)}
     with ServeProcess(path) as s:
         results, errors = [], []
+        stop = threading.Event()
 
         def client_loop(k: int) -> None:
-            client = s.client(max_retries=0, timeout=120)
-            for i in range(4):
+            client = s.client(max_retries=0, timeout=300)
+            i = 0
+            while not stop.is_set():
                 sent = time.time()
                 try:
                     if (k + i) % 2:
@@ -72,20 +74,30 @@ def test_several_clients_while_a_version_is_published_fail_nothing_and_each_name
                         model, text = r.model, r.choices[0].message.content
                 except openai.OpenAIError as e:
                     errors.append(repr(e))
-                    continue
+                    return
                 results.append((sent, time.time(), model, text))
+                i += 1
+
+        def wait_until(pred, what: str) -> None:
+            deadline = time.monotonic() + 300 * time_scale()
+            while not pred():
+                assert time.monotonic() < deadline and not errors, f"{what}: {errors or 'timed out'}"
+                time.sleep(0.1)
 
         threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
-        published_from = time.time()
-        publish_version(cfg, 2)
-        published_by = time.time()
-        for t in threads:
-            t.join(300)
+        try:
+            wait_until(lambda: len(results) >= 4, "answers before the publication")
+            published_from = time.time()
+            publish_version(cfg, 2)  # while the four clients keep asking
+            published_by = time.time()
+            wait_until(lambda: sum(sent > published_by for sent, *_ in results) >= 4, "answers after the publication")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(300)
         assert errors == []
-        assert len(results) == 16
         answers[2] = expected_answer(cfg, 2, HELLO, 24)
         for sent, received, model, text in results:
             version = int(model.removeprefix("traind:v"))
@@ -94,8 +106,9 @@ def test_several_clients_while_a_version_is_published_fail_nothing_and_each_name
             assert text == answers[version]
         assert {m for _, _, m, _ in results} == {"traind:v1", "traind:v2"}
         # with no request at all, the follower has v2 loaded: the status file says so
-        status = json.loads((cfg.path("status") / "serve.json").read_text())
-        assert status["following"] == 2 and 2 in status["loaded"][0]["versions"]
+        status = cfg.path("status") / "serve.json"
+        wait_until(lambda: json.loads(status.read_text())["following"] == 2, "serve.json to say v2")  # every 2 s
+        assert 2 in json.loads(status.read_text())["loaded"][0]["versions"]
 
 
 def test_hostile_requests_get_openai_errors_and_the_server_goes_on(inst):
