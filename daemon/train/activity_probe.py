@@ -239,6 +239,7 @@ class Sampler:
         self.clock, self.report, self.job_id = clock, report, job_id
         self.last = -math.inf
         self.failed = False
+        self.extra: dict[str, Any] = {}  # measure -> () -> one value per module, added to each sample (freezing)
 
     def due(self, step: int, total_steps: int) -> bool:
         if self.probe is None or self.failed:
@@ -250,6 +251,9 @@ class Sampler:
         self.last = self.clock()
         try:
             grid = self.probe.sample(grads)
+            if self.extra:
+                more = self.probe.grid({m: fn() for m, fn in self.extra.items()})
+                grid = Grid(grid.layers, grid.kinds, {**grid.values, **more.values})
         except Exception:  # a diagnostic must never cost the file its training
             log.warning("%s: layer activity not sampled (no more samples for this file)", self.job_id, exc_info=True)
             self.failed = True
