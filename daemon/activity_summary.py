@@ -22,7 +22,9 @@ from typing import Any
 
 from daemon.schema import LayerActivitySummary, Mover, iso
 
-MEASURES = ("update", "relative", "change", "grad_a", "grad_b")  # what a sample holds (and `base`)
+MEASURES = ("update", "relative", "change", "grad_a", "grad_b", "frozen", "intruders")  # what a sample holds (and `base`)
+# Per-module counts, summed over a layer (or kind): `frozen` 1/0 (lora.freeze_stalled), `intruders` (activity.intruders).
+COUNT_MEASURES = ("frozen", "intruders")
 HISTORY_MEASURES = (*MEASURES, "relative_change")  # per-layer totals a history row keeps
 MOVED_MEASURES = ("moved", "moved_relative")  # what a finished file holds (and `base`)
 RELATIVE_OF = {"relative": "update", "moved_relative": "moved", "relative_change": "change"}
@@ -48,12 +50,19 @@ def _totals(grid: Grid, measures: tuple[str, ...], axis: int) -> dict[str, list[
     out: dict[str, list[float | None]] = {}
     for m in measures:
         absolute = RELATIVE_OF.get(m)
-        if absolute is None:
+        if m in COUNT_MEASURES:
+            out[m] = [_sum(line(m, k)) for k in range(n)]
+        elif absolute is None:
             out[m] = [_norm(line(m, k)) for k in range(n)]
         elif absolute in values and "base" in values:
             out[m] = [_ratio(_norm(_paired(line(absolute, k), line("base", k))),
                              _norm(_paired(line("base", k), line(absolute, k)))) for k in range(n)]
     return out
+
+
+def _sum(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(sum(present)) if present else None
 
 
 def _paired(a: list[float | None], b: list[float | None]) -> list[float | None]:

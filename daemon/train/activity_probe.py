@@ -103,6 +103,9 @@ class ActivityProbe:
         self.groups = _groups(self.modules)
         self._base: list[float] | None = None
         self._prev: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # group -> (A, B, ‖BA‖²)
+        # measure -> () -> one value per module, added to each sample the Sampler reports: `frozen`
+        # (daemon.train.freezing), `intruders` (daemon.train.intruders)
+        self.extra: dict[str, Any] = {}
 
     # -- the factors --------------------------------------------------------------------
     def _factors(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +242,6 @@ class Sampler:
         self.clock, self.report, self.job_id = clock, report, job_id
         self.last = -math.inf
         self.failed = False
-        self.extra: dict[str, Any] = {}  # measure -> () -> one value per module, added to each sample (freezing)
 
     def due(self, step: int, total_steps: int) -> bool:
         if self.probe is None or self.failed:
@@ -251,8 +253,8 @@ class Sampler:
         self.last = self.clock()
         try:
             grid = self.probe.sample(grads)
-            if self.extra:
-                more = self.probe.grid({m: fn() for m, fn in self.extra.items()})
+            if self.probe.extra:
+                more = self.probe.grid({m: fn() for m, fn in self.probe.extra.items()})
                 grid = Grid(grid.layers, grid.kinds, {**grid.values, **more.values})
         except Exception:  # a diagnostic must never cost the file its training
             log.warning("%s: layer activity not sampled (no more samples for this file)", self.job_id, exc_info=True)

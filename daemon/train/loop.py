@@ -408,8 +408,10 @@ def _train_file(
         return pos.step
 
     sampler = Sampler(probe, cfg.activity.every_steps, cfg.activity.min_interval_seconds, clock, report, job.job_id)
-    if freezer is not None:
-        sampler.extra["frozen"] = freezer.per_module
+    if probe is not None and freezer is not None:
+        probe.extra["frozen"] = freezer.per_module
+    elif probe is not None:
+        probe.extra.pop("frozen", None)
     spike = SpikeGuard(cfg.guard.loss_spike_factor, cfg.guard.min_steps)
 
     def run_eval() -> float | None:
