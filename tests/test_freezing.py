@@ -106,3 +106,49 @@ def test_freezing_thresholds_are_validated(tmp_path: Path, key: str, value: obje
     (tmp_path / "config.json").write_text(f'{{"lora": {{"freeze_stalled": true, "{key}": {value!r}}}}}'.replace("'", '"'))
     with pytest.raises(ConfigError, match=f"lora.{key}"):
         load_config(tmp_path / "config.json")
+
+
+@pytest.mark.slow  # two trainer children on 2 shared cores: 40-80 s
+def test_the_frozen_set_carries_to_the_next_file_through_the_manifest_across_a_restart(models_dir: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The real trainer child: the first file freezes layer 0; a new child (the trainer restarted) starts the next
+    file from v1's frozen set, keeps it (its gradients do not ask for it: thaw_ratio high), and v2's layer 0 is
+    v1's bit for bit. The job record (done's activity_moved) says what froze; intruders go into the report."""
+    import json
+
+    from tests.test_trainer_child import Child, adapter_weights, data_file, train_msg, write_config
+
+    root = tmp_path / "inst"
+    config = write_config(root, models_dir, epochs_per_file=2, weight_decay=0.1)
+    raw = json.loads(config.read_text())
+    raw["lora"].update(target_modules=ALL_LINEAR, freeze_stalled=True, freeze_every_steps=1, freeze_patience=1,
+                       freeze_threshold=0.99, freeze_max_fraction=0.5, thaw_ratio=1e9)
+    raw["activity"] = {"intruders": True, "intruders_min_strength": 0.0}
+    config.write_text(json.dumps(raw))
+    a, sha_a = data_file(root, "a.jsonl", 24)
+    b, sha_b = data_file(root, "b.jsonl", 24, "text.jsonl")
+    for job, path, sha, fmt in (("j-a", a, sha_a, "alpaca"), ("j-b", b, sha_b, "text")):
+        child = Child(config)
+        try:
+            child.until("ready")
+            child.conn.send(train_msg(job, path, sha, fmt))
+            msgs = child.until("done")
+        finally:
+            child.close()
+        done = msgs[-1]
+        freezing = done["activity_moved"]["freezing"]
+        assert freezing["frozen"] == ["layer 0"], freezing
+        samples = [m for m in msgs if m["type"] == "activity"]
+        assert samples[-1]["values"]["frozen"] == [[1.0] * 7, [0.0] * 7]
+        report = done["forgetting"]["intruders"]
+        assert report["count"] == sum(report["per_layer"]) and report["layers"] == [0, 1]
+        if job == "j-a":
+            assert freezing["carried"] == [] and [e["action"] for e in freezing["events"]] == ["freeze"]
+            assert report["before"] is None
+        else:
+            assert freezing["carried"] == ["layer 0"] and freezing["events"] == [] and freezing["skipped_layers"] == [0]
+            assert report["before"] is not None
+    v1, v2 = adapter_weights(root, 1), adapter_weights(root, 2)
+    layer0 = [k for k in v1 if ".layers.0." in k]
+    assert layer0 and all(torch.equal(v1[k], v2[k]) for k in layer0)
+    assert any(not torch.equal(v1[k], v2[k]) for k in v1 if ".layers.1." in k)
