@@ -202,6 +202,7 @@ class NotifyConfig:
 @dataclass(frozen=True)
 class ConsolidationConfig:
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype of a consolidated base's weights (the merge itself is fp32); auto: the base's own.")
+    damp_intruders: float = _f(0.0, "Scale the adapter's intruder directions (daemon/train/intruders.py, with activity.intruders_* as the thresholds) by 1 - this before merging: 0 merges the adapter as trained, 1 leaves them out. The logit check compares with base + the damped adapter, what is merged; lineage.json says how many were damped.")
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("activity", "intruders_threshold"): (lambda v: 0 < v < 1, "in (0, 1)"),
     ("activity", "intruders_min_strength"): (lambda v: v >= 0, ">= 0"),
     ("forgetting", "max_intruders_increase"): (lambda v: v >= 0, ">= 0"),
+    ("consolidation", "damp_intruders"): (lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("lora", "target_modules"): (lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v), "a non-empty list of module names"),
     ("training", "micro_batch_size"): (lambda v: v >= 1, ">= 1"),
     ("training", "grad_accum_steps"): (lambda v: v >= 1, ">= 1"),

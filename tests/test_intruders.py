@@ -94,3 +94,51 @@ def test_samples_carry_the_intruder_grid(models_dir: Path, tmp_path: Path) -> No
     # with no strength floor, every direction of a moved module unlike the base's top 4 counts: r = 4 at most
     assert all(0 <= v <= 4 for row in last for v in row) and sum(v for row in last for v in row) > 0
     assert intruders.base_seconds is not None
+
+
+def test_damping_removes_the_intruder_directions_and_the_merge_check_holds(models_dir: Path, tmp_path: Path) -> None:
+    """consolidation.damp_intruders 1: the intruding directions leave ΔW (what leaves is exactly their Σ²), the
+    others stay, and merge_in_fp32's logit check compares with base + the damped adapter (it passes)."""
+    from daemon.train.consolidate import MERGE_TOLERANCE, merge_in_fp32
+    from daemon.train.intruders import damp_model
+    from daemon.train.tinymodel import ensure_embedded
+
+    cfg = make_cfg(models_dir, tmp_path, epochs_per_file=1)
+    ac = ActivityConfig(intruders=True, intruders_top_k=4, intruders_min_strength=0.0, intruders_threshold=0.5)
+    cfg = dataclasses.replace(cfg, lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR), activity=ac)
+    path = small_file(tmp_path, n=16)
+    lm = load_for_training(cfg, seed=cfg.training.seed)
+    train_file(lm, cfg, Job.for_file("j", path, "alpaca", sha(path)), global_step=0, ckpt_folder=tmp_path / "ck",
+               report=lambda e: None, control=lambda: "continue")
+    adapter = tmp_path / "adapter"
+    lm.model.save_pretrained(adapter)
+    probe = ActivityProbe(lm.model)
+
+    def delta(i: int) -> torch.Tensor:
+        m = probe.modules[i]
+        return float(probe.scaling[i]) * m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double()
+
+    with torch.no_grad():
+        before = [delta(i) for i in range(len(probe.modules))]
+    intruders = Intruders(probe, ac)
+    count = sum(intruders.counts())
+    assert count > 0
+    # the base's vectors here come from the 4-bit-free fp32 weights of the trainer's model (cfg: quantization none)
+    expected_gone = []
+    for i, m in enumerate(probe.modules):
+        u, s, _ = torch.linalg.svd(before[i], full_matrices=False)
+        u0, sigma_k = intruders.base_vectors()[i]
+        r = m.lora_A["default"].weight.shape[0]
+        gone = [float(s[j]) ** 2 for j in range(r)
+                if float(s[j]) > 1e-12 * sigma_k and float((u0.double().T @ u[:, j]).abs().max()) < ac.intruders_threshold]
+        expected_gone.append(sum(gone))
+    report = damp_model(lm.model, ac, 1.0)
+    assert report["directions"] == count
+    for i in range(len(probe.modules)):
+        removed = float((before[i] - delta(i)).pow(2).sum())
+        assert abs(removed - expected_gone[i]) <= 1e-6 * max(1.0, float(before[i].pow(2).sum()))
+    assert sum(intruders.counts()) == 0
+    base = ensure_embedded(models_dir)
+    merged, _, _, got, check = merge_in_fp32(base, adapter, cfg, 1.0)
+    assert check["intruders_damped"]["directions"] > 0
+    assert check["max_abs_logit_diff"] <= check["tolerance"] == MERGE_TOLERANCE * check["logit_scale"]

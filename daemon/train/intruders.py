@@ -34,6 +34,7 @@ from daemon.train.activity_probe import ADAPTER, ActivityProbe
 
 log = logging.getLogger(__name__)
 
+NOTHING = 1e-12  # a singular value under this fraction of the base's σ_k is rounding, not a direction
 POWER_ITERATIONS = 6  # subspace iterations for the base's top vectors: converged to ~1e-3 on decaying spectra (tested)
 
 
@@ -81,7 +82,7 @@ def intruder_count(a: torch.Tensor, b: torch.Tensor, scaling: float, u0: torch.T
     qa, ra = torch.linalg.qr(a.T)  # in × r, r × r
     uc, s, _ = torch.linalg.svd(scaling * rb @ ra.T)
     dirs = qb @ uc  # out × r: ΔW's left singular vectors, unit length
-    strong = s >= min_strength * sigma_k
+    strong = (s >= min_strength * sigma_k) & (s > NOTHING * sigma_k)  # a direction with no weight is none
     if not bool(strong.any()):
         return 0
     sim = (u0.double().T @ dirs[:, strong]).abs().amax(dim=0)
@@ -110,3 +111,33 @@ def top_left(w: torch.Tensor, k: int, iterations: int = POWER_ITERATIONS) -> tup
         q = torch.linalg.qr(w @ torch.linalg.qr(w.T @ q)[0])[0]
     u, s, _ = torch.linalg.svd(q.T @ w, full_matrices=False)
     return (q @ u[:, :k]).contiguous(), float(s[k - 1])
+
+
+@torch.no_grad()
+def damp_model(model: Any, ac: ActivityConfig, damp: float) -> dict[str, Any]:
+    """Scale the intruder directions of every LoRA module of a peft `model` by 1 - `damp`, in its factors:
+    ΔW = Q_B U_c Σ V_cᵀ Q_Aᵀ becomes the same with Σ damped where a direction intrudes, written back as
+    B = Q_B U_c Σ' / s and A = V_cᵀ Q_Aᵀ (still rank r, so the merged weight is what this adapter's forward
+    computes). The base's vectors from `model`'s own (fp32) base weights. Returns what was damped."""
+    probe = ActivityProbe(model)
+    damped, per_module = 0, {}
+    for i, m in enumerate(probe.modules):
+        u0, sigma_k = _top_left(m.get_base_layer(), ac.intruders_top_k)
+        a_w, b_w = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+        a, b, scaling = a_w.double(), b_w.double(), float(probe.scaling[i])
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        uc, sv, vch = torch.linalg.svd(scaling * rb @ ra.T)
+        dirs = qb @ uc
+        sim = (u0.double().T @ dirs).abs().amax(dim=0)
+        intruding = (sv >= ac.intruders_min_strength * sigma_k) & (sv > NOTHING * sigma_k) & (sim < ac.intruders_threshold)
+        n = int(intruding.sum())
+        if n == 0 or scaling == 0:
+            continue
+        sv = torch.where(intruding, sv * (1 - damp), sv)
+        b_w.copy_((dirs * sv / scaling).to(b_w.dtype))
+        a_w.copy_((vch @ qa.T).to(a_w.dtype))
+        damped += n
+        per_module[probe.sites[i].name.removeprefix("base_model.model.")] = n
+    return {"damp": damp, "directions": damped, "modules": per_module, "threshold": ac.intruders_threshold,
+            "top_k": ac.intruders_top_k, "min_strength": ac.intruders_min_strength}
