@@ -98,8 +98,14 @@ class Freezer:
         self._detach_below(None)
 
     def resume(self, state: dict[str, Any]) -> None:
-        """A checkpoint's state (after `begin`): the decisions go on exactly where they were."""
+        """A checkpoint's state (after `begin`): the decisions go on exactly where they were. A state of other
+        units (lora.freeze_unit changed since) is not used: the file goes on from its weights, nothing frozen."""
         by_name = {n: u for u, n in enumerate(self.names)}
+        if len(state["stalls"]) != len(self.units) or any(n not in by_name for n in state["frozen"]):
+            log.warning("the checkpoint's frozen set is of other units (lora.freeze_unit changed?): not used")
+            self.frozen, self.probed = set(), True
+            self.baseline()
+            return
         self.frozen = {by_name[n] for n in state["frozen"]}
         self.stalls = list(state["stalls"])
         self.probed = bool(state["probed"])
