@@ -22,10 +22,12 @@ from typing import Any
 
 from daemon.schema import LayerActivitySummary, Mover, iso
 
-MEASURES = ("update", "relative", "change", "grad_a", "grad_b", "frozen", "intruders")  # what a sample holds (and `base`)
-# Per-module counts, summed over a layer (or kind): `frozen` 1/0 (lora.freeze_stalled), `intruders` (activity.intruders).
+MEASURES = ("update", "relative", "change", "grad_a", "grad_b")  # what a sample holds (and `base`)
+# Per-module counts, summed over a layer (or kind), where a sample has them: `frozen` 1/0 (lora.freeze_stalled),
+# `intruders` (activity.intruders)
 COUNT_MEASURES = ("frozen", "intruders")
-HISTORY_MEASURES = (*MEASURES, "relative_change")  # per-layer totals a history row keeps
+SAMPLED = (*MEASURES, *COUNT_MEASURES)  # the totals of a sample (the status block, the history)
+HISTORY_MEASURES = (*SAMPLED, "relative_change")  # per-layer totals a history row keeps
 MOVED_MEASURES = ("moved", "moved_relative")  # what a finished file holds (and `base`)
 RELATIVE_OF = {"relative": "update", "moved_relative": "moved", "relative_change": "change"}
 TOP_MOVERS = 5  # movers in the status block: enough to name the hot spots, bounded whatever the model
@@ -80,12 +82,12 @@ def present(grid: Grid, measures: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in measures if m in values or (RELATIVE_OF.get(m) in values and "base" in values))
 
 
-def per_layer(grid: Grid, measures: tuple[str, ...] = MEASURES) -> dict[str, list[float | None]]:
+def per_layer(grid: Grid, measures: tuple[str, ...] = SAMPLED) -> dict[str, list[float | None]]:
     """One total per layer for each measure."""
     return _totals(grid, present(grid, measures), axis=0)
 
 
-def per_kind(grid: Grid, measures: tuple[str, ...] = MEASURES) -> dict[str, list[float | None]]:
+def per_kind(grid: Grid, measures: tuple[str, ...] = SAMPLED) -> dict[str, list[float | None]]:
     """One total per module kind for each measure."""
     return _totals(grid, present(grid, measures), axis=1)
 
