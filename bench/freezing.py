@@ -179,7 +179,7 @@ def costs(lm: Any, cfg: Any, files: list, root: Path, n: int = 20) -> dict[str, 
     every = cfg.lora.freeze_every_steps
     for _ in range(n):
         t0 = time.perf_counter()
-        freezer.after_step(every, every)  # a check step: measure, compare, (maybe) freeze
+        freezer.after_step(on.lora.freeze_every_steps, 0)  # a check step: measure, compare, (maybe) freeze
         check.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         intruders.counts()
