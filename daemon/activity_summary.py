@@ -23,7 +23,11 @@ from typing import Any
 from daemon.schema import LayerActivitySummary, Mover, iso
 
 MEASURES = ("update", "relative", "change", "grad_a", "grad_b")  # what a sample holds (and `base`)
-HISTORY_MEASURES = (*MEASURES, "relative_change")  # per-layer totals a history row keeps
+# Per-module counts, summed over a layer (or kind), where a sample has them: `frozen` 1/0 (lora.freeze_stalled),
+# `intruders` (activity.intruders)
+COUNT_MEASURES = ("frozen", "intruders")
+SAMPLED = (*MEASURES, *COUNT_MEASURES)  # the totals of a sample (the status block, the history)
+HISTORY_MEASURES = (*SAMPLED, "relative_change")  # per-layer totals a history row keeps
 MOVED_MEASURES = ("moved", "moved_relative")  # what a finished file holds (and `base`)
 RELATIVE_OF = {"relative": "update", "moved_relative": "moved", "relative_change": "change"}
 TOP_MOVERS = 5  # movers in the status block: enough to name the hot spots, bounded whatever the model
@@ -48,12 +52,19 @@ def _totals(grid: Grid, measures: tuple[str, ...], axis: int) -> dict[str, list[
     out: dict[str, list[float | None]] = {}
     for m in measures:
         absolute = RELATIVE_OF.get(m)
-        if absolute is None:
+        if m in COUNT_MEASURES:
+            out[m] = [_sum(line(m, k)) for k in range(n)]
+        elif absolute is None:
             out[m] = [_norm(line(m, k)) for k in range(n)]
         elif absolute in values and "base" in values:
             out[m] = [_ratio(_norm(_paired(line(absolute, k), line("base", k))),
                              _norm(_paired(line("base", k), line(absolute, k)))) for k in range(n)]
     return out
+
+
+def _sum(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(sum(present)) if present else None
 
 
 def _paired(a: list[float | None], b: list[float | None]) -> list[float | None]:
@@ -71,12 +82,12 @@ def present(grid: Grid, measures: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in measures if m in values or (RELATIVE_OF.get(m) in values and "base" in values))
 
 
-def per_layer(grid: Grid, measures: tuple[str, ...] = MEASURES) -> dict[str, list[float | None]]:
+def per_layer(grid: Grid, measures: tuple[str, ...] = SAMPLED) -> dict[str, list[float | None]]:
     """One total per layer for each measure."""
     return _totals(grid, present(grid, measures), axis=0)
 
 
-def per_kind(grid: Grid, measures: tuple[str, ...] = MEASURES) -> dict[str, list[float | None]]:
+def per_kind(grid: Grid, measures: tuple[str, ...] = SAMPLED) -> dict[str, list[float | None]]:
     """One total per module kind for each measure."""
     return _totals(grid, present(grid, measures), axis=1)
 

@@ -86,6 +86,14 @@ class LoraConfig:
     alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = _f(0.05, "Dropout on the LoRA input.")
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA (locked key).", locked=True)
+    freeze_stalled: bool = _f(False, "Freeze what stopped moving (daemon/train/freezing.py): a layer (or module, freeze_unit) whose LoRA change between checks stays under freeze_threshold x the median of the trainable ones for freeze_patience checks stops taking gradients; frozen layers below every trainable one are skipped in the backward pass; each new file's first step re-tests the frozen ones and thaws those its gradients need. Not with several processes. See docs/PERFORMANCE.md for what it measured.")
+    freeze_unit: Literal["layer", "module"] = _f("layer", "What freezes as one: a whole layer (its LoRA modules together), or each module alone.")
+    freeze_scope: Literal["bottom", "any"] = _f("bottom", "bottom: a layer freezes only once every layer below it is frozen (the frozen run is skipped in the backward pass: the saving); any: wherever it stalls (saves the LoRA gradients of the frozen modules only).")
+    freeze_every_steps: int = _f(10, "Check for stalled layers every N optimizer steps (deterministic: a resume checks at the same steps).")
+    freeze_threshold: float = _f(0.5, "Stalled: the change since the previous check, relative to the base weight, under this fraction of the median over the trainable layers (modules of the same kind, with freeze_unit module).")
+    freeze_patience: int = _f(3, "Checks in a row a layer must stall before it freezes.")
+    freeze_max_fraction: float = _f(0.5, "At most this fraction of the layers (modules) frozen at once.")
+    thaw_ratio: float = _f(1.0, "A new file's first step computes every gradient: a frozen layer thaws when its gradient, relative to its base weight, reaches this fraction of the median over the trainable ones.")
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,10 @@ class SpeedConfig:
 class ActivityConfig:
     every_steps: int = _f(50, "Sample per-layer LoRA activity every N optimizer steps, and always at the end of each file (0: only there).")
     min_interval_seconds: float = _f(10.0, "...but not more often than this, so fast steps on a small model do not fill the history.")
+    intruders: bool = _f(False, "With each sample, count intruder dimensions per module (daemon/train/intruders.py): top singular directions of the LoRA update as strong as the base's k-th (intruders_min_strength) and unlike all of the base's top intruders_top_k singular vectors (cosine under intruders_threshold). The base's vectors are computed once per loaded base.")
+    intruders_top_k: int = _f(16, "The base's top singular vectors (per module) an update direction is compared with.")
+    intruders_threshold: float = _f(0.5, "An update direction whose largest cosine similarity with those is under this is an intruder (\"LoRA vs full fine-tuning: an illusion of equivalence\" uses 0.5 and below).")
+    intruders_min_strength: float = _f(0.1, "...and whose singular value reaches this fraction of the base's k-th (intruders_top_k) singular value: weaker ones do not change what the layer does.")
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,7 @@ class ForgettingConfig:
     min_budget_seconds: float = _f(10.0, "...but never less than this many seconds (a file that trains in a second may still be scored whole).")
     max_probe_increase: float = _f(0.10, "The gate: a probe whose loss rose by more than this fraction against the version before the file trips it.")
     max_keep_increase: float = _f(0.25, "The gate: an earlier file's keep-set whose loss rose by more than this fraction against right after it was learnt trips it.")
+    max_intruders_increase: int = _f(0, "With activity.intruders: a warning event when the file raised the intruder count by more than this (0: no warning). A warning only: it never holds or rolls back.")
     action: Literal["warn", "hold", "rollback"] = _f("warn", "What a tripped gate does: warn (the version becomes current; an event, a webhook and the status say what was forgotten); hold (the version is kept aside, training pauses until `trainctl adapters accept|reject VERSION`); rollback (the adapter goes back, the file fails with reason forgetting, training pauses).")
 
 
@@ -190,6 +203,7 @@ class NotifyConfig:
 @dataclass(frozen=True)
 class ConsolidationConfig:
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype of a consolidated base's weights (the merge itself is fp32); auto: the base's own.")
+    damp_intruders: float = _f(0.0, "Scale the adapter's intruder directions (daemon/train/intruders.py, with activity.intruders_* as the thresholds) by 1 - this before merging: 0 merges the adapter as trained, 1 leaves them out. The logit check compares with base + the damped adapter, what is merged; lineage.json says how many were damped.")
 
 
 @dataclass(frozen=True)
@@ -343,6 +357,16 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("lora", "r"): (lambda v: v >= 1, ">= 1"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0"),
     ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora", "freeze_every_steps"): (lambda v: v >= 1, ">= 1"),
+    ("lora", "freeze_threshold"): (lambda v: 0 < v < 1, "in (0, 1): a fraction of the median change"),
+    ("lora", "freeze_patience"): (lambda v: v >= 1, ">= 1"),
+    ("lora", "freeze_max_fraction"): (lambda v: 0 < v < 1, "in (0, 1): some layers must keep training"),
+    ("lora", "thaw_ratio"): (lambda v: v > 0, "> 0"),
+    ("activity", "intruders_top_k"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
+    ("activity", "intruders_threshold"): (lambda v: 0 < v < 1, "in (0, 1)"),
+    ("activity", "intruders_min_strength"): (lambda v: v >= 0, ">= 0"),
+    ("forgetting", "max_intruders_increase"): (lambda v: v >= 0, ">= 0"),
+    ("consolidation", "damp_intruders"): (lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("lora", "target_modules"): (lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v), "a non-empty list of module names"),
     ("training", "micro_batch_size"): (lambda v: v >= 1, ">= 1"),
     ("training", "grad_accum_steps"): (lambda v: v >= 1, ">= 1"),

@@ -24,7 +24,8 @@ from monitor.models import ActivitySample, ActivitySeries, ActivityView, FileAct
 
 router = APIRouter(tags=["activity"], dependencies=[ReadAuth])
 
-GRID_MEASURES = ("update", "relative", "change", "relative_change", "grad_a", "grad_b")
+GRID_MEASURES = ("update", "relative", "change", "relative_change", "grad_a", "grad_b",
+                 "frozen", "intruders")  # the last two where lora.freeze_stalled / activity.intruders are on
 
 
 def _rounded(lists: list) -> list:

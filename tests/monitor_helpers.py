@@ -77,9 +77,16 @@ class FakeDaemon:
         self.db.record_eval(job_id, self.global_step - 1, self.global_step - 1, eval_loss, time.time())
 
     def activity(self, step: int, n_layers: int = 2, kinds: tuple[str, ...] = ATTENTION, final: bool = False,
-                 job_id: str = "20261122T020301Z-000001--data.jsonl", t: float | None = None) -> Any:
-        """Record one activity sample as the service does (history row); returns the status block for status()."""
+                 job_id: str = "20261122T020301Z-000001--data.jsonl", t: float | None = None,
+                 frozen_below: int | None = None, intruders: bool = False) -> Any:
+        """Record one activity sample as the service does (history row); returns the status block for status().
+        `frozen_below`: layers under it frozen (lora.freeze_stalled); `intruders`: counts (activity.intruders)."""
         msg = synthetic_activity(step, self.global_step, n_layers, kinds, self.rng, job_id, final)
+        if frozen_below is not None:
+            msg["values"]["frozen"] = [[1.0 if i < frozen_below else 0.0 for _ in kinds] for i in range(n_layers)]
+        if intruders:
+            msg["values"]["intruders"] = [[float((i * 7 + j) % 5 == 0) * (1 + i // 10) for j in range(len(kinds))]
+                                          for i in range(n_layers)]
         now = time.time() if t is None else t
         self.db.record_activity(job_id, step, self.global_step, now, final, msg["layers"], msg["kinds"],
                                 activity_summary.per_layer(msg, activity_summary.HISTORY_MEASURES), msg["values"])

@@ -290,3 +290,30 @@ def test_job_errors(cfg: Config, tmp_path: Path) -> None:
     place(cfg, tmp_path, "f.jsonl", "done")
     r = trainctl(cfg, "--job", "f.jsonl", "--measure", "grad_a")
     assert r.returncode == 1 and "with --job use moved_relative or moved" in r.stdout
+
+
+def test_frozen_cells_and_intruders(cfg: Config) -> None:
+    """lora.freeze_stalled's `frozen` cells drawn as ×, named per layer; activity.intruders' counts per layer."""
+    layers, kinds = [0, 1, 2, 3], KINDS7
+    values = sample_values(layers, kinds, seed=5)
+    values["frozen"] = [[1.0] * 7, [1.0] * 7, [0.0] * 7, [0.0] * 7]
+    values["intruders"] = [[0.0] * 7, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [2.0] + [0.0] * 6, [0.0] * 7]
+    for i in range(4):  # cells with no LoRA have no flag either
+        for j in range(7):
+            if values["update"][i][j] is None:
+                values["frozen"][i][j] = values["intruders"][i][j] = None
+    db = history(cfg)
+    msg = {"layers": layers, "kinds": kinds, "values": values}
+    db.record_activity("20261122T020301Z-000003--f.jsonl", 40, 40, time.time() - 5, False, layers, kinds,
+                       activity_summary.per_layer(msg), values)
+    db.close()
+    r = trainctl(cfg)
+    assert r.returncode == 0, r.stderr
+    rows = grid_rows(r.stdout, kinds)
+    assert all(row[0][:2] in ("××", " ×") for row in rows.values()), rows  # layers 0 and 1: frozen (no LoRA: blank)
+    assert all("×" not in row[0][2:] for row in rows.values()), rows
+    assert "× frozen (lora.freeze_stalled): layers 0-1" in r.stdout
+    assert "intruder dimensions: 3 (most in layer 2: 2, layer 1: 1)" in r.stdout
+    body = json_of(trainctl(cfg, "--json"))
+    assert body["frozen_per_layer"] == [6.0, 7.0, 0.0, 0.0]  # layer 0's last kind has no LoRA
+    assert body["intruders_per_layer"] == [0.0, 1.0, 2.0, 0.0]

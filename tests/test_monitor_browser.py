@@ -414,6 +414,38 @@ def _done_file_with_moved(cfg, fake: FakeDaemon, name: str, n_layers: int, kinds
     return record
 
 
+def test_frozen_layers_and_intruders_in_the_heatmap(browser, tmp_path):
+    """lora.freeze_stalled: frozen cells crossed out, named under the heatmap and in the hover; activity.intruders: the
+    count per layer. A 30-layer model (SmolLM2-135M's depth) with its 8 lowest layers frozen."""
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    for k in range(3):
+        fake.steps(10)
+        block = fake.activity(10 * (k + 1), n_layers=30, kinds=ALL_LINEAR, frozen_below=8, intruders=True)
+    assert block.per_layer["frozen"][:9] == [7.0] * 8 + [0.0]  # the status block counts them per layer
+    with monitor_process(cfg) as url, Heartbeat(fake, status="training", detail="training", job_id=JOB,
+                                                current_file="customer_chats.jsonl", current_step=30, total_steps=100,
+                                                queue=JobQueue(cfg.path("queue")).counts(), layer_activity_summary=block):
+        token = token_of(cfg)
+        latest = httpx.get(url + "/api/activity", headers={"X-Traind-Token": token}).json()["latest"]
+        assert latest["per_layer"]["frozen"][:9] == [7.0] * 8 + [0.0]
+        tab = Page(browser, url)
+        tab.open(token)
+        tab.page.wait_for_selector("#activity-heatmap[data-frozen='56']")
+        note = tab.page.locator("#activity-layers-note")
+        assert note.get_attribute("data-frozen-layers") == ",".join(str(n) for n in range(8))
+        text = note.text_content()
+        total = sum(v for row in latest["values"]["intruders"] for v in row)
+        assert "frozen (lora.freeze_stalled): layers 0, 1, 2" in text and f"Intruder dimensions: {total:g}" in text, text
+        tab.point_at_cell(3, 0)
+        assert tab.page.locator("#activity-tip").text_content().count("frozen (lora.freeze_stalled)") == 1
+        tab.point_at_cell(20, 0)
+        assert "frozen" not in tab.page.locator("#activity-tip").text_content()
+        tab.page.locator(".activity-panel").scroll_into_view_if_needed()
+        tab.shot_of(".activity-panel", "monitor_activity_frozen.png")
+        tab.assert_clean()
+
+
 def test_layer_activity_of_an_80_layer_model(browser, tmp_path):
     """80 layers x 7 kinds: every cell drawn, the colour switch, hover values, top layers over time, a file's record."""
     cfg = make_instance(tmp_path)

@@ -7,6 +7,8 @@ socket are proven by the end-to-end tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from daemon import adapters, control, diskspace, protocol
@@ -494,3 +496,20 @@ def test_the_stop_signals_are_the_services_before_it_starts_anything(tmp_path, m
     assert set(seen) == set(before)
     for s, handler in seen.items():
         assert callable(handler) and handler is not before[s] and handler is not signal.default_int_handler, s
+
+
+def test_intruders_over_their_limit_are_a_forgetting_event_and_nothing_else(svc):
+    """activity.intruders with forgetting.max_intruders_increase: the report's `over` is a warning event; the file
+    is done and nothing pauses (the gate itself did not trip)."""
+    ready(svc)
+    job = training(svc)
+    gate = {"action": "warn", "tripped": False, "over": [], "message": None}
+    said = "intruder dimensions rose from 3 to 9 (limit +2): new dominant directions the base did not have"
+    report = {"job_id": job.job_id, "sets": [], "gate": gate,
+              "intruders": {"count": 9, "before": 3, "increase": 6, "limit": 2, "over": True, "message": said}}
+    trainer().say(dataclasses.replace(done(job), forgetting=report))
+    svc.tick()
+    assert [e.job_id for e in svc.queue.done()] == [job.job_id]
+    events = [e["message"] for e in svc.db.events() if e["kind"] == "forgetting"]
+    assert events == [f"adapter v1: {said}"]
+    assert status(svc)["status"] == "idle"

@@ -77,9 +77,20 @@ function hatch(ctx) {
   return ctx.createPattern(c, 'repeat');
 }
 
+export const FROZEN = '#f1f3f5';  // the cross over a frozen module
+
+function cross(ctx, x, y, w, h) {
+  const m = Math.min(w, h) * 0.2;
+  ctx.save(); ctx.strokeStyle = FROZEN; ctx.lineWidth = Math.max(1, Math.min(w, h) / 10);
+  ctx.beginPath(); ctx.moveTo(x + m, y + m); ctx.lineTo(x + w - m, y + h - m);
+  ctx.moveTo(x + w - m, y + m); ctx.lineTo(x + m, y + h - m); ctx.stroke(); ctx.restore();
+}
+
 // cell(i, j) -> a number, null (no LoRA: hatched) or undefined (not measured yet: left empty).
 // Returns how many cells got a colour.
-export function drawGrid(canvas, g, { layers, rowLabels, cell, lo, hi, hover }) {
+// mark(i, j) (optional): true draws a cross over the cell (a frozen module: it keeps its colour, its value is
+// what it reached before it froze).
+export function drawGrid(canvas, g, { layers, rowLabels, cell, lo, hi, hover, mark }) {
   const ctx = context(canvas, g);
   const gap = g.w >= 6 ? 1 : 0, span = hi - lo;
   const showText = g.w >= 52 && g.h >= 22;
@@ -91,6 +102,7 @@ export function drawGrid(canvas, g, { layers, rowLabels, cell, lo, hi, hover }) 
       if (v == null) { ctx.fillStyle = v === null ? pattern : EMPTY; ctx.fillRect(x, y, g.w - gap, g.h - gap); continue; }
       const t = span > 0 ? (v - lo) / span : 0.5;
       ctx.fillStyle = colour(t); ctx.fillRect(x, y, g.w - gap, g.h - gap); n++;
+      if (mark && mark(i, j)) cross(ctx, x, y, g.w - gap, g.h - gap);
       if (showText) {
         ctx.fillStyle = t > 0.6 ? '#11161c' : '#e6edf3'; ctx.textAlign = 'center'; ctx.textBaseline = 'middle';
         ctx.fillText(fmt.sig(v), x + (g.w - gap) / 2, y + (g.h - gap) / 2);

@@ -37,6 +37,7 @@ SAMPLE_MEASURES = ("relative", "update", "change", "relative_change", "grad_a", 
 # A finished file keeps only what it moved; --measure relative/update name its two forms too.
 FILE_MEASURES = {"relative": "moved_relative", "moved_relative": "moved_relative", "update": "moved", "moved": "moved"}
 SHADES = "·░▒▓█"  # a module in fifths of the grid's largest; blank: no LoRA there
+FROZEN = "×"  # a module lora.freeze_stalled froze (it takes no gradient)
 LEGEND = "· under 20%, ░ 20-40%, ▒ 40-60%, ▓ 60-80%, █ 80-100% of the largest module"
 SPARK = "▁▂▃▄▅▆▇█"  # a layer's total in eighths of the largest layer total
 RULER_EVERY = 5  # a layer index over every 5th column ("0    5    10"), where its label has room
@@ -89,7 +90,9 @@ def cmd_activity(cfg: Config, args: argparse.Namespace) -> int:
     top = activity_summary.top_movers(view.grid, args.top, measure)
     totals = activity_summary.per_layer(view.grid, (measure,)).get(measure)
     if args.json:
-        out(json.dumps({**view.body, "layer_totals": totals, "top": [dataclasses.asdict(m) for m in top]}, indent=2))
+        counts = activity_summary.per_layer(view.grid, activity_summary.COUNT_MEASURES)
+        out(json.dumps({**view.body, "layer_totals": totals, "top": [dataclasses.asdict(m) for m in top],
+                        **{f"{m}_per_layer": v for m, v in counts.items()}}, indent=2))
         return 0
     width = shutil.get_terminal_size().columns
     for line in [*view.header, *render_grid(view.grid, measure, totals, width), *_summary(view.grid, measure, totals, top)]:
@@ -162,6 +165,9 @@ def render_grid(grid: activity_summary.Grid, measure: str, totals: list[float | 
     cells = activity_summary.cell_values(grid, measure)
     layers, kinds = grid["layers"], grid["kinds"]
     shades = [scaled_chars(row, _peak(cells), SHADES) for row in cells]  # [layer][kind]
+    frozen = grid["values"].get("frozen")
+    if frozen:
+        shades = [[FROZEN if f == 1 else c for c, f in zip(row, frow)] for row, frow in zip(shades, frozen)]
     spark = scaled_chars(totals, _peak([totals]), SPARK) if totals else None
     label = max(len(s) for s in [*kinds, "layer", "total"]) + 2
     lines: list[str] = []
@@ -231,6 +237,7 @@ def _summary(grid: activity_summary.Grid, measure: str, totals: list[float | Non
                      + ", ".join(f"{_layer(layer)} {v:.4g}" for v, layer in ranked[:3]))
     else:
         lines.append(f"  no per-layer totals of {measure}: the grid has no ‖W₀‖ (base) to relate them to")
+    lines += _frozen_and_intruders(grid)
     lines += ["", f"top {len(top)} modules by {measure}"]
     lines += [f"  {_layer(m.layer):<9} {m.kind:<16} {number(m.value, '.4g')}" for m in top]
     return lines
@@ -238,3 +245,36 @@ def _summary(grid: activity_summary.Grid, measure: str, totals: list[float | Non
 
 def _layer(layer: int) -> str:
     return OTHER if layer < 0 else f"layer {layer}"
+
+
+def _frozen_and_intruders(grid: activity_summary.Grid) -> list[str]:
+    """The frozen modules (lora.freeze_stalled) and the intruder counts (activity.intruders), where the grid has them."""
+    counts = activity_summary.per_layer(grid, activity_summary.COUNT_MEASURES)
+    lines = []
+    if "frozen" in counts:
+        frozen = [layer for layer, v in zip(grid["layers"], counts["frozen"]) if v]
+        lines.append(f"  {FROZEN} frozen (lora.freeze_stalled): " + (_ranges(frozen) if frozen else "none"))
+    freezing = grid.get("freezing")
+    if freezing:
+        for e in freezing.get("events", []):
+            lines.append(f"    step {e['step']}: {e['action']} {', '.join(e['units'])}")
+        if freezing.get("skipped_layers"):
+            lines.append(f"    no backward pass below layer {max(freezing['skipped_layers']) + 1}")
+    if "intruders" in counts:
+        total = sum(v for v in counts["intruders"] if v)
+        busiest = sorted(((v, layer) for v, layer in zip(counts["intruders"], grid["layers"]) if v), reverse=True)[:5]
+        lines.append(f"  intruder dimensions: {total:.0f}" + (" (most in " + ", ".join(
+            f"{_layer(layer)}: {v:.0f}" for v, layer in busiest) + ")" if busiest else ""))
+    return lines
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'layers 0-2, 5'."""
+    parts, start = [], None
+    for k, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if k + 1 == len(layers) or layers[k + 1] != layer + 1:
+            parts.append(f"{start}-{layer}" if layer != start else f"{layer}")
+            start = None
+    return "layers " + ", ".join(parts)

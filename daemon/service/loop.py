@@ -387,6 +387,9 @@ class Service:
         elif isinstance(msg, protocol.Done) and gate.get("tripped") and gate.get("action") == "warn":
             self.db.event("forgetting", f"{msg.adapter_version and f'adapter v{msg.adapter_version}: '}"
                                         f"{gate.get('message')}", msg.job_id, t=now)
+        intruders = (msg.forgetting or {}).get("intruders") or {}
+        if isinstance(msg, protocol.Done) and intruders.get("over"):  # activity.intruders: a warning only
+            self.db.event("forgetting", f"adapter v{msg.adapter_version}: {intruders.get('message')}", msg.job_id, t=now)
 
     def _on_ready(self, msg: protocol.Ready, now: float) -> None:
         self.sup.on_ready()  # ...and it sends what was owed to this trainer (skips while it was down)

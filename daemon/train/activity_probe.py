@@ -103,6 +103,9 @@ class ActivityProbe:
         self.groups = _groups(self.modules)
         self._base: list[float] | None = None
         self._prev: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # group -> (A, B, ‖BA‖²)
+        # measure -> () -> one value per module, added to each sample the Sampler reports: `frozen`
+        # (daemon.train.freezing), `intruders` (daemon.train.intruders)
+        self.extra: dict[str, Any] = {}
 
     # -- the factors --------------------------------------------------------------------
     def _factors(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +253,9 @@ class Sampler:
         self.last = self.clock()
         try:
             grid = self.probe.sample(grads)
+            if self.probe.extra:
+                more = self.probe.grid({m: fn() for m, fn in self.probe.extra.items()})
+                grid = Grid(grid.layers, grid.kinds, {**grid.values, **more.values})
         except Exception:  # a diagnostic must never cost the file its training
             log.warning("%s: layer activity not sampled (no more samples for this file)", self.job_id, exc_info=True)
             self.failed = True

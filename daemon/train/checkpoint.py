@@ -71,6 +71,7 @@ class Checkpoint:
     scaler: dict[str, Any]
     rng: dict[str, Any]
     ledger: dict[str, Any] | None = None  # the samples the steps so far consumed (daemon.sample_ledger); None: older checkpoint
+    freezing: dict[str, Any] | None = None  # lora.freeze_stalled's state (daemon.train.freezing); None: off
 
 
 def step_dir_name(step: int) -> str:
@@ -109,7 +110,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     folder: Path, pos: Position, lora: dict, optimizer: dict, scheduler: dict, scaler: dict, keep: int,
-    ledger: dict[str, Any] | None = None,
+    ledger: dict[str, Any] | None = None, freezing: dict[str, Any] | None = None,
 ) -> Path:
     """Write `folder/step_NNNNNN/` atomically, point latest.json at it, prune to `keep`.
 
@@ -131,6 +132,9 @@ def save_checkpoint(
             torch.save(capture_rng(), f)
         if ledger is not None:
             atomic.write_json(tmp / "ledger.json", ledger, site="checkpoint")
+        if freezing is not None:  # tensors (the factors at the last check): torch's format
+            with open(tmp / "freezing.pt", "wb") as f:
+                torch.save(freezing, f)
         atomic.write_json(tmp / "state.json", dataclasses.asdict(pos), site="checkpoint")  # last: marks the folder complete
         atomic.publish_dir(tmp, final, site="checkpoint")
     except BaseException:
@@ -203,7 +207,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     lora = load_file(str(path / "adapter_model.safetensors"))
     ledger = atomic.read_json(path / "ledger.json") if (path / "ledger.json").is_file() else None  # older: none
-    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, ledger)
+    freezing = (torch.load(path / "freezing.pt", map_location="cpu", weights_only=True)
+                if (path / "freezing.pt").is_file() else None)
+    return Checkpoint(path, pos, lora, opt["optimizer"], opt["scheduler"], opt["scaler"], rng, ledger, freezing)
 
 
 def _candidates(folder: Path) -> list[Path]:

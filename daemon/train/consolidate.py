@@ -191,7 +191,7 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
     log.info("consolidating adapter v%d into %s (%s parameters; %s)", current.version, base,
              f"{figures['params']:,}", description)
 
-    merged, tokenizer, ids, got, check = merge_in_fp32(base, current.path)
+    merged, tokenizer, ids, got, check = merge_in_fp32(base, current.path, cfg, cfg.consolidation.damp_intruders)
     max_diff = check["max_abs_logit_diff"]
     if not max_diff <= check["tolerance"]:
         raise ConsolidationRefused(f"the merged model's logits differ from base + adapter by {max_diff:.3g} "
@@ -233,10 +233,13 @@ def consolidate(cfg: Config, current: adapters.AdapterVersion, base: Path, descr
     return Consolidated(final, generation + 1, max_diff, reload_diff, seconds, lineage)
 
 
-def merge_in_fp32(base: Path, adapter: Path) -> tuple[Any, Any, dict[str, Any], Any, dict[str, float]]:
+def merge_in_fp32(base: Path, adapter: Path, cfg: Config | None = None,
+                  damp: float = 0.0) -> tuple[Any, Any, dict[str, Any], Any, dict[str, float]]:
     """`adapter` merged into the base folder `base` in fp32: (the merged model, the base's tokenizer, the probe
     batch, the merged model's logits on it, merge_check against base + adapter). Consolidation and export judge
-    the check, each with its own refusal."""
+    the check, each with its own refusal. With `damp` > 0 (consolidation.damp_intruders) the adapter's intruder
+    directions are damped first (daemon.train.intruders.damp_model): the check is against base + the damped
+    adapter, which is what is merged, and check["intruders_damped"] says what was."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,12 +249,19 @@ def merge_in_fp32(base: Path, adapter: Path) -> tuple[Any, Any, dict[str, Any], 
     model.eval()
     peft_model = PeftModel.from_pretrained(model, str(adapter))
     peft_model.eval()
+    damped = None
+    if damp > 0 and cfg is not None:
+        from daemon.train.intruders import damp_model
+
+        damped = damp_model(peft_model, cfg.activity, damp)
+        log.info("damped %d intruder direction(s) by %g before merging", damped["directions"], damp)
     ids = _probe_ids(tokenizer)
     with torch.no_grad():
         expected = peft_model(**ids).logits
         merged = peft_model.merge_and_unload()
         got = merged(**ids).logits
-    return merged, tokenizer, ids, got, merge_check(expected, got)
+    check = merge_check(expected, got)
+    return merged, tokenizer, ids, got, {**check, "intruders_damped": damped} if damped is not None else check
 
 
 def merge_check(expected: Any, got: Any) -> dict[str, float]:

@@ -377,11 +377,35 @@ def check_file(sess: Session, job: protocol.Job, steps_log: list[dict[str, Any]]
               "budget_seconds": budget, "sampled": n is not None, "examples_per_set": n, "sets": sets,
               "backward_transfer": backward_transfer(sets, job.job_id), "worst": worst(sets, job.job_id),
               "gate": gate(sets if fc.enabled else [], fc.action)}
+    if sess.intruders is not None:
+        report["intruders"] = intruder_figures(sess, job)
     if n is not None:
         log.info("%s: forgetting checks scored the first %d examples of each set (budget %.1f s)", job.job_id, n,
                  budget or 0)
     after = {p.id: scored[p.id] for p in probes} if n is None else {}
     return FileCheck(report, own, keep_rows, after)
+
+
+def intruder_figures(sess: Session, job: protocol.Job) -> dict[str, Any] | None:
+    """activity.intruders after the file: the count per layer, against the version before; `over` (a warning,
+    never a hold or a rollback) when it rose by more than forgetting.max_intruders_increase."""
+    try:
+        grid = sess.intruders.grid()
+    except Exception:  # a diagnostic never fails a file
+        log.warning("%s: intruder dimensions not counted", job.job_id, exc_info=True)
+        return None
+    per_layer = [sum(v for v in row if v is not None) for row in grid["values"]["intruders"]]
+    count = int(sum(per_layer))
+    before = ((sess.manifest.forgetting or {}).get("intruders") or {}).get("count")
+    limit = sess.cfg.forgetting.max_intruders_increase
+    increase = count - before if before is not None else None
+    over = bool(limit) and increase is not None and increase > limit
+    message = (f"intruder dimensions rose from {before} to {count} (limit +{limit}): new dominant directions "
+               "the base did not have, where forgetting tends to concentrate" if over else None)
+    if over:
+        log.warning("%s: %s", job.job_id, message)
+    return {"count": count, "before": before, "increase": increase, "limit": limit, "over": over,
+            "message": message, "layers": grid["layers"], "per_layer": per_layer}
 
 
 def set_head(s: ScoreSet, rows: list[Row]) -> dict[str, Any]:

@@ -71,10 +71,13 @@ def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
     version = (sess.version or 0) + 1
     report = {**check.report, "version": version} if check is not None else None
     eval_set = forgetting.eval_set_figures(sess.cfg, sess.probes or [], probes_before or {}, check)
+    activity = moved.to_dict() if moved is not None else None
+    if activity is not None and getattr(outcome, "freezing", None) is not None:  # the next file starts from it
+        activity["freezing"] = outcome.freezing
     manifest = next_manifest(
         sess, job_id=job.job_id, original_name=job.original_name, sha256=job.sha256, steps=outcome.steps,
         global_step=outcome.global_step, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss,
-        trained_jobs=sess.trained_jobs + [job.job_id], activity_moved=moved.to_dict() if moved is not None else None,
+        trained_jobs=sess.trained_jobs + [job.job_id], activity_moved=activity,
         ledger=outcome.ledger, eval_set=eval_set, forgetting=report, held=hold)
     # The dataset ledger: what the lineage has learnt, by content (the service refuses a second copy); before the
     # first version, the files merged into the base a START record carried over.

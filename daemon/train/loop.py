@@ -50,6 +50,7 @@ from daemon.train import checkpoint as ckpt
 from daemon.train.activity_probe import ActivityProbe, Sampler
 from daemon.train.batching import batches, micro_batches
 from daemon.train.data import plan_file, train_examples
+from daemon.train.freezing import Freezer
 from daemon.train.model import LoadedModel, ModelError, lora_state, set_lora_state
 from daemon.train.ranks import Ranks
 from daemon.train.replay import ReplayPlan, ReplaySource, plan_replay
@@ -107,6 +108,7 @@ class Outcome:
     eval_loss: float | None
     checkpoint_step: int | None  # the checkpoint written at stop
     ledger: dict[str, Any] | None = None  # done: the samples every step of the file consumed (daemon.sample_ledger)
+    freezing: dict[str, Any] | None = None  # done, with lora.freeze_stalled: what froze and thawed (Freezer.summary)
 
 
 class Steering:
@@ -245,7 +247,7 @@ def train_file(
     lm: LoadedModel, cfg: Config, job: Job, *, global_step: int, ckpt_folder: Path,
     report: ReportFn, control: ControlFn, clock: Callable[[], float] = time.monotonic,
     activity: ActivityProbe | None = None, wait_for_space: WaitForSpaceFn | None = None,
-    ranks: Ranks | None = None, replay_from: list[ReplaySource] | None = None,
+    ranks: Ranks | None = None, replay_from: list[ReplaySource] | None = None, freezer: Freezer | None = None,
 ) -> Outcome:
     """Train the LoRA of `lm` on one file (resuming from `ckpt_folder` if it holds a checkpoint).
 
@@ -263,15 +265,21 @@ def train_file(
     file: rank 0 with the service's `report` and `control`, the others with a
     no-op report (their `control` is not asked: rank 0's verdicts reach them).
     Rank 0 alone reads and writes checkpoints and the step log, and samples activity.
+
+    With a `freezer` (lora.freeze_stalled, one process only: daemon.train.freezing), stalled LoRA layers
+    stop taking gradients; the file starts from `freezer.carry`, and its checkpoints keep the frozen set.
     """
     ranks = ranks or Ranks()
+    if freezer is not None and ranks.many:
+        log.warning("lora.freeze_stalled is not used with several processes")
+        freezer = None
     steer = Steering(ranks, control)
     steplog = ckpt.StepLog(ckpt_folder) if ranks.main else _NoStepLog()
     try:
         return _train_file(lm, cfg, job, global_step=global_step, ckpt_folder=ckpt_folder,
                            report=report, control=control, clock=clock, probe=activity if ranks.main else None,
                            steplog=steplog, wait_for_space=wait_for_space, ranks=ranks, steer=steer,
-                           replay_from=replay_from or [])
+                           replay_from=replay_from or [], freezer=freezer)
     except _Interrupted as e:  # nothing of this run is in the adapter yet; a checkpoint on disk stays
         steer.release(e.verdict)
         log.info("%s: %s while its data was being read", job.job_id, e.verdict)
@@ -316,6 +324,7 @@ def _train_file(
     report: ReportFn, control: ControlFn, clock: Callable[[], float], probe: ActivityProbe | None,
     steplog: ckpt.StepLog,
     wait_for_space: WaitForSpaceFn | None, ranks: Ranks, steer: Steering, replay_from: list[ReplaySource],
+    freezer: Freezer | None = None,
 ) -> Outcome:
     tc, dc = cfg.training, cfg.data
     tok = lm.tokenizer
@@ -338,6 +347,8 @@ def _train_file(
 
     # --- fresh optimizer + schedule, seeded RNG; then a checkpoint overrides both if one exists
     lm.model.zero_grad(set_to_none=True)  # a job that failed mid-backward may have left gradients
+    if freezer is not None:  # every LoRA parameter in the optimizer's list; the frozen ones get no gradient
+        freezer.begin(freezer.carry)
     opt, sched = build_optimizer(lm.model, tc, total_steps, lm.device)
     scaler = make_scaler(lm)
     seed_everything(seed)
@@ -357,6 +368,10 @@ def _train_file(
         # The ledger of the steps these weights hold; a checkpoint from before ledgers: marked incomplete.
         ledger = SampleLedger.from_dict(ck.ledger) if ck.ledger is not None else SampleLedger(complete=False)
         log.info("%s: resuming from step %d (%s)", job.job_id, pos.step, ck.path.name)
+    if freezer is not None and ck is not None and ck.freezing is not None:
+        freezer.resume(ck.freezing)
+    elif freezer is not None:
+        freezer.baseline()
     replay = _replay_plan(cfg, job, tok, plan.n_train * tc.epochs_per_file, ledger, ck is not None, replay_from,
                           tick, ranks, steer)
     saved_step = pos.step if ck is not None else None
@@ -379,7 +394,7 @@ def _train_file(
                 steplog.sync()  # durable before the checkpoint: the log always reaches its step
                 path = ckpt.save_checkpoint(ckpt_folder, pos, lora_state(lm.model), opt.state_dict(),
                                             sched.state_dict(), scaler.state_dict(), tc.keep_checkpoints,
-                                            ledger.to_dict())
+                                            ledger.to_dict(), freezer.state_dict() if freezer is not None else None)
                 break
             except Exception as e:
                 full = disk_full_from(e, ckpt_folder, "checkpoint", writing_unnamed=True)
@@ -393,6 +408,10 @@ def _train_file(
         return pos.step
 
     sampler = Sampler(probe, cfg.activity.every_steps, cfg.activity.min_interval_seconds, clock, report, job.job_id)
+    if probe is not None and freezer is not None:
+        probe.extra["frozen"] = freezer.per_module
+    elif probe is not None:
+        probe.extra.pop("frozen", None)
     spike = SpikeGuard(cfg.guard.loss_spike_factor, cfg.guard.min_steps)
 
     def run_eval() -> float | None:
@@ -430,7 +449,8 @@ def _train_file(
             replayed = list(batches([replay.examples[p] for p in picks], tc.micro_batch_size)) if replay else []
             try:
                 stats = optimizer_step(lm, group + replayed, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
-                                       probe if sample else None, ranks)
+                                       probe if sample else None, ranks,
+                                       (lambda: freezer.after_backward(pos.step + 1, pos.global_step + 1)) if freezer else None)
             except GuardTripped as e:
                 e.step = pos.step + 1
                 raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
@@ -450,6 +470,8 @@ def _train_file(
                 **({"world_size": ranks.world_size, "ranks": stats.ranks} if stats.ranks is not None else {}))
             steplog.append(step_msg.to_wire())
             report(step_msg)
+            if freezer is not None:
+                freezer.after_step(pos.step, pos.global_step)
             if sample:
                 sampler.sample(pos.step, pos.global_step, total_steps, stats.lora_grads)
 
@@ -463,4 +485,5 @@ def _train_file(
     if ledger.replay is not None:
         log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
                  sum(1 for s in ledger.replay.sources if s["samples"]))
-    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict())
+    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(),
+                   freezer.summary() if freezer is not None else None)

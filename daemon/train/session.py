@@ -59,6 +59,8 @@ class Session:
     forgetting_off: str | None = None  # why the forgetting checks do not run here (None: they do when enabled)
     board: Any = None  # daemon.train.tboard.Board when tensorboard.enabled
     ranks: Ranks = field(default_factory=Ranks)  # this process among the trainer's ranks (one by default)
+    freezer: Any = None  # daemon.train.freezing.Freezer with lora.freeze_stalled (one process only)
+    intruders: Any = None  # daemon.train.intruders.Intruders with activity.intruders (rank 0)
 
     def send(self, msg: protocol.Message) -> None:
         if self.conn is None:  # not rank 0: rank 0 reports for every rank
@@ -123,6 +125,15 @@ def load_session(cfg: Config, conn: Connection | None, threads: int, ranks: Rank
     governor, threads_lever = levers.thread_governor(cfg, threads, ranks.local_world_size)
     speed = levers.at_start(lm, cfg, threads_lever)  # every rank: the probes are collectives where the base is sharded
     sess = Session(cfg, conn, lm, current.version if current else None, head, probe, governor, ranks=ranks)
+    if cfg.lora.freeze_stalled and probe is not None and not ranks.many:
+        from daemon.train.freezing import Freezer
+
+        sess.freezer = Freezer(lm.model, cfg.lora, probe)
+    if cfg.activity.intruders and probe is not None:
+        from daemon.train.intruders import Intruders
+
+        sess.intruders = Intruders(probe, cfg.activity)
+        probe.extra["intruders"] = sess.intruders.counts
     if not ranks.main:
         return sess
     sess.probes, problems = load_probes(cfg, lm.tokenizer)

@@ -118,7 +118,7 @@ def example_targets(ex: Example) -> int:
 
 def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths, pack: bool, opt: Any, sched: Any,
                    scaler: Any, max_norm: float, probe: ActivityProbe | None = None,
-                   ranks: Ranks | None = None) -> StepStats:
+                   ranks: Ranks | None = None, after_backward: Any = None) -> StepStats:
     """Forward/backward every micro-batch of the group, then one clipped optimizer step.
 
     Each micro-batch's summed loss is divided by the trainable tokens of the WHOLE
@@ -128,6 +128,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     and the gradients are summed over ranks before clipping: the same division makes
     that sum the single-process gradient of the group.
     With a `probe`, the LoRA gradient norms are read after unscaling, before clipping.
+    `after_backward()` runs once the gradients are in, before anything reads them (daemon.train.freezing).
     """
     ranks = ranks or Ranks()
     pad_id = lm.tokenizer.pad_token_id
@@ -166,6 +167,8 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
                 raise
             lm.split *= 2
             log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
+    if after_backward is not None:
+        after_backward()
     params = [p for g in opt.param_groups for p in g["params"]]
     ranks.average_grads(params)
     tokens = sum(len(ex.input_ids) for mb in mine for ex in mb)

@@ -80,7 +80,7 @@ def _handle_train(sess: Session, job: protocol.Job) -> None:
             outcome = train_file(sess.lm, sess.cfg, job, global_step=sess.manifest.global_step,
                                  ckpt_folder=sess.checkpoints(job.job_id), report=sess.send,
                                  control=control_for(sess, job.job_id), activity=sess.probe, wait_for_space=wait,
-                                 ranks=sess.ranks, replay_from=replay_sources(sess))
+                                 ranks=sess.ranks, replay_from=replay_sources(sess), freezer=freezer_for(sess))
             break
         except Exception as e:  # a job boundary: record it with the job, stay alive for the next one
             if sess.ranks.many and not isinstance(e, (DataError, GuardTripped)):
@@ -115,6 +115,13 @@ def _handle_train(sess: Session, job: protocol.Job) -> None:
         end_without_publishing(sess, job.job_id, "skip", outcome.steps, before)
     else:
         end_without_publishing(sess, job.job_id, "stop", outcome.checkpoint_step)
+
+
+def freezer_for(sess: Session) -> Any:
+    """The session's freezer (lora.freeze_stalled), set to start from the current version's frozen set."""
+    if sess.freezer is not None:
+        sess.freezer.carry = list(((sess.manifest.activity_moved or {}).get("freezing") or {}).get("frozen") or [])
+    return sess.freezer
 
 
 def check_forgetting(sess: Session, job: protocol.Job, probes_before: dict) -> forgetting.FileCheck | None:

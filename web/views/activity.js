@@ -89,11 +89,39 @@ function drawHeatmap() {
   const present = vals.flat().filter((v) => v != null);
   const lo = present.length ? Math.min(...present) : 0, hi = present.length ? Math.max(...present) : 0;
   grid = heat.layout(canvas.parentElement.clientWidth, s.layers.length, s.kinds, s.kinds.length);
-  const n = heat.drawGrid(canvas, grid, { layers: s.layers, rowLabels: s.kinds, cell, lo, hi, hover });
+  const frozen = s.values.frozen || [];
+  const mark = (i, j) => !!(frozen[i] && frozen[i][j] === 1);
+  const n = heat.drawGrid(canvas, grid, { layers: s.layers, rowLabels: s.kinds, cell, lo, hi, hover, mark });
   Object.assign(canvas.dataset, { cells: n, layers: s.layers.length, kinds: s.kinds.length, measure, min: lo, max: hi,
-    x0: grid.x0, y0: grid.y0, cellW: grid.w, cellH: grid.h });  // for the browser test: where a cell is
+    x0: grid.x0, y0: grid.y0, cellW: grid.w, cellH: grid.h,  // for the browser test: where a cell is
+    frozen: frozen.flat().filter((v) => v === 1).length });
+  layerNotes(s);
   $('activity-min').textContent = present.length ? fmt.sig(lo) : '';
   $('activity-max').textContent = present.length ? fmt.sig(hi) : 'no values yet: a change needs two samples';
+}
+
+// Frozen layers (lora.freeze_stalled) and intruder dimensions (activity.intruders), where the sample has them.
+function layerNotes(s) {
+  let host = $('activity-layers-note');
+  if (!host) {
+    host = el('p', { id: 'activity-layers-note', class: 'small muted' });
+    $('activity-movers').before(host);
+  }
+  const sum = (rows) => rows.map((r) => r.reduce((a, v) => a + (v || 0), 0));
+  const parts = [];
+  if (s.values.frozen) {
+    const per = sum(s.values.frozen), at = s.layers.filter((l, i) => per[i] > 0);
+    parts.push(at.length ? `× frozen (lora.freeze_stalled): ${at.length === 1 ? 'layer' : 'layers'} ${at.map(heat.layerName).join(', ')}`
+      : 'Nothing frozen (lora.freeze_stalled)');
+  }
+  if (s.values.intruders) {
+    const per = sum(s.values.intruders), total = per.reduce((a, v) => a + v, 0);
+    const most = s.layers.map((l, i) => [per[i], l]).filter(([v]) => v > 0).sort((a, b) => b[0] - a[0]).slice(0, 5);
+    parts.push(`Intruder dimensions: ${total}` + (most.length ? ` (most in ${most.map(([v, l]) => `layer ${heat.layerName(l)}: ${v}`).join(', ')})` : ''));
+  }
+  host.textContent = parts.join(' · ');
+  host.hidden = !parts.length;
+  host.dataset.frozenLayers = s.values.frozen ? s.layers.filter((l, i) => sum(s.values.frozen)[i] > 0).join(',') : '';
 }
 
 function pointAtCell(e) {
@@ -107,7 +135,8 @@ function pointAtCell(e) {
   const v = at(measure), lora = at('update') != null;
   const text = `layer ${heat.layerName(s.layers[c.i])} · ${s.kinds[c.j]} · `
     + (!lora ? 'no LoRA' : v == null ? `${NAMES[measure]} not measured yet` : `${NAMES[measure]} ${fmt.sig(v, 4)}`);
-  const detail = lora ? `‖ΔW‖ ${fmt.sig(at('update'))} · change ${fmt.sig(at('change'))} · ‖∇A‖ ${fmt.sig(at('grad_a'))} · ‖∇B‖ ${fmt.sig(at('grad_b'))}` : '';
+  const detail = lora ? (at('frozen') === 1 ? 'frozen (lora.freeze_stalled) · ' : '')
+    + (at('intruders') != null ? `intruders ${at('intruders')} · ` : '') + `‖ΔW‖ ${fmt.sig(at('update'))} · change ${fmt.sig(at('change'))} · ‖∇A‖ ${fmt.sig(at('grad_a'))} · ‖∇B‖ ${fmt.sig(at('grad_b'))}` : '';
   showTip(tip, x, y, text, detail);
   const out = $('activity-hover');  // the last cell pointed at stays readable (and testable)
   out.textContent = text; out.classList.remove('muted');
