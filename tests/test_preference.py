@@ -239,3 +239,40 @@ def test_checkpoints_without_their_reference_train_the_file_from_its_start(model
     assert next(e for e in events if e["type"] == "started")["resumed_from_step"] == 0
     want, got = lora_state(full_lm.model), lora_state(lm.model)
     assert all(torch.equal(want[k], got[k]) for k in want) and again.preference == full.preference
+
+
+# ---------------------------------------------------------------- through the real daemon
+
+
+@pytest.mark.e2e
+def test_a_playground_preference_file_trains_through_the_daemon(tmp_path: Path, models_dir: Path) -> None:
+    """The chat form the playground writes, with a bad line, dropped in the inbox of a real daemon: trained on
+    the same queue, its figures in the history and in `trainctl queue status NAME`, its keep-set scored."""
+    from bench.harness import Daemon, write_instance
+
+    d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 2},
+                              data={"eval_fraction": 0.2}, preference={"beta": 0.5})).start()
+    try:
+        bad = json.dumps({"messages": [{"role": "user", "content": "q"}],
+                          "chosen": {"role": "assistant", "content": "same"},
+                          "rejected": {"role": "assistant", "content": "same"}})
+        d.drop("likes.jsonl", "\n".join(pref_lines(30, chat=True) + [bad]) + "\n")
+        d.wait_counts(done=1, timeout=180)
+        d.wait_for(lambda s: s["status"] == "idle" and s["adapter_version"] == 1, what="idle after the file")
+        job = d.queue.done()[0].job_id
+        record = d.history().job(job)
+        assert record["format"] == "preference_chat" and record["n_bad"] == 1
+        assert "identical to chosen" in record["bad_lines"]
+        pref = json.loads(record["preference"])
+        assert pref["loss_type"] == "sigmoid" and pref["after"]["margin"] > pref["before"]["margin"]
+        steps = d.history().steps(job)
+        assert len(steps) == record["steps"] and all(s["reward_accuracy"] is not None for s in steps)
+        evals = d.history().evals(job)
+        assert evals[0]["step"] == 0 and json.loads(evals[0]["preference"]) == pref["before"]
+        shown = d.ctl("queue", "status", "likes.jsonl").stdout
+        assert "preference sigmoid (beta 0.5)" in shown and "accuracy" in shown and "reward" in shown
+        assert f"{pref['before']['accuracy']:.3f} -> {pref['after']['accuracy']:.3f}" in shown
+        keep = d.history().conn.execute("SELECT examples FROM forgetting WHERE set_id=?", (f"keep:{job}",)).fetchone()
+        assert keep is not None and keep[0] >= 1  # its held-out chosen answers: a keep-set like any file's
+    finally:
+        d.close()
