@@ -276,3 +276,17 @@ def test_a_playground_preference_file_trains_through_the_daemon(tmp_path: Path, 
         assert keep is not None and keep[0] >= 1  # its held-out chosen answers: a keep-set like any file's
     finally:
         d.close()
+
+
+def test_trainctl_status_shows_a_preference_file_s_pairs() -> None:
+    from daemon.cli.status_cmds import render_status
+    from daemon.schema import TrainingStatus
+    from daemon.states import ServiceStatus
+
+    pref = {"reward_accuracy": 0.75, "reward_margin": 0.1234, "before": {"accuracy": 0.125}, "held_out": {"accuracy": 0.5}}
+    st = TrainingStatus(status=ServiceStatus.TRAINING, current_file="likes.jsonl", job_id="j", current_step=3,
+                        total_steps=10, preference=pref).to_dict()
+    lines = render_status(st, 1, lambda: None).splitlines()
+    assert "  pairs    reward acc 0.75   margin 0.123   held-out acc 0.12 -> 0.50" in lines
+    plain = TrainingStatus(status=ServiceStatus.TRAINING, current_file="x.jsonl", job_id="x").to_dict()
+    assert "pairs" not in render_status(plain, 1, lambda: None)

@@ -303,6 +303,21 @@ def _replay_plan(cfg: Config, job: Job, tok: Any, n_own: int, ledger: SampleLedg
     return plan
 
 
+def _preference_trainer(lm: LoadedModel, cfg: Config, job: Job, plan: Any, ckpt_folder: Path,
+                        ck: ckpt.Checkpoint | None, ranks: Ranks, tick: Callable[[], None],
+                        train: Callable[[], Iterable[Any]]) -> tuple[preference.Trainer, ckpt.Checkpoint | None]:
+    """A preference file's trainer (daemon/train/preference.py) and the checkpoint to resume from: none where
+    the checkpoints lack the reference they trained against (they cannot resume exactly: the file starts over)."""
+    preference.refuse_distributed(ranks.many)
+    if ck is not None:
+        prefs = preference.Trainer.resumed(lm, cfg, plan, ckpt_folder, job.sha256)
+        if prefs is not None:
+            return prefs, ck
+        log.warning("%s: its checkpoints have no reference scores; training the file from its start", job.job_id)
+        ckpt.delete_checkpoints(ckpt_folder)
+    return preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, job.sha256, tick), None
+
+
 class _NoStepLog:
     """The other ranks keep no step log (rank 0's is the file's)."""
 
@@ -355,15 +370,8 @@ def _train_file(
         ck = steer.share(ck if ranks.main else None)
     prefs = None
     if fmt.is_preference:  # its reference is scored now, before any checkpoint's weights are put back
-        preference.refuse_distributed(ranks.many)
-        prefs = preference.Trainer.start(lm, cfg, plan, lambda: train_examples(path, fmt, tok, dc, seed, 0),
-                                         ckpt_folder, job.sha256, ck is not None, tick)
-        if prefs is None:  # checkpoints without their reference cannot resume exactly: the file starts over
-            log.warning("%s: its checkpoints have no reference scores; training the file from its start", job.job_id)
-            ckpt.delete_checkpoints(ckpt_folder)
-            ck = None
-            prefs = preference.Trainer.start(lm, cfg, plan, lambda: train_examples(path, fmt, tok, dc, seed, 0),
-                                             ckpt_folder, job.sha256, False, tick)
+        prefs, ck = _preference_trainer(lm, cfg, job, plan, ckpt_folder, ck, ranks, tick,
+                                        lambda: train_examples(path, fmt, tok, dc, seed, 0))
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
         pos = ck.position  # with the order its file began with, whatever data.group_by_length says now
@@ -493,6 +501,6 @@ def _train_file(
     if ledger.replay is not None:
         log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
                  sum(1 for s in ledger.replay.sources if s["samples"]))
-    figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta, "before": before[1], "after": after}
-               if prefs is not None and after is not None else None)
-    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(), figures)
+    pref_figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta, "before": before[1],
+                     "after": after} if prefs is not None and after is not None else None)
+    return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(), pref_figures)

@@ -1,7 +1,7 @@
 """Preference files: DPO against the adapter as the file began, or SimPO without a reference.
 
     from daemon.train import preference
-    prefs = preference.Trainer.start(lm, cfg, plan, ckpt_folder, sha256, resumed=False, tick=tick)
+    prefs = preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, sha256, tick)   # or .resumed(...)
     stats, figures = prefs.step(group, opt, sched, scaler, probe)   # one optimizer step on micro-batches of Pairs
     loss, held_out = prefs.evaluate()                               # the held-out pairs' loss and figures
 
@@ -181,22 +181,28 @@ class Trainer:
         self.label_only = fast.label_only
 
     @classmethod
-    def start(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, train: Callable[[], Any], folder: Path,
-              sha256: str, resumed: bool, tick: Callable[[], None]) -> Trainer | None:
-        """The file's trainer: its reference read back (a resume), or scored now and kept (a fresh start:
-        the adapter is as the file began). None when resuming finds no reference kept: the caller trains
-        the file from its start. `train()` gives the file's train pairs (one pass over it)."""
+    def fresh(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, train: Callable[[], Iterable[Pair]], folder: Path,
+              sha256: str, tick: Callable[[], None]) -> Trainer:
+        """The trainer of a file that begins (the adapter is as the file began): its reference scored now and kept
+        in `folder`. `train()` gives the file's train pairs (one pass over it; DPO only)."""
         pcfg, fast = cfg.preference, lm.fast or FastPaths(False, False)
         held = list(plan.held_out)
-        if resumed:
-            ref = Reference.load(folder, sha256, pcfg.loss)
-            return cls(lm, pcfg, fast, cfg.training.micro_batch_size, held, ref) if ref is not None else None
         t0 = time.monotonic()
         pairs = itertools.chain(held, train() if pcfg.loss == "sigmoid" else ())  # streamed: a file may be large
         ref = Reference(sha256, pcfg.loss, score_pairs(lm, pairs, cfg.training.micro_batch_size, fast.label_only, tick))
         ref.save(folder)
         log.info("preference reference: %d pair(s) scored in %.1f s", len(ref.scores), time.monotonic() - t0)
         return cls(lm, pcfg, fast, cfg.training.micro_batch_size, held, ref)
+
+    @classmethod
+    def resumed(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, folder: Path, sha256: str) -> Trainer | None:
+        """The trainer of a file resumed from a checkpoint: its reference read back from `folder`; None when none
+        was kept for this file and loss (the caller trains the file from its start)."""
+        ref = Reference.load(folder, sha256, cfg.preference.loss)
+        if ref is None:
+            return None
+        return cls(lm, cfg.preference, lm.fast or FastPaths(False, False), cfg.training.micro_batch_size,
+                   list(plan.held_out), ref)
 
     def _loss(self, mb: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pc, pr, nc, nr = pair_logps(self.lm, mb, self.label_only)
