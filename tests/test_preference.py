@@ -290,3 +290,19 @@ def test_trainctl_status_shows_a_preference_file_s_pairs() -> None:
     assert "  pairs    reward acc 0.75   margin 0.123   held-out acc 0.12 -> 0.50" in lines
     plain = TrainingStatus(status=ServiceStatus.TRAINING, current_file="x.jsonl", job_id="x").to_dict()
     assert "pairs" not in render_status(plain, 1, lambda: None)
+
+
+def test_where_one_answer_is_wanted_the_chosen_side_stands_for_the_pair(models_dir: Path, tmp_path: Path) -> None:
+    """Replay from an earlier preference file and its keep-set score the chosen answers, tokenised as in training."""
+    from daemon.train.data import supervised, tokenize_record
+
+    cfg = make_cfg(models_dir, tmp_path)
+    lm = load_for_training(cfg, seed=1)
+    for chat in (False, True):
+        path = write(tmp_path, f"p{chat}.jsonl", pref_lines(2, chat=chat))
+        fmt = DataFormat.PREFERENCE_CHAT if chat else DataFormat.PREFERENCE
+        for r in iter_records(path, fmt, 1 << 20):
+            pair = tokenize_pair(r, lm.tokenizer, 64)
+            assert tokenize_record(r, lm.tokenizer, 64) == pair.chosen == supervised(pair)
+            answer = [t for t, lab in zip(pair.chosen.input_ids, pair.chosen.labels) if lab != IGNORE]
+            assert lm.tokenizer.decode(answer).startswith(r.data["chosen"])
