@@ -150,15 +150,28 @@ def run_traind(work: Path, models: Path, data: Path, args: argparse.Namespace) -
     pref = json.loads(job["preference"])
     n_train = int(job["n_records"]) - int(pref["after"]["pairs"])
     trained = n_train * args.epochs
-    train_seconds = steps[-1]["t"] - job["started_at"]  # reference pass + steps, without the final eval
+    # `started` is sent after the reference pass: its time is added (the file's record keeps it)
+    reference_seconds = pref.get("reference_seconds") or reference_from_log(inst)
+    train_seconds = steps[-1]["t"] - job["started_at"] + reference_seconds  # without the final eval
     file_seconds = job["finished_at"] - job["started_at"]  # with the final eval and the forgetting checks
     print(shown)
     return {"job_id": job["job_id"], "steps": job["steps"], "pairs_trained": trained, "train_pairs": n_train,
             "held_out_pairs": pref["after"]["pairs"], "train_seconds": train_seconds, "file_seconds": file_seconds,
-            "seconds_per_pair": train_seconds / trained, "trainer_peak_rss_bytes": rss, "preference": pref,
+            "seconds_per_pair": train_seconds / trained, "reference_seconds": reference_seconds, "trainer_peak_rss_bytes": rss, "preference": pref,
             "step_reward_accuracy": [s["reward_accuracy"] for s in steps], "first_eval": evals[0],
             "device": status.get("device"), "compute_dtype": status.get("compute_dtype"),
             "queue_status": shown}
+
+
+def reference_from_log(inst: Path) -> float:
+    """The reference pass's time, as the trainer logged it (a record from before `reference_seconds`)."""
+    import re
+
+    for path in sorted((inst / "logs").glob("trainer_*.log")):
+        found = re.findall(r"preference reference: \d+ pair\(s\) scored in ([\d.]+) s", path.read_text())
+        if found:
+            return float(found[-1])
+    raise RuntimeError("no reference pass in the trainer's log")
 
 
 def split(data: Path, base: Path, args: argparse.Namespace, job_sha: str) -> tuple[list[int], list[int]]:

@@ -183,7 +183,7 @@ def test_a_preference_file_trains_and_says_its_figures_before_and_after(models_d
     assert evals[0]["step"] == 0 and evals[-1]["step"] == out.steps
     before, after = out.preference["before"], out.preference["after"]
     assert before == evals[0]["preference"] and after == evals[-1]["preference"]
-    assert before["pairs"] == after["pairs"] >= 2
+    assert before["pairs"] == after["pairs"] >= 2 and out.preference["reference_seconds"] > 0
     if loss == "sigmoid":  # the policy is its own reference as the file begins
         assert before["loss"] == pytest.approx(math.log(2)) and before["reward_margin"] == 0
     # the file's style is learnt: the held-out pairs' chosen answers now score above the rejected ones
@@ -192,22 +192,36 @@ def test_a_preference_file_trains_and_says_its_figures_before_and_after(models_d
     assert (cfg.path("checkpoints") / "p" / REFERENCE_FILE).is_file()  # kept until the file is published
 
 
+def crash_after_steps(cfg, job: Job, n: int) -> None:  # noqa: ANN001
+    """Train `job` until `n` steps are reported, then die between steps (control is also asked while the
+    data and the reference are read, on a slow machine more often: the steps are counted, not the calls)."""
+    from daemon.train.loop import train_file
+
+    steps: list[int] = []
+
+    def control() -> str:
+        if len(steps) >= n:
+            raise Crash()
+        return "continue"
+
+    lm = load_for_training(cfg, seed=cfg.training.seed)
+    train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / job.job_id,
+               report=lambda m: steps.append(1) if m.TYPE == "step" else None, control=control)
+
+
+def figures(pref: dict) -> dict:
+    """A file's preference figures without the time its reference pass took."""
+    return {k: v for k, v in pref.items() if k != "reference_seconds"}
+
+
 def test_resume_of_a_preference_file_is_exact(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed mid-file and resumed on fresh model objects: the same adapter, bit for bit, as straight through;
     the reference comes back from the checkpoint folder, not from a second pass."""
     cfg = make_cfg(models_dir, tmp_path, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3)
     job = pref_job(tmp_path, "j")
     full, full_events, full_lm = run(cfg, dataclasses.replace(job, job_id="straight"))
-    calls = {"n": 0}
-
-    def crash_after_5() -> str:
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise Crash()
-        return "continue"
-
     with pytest.raises(Crash):
-        run(cfg, job, control=crash_after_5)
+        crash_after_steps(cfg, job, 5)
     assert ckpt.latest_step(cfg.path("checkpoints") / "j") == 3
     scored: list[int] = []
     real_score = preference.score_pairs
@@ -224,7 +238,7 @@ def test_resume_of_a_preference_file_is_exact(models_dir: Path, tmp_path: Path, 
         assert (b[s]["loss"], b[s]["reward_margin"]) == (a[s]["loss"], a[s]["reward_margin"])
     want, got = lora_state(full_lm.model), lora_state(lm.model)
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert resumed.preference == full.preference
+    assert figures(resumed.preference) == figures(full.preference) and resumed.preference["reference_seconds"] is None
 
 
 def test_checkpoints_without_their_reference_train_the_file_from_its_start(models_dir: Path, tmp_path: Path) -> None:
@@ -232,13 +246,13 @@ def test_checkpoints_without_their_reference_train_the_file_from_its_start(model
     job = pref_job(tmp_path, "j", n=24)
     full, _, full_lm = run(cfg, dataclasses.replace(job, job_id="straight"))
     with pytest.raises(Crash):
-        run(cfg, job, control=lambda: (_ for _ in ()).throw(Crash()) if ckpt.latest_step(
-            cfg.path("checkpoints") / "j") else "continue")
+        crash_after_steps(cfg, job, 3)
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j") == 3
     (cfg.path("checkpoints") / "j" / REFERENCE_FILE).unlink()
     again, events, lm = run(cfg, job)
     assert next(e for e in events if e["type"] == "started")["resumed_from_step"] == 0
     want, got = lora_state(full_lm.model), lora_state(lm.model)
-    assert all(torch.equal(want[k], got[k]) for k in want) and again.preference == full.preference
+    assert all(torch.equal(want[k], got[k]) for k in want) and figures(again.preference) == figures(full.preference)
 
 
 # ---------------------------------------------------------------- through the real daemon

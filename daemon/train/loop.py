@@ -502,5 +502,6 @@ def _train_file(
         log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
                  sum(1 for s in ledger.replay.sources if s["samples"]))
     pref_figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta, "before": before[1],
-                     "after": after} if prefs is not None and after is not None else None)
+                     "after": after, "reference_seconds": prefs.reference_seconds}
+                    if prefs is not None and after is not None else None)
     return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(), pref_figures)

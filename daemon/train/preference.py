@@ -179,6 +179,7 @@ class Trainer:
                  held_out: list[Pair], reference: Reference) -> None:
         self.lm, self.pcfg, self.mbs, self.held_out, self.reference = lm, pcfg, micro_batch_size, held_out, reference
         self.label_only = fast.label_only
+        self.reference_seconds: float | None = None  # the reference pass of this run (None: read back)
 
     @classmethod
     def fresh(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, train: Callable[[], Iterable[Pair]], folder: Path,
@@ -191,8 +192,11 @@ class Trainer:
         pairs = itertools.chain(held, train() if pcfg.loss == "sigmoid" else ())  # streamed: a file may be large
         ref = Reference(sha256, pcfg.loss, score_pairs(lm, pairs, cfg.training.micro_batch_size, fast.label_only, tick))
         ref.save(folder)
-        log.info("preference reference: %d pair(s) scored in %.1f s", len(ref.scores), time.monotonic() - t0)
-        return cls(lm, pcfg, fast, cfg.training.micro_batch_size, held, ref)
+        seconds = time.monotonic() - t0
+        log.info("preference reference: %d pair(s) scored in %.1f s", len(ref.scores), seconds)
+        trainer = cls(lm, pcfg, fast, cfg.training.micro_batch_size, held, ref)
+        trainer.reference_seconds = seconds
+        return trainer
 
     @classmethod
     def resumed(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, folder: Path, sha256: str) -> Trainer | None:
