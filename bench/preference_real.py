@@ -1,7 +1,7 @@
 """A preference file on a real pretrained chat model (SmolLM2-135M-Instruct): traind's DPO through the real
 daemon, against TRL's DPOTrainer + PEFT on the same pairs.
 
-    .venv/bin/python bench/preference_real.py --models /tmp/i28-models [--pairs 160] [--epochs 2] [--threads 2]
+    .venv/bin/python bench/preference_real.py --models /tmp/i28-models [--pairs 60] [--epochs 2] [--lr 5e-4] [--threads 2]
 
 Needs the bench extra for the TRL side: `.venv/bin/pip install -e '.[bench]'` (--no-trl runs traind alone).
 
@@ -288,7 +288,7 @@ def run_trl(work: Path, data: Path, base: Path, traind: dict, args: argparse.Nam
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", required=True, help="a models cache that holds the converted SmolLM2")
-    ap.add_argument("--pairs", type=int, default=160)
+    ap.add_argument("--pairs", type=int, default=60)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch", type=int, default=4)
