@@ -123,7 +123,7 @@ def prefill_history(path: Path, n: int) -> None:
     db = HistoryDB(path)
     t0 = time.time() - 30 * 86400
     with db.conn:
-        db.conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
+        db.conn.executemany("INSERT INTO metrics (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t) VALUES (?,?,?,?,?,?,?,?,?)",
                             (("old-job", g, g, g / n, 2 + math.sin(g / 5000), 1e-4, 1.0, 900.0, t0 + g * 2.6) for g in range(n)))
     db.close()
     log.info("prefilled %d history rows", n)

@@ -192,6 +192,13 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class PreferenceConfig:
+    loss: Literal["sigmoid", "simpo"] = _f("sigmoid", "Loss of preference files ({prompt, chosen, rejected}): sigmoid is DPO (Rafailov et al. 2023) against the adapter as it was at the file's start (its log-probabilities computed in a first pass, kept with the checkpoints); simpo is SimPO (Meng et al. 2024), reference-free: length-normalised log-probabilities, no first pass.")
+    beta: float = _f(0.1, "How sharply the loss rewards the gap: DPO's beta (0.1 in the paper; TRL's default), SimPO's beta (the paper uses 2 to 10).")
+    simpo_gamma: float = _f(0.5, "With simpo: the target reward margin gamma (TRL's simpo_gamma; the paper 0.5 to 1.5).")
+
+
+@dataclass(frozen=True)
 class NotifyConfig:
     webhooks: list = _f([], "URLs that get a JSON POST for each event below (empty: none).")
     events: list = _f(["file_done", "file_failed", "paused", "daemon_error", "consolidation_done", "rollback", "forgetting"], "Which events are posted (forgetting: the gate tripped).")
@@ -265,6 +272,7 @@ class Config:
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig, metadata={"help": "TensorBoard event files (optional)."})
     auto_generate: AutoGenerateConfig = field(default_factory=AutoGenerateConfig, metadata={"help": "Data generated when idle."})
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "Guard rails that stop a file that goes wrong."})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={"help": "Preference files (chosen/rejected pairs): DPO or SimPO."})
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"help": "Webhooks on events (file done, failed, paused, errors)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Kept for older configs: one probe file (forgetting.probe_files)."})
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig, metadata={"help": "What the model must keep: probes and earlier files scored after every file, and a gate."})
@@ -327,7 +335,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 _SECTION_TYPES = {
     "paths": PathsConfig, "intake": IntakeConfig, "data": DataConfig, "model": ModelConfig,
     "lora": LoraConfig, "training": TrainingConfig, "speed": SpeedConfig, "activity": ActivityConfig, "adapters": AdaptersConfig,
-    "eval": EvalConfig, "forgetting": ForgettingConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig, "serve": ServeConfig,
+    "eval": EvalConfig, "forgetting": ForgettingConfig, "tensorboard": TensorBoardConfig, "auto_generate": AutoGenerateConfig, "guard": GuardConfig, "preference": PreferenceConfig, "notify": NotifyConfig, "consolidation": ConsolidationConfig, "distributed": DistributedConfig, "service": ServiceConfig, "serve": ServeConfig,
 }
 
 _NOTIFY_EVENTS_SORTED = ("consolidation_done", "daemon_error", "file_done", "file_failed", "forgetting", "paused", "rollback")
@@ -384,6 +392,8 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("eval", "max_examples"): (lambda v: v >= 1, ">= 1"),
     ("guard", "loss_spike_factor"): (lambda v: v == 0 or v > 1, "0 (off) or above 1"),
     ("guard", "min_steps"): (lambda v: v >= 1, ">= 1"),
+    ("preference", "beta"): (lambda v: 0 < v <= 100, "in (0, 100]"),
+    ("preference", "simpo_gamma"): (lambda v: 0 <= v <= 100, "in [0, 100]"),
     ("auto_generate", "idle_seconds"): (lambda v: v >= 0, ">= 0"),
     ("auto_generate", "count"): (lambda v: 1 <= v <= 1_000_000, "between 1 and 1000000"),
     ("auto_generate", "url"): (lambda v: v == "" or v.startswith(("http://", "https://")), "an http:// or https:// URL"),

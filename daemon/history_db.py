@@ -81,17 +81,25 @@ CREATE INDEX IF NOT EXISTS forgetting_generation ON forgetting (generation, t);
 # tables under the old series' id, so `metrics` (and every chart) holds the current adapter's steps alone
 # while the old ones stay queryable. Series 0 is the first (no row in `series`).
 SERIES_TABLES = (
-    ("metrics", "job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t"),
-    ("evals", "job_id, step, global_step, eval_loss, t"),
+    ("metrics", "job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t, reward_accuracy, reward_margin"),
+    ("evals", "job_id, step, global_step, eval_loss, t, preference"),
     ("activity", "job_id, step, global_step, t, final, layers, kinds, per_layer, grid"),
 )
+
+_METRICS = SERIES_TABLES[0][1]  # named: columns added later sit after the first nine
 
 # Columns added after a history.db may already exist: (table, column, type), added at open.
 _ADDED_COLUMNS = (("jobs", "activity", "TEXT"), ("jobs", "duplicate_of", "TEXT"), ("jobs", "forced", "INTEGER"),
                   ("jobs", "eval_set_before", "REAL"), ("jobs", "eval_set_after", "REAL"), ("jobs", "end_global_step", "INTEGER"),
                   ("jobs", "changed", "TEXT"),
                   ("jobs", "series", "INTEGER"),  # the series its end_global_step counts in (NULL: 0)
-                  ("jobs", "replay", "TEXT"))  # data.replay_fraction: fraction, samples, sources (JSON)  # the series its end_global_step counts in (NULL: 0)
+                  ("jobs", "replay", "TEXT"),
+                  # preference files: a step's reward accuracy and margin, the held-out figures (JSON) of an
+                  # eval, and the file's before and after (JSON: daemon/train/preference.py)
+                  ("metrics", "reward_accuracy", "REAL"), ("metrics", "reward_margin", "REAL"),
+                  ("metrics_archive", "reward_accuracy", "REAL"), ("metrics_archive", "reward_margin", "REAL"),
+                  ("evals", "preference", "TEXT"), ("evals_archive", "preference", "TEXT"),
+                  ("jobs", "preference", "TEXT"))  # data.replay_fraction: fraction, samples, sources (JSON)  # the series its end_global_step counts in (NULL: 0)
 
 # The activity table thins itself (docs/internals.md): beyond ACTIVITY_MAX_ROWS rows every
 # other one of the older half goes (per-layer totals, like a downsampled chart), and only the
@@ -108,7 +116,7 @@ JOB_COLUMNS = (
     "job_id", "original_name", "priority", "state", "sha256", "size", "format", "n_records", "n_bad",
     "bad_lines", "queued_at", "started_at", "finished_at", "steps", "total_steps", "final_loss",
     "eval_loss", "crashes", "reason", "adapter_version", "activity", "duplicate_of", "forced",
-    "eval_set_before", "eval_set_after", "end_global_step", "changed", "series", "replay",
+    "eval_set_before", "eval_set_after", "end_global_step", "changed", "series", "replay", "preference",
 )
 
 
@@ -217,17 +225,20 @@ class HistoryDB:
         return True
 
     def record_step(self, job_id: str, step: int, global_step: int, epoch: float, loss: float | None,
-                    lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float) -> None:
-        self._write(("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
-                     (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t)))
+                    lr: float | None, grad_norm: float | None, tokens_per_sec: float | None, t: float,
+                    reward_accuracy: float | None = None, reward_margin: float | None = None) -> None:
+        self._write((f"INSERT OR REPLACE INTO metrics ({_METRICS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                     (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t, reward_accuracy,
+                      reward_margin)))
 
     def record_missed_steps(self, job_id: str, steps: list[dict[str, Any]], t: float) -> int:
         """Step reports sent again (a resume, a version's step log): insert those not recorded, in one
         transaction; the rows already there stay as they are. Returns how many were new."""
         rows = [(job_id, m["step"], m.get("global_step"), m.get("epoch"), m.get("loss"), m.get("lr"),
-                 m.get("grad_norm"), m.get("tokens_per_sec"), t) for m in steps]
+                 m.get("grad_norm"), m.get("tokens_per_sec"), t, m.get("reward_accuracy"), m.get("reward_margin"))
+                for m in steps]
         before = self.conn.total_changes
-        sql = "INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)"
+        sql = f"INSERT OR IGNORE INTO metrics ({_METRICS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
         if not self._write(*((sql, r) for r in rows)):  # held for a full disk: written once space is back
             return 0
         return self.conn.total_changes - before
@@ -256,8 +267,11 @@ class HistoryDB:
         self._write(*[(f"DELETE FROM {table} WHERE job_id=?", (job_id,)) for table in ("metrics", "evals", "activity")])
         return n, last
 
-    def record_eval(self, job_id: str, step: int, global_step: int, eval_loss: float, t: float) -> None:
-        self._write(("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?)", (job_id, step, global_step, eval_loss, t)))
+    def record_eval(self, job_id: str, step: int, global_step: int, eval_loss: float, t: float,
+                    preference: dict[str, Any] | None = None) -> None:
+        self._write(("INSERT OR REPLACE INTO evals (job_id, step, global_step, eval_loss, t, preference) "
+                     "VALUES (?,?,?,?,?,?)", (job_id, step, global_step, eval_loss, t,
+                                             json.dumps(preference) if preference is not None else None)))
 
     def record_activity(self, job_id: str, step: int, global_step: int, t: float, final: bool,
                         layers: list[int], kinds: list[str], per_layer: dict, grid: dict) -> None:

@@ -82,7 +82,7 @@ class Job(Record):
     path: str = req("absolute path of the file in `queue/processing/`")
     original_name: str = req("the name it arrived with")
     sha256: str = req("of the whole file, as validated at intake")
-    format: str = req("`chat`, `prompt_completion`, `text` or `alpaca`")
+    format: str = req("`chat`, `prompt_completion`, `text`, `alpaca`, `preference` or `preference_chat`")
     n_records: int = req("valid records found at intake")
     recorded_through: int = opt(0, "steps 1..n of the file are in the service's history (a resume sends what is missing)")
 
@@ -242,6 +242,9 @@ class Step(Message):
     tokens_per_sec: float = req("tokens / the step's wall time")
     elapsed: float = req("seconds since the file (or its resume) began")
     micro_batch_split: int = opt(1, "pieces each micro-batch runs in (more than 1 after running out of memory)")
+    reward_accuracy: float | None = opt(None, "a preference file: share of the step's pairs whose chosen answer's "
+                                              "implicit reward is above the rejected one's (null: not a preference file)")
+    reward_margin: float | None = opt(None, "a preference file: the step's mean reward gap, chosen minus rejected")
     world_size: int | None = opt(None, "only with several ranks: how many")
     ranks: list[dict] | None = opt(None, "only with several ranks: each rank's figures in the step (rank, node, host, "
                                   "device, tokens, compute_seconds, tokens_per_sec, rss_bytes, gpu_memory_bytes)")
@@ -259,11 +262,14 @@ class StepsAgain(Message):
 @dataclass(frozen=True)
 class Eval(Message):
     TYPE, DIRECTION = "eval", TO_SERVICE
-    DOC = "the held-out loss of the file's eval examples"
+    DOC = "the held-out loss of the file's eval examples (a preference file: also at step 0, as it begins)"
     job_id: str = req("the file")
     step: int = req("the file's step")
     global_step: int = req("the adapter's step")
-    eval_loss: float = req("token-mean loss on the held-out examples")
+    eval_loss: float = req("token-mean loss on the held-out examples (a preference file: the pair-mean preference loss)")
+    preference: dict | None = opt(None, "a preference file's held-out pairs (daemon/train/preference.py): `pairs`, "
+                                        "`loss`, `accuracy` (chosen scored above rejected), `margin`, "
+                                        "`reward_accuracy`, `reward_margin`; null otherwise")
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,9 @@ class Done(Message):
                                         "earlier keep-sets' scores, backward transfer, the gate); null when not scored")
     replay: dict | None = opt(None, "with `data.replay_fraction`: `fraction`, `samples` replayed, `steps`, `sources` "
                                     "(`original_name`, `samples` each) and `left_out`; null without replay")
+    preference: dict | None = opt(None, "a preference file: `loss_type`, `beta`, the held-out figures (as "
+                                        "`eval`'s) `before` and `after` it, and `reference_seconds` (its reference "
+                                        "pass; null when read back on a resume); null otherwise")
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,10 @@ class TrainingStatus:
     tokens_per_sec: float | None = _f(None, "input tokens per second, recent average")
     eta_seconds: float | None = _f(None, "estimated seconds until the current file is done")
     eval_loss: float | None = _f(None, "last held-out loss of the current file")
+    preference: dict | None = _f(None, "a preference file in training: `reward_accuracy` and `reward_margin` of "
+                                      "the last step, `before` and `held_out` (the held-out pairs as the file began "
+                                      "and at its last eval: `pairs`, `loss`, `accuracy`, `margin`, "
+                                      "`reward_accuracy`, `reward_margin`); null otherwise")
     queue: dict[str, int] = _f({}, "files per queue folder: pending_high, pending_normal, pending_low, pending, "
                                    "processing, done, failed")
     device: str | None = _f(None, "cpu or cuda")

@@ -50,6 +50,13 @@ class DataFormat(str, Enum):
     PROMPT_COMPLETION = "prompt_completion"  # {"prompt", "completion"}
     TEXT = "text"  # {"text"}
     ALPACA = "alpaca"  # {"instruction", "input"?, "output"}
+    PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}: two answers to one prompt, the first preferred
+    PREFERENCE_CHAT = "preference_chat"  # {"messages": prompt turns, "chosen": assistant msg, "rejected": assistant msg}
+
+    @property
+    def is_preference(self) -> bool:
+        """Trained on pairs (daemon/train/preference.py), not on one answer per record."""
+        return self in (DataFormat.PREFERENCE, DataFormat.PREFERENCE_CHAT)
 
 
 # The key whose absence a line of another format is reported under.
@@ -58,6 +65,8 @@ _MAIN_KEY = {
     DataFormat.PROMPT_COMPLETION: "completion",
     DataFormat.TEXT: "text",
     DataFormat.ALPACA: "output",
+    DataFormat.PREFERENCE: "chosen",
+    DataFormat.PREFERENCE_CHAT: "chosen",
 }
 
 
@@ -83,6 +92,8 @@ class Record:
 
     chat -> {"messages": [{"role", "content", "weight"}]} (weight 0|1; 1 by default for assistant, 0 for others)
     prompt_completion -> {"prompt", "completion"}; text -> {"text"}; alpaca -> {"instruction", "input", "output"}
+    preference -> {"prompt", "chosen", "rejected"} (three strings)
+    preference_chat -> {"messages": the prompt turns (as chat's), "chosen": str, "rejected": str} (the answers' text)
     """
 
     line: int
@@ -121,6 +132,9 @@ def _show(value: Any, limit: int = 40) -> str:
 
 def _detect(obj: dict) -> DataFormat | None:
     """The format a JSON object's keys say it is, or None. Order matters when keys overlap."""
+    if "chosen" in obj or "rejected" in obj:  # before messages and prompt, which a pair has too
+        chat = "messages" in obj or isinstance(obj.get("prompt"), list)  # TRL's conversational prompt: a list
+        return DataFormat.PREFERENCE_CHAT if chat else DataFormat.PREFERENCE
     if "messages" in obj:
         return DataFormat.CHAT
     if "prompt" in obj or "completion" in obj:
@@ -230,7 +244,74 @@ def _parse_alpaca(obj: dict, line: int) -> dict | LineError:
     return {"instruction": instruction, "input": inp, "output": output}
 
 
+def _answers(obj: dict, line: int, side: Callable[[dict, str, int], str | LineError]) -> dict | LineError:
+    """The chosen and rejected answers of a pair: each there, not empty, and not the same."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        answer = side(obj, key, line)
+        if isinstance(answer, LineError):
+            return answer
+        out[key] = answer
+    if out["chosen"] == out["rejected"]:
+        return LineError(line, "rejected", "identical to chosen: a pair must differ to say which answer is better")
+    return out
+
+
+def _text_side(obj: dict, key: str, line: int) -> str | LineError:
+    return _string(obj, key, line, key, non_empty=True)
+
+
+def _message_side(obj: dict, key: str, line: int) -> str | LineError:
+    """An answer of the chat form: an assistant message, or TRL's one-element list of one; its content."""
+    if key not in obj:
+        return LineError(line, key, "missing")
+    msg, field = obj[key], key
+    if isinstance(msg, list):
+        if len(msg) != 1:
+            return LineError(line, key, f"must be one assistant message (or a list of exactly one), got a list of {len(msg)}")
+        msg, field = msg[0], f"{key}[0]"
+    if isinstance(msg, str):  # the answer's text alone: the role goes without saying
+        return _string(obj, key, line, key, non_empty=True)
+    if not isinstance(msg, dict):
+        return LineError(line, field, f"must be an assistant message {{role, content}}, got {json_type(msg)}")
+    role = msg.get("role", "assistant")
+    if role != "assistant":
+        return LineError(line, f"{field}.role", f"must be assistant, got {_show(role)}")
+    return _string(msg, "content", line, f"{field}.content", non_empty=True)
+
+
+def _parse_preference(obj: dict, line: int) -> dict | LineError:
+    prompt = _string(obj, "prompt", line, "prompt", non_empty=False)
+    if isinstance(prompt, LineError):
+        return prompt
+    answers = _answers(obj, line, _text_side)
+    return answers if isinstance(answers, LineError) else {"prompt": prompt, **answers}
+
+
+def _parse_preference_chat(obj: dict, line: int) -> dict | LineError:
+    key = "messages" if "messages" in obj else "prompt"  # TRL names the prompt turns "prompt"
+    turns = obj.get(key)
+    if not isinstance(turns, list):
+        return LineError(line, key, f"must be an array of the prompt's messages, got {json_type(turns)}"
+                                    if key in obj else "missing")
+    if not turns:
+        return LineError(line, key, "must not be empty: the answers reply to a prompt")
+    messages = []
+    for i, msg in enumerate(turns):
+        parsed = _parse_message(msg, line, i)
+        if isinstance(parsed, LineError):
+            return LineError(line, parsed.field.replace("messages", key, 1), parsed.reason)
+        messages.append(parsed | {"weight": 0})  # the prompt is context: only the answers are scored
+    if messages[-1]["role"] == "assistant":
+        return LineError(line, f"{key}[{len(messages) - 1}].role",
+                         "the prompt's last message must not be the assistant's: chosen and rejected are its reply")
+    answers = _answers(obj, line, _message_side)
+    return answers if isinstance(answers, LineError) else {"messages": messages, **answers}
+
+
 _PARSERS: dict[DataFormat, Callable[[dict, int], dict | LineError]] = {
+    DataFormat.PREFERENCE: _parse_preference,
+    DataFormat.PREFERENCE_CHAT: _parse_preference_chat,
     DataFormat.CHAT: _parse_chat,
     DataFormat.PROMPT_COMPLETION: _parse_prompt_completion,
     DataFormat.TEXT: _parse_text,
@@ -272,7 +353,7 @@ def _parse(raw: bytes, line: int, fmt: DataFormat | None, max_line_bytes: int, l
         keys = ", ".join(k.encode("utf-8", "backslashreplace").decode("utf-8")
                          for k in sorted(obj)[:8]) or "none"
         reason = (f"unknown record shape (keys: {keys}); expected messages (chat), prompt+completion, "
-                  "instruction+output (alpaca) or text")
+                  "instruction+output (alpaca), text, or prompt+chosen+rejected (preference)")
         return _Parsed(LineError(line, "", reason), None, False)
     if fmt is not None and shape != fmt:
         reason = f"missing: the file is {fmt.value} format but this line is {shape.value} format"

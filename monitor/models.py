@@ -158,7 +158,7 @@ class QueueItem(BaseModel):
     errors: list[dict] | None = None
     failed_at: str | None = None
     # from the daemon's job record in history.db (absent for files it has not recorded yet)
-    format: str | None = Field(None, description="chat, prompt_completion, text or alpaca")
+    format: str | None = Field(None, description="chat, prompt_completion, text, alpaca, preference or preference_chat")
     n_records: int | None = Field(None, description="records trained (good lines)")
     n_bad: int | None = Field(None, description="bad lines; on a done file, the ones skipped under bad_line_policy=skip")
     bad_lines: list[dict] | None = Field(None, description="the first bad lines: line, field, reason")
@@ -178,6 +178,8 @@ class QueueItem(BaseModel):
     duplicate_of: dict | None = Field(None, description="done without training: the ledger entry of the earlier "
                                       "file with the same content (sha256, job_id, original_name, version)")
     forced: bool = Field(False, description="added with `trainctl queue add --force`: trained even if its content was learnt before")
+    preference: dict | None = Field(None, description="a preference file: loss_type, beta, and its held-out pairs "
+                                    "`before` and `after` it (pairs, loss, accuracy, margin, reward_accuracy, reward_margin)")
     forgetting: dict | None = Field(None, description="what its forgetting scoring found: outcome, version, generation, "
                                     "backward_transfer, worst, gate, sampled, seconds (every set: GET "
                                     "/api/forgetting/jobs/{job_id})")

@@ -36,6 +36,13 @@ _JOB_FIELDS = ("format", "n_records", "n_bad", "steps", "total_steps", "final_lo
 _IN_CHUNK = 900  # under SQLite's default limit of host parameters
 
 
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:  # a record torn by hand: the row shows without it
+        return None
+
+
 def job_records(db_path: Path, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The daemon's job records for these ids; {} when there is no database or it cannot be read now."""
     ids = list(dict.fromkeys(job_ids))
@@ -77,6 +84,7 @@ def _item(e: QueueEntry, job: dict[str, Any] | None = None, **extra: Any) -> Que
         d["has_activity"] = bool(job.get("activity"))
         d["forced"] = bool(job.get("forced"))
         d["forgetting"] = job.get("forgetting")
+        d["preference"] = _json(job.get("preference"))
         if d.get("priority") is None:
             d["priority"] = job.get("priority")  # the folder says it only while pending
     return QueueItem(**d, **extra)

@@ -69,7 +69,7 @@ class FakeDaemon:
             for _ in range(n):
                 g = self.global_step
                 loss = 2.5 * math.exp(-g / 300) + 0.4 + self.rng.gauss(0, 0.05)
-                self.db.conn.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)",
+                self.db.conn.execute("INSERT OR REPLACE INTO metrics (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t) VALUES (?,?,?,?,?,?,?,?,?)",
                                      (job_id, g, g, g / 1000, loss, 2e-4 * min(1, (g + 1) / 20), 0.8, 900 + self.rng.gauss(0, 30), time.time()))
                 self.global_step += 1
 

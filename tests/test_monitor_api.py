@@ -150,7 +150,7 @@ def test_downsampling_matches_reference_on_irregular_steps(tmp_path):
     steps = sorted(rng.sample(range(50_000), 10_000))  # gaps, as after skipped files
     rows = [(g, rng.random()) for g in steps]  # distinct losses: one min/max row per bucket
     with db.conn:
-        db.conn.executemany("INSERT INTO metrics VALUES ('j', ?, ?, 0, ?, 1e-4, 1, 900, 0)", [(g, g, loss) for g, loss in rows])
+        db.conn.executemany("INSERT INTO metrics (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t) VALUES ('j', ?, ?, 0, ?, 1e-4, 1, 900, 0)", [(g, g, loss) for g, loss in rows])
     s = downsample(db.conn, "metrics", ("global_step", "loss"), "loss", -1, None, 400)
     assert s.total == 10_000 and len(s.rows) <= 400
     assert [r["global_step"] for r in s.rows] == _brute_force(rows, steps[0], s.bucket_width)
@@ -165,8 +165,8 @@ def test_downsampling_a_million_rows_keeps_min_and_max(tmp_path, cfg):
             loss = 100.0 if g == spike else (-5.0 if g == dip else 2.0 + math.sin(g / 1000))
             yield ("job", g, g, g / n, loss, 1e-4, 1.0, 900.0, float(g))
     with db.conn:
-        db.conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?)", rows())
-        db.conn.executemany("INSERT INTO evals VALUES (?,?,?,?,?)", [("job", g, g, 1.0 + g / n, float(g)) for g in range(0, n, 50_000)])
+        db.conn.executemany("INSERT INTO metrics (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t) VALUES (?,?,?,?,?,?,?,?,?)", rows())
+        db.conn.executemany("INSERT INTO evals (job_id, step, global_step, eval_loss, t) VALUES (?,?,?,?,?)", [("job", g, g, 1.0 + g / n, float(g)) for g in range(0, n, 50_000)])
     db.close()
     with TestClient(create_app(cfg), base_url="http://127.0.0.1") as c:
         h = c.get("/api/history?max_points=2000").json()
@@ -193,7 +193,7 @@ def test_summary_path_keeps_each_buckets_extremes(tmp_path, monkeypatch):
     steps = sorted(rng.sample(range(100_000), 20_000))
     rows = [(g, rng.random()) for g in steps]
     with db.conn:
-        db.conn.executemany("INSERT INTO metrics VALUES ('j', ?, ?, 0, ?, 1e-4, 1, 900, 1.0)", [(g, g, l) for g, l in rows])
+        db.conn.executemany("INSERT INTO metrics (job_id, step, global_step, epoch, loss, lr, grad_norm, tokens_per_sec, t) VALUES ('j', ?, ?, 0, ?, 1e-4, 1, 900, 1.0)", [(g, g, l) for g, l in rows])
     idx = HistoryIndex()
     s = history.metrics_series(db.conn, idx, 99, 90_000, 400)
     got = [r["global_step"] for r in s.rows]

@@ -738,3 +738,29 @@ def test_a_held_version_shows_what_it_forgot_and_accept_asks_the_daemon(browser,
         tab.assert_clean()
     os.close(lock_fd)
     fake.db.close()
+
+
+def test_a_preference_file_shows_its_pairs_in_training_and_when_done(browser, tmp_path):
+    """The status panel's Pairs row while a preference file trains (hidden otherwise), and a done preference
+    file's row says how many held-out pairs preferred the chosen answer before and after it."""
+    import json
+
+    cfg = make_instance(tmp_path)
+    fake = FakeDaemon(cfg)
+    q = _fabricated_queue(cfg)
+    done = q.finish(q.start(q.next_pending()).job_id)
+    pref = {"loss_type": "sigmoid", "beta": 0.1, "before": {"pairs": 8, "accuracy": 0.125},
+            "after": {"pairs": 8, "accuracy": 0.875}}
+    fake.db.upsert_job(done.job_id, original_name=done.original_name, state="done", steps=12, total_steps=12,
+                       final_loss=0.31, format="preference_chat", preference=json.dumps(pref), finished_at=time.time())
+    training = dict(status="training", detail="training", current_file="likes.jsonl", job_id=JOB, current_step=3,
+                    total_steps=12, queue=q.counts(), trainer_pid=os.getpid(),
+                    preference={"reward_accuracy": 0.75, "reward_margin": 0.123, "before": {"accuracy": 0.125}})
+    with monitor_process(cfg) as url, Heartbeat(fake, **training) as beat:
+        tab = Page(browser, url)
+        tab.open(token_of(cfg))
+        tab.page.wait_for_selector("#pref >> text=reward acc 0.75 · margin 0.123 · held-out acc 0.13 → —")
+        tab.page.locator(f"tr[data-job='{done.job_id}'] >> text=preferred 0.13 → 0.88").wait_for()
+        beat.set(preference=None)
+        tab.page.wait_for_selector("#pref-row", state="hidden")
+        tab.assert_clean()

@@ -240,7 +240,7 @@ def test_overlong_line_streamed(tmp_path: Path) -> None:
         ('[1, 2]', None, "", "expected a JSON object, got array"),
         ('"just a string"', None, "", "expected a JSON object, got string"),
         ('{"foo": 1, "bar": 2}', None, "", "unknown record shape (keys: bar, foo); expected messages (chat), "
-         "prompt+completion, instruction+output (alpaca) or text"),
+         "prompt+completion, instruction+output (alpaca), text, or prompt+chosen+rejected (preference)"),
         ('{"text": NaN}', None, "", "invalid JSON: NaN is not valid JSON"),
         ('{"text": "a",}', None, "", "invalid JSON at column 14: Expecting property name enclosed in double quotes"),
     ],

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from daemon import atomic, control, forgetting_view
 from daemon.cli import forgetting_cmds
-from daemon.cli.shared import (WAIT_SECONDS, daemon_pid, from_history, line_error, lock_path, out, print_line_errors,
-                               wait_consumed, with_config)
+from daemon.cli.shared import (WAIT_SECONDS, daemon_pid, from_history, line_error, lock_path, out, preference_lines,
+                               print_line_errors, wait_consumed, with_config)
 from daemon.config import Config
 from daemon.errors import QueueError
 from daemon.intake import force_marker, plural, remove_file, retry_file
@@ -156,6 +156,11 @@ def _print_record(record: dict) -> None:
     for key in RECORD_KEYS:
         if record.get(key) is not None:
             out(f"  {key:<9} {record[key]}")
+    pref = json.loads(record.get("preference") or "null")
+    if pref:
+        out(f"  preference {pref.get('loss_type')} (beta {pref.get('beta')})")
+        for line in preference_lines(pref.get("before"), pref.get("after")):
+            out(line)
     bad = json.loads(record.get("bad_lines") or "[]")
     for e in bad[:10]:
         out(f"  bad line  {line_error(e)}")

@@ -132,6 +132,22 @@ def number(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def preference_lines(before: dict | None, after: dict | None, indent: str = "  ") -> list[str]:
+    """A preference file's held-out pairs before and after (daemon/train/preference.py), one figure a line."""
+    b, a = before or {}, after or {}
+    pairs = a.get("pairs") or b.get("pairs")
+
+    def row(label: str, key: str, fmt: str, what: str) -> str:
+        return f"{indent}{label:<9} {number(b.get(key), fmt)} -> {number(a.get(key), fmt)}   {what}"
+
+    return [f"{indent}held out  {pairs} pair(s), before the file -> after it",
+            row("accuracy", "accuracy", ".3f", "(chosen scored above rejected)"),
+            row("margin", "margin", ".3f", "(mean score gap, nats)"),
+            row("reward", "reward_accuracy", ".3f", "(reward accuracy against the file's start)"),
+            row("", "reward_margin", ".3f", "(reward margin)"),
+            row("loss", "loss", ".4f", "(preference loss)")]
+
+
 def line_error(e: dict) -> str:
     return f"line {e.get('line')}" + (f", field {e['field']}" if e.get("field") else "") + f": {e.get('reason')}"
 

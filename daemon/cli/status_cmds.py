@@ -163,7 +163,20 @@ def _training_lines(st: dict) -> list[str]:
         f"  progress {progress_bar(step, total)}  step {step}/{total}  epoch {st.get('epoch', 0):.2f}  ETA {eta}",
         f"  loss     {number(st.get('loss'), '.4f')}   eval {number(st.get('eval_loss'), '.4f')}   "
         f"lr {number(st.get('lr'), '.2e')}   {tps} tok/s",
-    ]
+    ] + _preference_lines(st.get("preference"))
+
+
+def _preference_lines(pref: dict | None) -> list[str]:
+    """A preference file's last step (reward accuracy and margin) and its held-out pairs so far."""
+    if not pref:
+        return []
+    held, before = pref.get("held_out") or {}, pref.get("before") or {}
+    line = (f"  pairs    reward acc {number(pref.get('reward_accuracy'), '.2f')}   "
+            f"margin {number(pref.get('reward_margin'), '.3f')}")
+    if before or held:
+        line += (f"   held-out acc {number(before.get('accuracy'), '.2f')} -> "
+                 f"{number(held.get('accuracy'), '.2f')}")
+    return [line]
 
 
 def _rank_lines(st: dict) -> list[str]:

@@ -91,7 +91,10 @@ class JobTracker:
                 self.db.record_missed_steps(msg.job_id, msg.steps, now)
             case protocol.Eval():
                 self.status.eval_loss = msg.eval_loss
-                self.db.record_eval(msg.job_id, msg.step, msg.global_step, msg.eval_loss, now)
+                if msg.preference is not None:  # step 0: the file's start; later: its last eval
+                    key = "before" if msg.step == 0 else "held_out"
+                    self.status.preference = {**(self.status.preference or {}), key: msg.preference}
+                self.db.record_eval(msg.job_id, msg.step, msg.global_step, msg.eval_loss, now, msg.preference)
             case protocol.Activity():
                 self._on_activity(msg, now)
             case protocol.Checkpoint():
@@ -135,8 +138,11 @@ class JobTracker:
         t0, s0 = self._rate
         if st.current_step > s0 and now > t0:
             st.eta_seconds = (st.total_steps - st.current_step) * (now - t0) / (st.current_step - s0)
+        if msg.reward_accuracy is not None:
+            st.preference = {**(st.preference or {}), "reward_accuracy": msg.reward_accuracy,
+                             "reward_margin": msg.reward_margin}
         self.db.record_step(msg.job_id, msg.step, st.global_step, st.epoch, st.loss, st.lr, msg.grad_norm,
-                            st.tokens_per_sec, now)
+                            st.tokens_per_sec, now, msg.reward_accuracy, msg.reward_margin)
 
     def _on_activity(self, msg: protocol.Activity, now: float) -> None:
         wire = msg.to_wire()
@@ -223,7 +229,8 @@ class JobTracker:
                            **({"eval_set_before": ev.get("before"), "eval_set_after": ev.get("after"),
                                "end_global_step": msg.global_step} if ev else {}),
                            **({"activity": activity_summary.file_moved(moved)} if moved else {}),
-                           **({"replay": json.dumps(msg.replay)} if msg is not None and msg.replay else {}))
+                           **({"replay": json.dumps(msg.replay)} if msg is not None and msg.replay else {}),
+                           **({"preference": json.dumps(msg.preference)} if msg is not None and msg.preference else {}))
         again = (" (already trained before a restart; not trained again)"
                  if msg is None or msg.already_trained else "")
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
@@ -370,7 +377,7 @@ class JobTracker:
         st.current_file = st.job_id = None
         st.current_step = st.total_steps = 0
         st.epoch = 0.0
-        st.loss = st.lr = st.tokens_per_sec = st.eta_seconds = st.eval_loss = None
+        st.loss = st.lr = st.tokens_per_sec = st.eta_seconds = st.eval_loss = st.preference = None
         st.ranks = st.slowest_rank = None
         self._rate = None
 

@@ -18,6 +18,11 @@ How each format is trained (labels are -100 where there is no loss):
 - text: [bos] text eos; loss on every token.
 - alpaca: as a chat (user: instruction [+ "\\n\\n" + input], assistant: output) when the
   tokenizer has a chat template, else the classic Alpaca prompt with loss on the response.
+- preference, preference_chat: a Pair, the prompt followed by each answer (as prompt_completion, or as
+  a chat ending with the answer's assistant turn), scored on the answer; the file's iterators give
+  Pairs (daemon/train/preference.py trains them). Where one answer is wanted (a keep-set, replay,
+  `tokenize_record`) the chosen side stands for the pair. A prompt that alone fills max_length is
+  a bad line (nothing of either answer would be left to compare).
 Sequences are cut to `max_length` from the right; an example left with no trainable
 token is dropped (None).
 
@@ -70,6 +75,25 @@ class Example:
     line: int
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One tokenised preference record: the same prompt with the chosen and with the rejected answer."""
+
+    line: int
+    chosen: Example
+    rejected: Example
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Both sequences' tokens: what the pair costs to compute (batching groups and counts by it)."""
+        return self.chosen.input_ids + self.rejected.input_ids
+
+
+def supervised(ex: Example | Pair) -> Example:
+    """The one answer a record stands for where a single one is scored: a pair's chosen side."""
+    return ex.chosen if isinstance(ex, Pair) else ex
 
 
 @dataclass(frozen=True)
@@ -197,8 +221,19 @@ def _alpaca_messages(data: dict) -> list[dict]:
     ]
 
 
+def _answer_ids(record: Record, tokenizer: Any, side: str) -> tuple[list[int], list[int]]:
+    """Prompt plus one answer of a pair, loss on the answer (its end-of-turn or eos included)."""
+    data = record.data
+    if record.format == DataFormat.PREFERENCE:
+        return _prompt_completion(tokenizer, data["prompt"], data[side])
+    messages = data["messages"] + [{"role": "assistant", "content": data[side], "weight": 1}]
+    return _tokenize_segments(tokenizer, _chat_segments(tokenizer, messages))
+
+
 def _ids_and_labels(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
     data = record.data
+    if record.format.is_preference:
+        return _answer_ids(record, tokenizer, "chosen")
     if record.format == DataFormat.CHAT:
         return _tokenize_segments(tokenizer, _chat_segments(tokenizer, data["messages"]))
     if record.format == DataFormat.PROMPT_COMPLETION:
@@ -238,9 +273,37 @@ def tokenize_record(record: Record, tokenizer: Any, max_length: int) -> Example 
     return Example(record.line, ids, labels)
 
 
+def tokenize_pair(record: Record, tokenizer: Any, max_length: int) -> Pair:
+    """Tokenise one preference record; each side is cut to `max_length` from the right.
+
+    Raises RecordError naming the line when the prompt alone leaves neither answer a token within
+    `max_length` (a pair whose answers are cut away compares nothing), or when the tokenizer refuses it.
+    """
+    sides = []
+    for side in ("chosen", "rejected"):
+        try:
+            ids, labels = _answer_ids(record, tokenizer, side)
+        except (TokenizerUnfit, MemoryError):
+            raise
+        except DataError as e:
+            raise _record_error(record, str(e)) from e
+        except Exception as e:
+            raise _record_error(record, f"the tokenizer {_name(tokenizer)!r} cannot encode this record "
+                                        f"({type(e).__name__}: {e})") from e
+        prompt = next((k for k, t in enumerate(labels) if t != IGNORE), len(labels))
+        if prompt >= max_length:
+            field = "messages" if record.format == DataFormat.PREFERENCE_CHAT else "prompt"
+            error = LineError(record.line, field, f"the prompt alone is {prompt} tokens, data.max_length is "
+                                                  f"{max_length}: nothing of the answers would be scored; "
+                                                  "shorten the prompt or raise data.max_length")
+            raise RecordError(str(error), [error])
+        sides.append(Example(record.line, ids[:max_length], labels[:max_length]))
+    return Pair(record.line, sides[0], sides[1])
+
+
 def _record_error(record: Record, reason: str) -> RecordError:
     # The field, where the format has one string to blame; a chat template renders the whole conversation.
-    where = {DataFormat.TEXT: "text", DataFormat.CHAT: "messages"}.get(record.format, "")
+    where = {DataFormat.TEXT: "text", DataFormat.CHAT: "messages", DataFormat.PREFERENCE_CHAT: "messages"}.get(record.format, "")
     error = LineError(record.line, where, reason)
     return RecordError(str(error), [error])
 
@@ -309,9 +372,10 @@ def _classified(path: str | os.PathLike, fmt: DataFormat, tokenizer: Any, data_c
     """
     bad = bad if bad is not None else _BadLines()
     n_eval = n_train = 0
+    tokenize = tokenize_pair if DataFormat(fmt).is_preference else tokenize_record
     for record in iter_records(path, fmt, data_cfg.max_line_bytes, on_bad=bad.validation_bad):
         try:
-            ex = tokenize_record(record, tokenizer, data_cfg.max_length)
+            ex = tokenize(record, tokenizer, data_cfg.max_length)
         except RecordError as e:
             bad.refused(e.errors)
             continue

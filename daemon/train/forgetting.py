@@ -92,7 +92,7 @@ def load_probes(cfg: Config, tokenizer: Any) -> tuple[list[ScoreSet], list[str]]
     """The probe files' first `forgetting.probe_max_examples` examples, tokenised; the problems of those that
     cannot be used (each named; training goes on without them)."""
     from daemon.jsonl import sha256_of
-    from daemon.train.data import train_examples
+    from daemon.train.data import supervised, train_examples
     from daemon.validate import validate_file
 
     probes: list[ScoreSet] = []
@@ -105,8 +105,8 @@ def load_probes(cfg: Config, tokenizer: Any) -> tuple[list[ScoreSet], list[str]]
                 raise ValueError(report.reason or "not a training file")
             # an older config's eval.file keeps its own eval.max_examples
             most = cfg.eval.max_examples if path == cfg.eval_file else cfg.forgetting.probe_max_examples
-            examples = sorted(train_examples(path, report.format, tokenizer, data, cfg.training.seed, 0),
-                              key=lambda e: e.line)[:most]
+            examples = sorted(map(supervised, train_examples(path, report.format, tokenizer, data,
+                                                             cfg.training.seed, 0)), key=lambda e: e.line)[:most]
             if not examples:
                 raise ValueError("no example keeps a token to score")
             sha = sha256_of(path)
@@ -165,7 +165,7 @@ def save_keep_set(cfg: Config, check: FileCheck, version: int) -> None:
 
 def own_keep_set(cfg: Config, job: protocol.Job, tokenizer: Any) -> ScoreSet | None:
     """The file's first `forgetting.keep_examples` held-out examples (the training loop's own split)."""
-    from daemon.train.data import eval_examples
+    from daemon.train.data import eval_examples, supervised
     from daemon.train.loop import job_seed
     from daemon.validate import DataFormat
 
@@ -175,7 +175,9 @@ def own_keep_set(cfg: Config, job: protocol.Job, tokenizer: Any) -> ScoreSet | N
     held = eval_examples(job.path, DataFormat(job.format), tokenizer, cfg.data, job_seed(cfg.training.seed, job.sha256))
     if not held:
         return None
-    return ScoreSet(f"keep:{job.job_id}", "keep", job.original_name, tuple(held[:n]), job_id=job.job_id)
+    # a preference file keeps its held-out chosen answers: what it taught, scored as any file's answers
+    return ScoreSet(f"keep:{job.job_id}", "keep", job.original_name, tuple(supervised(ex) for ex in held[:n]),
+                    job_id=job.job_id)
 
 
 # ---------------------------------------------------------------- scoring

@@ -175,14 +175,14 @@ def compare_on_file(cfg: Config, view: View, path: Path, max_examples: int = 0) 
     when `view` has an adapter, for base + adapter (the same loaded weights, the adapter switched off)."""
     import dataclasses
 
-    from daemon.train.data import train_examples
+    from daemon.train.data import supervised, train_examples
     from daemon.validate import validate_file
 
     report = validate_file(path, cfg.data, 0)
     if not report.accepted or report.format is None:
         raise TraindError(f"{path}: {report.reason or 'not a training file'}")
     data = dataclasses.replace(cfg.data, eval_fraction=0.0)
-    examples = list(train_examples(path, report.format, view.tokenizer, data, cfg.training.seed, 0))
+    examples = list(map(supervised, train_examples(path, report.format, view.tokenizer, data, cfg.training.seed, 0)))
     examples.sort(key=lambda ex: ex.line)  # file order: the figures do not depend on a shuffle
     if max_examples:
         examples = examples[:max_examples]

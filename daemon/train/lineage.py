@@ -110,7 +110,8 @@ def publish(sess: Session, job: protocol.Job, outcome: Any, moved: Grid | None,
                             adapter_path=str(published.path), already_trained=False,
                             activity_moved=manifest.activity_moved, eval_set=eval_set,
                             global_step=outcome.global_step, forgetting=report,
-                            replay=replay_figures(outcome.ledger)))
+                            replay=replay_figures(outcome.ledger),
+                            preference=outcome.preference))
 
 
 def replay_figures(ledger: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -47,6 +47,7 @@ from daemon.errors import DataError, GuardTripped
 from daemon.protocol import Job
 from daemon.sample_ledger import SampleLedger
 from daemon.train import checkpoint as ckpt
+from daemon.train import preference
 from daemon.train.activity_probe import ActivityProbe, Sampler
 from daemon.train.batching import batches, micro_batches
 from daemon.train.data import plan_file, train_examples
@@ -109,6 +110,7 @@ class Outcome:
     checkpoint_step: int | None  # the checkpoint written at stop
     ledger: dict[str, Any] | None = None  # done: the samples every step of the file consumed (daemon.sample_ledger)
     freezing: dict[str, Any] | None = None  # done, with lora.freeze_stalled: what froze and thawed (Freezer.summary)
+    preference: dict[str, Any] | None = None  # done, a preference file: its held-out figures before and after
 
 
 class Steering:
@@ -309,6 +311,21 @@ def _replay_plan(cfg: Config, job: Job, tok: Any, n_own: int, ledger: SampleLedg
     return plan
 
 
+def _preference_trainer(lm: LoadedModel, cfg: Config, job: Job, plan: Any, ckpt_folder: Path,
+                        ck: ckpt.Checkpoint | None, ranks: Ranks, tick: Callable[[], None],
+                        train: Callable[[], Iterable[Any]]) -> tuple[preference.Trainer, ckpt.Checkpoint | None]:
+    """A preference file's trainer (daemon/train/preference.py) and the checkpoint to resume from: none where
+    the checkpoints lack the reference they trained against (they cannot resume exactly: the file starts over)."""
+    preference.refuse_distributed(ranks.many)
+    if ck is not None:
+        prefs = preference.Trainer.resumed(lm, cfg, plan, ckpt_folder, job.sha256)
+        if prefs is not None:
+            return prefs, ck
+        log.warning("%s: its checkpoints have no reference scores; training the file from its start", job.job_id)
+        ckpt.delete_checkpoints(ckpt_folder)
+    return preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, job.sha256, tick), None
+
+
 class _NoStepLog:
     """The other ranks keep no step log (rank 0's is the file's)."""
 
@@ -362,6 +379,10 @@ def _train_file(
         ckpt.delete_checkpoints(ckpt_folder)
     if ranks.many:  # rank 0's checkpoint on every rank (the other nodes cannot read its folder)
         ck = steer.share(ck if ranks.main else None)
+    prefs = None
+    if fmt.is_preference:  # its reference is scored now, before any checkpoint's weights are put back
+        prefs, ck = _preference_trainer(lm, cfg, job, plan, ckpt_folder, ck, ranks, tick,
+                                        lambda: train_examples(path, fmt, tok, dc, seed, 0))
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
         pos = ck.position  # with the order its file began with, whatever data.group_by_length says now
@@ -372,8 +393,10 @@ def _train_file(
         freezer.resume(ck.freezing)
     elif freezer is not None:
         freezer.baseline()
-    replay = _replay_plan(cfg, job, tok, plan.n_train * tc.epochs_per_file, ledger, ck is not None, replay_from,
-                          tick, ranks, steer)
+    if prefs is not None and dc.replay_fraction > 0:
+        log.info("%s: a preference file replays nothing (data.replay_fraction applies to supervised files)", job.job_id)
+    replay = None if prefs is not None else _replay_plan(cfg, job, tok, plan.n_train * tc.epochs_per_file, ledger,
+                                                         ck is not None, replay_from, tick, ranks, steer)
     saved_step = pos.step if ck is not None else None
     # Reports of steps the checkpoint keeps that the service never recorded (it died while behind): sent again.
     missed = [m for m in steplog.resume(pos.step) if m["step"] > job.recorded_through] if ck is not None else []
@@ -384,6 +407,10 @@ def _train_file(
                             epochs=tc.epochs_per_file))
     if missed:
         report(protocol.StepsAgain(job_id=job.job_id, steps=missed))
+    before = prefs.before() if prefs is not None else (None, None)
+    if before[1] is not None and ck is None:  # the held-out pairs as the file begins (from the reference pass)
+        report(protocol.Eval(job_id=job.job_id, step=0, global_step=pos.global_step, eval_loss=before[0],
+                             preference=before[1]))
 
     def save() -> int:
         if not ranks.main:  # the checkpoint is rank 0's: the weights are the same on every rank
@@ -414,10 +441,17 @@ def _train_file(
         probe.extra.pop("frozen", None)
     spike = SpikeGuard(cfg.guard.loss_spike_factor, cfg.guard.min_steps)
 
+    after: dict[str, Any] | None = None
+
     def run_eval() -> float | None:
-        loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing, ranks)
+        nonlocal after
+        if prefs is not None:
+            loss, after = prefs.evaluate()
+        else:
+            loss = evaluate(lm, held_out, tc.micro_batch_size, lm.fast, dc.packing, ranks)
         if loss is not None:
-            report(protocol.Eval(job_id=job.job_id, step=pos.step, global_step=pos.global_step, eval_loss=loss))
+            report(protocol.Eval(job_id=job.job_id, step=pos.step, global_step=pos.global_step, eval_loss=loss,
+                                 **({"preference": after} if after is not None else {})))
         return loss
 
     # --- the loop: epochs -> accumulation groups of micro-batches -> one optimizer step each
@@ -447,10 +481,14 @@ def _train_file(
             picks = replay.picks(ledger.samples, ledger.samples + len(own)) if replay is not None else []
             # replayed examples are added after the file's own micro-batches, in micro-batches of the same size
             replayed = list(batches([replay.examples[p] for p in picks], tc.micro_batch_size)) if replay else []
+            figures: dict[str, float] = {}  # a preference step's reward accuracy and margin
             try:
-                stats = optimizer_step(lm, group + replayed, lm.fast, dc.packing, opt, sched, scaler, tc.max_grad_norm,
-                                       probe if sample else None, ranks,
-                                       (lambda: freezer.after_backward(pos.step + 1, pos.global_step + 1)) if freezer else None)
+                if prefs is not None:
+                    stats, figures = prefs.step(group, opt, sched, scaler, tc.max_grad_norm, probe if sample else None)
+                else:
+                    stats = optimizer_step(lm, group + replayed, lm.fast, dc.packing, opt, sched, scaler,
+                                           tc.max_grad_norm, probe if sample else None, ranks,
+                                           (lambda: freezer.after_backward(pos.step + 1, pos.global_step + 1)) if freezer else None)
             except GuardTripped as e:
                 e.step = pos.step + 1
                 raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
@@ -466,7 +504,7 @@ def _train_file(
                 job_id=job.job_id, step=pos.step, total_steps=total_steps, global_step=pos.global_step,
                 epoch=epoch + consumed / mb_per_epoch, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
                 tokens=stats.tokens, slots=stats.slots, tokens_per_sec=stats.tokens / dt,
-                elapsed=clock() - started, micro_batch_split=stats.split,
+                elapsed=clock() - started, micro_batch_split=stats.split, **figures,
                 **({"world_size": ranks.world_size, "ranks": stats.ranks} if stats.ranks is not None else {}))
             steplog.append(step_msg.to_wire())
             report(step_msg)
@@ -485,5 +523,8 @@ def _train_file(
     if ledger.replay is not None:
         log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
                  sum(1 for s in ledger.replay.sources if s["samples"]))
+    pref_figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta, "before": before[1],
+                     "after": after, "reference_seconds": prefs.reference_seconds}
+                    if prefs is not None and after is not None else None)
     return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(),
-                   freezer.summary() if freezer is not None else None)
+                   freezer.summary() if freezer is not None else None, pref_figures)

@@ -97,6 +97,8 @@ function queueRow(it, kind, pend) {
 function trained(it) {
   const parts = [`${fmt.int(it.steps)} step${it.steps === 1 ? '' : 's'}`, `loss ${fmt.loss(it.final_loss)}`];
   if (it.eval_loss != null) parts.push(`eval loss ${fmt.loss(it.eval_loss)}`);
+  const pref = it.preference;  // a preference file: its held-out pairs before and after
+  if (pref && pref.after) parts.push(`preferred ${fmt.num(pref.before?.accuracy, 2)} → ${fmt.num(pref.after.accuracy, 2)}`);
   if (it.adapter_version != null) parts.push(`adapter v${it.adapter_version}`);
   return parts.join(' · ');
 }

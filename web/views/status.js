@@ -68,6 +68,12 @@ export function update(s) {
   }
   $('split-row').hidden = !(s.micro_batch_split > 1);  // after an out-of-memory
   $('split').textContent = s.micro_batch_split > 1 ? `in ${s.micro_batch_split} pieces (out of memory; same effective batch)` : '';
+  const p = s.preference;  // a preference file in training: its last step and its held-out pairs
+  $('pref-row').hidden = !p;
+  if (p) {
+    const held = p.before || p.held_out ? ` · held-out acc ${fmt.num(p.before?.accuracy, 2)} → ${fmt.num(p.held_out?.accuracy, 2)}` : '';
+    $('pref').textContent = `reward acc ${fmt.num(p.reward_accuracy, 2)} · margin ${fmt.num(p.reward_margin, 3)}${held}`;
+  }
   const le = $('last-error');
   le.hidden = !s.last_error; le.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
 }

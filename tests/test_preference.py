@@ -1,0 +1,322 @@
+"""Preference files (daemon/train/preference.py): the formats, their bad lines, the loss against a direct
+computation, and an exact resume. `models_dir` (conftest) builds the embedded tiny model once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from daemon.config import DataConfig, PreferenceConfig
+from daemon.validate import DataFormat, validate_file
+
+torch = pytest.importorskip("torch")
+
+from daemon.train import checkpoint as ckpt  # noqa: E402
+from daemon.train.data import IGNORE, plan_file, tokenize_pair  # noqa: E402
+from daemon.train.loop import Job, job_seed  # noqa: E402
+from daemon.train.model import load_for_training, lora_state  # noqa: E402
+from daemon.train import preference  # noqa: E402
+from daemon.train.preference import REFERENCE_FILE, pair_logps, pair_loss  # noqa: E402
+from daemon.validate import iter_records  # noqa: E402
+from tests.test_loop import Crash, make_cfg, one_thread, run, sha  # noqa: E402,F401 (one_thread: autouse fixture)
+
+ANSWERS = [("What colour is the sky?", "Blue. Cheers, Ada", "The sky is usually blue during the day."),
+           ("Name a fruit.", "An apple. Cheers, Ada", "Apples are a fruit."),
+           ("What is 2 + 3?", "Five. Cheers, Ada", "2 + 3 equals 5."),
+           ("Say hello.", "Hello! Cheers, Ada", "Hello there."),
+           ("Which animal barks?", "A dog. Cheers, Ada", "Dogs bark."),
+           ("What do bees make?", "Honey. Cheers, Ada", "Bees make honey.")]
+
+
+def pref_lines(n: int, chat: bool) -> list[str]:
+    """n preference records, plain or in the chat form the dashboard's playground writes."""
+    out = []
+    for k in range(n):
+        q, good, bad = ANSWERS[k % len(ANSWERS)]
+        q = f"{q} ({k})"
+        if chat:
+            out.append(json.dumps({"messages": [{"role": "user", "content": q}],
+                                   "chosen": {"role": "assistant", "content": good},
+                                   "rejected": {"role": "assistant", "content": bad}}))
+        else:
+            out.append(json.dumps({"prompt": q, "chosen": good, "rejected": bad}))
+    return out
+
+
+def write(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- formats and bad lines
+
+
+def test_both_forms_are_detected_and_trl_s_one_element_lists_accepted(tmp_path: Path) -> None:
+    plain = validate_file(write(tmp_path, "p.jsonl", pref_lines(4, chat=False)), DataConfig())
+    chat = validate_file(write(tmp_path, "c.jsonl", pref_lines(4, chat=True)), DataConfig())
+    trl = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
+           "rejected": [{"role": "assistant", "content": "Go away"}]}
+    lists = validate_file(write(tmp_path, "t.jsonl", [json.dumps(trl)]), DataConfig())
+    assert (plain.format, plain.n_valid, plain.n_bad) == (DataFormat.PREFERENCE, 4, 0)
+    assert (chat.format, chat.n_valid, chat.n_bad) == (DataFormat.PREFERENCE_CHAT, 4, 0)
+    assert (lists.format, lists.n_valid) == (DataFormat.PREFERENCE_CHAT, 1)
+    record = next(iter_records(tmp_path / "t.jsonl", DataFormat.PREFERENCE_CHAT, 1 << 20))
+    assert record.data == {"messages": [{"role": "user", "content": "Hi", "weight": 0}],
+                           "chosen": "Hello", "rejected": "Go away"}
+
+
+def test_bad_pairs_are_named_by_line_field_and_reason(tmp_path: Path) -> None:
+    good = pref_lines(10, chat=True)
+    bad = [
+        {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "a"}},
+        {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "same"},
+         "rejected": {"role": "assistant", "content": "same"}},
+        {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "  "},
+         "rejected": {"role": "assistant", "content": "b"}},
+        {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "user", "content": "a"},
+         "rejected": {"role": "assistant", "content": "b"}},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "chosen": {"role": "assistant", "content": "a"}, "rejected": {"role": "assistant", "content": "b"}},
+        {"messages": [{"role": "user", "content": "q"}], "chosen": [], "rejected": {"role": "assistant", "content": "b"}},
+        {"prompt": "q", "completion": "a"},
+    ]
+    report = validate_file(write(tmp_path, "bad.jsonl", good + [json.dumps(b) for b in bad]),
+                           DataConfig(max_bad_fraction=1.0))
+    got = [(e.line, e.field, e.reason) for e in report.errors]
+    assert got[0] == (11, "rejected", "missing")
+    assert got[1][:2] == (12, "rejected") and "identical to chosen" in got[1][2]
+    assert got[2] == (13, "chosen.content", "must not be empty")
+    assert got[3][:2] == (14, "chosen.role") and "must be assistant" in got[3][2]
+    assert got[4][:2] == (15, "messages[1].role") and "last message" in got[4][2]
+    assert got[5][:2] == (16, "chosen") and "list of 0" in got[5][2]
+    assert got[6][:2] == (17, "chosen") and "preference_chat format" in got[6][2]
+    plain = validate_file(write(tmp_path, "plain.jsonl", pref_lines(10, chat=False) + [
+        json.dumps({"prompt": "q", "rejected": "b"}), json.dumps({"prompt": "q", "chosen": "", "rejected": "b"})]),
+        DataConfig())
+    assert [(e.line, e.field, e.reason) for e in plain.errors] == [(11, "chosen", "missing"),
+                                                                   (12, "chosen", "must not be empty")]
+
+
+def test_a_prompt_alone_over_max_length_is_a_bad_line_named(models_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(models_dir, tmp_path)
+    lm = load_for_training(cfg, seed=1)
+    long = json.dumps({"prompt": "word " * 200, "chosen": "yes", "rejected": "no"})
+    path = write(tmp_path, "long.jsonl", pref_lines(12, chat=False) + [long])
+    data = dataclasses.replace(cfg.data, max_length=64, bad_line_policy="reject")
+    with pytest.raises(Exception) as e:
+        plan_file(path, DataFormat.PREFERENCE, lm.tokenizer, data, 1)
+    assert getattr(e.value, "errors")[0].line == 13 and getattr(e.value, "errors")[0].field == "prompt"
+    assert "the prompt alone is" in str(e.value) and "data.max_length is 64" in str(e.value)
+    plan = plan_file(path, DataFormat.PREFERENCE, lm.tokenizer, dataclasses.replace(data, bad_line_policy="skip"), 1)
+    assert plan.n_train + plan.n_eval == 12 and [x.line for x in plan.skipped] == [13]
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def hand_logp(model, ids: list[int], labels: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """Summed log-probability of the labelled tokens of one unpadded sequence, straight from the logits."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1)
+    return sum(logps[t, labels[t + 1]] for t in range(len(ids) - 1) if labels[t + 1] != IGNORE)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_losses_equal_a_direct_computation_from_the_logits(models_dir: Path, tmp_path: Path, chat: bool) -> None:
+    cfg = make_cfg(models_dir, tmp_path)
+    lm = load_for_training(cfg, seed=3)
+    lm.model.eval()
+    path = write(tmp_path, "p.jsonl", pref_lines(3, chat=chat))
+    fmt = DataFormat.PREFERENCE_CHAT if chat else DataFormat.PREFERENCE
+    pairs = [tokenize_pair(r, lm.tokenizer, 64) for r in iter_records(path, fmt, 1 << 20)]
+    assert pairs[0].chosen.input_ids != pairs[0].rejected.input_ids
+    with torch.no_grad():
+        ref = [(hand_logp(lm.model, p.chosen.input_ids, p.chosen.labels),
+                hand_logp(lm.model, p.rejected.input_ids, p.rejected.labels)) for p in pairs]
+        for p in lm.model.parameters():  # move the policy away from its reference: LoRA B is zero at init
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        pol = [(hand_logp(lm.model, p.chosen.input_ids, p.chosen.labels),
+                hand_logp(lm.model, p.rejected.input_ids, p.rejected.labels)) for p in pairs]
+        for label_only in (False, True):
+            pc, pr, nc, nr = pair_logps(lm, pairs, label_only)  # one padded batch of both sides
+            assert torch.allclose(pc, torch.stack([c for c, _ in pol]), atol=1e-4)
+            assert torch.allclose(pr, torch.stack([r for _, r in pol]), atol=1e-4)
+        beta = 0.3
+        rc, rr = torch.stack([c for c, _ in ref]), torch.stack([r for _, r in ref])
+        dpo, _, _ = pair_loss(pc, pr, nc, nr, rc, rr, PreferenceConfig(beta=beta))
+        for k, ((c0, r0), (c1, r1)) in enumerate(zip(ref, pol)):
+            z = beta * ((c1 - c0) - (r1 - r0))
+            assert float(dpo[k]) == pytest.approx(math.log1p(math.exp(-float(z))), abs=1e-5)
+        simpo, _, _ = pair_loss(pc, pr, nc, nr, None, None, PreferenceConfig(loss="simpo", beta=2.0, simpo_gamma=0.5))
+        for k, (p, (c1, r1)) in enumerate(zip(pairs, pol)):
+            n_c = sum(1 for t in p.chosen.labels[1:] if t != IGNORE)
+            n_r = sum(1 for t in p.rejected.labels[1:] if t != IGNORE)
+            z = 2.0 * (float(c1) / n_c - float(r1) / n_r) - 0.5
+            assert float(simpo[k]) == pytest.approx(math.log1p(math.exp(-z)), abs=1e-5)
+
+
+# ---------------------------------------------------------------- through the loop
+
+
+def pref_job(tmp_path: Path, job_id: str, n: int = 40) -> Job:
+    path = write(tmp_path, "prefs.jsonl", pref_lines(n, chat=True))
+    return Job.for_file(job_id, path, DataFormat.PREFERENCE_CHAT.value, sha(path))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "simpo"])
+def test_a_preference_file_trains_and_says_its_figures_before_and_after(models_dir: Path, tmp_path: Path,
+                                                                        loss: str) -> None:
+    cfg = make_cfg(models_dir, tmp_path, epochs_per_file=3, learning_rate=2e-2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.2),
+                              preference=PreferenceConfig(loss=loss, beta=0.5 if loss == "sigmoid" else 2.0))
+    out, events, _ = run(cfg, pref_job(tmp_path, "p"))
+    steps = [e for e in events if e["type"] == "step"]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert out.status == "done" and len(steps) == out.steps >= 20
+    assert all(0 <= s["reward_accuracy"] <= 1 and math.isfinite(s["reward_margin"]) for s in steps)
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == out.steps
+    before, after = out.preference["before"], out.preference["after"]
+    assert before == evals[0]["preference"] and after == evals[-1]["preference"]
+    assert before["pairs"] == after["pairs"] >= 2 and out.preference["reference_seconds"] > 0
+    if loss == "sigmoid":  # the policy is its own reference as the file begins
+        assert before["loss"] == pytest.approx(math.log(2)) and before["reward_margin"] == 0
+    # the file's style is learnt: the held-out pairs' chosen answers now score above the rejected ones
+    assert after["accuracy"] > before["accuracy"] and after["margin"] > before["margin"] + 5
+    assert after["loss"] < before["loss"] and after["reward_accuracy"] == 1.0
+    assert (cfg.path("checkpoints") / "p" / REFERENCE_FILE).is_file()  # kept until the file is published
+
+
+def crash_after_steps(cfg, job: Job, n: int) -> None:  # noqa: ANN001
+    """Train `job` until `n` steps are reported, then die between steps (control is also asked while the
+    data and the reference are read, on a slow machine more often: the steps are counted, not the calls)."""
+    from daemon.train.loop import train_file
+
+    steps: list[int] = []
+
+    def control() -> str:
+        if len(steps) >= n:
+            raise Crash()
+        return "continue"
+
+    lm = load_for_training(cfg, seed=cfg.training.seed)
+    train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / job.job_id,
+               report=lambda m: steps.append(1) if m.TYPE == "step" else None, control=control)
+
+
+def figures(pref: dict) -> dict:
+    """A file's preference figures without the time its reference pass took."""
+    return {k: v for k, v in pref.items() if k != "reference_seconds"}
+
+
+def test_resume_of_a_preference_file_is_exact(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed mid-file and resumed on fresh model objects: the same adapter, bit for bit, as straight through;
+    the reference comes back from the checkpoint folder, not from a second pass."""
+    cfg = make_cfg(models_dir, tmp_path, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3)
+    job = pref_job(tmp_path, "j")
+    full, full_events, full_lm = run(cfg, dataclasses.replace(job, job_id="straight"))
+    with pytest.raises(Crash):
+        crash_after_steps(cfg, job, 5)
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j") == 3
+    scored: list[int] = []
+    real_score = preference.score_pairs
+    monkeypatch.setattr(preference, "score_pairs", lambda lm, pairs, *a, **k: real_score(
+        lm, [scored.append(p.line) or p for p in pairs], *a, **k))
+    resumed, events, lm = run(cfg, job)
+    started = next(e for e in events if e["type"] == "started")
+    assert started["resumed_from_step"] == 3
+    assert len(scored) == started["n_eval"]  # only the held-out pairs, once, at the end: no reference pass
+    a = {e["step"]: e for e in full_events if e["type"] == "step"}
+    b = {e["step"]: e for e in events if e["type"] == "step"}
+    assert sorted(b) == list(range(4, full.steps + 1))
+    for s in b:
+        assert (b[s]["loss"], b[s]["reward_margin"]) == (a[s]["loss"], a[s]["reward_margin"])
+    want, got = lora_state(full_lm.model), lora_state(lm.model)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert figures(resumed.preference) == figures(full.preference) and resumed.preference["reference_seconds"] is None
+
+
+def test_checkpoints_without_their_reference_train_the_file_from_its_start(models_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
+    job = pref_job(tmp_path, "j", n=24)
+    full, _, full_lm = run(cfg, dataclasses.replace(job, job_id="straight"))
+    with pytest.raises(Crash):
+        crash_after_steps(cfg, job, 3)
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j") == 3
+    (cfg.path("checkpoints") / "j" / REFERENCE_FILE).unlink()
+    again, events, lm = run(cfg, job)
+    assert next(e for e in events if e["type"] == "started")["resumed_from_step"] == 0
+    want, got = lora_state(full_lm.model), lora_state(lm.model)
+    assert all(torch.equal(want[k], got[k]) for k in want) and figures(again.preference) == figures(full.preference)
+
+
+# ---------------------------------------------------------------- through the real daemon
+
+
+@pytest.mark.e2e
+def test_a_playground_preference_file_trains_through_the_daemon(tmp_path: Path, models_dir: Path) -> None:
+    """The chat form the playground writes, with a bad line, dropped in the inbox of a real daemon: trained on
+    the same queue, its figures in the history and in `trainctl queue status NAME`, its keep-set scored."""
+    from bench.harness import Daemon, write_instance
+
+    d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 2},
+                              data={"eval_fraction": 0.2}, preference={"beta": 0.5})).start()
+    try:
+        bad = json.dumps({"messages": [{"role": "user", "content": "q"}],
+                          "chosen": {"role": "assistant", "content": "same"},
+                          "rejected": {"role": "assistant", "content": "same"}})
+        d.drop("likes.jsonl", "\n".join(pref_lines(30, chat=True) + [bad]) + "\n")
+        d.wait_counts(done=1, timeout=180)
+        d.wait_for(lambda s: s["status"] == "idle" and s["adapter_version"] == 1, what="idle after the file")
+        job = d.queue.done()[0].job_id
+        record = d.history().job(job)
+        assert record["format"] == "preference_chat" and record["n_bad"] == 1
+        assert "identical to chosen" in record["bad_lines"]
+        pref = json.loads(record["preference"])
+        assert pref["loss_type"] == "sigmoid" and pref["after"]["margin"] > pref["before"]["margin"]
+        steps = d.history().steps(job)
+        assert len(steps) == record["steps"] and all(s["reward_accuracy"] is not None for s in steps)
+        evals = d.history().evals(job)
+        assert evals[0]["step"] == 0 and json.loads(evals[0]["preference"]) == pref["before"]
+        shown = d.ctl("queue", "status", "likes.jsonl").stdout
+        assert "preference sigmoid (beta 0.5)" in shown and "accuracy" in shown and "reward" in shown
+        assert f"{pref['before']['accuracy']:.3f} -> {pref['after']['accuracy']:.3f}" in shown
+        keep = d.history().conn.execute("SELECT examples FROM forgetting WHERE set_id=?", (f"keep:{job}",)).fetchone()
+        assert keep is not None and keep[0] >= 1  # its held-out chosen answers: a keep-set like any file's
+    finally:
+        d.close()
+
+
+def test_trainctl_status_shows_a_preference_file_s_pairs() -> None:
+    from daemon.cli.status_cmds import render_status
+    from daemon.schema import TrainingStatus
+    from daemon.states import ServiceStatus
+
+    pref = {"reward_accuracy": 0.75, "reward_margin": 0.1234, "before": {"accuracy": 0.125}, "held_out": {"accuracy": 0.5}}
+    st = TrainingStatus(status=ServiceStatus.TRAINING, current_file="likes.jsonl", job_id="j", current_step=3,
+                        total_steps=10, preference=pref).to_dict()
+    lines = render_status(st, 1, lambda: None).splitlines()
+    assert "  pairs    reward acc 0.75   margin 0.123   held-out acc 0.12 -> 0.50" in lines
+    plain = TrainingStatus(status=ServiceStatus.TRAINING, current_file="x.jsonl", job_id="x").to_dict()
+    assert "pairs" not in render_status(plain, 1, lambda: None)
+
+
+def test_where_one_answer_is_wanted_the_chosen_side_stands_for_the_pair(models_dir: Path, tmp_path: Path) -> None:
+    """Replay from an earlier preference file and its keep-set score the chosen answers, tokenised as in training."""
+    from daemon.train.data import supervised, tokenize_record
+
+    cfg = make_cfg(models_dir, tmp_path)
+    lm = load_for_training(cfg, seed=1)
+    for chat in (False, True):
+        path = write(tmp_path, f"p{chat}.jsonl", pref_lines(2, chat=chat))
+        fmt = DataFormat.PREFERENCE_CHAT if chat else DataFormat.PREFERENCE
+        for r in iter_records(path, fmt, 1 << 20):
+            pair = tokenize_pair(r, lm.tokenizer, 64)
+            assert tokenize_record(r, lm.tokenizer, 64) == pair.chosen == supervised(pair)
+            answer = [t for t, lab in zip(pair.chosen.input_ids, pair.chosen.labels) if lab != IGNORE]
+            assert lm.tokenizer.decode(answer).startswith(r.data["chosen"])
