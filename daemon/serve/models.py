@@ -180,6 +180,7 @@ class ModelHost:
         version = adapters.AdapterVersion(target.version, target.adapter_path, adapters.read_manifest(target.adapter_path)) \
             if target.adapter_path is not None else adapters.peek_current(self.store)
         model, tokenizer, label = load_base_as_trained(self.cfg, version, self.device)
+        import peft  # noqa: F401 - now, not when the first version is published (seconds on a busy CPU)
         model.eval()
         model.config.use_cache = True  # load_base turns it off for training; generation lives on it
         loaded = LoadedBase(target.base, target.generation, model, tokenizer, label, _context(model),
@@ -201,9 +202,9 @@ class ModelHost:
             _free_memory(self.device)
 
     def _load_adapter(self, loaded: LoadedBase, target: Target) -> None:
-        from peft import PeftModel
-
         t0 = self.clock()
+        from peft import PeftModel  # imported with the first base (_load_base): here it costs nothing
+
         self._make_room_for_adapter(loaded)
         try:
             if not loaded.wrapped:
