@@ -267,10 +267,22 @@ def test_a_playground_preference_file_trains_through_the_daemon(tmp_path: Path, 
     d = Daemon(write_instance(tmp_path / "inst", models_dir, training={"epochs_per_file": 2},
                               data={"eval_fraction": 0.2}, preference={"beta": 0.5})).start()
     try:
+        # Written by the monitor's own writer (what the playground's "this one is better" calls), "meta" and all
+        from monitor.preferences import PreferenceStore, preference_record
+
+        store = PreferenceStore(tmp_path / "preferences")
+        for line in pref_lines(30, chat=True):
+            rec = json.loads(line)
+            name, _ = store.append(preference_record({"messages": rec["messages"],
+                                                      "chosen": {"model": "traind:v1", "content": rec["chosen"]["content"]},
+                                                      "rejected": {"model": "traind:base", "content": rec["rejected"]["content"]}},
+                                                     1796600000.0), 1796600000.0)
+        saved = (store.folder / name).read_text()
+        assert saved.count('"meta"') == 30
         bad = json.dumps({"messages": [{"role": "user", "content": "q"}],
                           "chosen": {"role": "assistant", "content": "same"},
                           "rejected": {"role": "assistant", "content": "same"}})
-        d.drop("likes.jsonl", "\n".join(pref_lines(30, chat=True) + [bad]) + "\n")
+        d.drop("likes.jsonl", saved + bad + "\n")
         d.wait_counts(done=1, timeout=180)
         d.wait_for(lambda s: s["status"] == "idle" and s["adapter_version"] == 1, what="idle after the file")
         job = d.queue.done()[0].job_id

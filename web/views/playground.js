@@ -42,8 +42,8 @@ export function init() {
       el('span', { id: 'pg-saved', 'data-count': '0', text: 'No preference pairs saved yet.' }), ' ',
       el('span', { id: 'pg-files' }),
       el('p', { class: 'muted', text: 'A pair is saved as a preference record (the prompt, the chosen answer, the rejected one) in '
-        + 'paths.preferences, one file a day. "Queue for training" copies a file into the inbox; it trains once traind '
-        + 'learns the preference format (until then the daemon moves it to failed/ with the reason).' })));
+        + 'paths.preferences, one file a day. "Queue for training" copies a file into the inbox, where it trains as a '
+        + 'preference file (DPO) on the current adapter.' })));
   for (const s of SIDES) $(`pg-model-${s}`).addEventListener('change', render);
   checkServe();
   loadPrefs();
