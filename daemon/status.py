@@ -46,6 +46,7 @@ class StatusWriter:
         self.path = Path(status_dir) / STATUS_FILE
         self.reserve = Path(status_dir) / RESERVE_FILE
         self.reserve_bytes = reserve_bytes
+        self.released = False  # the room was spent on a held status and is not set aside again yet
 
     def write(self, status: TrainingStatus, now: float | None = None) -> None:
         status.updated_at = time.time() if now is None else now
@@ -58,6 +59,7 @@ class StatusWriter:
         except FileNotFoundError:
             return False
         atomic.fsync_dir(self.reserve.parent)
+        self.released = True
         log.warning("the disk of %s is full: released the %d bytes kept for the status, to write why training "
                     "is held", self.reserve.parent, self.reserve_bytes)
         return True
@@ -91,7 +93,12 @@ class StatusWriter:
             tmp.unlink(missing_ok=True)
             log.info("no room set aside for the status in %s: %s", self.reserve.parent, e)
             return False
+        self.released = False
         return True
+
+    def room_kept(self) -> bool:
+        """The room is set aside, or was never spent: True; else it is set aside again now if it fits."""
+        return not self.released or self.ensure_reserve()
 
 
 def readable_json(obj: Any, depth: int = 0, open_depth: int = 3) -> str:

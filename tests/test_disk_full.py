@@ -209,6 +209,25 @@ def test_disk_guard_pauses_below_the_threshold_and_backs_off_on_failed_writes(tm
     assert guard.check(50.5) == "cleared"
 
 
+def test_a_pause_that_spent_the_status_room_lasts_until_the_room_is_kept_again(tmp_path, monkeypatch):
+    """The room kept beside the status went into saying the pause: past its retry time the pause stays while
+    that room cannot be set aside again (a disk full but for it would say "idle" until some write failed
+    again, or never), and ends once it can, with the room kept again."""
+    import daemon.status as status_module
+
+    writer = status_module.StatusWriter(tmp_path, reserve_bytes=4096)
+    assert writer.ensure_reserve() and writer.release_reserve() and not writer.reserve.exists()
+    free = {"bytes": 3 * 4096}  # the room needs 4 times itself free before it is set aside again
+    monkeypatch.setattr(status_module, "free_bytes", lambda p: free["bytes"])
+    guard = DiskGuard([tmp_path], min_free=0, check_seconds=1.0, free=lambda p: free["bytes"],
+                      room_kept=writer.room_kept)
+    assert guard.trip(DiskFull(tmp_path, 0, "history", "No space left on device"), 0.0)
+    assert guard.check(1.0) is None and guard.check(60.0) is None and guard.full is not None
+    assert not writer.reserve.exists()
+    free["bytes"] = 2**30  # space back
+    assert guard.check(61.0) == "cleared" and writer.reserve.stat().st_size == 4096
+
+
 # ---------------------------------------------------------------- the trainer's loop
 
 
@@ -590,8 +609,8 @@ def test_a_disk_filled_to_its_last_byte_by_another_program_still_gets_the_pause_
     st = d.wait_for(lambda s: s.get("pause_reason") == "disk_full", timeout=60, what="the pause in the status")
     assert st["status"] == "paused" and st["disk_full"]["site"] in ("status", "history"), st
     assert not (small_fs / ".status_reserve").exists()
-    # The guard retries at its backoff time (the status says idle, with the disk-full error, until the next write
-    # fails again): read until the pause is back rather than race one retry on a busy machine.
+    # The pause lasts while the room it spent cannot be kept again (the disk is still full but for it); the CLI
+    # is read until it says so, however slowly it starts on a busy machine.
     deadline = time.time() + 30 * time_scale()
     while "paused (disk full)" not in (out := d.ctl("status").stdout) and time.time() < deadline:
         time.sleep(0.2)

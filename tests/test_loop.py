@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -57,13 +58,22 @@ def make_cfg(models: Path, tmp: Path, quantization: str = "none", **training: ob
     )
 
 
-def run(cfg: Config, job: Job, control=lambda: "continue", lm=None, global_step: int = 0):  # noqa: ANN001, ANN201
-    """Train `job` on a freshly loaded model; (outcome, events, lm)."""
+def run(cfg: Config, job: Job, control=lambda: "continue", lm=None, global_step: int = 0,  # noqa: ANN001, ANN201
+        events: list[dict] | None = None):
+    """Train `job` on a freshly loaded model; (outcome, events, lm). `events` (if given) receives the reports
+    as they come, for a control that answers by what the run has reached."""
     lm = lm or load_for_training(cfg, seed=cfg.training.seed)
-    events: list[dict] = []
+    events = [] if events is None else events
     out = train_file(lm, cfg, job, global_step=global_step, ckpt_folder=cfg.path("checkpoints") / job.job_id,
                      report=lambda m: events.append(m.to_wire()), control=control)
     return out, events, lm
+
+
+def after_step(step: int, events: list[dict], verdict: str = "stop"):  # noqa: ANN201
+    """A control answering `verdict` once step `step` is reported, "continue" before. By the step reached, not
+    by how often it is asked: the loop also asks every PREP_POLL_SECONDS while a file is read, so on a busy
+    machine the count of questions before a step varies."""
+    return lambda: verdict if any(e["type"] == "step" and e["step"] >= step for e in events) else "continue"
 
 
 def losses(events: list[dict]) -> dict[int, float]:
@@ -225,7 +235,8 @@ def test_stop_while_a_resume_reads_up_to_its_checkpoint_keeps_it(models_dir: Pat
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
     path = small_file(tmp_path)
     job = Job.for_file("j7", path, "alpaca", sha(path))
-    run(cfg, job, control=iter(["continue"] * 4 + ["stop"]).__next__)
+    first: list[dict] = []
+    run(cfg, job, control=after_step(4, first), events=first)
     assert ckpt.latest_step(cfg.path("checkpoints") / "j7") == 4  # the stop saved step 4
     monkeypatch.setattr(loop, "PREP_POLL_SECONDS", 0.0)
     events: list[dict] = []
@@ -248,15 +259,16 @@ def test_a_resume_sends_again_the_steps_the_service_never_recorded(models_dir: P
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
     path = small_file(tmp_path, n=24)
     job = Job.for_file("j9", path, "alpaca", sha(path))
-    calls = iter(range(100))
+    reported: list[dict] = []
+    crash_now = after_step(7, reported, verdict="crash")
 
     def control() -> str:
-        if next(calls) == 7:
+        if crash_now() == "crash":
             raise Crash
         return "continue"
 
     with pytest.raises(Crash):
-        run(cfg, job, control=control)
+        run(cfg, job, control=control, events=reported)
     folder = cfg.path("checkpoints") / "j9"
     assert ckpt.latest_step(folder) == 6
     first = [e for e in events_of(folder) if e["step"] <= 6]
@@ -278,14 +290,19 @@ def events_of(folder: Path) -> list[dict]:
     return ckpt.read_step_log(folder / ckpt.StepLog.NAME)
 
 
-def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path) -> None:
+def test_stop_checkpoints_and_skip_returns(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.train.loop as loop
+
     cfg = make_cfg(models_dir, tmp_path)
     path = small_file(tmp_path)
     job = Job.for_file("j3", path, "alpaca", sha(path))
-    verdicts = iter(["continue", "continue", "stop"])
-    out, events, lm = run(cfg, job, control=lambda: next(verdicts))
+    events: list[dict] = []
+    out, events, lm = run(cfg, job, control=after_step(2, events), events=events)
     assert out.status == "stopped" and out.steps == 2 and out.checkpoint_step == 2
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2]
+    # the skip is answered between steps (a skip while the resume reads up to step 2 is another case:
+    # test_control_acts_while_a_file_is_read): the loop asks nothing by the clock while reading here
+    monkeypatch.setattr(loop, "PREP_POLL_SECONDS", math.inf)
     out, _, _ = run(cfg, job, control=lambda: "skip", lm=lm)
     assert out.status == "skipped" and out.steps == 2  # resumed at 2, skipped before step 3
 
@@ -294,7 +311,8 @@ def test_checkpoint_fallback_prune_and_identity(models_dir: Path, tmp_path: Path
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
     path = small_file(tmp_path, n=24)
     job = Job.for_file("j4", path, "alpaca", sha(path))
-    run(cfg, job, control=iter(["continue"] * 6 + ["stop"]).__next__)
+    events: list[dict] = []
+    run(cfg, job, control=after_step(6, events), events=events)
     folder = cfg.path("checkpoints") / "j4"
     assert [p.name for p in ckpt.step_dirs(folder)] == ["step_000006", "step_000004"]  # step_000002 pruned
     (folder / "step_000006" / "optimizer.pt").unlink()  # torn newest folder
@@ -302,7 +320,8 @@ def test_checkpoint_fallback_prune_and_identity(models_dir: Path, tmp_path: Path
     (folder / "step_000004" / "state.json").write_text("{not json")
     assert ckpt.load_latest(folder, job.sha256) is None
     shutil.rmtree(folder)
-    run(cfg, job, control=iter(["continue"] * 2 + ["stop"]).__next__)
+    events = []
+    run(cfg, job, control=after_step(2, events), events=events)
     assert ckpt.load_latest(folder, "other-bytes") is None  # a checkpoint of other file bytes is never used
     ckpt.delete_checkpoints(folder)
     assert not folder.exists()

@@ -231,3 +231,30 @@ def test_the_slowest_rank_is_the_longest_compute_and_the_lowest_on_a_tie():
                     trainable_params=1, total_params=2, load_seconds=1.0, world_size=4, strategy="fsdp",
                     backend="nccl", nnodes=2)
     assert ranks.setup(ready)[1].nnodes == 2
+
+
+def test_a_file_is_in_done_only_once_its_record_is_complete(tmp_path):
+    """Whoever sees the file in done/ (a script, `trainctl`, a test waiting on the queue) reads its record whole:
+    the record, with what the done message carried, is written before the move, not after."""
+    cfg, q, db, tracker = setup(tmp_path)
+    a = q.start(admit(q, tmp_path, "a.jsonl", lines_of("text.jsonl", 5)))
+    tracker.begin(job_of(a, "a.jsonl"))
+    seen: list[dict] = []
+    move = q.finish
+
+    def finish_and_look(job_id, *args, **kw):
+        reader = HistoryDB.open_readonly(cfg.path("status") / "history.db")  # as another process reads it
+        try:
+            seen.append(dict(reader.job(job_id) or {}))
+        finally:
+            reader.close()
+        return move(job_id, *args, **kw)
+
+    q.finish = finish_and_look
+    replay = {"fraction": 0.25, "samples": 3, "steps": 2, "sources": [], "left_out": 0}
+    tracker.on_message(p.Done(job_id=a.job_id, steps=2, final_loss=1.0, eval_loss=None, adapter_version=1,
+                              adapter_path="/x", already_trained=False, activity_moved=None, replay=replay), NOW)
+    assert q.counts()["done"] == 1 and len(seen) == 1
+    assert seen[0].get("state") == "done" and seen[0].get("steps") == 2, seen
+    assert json.loads(seen[0]["replay"]) == replay
+    assert [e["kind"] for e in db.events()].count("job_done") == 1

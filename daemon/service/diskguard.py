@@ -16,7 +16,10 @@ A pause that began with a failed write ends once every watched folder is at
 or above the threshold and either space came back in the folder that was
 full (MARGIN more free than when it failed) or the retry time has passed:
 `check_seconds`, doubling with each failure in a row up to MAX_BACKOFF_SECONDS,
-so a disk that stays full is tried a few times an hour, not in a loop. A
+so a disk that stays full is tried a few times an hour, not in a loop. A pause
+that spent the room kept for the status (to say it) also waits until that room
+can be set aside again (`room_kept`): a disk still full to its last byte but for
+that room would otherwise show "idle" until some write happened to fail again. A
 folder that cannot be written at all (kind "unwritable") ends its pause once
 it can be written again. Time is a parameter (`now`), so tests never sleep.
 Standard library only.
@@ -44,7 +47,11 @@ class DiskGuard:
     def __init__(self, folders: list[Path], min_free: int, check_seconds: float,
                  free: Callable[[Path], int] = free_bytes, can_write: Callable[[Path], bool] = writable,
                  roles: dict[Path, str] | None = None,
-                 on_event: Callable[[str, str], None] = lambda kind, message: None) -> None:
+                 on_event: Callable[[str, str], None] = lambda kind, message: None,
+                 room_kept: Callable[[], bool] = lambda: True) -> None:
+        # room_kept(): the room kept to say a pause (daemon.status) is set aside again, or was never spent; a
+        # pause that spent it ends only once it is back, else the next write that fails could not be said
+        self.room_kept = room_kept
         self.roles = roles or {}  # folder -> what is written there (names the site of an error out of the loop)
         self._log_drops = logs.DROPS["count"]  # log records dropped so far (the service's log, by daemon.logs)
         self.on_event = on_event
@@ -106,7 +113,7 @@ class DiskGuard:
                 self.full.folder, self.full.free_bytes = str(low[0]), low[1]
             return None
         freed = self.full.free_bytes >= self._free_at_trip + MARGIN_BYTES
-        if now >= self.retry_at or freed:
+        if (now >= self.retry_at or freed) and self.room_kept():
             self.full, self.cleared_at = None, now
             return "cleared"
         return None

@@ -92,7 +92,7 @@ class Service:
         self.paused_for_forgetting = False  # the desired pause was set by the forgetting gate (pause_reason)
         self.disk = DiskGuard([cfg.path(n) for n in WRITTEN_FOLDERS], cfg.service.min_free_bytes,
                               cfg.service.disk_check_seconds, roles={cfg.path(n): r for n, r in WRITTEN_FOLDERS.items()},
-                              on_event=self._disk_event)
+                              on_event=self._disk_event, room_kept=self.writer.room_kept)
         self.db: HistoryDB | None = None
         self.tracker: JobTracker | None = None  # made with the db, at start-up
         self.controls: ControlDesk | None = None  # likewise

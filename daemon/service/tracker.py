@@ -208,17 +208,9 @@ class JobTracker:
         """The file is learnt: to done/, with its record. `msg` None: the trainer died after it published
         `version` (the figures are taken from that version's manifest and step log)."""
         version = msg.adapter_version if msg is not None else version
-        try:
-            entry = self._move("finish", job_id)
-        except QueueError as e:
-            why = self.vanished.pop(job_id, None)
-            log.error("finished %s but cannot move it to done/: %s", job_id, why or e)
-            if why:
-                self.db.event("job_removed", f"{original_name(job_id)} finished before the removal was acted on: the "
-                              f"adapter (v{version}) learnt it, but no copy of it is in done/", job_id, t=now)
-        else:
-            if entry is not None:
-                self._check_finished(entry, now)
+        # The record first, the move to done/ last: whoever sees the file in done/ (a script, `trainctl`, a test)
+        # then finds its record complete. A service killed in between leaves a file recorded done in processing/,
+        # which the next start finishes without training it again (the published adapter learnt it).
         self._record_missed_steps(job_id, now)
         if msg is not None and msg.forgetting is not None:
             self.record_forgetting(msg.forgetting, "done", now, version)
@@ -234,6 +226,17 @@ class JobTracker:
         again = (" (already trained before a restart; not trained again)"
                  if msg is None or msg.already_trained else "")
         self.db.event("job_done", f"done: {original_name(job_id)}{again}", job_id, t=now)
+        try:
+            entry = self._move("finish", job_id)
+        except QueueError as e:
+            why = self.vanished.pop(job_id, None)
+            log.error("finished %s but cannot move it to done/: %s", job_id, why or e)
+            if why:
+                self.db.event("job_removed", f"{original_name(job_id)} finished before the removal was acted on: the "
+                              f"adapter (v{version}) learnt it, but no copy of it is in done/", job_id, t=now)
+        else:
+            if entry is not None:
+                self._check_finished(entry, now)
         if version is not None:
             self.status.adapter_version = version
         # A file trained through since: an old error no longer describes the daemon (the events keep it).
