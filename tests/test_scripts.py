@@ -221,7 +221,8 @@ def test_start_all_starts_traind_serve_when_enabled_and_stop_all_stops_it(tmp_pa
 
     inst = tmp_path / "inst"
     serve_port = free_port()
-    cfg = load_config(write_instance(inst, models_dir, serve={"enabled": True, "port": serve_port}))
+    # nice 0: what is tested is the stack's plumbing; at nice 10 a crowded test machine starves its start for minutes
+    cfg = load_config(write_instance(inst, models_dir, serve={"enabled": True, "port": serve_port, "nice": 0}))
     status, port = cfg.path("status"), free_port()
     try:
         r = run("start_all.sh", "--config", str(inst / "config.json"), "--no-examples", "--port", str(port), cwd=inst)
@@ -231,21 +232,21 @@ def test_start_all_starts_traind_serve_when_enabled_and_stop_all_stops_it(tmp_pa
         assert serve and alive(serve)
         client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=(status / "monitor_token").read_text().strip(),
                         max_retries=0)
-        deadline = time.monotonic() + 120 * time_scale()
+        deadline = time.monotonic() + 300 * time_scale()  # niced: beside a trainer on a busy CPU, minutes
         while True:  # it loads the model after start_all returns
             try:
                 answer = client.chat.completions.create(model="traind", messages=[{"role": "user", "content": "Hi"}],
                                                         max_tokens=4, temperature=0)
                 break
             except Exception:  # 503 while loading, or not listening yet
-                assert time.monotonic() < deadline, (status / "serve.json").read_text() if (status / "serve.json").exists() else ""
+                assert time.monotonic() < deadline, "".join(p.read_text() for p in cfg.path("logs").glob("serve*"))[-3000:]
                 time.sleep(0.5)
         assert answer.model == "traind:base"  # nothing trained yet: the base answers
         deadline = time.monotonic() + 30 * time_scale()
         while True:  # serve.json is rewritten every 2 s
             shown = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(inst / "config.json"), "status"],
                                    capture_output=True, text=True, timeout=60, cwd=REPO).stdout
-            if "answered" in shown or time.monotonic() > deadline:
+            if "; 1 answered" in shown or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert f"  serve    http://127.0.0.1:{serve_port}/v1 ready, traind is the base; 1 answered" in shown, shown
