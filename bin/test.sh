@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin/setup.sh --test
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+# TRAIND_STRICT: what this script installs (chromium) or needs (a mount) must be there: a test fails, never skips
+export TRAIND_STRICT=${TRAIND_STRICT:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 workers=()
 case " $* " in
   *" -n "*|*" -n"[0-9]*|*" --numprocesses"*|*"no:xdist"*) ;;

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail
+
 from daemon import atomic, diskspace
 from daemon.service.diskguard import DiskGuard
 from daemon.diskspace import DiskFull
@@ -550,11 +552,11 @@ def run_in_a_namespace_of_its_own(nodeid: str, refused: str, basetemp: Path) -> 
         inner = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                                timeout=600 * time_scale())
     except FileNotFoundError:  # no unshare(1) on this system
-        pytest.skip(f"mounting a 64 MiB tmpfs was refused to uid {os.geteuid()} ({refused}) and there is no "
+        skip_or_fail(f"mounting a 64 MiB tmpfs was refused to uid {os.geteuid()} ({refused}) and there is no "
                     "unshare to run it in a namespace of its own")
     said = (inner.stdout + inner.stderr).strip()
     if inner.returncode != 0 and said.startswith("unshare:"):  # the namespace itself was refused, nothing ran
-        pytest.skip(f"mounting a 64 MiB tmpfs was refused to uid {os.geteuid()} ({refused}), and so was a user "
+        skip_or_fail(f"mounting a 64 MiB tmpfs was refused to uid {os.geteuid()} ({refused}), and so was a user "
                     f"namespace to run it in ({said.splitlines()[0]})")
     assert inner.returncode == 0 and " passed" in said, f"in a namespace of its own: {' '.join(cmd)}\n{said[-4000:]}"
 

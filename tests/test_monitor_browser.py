@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from tests.conftest import skip_or_fail
+
 from daemon import activity_summary, control
 from daemon.jobqueue import JobQueue
 from daemon.lock import acquire
@@ -34,10 +36,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 JOB = "20261122T020301Z-000001--customer_chats.jsonl"
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; bin/test.sh does it)"),
-]
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(autouse=True)
+def _chromium_here() -> None:
+    if not CHROMIUM.exists():
+        skip_or_fail("needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; bin/test.sh does it)")
 
 
 @pytest.fixture(scope="module")

@@ -281,10 +281,11 @@ def test_the_day_file_is_named_by_the_utc_date_and_never_left_torn(tmp_path: Pat
 def test_the_playground_page_asks_both_and_saves_the_better_answer(served: dict[str, Any], tmp_path: Path) -> None:
     """Headless chromium: both answers stream side by side, each labelled with the version that answered; "this
     one is better" under the right one writes the pair, the left answer rejected, into the day's file."""
+    from tests.conftest import skip_or_fail
     from tests.test_monitor_browser import CHROMIUM, CHROMIUM_ARGS, Page, wait_until
 
     if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; bin/test.sh does it)")
+        skip_or_fail("needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; bin/test.sh does it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
