@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import tempfile
 import time
@@ -42,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from daemon.config import Config, PreferenceConfig
-from daemon.errors import DataError, GuardTripped
+from daemon.errors import DataError
 from daemon.train.batching import batches, collate
 from daemon.train.data import IGNORE, Example, FilePlan, Pair
 from daemon.train.model import LoadedModel
-from daemon.train.step import FastPaths, StepStats, _inputs, _lora_grads, to_device
+from daemon.train.step import FastPaths, StepStats, _inputs, _lora_grads, apply_step, to_device
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +230,7 @@ class Trainer:
         lora_grads = _lora_grads(probe) if probe is not None else None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         loss = total / n_pairs
-        if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm))):
-            opt.zero_grad(set_to_none=True)
-            raise GuardTripped("non-finite loss" if not math.isfinite(loss) else "non-finite gradient", loss, float(grad_norm))
-        lr = sched.get_last_lr()[0]
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        lr = apply_step(opt, sched, scaler, loss, grad_norm)
         gap = torch.cat(chosen) - torch.cat(rejected)
         tokens = sum(len(p.input_ids) for mb in group for p in mb)
         slots = sum(2 * len(mb) * max(len(e.input_ids) for p in mb for e in (p.chosen, p.rejected)) for mb in group)

@@ -116,6 +116,21 @@ def example_targets(ex: Example) -> int:
     return sum(1 for t in ex.labels[1:] if t != IGNORE)
 
 
+def apply_step(opt: Any, sched: Any, scaler: Any, loss: float, grad_norm: Any) -> float:
+    """Take the optimizer step of an accumulated, clipped gradient; the learning rate it used. Never from a
+    non-finite loss or gradient: with fp16 loss scaling an inf gradient is the scaler's business (it skips the
+    step and lowers the scale); without it, it is a broken step (GuardTripped)."""
+    if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm))):
+        opt.zero_grad(set_to_none=True)
+        raise GuardTripped("non-finite loss" if not math.isfinite(loss) else "non-finite gradient", loss, float(grad_norm))
+    lr = sched.get_last_lr()[0]
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return lr
+
+
 def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths, pack: bool, opt: Any, sched: Any,
                    scaler: Any, max_norm: float, probe: ActivityProbe | None = None,
                    ranks: Ranks | None = None, after_backward: Any = None) -> StepStats:
@@ -181,16 +196,7 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
     # max_norm 0 disables clipping; inf still measures the norm for the report.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     loss = sums["loss_sum"] / n_targets
-    # Never apply a step from a non-finite loss or gradient. With fp16 loss scaling an inf gradient is the
-    # scaler's business (it skips the step and lowers the scale); without it, it is a broken step.
-    if not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm))):
-        opt.zero_grad(set_to_none=True)
-        raise GuardTripped("non-finite loss" if not math.isfinite(loss) else "non-finite gradient", loss, float(grad_norm))
-    lr = sched.get_last_lr()[0]
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
+    lr = apply_step(opt, sched, scaler, loss, grad_norm)
     return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, lm.split, per_rank)
 
 
