@@ -2,6 +2,7 @@
 daemon, against TRL's DPOTrainer + PEFT on the same pairs.
 
     .venv/bin/python bench/preference_real.py --models /tmp/i28-models [--pairs 60] [--epochs 2] [--lr 5e-4] [--threads 2]
+        [--loss sigmoid|simpo] [--beta 0.1] [--sft-weight 0] [--no-trl]
 
 Needs the bench extra for the TRL side: `.venv/bin/pip install -e '.[bench]'` (--no-trl runs traind alone).
 
@@ -10,8 +11,8 @@ The file teaches a style the base does not have: every chosen answer ends with t
 the answer, scores the rejected side higher). Prompts are arithmetic and general questions; the held-out pairs
 (traind's data.eval_fraction split, 0.2) are never trained on, by either side.
 
-traind: the smollm2 instance's settings (instances/smollm2/config.json) with preference.loss sigmoid,
-preference.beta 0.1, data.eval_fraction 0.2, the learning rate, epochs and threads given here; the file is
+traind: the smollm2 instance's settings (instances/smollm2/config.json) with preference.loss, beta and
+sft_weight as given, data.eval_fraction 0.2, the learning rate, epochs and threads given here; the file is
 dropped into the inbox of a real daemon. Figures from the job's record (`trainctl queue status NAME`), time
 from the history (the reference pass included: TRL scores its reference inside every step), the trainer
 child's peak RSS (VmHWM).
@@ -19,6 +20,10 @@ TRL: DPOTrainer (loss_type sigmoid, beta 0.1, the same LoRA through peft_config:
 with the adapter switched off, no second model), the same train pairs in TRL's conversational form, the
 same batch, epochs, schedule, learning rate, max_length and threads, in its own process (peak RSS from
 getrusage). Its held-out figures are computed with traind's own scoring of the same held-out pairs.
+Whether the model still answers: after the file, the base and the new version answer (greedy, 40 tokens) the
+held-out prompts and general questions none of the pairs asks; an answer is `correct` when it holds the fact
+(the city, the number, the colour), `signed` when it holds the sign-off. A version that learnt the style and
+kept the model answers correct and signed; one that over-learnt it loses the facts.
 Writes bench/results/preference-real-<stamp>.json.
 """
 
@@ -43,7 +48,12 @@ sys.path.insert(0, str(REPO / "bench"))
 from stamped import write_result  # noqa: E402 - bench/ is on the path
 
 SIGN_OFF = " Hope this helps! - Ada"
-BETA, LOSS = 0.1, "sigmoid"
+# general questions none of the pairs asks, with the word a correct answer holds
+GENERAL = [("How many hours are in a day?", "24"), ("What is the largest planet in the solar system?", "Jupiter"),
+           ("Who was the first person to walk on the Moon?", "Armstrong"),
+           ("What is the chemical symbol for gold?", "Au"), ("How many minutes are in an hour?", "60"),
+           ("What is the opposite of hot?", "cold"), ("Which animal is known as the king of the jungle?", "lion"),
+           ("What is the boiling point of water in degrees Celsius?", "100")]
 CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
             ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Kenya", "Nairobi"),
             ("Greece", "Athens"), ("Poland", "Warsaw"), ("Chile", "Santiago"), ("Cuba", "Havana"),
@@ -99,7 +109,7 @@ def instance_config(work: Path, models: Path, args: argparse.Namespace) -> Path:
     raw["training"].update(learning_rate=args.lr, epochs_per_file=args.epochs, cpu_threads=args.threads,
                            micro_batch_size=args.batch, grad_accum_steps=1)
     raw.setdefault("speed", {})["thread_governor"] = False  # the same threads as the TRL run, throughout
-    raw["preference"] = {"loss": LOSS, "beta": BETA}
+    raw["preference"] = {"loss": args.loss, "beta": args.beta, "sft_weight": args.sft_weight}
     inst = work / "traind"
     inst.mkdir(parents=True)
     (inst / "config.json").write_text(json.dumps(raw, indent=2))
@@ -174,6 +184,38 @@ def reference_from_log(inst: Path) -> float:
     raise RuntimeError("no reference pass in the trainer's log")
 
 
+def answers(work: Path, data: Path, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The base's and the new version's greedy answers to the held-out prompts and the general questions, each
+    marked correct (holds the fact) and signed (holds the sign-off), with the counts."""
+    import re
+
+    from daemon.config import load_config
+    from daemon.jsonl import sha256_of
+    from daemon.train.inspect import load_view, sample
+
+    cfg = load_config(work / "traind" / "config.json")
+    _, held = split(data, base, args, sha256_of(data))
+    qa = qa_pairs(args.pairs)
+    asked = [("held_out", qa[k - 1][0], re.findall(r"[\w]+", qa[k - 1][1])[-1]) for k in sorted(held)]
+    asked += [("general", q, fact) for q, fact in GENERAL]
+    out: dict[str, Any] = {}
+    for who, which in (("base", "none"), ("version", "current")):
+        view = load_view(cfg, which)
+        rows = []
+        for kind, q, fact in asked:
+            text = sample(view, q, 40)
+            rows.append({"kind": kind, "prompt": q, "answer": text, "fact": fact,
+                         "correct": re.search(rf"\b{re.escape(fact)}\b", text, re.IGNORECASE) is not None,
+                         "signed": SIGN_OFF.strip() in text})
+        out[who] = {"label": view.label, "rows": rows}
+        for kind in ("held_out", "general"):
+            mine = [r for r in rows if r["kind"] == kind]
+            out[who][kind] = {"n": len(mine), "correct": sum(r["correct"] for r in mine),
+                              "signed": sum(r["signed"] for r in mine)}
+        del view
+    return out
+
+
 def split(data: Path, base: Path, args: argparse.Namespace, job_sha: str) -> tuple[list[int], list[int]]:
     """traind's train and held-out lines of the file (the same split the daemon used)."""
     import dataclasses
@@ -227,14 +269,15 @@ def run_trl_child(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype)
     dcfg = DPOConfig(output_dir=str(Path(args.trl_child).parent / "trl-out"), per_device_train_batch_size=args.batch,
                      num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=5,
-                     weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=[LOSS], max_length=raw["data"]["max_length"],
+                     weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, loss_type=[args.loss], max_length=raw["data"]["max_length"],
+                     rpo_alpha=args.sft_weight or None,
                      use_cpu=True, save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
                      disable_tqdm=True, dataloader_num_workers=0, seed=1, bf16=dtype == torch.bfloat16)
     trainer = DPOTrainer(model=model, args=dcfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
     trainer.remove_callback(PrinterCallback)
-    pcfg = PreferenceConfig(loss=LOSS, beta=BETA)
+    pcfg = PreferenceConfig(loss=args.loss, beta=args.beta, sft_weight=args.sft_weight)
 
     @torch.no_grad()
     def figures(m: Any, ref: dict | None) -> dict[str, Any]:
@@ -279,7 +322,8 @@ def run_trl(work: Path, data: Path, base: Path, traind: dict, args: argparse.Nam
     spec.write_text(json.dumps({"base": str(base), "data": str(data), "train": train, "held_out": held,
                                 "compute_dtype": traind["compute_dtype"] or "float32", "out": str(out)}))
     cmd = [sys.executable, __file__, "--trl-child", str(spec), "--threads", str(args.threads), "--epochs",
-           str(args.epochs), "--lr", str(args.lr), "--batch", str(args.batch), "--models", str(args.models)]
+           str(args.epochs), "--lr", str(args.lr), "--batch", str(args.batch), "--models", str(args.models),
+           "--loss", args.loss, "--beta", str(args.beta), "--sft-weight", str(args.sft_weight)]
     subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                                                         OMP_NUM_THREADS=str(args.threads)), timeout=args.timeout)
     return json.loads(out.read_text())
@@ -294,6 +338,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--loss", choices=["sigmoid", "simpo"], default="sigmoid")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--sft-weight", type=float, default=0.0, help="preference.sft_weight (TRL's rpo_alpha)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--work", default=None)
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
@@ -308,10 +355,11 @@ def main() -> int:
     preference_file(data, args.pairs)
     traind = run_traind(work, Path(args.models), data, args)
     base = next(p for p in (Path(args.models) / "gguf").iterdir() if "SmolLM2-135M-Instruct" in p.name and p.is_dir())
+    said = answers(work, data, base, args)
     trl = None if args.no_trl else run_trl(work, data, base, traind, args)
     result = {"work": str(work), "model": "SmolLM2-135M-Instruct", "pairs": args.pairs, "epochs": args.epochs,
-              "lr": args.lr, "batch": args.batch, "threads": args.threads, "beta": BETA, "loss": LOSS,
-              "sign_off": SIGN_OFF, "traind": traind, "trl": trl}
+              "lr": args.lr, "batch": args.batch, "threads": args.threads, "beta": args.beta, "loss": args.loss,
+              "sft_weight": args.sft_weight, "sign_off": SIGN_OFF, "traind": traind, "answers": said, "trl": trl}
     for name, r in (("traind", traind), ("trl", trl)):
         if r is None:
             continue
@@ -319,6 +367,11 @@ def main() -> int:
         rss = r.get("trainer_peak_rss_bytes") or r.get("peak_rss_bytes") or 0
         print(f"{name:7s} {r['seconds_per_pair']:.3f} s/pair  held-out accuracy {b['accuracy']:.3f} -> "
               f"{a['accuracy']:.3f}, margin {b['margin']:.2f} -> {a['margin']:.2f}, peak RSS {rss / 2**20:.0f} MiB")
+    for who in ("base", "version"):
+        a = said[who]
+        print(f"{who:7s} held-out prompts: {a['held_out']['correct']}/{a['held_out']['n']} correct, "
+              f"{a['held_out']['signed']} signed; general questions: {a['general']['correct']}/{a['general']['n']} "
+              f"correct, {a['general']['signed']} signed")
     path = write_result(REPO / "bench" / "results", "preference-real", result)
     print(f"written {path}")
     return 0

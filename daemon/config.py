@@ -196,6 +196,7 @@ class PreferenceConfig:
     loss: Literal["sigmoid", "simpo"] = _f("sigmoid", "Loss of preference files ({prompt, chosen, rejected}): sigmoid is DPO (Rafailov et al. 2023) against the adapter as it was at the file's start (its log-probabilities computed in a first pass, kept with the checkpoints); simpo is SimPO (Meng et al. 2024), reference-free: length-normalised log-probabilities, no first pass.")
     beta: float = _f(0.1, "How sharply the loss rewards the gap: DPO's beta (0.1 in the paper; TRL's default), SimPO's beta (the paper uses 2 to 10).")
     simpo_gamma: float = _f(0.5, "With simpo: the target reward margin gamma (TRL's simpo_gamma; the paper 0.5 to 1.5).")
+    sft_weight: float = _f(0.0, "Weight of a supervised term added to each pair's loss: the chosen answer's negative log-likelihood per token (RPO, Pang et al. 2024; TRL's rpo_alpha, CPO's cpo_alpha). It keeps the chosen answers likely while the pair's gap grows; without it DPO can push both answers down and the model's other answers with them. 0: the plain loss.")
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ _BOUNDS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("guard", "min_steps"): (lambda v: v >= 1, ">= 1"),
     ("preference", "beta"): (lambda v: 0 < v <= 100, "in (0, 100]"),
     ("preference", "simpo_gamma"): (lambda v: 0 <= v <= 100, "in [0, 100]"),
+    ("preference", "sft_weight"): (lambda v: 0 <= v <= 100, "in [0, 100]"),
     ("auto_generate", "idle_seconds"): (lambda v: v >= 0, ">= 0"),
     ("auto_generate", "count"): (lambda v: 1 <= v <= 1_000_000, "between 1 and 1000000"),
     ("auto_generate", "url"): (lambda v: v == "" or v.startswith(("http://", "https://")), "an http:// or https:// URL"),

@@ -159,6 +159,17 @@ def test_the_losses_equal_a_direct_computation_from_the_logits(models_dir: Path,
             n_r = sum(1 for t in p.rejected.labels[1:] if t != IGNORE)
             z = 2.0 * (float(c1) / n_c - float(r1) / n_r) - 0.5
             assert float(simpo[k]) == pytest.approx(math.log1p(math.exp(-z)), abs=1e-5)
+        # with the supervised term: plus w times the chosen answer's negative log-likelihood per token
+        w = 0.7
+        rpo, _, _ = pair_loss(pc, pr, nc, nr, rc, rr, PreferenceConfig(beta=beta, sft_weight=w))
+        simpo_sft, _, _ = pair_loss(pc, pr, nc, nr, None, None,
+                                    PreferenceConfig(loss="simpo", beta=2.0, simpo_gamma=0.5, sft_weight=w))
+        for k, (p, (c0, r0), (c1, r1)) in enumerate(zip(pairs, ref, pol)):
+            n_c = sum(1 for t in p.chosen.labels[1:] if t != IGNORE)
+            nll = -float(c1) / n_c
+            z = beta * ((c1 - c0) - (r1 - r0))
+            assert float(rpo[k]) == pytest.approx(math.log1p(math.exp(-float(z))) + w * nll, abs=1e-5)
+            assert float(simpo_sft[k]) == pytest.approx(float(simpo[k]) + w * nll, abs=1e-5)
 
 
 # ---------------------------------------------------------------- through the loop

@@ -12,6 +12,9 @@ A pair's score is the log-probability of its answer after the prompt: summed ove
   where pc, pr are the policy's scores of chosen and rejected, rc, rr the reference's;
 - simpo (SimPO, Meng et al. 2024, eq. 6; TRL's CPOTrainer loss_type "simpo"):
     -log sigmoid(beta * (pc/|c| - pr/|r|) - gamma).
+With `preference.sft_weight` w > 0, each pair's loss adds w * (-pc/|c|), the chosen answer's negative
+log-likelihood per token (RPO, Pang et al. 2024, eq. 2; TRL's rpo_alpha): the pair's gap grows while the chosen
+answer stays likely, where plain DPO may lower both answers' probabilities (and the model's answers elsewhere).
 The implicit rewards are beta * (pc - rc) (DPO) or beta * pc/|c| (SimPO); a step reports the share of its
 pairs whose chosen reward is above the rejected one (reward accuracy) and their mean gap (reward margin).
 
@@ -83,14 +86,19 @@ def pair_logps(lm: LoadedModel, pairs: list[Pair], label_only: bool) -> tuple[to
 
 def pair_loss(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor,
               rc: torch.Tensor | None, rr: torch.Tensor | None, pcfg: PreferenceConfig) -> tuple[torch.Tensor, ...]:
-    """(loss per pair, chosen reward, rejected reward) of the configured loss (the module docstring's formulas)."""
+    """(loss per pair, chosen reward, rejected reward) of the configured loss (the module docstring's formulas),
+    plus `preference.sft_weight` times the chosen answer's negative log-likelihood per token."""
     if pcfg.loss == "simpo":
         chosen, rejected = pcfg.beta * pc / nc, pcfg.beta * pr / nr
-        return -F.logsigmoid(chosen - rejected - pcfg.simpo_gamma), chosen.detach(), rejected.detach()
-    if rc is None or rr is None:
-        raise ValueError("DPO needs the reference's scores")
-    chosen, rejected = pcfg.beta * (pc - rc), pcfg.beta * (pr - rr)
-    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+        losses = -F.logsigmoid(chosen - rejected - pcfg.simpo_gamma)
+    else:
+        if rc is None or rr is None:
+            raise ValueError("DPO needs the reference's scores")
+        chosen, rejected = pcfg.beta * (pc - rc), pcfg.beta * (pr - rr)
+        losses = -F.logsigmoid(chosen - rejected)
+    if pcfg.sft_weight:
+        losses = losses - pcfg.sft_weight * pc / nc
+    return losses, chosen.detach(), rejected.detach()
 
 
 def score(logp: torch.Tensor, n: torch.Tensor, pcfg: PreferenceConfig) -> torch.Tensor:
