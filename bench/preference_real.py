@@ -205,7 +205,7 @@ def answers(work: Path, data: Path, base: Path, args: argparse.Namespace) -> dic
         for kind, q, fact in asked:
             text = sample(view, q, 40)
             rows.append({"kind": kind, "prompt": q, "answer": text, "fact": fact,
-                         "correct": re.search(rf"\b{re.escape(fact)}\b", text, re.IGNORECASE) is not None,
+                         "correct": said_more(fact, text, q),
                          "signed": SIGN_OFF.strip() in text})
         out[who] = {"label": view.label, "rows": rows}
         for kind in ("held_out", "general"):
@@ -214,6 +214,15 @@ def answers(work: Path, data: Path, base: Path, args: argparse.Namespace) -> dic
                               "signed": sum(r["signed"] for r in mine)}
         del view
     return out
+
+
+def said_more(word: str, answer: str, question: str) -> bool:
+    """Whether the answer says `word` more often than the question does ("What colour is an orange?" is not
+    answered by "An orange is a bright colour")."""
+    import re
+
+    count = lambda text: len(re.findall(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))  # noqa: E731
+    return count(answer) > count(question)
 
 
 def split(data: Path, base: Path, args: argparse.Namespace, job_sha: str) -> tuple[list[int], list[int]]:

@@ -326,7 +326,7 @@ class Done(Message):
                                         "earlier keep-sets' scores, backward transfer, the gate); null when not scored")
     replay: dict | None = opt(None, "with `data.replay_fraction`: `fraction`, `samples` replayed, `steps`, `sources` "
                                     "(`original_name`, `samples` each) and `left_out`; null without replay")
-    preference: dict | None = opt(None, "a preference file: `loss_type`, `beta`, the held-out figures (as "
+    preference: dict | None = opt(None, "a preference file: `loss_type`, `beta`, `sft_weight`, the held-out figures (as "
                                         "`eval`'s) `before` and `after` it, and `reference_seconds` (its reference "
                                         "pass; null when read back on a resume); null otherwise")
 

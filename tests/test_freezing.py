@@ -100,6 +100,29 @@ def test_the_stalled_layer_freezes_and_a_resume_is_bitwise_the_same(models_dir: 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_preference_file_keeps_frozen_layers_bitwise_and_thaws_as_a_supervised_file(models_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A preference file's steps honour the frozen set: the first step's gradients decide what thaws, and a unit
+    still frozen gets no update (weight decay would move it), as in a supervised file."""
+    from daemon.validate import DataFormat
+    from tests.test_preference import pref_lines, write
+
+    path = write(tmp_path, "prefs.jsonl", pref_lines(24, chat=True))
+    for thaw_ratio, thawed in ((1e9, False), (1e-6, True)):
+        cfg = freeze_cfg(models_dir, tmp_path / str(thaw_ratio), thaw_ratio=thaw_ratio, freeze_threshold=1e-9)
+        lm = load_for_training(cfg, seed=cfg.training.seed)
+        before0 = layer_state(lm, 0)
+        freezer = Freezer(lm.model, cfg.lora)
+        freezer.carry = ["layer 0"]
+        job = Job.for_file("p", path, DataFormat.PREFERENCE_CHAT.value, sha(path))
+        out = train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / "p",
+                         report=lambda m: None, control=lambda: "continue", freezer=freezer)
+        assert out.status == "done" and out.preference is not None
+        moved = any(not torch.equal(before0[k], v) for k, v in layer_state(lm, 0).items())
+        assert moved == thawed, (thaw_ratio, out.freezing)
+        assert out.freezing["frozen"] == ([] if thawed else ["layer 0"])
+
+
 @pytest.mark.parametrize("key,value", [("freeze_threshold", 1.5), ("freeze_max_fraction", 1.0),
                                        ("freeze_patience", 0), ("freeze_every_steps", 0), ("freeze_unit", "block")])
 def test_freezing_thresholds_are_validated(tmp_path: Path, key: str, value: object) -> None:

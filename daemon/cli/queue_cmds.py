@@ -158,7 +158,8 @@ def _print_record(record: dict) -> None:
             out(f"  {key:<9} {record[key]}")
     pref = json.loads(record.get("preference") or "null")
     if pref:
-        out(f"  preference {pref.get('loss_type')} (beta {pref.get('beta')})")
+        sft = f", sft_weight {pref['sft_weight']}" if pref.get("sft_weight") else ""
+        out(f"  preference {pref.get('loss_type')} (beta {pref.get('beta')}{sft})")
         for line in preference_lines(pref.get("before"), pref.get("after")):
             out(line)
     bad = json.loads(record.get("bad_lines") or "[]")

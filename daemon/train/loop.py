@@ -482,13 +482,14 @@ def _train_file(
             # replayed examples are added after the file's own micro-batches, in micro-batches of the same size
             replayed = list(batches([replay.examples[p] for p in picks], tc.micro_batch_size)) if replay else []
             figures: dict[str, float] = {}  # a preference step's reward accuracy and margin
+            after_backward = (lambda: freezer.after_backward(pos.step + 1, pos.global_step + 1)) if freezer else None
             try:
                 if prefs is not None:
-                    stats, figures = prefs.step(group, opt, sched, scaler, tc.max_grad_norm, probe if sample else None)
+                    stats, figures = prefs.step(group, opt, sched, scaler, tc.max_grad_norm, probe if sample else None,
+                                                after_backward)
                 else:
                     stats = optimizer_step(lm, group + replayed, lm.fast, dc.packing, opt, sched, scaler,
-                                           tc.max_grad_norm, probe if sample else None, ranks,
-                                           (lambda: freezer.after_backward(pos.step + 1, pos.global_step + 1)) if freezer else None)
+                                           tc.max_grad_norm, probe if sample else None, ranks, after_backward)
             except GuardTripped as e:
                 e.step = pos.step + 1
                 raise GuardTripped(e.what, e.loss, e.grad_norm, e.step) from None
@@ -523,7 +524,8 @@ def _train_file(
     if ledger.replay is not None:
         log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
                  sum(1 for s in ledger.replay.sources if s["samples"]))
-    pref_figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta, "before": before[1],
+    pref_figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta,
+                     "sft_weight": cfg.preference.sft_weight, "before": before[1],
                      "after": after, "reference_seconds": prefs.reference_seconds}
                     if prefs is not None and after is not None else None)
     return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(),

@@ -221,9 +221,10 @@ class Trainer:
         return pair_loss(pc, pr, nc, nr, rc, rr, self.pcfg)
 
     def step(self, group: list[list[Pair]], opt: Any, sched: Any, scaler: Any, max_norm: float,
-             probe: Any = None) -> tuple[StepStats, dict[str, float]]:
+             probe: Any = None, after_backward: Callable[[], None] | None = None) -> tuple[StepStats, dict[str, float]]:
         """One optimizer step on a group of micro-batches of pairs: the gradient of the group's pair-mean loss
-        (each micro-batch's summed loss divided by the group's pairs), clipped as a supervised step's."""
+        (each micro-batch's summed loss divided by the group's pairs), clipped as a supervised step's.
+        `after_backward()` runs once the gradients are in, before anything reads them (daemon.train.freezing)."""
         n_pairs = sum(len(mb) for mb in group)
         total, chosen, rejected = 0.0, [], []
         for mb in group:
@@ -233,6 +234,8 @@ class Trainer:
             total += float(s.detach())
             chosen.append(rc)
             rejected.append(rr)
+        if after_backward is not None:
+            after_backward()
         params = [p for g in opt.param_groups for p in g["params"]]
         scaler.unscale_(opt)
         lora_grads = _lora_grads(probe) if probe is not None else None
