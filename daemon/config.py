@@ -196,7 +196,7 @@ class PreferenceConfig:
     loss: Literal["sigmoid", "simpo"] = _f("sigmoid", "Loss of preference files ({prompt, chosen, rejected}): sigmoid is DPO (Rafailov et al. 2023) against the adapter as it was at the file's start (its log-probabilities computed in a first pass, kept with the checkpoints); simpo is SimPO (Meng et al. 2024), reference-free: length-normalised log-probabilities, no first pass.")
     beta: float = _f(0.1, "How sharply the loss rewards the gap: DPO's beta (0.1 in the paper; TRL's default), SimPO's beta (the paper uses 2 to 10).")
     simpo_gamma: float = _f(0.5, "With simpo: the target reward margin gamma (TRL's simpo_gamma; the paper 0.5 to 1.5).")
-    sft_weight: float = _f(0.0, "Weight of a supervised term added to each pair's loss: the chosen answer's negative log-likelihood per token (RPO, Pang et al. 2024; TRL's rpo_alpha, CPO's cpo_alpha). It keeps the chosen answers likely while the pair's gap grows; without it DPO can push both answers down and the model's other answers with them. 0: the plain loss.")
+    sft_weight: float = _f(1.0, "Weight of a supervised term added to each pair's loss: the chosen answer's negative log-likelihood per token (RPO, Pang et al. 2024: 1.0; TRL's rpo_alpha, CPO's cpo_alpha). It keeps the chosen answers likely while the pair's gap grows: on SmolLM2 plain DPO taught a style and broke every answer, with this term it taught the style and kept them (README, Preference files). 0: the plain loss of the paper.")
 
 
 @dataclass(frozen=True)
