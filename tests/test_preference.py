@@ -470,3 +470,45 @@ def test_fsdp_trains_a_preference_file_as_one_process_does(tmp_path: Path, model
     fsdp = train_prefs(tmp_path / "fsdp", models_dir, nproc_per_node=2, strategy="fsdp")
     assert "sharded over 2 ranks" in "".join(fsdp["logs"].values())
     assert_as_one_process(fsdp, one, "a preference file, fsdp")
+
+
+def test_a_step_out_of_memory_midway_is_taken_again_in_pieces(models_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step itself (the test above splits already in the reference pass): micro-batches of 2 and 4 pairs, a
+    forward of more than 4 sequences "does not fit". The first micro-batch's backward is in when the second runs
+    out: its gradients are dropped and the step is taken again in pieces of 2 pairs. Plain SGD, so the weights
+    move by the gradient itself (Adam's first step would show its rounding as a sign)."""
+    from daemon.train.data import train_examples
+    from daemon.train.step import fast_paths
+
+    cfg = make_cfg(models_dir, tmp_path)
+    job = pref_job(tmp_path, "j", n=24)
+    path, fmt = Path(job.path), DataFormat(job.format)
+    runs = []
+    for inject in (None, "4"):
+        lm = load_for_training(cfg, seed=cfg.training.seed)
+        lm.fast = fast_paths(lm)
+        plan = plan_file(path, fmt, lm.tokenizer, cfg.data, 1)
+        prefs = preference.Trainer.fresh(lm, cfg, plan, lambda: train_examples(path, fmt, lm.tokenizer, cfg.data, 1, 0),
+                                         tmp_path / f"ck{inject}", job.sha256, lambda: None)
+        train = list(train_examples(path, fmt, lm.tokenizer, cfg.data, 1, 0))
+        with torch.no_grad():  # away from the reference: the DPO gradient is not zero-ish
+            for p in lm.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        if inject:
+            monkeypatch.setenv("TRAIND_INJECT_OOM_ABOVE", inject)
+        stats, figures = prefs.step([train[:2], train[2:6]], opt, sched, scaler, 0.0)
+        monkeypatch.delenv("TRAIND_INJECT_OOM_ABOVE", raising=False)
+        runs.append((lora_state(lm.model), stats, figures, lm.split))
+    (w0, st0, f0, split0), (w1, st1, f1, split1) = runs
+    assert (split0, split1, st0.split, st1.split) == (1, 2, 1, 2)
+    assert st1.loss == pytest.approx(st0.loss, rel=1e-6) and st1.grad_norm == pytest.approx(st0.grad_norm, rel=1e-5)
+    assert f1["reward_accuracy"] == f0["reward_accuracy"] and f1["reward_margin"] == pytest.approx(f0["reward_margin"], rel=1e-5)
+    diff = max(float((w1[k] - w0[k]).abs().max()) for k in w0)
+    print(f"a step split midway: largest LoRA weight difference {diff:.2e}")
+    assert diff <= 1e-6  # measured 1.5e-8: the order of the additions (a step keeping its first try's gradients fails)
