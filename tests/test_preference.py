@@ -442,7 +442,8 @@ def assert_as_one_process(got: dict, want: dict, what: str) -> None:
     # bit; after, the weights differ in their last bits
     assert got["pref"]["before"] == want["pref"]["before"]
     assert got["pref"]["after"].keys() == want["pref"]["after"].keys()
-    assert all(got["pref"]["after"][k] == pytest.approx(v, rel=1e-4, abs=1e-5) for k, v in want["pref"]["after"].items())
+    after = want["pref"]["after"]
+    assert all(got["pref"]["after"][k] == pytest.approx(v, rel=1e-4, abs=1e-5) for k, v in after.items())
     assert want["pref"]["after"]["margin"] > want["pref"]["before"]["margin"]
 
 
@@ -508,7 +509,40 @@ def test_a_step_out_of_memory_midway_is_taken_again_in_pieces(models_dir: Path, 
     (w0, st0, f0, split0), (w1, st1, f1, split1) = runs
     assert (split0, split1, st0.split, st1.split) == (1, 2, 1, 2)
     assert st1.loss == pytest.approx(st0.loss, rel=1e-6) and st1.grad_norm == pytest.approx(st0.grad_norm, rel=1e-5)
-    assert f1["reward_accuracy"] == f0["reward_accuracy"] and f1["reward_margin"] == pytest.approx(f0["reward_margin"], rel=1e-5)
+    assert f1["reward_accuracy"] == f0["reward_accuracy"]
+    assert f1["reward_margin"] == pytest.approx(f0["reward_margin"], rel=1e-5)
     diff = max(float((w1[k] - w0[k]).abs().max()) for k in w0)
     print(f"a step split midway: largest LoRA weight difference {diff:.2e}")
     assert diff <= 1e-6  # measured 1.5e-8: the order of the additions (a step keeping its first try's gradients fails)
+
+
+@pytest.mark.e2e  # a daemon of two ranks, a file of 3000 pairs read and partly scored, then a small one: ~15 s
+def test_a_skip_during_the_reference_pass_of_two_ranks_reaches_both(tmp_path: Path, models_dir: Path) -> None:
+    """Rank 0 asks the service between the reference pass's rounds, and the other rank meets it there: a skip
+    given during the pass ends the file on both ranks (no rank left waiting in a collective), and both train the
+    next file."""
+    from bench.harness import Daemon, write_instance
+    from tests.test_distributed import MODEL, TRAINING
+
+    path = write_instance(tmp_path / "skip", models_dir, model=MODEL, distributed={"nproc_per_node": 2},
+                          training=TRAINING, data={"eval_fraction": 0.2})
+    d = Daemon(path).start()
+    try:
+        d.drop("big.jsonl", "\n".join(pref_lines(3000, chat=True)) + "\n")
+
+        def rank0_log() -> str:
+            return "".join(p.read_text(errors="replace") for p in d.cfg.path("logs").glob("trainer_2*.log"))
+
+        d.wait_for(lambda st: "preference reference pass:" in rank0_log(), 180, "the reference pass begun")
+        assert d.ctl("skip").returncode == 0
+        d.wait_counts(failed=1, timeout=120)
+        assert d.queue.read_error(d.queue.failed()[0].job_id)["reason"] == "skipped"
+        assert "preference reference:" not in rank0_log(), "the skip came after the pass: nothing tested"
+        d.drop("small.jsonl", "\n".join(pref_lines(40, chat=True)) + "\n")
+        d.wait_counts(done=1, timeout=180)
+        assert d.status()["world_size"] == 2
+        assert d.stop() == 0
+    finally:
+        d.close()
+    rank1 = "".join(p.read_text(errors="replace") for p in d.cfg.path("logs").glob("trainer_rank1_*.log"))
+    assert rank1.count("preference reference:") == 1  # the small file's pass only

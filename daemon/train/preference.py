@@ -2,7 +2,7 @@
 
     from daemon.train import preference
     prefs = preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, sha256, tick, ranks)   # or .resumed(...)
-    stats, figures = prefs.step(group, opt, sched, scaler, max_norm, probe)   # one optimizer step on micro-batches of Pairs
+    stats, figures = prefs.step(group, opt, sched, scaler, max_norm, probe)   # one optimizer step on Pairs
     loss, held_out = prefs.evaluate()                               # the held-out pairs' loss and figures
 
 A pair's score is the log-probability of its answer after the prompt: summed over the answer's tokens
@@ -190,8 +190,8 @@ def score_pairs(lm: LoadedModel, pairs: Iterable[Pair], micro_batch_size: int, l
         while dealt := list(itertools.islice(stream, ranks.world_size)):
             if ranks.rank < len(dealt):
                 out.update(_scores(lm, dealt[ranks.rank], label_only, ranks.sharded))
-            elif ranks.sharded:
-                _scores(lm, dealt[0][:1], label_only, True)
+            elif ranks.sharded:  # the round's shortest pair, its scores unused
+                _scores(lm, [min((p for mb in dealt for p in mb), key=lambda p: len(p.input_ids))], label_only, True)
             tick()
     finally:
         lm.model.train()
@@ -205,7 +205,8 @@ def score_pairs(lm: LoadedModel, pairs: Iterable[Pair], micro_batch_size: int, l
     return out
 
 
-def _scores(lm: LoadedModel, mb: list[Pair], label_only: bool, sharded: bool) -> dict[int, tuple[float, float, int, int]]:
+def _scores(lm: LoadedModel, mb: list[Pair], label_only: bool,
+            sharded: bool) -> dict[int, tuple[float, float, int, int]]:
     """One micro-batch's scores, in `lm.split` pieces (more after an out-of-memory: `split_after_oom`)."""
     while True:
         pieces = _pieces(mb, lm.split)
@@ -259,6 +260,8 @@ class Trainer:
         held = list(plan.held_out)
         t0 = time.monotonic()
         pairs = itertools.chain(held, train() if pcfg.loss == "sigmoid" else ())  # streamed: a file may be large
+        log.info("preference reference pass: scoring the %s pairs before step 1",
+                 "held-out and train" if pcfg.loss == "sigmoid" else "held-out")
         ref = Reference(sha256, pcfg.loss, score_pairs(lm, pairs, cfg.training.micro_batch_size, fast.label_only, tick,
                                                        ranks))
         if ranks.main:  # one writer: every rank holds the same scores
@@ -302,18 +305,19 @@ class Trainer:
             pieces = [p for mb in mine for p in _pieces(mb, self.lm.split)]
             real = len(pieces)
             if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
-                pieces += [[min((p for mb in group for p in mb), key=lambda p: len(p.input_ids))]] * (ranks.most(real) - real)
+                filler = min((p for mb in group for p in mb), key=lambda p: len(p.input_ids))
+                pieces += [[filler]] * (ranks.most(real) - real)
             total, gaps, slots = 0.0, [], 0
             t0 = time.perf_counter()
             try:
                 for k, piece in enumerate(pieces):
                     _maybe_inject_oom(2 * len(piece))  # a pair is two sequences in one forward
-                    losses, rc, rr = self._loss(piece)
+                    losses, chosen, rejected = self._loss(piece)  # the rewards
                     s = losses.sum() if k < real else losses.sum() * 0.0
                     scaler.scale(s / n_pairs).backward()
                     if k < real:
                         total += float(s.detach())
-                        gaps.append((rc - rr).float())
+                        gaps.append((chosen - rejected).float())
                         slots += 2 * len(piece) * max(len(e.input_ids) for p in piece for e in (p.chosen, p.rejected))
                 compute = time.perf_counter() - t0
                 break
@@ -327,9 +331,9 @@ class Trainer:
         ranks.average_grads(params)
         gap = torch.cat(gaps) if gaps else torch.zeros(0)
         rss, gpu = memory_now(self.lm.device) if ranks.many else (0, 0)
-        sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": sum(len(p.input_ids) for mb in mine for p in mb),
-                                              "slots": slots, "compute_seconds": compute, "rss_bytes": rss,
-                                              "gpu_memory_bytes": gpu})
+        tokens = sum(len(p.input_ids) for mb in mine for p in mb)
+        sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": tokens, "slots": slots,
+                                              "compute_seconds": compute, "rss_bytes": rss, "gpu_memory_bytes": gpu})
         wins, gap_sum = (sum(col) for col in zip(*ranks.gather_floats([float((gap > 0).sum()), float(gap.sum())])))
         scaler.unscale_(opt)
         lora_grads = _lora_grads(probe) if probe is not None else None
