@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -347,3 +350,203 @@ def test_where_one_answer_is_wanted_the_chosen_side_stands_for_the_pair(models_d
             assert tokenize_record(r, lm.tokenizer, 64) == pair.chosen == supervised(pair)
             answer = [t for t, lab in zip(pair.chosen.input_ids, pair.chosen.labels) if lab != IGNORE]
             assert lm.tokenizer.decode(answer).startswith(r.data["chosen"])
+
+
+# ---------------------------------------------------------------- out of memory, several ranks
+
+
+def test_out_of_memory_splits_the_pairs_and_the_result_stays(models_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected (the CPU does not run out of memory on the tiny model): a forward of more than 2 sequences (one
+    pair) "does not fit", so the reference pass, each step's micro-batches of 4 pairs and the held-out scoring
+    run pair by pair; the adapter and the figures are those of the unsplit run (the pair-mean is exact)."""
+    cfg = make_cfg(models_dir, tmp_path, grad_accum_steps=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.2))
+    job = pref_job(tmp_path, "j", n=24)
+    runs = []
+    for inject in (None, "2"):
+        if inject:
+            monkeypatch.setenv("TRAIND_INJECT_OOM_ABOVE", inject)
+        out, events, lm = run(cfg, dataclasses.replace(job, job_id=f"j{inject}"))
+        runs.append((out, lora_state(lm.model), [e for e in events if e["type"] == "step"], lm.split))
+    (out0, w0, s0, split0), (out1, w1, s1, split1) = runs
+    assert out0.status == out1.status == "done" and out0.steps == out1.steps >= 4
+    assert split0 == 1 and split1 == 4 and {e["micro_batch_split"] for e in s1} == {4}
+    # fp32; the pieces differ from the whole micro-batch only in their padding (masked), i.e. in the rounding of
+    # the scores; Adam's first steps scale a gradient's rounding up: measured 4.2e-6 on weights up to 0.16
+    diff = max(float((w0[k] - w1[k]).abs().max()) for k in w0)
+    print(f"pairs split 4 vs 1: largest LoRA weight difference {diff:.2e}, largest weight "
+          f"{max(float(w.abs().max()) for w in w0.values()):.2e}")
+    assert diff <= 2e-5
+    for a, b in zip(s0, s1):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert abs(a["reward_accuracy"] - b["reward_accuracy"]) <= 1 / 8  # a pair at a tie (step 1: all) may tip over
+        assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-5)
+    for when in ("before", "after"):
+        got, want = out1.preference[when], out0.preference[when]
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
+
+
+# 113 train pairs: 15 steps of 8 (4 x 2) per epoch, the last of one pair (rank 1 has none of it: a filler under fsdp;
+# so has the reference pass's last round), 60 in all: time for a kill to land mid-file (the status, which says the
+# step, comes every 0.5 s)
+RANKS_FILE = "\n".join(pref_lines(121, chat=True)) + "\n"
+RANKS_STEPS = 60
+
+
+def train_prefs(folder: Path, models_dir: Path, kill_rank1: bool = False, **distributed: object) -> dict:
+    """A real daemon trains RANKS_FILE (fp32, the distributed tests' settings); with `kill_rank1`, rank 1 is killed
+    with -9 once past the first checkpoint. Its adapter, preference figures, step rows, job row and trainer logs."""
+    from bench.harness import Daemon, write_instance
+    from tests.test_distributed import MODEL, TRAINING, adapter, rank_processes, wait_ranks
+
+    path = write_instance(folder, models_dir, model=MODEL, distributed=distributed,
+                          training={**TRAINING, "epochs_per_file": 4}, data={"eval_fraction": 0.2},
+                          preference={"beta": 0.5})
+    d = Daemon(path).start()
+    try:
+        d.drop("likes.jsonl", RANKS_FILE)
+        if kill_rank1:
+            d.wait_for(lambda st: (st.get("current_step") or 0) >= 6 or d.queue.counts()["failed"], 180,
+                       "past the checkpoint at step 5")
+            assert not d.queue.failed(), d.queue.read_error(d.queue.failed()[0].job_id)
+            first = wait_ranks(d, 2)
+            os.kill(next(p.pid for p in first if int(p.environ()["RANK"]) == 1), signal.SIGKILL)
+            old = {p.pid for p in first}
+            d.wait_for(lambda st: len(now := rank_processes(d)) == 2 and not old & {p.pid for p in now}, 120,
+                       "a new group")
+        d.wait_for(lambda st: d.queue.counts()["done"] or d.queue.counts()["failed"], 300, "the file done")
+        assert not d.queue.failed(), d.queue.read_error(d.queue.failed()[0].job_id)
+        db = d.history()
+        try:
+            job = db.jobs()[0]
+            steps = {s["step"]: s for s in db.steps(job["job_id"])}
+        finally:
+            db.close()
+        assert d.stop() == 0
+    finally:
+        d.close()
+    return {"adapter": adapter(d.cfg.root), "pref": json.loads(job["preference"]), "steps": steps, "job": job,
+            "logs": {p.name: p.read_text(errors="replace") for p in d.cfg.path("logs").glob("trainer*.log")}}
+
+
+def assert_as_one_process(got: dict, want: dict, what: str) -> None:
+    """The adapter, each step's figures and the held-out figures of `got` are those of one process (`want`)."""
+    from tests.test_distributed import assert_close
+
+    assert sorted(got["steps"]) == sorted(want["steps"]) == list(range(1, RANKS_STEPS + 1))
+    for k, one in want["steps"].items():  # each step's figures are the whole group's, not rank 0's share
+        two = got["steps"][k]
+        # summed log-probabilities of whole answers: the weights' last bits show at about 1e-6 of them
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-5), k
+        assert two["reward_margin"] == pytest.approx(one["reward_margin"], rel=1e-5, abs=1e-5), k
+        assert abs(two["reward_accuracy"] - one["reward_accuracy"]) <= 1 / 8, k  # a pair at a tie may tip over
+    assert_close(got["adapter"], want["adapter"], what)  # fp32: the order of the additions (its TOLERANCE, 1e-5)
+    # the reference pass deals out the micro-batches one process scores: the figures before are its own, bit for
+    # bit; after, the weights differ in their last bits
+    assert got["pref"]["before"] == want["pref"]["before"]
+    assert got["pref"]["after"].keys() == want["pref"]["after"].keys()
+    after = want["pref"]["after"]
+    assert all(got["pref"]["after"][k] == pytest.approx(v, rel=1e-4, abs=1e-5) for k, v in after.items())
+    assert want["pref"]["after"]["margin"] > want["pref"]["before"]["margin"]
+
+
+@pytest.mark.e2e
+def test_two_ranks_train_a_preference_file_as_one_process_does(tmp_path: Path, models_dir: Path) -> None:
+    """A preference file under torchrun (two ranks, gloo): each rank scores its share of the reference pass and of
+    every step, and rank 0 alone keeps `reference.pt`. Rank 1 is killed with -9 past the first checkpoint: the
+    group restarts and resumes from it and from the reference rank 0 kept (no second reference pass). The adapter,
+    the step figures and the held-out figures before and after are one process's."""
+    one = train_prefs(tmp_path / "one", models_dir)
+    two = train_prefs(tmp_path / "two", models_dir, kill_rank1=True, nproc_per_node=2)
+    rank0 = next(text for name, text in two["logs"].items() if name.startswith("trainer_2"))  # trainer_<date>.log
+    rank1 = next(text for name, text in two["logs"].items() if name.startswith("trainer_rank1_"))
+    resumed = re.search(r"resuming from step (\d+)", rank0)
+    assert two["job"]["crashes"] == 1 and resumed and 5 <= int(resumed[1]) < RANKS_STEPS, rank0[-3000:]
+    # one reference pass, shared by the ranks; the group started after the kill read rank 0's back
+    assert rank0.count("preference reference:") == rank1.count("preference reference:") == 1
+    assert_as_one_process(two, one, "a preference file, two ranks, rank 1 killed")
+
+
+@pytest.mark.slow
+def test_fsdp_trains_a_preference_file_as_one_process_does(tmp_path: Path, models_dir: Path) -> None:
+    """With the base sharded (fsdp) every rank runs the same forwards (fillers where it has fewer pairs)."""
+    one = train_prefs(tmp_path / "one", models_dir)
+    fsdp = train_prefs(tmp_path / "fsdp", models_dir, nproc_per_node=2, strategy="fsdp")
+    assert "sharded over 2 ranks" in "".join(fsdp["logs"].values())
+    assert_as_one_process(fsdp, one, "a preference file, fsdp")
+
+
+def test_a_step_out_of_memory_midway_is_taken_again_in_pieces(models_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step itself (the test above splits already in the reference pass): micro-batches of 2 and 4 pairs, a
+    forward of more than 4 sequences "does not fit". The first micro-batch's backward is in when the second runs
+    out: its gradients are dropped and the step is taken again in pieces of 2 pairs. Plain SGD, so the weights
+    move by the gradient itself (Adam's first step would show its rounding as a sign)."""
+    from daemon.train.data import train_examples
+    from daemon.train.step import fast_paths
+
+    cfg = make_cfg(models_dir, tmp_path)
+    job = pref_job(tmp_path, "j", n=24)
+    path, fmt = Path(job.path), DataFormat(job.format)
+    runs = []
+    for inject in (None, "4"):
+        lm = load_for_training(cfg, seed=cfg.training.seed)
+        lm.fast = fast_paths(lm)
+        plan = plan_file(path, fmt, lm.tokenizer, cfg.data, 1)
+        prefs = preference.Trainer.fresh(lm, cfg, plan, lambda: train_examples(path, fmt, lm.tokenizer, cfg.data, 1, 0),
+                                         tmp_path / f"ck{inject}", job.sha256, lambda: None)
+        train = list(train_examples(path, fmt, lm.tokenizer, cfg.data, 1, 0))
+        with torch.no_grad():  # away from the reference: the DPO gradient is not zero-ish
+            for p in lm.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        if inject:
+            monkeypatch.setenv("TRAIND_INJECT_OOM_ABOVE", inject)
+        stats, figures = prefs.step([train[:2], train[2:6]], opt, sched, scaler, 0.0)
+        monkeypatch.delenv("TRAIND_INJECT_OOM_ABOVE", raising=False)
+        runs.append((lora_state(lm.model), stats, figures, lm.split))
+    (w0, st0, f0, split0), (w1, st1, f1, split1) = runs
+    assert (split0, split1, st0.split, st1.split) == (1, 2, 1, 2)
+    assert st1.loss == pytest.approx(st0.loss, rel=1e-6) and st1.grad_norm == pytest.approx(st0.grad_norm, rel=1e-5)
+    assert f1["reward_accuracy"] == f0["reward_accuracy"]
+    assert f1["reward_margin"] == pytest.approx(f0["reward_margin"], rel=1e-5)
+    diff = max(float((w1[k] - w0[k]).abs().max()) for k in w0)
+    print(f"a step split midway: largest LoRA weight difference {diff:.2e}")
+    assert diff <= 1e-6  # measured 1.5e-8: the order of the additions (a step keeping its first try's gradients fails)
+
+
+@pytest.mark.e2e  # a daemon of two ranks, a file of 3000 pairs read and partly scored, then a small one: ~15 s
+def test_a_skip_during_the_reference_pass_of_two_ranks_reaches_both(tmp_path: Path, models_dir: Path) -> None:
+    """Rank 0 asks the service between the reference pass's rounds, and the other rank meets it there: a skip
+    given during the pass ends the file on both ranks (no rank left waiting in a collective), and both train the
+    next file."""
+    from bench.harness import Daemon, write_instance
+    from tests.test_distributed import MODEL, TRAINING
+
+    path = write_instance(tmp_path / "skip", models_dir, model=MODEL, distributed={"nproc_per_node": 2},
+                          training=TRAINING, data={"eval_fraction": 0.2})
+    d = Daemon(path).start()
+    try:
+        d.drop("big.jsonl", "\n".join(pref_lines(3000, chat=True)) + "\n")
+
+        def rank0_log() -> str:
+            return "".join(p.read_text(errors="replace") for p in d.cfg.path("logs").glob("trainer_2*.log"))
+
+        d.wait_for(lambda st: "preference reference pass:" in rank0_log(), 180, "the reference pass begun")
+        assert d.ctl("skip").returncode == 0
+        d.wait_counts(failed=1, timeout=120)
+        assert d.queue.read_error(d.queue.failed()[0].job_id)["reason"] == "skipped"
+        assert "preference reference:" not in rank0_log(), "the skip came after the pass: nothing tested"
+        d.drop("small.jsonl", "\n".join(pref_lines(40, chat=True)) + "\n")
+        d.wait_counts(done=1, timeout=180)
+        assert d.status()["world_size"] == 2
+        assert d.stop() == 0
+    finally:
+        d.close()
+    rank1 = "".join(p.read_text(errors="replace") for p in d.cfg.path("logs").glob("trainer_rank1_*.log"))
+    assert rank1.count("preference reference:") == 1  # the small file's pass only

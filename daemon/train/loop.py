@@ -313,17 +313,28 @@ def _replay_plan(cfg: Config, job: Job, tok: Any, n_own: int, ledger: SampleLedg
 
 def _preference_trainer(lm: LoadedModel, cfg: Config, job: Job, plan: Any, ckpt_folder: Path,
                         ck: ckpt.Checkpoint | None, ranks: Ranks, tick: Callable[[], None],
-                        train: Callable[[], Iterable[Any]]) -> tuple[preference.Trainer, ckpt.Checkpoint | None]:
+                        train: Callable[[], Iterable[Any]],
+                        steer: Steering) -> tuple[preference.Trainer, ckpt.Checkpoint | None]:
     """A preference file's trainer (daemon/train/preference.py) and the checkpoint to resume from: none where
-    the checkpoints lack the reference they trained against (they cannot resume exactly: the file starts over)."""
-    preference.refuse_distributed(ranks.many)
+    the checkpoints lack the reference they trained against (they cannot resume exactly: the file starts over).
+
+    With several ranks the reference pass is shared (each rank scores its part), and after each of its rounds
+    every rank meets rank 0, which has asked `control` meanwhile: a stop or skip there reaches the others
+    (Steering.share), and a pause holds them on the control channel, not inside a sharded layer's collective."""
     if ck is not None:
-        prefs = preference.Trainer.resumed(lm, cfg, plan, ckpt_folder, job.sha256)
+        prefs = preference.Trainer.resumed(lm, cfg, plan, ckpt_folder, job.sha256, ranks)
         if prefs is not None:
             return prefs, ck
         log.warning("%s: its checkpoints have no reference scores; training the file from its start", job.job_id)
-        ckpt.delete_checkpoints(ckpt_folder)
-    return preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, job.sha256, tick), None
+        if ranks.main:
+            ckpt.delete_checkpoints(ckpt_folder)
+
+    def meet() -> None:
+        tick()
+        steer.share(None)
+
+    return preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, job.sha256, meet if ranks.many else tick,
+                                    ranks), None
 
 
 class _NoStepLog:
@@ -382,7 +393,7 @@ def _train_file(
     prefs = None
     if fmt.is_preference:  # its reference is scored now, before any checkpoint's weights are put back
         prefs, ck = _preference_trainer(lm, cfg, job, plan, ckpt_folder, ck, ranks, tick,
-                                        lambda: train_examples(path, fmt, tok, dc, seed, 0))
+                                        lambda: train_examples(path, fmt, tok, dc, seed, 0), steer)
     if ck is not None:
         restore(lm, ck, opt, sched, scaler)
         pos = ck.position  # with the order its file began with, whatever data.group_by_length says now

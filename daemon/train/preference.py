@@ -1,8 +1,8 @@
 """Preference files: DPO against the adapter as the file began, or SimPO without a reference.
 
     from daemon.train import preference
-    prefs = preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, sha256, tick)   # or .resumed(...)
-    stats, figures = prefs.step(group, opt, sched, scaler, probe)   # one optimizer step on micro-batches of Pairs
+    prefs = preference.Trainer.fresh(lm, cfg, plan, train, ckpt_folder, sha256, tick, ranks)   # or .resumed(...)
+    stats, figures = prefs.step(group, opt, sched, scaler, max_norm, probe)   # one optimizer step on Pairs
     loss, held_out = prefs.evaluate()                               # the held-out pairs' loss and figures
 
 A pair's score is the log-probability of its answer after the prompt: summed over the answer's tokens
@@ -24,6 +24,16 @@ written to the job's checkpoint folder (`reference.pt`), next to the checkpoints
 against the same numbers bit for bit. The same pass gives the held-out figures before the file; SimPO needs
 only the held-out pairs scored.
 
+Several ranks (torchrun, daemon.train.ranks): a step's pairs are shared as a supervised step's examples, each
+rank's summed loss divided by the pairs of the whole group, and the gradients summed over ranks: the gradient of
+one process. The reference pass and the held-out scoring deal out the micro-batches one process scores (rank r
+the r-th of every world_size), so the scores are one process's, and gather them: every rank holds them all and
+computes the same figures. Rank 0 alone writes `reference.pt`, and on a resume reads it and sends it to the others.
+With `distributed.strategy` fsdp every rank runs the same number of forwards (a filler where it has none).
+
+Out of memory (CUDA): as a supervised step, each micro-batch's pairs then run in twice as many pieces (`lm.split`),
+the step taken again: the same pair-mean loss and gradient. Only one pair that does not fit fails the file.
+
 Held-out figures: `accuracy` (chosen scored above rejected by the model itself), `margin` (mean score gap,
 nats: summed for DPO, per token for SimPO), `reward_accuracy` and `reward_margin` (as a step's), `loss`.
 Before the file DPO's rewards are zero by definition (the policy is its reference).
@@ -44,11 +54,13 @@ import torch
 import torch.nn.functional as F
 
 from daemon.config import Config, PreferenceConfig
-from daemon.errors import DataError
 from daemon.train.batching import batches, collate
-from daemon.train.data import IGNORE, Example, FilePlan, Pair
+from daemon.train.data import IGNORE, FilePlan, Pair
 from daemon.train.model import LoadedModel
-from daemon.train.step import FastPaths, StepStats, _inputs, _lora_grads, apply_step, to_device
+from daemon.train.ranks import Ranks, memory_now, step_figures
+from daemon.train.sharding import reshard
+from daemon.train.step import (FastPaths, StepStats, _inputs, _lora_grads, _maybe_inject_oom, _pieces, apply_step,
+                               to_device)
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +173,67 @@ class Reference:
 
 @torch.no_grad()
 def score_pairs(lm: LoadedModel, pairs: Iterable[Pair], micro_batch_size: int, label_only: bool,
-                tick: Callable[[], None] = lambda: None) -> dict[int, tuple[float, float, int, int]]:
-    """Every pair's scores under the model as it is (eval mode: no dropout), by line."""
+                tick: Callable[[], None] = lambda: None,
+                ranks: Ranks | None = None) -> dict[int, tuple[float, float, int, int]]:
+    """Every pair's scores under the model as it is (eval mode: no dropout), by line.
+
+    With several `ranks` the micro-batches are dealt out in rounds of world_size (rank r scores the r-th of each
+    round): each is scored as one process scores it, so the scores are one process's; then they are gathered and
+    every rank returns them all. `tick()` runs after each round on every rank (the loop makes it a meeting point
+    where rank 0's stop or skip reaches the others). Under fsdp a rank without a micro-batch in a round runs a
+    filler forward: a sharded layer's forward is a collective."""
+    ranks = ranks or Ranks()
     lm.model.eval()
-    out = {}
+    out: dict[int, tuple[float, float, int, int]] = {}
+    stream = batches(pairs, micro_batch_size)
     try:
-        for mb in batches(pairs, micro_batch_size):
+        while dealt := list(itertools.islice(stream, ranks.world_size)):
+            if ranks.rank < len(dealt):
+                out.update(_scores(lm, dealt[ranks.rank], label_only, ranks.sharded))
+            elif ranks.sharded:  # the round's shortest pair, its scores unused
+                _scores(lm, [min((p for mb in dealt for p in mb), key=lambda p: len(p.input_ids))], label_only, True)
             tick()
-            pc, pr, nc, nr = pair_logps(lm, mb, label_only)
-            for k, p in enumerate(mb):
-                out[p.line] = (float(pc[k]), float(pr[k]), int(nc[k]), int(nr[k]))
     finally:
         lm.model.train()
+        if ranks.sharded:  # forwards without a backward leave the layers gathered (daemon.train.sharding.reshard)
+            reshard(lm.model)
+    if ranks.many:
+        everyone: dict[int, tuple[float, float, int, int]] = {}
+        for part in ranks.gather(out):
+            everyone.update(part)
+        out = everyone
     return out
+
+
+def _scores(lm: LoadedModel, mb: list[Pair], label_only: bool,
+            sharded: bool) -> dict[int, tuple[float, float, int, int]]:
+    """One micro-batch's scores, in `lm.split` pieces (more after an out-of-memory: `split_after_oom`)."""
+    while True:
+        pieces = _pieces(mb, lm.split)
+        try:
+            out = {}
+            for piece in pieces:
+                _maybe_inject_oom(2 * len(piece))  # a pair is two sequences in one forward
+                pc, pr, nc, nr = pair_logps(lm, piece, label_only)
+                for k, p in enumerate(piece):
+                    out[p.line] = (float(pc[k]), float(pr[k]), int(nc[k]), int(nr[k]))
+            return out
+        except torch.OutOfMemoryError:
+            if not split_after_oom(lm, pieces, sharded):
+                raise
+
+
+def split_after_oom(lm: LoadedModel, pieces: list[list[Pair]], sharded: bool) -> bool:
+    """After an out-of-memory: each micro-batch runs in twice as many pieces from now on (as a supervised step's,
+    daemon.train.step); False where that cannot help: pieces of one pair already, or a sharded base (the other
+    ranks are in the same forwards' collectives: a rank cannot retry alone)."""
+    if lm.device == "cuda":
+        torch.cuda.empty_cache()
+    if sharded or all(len(p) <= 1 for p in pieces):
+        return False
+    lm.split *= 2
+    log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
+    return True
 
 
 # ---------------------------------------------------------------- one file's training
@@ -183,37 +243,48 @@ class Trainer:
     """The preference side of one file in training: its reference, its steps, its held-out figures."""
 
     def __init__(self, lm: LoadedModel, pcfg: PreferenceConfig, fast: FastPaths, micro_batch_size: int,
-                 held_out: list[Pair], reference: Reference) -> None:
+                 held_out: list[Pair], reference: Reference, ranks: Ranks | None = None) -> None:
         self.lm, self.pcfg, self.mbs, self.held_out, self.reference = lm, pcfg, micro_batch_size, held_out, reference
         self.label_only = fast.label_only
+        self.ranks = ranks or Ranks()
         self.reference_seconds: float | None = None  # the reference pass of this run (None: read back)
 
     @classmethod
     def fresh(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, train: Callable[[], Iterable[Pair]], folder: Path,
-              sha256: str, tick: Callable[[], None]) -> Trainer:
+              sha256: str, tick: Callable[[], None], ranks: Ranks | None = None) -> Trainer:
         """The trainer of a file that begins (the adapter is as the file began): its reference scored now and kept
-        in `folder`. `train()` gives the file's train pairs (one pass over it; DPO only)."""
+        in `folder` (by rank 0). `train()` gives the file's train pairs (one pass over it; DPO only). With several
+        `ranks`, `tick` runs on every rank at the same points (score_pairs)."""
+        ranks = ranks or Ranks()
         pcfg, fast = cfg.preference, lm.fast or FastPaths(False, False)
         held = list(plan.held_out)
         t0 = time.monotonic()
         pairs = itertools.chain(held, train() if pcfg.loss == "sigmoid" else ())  # streamed: a file may be large
-        ref = Reference(sha256, pcfg.loss, score_pairs(lm, pairs, cfg.training.micro_batch_size, fast.label_only, tick))
-        ref.save(folder)
+        log.info("preference reference pass: scoring the %s pairs before step 1",
+                 "held-out and train" if pcfg.loss == "sigmoid" else "held-out")
+        ref = Reference(sha256, pcfg.loss, score_pairs(lm, pairs, cfg.training.micro_batch_size, fast.label_only, tick,
+                                                       ranks))
+        if ranks.main:  # one writer: every rank holds the same scores
+            ref.save(folder)
         seconds = time.monotonic() - t0
         log.info("preference reference: %d pair(s) scored in %.1f s", len(ref.scores), seconds)
-        trainer = cls(lm, pcfg, fast, cfg.training.micro_batch_size, held, ref)
+        trainer = cls(lm, pcfg, fast, cfg.training.micro_batch_size, held, ref, ranks)
         trainer.reference_seconds = seconds
         return trainer
 
     @classmethod
-    def resumed(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, folder: Path, sha256: str) -> Trainer | None:
-        """The trainer of a file resumed from a checkpoint: its reference read back from `folder`; None when none
-        was kept for this file and loss (the caller trains the file from its start)."""
-        ref = Reference.load(folder, sha256, cfg.preference.loss)
+    def resumed(cls, lm: LoadedModel, cfg: Config, plan: FilePlan, folder: Path, sha256: str,
+                ranks: Ranks | None = None) -> Trainer | None:
+        """The trainer of a file resumed from a checkpoint: its reference read back from `folder` (by rank 0, which
+        sends it to the other ranks: the other nodes cannot read its folder); None on every rank when none was
+        kept for this file and loss (the caller trains the file from its start)."""
+        ranks = ranks or Ranks()
+        ref = Reference.load(folder, sha256, cfg.preference.loss) if ranks.main else None
+        ref = ranks.broadcast(ref)
         if ref is None:
             return None
         return cls(lm, cfg.preference, lm.fast or FastPaths(False, False), cfg.training.micro_batch_size,
-                   list(plan.held_out), ref)
+                   list(plan.held_out), ref, ranks)
 
     def _loss(self, mb: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pc, pr, nc, nr = pair_logps(self.lm, mb, self.label_only)
@@ -223,30 +294,55 @@ class Trainer:
     def step(self, group: list[list[Pair]], opt: Any, sched: Any, scaler: Any, max_norm: float,
              probe: Any = None, after_backward: Callable[[], None] | None = None) -> tuple[StepStats, dict[str, float]]:
         """One optimizer step on a group of micro-batches of pairs: the gradient of the group's pair-mean loss
-        (each micro-batch's summed loss divided by the group's pairs), clipped as a supervised step's.
-        `after_backward()` runs once the gradients are in, before anything reads them (daemon.train.freezing)."""
+        (each piece's summed loss divided by the group's pairs, on every rank), clipped as a supervised step's.
+        With several ranks each computes its share (Ranks.shard) and the gradients are summed over ranks; the
+        loss and reward figures are the whole group's. `after_backward()` runs once the gradients are in, before
+        anything reads them (daemon.train.freezing)."""
+        ranks = self.ranks
         n_pairs = sum(len(mb) for mb in group)
-        total, chosen, rejected = 0.0, [], []
-        for mb in group:
-            losses, rc, rr = self._loss(mb)
-            s = losses.sum()
-            scaler.scale(s / n_pairs).backward()
-            total += float(s.detach())
-            chosen.append(rc)
-            rejected.append(rr)
+        mine = ranks.shard(group)
+        while True:
+            pieces = [p for mb in mine for p in _pieces(mb, self.lm.split)]
+            real = len(pieces)
+            if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
+                filler = min((p for mb in group for p in mb), key=lambda p: len(p.input_ids))
+                pieces += [[filler]] * (ranks.most(real) - real)
+            total, gaps, slots = 0.0, [], 0
+            t0 = time.perf_counter()
+            try:
+                for k, piece in enumerate(pieces):
+                    _maybe_inject_oom(2 * len(piece))  # a pair is two sequences in one forward
+                    losses, chosen, rejected = self._loss(piece)  # the rewards
+                    s = losses.sum() if k < real else losses.sum() * 0.0
+                    scaler.scale(s / n_pairs).backward()
+                    if k < real:
+                        total += float(s.detach())
+                        gaps.append((chosen - rejected).float())
+                        slots += 2 * len(piece) * max(len(e.input_ids) for p in piece for e in (p.chosen, p.rejected))
+                compute = time.perf_counter() - t0
+                break
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)  # the step is taken again from its first piece
+                if not split_after_oom(self.lm, pieces[:real], ranks.sharded):
+                    raise
         if after_backward is not None:
             after_backward()
         params = [p for g in opt.param_groups for p in g["params"]]
+        ranks.average_grads(params)
+        gap = torch.cat(gaps) if gaps else torch.zeros(0)
+        rss, gpu = memory_now(self.lm.device) if ranks.many else (0, 0)
+        tokens = sum(len(p.input_ids) for mb in mine for p in mb)
+        sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": tokens, "slots": slots,
+                                              "compute_seconds": compute, "rss_bytes": rss, "gpu_memory_bytes": gpu})
+        wins, gap_sum = (sum(col) for col in zip(*ranks.gather_floats([float((gap > 0).sum()), float(gap.sum())])))
         scaler.unscale_(opt)
         lora_grads = _lora_grads(probe) if probe is not None else None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        loss = total / n_pairs
+        loss = sums["loss_sum"] / n_pairs
         lr = apply_step(opt, sched, scaler, loss, grad_norm)
-        gap = torch.cat(chosen) - torch.cat(rejected)
-        tokens = sum(len(p.input_ids) for mb in group for p in mb)
-        slots = sum(2 * len(mb) * max(len(e.input_ids) for p in mb for e in (p.chosen, p.rejected)) for mb in group)
-        figures = {"reward_accuracy": float((gap > 0).float().mean()), "reward_margin": float(gap.mean())}
-        return StepStats(loss, float(grad_norm), lr, tokens, slots, lora_grads), figures
+        figures = {"reward_accuracy": wins / n_pairs, "reward_margin": gap_sum / n_pairs}
+        return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, self.lm.split,
+                         per_rank), figures
 
     def before(self) -> tuple[float | None, dict[str, Any] | None]:
         """The held-out figures of the adapter as the file began (from the reference pass)."""
@@ -261,7 +357,7 @@ class Trainer:
         """The held-out pairs' loss and figures now (None without held-out pairs)."""
         if not self.held_out:
             return None, None
-        now = score_pairs(self.lm, self.held_out, self.mbs, self.label_only)
+        now = score_pairs(self.lm, self.held_out, self.mbs, self.label_only, ranks=self.ranks)  # all, on every rank
         pc, pr, nc, nr = (torch.tensor([float(now[p.line][i]) for p in self.held_out]) for i in range(4))
         return self._figures(pc, pr, nc, nr)
 
@@ -275,9 +371,3 @@ class Trainer:
                       "margin": float(gap.mean()), "reward_accuracy": float((reward_gap > 0).float().mean()),
                       "reward_margin": float(reward_gap.mean())}
 
-
-def refuse_distributed(ranks_many: bool) -> None:
-    """Preference files train in one process for now (the pairs are not sharded across ranks)."""
-    if ranks_many:
-        raise DataError("preference files are trained by one trainer process; set distributed.nproc_per_node "
-                        "and distributed.nnodes to 1 to train them")
