@@ -260,6 +260,94 @@ def test_resume_of_a_preference_file_is_exact(models_dir: Path, tmp_path: Path, 
     assert figures(resumed.preference) == figures(full.preference) and resumed.preference["reference_seconds"] is None
 
 
+def test_a_preference_file_replays_earlier_files_in_their_share_and_resumes_exactly(models_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """data.replay_fraction: earlier files' supervised examples join a preference file's steps in the share a
+    supervised file gets (f of the steps' items), each weighing as one pair; killed and resumed, the same adapter."""
+    from fractions import Fraction
+
+    from daemon.train.loop import train_file
+    from daemon.train.replay import sources_from
+    from tests.test_replay import earlier_file, with_replay
+
+    f = 0.25
+    cfg = with_replay(make_cfg(models_dir, tmp_path, dropout=0.1, grad_accum_steps=2, checkpoint_every_steps=3), f)
+    done = tmp_path / "done"
+    _, a = earlier_file(done, "20260101T000000Z-000001--a.jsonl", "chat.jsonl", 0, 30)
+    job = pref_job(tmp_path, "j", n=24)
+
+    def go(cfg, job: Job, stop_at: int = 0):  # noqa: ANN001, ANN202
+        lm = load_for_training(cfg, seed=cfg.training.seed)
+        events: list[dict] = []
+
+        def control() -> str:
+            if stop_at and sum(e["type"] == "step" for e in events) >= stop_at:
+                raise Crash()
+            return "continue"
+
+        out = train_file(lm, cfg, job, global_step=0, ckpt_folder=cfg.path("checkpoints") / job.job_id,
+                         report=lambda m: events.append(m.to_wire()), control=control,
+                         replay_from=sources_from([a], done))
+        return out, events, lm
+
+    full, full_events, full_lm = go(cfg, dataclasses.replace(job, job_id="straight"))
+    replay, own = full.ledger["replay"], full.ledger["samples"]
+    assert replay["samples"] == math.floor(own * Fraction(f) / (1 - Fraction(f))) > 0
+    assert [s["job_id"] for s in replay["sources"]] == [a["job_id"]] and full.preference["after"]["pairs"] > 0
+    # without replay: the same pairs, another first-step loss (the replayed examples count in it), other weights
+    plain, plain_events, plain_lm = go(with_replay(cfg, 0.0), dataclasses.replace(job, job_id="plain"))
+    assert "replay" not in plain.ledger and plain.steps == full.steps
+    first = [next(e for e in ev if e["type"] == "step") for ev in (full_events, plain_events)]
+    assert first[0]["loss"] != first[1]["loss"] and first[0]["tokens"] > first[1]["tokens"]
+    want, other = lora_state(full_lm.model), lora_state(plain_lm.model)
+    assert any(not torch.equal(want[k], other[k]) for k in want)
+    with pytest.raises(Crash):
+        go(cfg, job, stop_at=5)
+    assert ckpt.latest_step(cfg.path("checkpoints") / "j") == 3
+    resumed, _, lm = go(cfg, job)
+    assert resumed.ledger == full.ledger
+    got = lora_state(lm.model)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_replayed_example_weighs_in_a_step_as_one_pair_with_its_loss_per_token(models_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The step's loss with replayed examples: (the pairs' summed losses + each replayed example's negative
+    log-likelihood per token) over (pairs + examples), each computed here straight from the logits."""
+    from daemon.train.data import train_examples
+    from daemon.train.step import fast_paths
+    from daemon.validate import DataFormat as F
+
+    cfg = make_cfg(models_dir, tmp_path, dropout=0.0)
+    job = pref_job(tmp_path, "j", n=12)
+    path, fmt = Path(job.path), DataFormat(job.format)
+    lm = load_for_training(cfg, seed=cfg.training.seed)
+    lm.fast = fast_paths(lm)
+    plan = plan_file(path, fmt, lm.tokenizer, cfg.data, 1)
+    prefs = preference.Trainer.fresh(lm, cfg, plan, lambda: train_examples(path, fmt, lm.tokenizer, cfg.data, 1, 0),
+                                     tmp_path / "ck", job.sha256, lambda: None)
+    pairs = list(train_examples(path, fmt, lm.tokenizer, cfg.data, 1, 0))[:3]
+    earlier = write(tmp_path, "a.jsonl", [json.dumps({"instruction": f"Say {w}.", "output": f"{w} it is."})
+                                           for w in ("yes", "no")])
+    replayed = list(train_examples(earlier, F.ALPACA, lm.tokenizer, cfg.data, 1, 0))
+    with torch.no_grad():
+        for p in lm.model.parameters():  # away from the reference
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        lm.model.eval()
+        pair_sum = float(prefs._loss(pairs)[0].sum())
+        nll = [-float(hand_logp(lm.model, ex.input_ids, ex.labels)) / sum(t != IGNORE for t in ex.labels[1:])
+               for ex in replayed]
+        lm.model.train()
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats, figures = prefs.step([pairs[:2], pairs[2:]], opt, sched, scaler, 0.0, replayed=[replayed])
+    assert stats.loss == pytest.approx((pair_sum + sum(nll)) / (len(pairs) + len(replayed)), rel=1e-5)
+    assert 0 <= figures["reward_accuracy"] <= 1  # the pairs' figures, the replayed examples not in them
+
+
 def test_checkpoints_without_their_reference_train_the_file_from_its_start(models_dir: Path, tmp_path: Path) -> None:
     cfg = make_cfg(models_dir, tmp_path, checkpoint_every_steps=3)
     job = pref_job(tmp_path, "j", n=24)

@@ -404,10 +404,8 @@ def _train_file(
         freezer.resume(ck.freezing)
     elif freezer is not None:
         freezer.baseline()
-    if prefs is not None and dc.replay_fraction > 0:
-        log.info("%s: a preference file replays nothing (data.replay_fraction applies to supervised files)", job.job_id)
-    replay = None if prefs is not None else _replay_plan(cfg, job, tok, plan.n_train * tc.epochs_per_file, ledger,
-                                                         ck is not None, replay_from, tick, ranks, steer)
+    replay = _replay_plan(cfg, job, tok, plan.n_train * tc.epochs_per_file, ledger, ck is not None, replay_from,
+                          tick, ranks, steer)
     saved_step = pos.step if ck is not None else None
     # Reports of steps the checkpoint keeps that the service never recorded (it died while behind): sent again.
     missed = [m for m in steplog.resume(pos.step) if m["step"] > job.recorded_through] if ck is not None else []
@@ -497,7 +495,7 @@ def _train_file(
             try:
                 if prefs is not None:
                     stats, figures = prefs.step(group, opt, sched, scaler, tc.max_grad_norm, probe if sample else None,
-                                                after_backward)
+                                                after_backward, replayed)
                 else:
                     stats = optimizer_step(lm, group + replayed, lm.fast, dc.packing, opt, sched, scaler,
                                            tc.max_grad_norm, probe if sample else None, ranks, after_backward)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from daemon.config import Config, PreferenceConfig
 from daemon.train.batching import batches, collate
-from daemon.train.data import IGNORE, FilePlan, Pair
+from daemon.train.data import IGNORE, Example, FilePlan, Pair
 from daemon.train.model import LoadedModel
 from daemon.train.ranks import Ranks, memory_now, step_figures
 from daemon.train.sharding import reshard
@@ -291,22 +291,34 @@ class Trainer:
         rc, rr = self.reference.tensors(mb, self.lm.device) if self.pcfg.loss == "sigmoid" else (None, None)
         return pair_loss(pc, pr, nc, nr, rc, rr, self.pcfg)
 
+    def _replay_nll(self, piece: list[Example]) -> torch.Tensor:
+        """The summed negative log-likelihood per token of replayed supervised examples (one per example)."""
+        batch = to_device(collate(piece, self.lm.tokenizer.pad_token_id, pack=False), self.lm.device)
+        sums, counts = answer_logps(self.lm.model, batch, self.label_only)
+        return (-sums / counts.clamp(min=1)).sum()
+
     def step(self, group: list[list[Pair]], opt: Any, sched: Any, scaler: Any, max_norm: float,
-             probe: Any = None, after_backward: Callable[[], None] | None = None) -> tuple[StepStats, dict[str, float]]:
-        """One optimizer step on a group of micro-batches of pairs: the gradient of the group's pair-mean loss
-        (each piece's summed loss divided by the group's pairs, on every rank), clipped as a supervised step's.
+             probe: Any = None, after_backward: Callable[[], None] | None = None,
+             replayed: list[list[Example]] | None = None) -> tuple[StepStats, dict[str, float]]:
+        """One optimizer step on a group of micro-batches of pairs: the gradient of the group's mean loss (each
+        piece's summed loss divided by the group's pairs, on every rank), clipped as a supervised step's.
+        `replayed` (data.replay_fraction): earlier files' supervised examples, each counted as one more item of
+        the group whose loss is its negative log-likelihood per token (the supervised term's measure).
         With several ranks each computes its share (Ranks.shard) and the gradients are summed over ranks; the
         loss and reward figures are the whole group's. `after_backward()` runs once the gradients are in, before
         anything reads them (daemon.train.freezing)."""
         ranks = self.ranks
+        replayed = replayed or []
         n_pairs = sum(len(mb) for mb in group)
-        mine = ranks.shard(group)
+        n_items = n_pairs + sum(len(mb) for mb in replayed)
+        mine, mine_replayed = ranks.shard(group), ranks.shard(replayed) if replayed else []
         while True:
             pieces = [p for mb in mine for p in _pieces(mb, self.lm.split)]
+            replay_pieces = [p for mb in mine_replayed for p in _pieces(mb, self.lm.split)]
             real = len(pieces)
             if ranks.sharded:  # the same number of forwards on every rank; a filler's loss weighs nothing
                 filler = min((p for mb in group for p in mb), key=lambda p: len(p.input_ids))
-                pieces += [[filler]] * (ranks.most(real) - real)
+                pieces += [[filler]] * (ranks.most(real + len(replay_pieces)) - real - len(replay_pieces))
             total, gaps, slots = 0.0, [], 0
             t0 = time.perf_counter()
             try:
@@ -314,16 +326,22 @@ class Trainer:
                     _maybe_inject_oom(2 * len(piece))  # a pair is two sequences in one forward
                     losses, chosen, rejected = self._loss(piece)  # the rewards
                     s = losses.sum() if k < real else losses.sum() * 0.0
-                    scaler.scale(s / n_pairs).backward()
+                    scaler.scale(s / n_items).backward()
                     if k < real:
                         total += float(s.detach())
                         gaps.append((chosen - rejected).float())
                         slots += 2 * len(piece) * max(len(e.input_ids) for p in piece for e in (p.chosen, p.rejected))
+                for piece in replay_pieces:
+                    _maybe_inject_oom(len(piece))
+                    s = self._replay_nll(piece)
+                    scaler.scale(s / n_items).backward()
+                    total += float(s.detach())
+                    slots += len(piece) * max(len(e.input_ids) for e in piece)
                 compute = time.perf_counter() - t0
                 break
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)  # the step is taken again from its first piece
-                if not split_after_oom(self.lm, pieces[:real], ranks.sharded):
+                if not split_after_oom(self.lm, pieces[:real] + replay_pieces, ranks.sharded):
                     raise
         if after_backward is not None:
             after_backward()
@@ -331,14 +349,14 @@ class Trainer:
         ranks.average_grads(params)
         gap = torch.cat(gaps) if gaps else torch.zeros(0)
         rss, gpu = memory_now(self.lm.device) if ranks.many else (0, 0)
-        tokens = sum(len(p.input_ids) for mb in mine for p in mb)
+        tokens = sum(len(p.input_ids) for mb in mine for p in mb) + sum(len(e.input_ids) for mb in mine_replayed for e in mb)
         sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": tokens, "slots": slots,
                                               "compute_seconds": compute, "rss_bytes": rss, "gpu_memory_bytes": gpu})
         wins, gap_sum = (sum(col) for col in zip(*ranks.gather_floats([float((gap > 0).sum()), float(gap.sum())])))
         scaler.unscale_(opt)
         lora_grads = _lora_grads(probe) if probe is not None else None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        loss = sums["loss_sum"] / n_pairs
+        loss = sums["loss_sum"] / n_items
         lr = apply_step(opt, sched, scaler, loss, grad_norm)
         figures = {"reward_accuracy": wins / n_pairs, "reward_margin": gap_sum / n_pairs}
         return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, self.lm.split,
