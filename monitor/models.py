@@ -178,7 +178,7 @@ class QueueItem(BaseModel):
     duplicate_of: dict | None = Field(None, description="done without training: the ledger entry of the earlier "
                                       "file with the same content (sha256, job_id, original_name, version)")
     forced: bool = Field(False, description="added with `trainctl queue add --force`: trained even if its content was learnt before")
-    preference: dict | None = Field(None, description="a preference file: loss_type, beta, and its held-out pairs "
+    preference: dict | None = Field(None, description="a preference file: loss_type, beta, sft_weight, and its held-out pairs "
                                     "`before` and `after` it (pairs, loss, accuracy, margin, reward_accuracy, reward_margin)")
     forgetting: dict | None = Field(None, description="what its forgetting scoring found: outcome, version, generation, "
                                     "backward_transfer, worst, gate, sampled, seconds (every set: GET "
