@@ -16,7 +16,7 @@ sft_weight as given, data.eval_fraction 0.2, the learning rate, epochs and threa
 dropped into the inbox of a real daemon. Figures from the job's record (`trainctl queue status NAME`), time
 from the history (the reference pass included: TRL scores its reference inside every step), the trainer
 child's peak RSS (VmHWM).
-TRL: DPOTrainer (loss_type sigmoid, beta 0.1, the same LoRA through peft_config: its reference is the base
+TRL: DPOTrainer (loss_type sigmoid, plus its "sft" loss weighted --sft-weight, the same beta, the same LoRA through peft_config: its reference is the base
 with the adapter switched off, no second model), the same train pairs in TRL's conversational form, the
 same batch, epochs, schedule, learning rate, max_length and threads, in its own process (peak RSS from
 getrusage). Its held-out figures are computed with traind's own scoring of the same held-out pairs.
@@ -278,8 +278,10 @@ def run_trl_child(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype)
     dcfg = DPOConfig(output_dir=str(Path(args.trl_child).parent / "trl-out"), per_device_train_batch_size=args.batch,
                      num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=5,
-                     weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, loss_type=[args.loss], max_length=raw["data"]["max_length"],
-                     rpo_alpha=args.sft_weight or None,
+                     weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, max_length=raw["data"]["max_length"],
+                     # TRL 1.x: RPO is the sigmoid loss plus its "sft" loss (the chosen answers' NLL), weighted
+                     loss_type=[args.loss] + (["sft"] if args.sft_weight else []),
+                     loss_weights=[1.0, args.sft_weight] if args.sft_weight else None,
                      use_cpu=True, save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
                      disable_tqdm=True, dataloader_num_workers=0, seed=1, bf16=dtype == torch.bfloat16)
     trainer = DPOTrainer(model=model, args=dcfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -354,6 +356,8 @@ def main() -> int:
     ap.add_argument("--work", default=None)
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.loss != "sigmoid" and not args.no_trl:
+        ap.error("TRL's DPOTrainer runs the sigmoid loss here (SimPO is its CPOTrainer): add --no-trl")
     if args.trl_child:
         run_trl_child(args)
         return 0
