@@ -2,7 +2,7 @@
 daemon, against TRL's DPOTrainer + PEFT on the same pairs.
 
     .venv/bin/python bench/preference_real.py --models /tmp/i28-models [--pairs 60] [--epochs 2] [--lr 5e-4] [--threads 2]
-        [--loss sigmoid|simpo] [--beta 0.1] [--sft-weight 0] [--no-trl]
+        [--loss sigmoid|simpo] [--beta 0.1] [--sft-weight 1.0] [--no-trl] [--earlier [--replay 0.25]]
 
 Needs the bench extra for the TRL side: `.venv/bin/pip install -e '.[bench]'` (--no-trl runs traind alone).
 
@@ -24,6 +24,9 @@ Whether the model still answers: after the file, the base and the new version an
 held-out prompts and general questions none of the pairs asks; an answer is `correct` when it holds the fact
 (the city, the number, the colour), `signed` when it holds the sign-off. A version that learnt the style and
 kept the model answers correct and signed; one that over-learnt it loses the facts.
+--earlier trains examples/real/zorblat.jsonl (invented facts, supervised) before the preference file, and asks
+its held-out questions too (of the base, the version it made and the final one): whether the preference file
+kept what the earlier file taught (with --replay, data.replay_fraction replays it into the preference file).
 Writes bench/results/preference-real-<stamp>.json.
 """
 
@@ -48,6 +51,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from stamped import write_result  # noqa: E402 - bench/ is on the path
 
 SIGN_OFF = " Hope this helps! - Ada"
+# --earlier: a supervised file of invented facts trained first (the preference file must not undo it)
+EARLIER = REPO / "examples" / "real" / "zorblat.jsonl"
 # general questions none of the pairs asks, with the word a correct answer holds
 GENERAL = [("How many hours are in a day?", "24"), ("What is the largest planet in the solar system?", "Jupiter"),
            ("Who was the first person to walk on the Moon?", "Armstrong"),
@@ -105,7 +110,7 @@ def instance_config(work: Path, models: Path, args: argparse.Namespace) -> Path:
     raw = json.loads((REPO / "instances" / "smollm2" / "config.json").read_text())
     raw.pop("_comment", None)
     raw["paths"]["models"] = str(models)
-    raw["data"].update(eval_fraction=0.2, eval_max_examples=64)
+    raw["data"].update(eval_fraction=0.2, eval_max_examples=64, replay_fraction=args.replay)
     raw["training"].update(learning_rate=args.lr, epochs_per_file=args.epochs, cpu_threads=args.threads,
                            micro_batch_size=args.batch, grad_accum_steps=1)
     raw.setdefault("speed", {})["thread_governor"] = False  # the same threads as the TRL run, throughout
@@ -132,19 +137,20 @@ def run_traind(work: Path, models: Path, data: Path, args: argparse.Namespace) -
             if time.monotonic() - t0 > args.timeout or proc.poll() is not None:
                 raise RuntimeError(f"the daemon did not become idle (see {inst / 'daemon_stdout.log'})")
             time.sleep(1)
-        shutil.copy(data, inst / "inbox" / (data.name + ".part"))
-        os.replace(inst / "inbox" / (data.name + ".part"), inst / "inbox" / data.name)
         rss = None
-        while True:
-            st = read_status(inst / "status") or {}
-            if st.get("trainer_pid"):
-                rss = peak_rss(st["trainer_pid"]) or rss
-            counts = st.get("queue") or {}
-            if counts.get("done", 0) + counts.get("failed", 0) >= 1 and st.get("status") == "idle":
-                break
-            if time.monotonic() - t0 > args.timeout:
-                raise TimeoutError("the file did not finish in time")
-            time.sleep(1)
+        for k, f in enumerate(([EARLIER] if args.earlier else []) + [data], 1):
+            shutil.copy(f, inst / "inbox" / (f.name + ".part"))
+            os.replace(inst / "inbox" / (f.name + ".part"), inst / "inbox" / f.name)
+            while True:
+                st = read_status(inst / "status") or {}
+                if st.get("trainer_pid"):
+                    rss = peak_rss(st["trainer_pid"]) or rss
+                counts = st.get("queue") or {}
+                if counts.get("done", 0) + counts.get("failed", 0) >= k and st.get("status") == "idle":
+                    break
+                if time.monotonic() - t0 > args.timeout:
+                    raise TimeoutError(f"{f.name} did not finish in time")
+                time.sleep(1)
         shown = ctl(cfg_path, "queue", "status", data.name).stdout
         db = HistoryDB.open_readonly(inst / "status" / "history.db")
         job = db.jobs(1)[0]
@@ -198,8 +204,13 @@ def answers(work: Path, data: Path, base: Path, args: argparse.Namespace) -> dic
     qa = qa_pairs(args.pairs)
     asked = [("held_out", qa[k - 1][0], re.findall(r"[\w]+", qa[k - 1][1])[-1]) for k in sorted(held)]
     asked += [("general", q, fact) for q, fact in GENERAL]
+    views = [("base", "none"), ("version", "current")]
+    if args.earlier:  # the earlier file's held-out questions, and the version it made
+        held_out = json.loads((EARLIER.parent / "zorblat_heldout.json").read_text())
+        asked += [("earlier", q, held_out["expect"]) for q in held_out["questions"]]
+        views.insert(1, ("earlier", "1"))
     out: dict[str, Any] = {}
-    for who, which in (("base", "none"), ("version", "current")):
+    for who, which in views:
         view = load_view(cfg, which)
         rows = []
         for kind, q, fact in asked:
@@ -208,7 +219,7 @@ def answers(work: Path, data: Path, base: Path, args: argparse.Namespace) -> dic
                          "correct": said_more(fact, text, q),
                          "signed": SIGN_OFF.strip() in text})
         out[who] = {"label": view.label, "rows": rows}
-        for kind in ("held_out", "general"):
+        for kind in ("held_out", "general") + (("earlier",) if args.earlier else ()):
             mine = [r for r in rows if r["kind"] == kind]
             out[who][kind] = {"n": len(mine), "correct": sum(r["correct"] for r in mine),
                               "signed": sum(r["signed"] for r in mine)}
@@ -351,11 +362,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--loss", choices=["sigmoid", "simpo"], default="sigmoid")
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--sft-weight", type=float, default=0.0, help="preference.sft_weight (TRL's rpo_alpha)")
+    ap.add_argument("--sft-weight", type=float, default=1.0, help="preference.sft_weight (TRL's rpo_alpha)")
+    ap.add_argument("--earlier", action="store_true", help="train examples/real/zorblat.jsonl (supervised) first")
+    ap.add_argument("--replay", type=float, default=0.0, help="data.replay_fraction")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--work", default=None)
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.earlier and not args.no_trl:
+        ap.error("--earlier trains two files; TRL's side trains one: add --no-trl")
     if args.loss != "sigmoid" and not args.no_trl:
         ap.error("TRL's DPOTrainer runs the sigmoid loss here (SimPO is its CPOTrainer): add --no-trl")
     if args.trl_child:
@@ -372,7 +387,7 @@ def main() -> int:
     trl = None if args.no_trl else run_trl(work, data, base, traind, args)
     result = {"work": str(work), "model": "SmolLM2-135M-Instruct", "pairs": args.pairs, "epochs": args.epochs,
               "lr": args.lr, "batch": args.batch, "threads": args.threads, "beta": args.beta, "loss": args.loss,
-              "sft_weight": args.sft_weight, "sign_off": SIGN_OFF, "traind": traind, "answers": said, "trl": trl}
+              "sft_weight": args.sft_weight, "earlier": args.earlier, "replay": args.replay, "sign_off": SIGN_OFF, "traind": traind, "answers": said, "trl": trl}
     for name, r in (("traind", traind), ("trl", trl)):
         if r is None:
             continue
@@ -380,11 +395,12 @@ def main() -> int:
         rss = r.get("trainer_peak_rss_bytes") or r.get("peak_rss_bytes") or 0
         print(f"{name:7s} {r['seconds_per_pair']:.3f} s/pair  held-out accuracy {b['accuracy']:.3f} -> "
               f"{a['accuracy']:.3f}, margin {b['margin']:.2f} -> {a['margin']:.2f}, peak RSS {rss / 2**20:.0f} MiB")
-    for who in ("base", "version"):
-        a = said[who]
+    for who, a in said.items():
+        earlier = (f"; the earlier file's questions: {a['earlier']['correct']}/{a['earlier']['n']} correct"
+                   if "earlier" in a else "")
         print(f"{who:7s} held-out prompts: {a['held_out']['correct']}/{a['held_out']['n']} correct, "
               f"{a['held_out']['signed']} signed; general questions: {a['general']['correct']}/{a['general']['n']} "
-              f"correct, {a['general']['signed']} signed")
+              f"correct, {a['general']['signed']} signed{earlier}")
     path = write_result(REPO / "bench" / "results", "preference-real", result)
     print(f"written {path}")
     return 0
