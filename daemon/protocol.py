@@ -326,9 +326,11 @@ class Done(Message):
                                         "earlier keep-sets' scores, backward transfer, the gate); null when not scored")
     replay: dict | None = opt(None, "with `data.replay_fraction`: `fraction`, `samples` replayed, `steps`, `sources` "
                                     "(`original_name`, `samples` each) and `left_out`; null without replay")
-    preference: dict | None = opt(None, "a preference file: `loss_type`, `beta`, `sft_weight`, the held-out figures (as "
-                                        "`eval`'s) `before` and `after` it, and `reference_seconds` (its reference "
-                                        "pass; null when read back on a resume); null otherwise")
+    preference: dict | None = opt(None, "a preference file: the settings it trained with (`loss_type`, `beta`, "
+                                        "`simpo_gamma`, `sft_weight`: those it began with, on a resume), the "
+                                        "held-out figures (as `eval`'s) `before` and `after` it (null without "
+                                        "held-out pairs), and `reference_seconds` (its reference pass; null when "
+                                        "read back on a resume); null otherwise")
 
 
 @dataclass(frozen=True)

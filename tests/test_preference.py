@@ -246,7 +246,9 @@ def test_resume_of_a_preference_file_is_exact(models_dir: Path, tmp_path: Path, 
     real_score = preference.score_pairs
     monkeypatch.setattr(preference, "score_pairs", lambda lm, pairs, *a, **k: real_score(
         lm, [scored.append(p.line) or p for p in pairs], *a, **k))
-    resumed, events, lm = run(cfg, job)
+    # the config changed while it was down: the file still finishes with the settings it began with
+    changed = dataclasses.replace(cfg, preference=dataclasses.replace(cfg.preference, beta=0.3, sft_weight=0.0))
+    resumed, events, lm = run(changed, job)
     started = next(e for e in events if e["type"] == "started")
     assert started["resumed_from_step"] == 3
     assert len(scored) == started["n_eval"]  # only the held-out pairs, once, at the end: no reference pass
@@ -258,6 +260,27 @@ def test_resume_of_a_preference_file_is_exact(models_dir: Path, tmp_path: Path, 
     want, got = lora_state(full_lm.model), lora_state(lm.model)
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert figures(resumed.preference) == figures(full.preference) and resumed.preference["reference_seconds"] is None
+    assert (resumed.preference["beta"], resumed.preference["sft_weight"]) == (cfg.preference.beta, 1.0)
+
+
+def test_a_preference_file_without_held_out_pairs_still_says_what_it_trained_with(models_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    from daemon.cli.queue_cmds import _print_record
+
+    cfg = make_cfg(models_dir, tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.0))
+    out, _, _ = run(cfg, pref_job(tmp_path, "p", n=12))
+    assert out.status == "done"
+    assert out.preference["loss_type"] == "sigmoid" and out.preference["sft_weight"] == 1.0
+    assert out.preference["before"] is None and out.preference["after"] is None
+    shown: list[str] = []
+    import daemon.cli.queue_cmds as q
+    real_out, q.out = q.out, shown.append
+    try:
+        _print_record({"preference": json.dumps(out.preference)})
+    finally:
+        q.out = real_out
+    assert shown[0] == "  preference sigmoid (beta 0.1, sft_weight 1.0)" and "held out  none" in shown[1]
 
 
 def test_a_preference_file_replays_earlier_files_in_their_share_and_resumes_exactly(models_dir: Path,

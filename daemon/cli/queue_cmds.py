@@ -160,7 +160,9 @@ def _print_record(record: dict) -> None:
     if pref:
         sft = f", sft_weight {pref['sft_weight']}" if pref.get("sft_weight") else ""
         out(f"  preference {pref.get('loss_type')} (beta {pref.get('beta')}{sft})")
-        for line in preference_lines(pref.get("before"), pref.get("after")):
+        if pref.get("before") is None and pref.get("after") is None:
+            out("  held out  none (data.eval_fraction 0, or too few pairs): no figures before and after")
+        for line in preference_lines(pref.get("before"), pref["after"]) if pref.get("after") is not None else []:
             out(line)
     bad = json.loads(record.get("bad_lines") or "[]")
     for e in bad[:10]:

@@ -533,9 +533,7 @@ def _train_file(
     if ledger.replay is not None:
         log.info("%s: replayed %d example(s) from %d earlier file(s)", job.job_id, ledger.replay.samples,
                  sum(1 for s in ledger.replay.sources if s["samples"]))
-    pref_figures = ({"loss_type": cfg.preference.loss, "beta": cfg.preference.beta,
-                     "sft_weight": cfg.preference.sft_weight, "before": before[1],
-                     "after": after, "reference_seconds": prefs.reference_seconds}
-                    if prefs is not None and after is not None else None)
+    pref_figures = (preference.figures_record(prefs.pcfg, before[1], after, prefs.reference_seconds)
+                    if prefs is not None else None)
     return Outcome("done", pos.step, pos.global_step, pos.last_loss, eval_loss, None, ledger.to_dict(),
                    freezer.summary() if freezer is not None else None, pref_figures)

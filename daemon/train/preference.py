@@ -41,6 +41,7 @@ Before the file DPO's rewards are zero by definition (the policy is its referenc
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -129,6 +130,9 @@ class Reference:
     sha256: str
     loss: str
     scores: dict[int, tuple[float, float, int, int]]
+    # the file's preference.* as it began (beta, simpo_gamma, sft_weight): a resume trains with them, whatever
+    # the config says now (None: a reference from before they were kept)
+    settings: dict[str, float] | None = None
 
     def tensors(self, pairs: list[Pair], device: str) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.scores[p.line] for p in pairs]
@@ -139,7 +143,8 @@ class Reference:
         """Written whole or not at all (a temp file renamed), before the file's first step."""
         folder.mkdir(parents=True, exist_ok=True)
         lines = sorted(self.scores)
-        data = {"sha256": self.sha256, "loss": self.loss, "lines": torch.tensor(lines, dtype=torch.int64),
+        data = {"sha256": self.sha256, "loss": self.loss, "settings": self.settings,
+                "lines": torch.tensor(lines, dtype=torch.int64),
                 "logps": torch.tensor([self.scores[k][:2] for k in lines], dtype=torch.float32).reshape(-1, 2),
                 "tokens": torch.tensor([self.scores[k][2:] for k in lines], dtype=torch.int64).reshape(-1, 2)}
         fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_FILE}.", suffix=".tmp", dir=folder)
@@ -168,7 +173,7 @@ class Reference:
             return None
         lines, logps, tokens = data["lines"].tolist(), data["logps"], data["tokens"].tolist()
         return cls(sha256, loss, {k: (float(logps[i, 0]), float(logps[i, 1]), tokens[i][0], tokens[i][1])
-                                  for i, k in enumerate(lines)})
+                                  for i, k in enumerate(lines)}, data.get("settings"))
 
 
 @torch.no_grad()
@@ -236,6 +241,23 @@ def split_after_oom(lm: LoadedModel, pieces: list[list[Pair]], sharded: bool) ->
     return True
 
 
+def settings_of(pcfg: PreferenceConfig) -> dict[str, float]:
+    """The settings a file keeps from its start (the loss itself decides whether the reference is usable)."""
+    return {"beta": pcfg.beta, "simpo_gamma": pcfg.simpo_gamma, "sft_weight": pcfg.sft_weight}
+
+
+def _said(pcfg: PreferenceConfig) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings_of(pcfg).items())
+
+
+def figures_record(pcfg: PreferenceConfig, before: dict[str, Any] | None, after: dict[str, Any] | None,
+                   reference_seconds: float | None) -> dict[str, Any]:
+    """A done file's `preference` (protocol.Done): the settings it trained with and its held-out figures before
+    and after (None each without held-out pairs)."""
+    return {"loss_type": pcfg.loss, **settings_of(pcfg), "before": before, "after": after,
+            "reference_seconds": reference_seconds}
+
+
 # ---------------------------------------------------------------- one file's training
 
 
@@ -263,7 +285,7 @@ class Trainer:
         log.info("preference reference pass: scoring the %s pairs before step 1",
                  "held-out and train" if pcfg.loss == "sigmoid" else "held-out")
         ref = Reference(sha256, pcfg.loss, score_pairs(lm, pairs, cfg.training.micro_batch_size, fast.label_only, tick,
-                                                       ranks))
+                                                       ranks), settings_of(pcfg))
         if ranks.main:  # one writer: every rank holds the same scores
             ref.save(folder)
         seconds = time.monotonic() - t0
@@ -283,7 +305,13 @@ class Trainer:
         ref = ranks.broadcast(ref)
         if ref is None:
             return None
-        return cls(lm, cfg.preference, lm.fast or FastPaths(False, False), cfg.training.micro_batch_size,
+        pcfg = cfg.preference
+        if ref.settings is not None and ref.settings != settings_of(pcfg):
+            began = dataclasses.replace(pcfg, **ref.settings)
+            log.warning("resumed with the preference settings the file began with (%s); the config now says %s: "
+                        "they apply from the next file", _said(began), _said(pcfg))
+            pcfg = began
+        return cls(lm, pcfg, lm.fast or FastPaths(False, False), cfg.training.micro_batch_size,
                    list(plan.held_out), ref, ranks)
 
     def _loss(self, mb: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
