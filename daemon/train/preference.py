@@ -42,10 +42,9 @@ Before the file DPO's rewards are zero by definition (the policy is its referenc
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +53,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from daemon import atomic
 from daemon.config import Config, PreferenceConfig
 from daemon.train.batching import batches, collate
 from daemon.train.data import IGNORE, Example, FilePlan, Pair
 from daemon.train.model import LoadedModel
-from daemon.train.ranks import Ranks, memory_now, step_figures
+from daemon.train.ranks import Ranks
 from daemon.train.sharding import reshard
-from daemon.train.step import (FastPaths, StepStats, _inputs, _lora_grads, _maybe_inject_oom, _pieces, apply_step,
+from daemon.train.step import (FastPaths, StepStats, _inputs, _maybe_inject_oom, _pieces, finish_step, split_after_oom,
                                to_device)
 
 log = logging.getLogger(__name__)
@@ -140,23 +140,15 @@ class Reference:
                 torch.tensor([r[1] for r in rows], dtype=torch.float32, device=device))
 
     def save(self, folder: Path) -> None:
-        """Written whole or not at all (a temp file renamed), before the file's first step."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Written whole or not at all (daemon.atomic), before the file's first step."""
         lines = sorted(self.scores)
         data = {"sha256": self.sha256, "loss": self.loss, "settings": self.settings,
                 "lines": torch.tensor(lines, dtype=torch.int64),
                 "logps": torch.tensor([self.scores[k][:2] for k in lines], dtype=torch.float32).reshape(-1, 2),
                 "tokens": torch.tensor([self.scores[k][2:] for k in lines], dtype=torch.int64).reshape(-1, 2)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_FILE}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / REFERENCE_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        atomic.write_bytes(folder / REFERENCE_FILE, buf.getvalue())
 
     @classmethod
     def load(cls, folder: Path, sha256: str, loss: str) -> Reference | None:
@@ -226,19 +218,6 @@ def _scores(lm: LoadedModel, mb: list[Pair], label_only: bool,
         except torch.OutOfMemoryError:
             if not split_after_oom(lm, pieces, sharded):
                 raise
-
-
-def split_after_oom(lm: LoadedModel, pieces: list[list[Pair]], sharded: bool) -> bool:
-    """After an out-of-memory: each micro-batch runs in twice as many pieces from now on (as a supervised step's,
-    daemon.train.step); False where that cannot help: pieces of one pair already, or a sharded base (the other
-    ranks are in the same forwards' collectives: a rank cannot retry alone)."""
-    if lm.device == "cuda":
-        torch.cuda.empty_cache()
-    if sharded or all(len(p) <= 1 for p in pieces):
-        return False
-    lm.split *= 2
-    log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
-    return True
 
 
 def settings_of(pcfg: PreferenceConfig) -> dict[str, float]:
@@ -371,24 +350,12 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)  # the step is taken again from its first piece
                 if not split_after_oom(self.lm, pieces[:real] + replay_pieces, ranks.sharded):
                     raise
-        if after_backward is not None:
-            after_backward()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        ranks.average_grads(params)
         gap = torch.cat(gaps) if gaps else torch.zeros(0)
-        rss, gpu = memory_now(self.lm.device) if ranks.many else (0, 0)
-        tokens = sum(len(p.input_ids) for mb in mine for p in mb) + sum(len(e.input_ids) for mb in mine_replayed for e in mb)
-        sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": tokens, "slots": slots,
-                                              "compute_seconds": compute, "rss_bytes": rss, "gpu_memory_bytes": gpu})
         wins, gap_sum = (sum(col) for col in zip(*ranks.gather_floats([float((gap > 0).sum()), float(gap.sum())])))
-        scaler.unscale_(opt)
-        lora_grads = _lora_grads(probe) if probe is not None else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        loss = sums["loss_sum"] / n_items
-        lr = apply_step(opt, sched, scaler, loss, grad_norm)
-        figures = {"reward_accuracy": wins / n_pairs, "reward_margin": gap_sum / n_pairs}
-        return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, self.lm.split,
-                         per_rank), figures
+        tokens = sum(len(p.input_ids) for mb in mine for p in mb) + sum(len(e.input_ids) for mb in mine_replayed for e in mb)
+        stats = finish_step(self.lm, opt, sched, scaler, max_norm, probe, ranks, after_backward,
+                            {"loss_sum": total, "tokens": tokens, "slots": slots, "compute_seconds": compute}, n_items)
+        return stats, {"reward_accuracy": wins / n_pairs, "reward_margin": gap_sum / n_pairs}
 
     def before(self) -> tuple[float | None, dict[str, Any] | None]:
         """The held-out figures of the adapter as the file began (from the reference pass)."""

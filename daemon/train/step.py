@@ -169,33 +169,48 @@ def optimizer_step(lm: LoadedModel, group: list[list[Example]], fast: FastPaths,
             collated = collated[:real]
             break
         except torch.OutOfMemoryError:
-            if ranks.sharded:  # the others are in this step's collectives: a rank cannot retry alone
-                raise
-            # Out of memory: run each micro-batch in twice as many pieces (gradient accumulation doubled; the
-            # group's token-mean loss and gradient are the same) and take the step again. Only a piece of one
-            # example that does not fit fails the file.
+            # Run each micro-batch in twice as many pieces (gradient accumulation doubled; the group's
+            # token-mean loss and gradient are the same) and take the step again.
             opt.zero_grad(set_to_none=True)
             del collated
-            if lm.device == "cuda":
-                torch.cuda.empty_cache()
-            if all(len(p) == 1 for p in pieces):
+            if not split_after_oom(lm, pieces[:real], ranks.sharded):
                 raise
-            lm.split *= 2
-            log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
+    tokens = sum(len(ex.input_ids) for mb in mine for ex in mb)
+    slots = sum(b["input_ids"].numel() for b in collated)
+    return finish_step(lm, opt, sched, scaler, max_norm, probe, ranks, after_backward,
+                       {"loss_sum": total, "tokens": tokens, "slots": slots, "compute_seconds": compute}, n_targets)
+
+
+def split_after_oom(lm: LoadedModel, pieces: list[list[Any]], sharded: bool) -> bool:
+    """After an out-of-memory: each micro-batch runs in twice as many pieces from now on (`lm.split`); False
+    where that cannot help: pieces of one example (or pair) already, or a sharded base (the other ranks are in
+    the same forwards' collectives: a rank cannot retry alone)."""
+    if lm.device == "cuda":
+        torch.cuda.empty_cache()
+    if sharded or all(len(p) <= 1 for p in pieces):
+        return False
+    lm.split *= 2
+    log.warning("out of memory: each micro-batch now runs in %d pieces (the effective batch is unchanged)", lm.split)
+    return True
+
+
+def finish_step(lm: LoadedModel, opt: Any, sched: Any, scaler: Any, max_norm: float, probe: ActivityProbe | None,
+                ranks: Ranks, after_backward: Any, mine: dict[str, float], n: float) -> StepStats:
+    """The end of a step whose backward passes are in (a supervised or a preference one): `after_backward()`,
+    the gradients summed over ranks, this rank's figures (`mine`: loss_sum, tokens, slots, compute_seconds)
+    gathered, the LoRA gradient norms read (with a `probe`) after unscaling, the clip, the step; the loss is
+    the summed loss over `n` (what each piece's loss was divided by)."""
     if after_backward is not None:
         after_backward()
     params = [p for g in opt.param_groups for p in g["params"]]
     ranks.average_grads(params)
-    tokens = sum(len(ex.input_ids) for mb in mine for ex in mb)
-    slots = sum(b["input_ids"].numel() for b in collated)
     rss, gpu = memory_now(lm.device) if ranks.many else (0, 0)
-    sums, per_rank = step_figures(ranks, {"loss_sum": total, "tokens": tokens, "slots": slots,
-                                          "compute_seconds": compute, "rss_bytes": rss, "gpu_memory_bytes": gpu})
+    sums, per_rank = step_figures(ranks, {**mine, "rss_bytes": rss, "gpu_memory_bytes": gpu})
     scaler.unscale_(opt)
     lora_grads = _lora_grads(probe) if probe is not None else None
     # max_norm 0 disables clipping; inf still measures the norm for the report.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    loss = sums["loss_sum"] / n_targets
+    loss = sums["loss_sum"] / n
     lr = apply_step(opt, sched, scaler, loss, grad_norm)
     return StepStats(loss, float(grad_norm), lr, int(sums["tokens"]), int(sums["slots"]), lora_grads, lm.split, per_rank)
 
