@@ -60,8 +60,8 @@ from daemon.train.data import IGNORE, Example, FilePlan, Pair
 from daemon.train.model import LoadedModel
 from daemon.train.ranks import Ranks
 from daemon.train.sharding import reshard
-from daemon.train.step import (FastPaths, StepStats, _inputs, _maybe_inject_oom, _pieces, finish_step, split_after_oom,
-                               to_device)
+from daemon.train.step import (FastPaths, StepStats, _inputs, _maybe_inject_oom, _pieces, finish_step, labelled_logits,
+                               split_after_oom, to_device)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def answer_logps(model: Any, batch: dict[str, torch.Tensor], label_only: bool = 
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     if label_only:
-        base = model.get_base_model()
-        hidden = base.get_decoder()(**_inputs(batch), use_cache=False).last_hidden_state[:, :-1][keep]
-        logits = base.get_output_embeddings()(hidden)
+        logits = labelled_logits(model, batch, keep)
     else:
         logits = model(**_inputs(batch)).logits[:, :-1][keep]
     token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")

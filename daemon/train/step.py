@@ -98,13 +98,21 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_only: bool = Fals
         if last_block:
             rows, valid = lastblock.label_rows(F.pad(keep, (0, 1)))  # the last position predicts nothing
             hidden = base.get_decoder()(**_inputs(batch), use_cache=False, label_rows=rows).last_hidden_state[valid]
+            logits = base.get_output_embeddings()(hidden)
         else:
-            hidden = base.get_decoder()(**_inputs(batch), use_cache=False).last_hidden_state[:, :-1][keep]
-        logits = base.get_output_embeddings()(hidden)
+            logits = labelled_logits(model, batch, keep)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
     logits = model(**_inputs(batch)).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int((targets != IGNORE).sum())
+
+
+def labelled_logits(model: Any, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits only at the positions `keep` marks ([B, T-1]: where a label is the next token),
+    from the decoder's hidden states: the head never runs over the prompt and padding (speed.label_only_logits)."""
+    base = model.get_base_model()
+    hidden = base.get_decoder()(**_inputs(batch), use_cache=False).last_hidden_state[:, :-1][keep]
+    return base.get_output_embeddings()(hidden)
 
 
 def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
