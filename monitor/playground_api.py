@@ -206,7 +206,7 @@ def _write_failed(state: MonitorState, e: OSError, what: str) -> HTTPException:
 def save_preference(state: StateDep, body: Annotated[Any, Body()] = None) -> dict[str, Any]:
     now = time.time()
     try:
-        record = preference_record(body, now)
+        record = preference_record(body, now, state.cfg.data.max_line_bytes)
     except PreferenceError as e:
         raise HTTPException(400, str(e)) from None
     try:

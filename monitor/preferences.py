@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import atomic
+from daemon.config import DataConfig
+from daemon.validate import DataFormat, LineError, parse_line
 
 PREFIX = "playground-"
 NAME = re.compile(r"^playground-\d{4}-\d{2}-\d{2}\.jsonl$")
@@ -104,8 +106,9 @@ def iso_utc(now: float) -> str:
     return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def preference_record(body: Any, now: float) -> dict[str, Any]:
-    """The record for a request body {prompt | messages, chosen: {model, content}, rejected: {model, content}}."""
+def preference_record(body: Any, now: float, max_line_bytes: int = DataConfig.max_line_bytes) -> dict[str, Any]:
+    """The record for a request body {prompt | messages, chosen: {model, content}, rejected: {model, content}};
+    checked last by the inbox's own validator (daemon.validate), so what is saved is what trains."""
     if not isinstance(body, dict):
         raise PreferenceError("body", f"must be a JSON object, got {type(body).__name__}")
     messages = _messages(body)
@@ -113,10 +116,18 @@ def preference_record(body: Any, now: float) -> dict[str, Any]:
     rejected_model, rejected = _answer(body, "rejected")
     if chosen.strip() == rejected.strip():
         raise PreferenceError("rejected.content", "is the same as chosen.content: a preference needs two different answers")
-    return {"messages": messages,
-            "chosen": {"role": "assistant", "content": chosen},
-            "rejected": {"role": "assistant", "content": rejected},
-            "meta": {"chosen_model": chosen_model, "rejected_model": rejected_model, "saved_at": iso_utc(now)}}
+    record = {"messages": messages,
+              "chosen": {"role": "assistant", "content": chosen},
+              "rejected": {"role": "assistant", "content": rejected},
+              "meta": {"chosen_model": chosen_model, "rejected_model": rejected_model, "saved_at": iso_utc(now)}}
+    try:
+        line = json.dumps(record, ensure_ascii=False).encode("utf-8")  # as the store writes it
+    except UnicodeEncodeError:  # a lone surrogate: escaped, so that the validator names its field
+        line = json.dumps(record).encode("ascii")
+    checked = parse_line(line, 1, DataFormat.PREFERENCE_CHAT, max_line_bytes)
+    if isinstance(checked, LineError):
+        raise PreferenceError(checked.field or "body", checked.reason)
+    return record
 
 
 def file_name(now: float) -> str:

@@ -225,10 +225,13 @@ def test_a_preference_is_saved_in_trl_form(monitor: dict[str, Any]) -> None:
     ({"prompt": None, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
      "messages[1].role"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "prompt"),
+    # what the inbox's validator refuses is refused here too (a lone surrogate cannot be written as UTF-8)
+    ({"chosen": {"model": "traind", "content": "Rivers \ud800 run."}}, "chosen.content"),
 ])
 def test_a_bad_preference_is_refused_naming_the_field(monitor: dict[str, Any], over: dict[str, Any], field: str) -> None:
     body = {k: v for k, v in _pair(**over).items() if v is not None}
-    r = httpx.post(monitor["url"] + "/api/playground/preference", json=body, headers=_auth(monitor["token"]))
+    r = httpx.post(monitor["url"] + "/api/playground/preference", content=json.dumps(body),  # escaped: any str
+                   headers={**_auth(monitor["token"]), "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith(field + ":"), r.json()
     assert not list(monitor["cfg"].path("preferences").glob("*.jsonl")), "nothing written"
