@@ -1,4 +1,4 @@
-"""What `traind serve` says about itself (`status/serve.json`), read by the CLI and the monitor; standard library.
+"""What `traind serve` says about itself (`status/serve.json`), read by the CLI and the monitor.
 
     info = read_serve(cfg.path("status"))     # None when it never ran; else the file plus `running` (its pid alive)
     one_line(info)                             # "http://127.0.0.1:8090/v1 ready, traind is v7; 12 answered, 1 running"
@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from monitor.liveness import pid_alive
 
 STATUS_FILE = "serve.json"  # its one writer: daemon/serve/__main__.py
 
@@ -21,20 +22,10 @@ def read_serve(status_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(info, dict):
         return None
-    info["running"] = info.get("state") != "stopped" and _alive(info.get("pid"))
+    started = info.get("started_at") if isinstance(info.get("started_at"), (int, float)) else None
+    # not a zombie, nor a later process that got the same pid
+    info["running"] = info.get("state") != "stopped" and pid_alive(info.get("pid"), started)
     return info
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def url(info: dict[str, Any]) -> str:

@@ -34,7 +34,6 @@ from daemon.serve_view import url as serve_url
 from daemon.states import Priority
 from monitor import auth
 from monitor.deps import MonitorState, ReadAuth, StateDep, WriteAuth
-from monitor.liveness import pid_alive
 from monitor.models import UploadResult
 from monitor.preferences import PreferenceError, PreferenceStore, preference_record
 from monitor.upload import inbox_folder, insufficient_storage, publish
@@ -66,10 +65,9 @@ def serve_record(state: MonitorState) -> dict[str, Any]:
     out = {"running": False, "state": str(info.get("state", "unknown")), "url": None, "serve_url": serve_url(info),
            "pid": info.get("pid"), "enabled": cfg.serve.enabled, "following": info.get("following"),
            "device": info.get("device"), "started_at": info.get("started_at")}
-    started = info.get("started_at") if isinstance(info.get("started_at"), (int, float)) else None
     if out["state"] == "stopped":
         out["message"] = f"traind serve stopped; {START_HINT}"
-    elif not (info["running"] and pid_alive(info.get("pid"), started)):  # pid_alive: not a later process on that pid
+    elif not info["running"]:  # read_serve: its pid alive, not a later process on that pid
         out["state"] = "gone"
         out["message"] = (f"traind serve (pid {info.get('pid')}) is gone without stopping cleanly "
                           f"(logs/serve_*.log says why); {START_HINT}")
@@ -84,7 +82,7 @@ async def serve_status(state: MonitorState) -> dict[str, Any]:
     if not rec["running"]:
         return rec
     try:
-        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_SECONDS) as client:
+        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_SECONDS, verify=False) as client:  # plain http: no CA bundle to load
             r = await client.get(rec["url"] + "/health")
         health = r.json()
     except (httpx.HTTPError, ValueError) as e:
@@ -124,7 +122,9 @@ async def proxy(state: MonitorState, method: str, path: str, body: bytes | None 
     if not rec["running"]:
         return openai_error(503, rec["message"], "serve_not_running")
     token = auth.load_or_create_token(state.cfg.path("status"))  # the file serve read its token from
-    client = httpx.AsyncClient(timeout=_timeout(state))
+    # plain http to serve (TLS is never used): verify=False spares loading the CA bundle per request (20-37 ms,
+    # on the monitor's event loop)
+    client = httpx.AsyncClient(timeout=_timeout(state), verify=False)
     request = client.build_request(method, rec["url"] + path, content=body,
                                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
