@@ -24,8 +24,9 @@ class CannotListen(TraindError):
     """The monitor cannot listen where it was asked to; the message says why and what to do."""
 
 
-def listen(host: str, port: int) -> list[socket.socket]:
-    """Sockets bound to every address `host` names (as asyncio's create_server binds them); raise CannotListen."""
+def listen(host: str, port: int, setting: str = "TRAIND_MONITOR_PORT") -> list[socket.socket]:
+    """Sockets bound to every address `host` names (as asyncio's create_server binds them); raise CannotListen
+    (a port in use says who holds it, a free one near, and `setting`: where another port is chosen)."""
     try:
         return _bind(host, port)
     except OSError as e:
@@ -35,7 +36,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
         by = f" (by {holder})" if holder else ""
         near = free_port_near(host, port)
         hint = f" ({near} is free now)" if near else ""
-        raise CannotListen(f"port {port} on {host} is in use{by}; start with --port N or set TRAIND_MONITOR_PORT{hint}") from None
+        raise CannotListen(f"port {port} on {host} is in use{by}; start with --port N or set {setting}{hint}") from None
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
     try:
-        sockets = listen(host, port)  # first: a port in use is refused at once, before the model loads
+        sockets = listen(host, port, setting="serve.port")  # first: a port in use is refused at once, before the model loads
     except CannotListen as e:
-        print(f"traind serve: {e}".replace("TRAIND_MONITOR_PORT", "serve.port"), file=sys.stderr)
+        print(f"traind serve: {e}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     if args.check_port:
         for s in sockets:
@@ -80,11 +80,11 @@ def serve(cfg, host: str, port: int, sockets: list) -> int:  # noqa: ANN001 (Con
                   keep_days=cfg.service.log_keep_days, max_bytes=cfg.service.log_max_bytes)
     if cfg.serve.nice:
         os.nice(cfg.serve.nice)  # on a busy CPU the trainer comes first
-    device = _device(cfg.serve.device)
-    if device == "cpu":
+    if cfg.serve.device != "cuda":  # before torch is imported (choosing "auto" imports it); on a GPU, CPU-side ops
         from daemon.train.threads import start_threads
 
-        start_threads(cfg.serve.cpu_threads, key="serve.cpu_threads")  # before torch is imported
+        start_threads(cfg.serve.cpu_threads, key="serve.cpu_threads")
+    device = _device(cfg.serve.device)
     from daemon.train.inspect import quiet_loading
 
     quiet_loading()
