@@ -64,11 +64,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                     sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place; piped, each screen follows the last
                 elif args.watch:
                     out(f"--- {time.strftime('%H:%M:%S')}")
-                screen = render_status(st, daemon_pid(cfg), lambda: write_trouble(cfg.path("status")))
-                serving = serve_view.read_serve(cfg.path("status"))
-                if serving is not None and st is not None:  # traind serve's own status file, beside the daemon's
-                    screen = screen.replace("\n  updated ", f"\n  serve    {serve_view.one_line(serving)}\n  updated ", 1)
-                out(screen)
+                out(render_status(st, daemon_pid(cfg), lambda: write_trouble(cfg.path("status")),
+                                  serve_view.read_serve(cfg.path("status"))))
             if not args.watch:
                 return 0
             time.sleep(args.watch)
@@ -77,9 +74,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def render_status(st: dict | None, running_pid: int | None,
-                  trouble: Callable[[], tuple[str, str] | None] = lambda: None) -> str:
+                  trouble: Callable[[], tuple[str, str] | None] = lambda: None, serving: dict | None = None) -> str:
     """The one-screen summary a person reads at a glance. `trouble()`: why the status folder cannot be written,
-    asked only when the daemon runs but its status is stale (it cannot say so itself then)."""
+    asked only when the daemon runs but its status is stale (it cannot say so itself then). `serving`: traind
+    serve's own status (daemon.serve_view.read_serve), a line of its own."""
     if st is None:
         return "traind: no status yet (the daemon has never run for this config)"
     age = _age(st.get("updated_at"))
@@ -101,6 +99,8 @@ def render_status(st: dict | None, running_pid: int | None,
         lines.append("  note     pause requested; it takes effect at the next step")
     if st.get("last_error"):
         lines.append(f"  error    {st['last_error']}")
+    if serving is not None:
+        lines.append(f"  serve    {serve_view.one_line(serving)}")
     lines.append(f"  updated  {duration(age)} ago" if age is not None else "  updated  never")
     return "\n".join(lines)
 
